@@ -1,0 +1,22 @@
+"""actstore: ingest a task's activations once, query them repeatedly.
+
+    import actstore
+    store = actstore.open("/tmp/s")
+    store.sql("select count(*) from prompts")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actstore.store import Store
+
+__version__ = "0.1.0"
+
+
+def open(path: str, create: bool = False) -> Store:  # noqa: A001 - mirrors the builtin on purpose
+    """Open the store at `path` (create it with `create=True`)."""
+    from actstore.store import Store
+
+    return Store(path, create=create)

@@ -1,0 +1,97 @@
+"""The task interface: a seeded generator of clean/corrupted prompt pairs, checked against a tokenizer."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from actstore.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One clean/corrupted pair.
+
+    `answer` and `wrong_answer` are the text that continues the prompt (" Mary" for GPT-2's BPE,
+    "Mary" for a word-level tokenizer): each must be exactly one token. `subject_words` are the
+    words of the clean prompt whose tokens Gaussian noising corrupts. `group` labels the pair
+    (template, class) for per-group analysis such as class means.
+    """
+
+    clean: str
+    corrupted: str
+    answer: str
+    wrong_answer: str
+    subject_words: tuple[str, ...] = ()
+    group: str = ""
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Tokenizes(Protocol):
+    """What a task needs from a model: its tokenizer, seen through the adapter."""
+
+    def token_ids(self, text: str) -> list[int]: ...
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]: ...
+
+    @property
+    def tokenizer(self): ...
+
+
+class Task(Protocol):
+    """A named generator of prompt pairs."""
+
+    name: str
+    description: str
+
+    def generate(self, n: int, seed: int, model: Tokenizes) -> list[PromptPair]: ...
+
+
+class TaskValidationError(UsageError):
+    """A pair that the model's tokenizer cannot use as it stands."""
+
+
+def is_word_level(model: Tokenizes) -> bool:
+    """True for the toy models' word-level tokenizer (answers carry no leading space)."""
+    return "<|unk|>" in model.tokenizer.get_vocab()
+
+
+def answer_text(word: str, model: Tokenizes) -> str:
+    """How `word` continues a prompt for this tokenizer: a leading space for BPE."""
+    return word if is_word_level(model) else " " + word
+
+
+def validate_pairs(pairs: Sequence[PromptPair], model: Tokenizes, source: str) -> None:
+    """Raise on the first pair the tokenizer cannot take as it is; never drop or pad silently."""
+    for i, p in enumerate(pairs):
+        where = f"{source} pair {i}"
+        clean_ids = model.token_ids(p.clean)
+        corrupted_ids = model.token_ids(p.corrupted)
+        if len(clean_ids) != len(corrupted_ids):
+            raise TaskValidationError(
+                f"{where}: clean and corrupted differ in token length "
+                f"({len(clean_ids)} vs {len(corrupted_ids)}): {p.clean!r} / {p.corrupted!r}; "
+                "use same-length replacements"
+            )
+        for label, text in (("answer", p.answer), ("wrong answer", p.wrong_answer)):
+            ids = model.token_ids(text)
+            if len(ids) != 1:
+                raise TaskValidationError(
+                    f"{where}: {label} {text!r} is {len(ids)} tokens, must be exactly 1 "
+                    f"(prompt {p.clean!r}); choose single-token answers"
+                )
+        unk = getattr(model.tokenizer, "unk_token_id", None)
+        if unk is not None and is_word_level(model):
+            for text in (p.clean, p.corrupted, p.answer, p.wrong_answer):
+                if unk in model.token_ids(text):
+                    raise TaskValidationError(
+                        f"{where}: {text!r} has words outside the model's vocabulary; "
+                        "use a model whose tokenizer covers the task"
+                    )
+
+
+def rng_for(seed: int, name: str) -> random.Random:
+    """A task's own random stream, so that tasks never share or disturb each other's draws."""
+    return random.Random(f"{name}:{seed}")
