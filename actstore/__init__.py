@@ -1,8 +1,8 @@
 """actstore: ingest a task's activations once, query them repeatedly.
 
-    import actstore
-    store = actstore.open("/tmp/s")
-    store.sql("select count(*) from prompts")
+import actstore
+store = actstore.open("/tmp/s")
+store.sql("select count(*) from prompts")
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The task interface: a seeded generator of clean/corrupted prompt pairs, checked against a tokenizer."""
+"""The task interface: seeded generators of clean/corrupted prompt pairs, checked by tokenizer."""
 
 from __future__ import annotations
 

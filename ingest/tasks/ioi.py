@@ -1,6 +1,6 @@
 """Indirect object identification (Wang et al. 2022) with the ABC corruption.
 
-Clean:     "When Mary and John went to the store, John gave a drink to"  -> " Mary" (IO), not " John" (S)
+Clean:     "When Mary and John went to the store, John gave a drink to" -> " Mary" (IO), not " John"
 Corrupted: "When Alice and Bob went to the store, Carol gave a drink to" (three unrelated names)
 ABBA and BABA orders are both generated.
 """
