@@ -1,0 +1,84 @@
+"""Zarr arrays of activations: one per (run, side, hook), chunked along the prompt axis.
+
+One ingest batch writes whole chunks and nothing else, so chunks never share writers. A chunk's
+checksum is taken over its decoded values, so `verify` detects damage whatever the codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+CODEC_NAME = "blosc-zstd3-bitshuffle"
+
+
+def array_name(run_id: int, side: str, hook: str) -> str:
+    return f"run{run_id}/{side}/{hook}"
+
+
+def open_root(store_dir: Path, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(str(Path(store_dir) / "arrays.zarr"), mode=mode)
+
+
+def create_array(
+    root: zarr.Group, name: str, shape: tuple[int, ...], chunk_prompts: int, dtype: str
+) -> zarr.Array:
+    """Create (or reopen, on resume) an array chunked by `chunk_prompts` prompts."""
+    chunks = (chunk_prompts, *shape[1:])
+    if name in root:
+        arr = root[name]
+        if tuple(arr.shape) == tuple(shape) and tuple(arr.chunks) == chunks:
+            return arr
+        del root[name]
+    return root.create_array(
+        name=name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=CODEC,
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def checksum(values: np.ndarray) -> str:
+    """Digest of a chunk's decoded values (dtype and shape included)."""
+    data = np.ascontiguousarray(values)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{data.dtype.str}{data.shape}".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
+
+
+def chunk_file(store_dir: Path, name: str, chunk_idx: int, ndim: int) -> Path:
+    """Where zarr v3's default key encoding puts chunk `chunk_idx` of a prompt-chunked array."""
+    key = "/".join(["c", str(chunk_idx)] + ["0"] * (ndim - 1))
+    return Path(store_dir) / "arrays.zarr" / name / key
+
+
+def fsync_path(path: Path) -> None:
+    """Make a written file durable (and its directory entry)."""
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def stored_bytes(store_dir: Path, name: str) -> int:
+    """Bytes the array occupies on disk, metadata included."""
+    root = Path(store_dir) / "arrays.zarr" / name
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

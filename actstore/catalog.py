@@ -1,0 +1,172 @@
+"""The DuckDB catalog: schema, migrations, and short-lived connections.
+
+Connections are opened per transaction and closed right after, so that readers in other
+processes can open the file between an ingest's batches (DuckDB allows one read-write process at
+a time and refuses read-only openers while it is open; see STACK-NOTES). A lock conflict is
+retried for a few seconds before it becomes a one-line error naming the writer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from actstore.errors import ActstoreError
+
+SCHEMA_VERSION = 1
+
+# Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+        """CREATE TABLE models (
+            model VARCHAR PRIMARY KEY, fingerprint VARCHAR, source VARCHAR,
+            n_layers INTEGER, n_heads INTEGER, d_model INTEGER, d_head INTEGER,
+            d_mlp INTEGER, d_vocab INTEGER, n_ctx INTEGER, created_at TIMESTAMP)""",
+        """CREATE TABLE runs (
+            run_id INTEGER PRIMARY KEY, model VARCHAR, task VARCHAR, corruption VARCHAR,
+            n_prompts INTEGER, status VARCHAR, params VARCHAR, params_hash VARCHAR,
+            seq_len INTEGER, dtype VARCHAR, batch_size INTEGER, seed INTEGER,
+            hooks VARCHAR, dataset VARCHAR, created_at TIMESTAMP, completed_at TIMESTAMP,
+            wall_s DOUBLE)""",
+        """CREATE TABLE prompts (
+            run_id INTEGER, prompt_idx INTEGER, clean_text VARCHAR, corrupted_text VARCHAR,
+            answer VARCHAR, wrong_answer VARCHAR, clean_logit_diff DOUBLE,
+            corrupted_logit_diff DOUBLE, clean_prob DOUBLE, corrupted_prob DOUBLE,
+            answer_token INTEGER, wrong_answer_token INTEGER, seq_len INTEGER,
+            clean_tokens INTEGER[], corrupted_tokens INTEGER[], grp VARCHAR,
+            PRIMARY KEY (run_id, prompt_idx))""",
+        """CREATE TABLE arrays (
+            run_id INTEGER, side VARCHAR, hook VARCHAR, shape VARCHAR, dtype VARCHAR,
+            chunks VARCHAR, codec VARCHAR, raw_bytes BIGINT, stored_bytes BIGINT,
+            path VARCHAR, n_chunks INTEGER, PRIMARY KEY (run_id, side, hook))""",
+        """CREATE TABLE chunks (
+            run_id INTEGER, side VARCHAR, hook VARCHAR, chunk_idx INTEGER,
+            prompt_start INTEGER, prompt_stop INTEGER, checksum VARCHAR, nbytes BIGINT,
+            written_at TIMESTAMP, PRIMARY KEY (run_id, side, hook, chunk_idx))""",
+        """CREATE TABLE queries (
+            query_id INTEGER PRIMARY KEY, run_id INTEGER, kind VARCHAR, params VARCHAR,
+            params_hash VARCHAR, created_at TIMESTAMP, wall_s DOUBLE)""",
+        """CREATE TABLE effects (
+            query_id INTEGER, layer INTEGER, head INTEGER, pos INTEGER, metric VARCHAR,
+            value DOUBLE, normalized DOUBLE)""",
+        """CREATE TABLE score_sets (
+            score_id INTEGER PRIMARY KEY, run_id INTEGER, method VARCHAR, params VARCHAR,
+            params_hash VARCHAR, created_at TIMESTAMP, wall_s DOUBLE)""",
+        """CREATE TABLE edge_scores (
+            score_id INTEGER, run_id INTEGER, method VARCHAR, src VARCHAR, dst VARCHAR,
+            qkv VARCHAR, score DOUBLE)""",
+        """CREATE TABLE circuits (
+            circuit_id INTEGER PRIMARY KEY, score_id INTEGER, n_edges INTEGER,
+            faithfulness DOUBLE, params VARCHAR, created_at TIMESTAMP)""",
+        """CREATE TABLE circuit_edges (
+            circuit_id INTEGER, src VARCHAR, dst VARCHAR, qkv VARCHAR)""",
+        """CREATE TABLE faithfulness_curve (
+            score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
+    ],
+]
+
+
+def _is_lock_conflict(exc: Exception) -> bool:
+    text = str(exc)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
+
+
+class Catalog:
+    """The catalog file of one store."""
+
+    def __init__(self, path: Path, holder: Callable[[], str] = lambda: "another process"):
+        self.path = Path(path)
+        self.writing = False
+        self.holder = holder
+
+    def _connect(self, read_only: bool, wait_s: float = 10.0) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + wait_s
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not _is_lock_conflict(exc) or time.monotonic() > deadline:
+                    if _is_lock_conflict(exc):
+                        raise ActstoreError(
+                            f"catalog {self.path} is held open by {self.holder()}; retry when "
+                            "it finishes, or query a copy (cp catalog.duckdb snapshot.duckdb)"
+                        ) from None
+                    raise ActstoreError(f"cannot open catalog {self.path}: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for reading; read-write when this process is the writer."""
+        con = self._connect(read_only=not self.writing)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction: all of it lands or none of it."""
+        if not self.writing:
+            raise RuntimeError("catalog write without the store's writer lock")
+        con = self._connect(read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+    def version(self, con: duckdb.DuckDBPyConnection) -> int:
+        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        return int(rows[0][0]) if rows else 0
+
+    def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION; refuse a catalog from a newer actstore."""
+        with self.write() as con:
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+            ).fetchall()[0][0]
+            current = self.version(con) if exists else 0
+            if current > SCHEMA_VERSION:
+                raise ActstoreError(
+                    f"catalog schema version {current} is newer than this actstore supports "
+                    f"({SCHEMA_VERSION}); upgrade actstore"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    con.execute(statement)
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    def check_version(self) -> None:
+        """Refuse to read a catalog that this version cannot interpret."""
+        with self.read() as con:
+            try:
+                current = self.version(con)
+            except duckdb.CatalogException:
+                raise ActstoreError(
+                    f"{self.path} is not an actstore catalog (no meta table)"
+                ) from None
+        if current > SCHEMA_VERSION:
+            raise ActstoreError(
+                f"catalog schema version {current} is newer than this actstore supports "
+                f"({SCHEMA_VERSION}); upgrade actstore"
+            )
+        if current < SCHEMA_VERSION:
+            raise ActstoreError(
+                f"catalog schema version {current} is older than {SCHEMA_VERSION}; run any "
+                "write command (e.g. actstore ingest) once to migrate it"
+            )

@@ -1,0 +1,60 @@
+"""Corruptions (Zhang & Nanda): symmetric token replacement and Gaussian noising.
+
+STR uses the task's own corrupted prompt. Gaussian noising keeps the clean prompt and adds
+N(0, (3·σ_emb)²) to the token embeddings of the subject tokens, σ_emb the standard deviation of
+the model's token embedding matrix. The noise of prompt i depends only on (seed, i), so a resumed
+or re-batched ingest draws exactly the same corruption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from actstore.errors import UsageError
+from actstore.models import ModelAdapter
+
+CORRUPTIONS = ("str", "gaussian")
+NOISE_SIGMAS = 3.0
+
+
+def check_corruption(name: str) -> str:
+    if name not in CORRUPTIONS:
+        raise UsageError(f"unknown corruption {name!r}; choose one of: {', '.join(CORRUPTIONS)}")
+    return name
+
+
+def embedding_sigma(model: ModelAdapter) -> float:
+    """σ_emb: the standard deviation of all entries of the token embedding matrix."""
+    return float(model.bridge.W_E.detach().float().std())
+
+
+def subject_positions(model: ModelAdapter, text: str, words: Sequence[str]) -> list[int]:
+    """Token positions (BOS = 0) of every token overlapping an occurrence of a subject word."""
+    spans = []
+    for word in set(words):
+        start = text.find(word)
+        while start != -1:
+            end = start + len(word)
+            before_ok = start == 0 or not text[start - 1].isalnum()
+            after_ok = end == len(text) or not text[end].isalnum()
+            if before_ok and after_ok:
+                spans.append((start, end))
+            start = text.find(word, start + 1)
+    positions = []
+    for i, (a, b) in enumerate(model.token_offsets(text)):
+        if any(a < e and b > s for s, e in spans):
+            positions.append(i + 1)
+    if not positions:
+        raise UsageError(
+            f"gaussian corruption: no subject tokens found in {text!r} for {list(words)}; "
+            "this task or dataset defines no subject words, use --corruption str"
+        )
+    return positions
+
+
+def gaussian_noise(seed: int, prompt_idx: int, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """The noise of one prompt, drawn from its own generator."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + prompt_idx)
+    return torch.randn(shape, generator=gen) * std

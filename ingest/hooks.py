@@ -1,0 +1,67 @@
+"""Which activations an ingest stores: short names over layers, or TransformerLens hook names.
+
+The default set is what patching and attribution read: resid_pre, resid_mid and attention z of
+every layer, mlp_out of every layer and the final residual stream. A head's output is
+z·W_O, computed on read rather than stored n_heads times larger.
+"""
+
+from __future__ import annotations
+
+from actstore.errors import UsageError
+from actstore.models import ModelAdapter
+
+PER_LAYER = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "z": "blocks.{l}.attn.hook_z",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
+    "pattern": "blocks.{l}.attn.hook_pattern",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+}
+DEFAULT = ("resid_pre", "resid_mid", "z", "mlp_out", "resid_final")
+
+
+def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
+    """Expand a --hooks value ("default,mlp_post", "z", "blocks.3.hook_resid_pre") to hook names."""
+    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
+    if not items:
+        raise UsageError("--hooks is empty; give short names such as default,mlp_post")
+    known = set(model.bridge.hook_dict)
+    final = f"blocks.{model.shape.n_layers - 1}.hook_resid_post"
+    names: list[str] = []
+    for item in items:
+        expanded: list[str]
+        if item == "default":
+            expanded = resolve_hooks(model, ",".join(DEFAULT))
+        elif item == "resid_final":
+            expanded = [final]
+        elif item in PER_LAYER:
+            expanded = [PER_LAYER[item].format(l=i) for i in range(model.shape.n_layers)]
+        elif item in known:
+            expanded = [item]
+        else:
+            raise UsageError(
+                f"unknown hook {item!r}; use default, resid_final, "
+                f"{', '.join(PER_LAYER)} or a TransformerLens hook name such as "
+                "blocks.0.hook_resid_pre"
+            )
+        names.extend(h for h in expanded if h not in names)
+    return names
+
+
+def hook_shape(model: ModelAdapter, hook: str, seq: int) -> tuple[int, ...]:
+    """Per-position shape of a hook's activation (after the batch and position axes)."""
+    s = model.shape
+    last = hook.rsplit(".", 1)[-1]
+    if last in ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result"):
+        return (s.n_heads, s.d_head)
+    if last == "hook_pattern" or last == "hook_attn_scores":
+        return (s.n_heads, seq)
+    if hook.endswith("mlp.hook_post") or hook.endswith("mlp.hook_pre"):
+        return (s.d_mlp,)
+    return (s.d_model,)

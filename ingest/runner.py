@@ -1,0 +1,395 @@
+"""The ingest runner: run a model on clean and corrupted prompts, write activations batch by batch.
+
+Order of events for each batch: run both sides, write every array's chunk, make the chunks
+durable, then record prompts and chunk ledger rows in one catalog transaction. A killed ingest
+therefore leaves whole batches recorded or not at all, and rerunning the same command resumes at
+the first batch the ledger lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from actstore import arrays as zarrays
+from actstore.errors import ActstoreError, UsageError
+from actstore.models import ModelAdapter, load_model
+from actstore.store import CATALOG, Store
+from ingest.corruptions import (
+    NOISE_SIGMAS,
+    check_corruption,
+    embedding_sigma,
+    gaussian_noise,
+    subject_positions,
+)
+from ingest.hooks import resolve_hooks
+from ingest.tasks import PromptPair, get_task, validate_pairs
+
+DTYPES = ("float32", "float16")
+SIDES = ("clean", "corrupted")
+
+
+@dataclass
+class Prepared:
+    """Everything an ingest needs, computed before the store is touched."""
+
+    pairs: list[PromptPair]
+    clean: np.ndarray  # (n, seq) int32, right-padded
+    corrupted: np.ndarray
+    lengths: np.ndarray  # (n,) real token counts, BOS included
+    answers: np.ndarray  # (n,) token ids
+    wrong: np.ndarray
+    subjects: list[list[int]]  # per prompt, positions Gaussian noising touches
+
+
+def _prepare(model: ModelAdapter, pairs: list[PromptPair], corruption: str) -> Prepared:
+    n = len(pairs)
+    clean_ids = [model.tokenize(p.clean) for p in pairs]
+    corrupted_ids = (
+        clean_ids if corruption == "gaussian" else [model.tokenize(p.corrupted) for p in pairs]
+    )
+    lengths = np.array([len(t) for t in clean_ids], dtype=np.int32)
+    seq = int(lengths.max())
+    if seq > model.shape.n_ctx:
+        raise UsageError(
+            f"prompts are up to {seq} tokens but the model's context is {model.shape.n_ctx}; "
+            "use shorter prompts"
+        )
+    clean = np.full((n, seq), model.pad_id, dtype=np.int32)
+    corrupted = np.full((n, seq), model.pad_id, dtype=np.int32)
+    for i, (c, k) in enumerate(zip(clean_ids, corrupted_ids, strict=True)):
+        clean[i, : len(c)] = c
+        corrupted[i, : len(k)] = k
+    answers = np.array([model.token_ids(p.answer)[0] for p in pairs], dtype=np.int32)
+    wrong = np.array([model.token_ids(p.wrong_answer)[0] for p in pairs], dtype=np.int32)
+    subjects = (
+        [subject_positions(model, p.clean, p.subject_words) for p in pairs]
+        if corruption == "gaussian"
+        else [[] for _ in pairs]
+    )
+    return Prepared(pairs, clean, corrupted, lengths, answers, wrong, subjects)
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_pairs(
+    model: ModelAdapter, task: str | None, dataset: str | None, n: int | None, seed: int
+) -> tuple[str, list[PromptPair], dict]:
+    if dataset is not None:
+        from ingest.datasets import load_dataset
+
+        path = Path(dataset)
+        if not path.is_file():
+            raise UsageError(f"--dataset {dataset}: no such file")
+        pairs = load_dataset(path, model)
+        if n is not None:
+            pairs = pairs[:n]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        source = {"dataset": str(path.resolve()), "dataset_sha256": digest}
+        name = task or path.stem
+        validate_pairs(pairs, model, source=str(path))
+        return name, pairs, source
+    if task is None:
+        raise UsageError("give --task NAME or --dataset FILE")
+    generator = get_task(task)
+    pairs = generator.generate(n if n is not None else 64, seed, model)
+    validate_pairs(pairs, model, source=f"task {task}")
+    return task, pairs, {}
+
+
+def ingest(
+    store_path: str | Path,
+    model: str = "toy",
+    task: str | None = None,
+    n: int | None = None,
+    corruption: str = "str",
+    hooks: str | None = None,
+    dataset: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> pl.DataFrame:
+    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row."""
+    if n is not None and n < 1:
+        raise UsageError(f"--n {n}: need at least one prompt")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_corruption(corruption)
+    store_path = Path(store_path)
+    existing = (store_path / CATALOG).exists()
+    store = Store(store_path) if existing else None
+    if store is not None:
+        store.lock.acquire()
+    try:
+        adapter = load_model(model, device)
+        if store is not None:
+            _check_same_model(store, adapter)
+        task_name, pairs, source = _load_pairs(adapter, task, dataset, n, seed)
+        if not pairs:
+            raise UsageError("the dataset holds no prompt pairs")
+        hook_names = resolve_hooks(adapter, hooks)
+        prepared = _prepare(adapter, pairs, corruption)
+        params = {
+            "model": adapter.spec,
+            "fingerprint": adapter.fingerprint,
+            "task": task_name,
+            "n": len(pairs),
+            "corruption": corruption,
+            "hooks": hook_names,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "seed": seed,
+            "seq_len": int(prepared.clean.shape[1]),
+            **source,
+        }
+        if corruption == "gaussian":
+            params["noise_std"] = NOISE_SIGMAS * embedding_sigma(adapter)
+        if store is None:
+            store = Store(store_path, create=True)
+            store.lock.acquire()
+        with store.writer():
+            return _run(store, adapter, prepared, params, progress)
+    finally:
+        if store is not None:
+            store.lock.release()
+
+
+def _check_same_model(store: Store, adapter: ModelAdapter) -> None:
+    rows = store.query("SELECT model, fingerprint FROM models").to_dicts()
+    for row in rows:
+        if row["fingerprint"] != adapter.fingerprint:
+            raise UsageError(
+                f"store {store.path} holds activations of model {row['model']!r}; "
+                f"{adapter.spec!r} is a different model: use a new store for it"
+            )
+
+
+def _run(
+    store: Store, model: ModelAdapter, prep: Prepared, params: dict, progress: bool | None
+) -> pl.DataFrame:
+    started = time.monotonic()
+    phash = _params_hash(params)
+    n, seq = prep.clean.shape
+    shapes = _array_shapes(model, params, n, seq)
+    with store.catalog.write() as con:
+        resumable = con.execute(
+            "SELECT run_id FROM runs WHERE params_hash = ? AND status IN ('ingesting', 'failed') "
+            "ORDER BY run_id DESC LIMIT 1",
+            [phash],
+        ).fetchall()
+        if resumable:
+            run_id = int(resumable[0][0])
+            con.execute("UPDATE runs SET status = 'ingesting' WHERE run_id = ?", [run_id])
+        else:
+            run_id = store.next_id(con, "runs", "run_id")
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'ingesting', ?, ?, ?, ?, ?, ?, ?, ?, "
+                "now(), NULL, NULL)",
+                [
+                    run_id,
+                    params["model"],
+                    params["task"],
+                    params["corruption"],
+                    n,
+                    json.dumps(params, sort_keys=True),
+                    phash,
+                    seq,
+                    params["dtype"],
+                    params["batch_size"],
+                    params["seed"],
+                    json.dumps(params["hooks"]),
+                    params.get("dataset"),
+                ],
+            )
+        s = model.shape
+        con.execute(
+            "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [model.spec, model.fingerprint, model.source, s.n_layers, s.n_heads, s.d_model,
+             s.d_head, s.d_mlp, s.d_vocab, s.n_ctx],
+        )  # fmt: skip
+        done = con.execute(
+            "SELECT side, hook, chunk_idx FROM chunks WHERE run_id = ?", [run_id]
+        ).fetchall()
+    done_set = {(side, hook, int(c)) for side, hook, c in done}
+    batch = params["batch_size"]
+    root = zarrays.open_root(store.path, mode="a")
+    arrays = {}
+    for (side, hook), (shape, dtype) in shapes.items():
+        name = zarrays.array_name(run_id, side, hook)
+        arrays[(side, hook)] = zarrays.create_array(root, name, shape, batch, dtype)
+    n_batches = (n + batch - 1) // batch
+    todo = [b for b in range(n_batches) if any((sd, hk, b) not in done_set for sd, hk in shapes)]
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_batches, initial=n_batches - len(todo), disable=not show, file=sys.stderr,
+               desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
+    try:
+        for b in todo:
+            lo, hi = b * batch, min(n, (b + 1) * batch)
+            values, metrics = _compute_batch(model, prep, params, lo, hi)
+            ledger = []
+            for key, arr in arrays.items():
+                data = values[key].astype(arr.dtype, copy=False)
+                arr[lo:hi] = data
+                zarrays.fsync_path(
+                    zarrays.chunk_file(store.path, zarrays.array_name(run_id, *key), b, arr.ndim)
+                )
+                ledger.append((run_id, *key, b, lo, hi, zarrays.checksum(data), data.nbytes))
+            _record_batch(store, run_id, prep, lo, hi, metrics, ledger)
+            bar.update(1)
+    except BaseException:
+        bar.close()
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            with store.catalog.write() as con:
+                con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [run_id])
+        raise
+    bar.close()
+    _finish(store, run_id, shapes, params, n_batches, time.monotonic() - started)
+    return store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+
+
+def _array_shapes(
+    model: ModelAdapter, params: dict, n: int, seq: int
+) -> dict[tuple[str, str], tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array of the run: hooks in the run's dtype, the rest exact."""
+    from ingest.hooks import hook_shape
+
+    out: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+    for side in SIDES:
+        out[(side, "tokens")] = ((n, seq), "int32")
+        out[(side, "logits")] = ((n, model.shape.d_vocab), "float32")
+        for hook in params["hooks"]:
+            out[(side, hook)] = ((n, seq, *hook_shape(model, hook, seq)), params["dtype"])
+    if params["corruption"] == "gaussian":
+        out[("corrupted", "input_embeds")] = ((n, seq, model.shape.d_model), "float32")
+    return out
+
+
+def _compute_batch(
+    model: ModelAdapter, prep: Prepared, params: dict, lo: int, hi: int
+) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray]]:
+    """Both sides' activations for prompts [lo, hi), and their per-prompt metrics."""
+    hooks = set(params["hooks"])
+    act_dtype = np.float16 if params["dtype"] == "float16" else np.float32
+    last = torch.as_tensor(prep.lengths[lo:hi] - 1, dtype=torch.long)
+    ans = torch.as_tensor(prep.answers[lo:hi], dtype=torch.long)
+    wrong = torch.as_tensor(prep.wrong[lo:hi], dtype=torch.long)
+    values: dict[tuple[str, str], np.ndarray] = {}
+    metrics: dict[str, np.ndarray] = {}
+    for side in SIDES:
+        tokens_np = (prep.clean if side == "clean" else prep.corrupted)[lo:hi]
+        tokens = torch.as_tensor(tokens_np, dtype=torch.long, device=model.device)
+        fwd_hooks = []
+        if side == "corrupted" and params["corruption"] == "gaussian":
+            noise = torch.zeros(hi - lo, tokens.shape[1], model.shape.d_model)
+            for j, i in enumerate(range(lo, hi)):
+                pos = prep.subjects[i]
+                noise[j, pos] = gaussian_noise(
+                    params["seed"], i, (len(pos), model.shape.d_model), params["noise_std"]
+                )
+            noise = noise.to(model.device)
+            fwd_hooks.append(("hook_embed", lambda act, hook, _n=noise: act + _n))
+            hooks_for_cache = hooks | {"blocks.0.hook_resid_pre"}
+        else:
+            hooks_for_cache = hooks
+        with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+            logits, cache = model.bridge.run_with_cache(
+                tokens, names_filter=lambda name, _h=hooks_for_cache: name in _h
+            )
+        rows = torch.arange(hi - lo)
+        final = logits[rows, last.to(logits.device)].float().cpu()
+        values[(side, "tokens")] = tokens_np.astype(np.int32)
+        values[(side, "logits")] = final.numpy()
+        for hook in hooks:
+            act = cache[hook].detach().float().cpu().numpy()
+            if hook.endswith("hook_pattern") or hook.endswith("hook_attn_scores"):
+                act = act.transpose(0, 2, 1, 3)  # (batch, head, q, k) -> (batch, q, head, k)
+            values[(side, hook)] = act.astype(act_dtype)
+        if side == "corrupted" and params["corruption"] == "gaussian":
+            values[(side, "input_embeds")] = (
+                cache["blocks.0.hook_resid_pre"].detach().float().cpu().numpy()
+            )
+        metrics[f"{side}_logit_diff"] = (final[rows, ans] - final[rows, wrong]).numpy()
+        metrics[f"{side}_prob"] = final.softmax(-1)[rows, ans].numpy()
+    return values, metrics
+
+
+def _record_batch(
+    store: Store,
+    run_id: int,
+    prep: Prepared,
+    lo: int,
+    hi: int,
+    metrics: dict[str, np.ndarray],
+    ledger: list[tuple],
+) -> None:
+    rows = []
+    for j, i in enumerate(range(lo, hi)):
+        p = prep.pairs[i]
+        length = int(prep.lengths[i])
+        rows.append(
+            (run_id, i, p.clean, p.corrupted, p.answer, p.wrong_answer,
+             float(metrics["clean_logit_diff"][j]), float(metrics["corrupted_logit_diff"][j]),
+             float(metrics["clean_prob"][j]), float(metrics["corrupted_prob"][j]),
+             int(prep.answers[i]), int(prep.wrong[i]), length,
+             prep.clean[i, :length].tolist(), prep.corrupted[i, :length].tolist(), p.group)
+        )  # fmt: skip
+    with store.catalog.write() as con:
+        con.execute(
+            "DELETE FROM prompts WHERE run_id = ? AND prompt_idx BETWEEN ? AND ?",
+            [run_id, lo, hi - 1],
+        )
+        con.executemany(
+            "INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+        con.executemany(
+            "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())", ledger
+        )
+
+
+def _finish(
+    store: Store,
+    run_id: int,
+    shapes: dict[tuple[str, str], tuple[tuple[int, ...], str]],
+    params: dict,
+    n_batches: int,
+    wall_s: float,
+) -> None:
+    rows = []
+    for side, hook in shapes:
+        name = zarrays.array_name(run_id, side, hook)
+        arr = zarrays.open_root(store.path)[name]
+        raw = int(np.prod(arr.shape)) * arr.dtype.itemsize
+        rows.append(
+            (run_id, side, hook, json.dumps(list(arr.shape)), str(arr.dtype),
+             json.dumps(list(arr.chunks)), zarrays.CODEC_NAME, raw,
+             zarrays.stored_bytes(store.path, name), name, n_batches)
+        )  # fmt: skip
+    with store.catalog.write() as con:
+        missing = con.execute("SELECT count(*) FROM chunks WHERE run_id = ?", [run_id]).fetchall()[
+            0
+        ][0]
+        if missing != n_batches * len(shapes):
+            raise ActstoreError(f"run {run_id}: chunk ledger incomplete after ingest")
+        con.execute("DELETE FROM arrays WHERE run_id = ?", [run_id])
+        con.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        con.execute(
+            "UPDATE runs SET status = 'complete', completed_at = now(), "
+            "wall_s = coalesce(wall_s, 0) + ? WHERE run_id = ?",
+            [wall_s, run_id],
+        )

@@ -1,0 +1,29 @@
+"""Shared fixtures: offline Hugging Face, and small stores ingested once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_random():
+    """The toy architecture with seeded random weights."""
+    from actstore.models import load_model
+
+    return load_model("toy-random")
+
+
+@pytest.fixture(scope="session")
+def ioi_store(tmp_path_factory):
+    """A store with one complete IOI run (run 1) on toy-random: 20 prompts, batches of 8."""
+    from ingest.runner import ingest
+
+    path = tmp_path_factory.mktemp("ioi") / "store"
+    ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
+    return path

@@ -1,0 +1,130 @@
+"""The CLI: output formats, one-line errors with exit codes, no torch for read-only commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from actstore.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "actstore.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+def snapshot(path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != "writer.lock"
+    }
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+def test_sql_formats(ioi_store, fmt):
+    res = CliRunner().invoke(
+        main,
+        [
+            "sql",
+            str(ioi_store),
+            "select run_id, count(*) as n from prompts group by 1",
+            "--format",
+            fmt,
+        ],  # fmt: skip
+    )
+    assert res.exit_code == 0, res.output
+    out = res.output
+    if fmt == "table":
+        assert out.splitlines()[0].split() == ["run_id", "n"] and out.splitlines()[2].split() == [
+            "1",
+            "20",
+        ]
+    elif fmt == "csv":
+        assert out.strip().splitlines() == ["run_id,n", "1,20"]
+    elif fmt == "json":
+        assert json.loads(out) == [{"run_id": 1, "n": 20}]
+    else:
+        assert [json.loads(line) for line in out.strip().splitlines()] == [{"run_id": 1, "n": 20}]
+
+
+def test_info_lists_runs_with_compression(ioi_store):
+    res = CliRunner().invoke(main, ["info", str(ioi_store), "--format", "json"])
+    rows = json.loads(res.output)
+    assert rows[0]["run_id"] == 1 and rows[0]["status"] == "complete"
+    assert rows[0]["stored_bytes"] > 0 and rows[0]["ratio"] > 1.0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json", "jsonl"])
+def test_export_round_trips_through_polars(ioi_store, tmp_path, fmt):
+    out = tmp_path / f"prompts.{fmt}"
+    res = CliRunner().invoke(main, ["export", str(ioi_store), "prompts", "--format", fmt,
+                                    "-o", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    reader = {"csv": pl.read_csv, "parquet": pl.read_parquet, "json": pl.read_json,
+              "jsonl": pl.read_ndjson}[fmt]  # fmt: skip
+    df = reader(out)
+    assert df.height == 20
+    assert df["clean_text"].to_list()[:3] == [
+        r["clean_text"] for r in json.loads(
+            CliRunner().invoke(main, ["sql", str(ioi_store), "select clean_text from prompts "
+                                      "order by prompt_idx limit 3", "--format", "json"]).output
+        )
+    ]  # fmt: skip
+
+
+def test_read_only_commands_do_not_import_torch(ioi_store):
+    code = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, ['info', {str(ioi_store)!r}]); assert r.exit_code == 0; "
+        f"r = CliRunner().invoke(main, ['sql', {str(ioi_store)!r}, 'select 1']); "
+        f"r = CliRunner().invoke(main, ['export', {str(ioi_store)!r}, 'runs', '-o', '-']); "
+        "assert r.exit_code == 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["sql", "{s}", "delete from prompts"], 2, "read-only: DELETE statements are refused"),
+        (["sql", "{s}", "selec 1"], 2, "SQL error: Parser Error"),
+        (["export", "{s}", "prompts", "-o", "/nonexistent/dir/x.csv"], 1, "cannot write"),
+        (["export", "{s}", "nope"], 2, "no table or view 'nope'"),
+        (["ingest", "{s}", "--model", "toy-random", "--task", "nope"], 2, "unknown task 'nope'"),
+        (["ingest", "{s}", "--model", "toy-nope", "--task", "ioi"], 2, "unknown built-in model"),
+        (["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--hooks", "foo"], 2,
+         "unknown hook 'foo'"),
+        (["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--n", "0"], 2,
+         "need at least one prompt"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_with_exit_code_and_store_unchanged(ioi_store, args, code, message):
+    before = snapshot(ioi_store)
+    res = run_cli(*[a.format(s=ioi_store) for a in args])
+    assert res.returncode == code, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert snapshot(ioi_store) == before
+
+
+def test_not_a_store(tmp_path):
+    res = run_cli("info", str(tmp_path))
+    assert res.returncode == 1 and "is not an actstore store" in res.stderr
+
+
+def test_ingest_prints_run_id_on_stdout(tmp_path):
+    res = run_cli("ingest", str(tmp_path / "s"), "--model", "toy-random", "--task", "ioi",
+                  "--n", "4", "--hooks", "resid_pre")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "1"

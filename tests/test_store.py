@@ -1,0 +1,163 @@
+"""The store: catalog schema, chunk ledger, array round trip against TransformerLens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from actstore import arrays as zarrays
+from actstore.catalog import SCHEMA_VERSION
+from actstore.errors import ActstoreError, UsageError
+
+FIXED_COLUMNS = {
+    "runs": [
+        "run_id", "model", "task", "corruption", "n_prompts", "status", "params", "created_at",
+    ],
+    "prompts": [
+        "run_id", "prompt_idx", "clean_text", "corrupted_text", "answer", "wrong_answer",
+        "clean_logit_diff", "corrupted_logit_diff",
+    ],
+    "arrays": [
+        "run_id", "side", "hook", "shape", "dtype", "chunks", "codec", "raw_bytes", "stored_bytes",
+    ],
+    "queries": ["query_id", "run_id", "kind", "params", "params_hash", "created_at", "wall_s"],
+    "effects": ["query_id", "layer", "head", "pos", "metric", "value", "normalized"],
+    "edge_scores": ["score_id", "run_id", "method", "src", "dst", "qkv", "score"],
+    "circuits": ["circuit_id", "score_id", "n_edges", "faithfulness"],
+}  # fmt: skip
+
+
+def test_catalog_has_the_fixed_tables_and_columns(ioi_store):
+    store = actstore.open(ioi_store)
+    for table, columns in FIXED_COLUMNS.items():
+        have = store.sql(f"select * from {table} limit 0").columns
+        assert set(columns) <= set(have), (table, set(columns) - set(have))
+    version = store.sql("select value from meta where key = 'schema_version'").item()
+    assert int(version) == SCHEMA_VERSION
+
+
+def test_run_row_records_all_parameters(ioi_store):
+    run = actstore.open(ioi_store).run(1)
+    assert run["status"] == "complete" and run["n_prompts"] == 20
+    assert run["params"]["batch_size"] == 8 and run["params"]["task"] == "ioi"
+    assert "blocks.0.attn.hook_z" in run["hooks"]
+
+
+def test_chunk_ledger_covers_every_array_in_prompt_order(ioi_store):
+    store = actstore.open(ioi_store)
+    ledger = store.sql(
+        "select side, hook, list(chunk_idx order by chunk_idx) as idx, "
+        "list(prompt_start order by chunk_idx) as lo, list(prompt_stop order by chunk_idx) as hi "
+        "from chunks where run_id = 1 group by all"
+    )
+    n_arrays = store.sql("select count(*) from arrays where run_id = 1").item()
+    assert ledger.height == n_arrays
+    for row in ledger.iter_rows(named=True):
+        assert row["idx"] == [0, 1, 2] and row["lo"] == [0, 8, 16] and row["hi"] == [8, 16, 20]
+    # every checksum matches the values read back
+    for row in store.sql("select * from chunks where run_id = 1").iter_rows(named=True):
+        values = store.read(1, row["side"], row["hook"], row["prompt_start"], row["prompt_stop"])
+        assert zarrays.checksum(values) == row["checksum"]
+
+
+def test_arrays_equal_run_with_cache(ioi_store, toy_random):
+    store = actstore.open(ioi_store)
+    prompts = store.prompts(1)
+    seq = store.run(1)["seq_len"]
+    tokens = torch.full((prompts.height, seq), toy_random.pad_id)
+    for i, toks in enumerate(prompts["clean_tokens"].to_list()):
+        tokens[i, : len(toks)] = torch.tensor(toks)
+    with torch.no_grad():
+        logits, cache = toy_random.bridge.run_with_cache(tokens)
+    for hook in ["blocks.0.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out",
+                 "blocks.1.hook_resid_mid", "blocks.3.hook_resid_post"]:  # fmt: skip
+        stored = store.read(1, "clean", hook)
+        np.testing.assert_allclose(stored, cache[hook].numpy(), atol=1e-6, rtol=0)
+    last = torch.tensor(prompts["seq_len"].to_list()) - 1
+    final = logits[torch.arange(len(last)), last].numpy()
+    np.testing.assert_allclose(store.read(1, "clean", "logits"), final, atol=1e-5)
+    ans, wrong = prompts["answer_token"].to_numpy(), prompts["wrong_answer_token"].to_numpy()
+    ld = final[np.arange(len(ans)), ans] - final[np.arange(len(ans)), wrong]
+    np.testing.assert_allclose(prompts["clean_logit_diff"].to_numpy(), ld, atol=1e-5)
+
+
+def test_float16_storage_halves_bytes_and_keeps_precision(tmp_path, toy_random):
+    from ingest.runner import ingest
+
+    ingest(tmp_path / "s", model="toy-random", task="ioi", n=8, batch_size=8, dtype="float16",
+           hooks="resid_pre", progress=False)  # fmt: skip
+    store = actstore.open(tmp_path / "s")
+    arr = store.array(1, "clean", "blocks.1.hook_resid_pre")
+    assert str(arr.dtype) == "float16"
+    prompts = store.prompts(1)
+    tokens = torch.tensor(
+        [
+            t + [toy_random.pad_id] * (arr.shape[1] - len(t))
+            for t in prompts["clean_tokens"].to_list()
+        ]
+    )
+    _, cache = toy_random.bridge.run_with_cache(tokens)
+    ref = cache["blocks.1.hook_resid_pre"].detach().numpy()
+    np.testing.assert_allclose(np.asarray(arr[:]).astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+    raw = store.sql("select raw_bytes from arrays where hook = 'blocks.1.hook_resid_pre' "
+                    "and side = 'clean'").item()  # fmt: skip
+    assert raw == 8 * arr.shape[1] * 128 * 2
+
+
+def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
+    from ingest.runner import ingest
+
+    path = tmp_path / "s"
+    ingest(path, model="toy-random", task="ioi", n=8, batch_size=4, hooks="z", progress=False)
+    store = actstore.open(path)
+    before = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
+    first = store.read(1, "clean", "blocks.0.attn.hook_z")
+    out = ingest(path, model="toy-random", task="ioi", n=6, batch_size=4, seed=1, hooks="z",
+                 progress=False)  # fmt: skip
+    assert out["run_id"].item() == 2
+    assert store.sql("select list(run_id order by run_id) from runs").item().to_list() == [1, 2]
+    after = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
+    assert before.equals(after)
+    np.testing.assert_array_equal(first, store.read(1, "clean", "blocks.0.attn.hook_z"))
+
+
+def test_missing_run_and_hook_are_clear_errors(ioi_store):
+    store = actstore.open(ioi_store)
+    with pytest.raises(UsageError, match="run 99 is not in"):
+        store.run(99)
+    with pytest.raises(UsageError, match="hook 'blocks.0.hook_nope' is not stored for run 1"):
+        store.array(1, "clean", "blocks.0.hook_nope")
+
+
+def test_not_a_store_and_newer_schema_are_refused(tmp_path, ioi_store):
+    with pytest.raises(ActstoreError, match="is not an actstore store"):
+        actstore.open(tmp_path)
+    import shutil
+
+    import duckdb
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ioi_store, copy)
+    con = duckdb.connect(str(copy / "catalog.duckdb"))
+    con.execute("update meta set value = '99' where key = 'schema_version'")
+    con.close()
+    with pytest.raises(ActstoreError, match="schema version 99 is newer"):
+        actstore.open(copy)
+
+
+def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
+    store = actstore.open(ioi_store)
+    row = store.sql(
+        "select * from arrays where run_id = 1 and side = 'corrupted' "
+        "and hook = 'blocks.1.attn.hook_z'"
+    ).to_dicts()[0]
+    seq = store.run(1)["seq_len"]
+    assert json.loads(row["shape"]) == [20, seq, 4, 32]
+    assert json.loads(row["chunks"]) == [8, seq, 4, 32]
+    assert row["raw_bytes"] == 20 * seq * 4 * 32 * 4
+    assert 0 < row["stored_bytes"] < row["raw_bytes"] * 1.2
+    assert row["codec"] == zarrays.CODEC_NAME
