@@ -54,9 +54,6 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE effects (
             query_id INTEGER, layer INTEGER, head INTEGER, pos INTEGER, metric VARCHAR,
             value DOUBLE, normalized DOUBLE)""",
-        """CREATE TABLE score_sets (
-            score_id INTEGER PRIMARY KEY, run_id INTEGER, method VARCHAR, params VARCHAR,
-            params_hash VARCHAR, created_at TIMESTAMP, wall_s DOUBLE)""",
         """CREATE TABLE edge_scores (
             score_id INTEGER, run_id INTEGER, method VARCHAR, src VARCHAR, dst VARCHAR,
             qkv VARCHAR, score DOUBLE)""",

@@ -1,0 +1,78 @@
+"""Recorded queries: every computation over a run is a `queries` row plus its result rows.
+
+Result tables carry the query's id in their first column (`effects.query_id`,
+`edge_scores.score_id`, `circuits.score_id`, …). A query asked again with equal parameters is
+answered from the catalog without loading a model or importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import polars as pl
+
+from actstore.store import Store
+
+
+def params_hash(kind: str, run_id: int | None, params: dict[str, Any]) -> str:
+    """Stable digest of what determines a query's result."""
+    blob = json.dumps({"kind": kind, "run_id": run_id, "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_query(store: Store, kind: str, run_id: int | None, params: dict[str, Any]) -> int | None:
+    """The id of an earlier query with the same kind, run and parameters, if any."""
+    rows = store.query(
+        "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
+        [params_hash(kind, run_id, params)],
+    )
+    return int(rows.item()) if rows.height else None
+
+
+def record_query(
+    store: Store,
+    kind: str,
+    run_id: int | None,
+    params: dict[str, Any],
+    wall_s: float,
+    results: dict[str, pl.DataFrame],
+) -> int:
+    """Insert the query row and its result rows in one transaction; returns the query id.
+
+    `results` maps a table name to rows whose first column (the id) is filled in here; the
+    frame's other columns must be the table's remaining columns, in order.
+    """
+    with store.writer(), store.catalog.write() as con:
+        query_id = store.next_id(con, "queries", "query_id")
+        con.execute(
+            "INSERT INTO queries VALUES (?, ?, ?, ?, ?, now(), ?)",
+            [query_id, run_id, kind, json.dumps(params, sort_keys=True),
+             params_hash(kind, run_id, params), wall_s],
+        )  # fmt: skip
+        for table, frame in results.items():
+            id_column = con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "ORDER BY ordinal_position LIMIT 1",
+                [table],
+            ).fetchall()[0][0]
+            rows = frame.with_columns(pl.lit(query_id).alias(id_column)).select(
+                [id_column, *[c for c in frame.columns if c != id_column]]
+            )
+            con.register("incoming", rows.to_arrow())
+            con.execute(f"INSERT INTO {table} SELECT * FROM incoming")
+            con.unregister("incoming")
+    return query_id
+
+
+def query_params(store: Store, query_id: int) -> dict[str, Any]:
+    """A recorded query's row, parameters decoded."""
+    rows = store.query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
+    if not rows:
+        from actstore.errors import UsageError
+
+        raise UsageError(f"query {query_id} is not in {store.path}; see: select * from queries")
+    row = rows[0]
+    row["params"] = json.loads(row["params"])
+    return row
