@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,distributed]'
+	$(BIN)/pip install -qq --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -qq --disable-pip-version-check -c constraints.txt -e '.[dev,distributed]'
 	touch $(STAMP)
 
 setup: $(STAMP)
