@@ -126,3 +126,23 @@ def test_das_learns_a_direction_that_restores_the_output():
     # The faithful direction e3 restores the whole gap; DAS must do at least as well.
     assert (held_out.mean("v") - corrupted) / (clean - corrupted) >= 0.99
     assert all(p.requires_grad for p in net.parameters())  # weights unfrozen afterwards
+
+
+def test_cli_prints_the_report_and_errors_in_one_line(ioi_store, tmp_path):
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    np.save(tmp_path / "v.npy", np.eye(128)[:2])
+    v = str(tmp_path / "v.npy")
+    args = ["subspace", str(ioi_store), "--run", "1", "--hook", "blocks.3.hook_resid_pre",
+            "--direction", v, "--pos", "final", "--format", "csv"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("query_id,run_id,hook") and len(lines) == 3  # v, full
+    assert "not assessed" in result.stderr
+    bad = CliRunner().invoke(main, args[:7] + ["--patch-direction", "sideways"])
+    assert bad.exit_code == 2
+    bad = CliRunner().invoke(main, args[:5] + ["blocks.3.hook_q", "--direction", "das"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "error: --hook" in bad.stderr
