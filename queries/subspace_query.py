@@ -10,6 +10,7 @@ basis to `subspace_directions`.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ REPORT_COLUMNS = [
     "n_prompts", "component", "dim", "norm_sq", "variance", "value", "normalized", "effect",
     "illusion",
 ]  # fmt: skip
+
+
+@functools.cache
+def _model(spec: str, device: str | None):
+    """Models stay loaded for the process: repeated queries (a Python session) skip the load."""
+    from actstore.models import load_model
+
+    return load_model(spec, device)
 
 
 def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,13 +137,12 @@ def _compute(
 ) -> pl.DataFrame:
     import torch
 
-    from actstore.models import load_model
     from queries.directions import from_file, mean_diff
     from queries.subspace_sites import parse_site, reading_map, site_batches
 
     started = time.monotonic()
     run_id = int(run["run_id"])
-    model = load_model(run["params"]["model"], device)
+    model = _model(run["params"]["model"], device)
     if model.fingerprint != run["params"]["fingerprint"]:
         raise ActstoreError(
             f"model {run['params']['model']!r} differs from the one run {run_id} was ingested "
