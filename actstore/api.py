@@ -21,3 +21,9 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self.path, **kwargs)
+
+    def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
+        """Subspace patching with illusion diagnostics (see `queries.subspace_query.subspace`)."""
+        from queries.subspace_query import subspace
+
+        return subspace(self, run, hook, direction, **kwargs)

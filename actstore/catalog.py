@@ -64,6 +64,15 @@ MIGRATIONS: list[list[str]] = [
             circuit_id INTEGER, src VARCHAR, dst VARCHAR, qkv VARCHAR)""",
         """CREATE TABLE faithfulness_curve (
             score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
+        # Subspace patching (queries/subspace_query.py): one report row per component
+        # (v, row, null, full) and the patched basis, one vector per row.
+        """CREATE TABLE subspace_reports (
+            query_id INTEGER, run_id INTEGER, hook VARCHAR, layer INTEGER, head INTEGER,
+            pos VARCHAR, mode VARCHAR, metric VARCHAR, split VARCHAR, n_prompts INTEGER,
+            component VARCHAR, dim INTEGER, norm_sq DOUBLE, variance DOUBLE, value DOUBLE,
+            normalized DOUBLE, effect DOUBLE, illusion BOOLEAN)""",
+        """CREATE TABLE subspace_directions (
+            query_id INTEGER, idx INTEGER, vector DOUBLE[])""",
     ],
 ]
 

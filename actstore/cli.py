@@ -145,5 +145,68 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
         click.echo(f"wrote {df.height} rows to {output}", err=True)
 
 
+@main.command()
+@click.argument("store")
+@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@click.option(
+    "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
+)
+@click.option(
+    "--direction",
+    required=True,
+    help="Subspace to patch: a .npy file (d,) or (k, d), mean-diff or das.",
+)
+@click.option(
+    "--head", type=int, help="Head of an attn.hook_z site (default: all heads' z concatenated)."
+)
+@click.option("--pos", default="all", show_default=True, help="all (real positions), final, or N.")
+@click.option(
+    "--metric",
+    type=click.Choice(["logit-diff", "prob", "kl"]),
+    default="logit-diff",
+    show_default=True,
+)
+@click.option(
+    "--patch-direction", "mode", type=click.Choice(["denoise", "noise"]), default="denoise",
+    show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
+)  # fmt: skip
+@click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
+@click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
+@click.option(
+    "--group-by", default="side", show_default=True, help="mean-diff: side or a prompts column."
+)
+@click.option(
+    "--train-frac", type=float, default=0.5, show_default=True, help="mean-diff/das fit split."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--epochs", type=int, default=20, show_default=True, help="DAS passes over the split."
+)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
+@click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@FORMAT
+def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+    """Patch a subspace at a cached hook and check it for the interpretability illusion.
+
+    Reports the effect of patching v, of its rowspace and nullspace parts under the map that
+    reads the hook (MLP W_out, head W_O, or --reader), their variances, and full patching of the
+    activation; flags an illusion (see docs/subspace.md). Stored in effects/subspace_reports.
+
+    \b
+    Example:
+      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
+      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
+    """
+    rows = _open(store).subspace(run_id, hook, direction, **kwargs)
+    write_rows(rows, fmt)
+    sys.stdout.flush()
+    flag = rows["illusion"][0]
+    verdict = {None: "not assessed (no reading map; give --reader for a residual hook)",
+               True: "ILLUSION: v acts through a dormant rowspace component",
+               False: "no illusion"}[flag]  # fmt: skip
+    click.echo(f"query {rows['query_id'][0]}: {verdict}", err=True)
+
+
 if __name__ == "__main__":
     main()

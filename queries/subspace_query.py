@@ -1,0 +1,208 @@
+"""`actstore subspace`: patch a direction at a cached hook, diagnose it, record the report.
+
+A query fits its direction (mean-diff, DAS) on a seeded training split of the run's prompts and
+reports every effect on the held-out rest; a direction from a file is evaluated on all prompts.
+The report has one row per component: v itself, its rowspace and nullspace parts under the
+hook's reading map (when one is known), and the whole activation (full patching) for scale.
+The effect of v goes to the shared `effects` table; the report to `subspace_reports`; the
+basis to `subspace_directions`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from actstore.errors import ActstoreError, UsageError
+from actstore.results import find_query, record_query
+from actstore.store import Store
+from queries.subspace import check_metric, check_mode, components_of, evaluate, report
+
+SOURCES = ("mean-diff", "das")
+REPORT_COLUMNS = [
+    "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",
+    "n_prompts", "component", "dim", "norm_sq", "variance", "value", "normalized", "effect",
+    "illusion",
+]  # fmt: skip
+
+
+@functools.cache
+def _model(spec: str, device: str | None):
+    """Models stay loaded for the process: repeated queries (a Python session) skip the load."""
+    from actstore.models import load_model
+
+    return load_model(spec, device)
+
+
+def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of prompt indices into (train, held-out)."""
+    if not 0 < train_frac < 1:
+        raise UsageError(f"--train-frac {train_frac}: give a fraction strictly between 0 and 1")
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * train_frac))
+    if cut < 1 or cut >= n:
+        raise UsageError(
+            f"--train-frac {train_frac} leaves no training or no held-out prompts of {n}; "
+            "ingest more prompts or change --train-frac"
+        )
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def stored_report(store: Store, query_id: int) -> pl.DataFrame:
+    return store.query(
+        f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
+        "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
+        [query_id],
+    )
+
+
+def stored_basis(store: Store, query_id: int) -> np.ndarray:
+    """The (d, k) basis a query patched along."""
+    rows = store.query(
+        "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
+    )
+    return np.array(rows["vector"].to_list(), dtype=np.float64).T
+
+
+def subspace(
+    store: Store,
+    run_id: int,
+    hook: str,
+    direction: str,
+    head: int | None = None,
+    pos: str = "all",
+    metric: str = "logit-diff",
+    mode: str = "denoise",
+    reader: str | None = None,
+    k: int = 1,
+    group_by: str = "side",
+    train_frac: float = 0.5,
+    seed: int = 0,
+    epochs: int = 20,
+    lr: float = 0.05,
+    device: str | None = None,
+    save_direction: str | None = None,
+) -> pl.DataFrame:
+    """Patch along a direction at a hook and report the illusion diagnostics (see module doc)."""
+    from queries.subspace_sites import check_pos
+
+    check_metric(metric)
+    check_mode(mode)
+    if k < 1:
+        raise UsageError(f"--k {k}: need at least one dimension")
+    run = store.run(run_id)
+    prompts = store.prompts(run_id)
+    pos = check_pos(str(pos), prompts["seq_len"].to_numpy())
+    learned = direction in SOURCES
+    params = {
+        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": mode,
+        "reader": reader, "direction": direction,
+    }  # fmt: skip
+    if not learned:
+        path = Path(direction)
+        if not path.is_file():
+            raise UsageError(
+                f"--direction {direction}: no such file; give a .npy file, mean-diff or das"
+            )
+        import hashlib
+
+        params["direction"] = str(path.resolve())
+        params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    else:
+        params.update(k=k, train_frac=train_frac, seed=seed)
+        if direction == "mean-diff":
+            params["group_by"] = group_by
+        else:
+            params.update(epochs=epochs, lr=lr)
+    known = find_query(store, "subspace", run_id, params)
+    if known is not None:
+        if save_direction is not None:
+            np.save(save_direction, stored_basis(store, known).T)
+        return stored_report(store, known)
+    return _compute(store, run, prompts, params, device, save_direction)
+
+
+def _compute(
+    store: Store,
+    run: dict,
+    prompts: pl.DataFrame,
+    params: dict,
+    device: str | None,
+    save_direction: str | None,
+) -> pl.DataFrame:
+    import torch
+
+    from queries.directions import from_file, mean_diff
+    from queries.subspace_sites import parse_site, reading_map, site_batches
+
+    started = time.monotonic()
+    run_id = int(run["run_id"])
+    model = _model(run["params"]["model"], device)
+    if model.fingerprint != run["params"]["fingerprint"]:
+        raise ActstoreError(
+            f"model {run['params']['model']!r} differs from the one run {run_id} was ingested "
+            "with (fingerprint mismatch); re-ingest the run"
+        )
+    site = parse_site(model, params["hook"], params["head"])
+    w = reading_map(model, site, params["reader"])
+    n = int(run["n_prompts"])
+    mode, metric, source = params["mode"], params["metric"], params["direction"]
+
+    def batches(indices: np.ndarray, patch_mode: str = mode):
+        return site_batches(store, model, run_id, site, prompts, indices, patch_mode, params["pos"])
+
+    if source in SOURCES:
+        train, held_out = split_indices(n, params["train_frac"], params["seed"])
+        split = "held-out"
+        if source == "mean-diff":
+            basis = mean_diff(batches(train, "denoise"), prompts, params["group_by"],
+                              params["k"], clean_first=True)  # fmt: skip
+        else:
+            from queries.das import train_das
+
+            basis, history = train_das(
+                lambda: batches(train), site.dim, params["k"], metric, mode, model.bridge,
+                seed=params["seed"], epochs=params["epochs"], lr=params["lr"],
+            )  # fmt: skip
+            print(f"DAS loss {history[0]:.4g} -> {history[-1]:.4g}", file=sys.stderr)
+    else:
+        basis, _ = from_file(source, site.dim)
+        held_out, split = np.arange(n), "all"
+    if save_direction is not None:
+        np.save(save_direction, basis.T.numpy())
+    comps, dims, null_sq = components_of(basis, w)
+    with torch.no_grad():
+        ev = evaluate(batches(held_out), comps, metric)
+    rows = report(ev, mode, dims, null_sq)
+    rows = rows.with_columns(
+        pl.lit(run_id).alias("run_id"), pl.lit(site.hook).alias("hook"),
+        pl.lit(site.layer).alias("layer"), pl.lit(site.head, dtype=pl.Int64).alias("head"),
+        pl.lit(params["pos"]).alias("pos"), pl.lit(mode).alias("mode"),
+        pl.lit(metric).alias("metric"), pl.lit(split).alias("split"),
+        pl.lit(ev.n).alias("n_prompts"), pl.lit(0).alias("query_id"),
+    ).select(REPORT_COLUMNS)  # fmt: skip
+    v = rows.filter(pl.col("component") == "v").row(0, named=True)
+    pos_int = {"all": None, "final": -1}.get(params["pos"], None)
+    if params["pos"] not in ("all", "final"):
+        pos_int = int(params["pos"])
+    effects = pl.DataFrame(
+        {"query_id": [0], "layer": [site.layer], "head": [site.head], "pos": [pos_int],
+         "metric": [metric], "value": [v["value"]], "normalized": [v["normalized"]]},
+        schema={"query_id": pl.Int64, "layer": pl.Int64, "head": pl.Int64, "pos": pl.Int64,
+                "metric": pl.Utf8, "value": pl.Float64, "normalized": pl.Float64},
+    )  # fmt: skip
+    vectors = pl.DataFrame(
+        {"query_id": [0] * basis.shape[1], "idx": list(range(basis.shape[1])),
+         "vector": [basis[:, j].tolist() for j in range(basis.shape[1])]},
+        schema={"query_id": pl.Int64, "idx": pl.Int64, "vector": pl.List(pl.Float64)},
+    )  # fmt: skip
+    query_id = record_query(
+        store, "subspace", run_id, params, time.monotonic() - started,
+        {"effects": effects, "subspace_reports": rows, "subspace_directions": vectors},
+    )  # fmt: skip
+    return rows.with_columns(pl.lit(query_id).alias("query_id"))

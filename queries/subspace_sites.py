@@ -1,0 +1,252 @@
+"""Patching sites over a store: which activation a hook name means, how to recompute downstream
+of it, and the linear map that reads it.
+
+Residual-stream hooks are patched by editing the cached residual stream itself and running the
+later blocks: the bridge's `hook_resid_mid` feeds only ln2's input, not the residual path, so a
+hook replacing it would leave the skip connection unpatched. Head z and MLP hidden hooks are
+patched with a hook inside their own block, starting from the cached resid_pre of that layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from actstore.errors import UsageError
+from actstore.models import ModelAdapter
+from actstore.store import Store
+from queries.subspace import PatchBatch
+
+HOOK_FORMS = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "mlp.hook_post": "mlp_post",
+    "attn.hook_z": "z",
+}
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_FORMS) + r")$")
+READER_RE = re.compile(r"^(?:(\d+)\.(\d+)\.([qkv])|(\d+)\.mlp|unembed)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A patchable activation: hook name, kind, layer, head (z only) and vector dimension."""
+
+    hook: str
+    kind: str
+    layer: int
+    head: int | None
+    dim: int
+
+
+def parse_site(model: ModelAdapter, hook: str, head: int | None) -> Site:
+    """Validate a hook name and head against the model."""
+    m = HOOK_RE.match(hook)
+    if not m:
+        raise UsageError(
+            f"--hook {hook}: give blocks.L.hook_resid_pre|hook_resid_mid|hook_resid_post, "
+            "blocks.L.mlp.hook_post or blocks.L.attn.hook_z"
+        )
+    layer, kind = int(m.group(1)), HOOK_FORMS[m.group(2)]
+    s = model.shape
+    if layer >= s.n_layers:
+        raise UsageError(f"--hook {hook}: the model has layers 0..{s.n_layers - 1}")
+    if kind != "z" and head is not None:
+        raise UsageError(f"--head applies to blocks.L.attn.hook_z only, not {hook}")
+    if head is not None and not 0 <= head < s.n_heads:
+        raise UsageError(f"--head {head}: the model has heads 0..{s.n_heads - 1}")
+    dim = {"mlp_post": s.d_mlp, "z": s.d_head if head is not None else s.n_heads * s.d_head}
+    return Site(hook, kind, layer, head, dim.get(kind, s.d_model))
+
+
+def reading_map(model: ModelAdapter, site: Site, reader: str | None) -> torch.Tensor | None:
+    """The linear map W (dim, out) through which the site's activation acts downstream.
+
+    MLP hidden -> residual via W_out; head z -> residual via W_O[h] (all heads: W_O stacked);
+    residual stream -> the reader named by `reader` ("L.H.q|k|v", "L.mlp" or "unembed"), with
+    the reader's LayerNorm folded in as centering times its scale (LayerNorm's division by the
+    norm rescales, it does not change which directions are read).
+    """
+    b = model.bridge
+    with torch.no_grad():
+        if site.kind in ("mlp_post", "z"):
+            if reader is not None:
+                raise UsageError(
+                    f"--reader applies to residual-stream hooks; {site.hook} is read by its own "
+                    "block's output weights"
+                )
+            block = b.blocks[site.layer]
+            if site.kind == "mlp_post":
+                return block.mlp.W_out.detach().double().cpu()
+            w_o = block.attn.W_O.detach().double().cpu()
+            return w_o[site.head] if site.head is not None else w_o.reshape(-1, w_o.shape[-1])
+        if reader is None:
+            return None
+        m = READER_RE.match(reader)
+        if not m:
+            raise UsageError(
+                f"--reader {reader}: give L.H.q|k|v (a head's input), L.mlp or unembed"
+            )
+        if m.group(1) is not None:
+            layer, h, which = int(m.group(1)), int(m.group(2)), m.group(3)
+            _check_reader(model, site, layer, h, reads_mid=False)
+            blk = b.blocks[layer]
+            w = getattr(blk.attn, f"W_{which.upper()}")[h]
+            gamma = blk.ln1.w
+        elif m.group(4) is not None:
+            layer = int(m.group(4))
+            _check_reader(model, site, layer, None, reads_mid=True)
+            blk = b.blocks[layer]
+            w, gamma = blk.mlp.W_in, blk.ln2.w
+        else:
+            w, gamma = b.W_U, b.ln_final.w
+        w, gamma = w.detach().double().cpu(), gamma.detach().double().cpu()
+        d = w.shape[0]
+        center = torch.eye(d, dtype=torch.float64) - 1.0 / d
+        return center @ (gamma[:, None] * w)
+
+
+def _check_reader(model: ModelAdapter, site: Site, layer: int, head: int | None, reads_mid: bool):
+    s = model.shape
+    if layer >= s.n_layers or (head is not None and head >= s.n_heads):
+        raise UsageError(
+            f"--reader: the model has layers 0..{s.n_layers - 1} and heads 0..{s.n_heads - 1}"
+        )
+    # The first layer whose reader sees this residual stream.
+    first = site.layer + (site.kind == "resid_post") + (site.kind == "resid_mid" and not reads_mid)
+    if layer < first:
+        raise UsageError(
+            f"--reader {layer}.{'mlp' if reads_mid else head}: it reads the residual stream "
+            f"before {site.hook}; name a reader downstream of the hook"
+        )
+
+
+def positions_mask(lengths: np.ndarray, seq: int, pos: str) -> torch.Tensor:
+    """(batch, seq, 1) mask: all real positions, each prompt's final one, or a fixed one."""
+    idx = np.arange(seq)[None, :]
+    if pos == "all":
+        mask = idx < lengths[:, None]
+    elif pos == "final":
+        mask = idx == (lengths[:, None] - 1)
+    else:
+        mask = np.broadcast_to(idx == int(pos), (len(lengths), seq))
+    return torch.as_tensor(mask, dtype=torch.float32)[..., None]
+
+
+def check_pos(pos: str, lengths: np.ndarray) -> str:
+    """Validate --pos against the run's prompt lengths."""
+    if pos in ("all", "final"):
+        return pos
+    if not pos.lstrip("-").isdigit():
+        raise UsageError(f"--pos {pos}: give all, final or a position number")
+    p, shortest = int(pos), int(lengths.min())
+    if not 0 <= p < shortest:
+        raise UsageError(
+            f"--pos {p}: the run's shortest prompt has {shortest} tokens; give 0..{shortest - 1} "
+            "or final"
+        )
+    return str(p)
+
+
+def site_batches(
+    store: Store,
+    model: ModelAdapter,
+    run_id: int,
+    site: Site,
+    prompts: pl.DataFrame,
+    indices: np.ndarray,
+    mode: str,
+    pos: str,
+) -> Iterator[PatchBatch]:
+    """PatchBatches for the chosen prompts, one store chunk at a time (bounded memory)."""
+    run = store.run(run_id)
+    n, chunk = int(run["n_prompts"]), int(run["batch_size"])
+    base_side, src_side = ("corrupted", "clean") if mode == "denoise" else ("clean", "corrupted")
+    act_hook = _stored_activation(store, run_id, site, model)
+    lengths_all = prompts["seq_len"].to_numpy()
+    answers = prompts["answer_token"].to_numpy()
+    wrongs = prompts["wrong_answer_token"].to_numpy()
+    chosen = np.sort(np.asarray(indices))
+    dev = model.device
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        sel = chosen[(chosen >= lo) & (chosen < hi)]
+        if not len(sel):
+            continue
+        rel = sel - lo
+
+        def read(side: str, hook: str, _lo=lo, _hi=hi, _rel=rel) -> torch.Tensor:
+            data = store.read(run_id, side, hook, _lo, _hi)[_rel]
+            return torch.as_tensor(data, dtype=torch.float32, device=dev)
+
+        base, source = read(base_side, act_hook), read(src_side, act_hook)
+        if site.kind == "z":
+            base, source = _z_view(base, site), _z_view(source, site)
+        lengths = lengths_all[sel]
+        start = read(base_side, f"blocks.{site.layer}.hook_resid_pre") if site.kind in (
+            "z", "mlp_post") else None  # fmt: skip
+        yield PatchBatch(
+            base=base,
+            source=source,
+            mask=positions_mask(lengths, base.shape[1], pos).to(dev),
+            run=_downstream(model, site, start, lengths),
+            answer=torch.as_tensor(answers[sel], dtype=torch.long, device=dev),
+            wrong=torch.as_tensor(wrongs[sel], dtype=torch.long, device=dev),
+            clean_logits=read("clean", "logits"),
+            corrupted_logits=read("corrupted", "logits"),
+            prompt_idx=sel,
+        )
+
+
+def _stored_activation(store: Store, run_id: int, site: Site, model: ModelAdapter) -> str:
+    stored = set(store.hooks(run_id))
+    if site.hook in stored:
+        return site.hook
+    if site.kind == "resid_post" and site.layer + 1 < model.shape.n_layers:
+        alias = f"blocks.{site.layer + 1}.hook_resid_pre"
+        if alias in stored:
+            return alias
+    store.array(run_id, "clean", site.hook)  # raises the store's "re-ingest with --hooks" error
+    return site.hook
+
+
+def _z_view(z: torch.Tensor, site: Site) -> torch.Tensor:
+    """The site's vector at each position: one head's z, or all heads' z concatenated."""
+    if site.head is not None:
+        return z[:, :, site.head]
+    return z.reshape(*z.shape[:2], -1)
+
+
+def _downstream(model: ModelAdapter, site: Site, start: torch.Tensor | None, lengths: np.ndarray):
+    """A function from the patched site activation to final-position logits."""
+    rows = torch.arange(len(lengths), device=model.device)
+    last = torch.as_tensor(lengths - 1, dtype=torch.long, device=model.device)
+    layer = site.layer
+
+    def finish(resid: torch.Tensor) -> torch.Tensor:
+        return model.unembed(resid[rows, last][:, None])[:, 0]
+
+    def run(act: torch.Tensor) -> torch.Tensor:
+        if site.kind == "resid_pre":
+            return finish(model.run_blocks(act, layer))
+        if site.kind == "resid_post":
+            return finish(model.run_blocks(act, layer + 1))
+        if site.kind == "resid_mid":
+            block = model.bridge.blocks[layer]
+            return finish(model.run_blocks(act + block.mlp(block.ln2(act)), layer + 1))
+
+        def replace(value: torch.Tensor, hook) -> torch.Tensor:
+            if site.kind == "mlp_post" or site.head is None:
+                return act.reshape(value.shape).to(value.dtype)
+            value = value.clone()
+            value[:, :, site.head] = act.to(value.dtype)
+            return value
+
+        return finish(model.run_blocks(start, layer, hooks=[(site.hook, replace)]))
+
+    return run
