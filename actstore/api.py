@@ -21,3 +21,9 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self.path, **kwargs)
+
+    def reduce(self, run_id: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
+        """Out-of-core mean / class-mean / head-norm over prompts (see `queries.reduce`)."""
+        from queries.reduce import reduce
+
+        return reduce(self, run_id, hook, op, **kwargs)

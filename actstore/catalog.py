@@ -64,6 +64,11 @@ MIGRATIONS: list[list[str]] = [
             circuit_id INTEGER, src VARCHAR, dst VARCHAR, qkv VARCHAR)""",
         """CREATE TABLE faithfulness_curve (
             score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
+        # Out-of-core reductions over prompts (queries/reduce.py): per group, position and flat
+        # feature index (head for head-norm), the mean and the number of prompts behind it.
+        """CREATE TABLE reductions (
+            query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
+            value DOUBLE, n INTEGER)""",
     ],
 ]
 
