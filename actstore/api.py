@@ -27,3 +27,9 @@ class ActStore(Store):
         from queries.subspace_query import subspace
 
         return subspace(self, run, hook, direction, **kwargs)
+
+    def reduce(self, run_id: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
+        """Out-of-core mean / class-mean / head-norm over prompts (see `queries.reduce`)."""
+        from queries.reduce import reduce
+
+        return reduce(self, run_id, hook, op, **kwargs)

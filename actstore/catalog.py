@@ -73,6 +73,11 @@ MIGRATIONS: list[list[str]] = [
             normalized DOUBLE, effect DOUBLE, illusion BOOLEAN)""",
         """CREATE TABLE subspace_directions (
             query_id INTEGER, idx INTEGER, vector DOUBLE[])""",
+        # Out-of-core reductions over prompts (queries/reduce.py): per group, position and flat
+        # feature index (head for head-norm), the mean and the number of prompts behind it.
+        """CREATE TABLE reductions (
+            query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
+            value DOUBLE, n INTEGER)""",
     ],
 ]
 

@@ -77,19 +77,35 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per chunk.")
 @click.option("--device", help="cpu or cuda (default: cuda when available).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--shard",
+    metavar="i/N",
+    help="Write only shard i (from 0) of N chunk ranges and a manifest; then actstore merge.",
+)
 def ingest(store: str, **kwargs) -> None:
     """Run a model on a task's clean and corrupted prompts and store the activations.
 
     Prints the new run's id on stdout. Rerunning an interrupted ingest with the same
-    arguments resumes it.
+    arguments resumes it. With --shard i/N it prints the shard's manifest path instead;
+    run every shard (any machines sharing STORE), then actstore merge STORE.
 
     \b
     Example:
       actstore ingest /tmp/s --model toy --task ioi --n 64
       actstore ingest /tmp/s --model gpt2 --task ioi --corruption gaussian --dtype float16
+      actstore ingest file:///shared/s --model toy --task ioi --n 4096 --shard 0/4
     """
     from ingest.runner import ingest as run_ingest
 
+    if kwargs["shard"] is not None:
+        part = run_ingest(store, **kwargs).to_dicts()[0]
+        click.echo(
+            f"shard {part['shard']}/{part['n_shards']}: prompts {part['prompt_start']}.."
+            f"{part['prompt_stop']}; run actstore merge {store} when every shard is done",
+            err=True,
+        )
+        click.echo(part["manifest"])
+        return
     row = run_ingest(store, **kwargs).to_dicts()[0]
     click.echo(
         f"run {row['run_id']}: {row['task']} on {row['model']}, {row['n_prompts']} prompts, "
@@ -97,6 +113,31 @@ def ingest(store: str, **kwargs) -> None:
         err=True,
     )
     click.echo(row["run_id"])
+
+
+@main.command()
+@click.argument("store")
+@FORMAT
+def merge(store: str, fmt: str) -> None:
+    """Fold sharded ingests' manifests into the catalog (the single catalog writer).
+
+    A run becomes complete when every shard's manifest is there; otherwise it stays
+    ingesting and the missing shards are listed. Exit 1 while any shard is missing.
+
+    \b
+    Example:
+      actstore merge /tmp/s
+    """
+    from ingest.shards import merge as merge_shards
+
+    rows = merge_shards(store)
+    write_rows(rows, fmt)
+    incomplete = rows.filter(rows["status"] != "complete")
+    if incomplete.height:
+        raise ActstoreError(
+            f"{incomplete.height} sharded run(s) still miss shards "
+            f"({'; '.join(incomplete['missing'].to_list())}); run them, then merge again"
+        )
 
 
 @main.command()
@@ -206,6 +247,39 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
                True: "ILLUSION: v acts through a dormant rowspace component",
                False: "no illusion"}[flag]  # fmt: skip
     click.echo(f"query {rows['query_id'][0]}: {verdict}", err=True)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
+@click.option(
+    "--op", type=click.Choice(["mean", "class-mean", "head-norm"]), default="mean",
+    show_default=True, help="Mean activation, mean per --by group, or mean per-head norm.",
+)  # fmt: skip
+@click.option("--by", help="Prompts column to group class-mean by (default grp).")
+@click.option(
+    "--side", type=click.Choice(["clean", "corrupted"]), default="clean", show_default=True
+)
+@click.option(
+    "--scheduler", type=click.Choice(["threads", "distributed"]), default="threads",
+    show_default=True, help="Dask's local threads, or a cluster at --address.",
+)  # fmt: skip
+@click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@FORMAT
+def reduce(store: str, run_id: int, hook: str, fmt: str, **kwargs) -> None:
+    """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
+
+    Rows: query_id, hook, grp, pos, idx (flat feature, or head), value, n (prompts).
+    Recorded in the reductions table; asking again reads them back.
+
+    \b
+    Example:
+      actstore reduce /tmp/s --run 1 --hook blocks.3.hook_resid_pre --op mean
+      actstore reduce /tmp/s --run 1 --hook blocks.0.attn.hook_z --op head-norm \\
+          --scheduler distributed --address tcp://10.0.0.5:8786
+    """
+    write_rows(_open(store).reduce(run_id, hook, **kwargs), fmt)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import polars as pl
 from actstore import arrays as zarrays
 from actstore.catalog import Catalog
 from actstore.errors import ActstoreError, UsageError
+from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
 
 CATALOG = "catalog.duckdb"
@@ -29,7 +30,8 @@ class Store:
     """A store directory; every read verb returns a polars DataFrame."""
 
     def __init__(self, path: str | Path, create: bool = False):
-        self.path = Path(path)
+        self.location = str(path)
+        self.path = local_dir(path)
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         if create and not (self.path / CATALOG).exists():

@@ -21,6 +21,7 @@ import torch
 
 from actstore import arrays as zarrays
 from actstore.errors import ActstoreError, UsageError
+from actstore.location import local_dir
 from actstore.models import ModelAdapter, load_model
 from actstore.store import CATALOG, Store
 from ingest.corruptions import (
@@ -31,6 +32,7 @@ from ingest.corruptions import (
     subject_positions,
 )
 from ingest.hooks import resolve_hooks
+from ingest.shards import ingest_shard, parse_shard
 from ingest.tasks import PromptPair, get_task, validate_pairs
 
 DTYPES = ("float32", "float16")
@@ -120,8 +122,13 @@ def ingest(
     device: str | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    shard: str | None = None,
 ) -> pl.DataFrame:
-    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row."""
+    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row.
+
+    With `shard="i/N"` only shard i's chunks are written and a manifest replaces the catalog
+    writes (see ingest.shards); returns the shard's row.
+    """
     if n is not None and n < 1:
         raise UsageError(f"--n {n}: need at least one prompt")
     if batch_size < 1:
@@ -129,10 +136,11 @@ def ingest(
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     check_corruption(corruption)
-    store_path = Path(store_path)
+    location, store_path = store_path, local_dir(store_path)
+    part = parse_shard(shard) if shard is not None else None
     existing = (store_path / CATALOG).exists()
     store = Store(store_path) if existing else None
-    if store is not None:
+    if store is not None and part is None:
         store.lock.acquire()
     try:
         adapter = load_model(model, device)
@@ -158,6 +166,8 @@ def ingest(
         }
         if corruption == "gaussian":
             params["noise_std"] = NOISE_SIGMAS * embedding_sigma(adapter)
+        if part is not None:
+            return ingest_shard(location, part, adapter, prepared, params, progress)
         if store is None:
             store = Store(store_path, create=True)
             store.lock.acquire()

@@ -1,0 +1,229 @@
+"""Sharded ingest (real parallel processes) against a single-process ingest, and out-of-core
+reductions through Dask against numpy, one of them under an address-space limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import actstore
+from actstore import arrays as zarrays
+from actstore.errors import ActstoreError, UsageError
+from ingest.shards import parse_shard
+from queries.reduce import as_array
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--model", "toy-random", "--task", "ioi", "--n", "22", "--batch-size", "4",
+        "--hooks", "resid_pre"]  # fmt: skip
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "actstore.cli", *args],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    from ingest.runner import ingest
+
+    path = tmp_path_factory.mktemp("single") / "store"
+    ingest(path, model="toy-random", task="ioi", n=22, batch_size=4, hooks="resid_pre",
+           progress=False)  # fmt: skip
+    return path
+
+
+def _tables(path: Path) -> dict[str, pl.DataFrame]:
+    store = actstore.open(path)
+    return {
+        "runs": store.query(
+            "SELECT run_id, model, task, corruption, n_prompts, status, params, params_hash, "
+            "seq_len, dtype, batch_size, seed, hooks FROM runs ORDER BY run_id"
+        ),
+        "prompts": store.query("SELECT * FROM prompts ORDER BY prompt_idx"),
+        "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
+        "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
+        "models": store.query("SELECT * EXCLUDE (created_at) FROM models"),
+    }
+
+
+def _verify_ledger(path: Path) -> int:
+    """Checksum every ledger chunk against the stored values; returns the number checked."""
+    store = actstore.open(path)
+    rows = store.query("SELECT * FROM chunks ORDER BY run_id, side, hook, chunk_idx").to_dicts()
+    for row in rows:
+        values = store.read(row["run_id"], row["side"], row["hook"],
+                            row["prompt_start"], row["prompt_stop"])  # fmt: skip
+        assert zarrays.checksum(values) == row["checksum"], row
+    return len(rows)
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards):
+    path = tmp_path / "store"
+    location = f"file://{path}" if n_shards == 2 else str(path)
+    procs = [_cli("ingest", location, *ARGS, "--shard", f"{i}/{n_shards}") for i in range(n_shards)]
+    results = [_finish(p) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
+    manifests = sorted((path / "manifests").glob("run-*/shard-*.json"))
+    assert [Path(out.strip()) for _, out, _ in results] == manifests
+    assert not (path / "catalog.duckdb").exists()  # shards never write the catalog
+
+    # A merge that lacks a shard leaves the run ingesting and names the missing shard.
+    last = manifests[-1]
+    aside = tmp_path / last.name
+    shutil.move(last, aside)
+    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    assert rc == 1 and f"{n_shards - 1}" in err
+    partial = json.loads(out)
+    assert partial[0]["status"] == "ingesting" and partial[0]["missing"] == str(n_shards - 1)
+    with pytest.raises(ActstoreError, match="ingesting"):
+        actstore.open(path).run(1)
+    shutil.move(aside, last)
+
+    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    assert rc == 0, err
+    assert json.loads(out)[0] == {
+        "run_id": 1, "params_hash": json.loads(out)[0]["params_hash"], "n_shards": n_shards,
+        "shards_present": n_shards, "missing": "", "status": "complete",
+    }  # fmt: skip
+
+    merged, reference = _tables(path), _tables(single)
+    for table, frame in reference.items():
+        assert merged[table].equals(frame), table
+    prompts = merged["prompts"]["prompt_idx"].to_list()
+    assert prompts == list(range(22))  # every prompt exactly once
+    ours, theirs = actstore.open(path), actstore.open(single)
+    for row in reference["arrays"].to_dicts():
+        a = ours.read(1, row["side"], row["hook"])
+        b = theirs.read(1, row["side"], row["hook"])
+        assert a.dtype == b.dtype and np.array_equal(a, b), row["hook"]
+    assert _verify_ledger(path) == 6 * len(reference["arrays"])  # 6 chunks of 4 prompts
+    assert not (path / "arrays.zarr" / "staged" / merged["runs"]["params_hash"][0]).exists()
+
+    # Merging again changes nothing: the manifests were archived.
+    with pytest.raises(UsageError, match="no shard manifests"):
+        from ingest.shards import merge
+
+        merge(path)
+
+
+def test_shard_spec_and_merge_errors(tmp_path):
+    assert parse_shard("3/4").chunk_range(10) == (7, 10)
+    for bad in ("4/4", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(UsageError, match="--shard"):
+            parse_shard(bad)
+    rc, _, err = _finish(_cli("merge", str(tmp_path)))
+    assert rc == 2 and err.startswith("error: no shard manifests")
+
+
+def _numpy_reduction(store, run_id, hook, by=None, norm=False):
+    """Per-group, per-position means over real (unpadded) positions, in float64 numpy."""
+    x = store.read(run_id, "clean", hook).astype(np.float64)
+    x = np.sqrt((x**2).sum(-1)) if norm else x.reshape(*x.shape[:2], -1)
+    prompts = store.prompts(run_id)
+    lengths = prompts["seq_len"].to_numpy()
+    labels = prompts[by].cast(pl.String).to_numpy() if by else np.array(["all"] * len(lengths))
+    mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+    out = {}
+    for label in sorted(set(labels)):
+        sel = labels == label
+        total = (x[sel] * mask[sel][:, :, None]).sum(0)
+        count = mask[sel].sum(0)[:, None]
+        with np.errstate(invalid="ignore"):
+            out[label] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return out
+
+
+def _assert_matches(rows, expected):
+    got = as_array(rows)
+    assert set(got) == set(expected)
+    for label, grid in expected.items():
+        have = got[label]
+        assert np.isnan(grid[have.shape[0] :]).all()  # positions no prompt of the group reaches
+        np.testing.assert_allclose(have, grid[: have.shape[0]], rtol=1e-10, atol=1e-12)
+
+
+def test_reductions_match_numpy(ioi_store):
+    store = actstore.open(ioi_store)
+    hook = "blocks.1.hook_resid_pre"
+    mean = store.reduce(1, hook, "mean")
+    assert mean["n"].max() == 20 and mean["n"].min() >= 1
+    _assert_matches(mean, _numpy_reduction(store, 1, hook))
+    classes = store.reduce(1, hook, "class-mean", by="grp")
+    _assert_matches(classes, _numpy_reduction(store, 1, hook, by="grp"))
+    assert classes["grp"].n_unique() == store.prompts(1)["grp"].n_unique()
+    norms = store.reduce(1, "blocks.2.attn.hook_z", "head-norm")
+    assert norms["idx"].max() == 3  # one value per head
+    _assert_matches(norms, _numpy_reduction(store, 1, "blocks.2.attn.hook_z", norm=True))
+    again = store.reduce(1, hook, "mean")
+    assert again["query_id"].unique().to_list() == mean["query_id"].unique().to_list()
+    with pytest.raises(UsageError, match="per-head hook"):
+        store.reduce(1, hook, "head-norm")
+    with pytest.raises(UsageError, match="not a prompts column"):
+        store.reduce(1, hook, "class-mean", by="nope")
+
+
+def test_distributed_scheduler_matches_threads(ioi_store):
+    from distributed import LocalCluster
+
+    store = actstore.open(ioi_store)
+    hook = "blocks.0.hook_resid_pre"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:  # fmt: skip
+        rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",
+                            address=cluster.scheduler_address)  # fmt: skip
+    from queries.reduce import _compute
+
+    threads = _compute(store, 1, hook, "corrupted", "class-mean", "grp", "threads", None)
+    assert rows.drop("query_id").equals(threads.sort("grp", "pos", "idx"))
+
+
+def test_mean_reduction_under_a_memory_limit(tmp_path):
+    """The reduction runs with 64 MiB of address space over the warmed-up interpreter on an
+    array of 93 MB, where loading the array with numpy fails."""
+    from ingest.runner import ingest
+
+    path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
+    ingest(path, model="toy-random", task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
+    ingest(path, model="toy-random", task="ioi", n=2400, batch_size=48, hooks=hook,
+           progress=False)  # fmt: skip
+    store = actstore.open(path)
+    nbytes = store.array(2, "clean", hook).nbytes
+    assert nbytes > budget * 1.3
+    env = {**ENV, "MALLOC_ARENA_MAX": "2", "POLARS_MAX_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "reduce_limited.py"), str(path), "2", "1", hook,
+         str(budget)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False and report["numpy_fits"] is False
+    rows = store.query(
+        "SELECT * FROM reductions WHERE query_id = (SELECT max(query_id) FROM queries) "
+        "ORDER BY pos, idx"
+    )
+    assert rows.height == report["rows"] and rows["n"].max() == 2400
+    got = as_array(rows)["all"]
+    # numpy on a slice of positions and features, over all prompts, masked like the reduction
+    x = store.array(2, "clean", hook)[:, :4, :64].astype(np.float64)
+    lengths = store.prompts(2)["seq_len"].to_numpy()
+    mask = (np.arange(4)[None, :] < lengths[:, None])[:, :, None]
+    expected = (x * mask).sum(0) / mask.sum(0)
+    np.testing.assert_allclose(got[:4, :64], expected, rtol=1e-10, atol=1e-12)
