@@ -36,8 +36,12 @@ VIEWS: dict[str, str] = {
                END AS node,
                e.value, e.normalized
         FROM effects e JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        ORDER BY e.query_id, e.layer, e.head NULLS FIRST, e.pos NULLS FIRST
         """,
-    "head_effects": "SELECT * FROM patch_effects WHERE head IS NOT NULL",
+    "head_effects": """
+        SELECT * FROM patch_effects WHERE head IS NOT NULL
+        ORDER BY query_id, layer, head, pos NULLS FIRST
+        """,
     "top_heads": """
         WITH per_head AS (
             SELECT query_id, run_id, model, task, corruption, component, metric, direction,
@@ -55,7 +59,7 @@ VIEWS: dict[str, str] = {
                    count(*) OVER (PARTITION BY query_id) AS n_heads
             FROM per_head
         )
-        SELECT *, (rank - 1) / n_heads AS frac_rank FROM ranked
+        SELECT *, (rank - 1) / n_heads AS frac_rank FROM ranked ORDER BY query_id, rank
         """,
     "top_edges": f"""
         WITH ranked AS (
@@ -69,12 +73,13 @@ VIEWS: dict[str, str] = {
                    count(*) OVER (PARTITION BY s.score_id) AS n_edges
             FROM edge_scores s LEFT JOIN runs r ON r.run_id = s.run_id
         )
-        SELECT *, (rank - 1) / n_edges AS frac_rank FROM ranked
+        SELECT *, (rank - 1) / n_edges AS frac_rank FROM ranked ORDER BY score_id, rank
         """,
     "circuit_edges_v": f"""
         SELECT ce.circuit_id, c.score_id, ce.src, ce.dst, ce.qkv,
                {EDGE_NAME.format(src="ce.src", dst="ce.dst", qkv="ce.qkv")} AS edge
         FROM circuit_edges ce LEFT JOIN circuits c USING (circuit_id)
+        ORDER BY ce.circuit_id, edge
         """,
     "circuit_heads": """
         SELECT DISTINCT n.circuit_id, c.score_id,
@@ -85,6 +90,7 @@ VIEWS: dict[str, str] = {
               UNION ALL SELECT circuit_id, dst AS node FROM circuit_edges) n
              LEFT JOIN circuits c USING (circuit_id)
         WHERE regexp_full_match(n.node, 'a\\d+\\.h\\d+')
+        ORDER BY n.circuit_id, layer, head
         """,
     "circuits_v": f"""
         SELECT c.circuit_id, c.score_id, a.run_id, r.model, r.task, r.corruption,
@@ -99,6 +105,7 @@ VIEWS: dict[str, str] = {
                c.faithfulness, c.params, c.created_at
         FROM circuits c LEFT JOIN queries a ON a.query_id = c.score_id
              LEFT JOIN runs r ON r.run_id = a.run_id
+        ORDER BY c.circuit_id
         """,
 }
 

@@ -96,8 +96,8 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
     prov = views.provenance(store, query_id)
     if prov["kind"] != "patch":
         raise UsageError(
-            f"query {query_id} is a {prov['kind']} query; plot effects takes a patch query id "
-            "(see: select query_id, run_id, params from queries where kind = 'patch')"
+            f"query {query_id} is a {prov['kind']!r} query, not a patch query; plot effects "
+            "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
     df = store.query(
         "SELECT layer, head, pos, metric, value, normalized FROM effects WHERE query_id = ? "
