@@ -62,7 +62,7 @@ class Selection:
             return f"circuit {items}"
         if self.top_k is not None:
             return f"top {self.top_k} {items}"
-        return f"top {self.top_frac:.4g} of {items}"
+        return f"top {100 * self.top_frac:.4g}% of {items}"
 
     def members_sql(self) -> tuple[str, list]:
         """SQL yielding (source_id, item) for every source; parameters in order."""
