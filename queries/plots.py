@@ -210,7 +210,8 @@ def plot_faithfulness(
     """Faithfulness against circuit size for one score set, with its stored circuits marked."""
     prov = views.provenance(store, score_id)
     curve = store.query(
-        "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? ORDER BY n_edges",
+        "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? AND n_edges > 0 "
+        "ORDER BY n_edges",
         [score_id],
     )
     circuits = store.query(
