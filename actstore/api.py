@@ -33,3 +33,26 @@ class ActStore(Store):
         from queries.reduce import reduce
 
         return reduce(self, run_id, hook, op, **kwargs)
+
+    # ---- analysis (issue 6): overlap and plots ----------------------------------------------
+
+    def overlap(
+        self,
+        runs: list[int],
+        by: str = "head",
+        top_k: int | None = None,
+        top_frac: float | None = None,
+        circuits: bool = False,
+        **filters: Any,
+    ) -> pl.DataFrame:
+        """Overlap statistics of the runs' head or edge sets (see `queries.overlap`)."""
+        from queries.overlap import choose, overlap
+
+        return overlap(self, runs, choose(by, top_k, top_frac, circuits), **filters)
+
+    def plot(self, kind: str, ident: str, out: str, **options: Any) -> pl.DataFrame:
+        """Write a PNG: `effects` (patch query id), `overlap` (runs '1,2,…'), `faithfulness`
+        (score id); returns the plotted rows."""
+        from queries.plots import plot
+
+        return plot(self, kind, ident, out, **options)

@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from actstore.errors import ActstoreError
+from actstore.views import create_views
 
 SCHEMA_VERSION = 1
 
@@ -161,6 +162,7 @@ class Catalog:
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+            create_views(con)
 
     def check_version(self) -> None:
         """Refuse to read a catalog that this version cannot interpret."""

@@ -282,5 +282,100 @@ def reduce(store: str, run_id: int, hook: str, fmt: str, **kwargs) -> None:
     write_rows(_open(store).reduce(run_id, hook, **kwargs), fmt)
 
 
+# ---- analysis (issue 6): overlap, plot, demo ---------------------------------------------------
+
+SET_OPTIONS = [
+    click.option("--by", type=click.Choice(["head", "edge"]), default="head", show_default=True,
+                 help="Compare head sets (patching) or edge sets (attribution)."),
+    click.option("--top-frac", type=float, help="Top fraction by |effect| (default 0.02)."),
+    click.option("--top-k", type=int, help="Top K by |effect| instead of a fraction."),
+    click.option("--circuits", is_flag=True, help="Each run's latest circuit instead."),
+    click.option("--metric", type=click.Choice(["logit-diff", "prob", "kl"]),
+                 help="Use the latest patching query with this metric."),
+    click.option("--component", type=click.Choice(["head", "head-pos"]), default="head",
+                 show_default=True, help="Patching component the head sets come from."),
+    click.option("--direction", type=click.Choice(["denoise", "noise"]),
+                 help="Use the latest patching query with this direction."),
+    click.option("--method", type=click.Choice(["atp", "eap", "eap-ig"]),
+                 help="Use the latest score set (or circuit) of this method."),
+]  # fmt: skip
+
+
+def set_options(fn):
+    for option in reversed(SET_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("store")
+@click.option("--runs", required=True, help="Comma-separated run ids, e.g. 1,2,3.")
+@set_options
+@FORMAT
+def overlap(store: str, runs: str, fmt: str, **options) -> None:
+    """Overlap of runs' top heads or edges: intersection, IoU, |A∩B|/|A|, hypergeometric p.
+
+    One row per ordered pair of runs (diagonal included): a long-form matrix. Each run's set
+    comes from its latest matching patching query (--by head), attribution score set
+    (--by edge) or circuit (--circuits).
+
+    \b
+    Example:
+      actstore overlap /tmp/s --runs 1,2 --top-frac 0.02
+      actstore overlap /tmp/s --runs 1,2,3 --by edge --top-k 100 --format csv
+    """
+    from queries.overlap import parse_ids
+
+    write_rows(_open(store).overlap(parse_ids(runs), **options), fmt)
+
+
+@main.command()
+@click.argument("store")
+@click.argument("kind", type=click.Choice(["effects", "overlap", "faithfulness"]))
+@click.argument("ident", metavar="ID")
+@click.option("-o", "--output", required=True, help="PNG file to write.")
+@set_options
+def plot(store: str, kind: str, ident: str, output: str, **options) -> None:
+    """Write a PNG: a patch query's effects, runs' overlap matrix, or a faithfulness curve.
+
+    ID is a patch query id (effects), comma-separated run ids (overlap; the set options
+    apply) or an attribution score id (faithfulness).
+
+    \b
+    Example:
+      actstore plot /tmp/s effects 3 -o heads.png
+      actstore plot /tmp/s overlap 1,2 --top-k 5 -o overlap.png
+      actstore plot /tmp/s faithfulness 4 -o faithfulness.png
+    """
+    _open(store).plot(kind, ident, output, **options)
+    click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("directory", required=False)
+@click.option(
+    "--tasks",
+    default="ioi,colored-objects",
+    show_default=True,
+    help="Comma-separated tasks to ingest and compare.",
+)
+@click.option("--n", type=int, default=32, show_default=True, help="Prompt pairs per task.")
+@click.option("--top-k", type=int, default=4, show_default=True, help="Heads per task compared.")
+def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt: skip
+    """Run the whole pipeline on the built-in toy model and print what it found.
+
+    Ingests each task, patches every head, runs EAP-IG, prints the top heads per task and
+    their overlap, writes plots into DIRECTORY (default: a new temporary directory), and
+    shows `actstore sql` lines to try next. Rerunning on the same DIRECTORY reuses its runs.
+
+    \b
+    Example:
+      actstore demo demo-store
+    """
+    from queries.demo import demo as run_demo
+
+    run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k)
+
+
 if __name__ == "__main__":
     main()

@@ -27,3 +27,12 @@ def ioi_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("ioi") / "store"
     ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def hand_store(tmp_path_factory):
+    """A store of hand-built result rows (tests/handbuilt.py): (path, ids by name). Read only."""
+    import handbuilt
+
+    path = tmp_path_factory.mktemp("hand") / "store"
+    return path, handbuilt.build(path)

@@ -1,0 +1,116 @@
+"""SQL views over the catalog's result tables: the common analysis questions as one-liners.
+
+Views are pure SQL over catalog tables, so they live in the core and are (re)created by
+`Catalog.migrate` on every write; a reader sees them in any store written by this version.
+Their columns are documented in docs/analysis.md; tests pin them.
+
+Ranks are by absolute effect (or score), ties broken by name so that a top-k set has exactly k
+members. `frac_rank` = (rank - 1) / n: top-fraction f is `WHERE frac_rank < f`, which keeps
+ceil(f·n) items (at least one), e.g. Merullo et al.'s top 2% of heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The name of an edge as the overlap statistics and exports show it: src->dst, <q|k|v> if any.
+EDGE_NAME = "{src} || '->' || {dst} || coalesce('<' || {qkv} || '>', '')"
+# A head's node name, as in the edge graph: a{layer}.h{head}.
+HEAD_NODE = "'a' || {layer} || '.h' || {head}"
+
+
+def _param(column: str, key: str) -> str:
+    return f"json_extract_string({column}, '$.{key}')"
+
+
+# In creation order: a view comes after the views it reads.
+VIEWS: dict[str, str] = {
+    "patch_effects": f"""
+        SELECT e.query_id, q.run_id, r.model, r.task, r.corruption,
+               {_param("q.params", "component")} AS component, e.metric,
+               {_param("q.params", "direction")} AS direction,
+               TRY_CAST({_param("q.params", "window")} AS INTEGER) AS window_size,
+               e.layer, e.head, e.pos,
+               CASE WHEN e.head IS NOT NULL THEN {HEAD_NODE.format(layer="e.layer", head="e.head")}
+                    WHEN {_param("q.params", "component")} = 'mlp-out' THEN 'm' || e.layer
+               END AS node,
+               e.value, e.normalized
+        FROM effects e JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        ORDER BY e.query_id, e.layer, e.head NULLS FIRST, e.pos NULLS FIRST
+        """,
+    "head_effects": """
+        SELECT * FROM patch_effects WHERE head IS NOT NULL
+        ORDER BY query_id, layer, head, pos NULLS FIRST
+        """,
+    "top_heads": """
+        WITH per_head AS (
+            SELECT query_id, run_id, model, task, corruption, component, metric, direction,
+                   layer, head, node,
+                   arg_max(pos, abs(normalized)) AS pos,
+                   arg_max(value, abs(normalized)) AS value,
+                   arg_max(normalized, abs(normalized)) AS normalized
+            FROM head_effects
+            GROUP BY ALL
+        ), ranked AS (
+            SELECT *, abs(normalized) AS abs_effect,
+                   row_number() OVER (PARTITION BY query_id
+                                      ORDER BY abs(normalized) DESC NULLS LAST, layer, head)
+                       AS rank,
+                   count(*) OVER (PARTITION BY query_id) AS n_heads
+            FROM per_head
+        )
+        SELECT *, (rank - 1) / n_heads AS frac_rank FROM ranked ORDER BY query_id, rank
+        """,
+    "top_edges": f"""
+        WITH ranked AS (
+            SELECT s.score_id, s.run_id, r.model, r.task, r.corruption, s.method,
+                   s.src, s.dst, s.qkv, {EDGE_NAME.format(src="s.src", dst="s.dst", qkv="s.qkv")}
+                       AS edge,
+                   s.score, abs(s.score) AS abs_score,
+                   row_number() OVER (PARTITION BY s.score_id
+                                      ORDER BY abs(s.score) DESC NULLS LAST, s.src, s.dst, s.qkv)
+                       AS rank,
+                   count(*) OVER (PARTITION BY s.score_id) AS n_edges
+            FROM edge_scores s LEFT JOIN runs r ON r.run_id = s.run_id
+        )
+        SELECT *, (rank - 1) / n_edges AS frac_rank FROM ranked ORDER BY score_id, rank
+        """,
+    "circuit_edges_v": f"""
+        SELECT ce.circuit_id, c.score_id, ce.src, ce.dst, ce.qkv,
+               {EDGE_NAME.format(src="ce.src", dst="ce.dst", qkv="ce.qkv")} AS edge
+        FROM circuit_edges ce LEFT JOIN circuits c USING (circuit_id)
+        ORDER BY ce.circuit_id, edge
+        """,
+    "circuit_heads": """
+        SELECT DISTINCT n.circuit_id, c.score_id,
+               CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 1) AS INTEGER) AS layer,
+               CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 2) AS INTEGER) AS head,
+               n.node
+        FROM (SELECT circuit_id, src AS node FROM circuit_edges
+              UNION ALL SELECT circuit_id, dst AS node FROM circuit_edges) n
+             LEFT JOIN circuits c USING (circuit_id)
+        WHERE regexp_full_match(n.node, 'a\\d+\\.h\\d+')
+        ORDER BY n.circuit_id, layer, head
+        """,
+    "circuits_v": f"""
+        SELECT c.circuit_id, c.score_id, a.run_id, r.model, r.task, r.corruption,
+               coalesce({_param("a.params", "method")},
+                        (SELECT any_value(s.method) FROM edge_scores s
+                         WHERE s.score_id = c.score_id)) AS method,
+               c.n_edges,
+               (SELECT count(*) FROM circuit_edges ce WHERE ce.circuit_id = c.circuit_id)
+                   AS n_edges_stored,
+               (SELECT count(*) FROM circuit_heads h WHERE h.circuit_id = c.circuit_id)
+                   AS n_heads,
+               c.faithfulness, c.params, c.created_at
+        FROM circuits c LEFT JOIN queries a ON a.query_id = c.score_id
+             LEFT JOIN runs r ON r.run_id = a.run_id
+        ORDER BY c.circuit_id
+        """,
+}
+
+
+def create_views(con: Any) -> None:
+    """Create or replace every view; idempotent, called inside the migration transaction."""
+    for name, body in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")

@@ -1,0 +1,278 @@
+"""PNG plots of stored results: head-effect and position × layer heatmaps, overlap matrices,
+faithfulness curves. Each has a title, axis labels, a colour bar where colour carries a value,
+and a caption giving the provenance (model, task, corruption, metric, query id).
+
+matplotlib is imported inside the functions with the Agg backend, so that reading a store never
+pays for it and no display is needed. Figures are written at a fixed pixel size (`size`), not
+cropped, so that a caller (and a test) knows the image's dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from actstore.errors import ActstoreError, UsageError
+from actstore.store import Store
+from queries import overlap as ov
+from queries import views
+
+SIZE = (960, 720)
+DPI = 100
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure(size: tuple[int, int]):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    return plt, fig, ax
+
+
+def _save(plt: Any, fig: Any, note: str, out: str | Path) -> None:
+    """Caption at the bottom, layout fitted inside the fixed canvas, written atomically."""
+    fig.text(0.5, 0.015, note, ha="center", va="bottom", fontsize=8, wrap=True, color="0.25")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ActstoreError(
+            f"cannot write {out}: {exc.strerror or exc}; choose a writable path"
+        ) from None
+    finally:
+        plt.close(fig)
+
+
+def _heatmap(ax: Any, fig: Any, grid: np.ndarray, cmap: str, label: str, symmetric: bool):
+    finite = grid[np.isfinite(grid)]
+    if symmetric:
+        bound = float(np.abs(finite).max()) if finite.size else 1.0
+        vmin, vmax = -(bound or 1.0), bound or 1.0
+    else:
+        vmin, vmax = 0.0, 1.0
+    image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(label)
+    return image
+
+
+def _annotate(ax: Any, grid: np.ndarray, texts: list[list[str]] | None = None) -> None:
+    """Write each cell's value in it when the grid is small enough to read; the text is white
+    on the saturated cells of the diverging map and on the dark (low) cells of viridis."""
+    rows, cols = grid.shape
+    if rows * cols > 400:
+        return
+    finite = grid[np.isfinite(grid)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    for i in range(rows):
+        for j in range(cols):
+            value = grid[i, j]
+            text = texts[i][j] if texts else f"{value:.2f}"
+            if texts:
+                dark = not np.isfinite(value) or value < 0.5
+            else:
+                dark = np.isfinite(value) and abs(value) > 0.6 * (bound or 1.0)
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")  # fmt: skip
+
+
+def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """A patching query's effects with the value plotted (normalized, else the raw metric)."""
+    prov = views.provenance(store, query_id)
+    if prov["kind"] != "patch":
+        raise UsageError(
+            f"query {query_id} is a {prov['kind']!r} query, not a patch query; plot effects "
+            "takes a patch query id (see: select * from queries where kind = 'patch')"
+        )
+    df = store.query(
+        "SELECT layer, head, pos, metric, value, normalized FROM effects WHERE query_id = ? "
+        "ORDER BY layer, head, pos",
+        [query_id],
+    )
+    if df.is_empty():
+        raise ActstoreError(f"patch query {query_id} has no effect rows; rerun actstore patch")
+    use_normalized = df["normalized"].null_count() < df.height
+    column = "normalized" if use_normalized else "value"
+    return df.with_columns(pl.col(column).alias("plotted")), {**prov, "plotted": column}
+
+
+def plot_effects(
+    store: Store, query_id: int, out: str | Path, size: tuple[int, int] = SIZE
+) -> pl.DataFrame:
+    """Heatmap of one patching query: layer × head for per-head effects, position × layer
+    for per-position effects, (layer, head) × position when both."""
+    df, prov = effects_frame(store, query_id)
+    has_head = df["head"].null_count() < df.height
+    has_pos = df["pos"].null_count() < df.height
+    layers = sorted(df["layer"].unique().to_list())
+    if has_head and not has_pos:
+        rows, cols = layers, sorted(df["head"].unique().to_list())
+        row_key, col_key = df["layer"].to_list(), df["head"].to_list()
+        row_label, col_label, row_names = "layer", "head", [str(r) for r in rows]
+        what = "per-head patching effect (layer × head)"
+    elif has_head:
+        rows = sorted({(r["layer"], r["head"]) for r in df.select("layer", "head").to_dicts()})
+        rows_dicts = df.select("layer", "head").to_dicts()
+        cols = sorted(df["pos"].unique().to_list())
+        row_key = [(r["layer"], r["head"]) for r in rows_dicts]
+        col_key = df["pos"].to_list()
+        row_label, col_label = "head", "position"
+        row_names = [f"a{layer}.h{head}" for layer, head in rows]
+        what = "per-head, per-position patching effect"
+    else:
+        rows, cols = layers, sorted({p for p in df["pos"].to_list()}, key=lambda p: (p is None, p))
+        row_key, col_key = df["layer"].to_list(), df["pos"].to_list()
+        row_label, col_label, row_names = "layer", "position", [str(r) for r in rows]
+        what = "patching effect (position × layer)"
+    grid = np.full((len(rows), len(cols)), np.nan)
+    row_index = {r: i for i, r in enumerate(rows)}
+    col_index = {c: j for j, c in enumerate(cols)}
+    for r, c, v in zip(row_key, col_key, df["plotted"].to_list(), strict=True):
+        grid[row_index[r], col_index[c]] = np.nan if v is None else v
+    plt, fig, ax = _figure(size)
+    metric = df["metric"][0]
+    label = f"normalized effect ({metric})" if prov["plotted"] == "normalized" else metric
+    _heatmap(ax, fig, grid, "RdBu_r", label, symmetric=True)
+    _annotate(ax, grid)
+    ax.set_xticks(range(len(cols)), ["all" if c is None else str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), row_names)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(f"{prov['task']}: {what}")
+    _save(plt, fig, views.caption(prov), out)
+    return df
+
+
+def plot_overlap(
+    store: Store,
+    runs: list[int],
+    selection: ov.Selection,
+    out: str | Path,
+    size: tuple[int, int] = SIZE,
+    **filters: Any,
+) -> pl.DataFrame:
+    """IoU matrix of the runs' head or edge sets; each cell shows IoU and |A∩B|."""
+    df = ov.overlap(store, runs, selection, **filters)
+    labels, iou = ov.matrix(df, "iou")
+    _, shared = ov.matrix(df, "intersection")
+    _, p_values = ov.matrix(df, "p_value")
+    grid = np.array([[np.nan if v is None else v for v in row] for row in iou], dtype=float)
+    texts = [
+        [_cell_text(grid[i, j], shared[i][j], p_values[i][j]) for j in range(len(labels))]
+        for i in range(len(labels))
+    ]
+    plt, fig, ax = _figure(size)
+    _heatmap(ax, fig, grid, "viridis", "IoU  |A∩B| / |A∪B|", symmetric=False)
+    _annotate(ax, grid, texts)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("set B")
+    ax.set_ylabel("set A")
+    ax.set_title(f"Overlap of {selection.describe()} across runs (IoU)")
+    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
+    sources = ", ".join(f"run {r}: {s}" for r, s in diagonal.select("run_a", "source_a").rows())
+    models = store.query(
+        "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1", [runs]
+    )["model"].to_list()
+    kind = "circuit" if selection.circuits else "score set" if selection.by == "edge" else "query"
+    note = (
+        f"model {', '.join(models)} · universe {df['universe'][0]} {selection.by}s · cells: IoU, "
+        f"|A∩B| and hypergeometric p · {kind} ids {sources}"
+    )
+    _save(plt, fig, note, out)
+    return df
+
+
+def _cell_text(iou: float, shared: int, p: float) -> str:
+    if not math.isfinite(iou):
+        return "–"
+    return f"{iou:.2f}\n{shared} shared\np={p:.2g}"
+
+
+def plot_faithfulness(
+    store: Store, score_id: int, out: str | Path, size: tuple[int, int] = SIZE
+) -> pl.DataFrame:
+    """Faithfulness against circuit size for one score set, with its stored circuits marked."""
+    prov = views.provenance(store, score_id)
+    curve = store.query(
+        "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? AND n_edges > 0 "
+        "ORDER BY n_edges",
+        [score_id],
+    )
+    circuits = store.query(
+        "SELECT circuit_id, n_edges_stored AS n_edges, faithfulness FROM circuits_v "
+        "WHERE score_id = ? ORDER BY n_edges",
+        [score_id],
+    )
+    if curve.is_empty() and circuits.is_empty():
+        raise ActstoreError(
+            f"score set {score_id} has no faithfulness curve or circuits; run actstore circuit "
+            f"{store.path} --scores {score_id} --edges N"
+        )
+    total = store.query("SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]).item()
+    plt, fig, ax = _figure(size)
+    if not curve.is_empty():
+        ax.plot(curve["n_edges"], curve["faithfulness"], marker="o", ms=3, label="top-n edges")
+    if not circuits.is_empty():
+        ax.scatter(circuits["n_edges"], circuits["faithfulness"], color="C3", zorder=3,
+                   label="stored circuits")  # fmt: skip
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--", label="full model (1.0)")
+    ax.axhline(0.85, color="0.7", lw=0.8, ls=":", label="0.85")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"edges in circuit (of {total} scored)")
+    ax.set_ylabel("faithfulness  (m(C) − m(corr)) / (m(model) − m(corr))")
+    ax.set_title(f"{prov['task']}: faithfulness of top-scoring edge circuits")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(plt, fig, views.caption(prov), out)
+    return pl.concat(
+        [curve.with_columns(pl.lit("curve").alias("source")),
+         circuits.drop("circuit_id").with_columns(pl.lit("circuit").alias("source"))],
+        how="vertical_relaxed",
+    )  # fmt: skip
+
+
+KINDS = ("effects", "overlap", "faithfulness")
+
+
+def plot(
+    store: Store,
+    kind: str,
+    ident: str,
+    out: str | Path,
+    by: str = "head",
+    top_k: int | None = None,
+    top_frac: float | None = None,
+    circuits: bool = False,
+    **filters: Any,
+) -> pl.DataFrame:
+    """The `actstore plot` dispatcher: ID is a patch query id (effects), a comma-separated run
+    list (overlap; sets chosen as in `actstore overlap`) or a score id (faithfulness)."""
+    if kind == "overlap":
+        runs = ov.parse_ids(ident, "ID")
+        return plot_overlap(store, runs, ov.choose(by, top_k, top_frac, circuits), out, **filters)
+    if kind not in KINDS:
+        raise UsageError(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
+    ids = ov.parse_ids(ident, "ID")
+    if len(ids) != 1:
+        what = "a patch query id" if kind == "effects" else "a score id"
+        raise UsageError(f"plot {kind} takes one ID ({what}), got {ident!r}")
+    query_id = ids[0]
+    if kind == "effects":
+        return plot_effects(store, query_id, out)
+    return plot_faithfulness(store, query_id, out)

@@ -1,0 +1,225 @@
+"""Overlap statistics on hand-built effect tables against hand-computed values, the CLI, errors,
+and invariants over random sets (hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import duckdb
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import hypergeom
+
+import actstore
+from actstore.cli import main
+from actstore.errors import UsageError
+from actstore.store import Store
+from queries import overlap as ov
+
+
+def exact_p(k: int, n: int, a: int, b: int) -> float:
+    """P(X ≥ k), X ~ Hypergeometric(N = n, |A| = a, draws |B| = b), by counting."""
+    top = sum(math.comb(a, x) * math.comb(n - a, b - x) for x in range(k, min(a, b) + 1))
+    return top / math.comb(n, b)
+
+
+def pair(df: pl.DataFrame, a: int, b: int) -> dict:
+    return df.filter(pl.col("run_a") == a, pl.col("run_b") == b).to_dicts()[0]
+
+
+def test_top3_heads_hand_computed(hand_store):
+    path, ids = hand_store
+    df = ov.overlap(Store(path), [1, 2], ov.choose(top_k=3))
+    assert df.height == 4
+    row = pair(df, 1, 2)
+    # A = {a0.h1, a2.h3, a1.h0}, B = {a2.h3, a0.h1, a2.h0}, N = 3 layers x 4 heads
+    assert (row["n_a"], row["n_b"], row["intersection"], row["union_size"]) == (3, 3, 2, 4)
+    assert row["iou"] == 0.5 and row["frac_of_a"] == pytest.approx(2 / 3)
+    assert row["universe"] == 12 and row["expected"] == pytest.approx(9 / 12)
+    assert (row["source_a"], row["source_b"]) == (ids["patch1"], ids["patch2"])
+    # P(X >= 2) = (C(3,2) C(9,1) + C(3,3) C(9,0)) / C(12,3) = 28 / 220
+    assert row["p_value"] == pytest.approx(28 / 220, rel=1e-12)
+    assert row["p_value"] == pytest.approx(hypergeom.sf(1, 12, 3, 3), rel=1e-12)
+    assert row["p_value"] == pytest.approx(exact_p(2, 12, 3, 3), rel=1e-12)
+    diag = pair(df, 1, 1)
+    assert diag["iou"] == 1.0 and diag["p_value"] == pytest.approx(1 / 220)
+
+
+def test_uneven_sets_directional(hand_store):
+    path, _ = hand_store
+    # top-4 of run 1 adds a2.h2 (0.01 * 10/12, the largest remainder); top 2 of run 2
+    df = ov.overlap_of_sources(Store(path), [(1, 1), (2, 2)], ov.choose(top_k=2))
+    row = pair(df, 1, 2)
+    assert (row["intersection"], row["iou"], row["frac_of_a"]) == (2, 1.0, 1.0)
+    store = Store(path)
+    a = set(store.query("SELECT node FROM top_heads WHERE query_id = 1 AND rank <= 5")["node"])
+    b = set(store.query("SELECT node FROM top_heads WHERE query_id = 2 AND rank <= 2")["node"])
+    k, union = len(a & b), len(a | b)
+    members = """
+        SELECT set_idx, node FROM (
+            SELECT 0 AS set_idx, node FROM top_heads WHERE query_id = 1 AND rank <= 5
+            UNION ALL SELECT 1, node FROM top_heads WHERE query_id = 2 AND rank <= 2)
+    """
+    assert store.query(f"SELECT count(*) FROM ({members})").item() == 7
+    sel_a = ov.Selection(top_k=5)
+    five = pair(ov.overlap_of_sources(store, [(1, 1), (2, 2)], sel_a), 1, 2)
+    assert five["n_a"] == 5 and five["intersection"] == len(
+        a & set(store.query("SELECT node FROM top_heads WHERE query_id = 2 AND rank <= 5")["node"])
+    )
+    assert k == 2 and union == 5
+    assert (k / len(a), k / len(b)) == (0.4, 1.0)
+
+
+def test_top_fraction_edges_and_circuits(hand_store):
+    path, ids = hand_store
+    store = Store(path)
+    # top 40% of 10 edges = 4 edges each; they share 3 (a2.h3->logits, a1.h0->a2.h3<v>, m1->..)
+    for selection in (ov.choose(by="edge", top_frac=0.4), ov.choose(by="edge", circuits=True)):
+        row = pair(ov.overlap(store, [1, 2], selection), 1, 2)
+        assert (row["n_a"], row["intersection"], row["union_size"]) == (4, 3, 5)
+        assert row["iou"] == 0.6 and row["universe"] == 10
+        assert row["p_value"] == pytest.approx(exact_p(3, 10, 4, 4), rel=1e-12)
+    heads = pair(ov.overlap(store, [1, 2], ov.choose(by="head", circuits=True)), 1, 2)
+    # circuit heads: run 1 {a0.h1, a1.h0, a2.h3}, run 2 {a1.h0, a2.h3, a2.h0}
+    assert (heads["n_a"], heads["n_b"], heads["intersection"]) == (3, 3, 2)
+    assert heads["source_a"] == ids["circuit1"] and heads["universe"] == 12
+
+
+@pytest.mark.parametrize(
+    "runs, selection, message",
+    [
+        ([1, 3], ov.choose(top_k=3), "run 3 has no head patching query; run actstore patch"),
+        ([1, 3], ov.choose(by="edge", top_k=3), "run 3 has no edge attribution scores"),
+        ([1, 3], ov.choose(circuits=True), "run 3 has no circuit"),
+        ([1, 9], ov.choose(top_k=3), "run 9 is not in"),
+        ([1], ov.choose(top_k=3), "at least two runs"),
+        ([1, 1], ov.choose(top_k=3), "each run may appear once"),
+        ([1, 4], ov.choose(top_k=3), "different numbers of heads"),
+    ],
+)
+def test_overlap_errors(hand_store, runs, selection, message):
+    with pytest.raises(UsageError, match=message):
+        ov.overlap(Store(hand_store[0]), runs, selection)
+
+
+def test_bad_selections():
+    for kwargs in ({"top_k": 2, "top_frac": 0.1}, {"top_k": 0}, {"top_frac": 1.5}, {"by": "x"}):
+        with pytest.raises(UsageError):
+            ov.choose(**kwargs)
+    assert ov.choose().top_frac == 0.02
+
+
+def test_filter_by_metric_names_the_fix(hand_store):
+    with pytest.raises(UsageError, match="--component head --metric prob"):
+        ov.overlap(Store(hand_store[0]), [1, 2], ov.choose(top_k=3), metric="prob")
+
+
+def test_cli_overlap(hand_store):
+    path, _ = hand_store
+    res = CliRunner().invoke(
+        main, ["overlap", str(path), "--runs", "1,2", "--top-k", "3", "--format", "json"]
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [(r["run_a"], r["run_b"], r["intersection"]) for r in rows] == [
+        (1, 1, 3), (1, 2, 2), (2, 1, 2), (2, 2, 3),
+    ]  # fmt: skip
+    assert actstore.open(str(path)).overlap([1, 2], top_k=3).to_dicts() == rows
+
+
+def test_cli_overlap_error_is_one_line(hand_store):
+    res = CliRunner().invoke(main, ["overlap", str(hand_store[0]), "--runs", "1,3"])
+    assert res.exit_code == 2
+    assert res.output.strip() == (
+        f"error: run 3 has no head patching query; run actstore patch {hand_store[0]} "
+        "--run 3 --component head"
+    )
+    res = CliRunner().invoke(main, ["overlap", str(hand_store[0]), "--runs", "1,x"])
+    assert res.exit_code == 2 and "comma-separated integer ids" in res.output
+
+
+# ---- invariants over random sets ----------------------------------------------------------
+
+N_LAYERS, N_HEADS = 3, 4
+HEADS = [(layer, head) for layer in range(N_LAYERS) for head in range(N_HEADS)]
+
+
+def pairs_of(sets: list[set[int]], universe: int = 12) -> pl.DataFrame:
+    """The overlap SQL (PAIRS_SQL) on explicit sets in an in-memory DuckDB, p-values added."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE sets (set_idx INT, run_id INT, source_id INT, task VARCHAR, "
+                "universe BIGINT)")  # fmt: skip
+    con.execute("CREATE TABLE members (set_idx INT, item VARCHAR)")
+    for i, members in enumerate(sets):
+        con.execute("INSERT INTO sets VALUES (?, ?, ?, 'task', ?)", [i, i + 1, i + 1, universe])
+        for m in members:
+            con.execute("INSERT INTO members VALUES (?, ?)", [i, f"h{m}"])
+    df = con.sql(f"WITH {ov.PAIRS_SQL}").pl()
+    return ov.with_p_values(df.drop("universe_b").rename({"universe_a": "universe"}))
+
+
+head_sets = st.sets(st.integers(0, 11), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=head_sets, b=head_sets, c=head_sets)
+def test_overlap_invariants(a, b, c):
+    df = pairs_of([a, b, c])
+    assert df.height == 9
+    for (i, x), (j, y) in itertools.product(enumerate([a, b, c], 1), repeat=2):
+        xy, yx = pair(df, i, j), pair(df, j, i)
+        assert (xy["n_a"], xy["n_b"]) == (len(x), len(y))
+        assert xy["intersection"] == len(x & y) and xy["union_size"] == len(x | y)
+        assert xy["iou"] == yx["iou"] == pytest.approx(len(x & y) / len(x | y))
+        assert 0.0 <= xy["iou"] <= 1.0 and 0.0 <= xy["p_value"] <= 1.0
+        assert (xy["iou"] == 1.0) == (x == y)
+        assert xy["p_value"] == pytest.approx(yx["p_value"], rel=1e-12)
+        assert (xy["frac_of_a"], xy["frac_of_b"]) == (yx["frac_of_b"], yx["frac_of_a"])
+        assert xy["frac_of_a"] == pytest.approx(len(x & y) / len(x))
+        assert xy["p_value"] == pytest.approx(exact_p(len(x & y), 12, len(x), len(y)), rel=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=head_sets, b=head_sets, extra=st.integers(0, 11))
+def test_sharing_more_lowers_p_and_raises_iou(a, b, extra):
+    """Moving B's item toward A (B gains a shared item, loses an unshared one) never raises p."""
+    outside = sorted(b - a)
+    if extra in b or extra not in a or not outside:
+        return
+    moved = (b - {outside[0]}) | {extra}
+    before, after = pair(pairs_of([a, b]), 1, 2), pair(pairs_of([a, moved]), 1, 2)
+    assert after["intersection"] == before["intersection"] + 1
+    assert after["p_value"] <= before["p_value"] + 1e-12
+    assert after["iou"] > before["iou"]
+
+
+def test_empty_sets_have_no_iou():
+    df = pairs_of([set(), {1}])
+    row = pair(df, 1, 2)
+    assert row["iou"] == 0.0 and row["frac_of_a"] is None and row["p_value"] == 1.0
+    assert pair(df, 1, 1)["iou"] is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    data=st.data(),
+)
+def test_p_value_monotone_and_exact(n, data):
+    a = data.draw(st.integers(0, n))
+    b = data.draw(st.integers(0, n))
+    lo, hi = max(0, a + b - n), min(a, b)
+    ks = list(range(lo, hi + 1))
+    frame = pl.DataFrame({"intersection": ks, "universe": [n] * len(ks), "n_a": [a] * len(ks),
+                          "n_b": [b] * len(ks)})  # fmt: skip
+    p = ov.with_p_values(frame)["p_value"].to_list()
+    assert all(0.0 <= x <= 1.0 for x in p)
+    assert p[0] == pytest.approx(1.0)
+    assert all(x >= y - 1e-12 for x, y in zip(p, p[1:], strict=False))
+    for k, x in zip(ks, p, strict=True):
+        assert x == pytest.approx(exact_p(k, n, a, b), rel=1e-9, abs=1e-300)
