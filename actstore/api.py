@@ -21,3 +21,15 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self.path, **kwargs)
+
+    def verify(self, run: int | None = None) -> pl.DataFrame:
+        """Damaged or missing chunks and prompts, by run, side, hook and chunk (see verify.py)."""
+        from actstore.verify import verify
+
+        return verify(self, run)
+
+    def repair(self, run: int | None = None, device: str | None = None) -> pl.DataFrame:
+        """Recompute damaged chunks from the run's recorded parameters (needs the model)."""
+        from ingest.repair import repair
+
+        return repair(self.path, run, device)

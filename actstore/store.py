@@ -33,7 +33,7 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         if create and not (self.path / CATALOG).exists():
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(p.name != "writer.lock" for p in self.path.iterdir()):
                 raise UsageError(
                     f"{self.path} exists, is not empty and is not an actstore store; "
                     "choose a new or empty directory"
