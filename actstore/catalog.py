@@ -165,12 +165,24 @@ class Catalog:
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
 
+    def is_empty(self) -> bool:
+        """True for a catalog file without tables: a store whose creation was interrupted."""
+        with self.read() as con:
+            return not con.execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][
+                0
+            ]
+
     def check_version(self) -> None:
         """Refuse to read a catalog that this version cannot interpret."""
         with self.read() as con:
             try:
                 current = self.version(con)
             except duckdb.CatalogException:
+                if self.is_empty():
+                    raise ActstoreError(
+                        f"{self.path} has no tables: creating the store was interrupted; rerun "
+                        "the ingest command to finish it"
+                    ) from None
                 raise ActstoreError(
                     f"{self.path} is not an actstore catalog (no meta table)"
                 ) from None

@@ -41,6 +41,9 @@ class Store:
             self.path.mkdir(parents=True, exist_ok=True)
             with self.writer("create store"):
                 zarrays.open_root(self.path, mode="a")
+        elif create and self.catalog.is_empty():
+            with self.writer("create store"):  # finish a creation that was interrupted
+                zarrays.open_root(self.path, mode="a")
         elif not (self.path / CATALOG).exists():
             what = "does not exist" if not self.path.exists() else "is not an actstore store"
             raise ActstoreError(

@@ -137,7 +137,9 @@ def ingest(
     check_corruption(corruption)
     store_path = Path(store_path)
     existing = (store_path / CATALOG).exists()
-    store = Store(store_path) if existing else None
+    # create=True finishes creating a store whose first ingest was killed early; a valid store
+    # is opened as it is (nothing is written before the inputs are checked).
+    store = Store(store_path, create=True) if existing else None
     if store is not None:
         store.lock.acquire()
     try:
