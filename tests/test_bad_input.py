@@ -17,6 +17,7 @@ import shutil
 import duckdb
 import pytest
 from click.testing import CliRunner
+from test_cli import snapshot
 
 import actstore
 from actstore import arrays as zarrays
@@ -27,14 +28,6 @@ HAVE_DATASETS = importlib.util.find_spec("ingest.datasets") is not None
 needs_datasets = pytest.mark.skipif(
     not HAVE_DATASETS, reason="ingest/datasets.py (issue 3, branch tasks) has not landed yet"
 )
-
-
-def snapshot(path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != "writer.lock"
-    }
 
 
 def catalog_rows(path) -> dict[str, list]:

@@ -21,6 +21,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import actstore
+from actstore import arrays as zarrays
 from actstore.errors import ActstoreError
 from actstore.store import Store
 from actstore.verify import failures, verify
@@ -179,3 +181,33 @@ def test_restart_discards_the_partial_run_and_keeps_its_id(forker, tmp_path):
     assert Store(store).runs()["run_id"].to_list() == [1]
     assert failures(verify(Store(store))).is_empty()
     assert_same(contents(store), contents(tmp_path / "reference"))
+
+
+def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
+    """sql, info, export and array reads from another process while the ingest writes."""
+    store = tmp_path / "s"
+    forker.start(store)
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            s = actstore.open(store)
+            runs = s.sql("select status from runs")
+        except ActstoreError:
+            continue  # the store is not created yet
+        if runs.is_empty():
+            continue
+        n = s.sql("select count(*) from prompts").item()
+        assert s.info().height == 1
+        s.export("chunks", fmt="csv", out=str(tmp_path / "chunks.csv"))
+        for row in s.sql("select * from chunks where hook = 'logits'").iter_rows(named=True):
+            values = s.read(1, row["side"], "logits", row["prompt_start"], row["prompt_stop"])
+            assert zarrays.checksum(values) == row["checksum"]
+        seen.append((runs["status"].item(), n))
+        if seen[-1][0] == "complete":
+            break
+    status, _ = forker.wait()
+    assert status == 0 and seen[-1] == ("complete", 16), seen
+    mid_run = {n for st, n in seen if st == "ingesting" and 0 < n < 16}
+    assert len(mid_run) >= 2, seen
