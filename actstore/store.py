@@ -38,7 +38,10 @@ class Store:
                     f"{self.path} exists, is not empty and is not an actstore store; "
                     "choose a new or empty directory"
                 )
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ActstoreError(f"cannot create store {self.path}: {exc.strerror}") from None
             with self.writer("create store"):
                 zarrays.open_root(self.path, mode="a")
         elif create and self.catalog.is_empty():

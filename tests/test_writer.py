@@ -67,3 +67,17 @@ def test_readers_work_while_the_writer_lock_is_held(held_store, tmp_path):
     assert res.returncode == 0 and out.read_text().startswith("run_id,"), res.stderr
     res = run_cli("verify", str(path))
     assert res.returncode == 0 and "no damage" in res.stderr, res.stderr
+
+
+def test_second_store_object_in_the_same_process_is_told_so(ioi_store, tmp_path):
+    from actstore.errors import LockedError
+    from actstore.store import Store
+
+    copy = tmp_path / "store"
+    shutil.copytree(ioi_store, copy)
+    with Store(copy).writer():
+        with pytest.raises(LockedError, match="this process already holds the writer lock"):
+            with Store(copy).writer():
+                pass
+    with Store(copy).writer():  # released on exit: the next writer gets it
+        pass
