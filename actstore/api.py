@@ -56,3 +56,15 @@ class ActStore(Store):
         from queries.plots import plot
 
         return plot(self, kind, ident, out, **options)
+
+    def verify(self, run: int | None = None) -> pl.DataFrame:
+        """Damaged or missing chunks and prompts, by run, side, hook and chunk (see verify.py)."""
+        from actstore.verify import verify
+
+        return verify(self, run)
+
+    def repair(self, run: int | None = None, device: str | None = None) -> pl.DataFrame:
+        """Recompute damaged chunks from the run's recorded parameters (needs the model)."""
+        from ingest.repair import repair
+
+        return repair(self.path, run, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from zarr.codecs import BloscCodec
 
 CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 CODEC_NAME = "blosc-zstd3-bitshuffle"
+# Every chunk gets a file, even one equal to the fill value, so that a missing file means damage.
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 def array_name(run_id: int, side: str, hook: str) -> str:
@@ -34,9 +37,9 @@ def create_array(
     if name in root:
         arr = root[name]
         if tuple(arr.shape) == tuple(shape) and tuple(arr.chunks) == chunks:
-            return arr
+            return arr.with_config(WRITE_CONFIG)
         del root[name]
-    return root.create_array(
+    arr = root.create_array(
         name=name,
         shape=shape,
         chunks=chunks,
@@ -45,6 +48,21 @@ def create_array(
         fill_value=0,
         overwrite=True,
     )
+    return arr.with_config(WRITE_CONFIG)
+
+
+def remove_run(store_dir: Path, run_id: int) -> None:
+    """Delete every array of a run (a discarded or rolled-back ingest)."""
+    shutil.rmtree(Path(store_dir) / "arrays.zarr" / f"run{run_id}", ignore_errors=True)
+
+
+def remove_partial_files(store_dir: Path, run_id: int) -> int:
+    """Delete the temporary files of chunk writes that a killed process left behind."""
+    removed = 0
+    for p in (Path(store_dir) / "arrays.zarr" / f"run{run_id}").rglob("*.partial"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def checksum(values: np.ndarray) -> str:

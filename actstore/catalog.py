@@ -83,6 +83,15 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+READ_WAIT_S = 10.0
+WRITE_WAIT_S = 120.0
+
+
+def _first(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_lock_conflict(exc: Exception) -> bool:
     text = str(exc)
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
@@ -96,20 +105,28 @@ class Catalog:
         self.writing = False
         self.holder = holder
 
-    def _connect(self, read_only: bool, wait_s: float = 10.0) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool, wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying while another process has it open.
+
+        A reader waits up to READ_WAIT_S for the writer's current transaction; the writer waits
+        up to WRITE_WAIT_S for readers (a long export), so that a reader never fails an ingest.
+        """
+        if wait_s is None:
+            wait_s = READ_WAIT_S if read_only else WRITE_WAIT_S
         deadline = time.monotonic() + wait_s
         delay = 0.02
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
-                if not _is_lock_conflict(exc) or time.monotonic() > deadline:
-                    if _is_lock_conflict(exc):
-                        raise ActstoreError(
-                            f"catalog {self.path} is held open by {self.holder()}; retry when "
-                            "it finishes, or query a copy (cp catalog.duckdb snapshot.duckdb)"
-                        ) from None
-                    raise ActstoreError(f"cannot open catalog {self.path}: {exc}") from None
+                if not _is_lock_conflict(exc):
+                    raise ActstoreError(f"cannot open catalog {self.path}: {_first(exc)}") from None
+                if time.monotonic() > deadline:
+                    who = "a reader in another process" if self.writing else self.holder()
+                    raise ActstoreError(
+                        f"catalog {self.path} is held open by {who} for over {wait_s:.0f} s; "
+                        "retry when it finishes, or query a copy (cp catalog.duckdb snap.duckdb)"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
 
@@ -164,12 +181,24 @@ class Catalog:
             )
             create_views(con)
 
+    def is_empty(self) -> bool:
+        """True for a catalog file without tables: a store whose creation was interrupted."""
+        with self.read() as con:
+            return not con.execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][
+                0
+            ]
+
     def check_version(self) -> None:
         """Refuse to read a catalog that this version cannot interpret."""
         with self.read() as con:
             try:
                 current = self.version(con)
             except duckdb.CatalogException:
+                if self.is_empty():
+                    raise ActstoreError(
+                        f"{self.path} has no tables: creating the store was interrupted; rerun "
+                        "the ingest command to finish it"
+                    ) from None
                 raise ActstoreError(
                     f"{self.path} is not an actstore catalog (no meta table)"
                 ) from None

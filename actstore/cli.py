@@ -82,18 +82,23 @@ def main() -> None:
     metavar="i/N",
     help="Write only shard i (from 0) of N chunk ranges and a manifest; then actstore merge.",
 )
+@click.option(
+    "--restart", is_flag=True, help="Discard an interrupted run with these arguments and redo it."
+)
 def ingest(store: str, **kwargs) -> None:
     """Run a model on a task's clean and corrupted prompts and store the activations.
 
     Prints the new run's id on stdout. Rerunning an interrupted ingest with the same
-    arguments resumes it. With --shard i/N it prints the shard's manifest path instead;
-    run every shard (any machines sharing STORE), then actstore merge STORE.
+    arguments resumes it; with --restart it discards the interrupted run's arrays and rows
+    and ingests it again under the same run id. With --shard i/N it prints the shard's
+    manifest path instead; run every shard (any machines sharing STORE), then actstore merge.
 
     \b
     Example:
       actstore ingest /tmp/s --model toy --task ioi --n 64
       actstore ingest /tmp/s --model gpt2 --task ioi --corruption gaussian --dtype float16
       actstore ingest file:///shared/s --model toy --task ioi --n 4096 --shard 0/4
+      actstore ingest /tmp/s --model toy --task ioi --n 64 --restart
     """
     from ingest.runner import ingest as run_ingest
 
@@ -375,6 +380,45 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt:
     from queries.demo import demo as run_demo
 
     run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--run", "run_id", type=int, help="Check one run only.")
+@click.option(
+    "--repair", is_flag=True, help="Recompute damaged or missing chunks (needs the run's model)."
+)
+@click.option("--device", help="Device for --repair: cpu or cuda.")
+@FORMAT
+def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt: str) -> None:
+    """Check every chunk's checksum against the ledger and every complete run for completeness.
+
+    Prints one row per damaged or missing piece (run, side, hook, chunk, prompt range) and
+    exits 1 if there is any; --repair first re-ingests just the damaged chunks.
+
+    \b
+    Example:
+      actstore verify /tmp/s
+      actstore verify /tmp/s --run 2 --repair
+    """
+    from actstore.verify import chunks_checked, failures
+
+    s = _open(store)
+    if repair:
+        repaired = s.repair(run=run_id, device=device)
+        if repaired.height:
+            write_rows(repaired, fmt)
+    findings = s.verify(run=run_id)
+    bad = failures(findings)
+    if findings.height:
+        write_rows(findings, fmt)
+    if bad.height:
+        runs = ", ".join(str(r) for r in bad["run_id"].unique().sort().to_list())
+        hint = "" if repair else "; try actstore verify --repair"
+        raise ActstoreError(
+            f"{store}: {bad.height} damaged or missing piece(s) in run(s) {runs}{hint}"
+        )
+    click.echo(f"{store}: {chunks_checked(s, run_id)} chunks verified, no damage", err=True)
 
 
 if __name__ == "__main__":

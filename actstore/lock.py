@@ -29,6 +29,13 @@ def describe_holder(lock_path: Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')}, since {since})"
 
 
+def _holder_pid(lock_path: Path) -> int | None:
+    try:
+        return int(json.loads(Path(lock_path).read_text() or "{}").get("pid"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 class WriterLock:
     """Held for the whole of a writing command; released on exit, also when the process dies."""
 
@@ -46,6 +53,11 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if _holder_pid(self.path) == os.getpid():
+                raise LockedError(
+                    f"this process already holds the writer lock of {self.path.parent} through "
+                    "another Store object; write through that one"
+                ) from None
             raise LockedError(
                 f"store {self.path.parent} is being written by {describe_holder(self.path)}; "
                 "wait for it to finish (one writer per store)"

@@ -196,10 +196,16 @@ def _gpt2_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
 
 
 def _silence_transformers() -> None:
+    """Quiet library logs; their progress bars ("Loading weights") only on a terminal."""
     import logging
+    import sys
 
     for name in ("transformers", "transformer_lens", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def load_model(spec: str, device: str | None = None) -> ModelAdapter:

@@ -35,13 +35,19 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         if create and not (self.path / CATALOG).exists():
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(p.name != "writer.lock" for p in self.path.iterdir()):
                 raise UsageError(
                     f"{self.path} exists, is not empty and is not an actstore store; "
                     "choose a new or empty directory"
                 )
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ActstoreError(f"cannot create store {self.path}: {exc.strerror}") from None
             with self.writer("create store"):
+                zarrays.open_root(self.path, mode="a")
+        elif create and self.catalog.is_empty():
+            with self.writer("create store"):  # finish a creation that was interrupted
                 zarrays.open_root(self.path, mode="a")
         elif not (self.path / CATALOG).exists():
             what = "does not exist" if not self.path.exists() else "is not an actstore store"

@@ -8,6 +8,7 @@ the first batch the ledger lacks.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sys
@@ -123,11 +124,14 @@ def ingest(
     seed: int = 0,
     progress: bool | None = None,
     shard: str | None = None,
+    restart: bool = False,
 ) -> pl.DataFrame:
     """Ingest a task (or a dataset file) into a store; returns the run's `runs` row.
 
-    With `shard="i/N"` only shard i's chunks are written and a manifest replaces the catalog
-    writes (see ingest.shards); returns the shard's row.
+    An interrupted run with the same parameters is resumed; `restart=True` discards it instead
+    and ingests it again under the same run id. With `shard="i/N"` only shard i's chunks are
+    written and a manifest replaces the catalog writes (see ingest.shards); returns the shard's
+    row.
     """
     if n is not None and n < 1:
         raise UsageError(f"--n {n}: need at least one prompt")
@@ -139,7 +143,9 @@ def ingest(
     location, store_path = store_path, local_dir(store_path)
     part = parse_shard(shard) if shard is not None else None
     existing = (store_path / CATALOG).exists()
-    store = Store(store_path) if existing else None
+    # create=True finishes creating a store whose first ingest was killed early; a valid store
+    # is opened as it is (nothing is written before the inputs are checked).
+    store = Store(store_path, create=True) if existing else None
     if store is not None and part is None:
         store.lock.acquire()
     try:
@@ -172,7 +178,7 @@ def ingest(
             store = Store(store_path, create=True)
             store.lock.acquire()
         with store.writer():
-            return _run(store, adapter, prepared, params, progress)
+            return _run(store, adapter, prepared, params, progress, restart)
     finally:
         if store is not None:
             store.lock.release()
@@ -189,7 +195,12 @@ def _check_same_model(store: Store, adapter: ModelAdapter) -> None:
 
 
 def _run(
-    store: Store, model: ModelAdapter, prep: Prepared, params: dict, progress: bool | None
+    store: Store,
+    model: ModelAdapter,
+    prep: Prepared,
+    params: dict,
+    progress: bool | None,
+    restart: bool = False,
 ) -> pl.DataFrame:
     started = time.monotonic()
     phash = _params_hash(params)
@@ -201,7 +212,18 @@ def _run(
             "ORDER BY run_id DESC LIMIT 1",
             [phash],
         ).fetchall()
-        if resumable:
+        # A run this command creates (or restarts) is rolled back if the disk fills up.
+        created = not resumable or restart
+        if resumable and restart:
+            run_id = int(resumable[0][0])
+            for table in ("prompts", "chunks", "arrays"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            con.execute(
+                "UPDATE runs SET status = 'ingesting', created_at = now(), completed_at = NULL, "
+                "wall_s = NULL WHERE run_id = ?",
+                [run_id],
+            )
+        elif resumable:
             run_id = int(resumable[0][0])
             con.execute("UPDATE runs SET status = 'ingesting' WHERE run_id = ?", [run_id])
         else:
@@ -235,42 +257,105 @@ def _run(
             "SELECT side, hook, chunk_idx FROM chunks WHERE run_id = ?", [run_id]
         ).fetchall()
     done_set = {(side, hook, int(c)) for side, hook, c in done}
+    if created:
+        zarrays.remove_run(store.path, run_id)
+    else:
+        zarrays.remove_partial_files(store.path, run_id)
     batch = params["batch_size"]
-    root = zarrays.open_root(store.path, mode="a")
-    arrays = {}
-    for (side, hook), (shape, dtype) in shapes.items():
-        name = zarrays.array_name(run_id, side, hook)
-        arrays[(side, hook)] = zarrays.create_array(root, name, shape, batch, dtype)
     n_batches = (n + batch - 1) // batch
     todo = [b for b in range(n_batches) if any((sd, hk, b) not in done_set for sd, hk in shapes)]
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
-    bar = tqdm(total=n_batches, initial=n_batches - len(todo), disable=not show, file=sys.stderr,
+    stored = n_batches - len(todo)
+    bar = tqdm(total=n_batches, initial=stored, disable=not show, file=sys.stderr,
                desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
     try:
+        root = zarrays.open_root(store.path, mode="a")
+        arrays = {
+            key: zarrays.create_array(root, zarrays.array_name(run_id, *key), shape, batch, dtype)
+            for key, (shape, dtype) in shapes.items()
+        }
         for b in todo:
             lo, hi = b * batch, min(n, (b + 1) * batch)
             values, metrics = _compute_batch(model, prep, params, lo, hi)
-            ledger = []
-            for key, arr in arrays.items():
-                data = values[key].astype(arr.dtype, copy=False)
-                arr[lo:hi] = data
-                zarrays.fsync_path(
-                    zarrays.chunk_file(store.path, zarrays.array_name(run_id, *key), b, arr.ndim)
-                )
-                ledger.append((run_id, *key, b, lo, hi, zarrays.checksum(data), data.nbytes))
+            ledger = write_chunks(store, run_id, arrays, values, b, lo, hi)
             _record_batch(store, run_id, prep, lo, hi, metrics, ledger)
+            stored += 1
             bar.update(1)
-    except BaseException:
         bar.close()
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            with store.catalog.write() as con:
-                con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [run_id])
-        raise
-    bar.close()
-    _finish(store, run_id, shapes, params, n_batches, time.monotonic() - started)
+        _finish(store, run_id, shapes, params, n_batches, time.monotonic() - started)
+    except BaseException as exc:
+        bar.close()
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=stored)
+        if err is exc:
+            raise
+        raise err from exc
     return store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+
+
+def write_chunks(
+    store: Store,
+    run_id: int,
+    arrays: dict[tuple[str, str], object],
+    values: dict[tuple[str, str], np.ndarray],
+    chunk_idx: int,
+    lo: int,
+    hi: int,
+) -> list[tuple]:
+    """Write one batch's chunk of each array, make it durable, return its ledger rows."""
+    ledger = []
+    for key, arr in arrays.items():
+        data = values[key].astype(arr.dtype, copy=False)
+        arr[lo:hi] = data
+        name = zarrays.array_name(run_id, *key)
+        zarrays.fsync_path(zarrays.chunk_file(store.path, name, chunk_idx, arr.ndim))
+        ledger.append((run_id, *key, chunk_idx, lo, hi, zarrays.checksum(data), data.nbytes))
+    return ledger
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc)
+
+
+def _fail(
+    store: Store, run_id: int, exc: BaseException, rollback: bool, kept: int
+) -> BaseException:
+    """Leave the store consistent after a failed batch; return the error to raise.
+
+    Disk full on a run this command created: roll it back (catalog rows first, then arrays, so a
+    crash in between never leaves ledger rows without chunks) and the store is as before. Any
+    other failure, or disk full while resuming: the run is marked failed and keeps its recorded
+    batches; rerunning the same command resumes it.
+    """
+    try:
+        with store.catalog.write() as con:
+            if rollback:
+                for table in ("prompts", "chunks", "arrays", "runs"):
+                    con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                con.execute("DELETE FROM models WHERE model NOT IN (SELECT model FROM runs)")
+            else:
+                con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [run_id])
+    except Exception:  # the catalog itself may be out of space; the ledger stays authoritative
+        rollback = False
+    if rollback:
+        zarrays.remove_run(store.path, run_id)
+    if not isinstance(exc, (OSError, ActstoreError)) and not _disk_full(exc):
+        return exc
+    what = "disk full" if _disk_full(exc) else str(exc).strip().splitlines()[0]
+    if rollback:
+        return ActstoreError(
+            f"{what} while writing run {run_id}; the run was rolled back and the store is "
+            "unchanged: free space (see actstore info) and rerun"
+        )
+    return ActstoreError(
+        f"{what} while writing run {run_id}; it keeps {kept} stored batches and is marked "
+        "failed: fix the cause and rerun the same command to resume"
+    )
 
 
 def _array_shapes(

@@ -106,6 +106,12 @@ def test_read_only_commands_do_not_import_torch(ioi_store):
          "unknown hook 'foo'"),
         (["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--n", "0"], 2,
          "need at least one prompt"),
+        (["ingest", "{s}", "--model", "no-such-model-xyz", "--task", "ioi"], 1,
+         "unknown model 'no-such-model-xyz'"),
+        (["sql", "{s}", "insert into runs (run_id) values (9)"], 2,
+         "INSERT statements are refused"),
+        (["sql", "{s}", "select * from nope"], 2, "SQL error: Catalog Error"),
+        (["verify", "{s}", "--run", "7"], 2, "run 7 is not in"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_with_exit_code_and_store_unchanged(ioi_store, args, code, message):
@@ -118,9 +124,39 @@ def test_bad_input_is_one_line_with_exit_code_and_store_unchanged(ioi_store, arg
     assert snapshot(ioi_store) == before
 
 
-def test_not_a_store(tmp_path):
-    res = run_cli("info", str(tmp_path))
-    assert res.returncode == 1 and "is not an actstore store" in res.stderr
+def assert_one_line(res: subprocess.CompletedProcess, code: int, message: str) -> None:
+    assert res.returncode == code, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "ingest"])
+def test_not_a_store(tmp_path, command):
+    (tmp_path / "notes.txt").write_text("not a store")
+    before = snapshot(tmp_path)
+    args = ["--model", "toy-random", "--task", "ioi"] if command == "ingest" else []
+    res = run_cli(command, str(tmp_path), *args)
+    code = 2 if command == "ingest" else 1
+    assert_one_line(res, code, "is not an actstore store" if code == 1 else "is not empty")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["info", "ingest"])
+def test_catalog_from_a_newer_version_is_refused_unchanged(ioi_store, tmp_path, command):
+    import shutil
+
+    import duckdb
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ioi_store, copy)
+    con = duckdb.connect(str(copy / "catalog.duckdb"))
+    con.execute("update meta set value = '99' where key = 'schema_version'")
+    con.close()
+    before = snapshot(copy)
+    args = ["--model", "toy-random", "--task", "ioi", "--n", "4"] if command == "ingest" else []
+    res = run_cli(command, str(copy), *args)
+    assert_one_line(res, 1, "catalog schema version 99 is newer than this actstore supports")
+    assert snapshot(copy) == before
 
 
 def test_ingest_prints_run_id_on_stdout(tmp_path):

@@ -1,0 +1,213 @@
+"""Crash safety: ingests killed with SIGKILL at random points resume to the same bits.
+
+A helper process (tests/ingest_forker.py) loads the model once and forks one real ingest
+process per attempt; the test SIGKILLs it after a seeded random delay, checks that what the
+killed process left is consistent (every recorded chunk matches its checksum, prompts exactly
+for the recorded batches), and reruns the same ingest until one attempt completes. The result
+must verify clean and equal an uninterrupted ingest bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import actstore
+from actstore import arrays as zarrays
+from actstore.errors import ActstoreError
+from actstore.store import Store
+from actstore.verify import failures, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 8
+KILLS = 12
+N_ARRAYS = 2 * (2 + 4)  # sides x (tokens, logits, z of 4 layers); batches of 2 prompts
+LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum", "nbytes"]
+
+
+class Forker:
+    def __init__(self) -> None:
+        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "ingest_forker.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+        assert self._read().get("ready")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, "the forker process died"
+        return json.loads(line)
+
+    def start(self, store: Path, restart: bool = False) -> int:
+        self.proc.stdin.write(json.dumps({"store": str(store), "restart": restart}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()["pid"]
+
+    def wait(self) -> tuple[int, float]:
+        done = self._read()
+        return done["status"], done["wall_s"]
+
+    def run(self, store: Path, restart: bool = False) -> float:
+        self.start(store, restart)
+        status, wall = self.wait()
+        assert status == 0, f"ingest exited with {status}"
+        return wall
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def forker():
+    f = Forker()
+    yield f
+    f.close()
+
+
+def contents(path: Path) -> dict:
+    """Everything an uninterrupted ingest determines: arrays' bytes, ledger, prompts, run."""
+    store = Store(path)
+    out = {
+        "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
+        "prompts": store.prompts(1),
+        "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
+    }
+    for row in store.arrays(1).iter_rows(named=True):
+        arr = store.read(1, row["side"], row["hook"])
+        out[(row["side"], row["hook"])] = (arr.dtype.str, arr.shape, arr.tobytes())
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], pl.DataFrame):
+            assert a[key].equals(b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def assert_consistent_after_kill(path: Path) -> int:
+    """What a killed ingest left: recorded chunks sound, prompts for exactly the whole batches."""
+    if not (path / "catalog.duckdb").exists():
+        return 0
+    try:
+        store = Store(path)
+    except ActstoreError as exc:  # killed while the store itself was being created
+        assert "interrupted" in str(exc), exc
+        return 0
+    if store.runs().is_empty():
+        return 0
+    assert failures(verify(store)).is_empty()
+    per_chunk = store.query("SELECT chunk_idx, count(*) AS n FROM chunks GROUP BY 1 ORDER BY 1")
+    assert set(per_chunk["n"]) <= {N_ARRAYS}, "a batch was recorded for only some arrays"
+    recorded = {i for c in per_chunk["chunk_idx"] for i in range(2 * c, 2 * c + 2)}
+    prompts = store.query("SELECT prompt_idx FROM prompts ORDER BY 1")["prompt_idx"].to_list()
+    assert prompts == sorted(recorded), "prompt rows differ from the recorded batches"
+    return per_chunk.height
+
+
+def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
+    rng = random.Random(SEED)
+    wall = forker.run(tmp_path / "reference")
+    reference = contents(tmp_path / "reference")
+    assert reference["runs"]["status"].to_list() == ["complete"]
+    kills, chains, batches_seen = 0, 0, set()
+    while kills < KILLS:
+        store = tmp_path / f"chain{chains}"
+        chains += 1
+        for attempt in range(10):
+            pid = forker.start(store)
+            if attempt < 9:  # the tenth attempt of a chain runs to the end
+                time.sleep(rng.uniform(0.0, wall))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            status, _ = forker.wait()
+            if status == 0:
+                break
+            assert status == -signal.SIGKILL, f"ingest failed with exit {status}"
+            kills += 1
+            batches_seen.add(assert_consistent_after_kill(store))
+        assert failures(verify(Store(store))).is_empty()
+        assert_same(contents(store), reference)
+    # the kills landed at different stages: before the store, mid-run, and late
+    assert len(batches_seen) >= 3, batches_seen
+
+
+def kill_after_batches(forker: Forker, store: Path, batches: int) -> int:
+    """Start an ingest, read its catalog while it runs, SIGKILL it once `batches` are recorded."""
+    pid = forker.start(store)
+    deadline = time.monotonic() + 120
+    recorded = 0
+    while recorded < batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:  # a reader between the writer's batches: connections are short-lived
+            recorded = Store(store).query("SELECT count(*) AS n FROM chunks")["n"].item()
+            recorded //= N_ARRAYS
+        except ActstoreError:
+            continue  # not created yet
+    os.kill(pid, signal.SIGKILL)
+    status, _ = forker.wait()
+    assert status == -signal.SIGKILL, "the ingest ended before it could be killed"
+    return recorded
+
+
+def test_restart_discards_the_partial_run_and_keeps_its_id(forker, tmp_path):
+    forker.run(tmp_path / "reference")
+    store = tmp_path / "s"
+    assert kill_after_batches(forker, store, 4) >= 4
+    partial = Store(store)
+    assert partial.runs()["status"].to_list() == ["ingesting"]
+    # damage a recorded chunk of the partial run: a restart must not reuse anything of it
+    chunk = store / "arrays.zarr" / "run1" / "clean" / "logits" / "c" / "0" / "0"
+    chunk.write_bytes(b"garbage")
+    assert not failures(verify(partial)).is_empty()
+    forker.run(store, restart=True)
+    assert Store(store).runs()["run_id"].to_list() == [1]
+    assert failures(verify(Store(store))).is_empty()
+    assert_same(contents(store), contents(tmp_path / "reference"))
+
+
+def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
+    """sql, info, export and array reads from another process while the ingest writes."""
+    store = tmp_path / "s"
+    forker.start(store)
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            s = actstore.open(store)
+            runs = s.sql("select status from runs")
+        except ActstoreError:
+            continue  # the store is not created yet
+        if runs.is_empty():
+            continue
+        n = s.sql("select count(*) from prompts").item()
+        assert s.info().height == 1
+        s.export("chunks", fmt="csv", out=str(tmp_path / "chunks.csv"))
+        for row in s.sql("select * from chunks where hook = 'logits'").iter_rows(named=True):
+            values = s.read(1, row["side"], "logits", row["prompt_start"], row["prompt_stop"])
+            assert zarrays.checksum(values) == row["checksum"]
+        seen.append((runs["status"].item(), n))
+        if seen[-1][0] == "complete":
+            break
+    status, _ = forker.wait()
+    assert status == 0 and seen[-1] == ("complete", 16), seen
+    mid_run = {n for st, n in seen if st == "ingesting" and 0 < n < 16}
+    assert len(mid_run) >= 2, seen

@@ -1,0 +1,83 @@
+"""One writer per store, readers alongside it: tested with real, separate processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import run_cli, snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+HOLD = """
+import sys
+from actstore.store import Store
+with Store(sys.argv[1]).writer("actstore ingest (test holder)"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held_store(ioi_store, tmp_path):
+    """A copy of the IOI store whose writer lock another process holds; yields (path, pid)."""
+    copy = tmp_path / "store"
+    shutil.copytree(ioi_store, copy)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(copy)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    yield copy, holder.pid
+    holder.stdin.close()
+    holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--n", "4"],
+     ["verify", "{s}", "--repair"]],
+)  # fmt: skip
+def test_second_writer_gets_one_line_naming_the_holder(held_store, args):
+    path, pid = held_store
+    before = snapshot(path)
+    res = run_cli(*[a.format(s=path) for a in args])
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert f"is being written by pid {pid} on " in lines[0]
+    assert "(actstore ingest (test holder), since" in lines[0]
+    assert "one writer per store" in lines[0] and "Conflicting lock" not in lines[0]
+    assert snapshot(path) == before
+
+
+def test_readers_work_while_the_writer_lock_is_held(held_store, tmp_path):
+    path, _ = held_store
+    res = run_cli("sql", str(path), "select count(*) as n from prompts", "--format", "csv")
+    assert res.returncode == 0 and res.stdout.split() == ["n", "20"], res.stderr
+    res = run_cli("info", str(path), "--format", "csv")
+    assert res.returncode == 0 and "complete" in res.stdout, res.stderr
+    out = tmp_path / "runs.csv"
+    res = run_cli("export", str(path), "runs", "-o", str(out))
+    assert res.returncode == 0 and out.read_text().startswith("run_id,"), res.stderr
+    res = run_cli("verify", str(path))
+    assert res.returncode == 0 and "no damage" in res.stderr, res.stderr
+
+
+def test_second_store_object_in_the_same_process_is_told_so(ioi_store, tmp_path):
+    from actstore.errors import LockedError
+    from actstore.store import Store
+
+    copy = tmp_path / "store"
+    shutil.copytree(ioi_store, copy)
+    with Store(copy).writer():
+        with pytest.raises(LockedError, match="this process already holds the writer lock"):
+            with Store(copy).writer():
+                pass
+    with Store(copy).writer():  # released on exit: the next writer gets it
+        pass
