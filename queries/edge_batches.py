@@ -18,8 +18,6 @@ from actstore.errors import ActstoreError, UsageError
 from actstore.store import Store
 from queries.edge_model import EdgeModel
 
-METRICS = ("logit-diff", "prob", "kl")
-
 
 @dataclass
 class EdgeBatch:
@@ -34,11 +32,6 @@ class EdgeBatch:
     corrupted_logits: torch.Tensor
     clean: torch.Tensor  # (batch, pos, n_forward, d_model)
     corrupted: torch.Tensor
-
-
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
 
 
 def metric_values(metric: str, logits: torch.Tensor, batch: EdgeBatch) -> torch.Tensor:
