@@ -68,3 +68,33 @@ class ActStore(Store):
         from ingest.repair import repair
 
         return repair(self.path, run, device)
+
+    # ---- attribution and circuits (queries/attribution.py, queries/circuits.py) ----------
+
+    def attribute(
+        self,
+        run: int,
+        method: str,
+        steps: int | None = None,
+        level: str | None = None,
+        metric: str = "logit-diff",
+        device: str | None = None,
+        progress: bool | None = None,
+    ) -> pl.DataFrame:
+        """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending."""
+        from queries.attribution import attribute
+
+        return attribute(self, run, method, steps, level, metric, device, progress)
+
+    def circuit(
+        self,
+        scores: int,
+        edges: int | None = None,
+        faithfulness: float | None = None,
+        prune: bool = True,
+        device: str | None = None,
+    ) -> pl.DataFrame:
+        """A circuit from an edge score set (top-N or smallest reaching a faithfulness)."""
+        from queries.circuits import circuit
+
+        return circuit(self, scores, edges, faithfulness, prune, device)

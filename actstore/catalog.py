@@ -58,13 +58,19 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE edge_scores (
             score_id INTEGER, run_id INTEGER, method VARCHAR, src VARCHAR, dst VARCHAR,
             qkv VARCHAR, score DOUBLE)""",
+        # Circuits (queries/circuits.py): circuit_id is the circuit query's id; top_n is the
+        # number of top-|score| edges selected, n_edges what remains after pruning; metric_value
+        # is m(C), clean/corrupted_metric the denominators' ends. The curve holds every circuit
+        # the query evaluated (its search points), keyed by the circuit query.
         """CREATE TABLE circuits (
             circuit_id INTEGER PRIMARY KEY, score_id INTEGER, n_edges INTEGER,
-            faithfulness DOUBLE, params VARCHAR, created_at TIMESTAMP)""",
+            faithfulness DOUBLE, params VARCHAR, created_at TIMESTAMP, top_n INTEGER,
+            metric VARCHAR, metric_value DOUBLE, clean_metric DOUBLE, corrupted_metric DOUBLE)""",
         """CREATE TABLE circuit_edges (
-            circuit_id INTEGER, src VARCHAR, dst VARCHAR, qkv VARCHAR)""",
+            circuit_id INTEGER, src VARCHAR, dst VARCHAR, qkv VARCHAR, score DOUBLE)""",
         """CREATE TABLE faithfulness_curve (
-            score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
+            circuit_id INTEGER, score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE,
+            top_n INTEGER, metric_value DOUBLE)""",
         # Subspace patching (queries/subspace_query.py): one report row per component
         # (v, row, null, full) and the patched basis, one vector per row.
         """CREATE TABLE subspace_reports (

@@ -257,6 +257,44 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
 @main.command()
 @click.argument("store")
 @click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@click.option(
+    "--method",
+    type=click.Choice(["atp", "eap", "eap-ig", "eap-ig-activations"]),
+    required=True,
+    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input.",
+)
+@click.option("--steps", type=int, help="Integration steps of eap-ig methods (default 5).")
+@click.option(
+    "--level", type=click.Choice(["node", "edge"]), help="Default: node for atp, else edge."
+)
+@click.option(
+    "--metric", type=click.Choice(["logit-diff", "prob", "kl"]), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@FORMAT
+def attribute(store: str, run_id: int, top: int | None, fmt: str, **kwargs) -> None:
+    """Score every edge (or node) of a run by attribution; rows sorted by |score|.
+
+    The score set's id (score_id) is what actstore circuit --scores takes.
+
+    \b
+    Example:
+      actstore attribute /tmp/s --run 1 --method eap-ig --steps 5 --top 20
+      actstore attribute /tmp/s --run 1 --method atp --format csv
+      actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
+                           order by abs(score) desc limit 100"
+    """
+    df = _open(store).attribute(run_id, **kwargs)
+    if df.height:
+        click.echo(f"score set {df['score_id'][0]}: {df.height} rows", err=True)
+    write_rows(df.head(top) if top is not None else df, fmt)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
 @click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
 @click.option(
     "--op", type=click.Choice(["mean", "class-mean", "head-norm"]), default="mean",
@@ -419,6 +457,33 @@ def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt
             f"{store}: {bad.height} damaged or missing piece(s) in run(s) {runs}{hint}"
         )
     click.echo(f"{store}: {chunks_checked(s, run_id)} chunks verified, no damage", err=True)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--scores", type=int, required=True, help="Edge score set id (actstore attribute).")
+@click.option("--edges", type=int, help="Take the top N edges by |score|.")
+@click.option("--faithfulness", type=float, help="Smallest top-N circuit reaching this.")
+@click.option(
+    "--prune/--no-prune", default=True, show_default=True,
+    help="Drop edges with no circuit path to the logits (never changes faithfulness).",
+)  # fmt: skip
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@FORMAT
+def circuit(store: str, fmt: str, **kwargs) -> None:
+    """Select a circuit from edge scores and measure its exact faithfulness.
+
+    Faithfulness = (m(C) - m(corrupted)) / (m(model) - m(corrupted)), every edge outside C
+    carrying its corrupted value; one forward per circuit. The circuit's edges and the search's
+    faithfulness curve are in circuit_edges and faithfulness_curve.
+
+    \b
+    Example:
+      actstore circuit /tmp/s --scores 1 --edges 200
+      actstore circuit /tmp/s --scores 1 --faithfulness 0.85
+      actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
+    """
+    write_rows(_open(store).circuit(**kwargs), fmt)
 
 
 if __name__ == "__main__":

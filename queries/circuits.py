@@ -1,0 +1,201 @@
+"""Circuits from edge scores, and their exact faithfulness.
+
+A circuit is the top-N edges of a score set by |score| (ties: the graph's fixed edge order),
+optionally pruned of edges into nodes that have no circuit path to the logits. Pruning never
+changes the faithfulness: such a node's output reaches the logits only through edges outside
+the circuit, which carry corrupted values, so its inputs do not matter.
+
+Faithfulness is exact, one forward per circuit and prompt batch (`EdgeModel.run` with the edges
+outside the circuit carrying the corrupted run's source outputs read from the store):
+
+    faithfulness(C) = (m(C) − m(corrupted)) / (m(model) − m(corrupted))
+
+with m(model), m(corrupted) from the run's stored final logits and the score set's metric.
+`--faithfulness F` searches the smallest N: N = 0, 1, 2, 4, … until a circuit reaches F, then
+bisection between the last two (assuming faithfulness grows with N; every point is stored in
+`faithfulness_curve`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from actstore.errors import ActstoreError, UsageError
+from actstore.results import find_query, query_params, record_query
+from actstore.store import Store
+from queries.graph import Graph
+
+
+def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
+    """A recorded edge-level score set: its query row, graph and (n_forward, n_backward) scores."""
+    query = query_params(store, score_id)
+    if query["kind"] != "attribute":
+        raise UsageError(f"query {score_id} is a {query['kind']} query, not an attribute score set")
+    if query["params"]["level"] != "edge":
+        raise UsageError(
+            f"score set {score_id} is node level; circuits need edge scores "
+            "(actstore attribute --level edge)"
+        )
+    run = store.run(query["run_id"])
+    shape = store.query("SELECT n_layers, n_heads FROM models WHERE model = ?", [run["model"]])
+    graph = Graph(int(shape["n_layers"][0]), int(shape["n_heads"][0]))
+    rows = store.query(
+        "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
+    )
+    scores = np.zeros((graph.n_forward, graph.n_backward))
+    for src, dst, qkv, score in rows.iter_rows():
+        scores[graph.cell_of(src, dst, qkv)] = score
+    return query, graph, scores
+
+
+def top_edges(graph: Graph, scores: np.ndarray, n: int, prune: bool) -> np.ndarray:
+    """Mask of the n edges of largest |score|, pruned of edges with no path to the logits."""
+    rows, cols = graph.edge_cells
+    order = np.argsort(-np.abs(scores[rows, cols]), kind="stable")[:n]
+    mask = np.zeros((graph.n_forward, graph.n_backward), dtype=bool)
+    mask[rows[order], cols[order]] = True
+    return prune_dead(graph, mask) if prune else mask
+
+
+def prune_dead(graph: Graph, mask: np.ndarray) -> np.ndarray:
+    """Drop edges into nodes from which no circuit path leads to the logits."""
+    dst_node = np.asarray(
+        [graph.forward_names.index(d) if d != "logits" else -1 for d, _ in graph.backward_names]
+    )
+    alive = np.zeros(graph.n_forward, dtype=bool)
+    for s in range(graph.n_forward - 1, -1, -1):  # forward order is topological
+        targets = np.nonzero(mask[s])[0]
+        alive[s] = any(dst_node[j] < 0 or alive[dst_node[j]] for j in targets)
+    live_dst = np.asarray([j < 0 or alive[j] for j in dst_node])
+    return mask & live_dst[None, :]
+
+
+def circuit(
+    store: Store,
+    scores: int,
+    edges: int | None = None,
+    faithfulness: float | None = None,
+    prune: bool = True,
+    device: str | None = None,
+) -> pl.DataFrame:
+    """Build and evaluate a circuit from score set `scores`; returns its `circuits` row."""
+    if (edges is None) == (faithfulness is None):
+        raise UsageError("give --edges N or --faithfulness F (exactly one)")
+    if edges is not None and edges < 0:
+        raise UsageError(f"--edges {edges}: need 0 or more")
+    query, graph, values = score_graph(store, scores)
+    if edges is not None and edges > graph.n_edges:
+        raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
+    params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
+    run_id = query["run_id"]
+    found = find_query(store, "circuit", run_id, params)
+    if found is not None:
+        return stored_circuit(store, found)
+    from queries.faithfulness import Evaluator
+
+    started = time.perf_counter()
+    metric = query["params"]["metric"]
+    ev = Evaluator(store, store.run(run_id), metric, device)
+    curve: dict[int, tuple[np.ndarray, float]] = {}
+
+    def measure(ns: list[int]) -> None:
+        todo = [n for n in dict.fromkeys(ns) if n not in curve]
+        masks = [top_edges(graph, values, n, prune) for n in todo]
+        for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
+            curve[n] = (mask, value)
+
+    if edges is not None:
+        measure([edges])
+        chosen = edges
+    else:
+        chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
+    frames = _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
+    wall = time.perf_counter() - started
+    circuit_id = record_query(store, "circuit", run_id, params, wall, frames)
+    return stored_circuit(store, circuit_id)
+
+
+def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:
+    """Smallest N whose circuit reaches `target` (doubling, then bisection)."""
+
+    def reaches(n: int) -> bool:
+        return ev.faithfulness(curve[n][1]) >= target
+
+    grid = [0]
+    while grid[-1] < n_edges:
+        grid.append(min(n_edges, max(1, grid[-1] * 2)))
+    measure(grid)
+    hits = [n for n in grid if reaches(n)]
+    if not hits:
+        best = max(ev.faithfulness(curve[n][1]) for n in grid)
+        raise ActstoreError(
+            f"no circuit reaches faithfulness {target} (best {best:.4f}); choose a lower target"
+        )
+    hi = hits[0]
+    lo = grid[grid.index(hi) - 1] if hi > 0 else -1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measure([mid])
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+def _result_frames(
+    graph: Graph,
+    values: np.ndarray,
+    score_id: int,
+    metric: str,
+    params: dict,
+    curve: dict[int, tuple[np.ndarray, float]],
+    chosen: int,
+    ev,
+) -> dict[str, pl.DataFrame]:
+    mask, value = curve[chosen]
+    edges = graph.edge_frame(values).filter(pl.Series(mask[graph.edge_cells]))
+    edges = edges.sort(pl.col("score").abs(), descending=True)
+    circuits = pl.DataFrame(
+        {
+            "score_id": [score_id],
+            "n_edges": [int(mask.sum())],
+            "faithfulness": [ev.faithfulness(value)],
+            "params": [json.dumps(params, sort_keys=True)],
+            "created_at": [datetime.now()],
+            "top_n": [chosen],
+            "metric": [metric],
+            "metric_value": [value],
+            "clean_metric": [ev.clean_metric],
+            "corrupted_metric": [ev.corrupted_metric],
+        }
+    )
+    points = sorted(curve.items())
+    curve_frame = pl.DataFrame(
+        {
+            "score_id": [score_id] * len(points),
+            "n_edges": [int(m.sum()) for _, (m, _) in points],
+            "faithfulness": [ev.faithfulness(v) for _, (_, v) in points],
+            "top_n": [n for n, _ in points],
+            "metric_value": [v for _, (_, v) in points],
+        }
+    )
+    return {"circuits": circuits, "circuit_edges": edges, "faithfulness_curve": curve_frame}
+
+
+def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
+    return store.query(
+        "SELECT circuit_id, score_id, top_n, n_edges, faithfulness, metric, metric_value, "
+        "clean_metric, corrupted_metric FROM circuits WHERE circuit_id = ?",
+        [circuit_id],
+    )
+
+
+def stored_curve(store: Store, circuit_id: int) -> pl.DataFrame:
+    return store.query(
+        "SELECT top_n, n_edges, faithfulness, metric_value FROM faithfulness_curve "
+        "WHERE circuit_id = ? ORDER BY top_n",
+        [circuit_id],
+    )

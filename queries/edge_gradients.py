@@ -1,0 +1,121 @@
+"""The gradient passes behind `queries.attribution` (see its docstring for the methods).
+
+Every score is Δ_s · ∂m/∂input_d summed over prompts and positions; the gradients come from
+`EdgeModel` forwards (one forward+backward per gradient point), the Δs from the store.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from actstore.store import Store
+from queries.edge_batches import EdgeBatch, iter_batches, metric_values
+from queries.edge_model import EdgeModel
+
+
+def compute_scores(
+    model: EdgeModel, store: Store, run: dict, params: dict, progress: bool | None = None
+) -> np.ndarray:
+    """(n_forward, n_backward) scores summed over the run's batches (zero off the edges)."""
+    from tqdm import tqdm
+
+    n = int(run["n_prompts"])
+    g = model.graph
+    total = torch.zeros(g.n_forward, g.n_backward, dtype=torch.float64)
+    show = sys.stderr.isatty() if progress is None else progress
+    batches = iter_batches(store, run, model)
+    n_batches = -(-n // int(run["batch_size"]))
+    for batch in tqdm(batches, total=n_batches, disable=not show, file=sys.stderr,
+                      desc=f"{params['method']} run {run['run_id']}", unit="batch"):  # fmt: skip
+        total += batch_scores(model, batch, params, n).double().cpu()
+    return total.numpy()
+
+
+def batch_scores(model: EdgeModel, batch: EdgeBatch, params: dict, n_total: int) -> torch.Tensor:
+    """One batch's contribution to the scores of `params['method']`."""
+    method, steps, metric = params["method"], params["steps"], params["metric"]
+    clean_in, corrupted_in = batch.clean[:, :, 0], batch.corrupted[:, :, 0]
+
+    def grads(inputs: torch.Tensor, replace: dict | None = None) -> list[torch.Tensor]:
+        return _input_grads(model, batch, metric, n_total, inputs, replace)
+
+    g = model.graph
+    out = torch.zeros(g.n_forward, g.n_backward, device=clean_in.device)
+    if method == "atp":
+        _contract(model, out, batch.clean - batch.corrupted, grads(corrupted_in))
+        return out
+    diff = batch.corrupted - batch.clean
+    if method == "eap":
+        _contract(model, out, diff, grads(clean_in))
+        return out
+    alphas = [k / steps for k in range(1, steps + 1)]
+    if method == "eap-ig":
+        mean = _mean_grads([grads(_lerp(corrupted_in, clean_in, a)) for a in alphas])
+        _contract(model, out, diff, mean)
+        return out
+    for first, rows in _source_groups(model):
+
+        def at(alpha: float, first: int = first, rows: slice = rows) -> list[torch.Tensor]:
+            if first == 0:
+                return grads(_lerp(corrupted_in, clean_in, alpha))
+            mixed = _lerp(batch.corrupted[:, :, rows], batch.clean[:, :, rows], alpha)
+            return grads(clean_in, {first: mixed if rows.stop - rows.start > 1 else mixed[:, :, 0]})
+
+        _contract(model, out, diff, _mean_grads([at(a) for a in alphas]), rows)
+    return out
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
+    return start + alpha * (end - start)
+
+
+def _mean_grads(per_step: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack(parts).mean(0) for parts in zip(*per_step, strict=True)]
+
+
+def _source_groups(model: EdgeModel) -> list[tuple[int, slice]]:
+    """(first forward index, rows) of each group whose outputs IG-over-activations interpolates."""
+    g = model.graph
+    groups = [(0, slice(0, 1))]
+    for layer in range(model.shape.n_layers):
+        first = g.head_index(layer, 0)
+        groups += [(first, slice(first, first + model.shape.n_heads))]
+        groups += [(g.mlp_index(layer), slice(g.mlp_index(layer), g.mlp_index(layer) + 1))]
+    return groups
+
+
+def _input_grads(
+    model: EdgeModel,
+    batch: EdgeBatch,
+    metric: str,
+    n_total: int,
+    inputs: torch.Tensor,
+    replace: dict | None,
+) -> list[torch.Tensor]:
+    """∂(mean metric)/∂(every destination input), one forward and one backward."""
+    with torch.enable_grad():
+        run = model.run(inputs.detach().requires_grad_(True), batch.last, replace=replace)
+        value = metric_values(metric, run.logits, batch).sum() / n_total
+        found = torch.autograd.grad(value, run.inputs, allow_unused=True)
+    # an input whose node's outputs are replaced (IG over activations) has no gradient
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(found, run.inputs, strict=True)]
+
+
+def _contract(
+    model: EdgeModel,
+    out: torch.Tensor,
+    diff: torch.Tensor,
+    grads: list[torch.Tensor],
+    rows: slice | None = None,
+) -> None:
+    """out[s, d] += Σ_{batch, pos} diff_s · grad_d over the edges (s upstream of d)."""
+    g = model.graph
+    for cols, grad in zip(model.input_slices(), grads, strict=True):
+        n_up = int(g.n_upstream[cols.start])
+        src = slice(0, n_up) if rows is None else rows
+        if src.start >= n_up:
+            continue
+        out[src, cols] += torch.einsum("bpsd,bpnd->sn", diff[:, :, src], grad)

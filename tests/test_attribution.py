@@ -1,0 +1,357 @@
+"""Attribution (AtP, EAP, EAP-IG) and circuits, checked against independent hooked TL forwards.
+
+The references here use TransformerLens' own modules through the bridge's hooks (hook_z,
+hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in), not actstore's EdgeModel.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from actstore.cli import main
+from actstore.models import BUILTIN_DIR, load_model
+from actstore.store import Store
+from queries.attribution import attribute
+from queries.circuits import circuit, score_graph, stored_curve, top_edges
+from queries.edge_batches import iter_batches
+from queries.edge_model import EdgeModel
+from queries.graph import Graph
+
+
+def trained_or_random() -> list[str]:
+    """toy-random always; toy too once its trained weights are on disk."""
+    names = ["toy-random"]
+    if (BUILTIN_DIR / "toy" / "model.safetensors").exists():
+        names.append("toy")
+    return names
+
+
+@pytest.fixture(scope="module", params=trained_or_random())
+def setup(request, tmp_path_factory):
+    """(store, adapter, run data as tensors) for an IOI run of 16 prompts on each toy model."""
+    from ingest.runner import ingest
+
+    path = tmp_path_factory.mktemp("attr") / "store"
+    ingest(path, model=request.param, task="ioi", n=16, batch_size=8, progress=False)
+    store = Store(path)
+    prompts = store.prompts(1)
+    data = {
+        "clean": torch.as_tensor(store.read(1, "clean", "tokens"), dtype=torch.long),
+        "corrupted": torch.as_tensor(store.read(1, "corrupted", "tokens"), dtype=torch.long),
+        "last": torch.as_tensor(prompts["seq_len"].to_numpy() - 1, dtype=torch.long),
+        "answer": torch.as_tensor(prompts["answer_token"].to_numpy(), dtype=torch.long),
+        "wrong": torch.as_tensor(prompts["wrong_answer_token"].to_numpy(), dtype=torch.long),
+    }
+    return store, load_model(request.param), data
+
+
+def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
+    """Mean logit difference at each prompt's final position (full-sequence logits)."""
+    rows = torch.arange(logits.shape[0])
+    final = logits[rows, data["last"]]
+    return (final[rows, data["answer"]] - final[rows, data["wrong"]]).mean()
+
+
+def node_outputs(adapter, tokens: torch.Tensor) -> torch.Tensor:
+    """Every node's output (batch, pos, n_forward, d_model) from a TL run_with_cache."""
+    b = adapter.bridge
+    with torch.no_grad():
+        _, cache = b.run_with_cache(tokens)
+    cols = [cache["blocks.0.hook_resid_pre"][:, :, None]]
+    for layer in range(adapter.shape.n_layers):
+        w_o = b.blocks[layer].attn.W_O
+        cols.append(torch.einsum("bphe,hed->bphd", cache[f"blocks.{layer}.attn.hook_z"], w_o))
+        cols.append(cache[f"blocks.{layer}.hook_mlp_out"][:, :, None])
+    return torch.cat(cols, dim=2).detach()
+
+
+def input_hooks(adapter) -> list[tuple[str, slice]]:
+    """TL hook names of every destination input, with its backward slice (per-head for qkv)."""
+    g = Graph.from_config(adapter.shape)
+    h = adapter.shape.n_heads
+    out = []
+    for layer in range(adapter.shape.n_layers):
+        start = g.layer_start(layer)
+        for i, kind in enumerate("qkv"):
+            out.append(
+                (f"blocks.{layer}.hook_{kind}_input", slice(start + i * h, start + (i + 1) * h))
+            )
+        out.append((f"blocks.{layer}.hook_mlp_in", slice(start + 3 * h, start + 3 * h + 1)))
+    return out + [("ln_final.hook_in", slice(g.n_backward - 1, g.n_backward))]
+
+
+class split_inputs:
+    """Turn on the bridge's per-head q/k/v input hooks and hook_mlp_in for a block."""
+
+    def __init__(self, adapter):
+        self.bridge = adapter.bridge
+
+    def __enter__(self):
+        self.bridge.set_use_split_qkv_input(True)
+        self.bridge.set_use_hook_mlp_in(True)
+
+    def __exit__(self, *exc):
+        self.bridge.set_use_split_qkv_input(False)
+        self.bridge.set_use_hook_mlp_in(False)
+
+
+def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict) -> torch.Tensor:
+    """∂(mean logit diff)/∂(every destination input) by autograd through TL's hooked forward."""
+    g = Graph.from_config(adapter.shape)
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+
+    def capture(cols: slice):
+        def fn(act, hook):
+            # a copy: the bridge hands hook_mlp_in the resid_mid tensor that the residual add
+            # also uses; only the returned tensor feeds the MLP, so its gradient is the MLP's
+            act = act.clone()
+            captured[(cols.start, cols.stop)] = act
+            return act
+
+        return fn
+
+    hooks = [(name, capture(cols)) for name, cols in input_hooks(adapter)]
+    with split_inputs(adapter), adapter.bridge.hooks(fwd_hooks=hooks):
+        value = logit_diff(adapter.bridge(tokens), data)
+    grads = torch.autograd.grad(value, list(captured.values()))
+    b, p = tokens.shape
+    out = torch.zeros(b, p, g.n_backward, adapter.shape.d_model)
+    for (start, stop), grad in zip(captured, grads, strict=True):
+        out[:, :, start:stop] = grad if grad.ndim == 4 else grad[:, :, None]
+    return out
+
+
+def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray) -> float:
+    """m(C) by a TL forward whose input hooks add (corrupted − this run's) source outputs."""
+    g = Graph.from_config(adapter.shape)
+    corrupted = node_outputs(adapter, data["corrupted"])
+    dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32)
+    outs: dict[int, torch.Tensor] = {}
+    b = adapter.bridge
+
+    def record(first: int, heads_of: int | None = None):
+        def fn(act, hook):
+            if heads_of is None:
+                outs[first] = act
+                return act
+            act_out = torch.einsum("bphe,hed->bphd", act, b.blocks[heads_of].attn.W_O)
+            for h in range(adapter.shape.n_heads):
+                outs[first + h] = act_out[:, :, h]
+            return act
+
+        return fn
+
+    def patch(cols: slice):
+        def fn(act, hook):
+            n_up = int(g.n_upstream[cols.start])
+            current = torch.stack([outs[i] for i in range(n_up)], dim=2)
+            delta = corrupted[:, :, :n_up] - current
+            add = torch.einsum("bpsd,sn->bpnd", delta, dropped[:n_up, cols])
+            return act + (add if act.ndim == 4 else add[:, :, 0])
+
+        return fn
+
+    hooks = [("blocks.0.hook_resid_pre", record(0))]
+    for layer in range(adapter.shape.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_z", record(g.head_index(layer, 0), layer)))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", record(g.mlp_index(layer))))
+    hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
+    with torch.no_grad(), split_inputs(adapter), b.hooks(fwd_hooks=hooks):
+        return float(logit_diff(b(data["clean"]), data))
+
+
+def test_gpt2_small_has_32491_edges():
+    from transformers import GPT2Config
+
+    g = Graph.from_config(GPT2Config())  # n_layer=12, n_head=12: configuration only
+    assert g.n_edges == 32491
+    assert int(g.real.sum()) == 32491
+    assert (g.n_forward, g.n_backward) == (157, 445)
+    assert g.forward_names[:2] == ["input", "a0.h0"] and g.forward_names[-1] == "m11"
+    assert g.backward_names[-1] == ("logits", None) and g.backward_names[12] == ("a0.h0", "k")
+    frame = g.edge_frame(np.zeros((g.n_forward, g.n_backward)))
+    assert frame.height == 32491
+    assert frame.filter(frame["dst"] == "logits").height == 157
+    assert frame["qkv"].null_count() == 157 + sum(13 * layer + 13 for layer in range(12))
+
+
+def test_edge_forward_reproduces_model_and_corrupted_run(setup):
+    store, adapter, data = setup
+    model = EdgeModel(adapter)
+    g = model.graph
+    full = adapter.forward(data["clean"])
+    rows = torch.arange(full.shape[0])
+    for batch in iter_batches(store, store.run(1), model):
+        with torch.no_grad():
+            kept = model.run(batch.clean[:, :, 0], batch.last)
+            none = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted,
+                             torch.ones(g.n_forward, g.n_backward))  # fmt: skip
+        sel = slice(batch.lo, batch.hi)
+        reference = full[rows[sel], data["last"][sel]]
+        assert (kept.logits - reference).abs().max() < 1e-5
+        assert (none.logits - batch.corrupted_logits).abs().max() < 1e-5
+
+
+def test_node_atp_is_the_gradient_estimate_and_tracks_head_patching(setup):
+    store, adapter, data = setup
+    b = adapter.bridge
+    scores = attribute(store, 1, "atp")
+    assert scores["dst"].null_count() == scores.height
+    atp = dict(zip(scores["src"], scores["score"], strict=True))
+    n_layers, n_heads = adapter.shape.n_layers, adapter.shape.n_heads
+    with torch.no_grad():
+        _, clean = b.run_with_cache(data["clean"])
+    zs = {}
+
+    def grab(name: str):
+        def fn(act, hook):
+            zs[name] = act  # not detached: the gradient must include every downstream path
+            return act
+
+        return fn
+
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    with b.hooks(fwd_hooks=[(n, grab(n)) for n in names]):
+        corrupted_value = logit_diff(b(data["corrupted"]), data)
+    grads = torch.autograd.grad(corrupted_value, [zs[n] for n in names])
+    estimate, exact = [], []
+    for layer, (name, grad) in enumerate(zip(names, grads, strict=True)):
+        delta = clean[name] - zs[name].detach()
+        for h in range(n_heads):
+            linear = float((delta[:, :, h] * grad[:, :, h]).sum())
+            assert atp[f"a{layer}.h{h}"] == pytest.approx(linear, rel=1e-4, abs=1e-7)
+
+            def patch(act, hook, h=h, name=name):
+                act = act.clone()
+                act[:, :, h] = clean[name][:, :, h]
+                return act
+
+            with torch.no_grad(), b.hooks(fwd_hooks=[(name, patch)]):
+                patched = logit_diff(b(data["corrupted"]), data)
+            estimate.append(linear)
+            exact.append(float(patched - corrupted_value))
+    corr = np.corrcoef(estimate, exact)[0, 1]
+    assert corr > 0.8, f"AtP vs exact head patching correlation {corr:.3f}"
+
+
+def test_eap_equals_difference_times_hooked_gradient(setup):
+    store, adapter, data = setup
+    g = Graph.from_config(adapter.shape)
+    grads = hooked_input_grads(adapter, data["clean"], data)
+    diff = node_outputs(adapter, data["corrupted"]) - node_outputs(adapter, data["clean"])
+    expected = torch.einsum("bpsd,bpnd->sn", diff, grads).numpy() * g.real
+    scores = attribute(store, 1, "eap")
+    sid = int(scores["score_id"][0])
+    _, _, stored = score_graph(store, sid)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(stored, expected, atol=1e-5 * scale, rtol=0)
+    top = scores.row(0, named=True)
+    f, c = g.cell_of(top["src"], top["dst"], top["qkv"])
+    assert top["score"] == pytest.approx(expected[f, c], rel=1e-4)
+
+
+def test_eap_ig_one_step_equals_eap_and_more_steps_differ(setup):
+    store, _, _ = setup
+    ids = {}
+    for method, steps in [("eap", None), ("eap-ig", 1), ("eap-ig-activations", 1), ("eap-ig", 5)]:
+        ids[(method, steps)] = int(attribute(store, 1, method, steps)["score_id"][0])
+    eap = score_graph(store, ids[("eap", None)])[2]
+    scale = np.abs(eap).max()
+    for key in [("eap-ig", 1), ("eap-ig-activations", 1)]:
+        np.testing.assert_allclose(score_graph(store, ids[key])[2], eap, atol=1e-6 * scale)
+    assert np.abs(score_graph(store, ids[("eap-ig", 5)])[2] - eap).max() > 1e-4 * scale
+
+
+def test_full_and_empty_circuits_have_faithfulness_one_and_zero(setup):
+    store, _, _ = setup
+    sid = int(attribute(store, 1, "eap-ig")["score_id"][0])
+    n_edges = score_graph(store, sid)[1].n_edges
+    full = circuit(store, sid, edges=n_edges).row(0, named=True)
+    empty = circuit(store, sid, edges=0).row(0, named=True)
+    assert full["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+    assert (full["n_edges"], empty["n_edges"]) == (n_edges, 0)
+
+
+def test_faithfulness_equals_hooked_edge_patching(setup):
+    store, adapter, data = setup
+    sid = int(attribute(store, 1, "eap-ig")["score_id"][0])
+    _, graph, values = score_graph(store, sid)
+    for n in (graph.n_edges // 10, graph.n_edges // 3):
+        row = circuit(store, sid, edges=n, prune=False).row(0, named=True)
+        mask = top_edges(graph, values, n, prune=False)
+        edges = store.query(
+            "SELECT count(*) FROM circuit_edges WHERE circuit_id = ?", [row["circuit_id"]]
+        ).item()
+        assert edges == n == int(mask.sum())
+        assert row["metric_value"] == pytest.approx(
+            hooked_circuit_metric(adapter, data, mask), abs=1e-5
+        )
+        pruned = circuit(store, sid, edges=n, prune=True).row(0, named=True)
+        assert pruned["n_edges"] <= n
+        assert pruned["metric_value"] == pytest.approx(row["metric_value"], abs=1e-5)
+
+
+def test_faithfulness_search_finds_smallest_on_its_curve(setup):
+    store, _, _ = setup
+    sid = int(attribute(store, 1, "eap")["score_id"][0])
+    row = circuit(store, sid, faithfulness=0.85).row(0, named=True)
+    assert row["faithfulness"] >= 0.85
+    curve = stored_curve(store, row["circuit_id"])
+    below = curve.filter(curve["top_n"] == row["top_n"] - 1)
+    assert below.height == 1 and below["faithfulness"][0] < 0.85
+    assert curve["top_n"][0] == 0
+    again = circuit(store, sid, faithfulness=0.85)
+    assert again["circuit_id"][0] == row["circuit_id"]
+
+
+def test_cached_queries_do_not_import_torch(setup):
+    store, _, _ = setup
+    attribute(store, 1, "eap")
+    sid = int(attribute(store, 1, "eap")["score_id"][0])
+    circuit(store, sid, edges=5)
+    code = (
+        "import sys, actstore; s = actstore.open(sys.argv[1]); "
+        "a = s.attribute(1, 'eap'); c = s.circuit(int(a['score_id'][0]), edges=5); "
+        "print(a.height, c['circuit_id'][0], 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(store.path)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    n_edges = Graph.from_config(setup[1].shape).n_edges
+    assert out.stdout.split()[0] == str(n_edges) and out.stdout.split()[-1] == "False"
+
+
+def test_cli_attribute_and_circuit(setup):
+    store, _, _ = setup
+    runner = CliRunner()
+    res = runner.invoke(
+        main, ["attribute", str(store.path), "--run", "1", "--method", "eap", "--top", "3",
+               "--format", "csv"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "score_id,run_id,method,src,dst,qkv,score" and len(lines) == 4
+    sid = lines[1].split(",")[0]
+    res = runner.invoke(main, ["circuit", str(store.path), "--scores", sid, "--edges", "20",
+                               "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert '"n_edges"' in res.stdout
+    bad = runner.invoke(main, ["attribute", str(store.path), "--run", "1", "--method", "eap",
+                               "--steps", "3"])  # fmt: skip
+    assert bad.exit_code == 2 and "--steps" in bad.output
+    node = attribute(store, 1, "atp")
+    bad = runner.invoke(main, ["circuit", str(store.path), "--scores",
+                               str(node["score_id"][0]), "--edges", "5"])  # fmt: skip
+    assert bad.exit_code == 2 and "node level" in bad.output
+    bad = runner.invoke(main, ["circuit", str(store.path), "--scores", sid])
+    assert bad.exit_code == 2 and "exactly one" in bad.output
