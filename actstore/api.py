@@ -21,3 +21,9 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self.path, **kwargs)
+
+    def patch(self, run_id: int, component: str, **kwargs: Any) -> pl.DataFrame:
+        """Activation patching effects of a run (see `queries.patching.patch`)."""
+        from queries.patching import patch
+
+        return patch(self, run_id, component, **kwargs)

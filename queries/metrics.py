@@ -1,0 +1,72 @@
+"""Patching metrics, all in one place: logit difference, answer probability, KL(clean ‖ patched).
+
+Every metric is per prompt at that prompt's final position and averaged over prompts:
+- logit-diff: logit(answer) − logit(wrong answer); needs two unembedding columns only;
+- prob: softmax probability of the answer; needs the full vocabulary's normaliser;
+- kl: KL(clean ‖ patched) = Σ_v p_clean(v) (log p_clean(v) − log p_patched(v)) over the full
+  vocabulary, with the clean logits read from the run's stored `logits` array.
+The normalised effect is (m_patched − m_corrupted) / (m_clean − m_corrupted) for both directions,
+so 1 means clean-like and 0 corrupted-like whether clean was patched in or out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from queries.kernels import Kernels
+
+METRICS = ("logit-diff", "prob", "kl")
+
+
+@dataclass
+class Targets:
+    """What a metric compares against, per prompt of a batch."""
+
+    answer: torch.Tensor  # (B,) token ids
+    wrong: torch.Tensor  # (B,)
+    clean_logits: torch.Tensor  # (B, d_vocab) at the final position, from the store
+
+
+def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
+    """Per-prompt metric of final-position logits (…, B, d_vocab) → (…, B)."""
+    if metric == "logit-diff":
+        return _pick(logits, t.answer) - _pick(logits, t.wrong)
+    logp = logits.float().log_softmax(-1)
+    if metric == "prob":
+        return _pick(logp, t.answer).exp()
+    if metric == "kl":
+        clean = t.clean_logits.float().log_softmax(-1)
+        return (clean.exp() * (clean - logp)).sum(-1)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def from_resid(k: Kernels, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
+    """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
+    metric needs: two columns for a logit difference, the full vocabulary otherwise."""
+    normed = k.unembed_ln(resid)
+    if metric == "logit-diff":
+        w = k.W_U[:, t.answer] - k.W_U[:, t.wrong]  # (D, B)
+        k.flops += 2.0 * normed.numel()
+        return torch.einsum("...bd,db->...b", normed, w) + (k.b_U[t.answer] - k.b_U[t.wrong])
+    return from_logits(metric, k.linear(normed, k.W_U, k.b_U), t)
+
+
+def logits_metric_fn(
+    metric: str, finals: torch.Tensor, t: Targets
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same metric as a function of full-sequence logits (B, seq, d_vocab) → mean over
+    prompts: the form TransformerLens' patching functions take."""
+    rows = torch.arange(finals.shape[0])
+
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        return from_logits(metric, logits[rows, finals], t).mean()
+
+    return fn
+
+
+def _pick(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    index = ids.view(*([1] * (x.dim() - 2)), -1, 1).expand(*x.shape[:-1], 1)
+    return x.gather(-1, index).squeeze(-1)
