@@ -109,7 +109,7 @@ def _load_pairs(
 
 def ingest(
     store_path: str | Path,
-    model: str = "toy",
+    model: str | ModelAdapter = "toy",
     task: str | None = None,
     n: int | None = None,
     corruption: str = "str",
@@ -121,7 +121,10 @@ def ingest(
     seed: int = 0,
     progress: bool | None = None,
 ) -> pl.DataFrame:
-    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row."""
+    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row.
+
+    `model` is a model spec for `load_model`, or an already loaded ModelAdapter.
+    """
     if n is not None and n < 1:
         raise UsageError(f"--n {n}: need at least one prompt")
     if batch_size < 1:
@@ -135,7 +138,7 @@ def ingest(
     if store is not None:
         store.lock.acquire()
     try:
-        adapter = load_model(model, device)
+        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
         if store is not None:
             _check_same_model(store, adapter)
         task_name, pairs, source = _load_pairs(adapter, task, dataset, n, seed)
