@@ -98,3 +98,9 @@ class ActStore(Store):
         from queries.circuits import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device)
+
+    def patch(self, run_id: int, component: str, **kwargs: Any) -> pl.DataFrame:
+        """Activation patching effects of a run (see `queries.patching.patch`)."""
+        from queries.patching import patch
+
+        return patch(self, run_id, component, **kwargs)

@@ -2,6 +2,7 @@
 
 One ingest batch writes whole chunks and nothing else, so chunks never share writers. A chunk's
 checksum is taken over its decoded values, so `verify` detects damage whatever the codec.
+zarr is imported on first use: a query answered from the catalog never needs it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
 
-CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+if TYPE_CHECKING:
+    import zarr
+
 CODEC_NAME = "blosc-zstd3-bitshuffle"
 # Every chunk gets a file, even one equal to the fill value, so that a missing file means damage.
 WRITE_CONFIG = {"write_empty_chunks": True}
@@ -25,7 +27,15 @@ def array_name(run_id: int, side: str, hook: str) -> str:
     return f"run{run_id}/{side}/{hook}"
 
 
+def codec():
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
 def open_root(store_dir: Path, mode: str = "r") -> zarr.Group:
+    import zarr
+
     return zarr.open_group(str(Path(store_dir) / "arrays.zarr"), mode=mode)
 
 
@@ -44,7 +54,7 @@ def create_array(
         shape=shape,
         chunks=chunks,
         dtype=dtype,
-        compressors=CODEC,
+        compressors=codec(),
         fill_value=0,
         overwrite=True,
     )

@@ -486,5 +486,45 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     write_rows(_open(store).circuit(**kwargs), fmt)
 
 
+@main.command()
+@click.argument("store")
+@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@click.option(
+    "--component",
+    type=click.Choice(["head", "head-pos", "resid", "attn-out", "mlp-out"]),
+    required=True,
+    help="head: a head at all positions; head-pos, resid, attn-out, mlp-out: by position.",
+)
+@click.option(
+    "--metric", type=click.Choice(["logit-diff", "prob", "kl"]), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--direction", type=click.Choice(["denoise", "noise"]), default="denoise", show_default=True,
+    help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
+)  # fmt: skip
+@click.option(
+    "--window", type=int, default=1, show_default=True,
+    help="Patch layers [l, l+K) together; the row reports l.",
+)  # fmt: skip
+@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@click.option("--device", help="cpu (default) or cuda.")
+@FORMAT
+def patch(store: str, run_id: int, fmt: str, **kwargs) -> None:
+    """Exact activation patching from cached activations, recomputing only downstream.
+
+    Prints effects(query_id, layer, head, pos, metric, value, normalized): value is the
+    patched run's metric averaged over prompts, normalized is
+    (value - m_corrupted) / (m_clean - m_corrupted). A repeated query is read from the store.
+
+    \b
+    Example:
+      actstore patch /tmp/s --run 1 --component head --metric logit-diff
+      actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
+    """
+    write_rows(_open(store).patch(run_id, **kwargs), fmt)
+
+
 if __name__ == "__main__":
     main()

@@ -219,10 +219,7 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
     if (builtin / "config.json").exists() and "/" not in spec:
         seed = 0 if spec.endswith(RANDOM_SUFFIX) else None
         hf, tokenizer = _gpt2_from_dir(builtin, seed)
-        bridge = TransformerBridge.boot_transformers(
-            spec, hf_model=hf, tokenizer=tokenizer, device=dev
-        )
-        source = "builtin"
+        return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
     elif Path(spec).is_dir():
         path = Path(spec).resolve()
         if not (path / "config.json").exists():
@@ -238,11 +235,7 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ActstoreError(f"--model {spec}: cannot load the directory: {first}") from None
-        bridge = TransformerBridge.boot_transformers(
-            str(path), hf_model=hf, tokenizer=tokenizer, device=dev
-        )
-        spec = str(path)
-        source = "path"
+        return adapter_from_hf(str(path), hf, tokenizer, dev, source="path")
     else:
         if spec.startswith("toy"):
             raise UsageError(
@@ -256,12 +249,27 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
                 f"unknown model {spec!r} (not built-in, not a directory, not loadable from the "
                 f"hub: {msg[:160]}); built-in models: {', '.join(builtin_names())}"
             ) from None
-        tokenizer = bridge.tokenizer
-        source = "hub"
+        return _adapter(spec, bridge, bridge.tokenizer, dev, "hub")
+
+
+def adapter_from_hf(
+    spec: str, hf: Any, tokenizer: Any, device: str | None = None, source: str = "memory"
+) -> ModelAdapter:
+    """Wrap an in-memory Hugging Face causal LM and its tokenizer (how every non-hub model is
+    loaded; also for models built in code, e.g. a randomly initialised GPT-2 shape)."""
+    _silence_transformers()
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    bridge = TransformerBridge.boot_transformers(spec, hf_model=hf, tokenizer=tokenizer, device=dev)
+    return _adapter(spec, bridge, tokenizer, dev, source)
+
+
+def _adapter(spec: str, bridge: Any, tokenizer: Any, device: str, source: str) -> ModelAdapter:
     if getattr(bridge.cfg, "positional_embedding_type", "standard") != "standard":
         raise ActstoreError(
             f"model {spec!r} uses {bridge.cfg.positional_embedding_type} positions; actstore's "
             "downstream recompute supports GPT-2-style learned positional embeddings for now"
         )
     bridge.eval()
-    return ModelAdapter(spec, bridge, tokenizer, dev, source)
+    return ModelAdapter(spec, bridge, tokenizer, device, source)

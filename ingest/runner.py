@@ -112,7 +112,7 @@ def _load_pairs(
 
 def ingest(
     store_path: str | Path,
-    model: str = "toy",
+    model: str | ModelAdapter = "toy",
     task: str | None = None,
     n: int | None = None,
     corruption: str = "str",
@@ -132,6 +132,8 @@ def ingest(
     and ingests it again under the same run id. With `shard="i/N"` only shard i's chunks are
     written and a manifest replaces the catalog writes (see ingest.shards); returns the shard's
     row.
+
+    `model` is a model spec for `load_model`, or an already loaded ModelAdapter.
     """
     if n is not None and n < 1:
         raise UsageError(f"--n {n}: need at least one prompt")
@@ -149,7 +151,7 @@ def ingest(
     if store is not None and part is None:
         store.lock.acquire()
     try:
-        adapter = load_model(model, device)
+        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
         if store is not None:
             _check_same_model(store, adapter)
         task_name, pairs, source = _load_pairs(adapter, task, dataset, n, seed)

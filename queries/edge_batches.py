@@ -17,6 +17,7 @@ import torch
 from actstore.errors import ActstoreError, UsageError
 from actstore.store import Store
 from queries.edge_model import EdgeModel
+from queries.metrics import Targets, from_logits
 
 
 @dataclass
@@ -36,13 +37,7 @@ class EdgeBatch:
 
 def metric_values(metric: str, logits: torch.Tensor, batch: EdgeBatch) -> torch.Tensor:
     """Per-prompt metric of final-position logits (differentiable): SPEC's definitions."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    if metric == "logit-diff":
-        return logits[rows, batch.answer] - logits[rows, batch.wrong]
-    if metric == "prob":
-        return logits.softmax(-1)[rows, batch.answer]
-    clean = batch.clean_logits.log_softmax(-1)
-    return (clean.exp() * (clean - logits.log_softmax(-1))).sum(-1)
+    return from_logits(metric, logits, Targets(batch.answer, batch.wrong, batch.clean_logits))
 
 
 def required_hooks(n_layers: int) -> list[str]:

@@ -1,0 +1,257 @@
+"""Exact activation patching from the store: `actstore patch` and `ActStore.patch`.
+
+Components (rows of `effects`):
+- head: one head's output (hook_z) at every position → (layer, head);
+- head-pos: one head's output at one position → (layer, head, pos);
+- resid: resid_pre at one position → (layer, pos);
+- attn-out / mlp-out: the attention's / the MLP's output at one position → (layer, pos).
+`window=K` patches the component at the K consecutive layers [l, l+K) together and reports the
+row at l (Zhang & Nanda's sliding window); only full windows, so l runs over 0..n_layers−K.
+Positions are absolute, 0..seq_len−1 of the run's padded length; per-position effects are
+meaningful when the run's prompts share a template (equal lengths). A prompt whose final
+position precedes the patched one is unaffected by the patch.
+
+Directions: denoise patches the clean run's activation into the corrupted run, noise the
+corrupted run's into the clean run; both runs are read from the store, never recomputed.
+`value` is the metric of the patched run averaged over prompts (what TransformerLens' patching
+returns with a mean metric); `normalized` is (value − m_corrupted) / (m_clean − m_corrupted)
+for both directions, so 1 is clean-like (see queries/metrics.py).
+
+A query is recorded once (`queries` row + `effects` rows); asking it again reads the stored rows
+before torch is imported. Computation: queries/recompute.py (downstream only, cached keys and
+values before the patched position); queries/reference.py is the slow full-forward path that
+tests compare against.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from actstore.errors import ActstoreError, UsageError
+from actstore.results import find_query, record_query
+from actstore.store import Store
+
+if TYPE_CHECKING:
+    from actstore.models import ModelAdapter
+
+KIND = "patch"
+COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")
+METRICS = ("logit-diff", "prob", "kl")  # queries.metrics.METRICS, kept here to avoid torch
+DIRECTIONS = ("denoise", "noise")
+ENGINES = ("downstream", "downstream-no-kv", "full-forward")
+EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """What determines a patching query's result (hashed into the `queries` row)."""
+
+    component: str
+    metric: str
+    direction: str
+    window: int
+    positions: tuple[int, ...] | None  # None: every position (by-position components)
+
+    def params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["positions"] = None if self.positions is None else list(self.positions)
+        return d
+
+
+def check_spec(
+    store: Store,
+    run_id: int,
+    component: str,
+    metric: str,
+    direction: str,
+    window: int,
+    positions: list[int] | None,
+) -> PatchSpec:
+    """Validate a query against the run (no torch): a UsageError naming the fix otherwise."""
+    for name, value, choices in (
+        ("--component", component, COMPONENTS),
+        ("--metric", metric, METRICS),
+        ("--direction", direction, DIRECTIONS),
+    ):
+        if value not in choices:
+            raise UsageError(f"{name} {value}: choose one of {', '.join(choices)}")
+    run = store.run(run_id)
+    rows = store.query("SELECT n_layers FROM models WHERE model = ?", [run["model"]])
+    n_layers = int(rows.item()) if rows.height else int(run["params"].get("n_layers", 0))
+    if not 1 <= window <= n_layers:
+        raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")
+    if positions is not None:
+        if component == "head":
+            raise UsageError("positions apply to by-position components; use --component head-pos")
+        bad = [p for p in positions if not 0 <= p < int(run["seq_len"])]
+        if bad or not positions:
+            raise UsageError(
+                f"positions {bad or positions}: give positions in 0..{int(run['seq_len']) - 1}"
+            )
+        positions = sorted(set(positions))
+    return PatchSpec(component, metric, direction, window, None if positions is None
+                     else tuple(positions))  # fmt: skip
+
+
+def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
+    return store.query(
+        "SELECT * FROM effects WHERE query_id = ? "
+        "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
+        [query_id],
+    ).select(EFFECT_COLUMNS)
+
+
+def patch(
+    store: Store,
+    run_id: int,
+    component: str,
+    metric: str = "logit-diff",
+    direction: str = "denoise",
+    window: int = 1,
+    positions: list[int] | None = None,
+    recompute: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    model: ModelAdapter | None = None,
+    progress: bool | None = None,
+) -> pl.DataFrame:
+    """Patching effects of a run, from the catalog when asked before, else computed and recorded.
+
+    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized).
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    spec = check_spec(store, run_id, component, metric, direction, window, positions)
+    if not recompute:
+        query_id = find_query(store, KIND, run_id, spec.params())
+        if query_id is not None:
+            return stored_effects(store, query_id)
+    started = time.monotonic()
+    adapter = _model_for_run(store, run_id, model, device)
+    frame, _ = compute_effects(store, run_id, spec, adapter, batch_size=batch_size,
+                               progress=progress)  # fmt: skip
+    query_id = record_query(
+        store, KIND, run_id, spec.params(), time.monotonic() - started, {"effects": frame}
+    )
+    return stored_effects(store, query_id)
+
+
+def _model_for_run(
+    store: Store, run_id: int, model: ModelAdapter | None, device: str | None
+) -> ModelAdapter:
+    from actstore.models import load_model, resolve_device
+
+    run = store.run(run_id)
+    if model is None:
+        model = load_model(run["model"], resolve_device(device or "cpu"))
+    expected = run["params"].get("fingerprint")
+    if expected and model.fingerprint != expected:
+        raise ActstoreError(
+            f"model {model.spec!r} differs from the one run {run_id} was ingested with "
+            f"({run['model']!r}); patch with that model"
+        )
+    return model
+
+
+def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: str):
+    from queries.recompute import Group, Variant
+
+    windows = [tuple(range(lo, lo + spec.window)) for lo in range(n_layers - spec.window + 1)]
+    heads = spec.component in ("head", "head-pos")
+    variants = [Variant(w, h) for w in windows for h in (range(n_heads) if heads else [None])]
+    component = "head" if heads else spec.component
+    if spec.component == "head":
+        return [Group(component, None, 0, variants)]
+    positions = spec.positions if spec.positions is not None else range(seq_len)
+    return [Group(component, p, p if engine == "downstream" else 0, variants) for p in positions]
+
+
+def _kinds(component: str, engine: str) -> tuple[set[str], set[str]]:
+    """Which cached activations each side needs: (base kinds, source kinds)."""
+    src = {"head": {"z"}, "resid": {"pre"}, "attn-out": {"pre", "mid"}, "mlp-out": {"mlp"}}
+    base = {"head": {"pre", "mid", "z"}, "resid": {"pre"}, "attn-out": {"pre", "mid"},
+            "mlp-out": {"pre", "mlp"}}  # fmt: skip
+    return ({"pre"} if engine == "full-forward" else base[component]), src[component]
+
+
+def compute_effects(
+    store: Store,
+    run_id: int,
+    spec: PatchSpec,
+    model: ModelAdapter,
+    engine: str = "downstream",
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> tuple[pl.DataFrame, float]:
+    """Effects rows (layer, head, pos, metric, value, normalized) and the FLOPs it took.
+
+    `engine`: downstream (cached keys/values before the patched position), downstream-no-kv
+    (recompute every position downstream) or full-forward (queries.reference); all three give
+    the same numbers, the first the fastest.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from queries import metrics
+    from queries.activations import read_batch
+    from queries.kernels import Kernels
+    from queries.recompute import PrefixKV, final_resid
+    from queries.reference import final_logits
+
+    if engine not in ENGINES:
+        raise UsageError(f"engine {engine}: choose one of {', '.join(ENGINES)}")
+    run = store.run(run_id)
+    n, seq = int(run["n_prompts"]), int(run["seq_len"])
+    k = Kernels.from_adapter(model)
+    groups = _groups(spec, k.n_layers, k.n_heads, seq, engine)
+    prompts = {c: store.prompts(run_id)[c].to_numpy()
+               for c in ("seq_len", "answer_token", "wrong_answer_token")}  # fmt: skip
+    base_kinds, src_kinds = _kinds(groups[0].component, engine)
+    sums = [np.zeros(len(g.variants)) for g in groups]
+    baseline = {"clean": 0.0, "corrupted": 0.0}
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=((n + batch_size - 1) // batch_size) * len(groups), disable=not show,
+               file=sys.stderr, desc=f"patch run {run_id}", unit="group")  # fmt: skip
+    with torch.inference_mode():
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            batch = read_batch(store, run_id, spec.direction, base_kinds, src_kinds, k.n_layers,
+                               prompts, lo, hi, model.device)  # fmt: skip
+            t = batch.targets
+            baseline["clean"] += float(metrics.from_logits(spec.metric, t.clean_logits, t).sum())
+            baseline["corrupted"] += float(
+                metrics.from_logits(spec.metric, batch.corrupted_logits, t).sum()
+            )
+            prefix = PrefixKV(k, batch)
+            for gi, g in enumerate(groups):
+                if engine == "full-forward":
+                    values = torch.stack([
+                        metrics.from_logits(spec.metric, final_logits(model, batch, g, v), t)
+                        for v in g.variants
+                    ])  # fmt: skip
+                else:
+                    values = metrics.from_resid(k, spec.metric, final_resid(k, batch, g, prefix), t)
+                sums[gi] += values.sum(-1).double().cpu().numpy()
+                bar.update(1)
+    bar.close()
+    m_clean, m_corrupted = baseline["clean"] / n, baseline["corrupted"] / n
+    denom = m_clean - m_corrupted
+    rows = []
+    for g, total in zip(groups, sums, strict=True):
+        for v, s in zip(g.variants, total, strict=True):
+            value = float(s / n)
+            norm = (value - m_corrupted) / denom if denom != 0 else None
+            rows.append((v.layers[0], v.head, g.pos, spec.metric, value, norm))
+    frame = pl.DataFrame(
+        rows,
+        schema={"layer": pl.Int32, "head": pl.Int32, "pos": pl.Int32, "metric": pl.String,
+                "value": pl.Float64, "normalized": pl.Float64},
+        orient="row",
+    ).sort(["layer", "head", "pos"], nulls_last=False)  # fmt: skip
+    return frame, k.flops
