@@ -76,8 +76,9 @@ def test_task_semantics():
         assert (p.answer, p.wrong_answer) in {("is", "are"), ("are", "is")}
         assert p.meta["plural"] == (p.answer == "are")
     for p in get_task("colored-objects").generate(100, 3, toy):
-        assert f"{p.answer} {p.meta['object']} " in p.clean
-        assert f"{p.wrong_answer} {p.meta['corrupt_object']} " in p.corrupted
+        assert f"{p.meta['object']} is {p.answer} " in p.clean
+        assert f"{p.meta['corrupt_object']} is {p.wrong_answer} " in p.corrupted
+        assert p.clean.endswith(f"The {p.meta['object']} is")
     for p in get_task("ioi").generate(100, 3, toy):
         assert p.clean.count(p.wrong_answer) == 2 and p.clean.count(p.answer) == 1
 

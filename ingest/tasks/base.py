@@ -55,7 +55,11 @@ class TaskValidationError(UsageError):
 
 def is_word_level(model: Tokenizes) -> bool:
     """True for the toy models' word-level tokenizer (answers carry no leading space)."""
-    return "<|unk|>" in model.tokenizer.get_vocab()
+    tok = model.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # a fast lookup: get_vocab() copies the whole vocabulary
+        return backend.token_to_id("<|unk|>") is not None
+    return "<|unk|>" in tok.get_vocab()
 
 
 def answer_text(word: str, model: Tokenizes) -> str:
