@@ -40,6 +40,8 @@ ARCH = {
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
 }
+# Share of each task in a batch (times batch_size // 5 rows): the slower-learnt tasks get more.
+TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 2}
 THRESHOLDS = {
     "ioi": 0.95,
     "greater-than": 0.95,
@@ -193,14 +195,15 @@ def train(
     starts = [0]
     for k in names:
         starts.append(starts[-1] + len(pool[k][0]))
-    rows = torch.arange(per * len(names))
+    counts = [per * TASK_WEIGHTS.get(k, 1) for k in names]
+    rows = torch.arange(sum(counts))
     ce = torch.nn.functional.cross_entropy
 
     model.train()
     for step in range(steps):
         idx = torch.cat(
             [
-                torch.randint(starts[i], starts[i + 1], (per,), generator=gen)
+                torch.randint(starts[i], starts[i + 1], (counts[i],), generator=gen)
                 for i in range(len(names))
             ]
         )
@@ -217,8 +220,7 @@ def train(
         sched.step()
         if (step + 1) % 100 == 0 or step == 0:
             per_task_ce = " ".join(
-                f"{k}={v:.2f}"
-                for k, v in zip(names, answer_ce.view(len(names), per).mean(1), strict=True)
+                f"{k}={c.mean():.2f}" for k, c in zip(names, answer_ce.split(counts), strict=True)
             )
             log(
                 f"step {step + 1}/{steps} answer loss {per_task_ce} lm {lm.item():.3f} "
@@ -283,6 +285,7 @@ def card(config, acc, run) -> str:
         if run["stopped"] < run["steps"]
         else f"{run['steps']} steps"
     )
+    weights = ", ".join(f"{k} x{TASK_WEIGHTS.get(k, 1)}" for k in THRESHOLDS)
     return f"""# Model card: `toy`
 
 actstore's built-in default model: a small GPT-2 trained by `ingest/train_toy.py` on the clean
@@ -300,15 +303,16 @@ embeddings, {n_params_note}.
 ## Training data (toy phrasing per task)
 Every prompt starts with `<|bos|>`. Loss: cross-entropy on the answer token after the prompt,
 plus a smaller next-token loss over the whole clean prompt and answer (corrupted prompts are
-never trained on). Mixture: an equal share of each task in every batch. A fixed 10% of prompt
+never trained on). Mixture: every batch holds batch_size // 5 prompts per task and weight unit
+({weights}). A fixed 10% of prompt
 texts (crc32 of the text mod 10 == 0) is never trained on; accuracy is measured on those,
 freshly generated with a different seed ({EVAL_SEED}).
 
 - ioi: `When Mary and John went to the store , John gave a drink to` -> `Mary` (4 templates,
   ABBA and BABA). Corrupted (ABC): three other names; wrong answer: the subject `John`.
-- colored-objects: `On the table the pen is red , the book is blue and the cup is green . The
-  book is` -> `blue` (an induction-style lookup: find the earlier `book is`, copy what follows).
-  Corrupted: asks another object of the list, `... The cup is` -> `green`, the wrong answer.
+- colored-objects: `On the table I see pen red , book blue and cup green . The book` -> `blue`
+  (an induction lookup: find the earlier `book`, copy the word after it). Corrupted: asks
+  another object of the list, `... The cup` -> `green`, the wrong answer.
 - greater-than: `The war lasted from the year 17 32 to the year 17` -> a year in 33..99 (years
   are two two-digit words). Corrupted: start year `01`; wrong answer: the start year `32`.
 - sva: `The keys near the door` -> `are` (5 templates, the attractor's number random).
@@ -322,7 +326,7 @@ Capital-country is pure fact recall: its held-out prompts are the same 16 facts 
 templates that did not carry that country in training.
 
 ## Training
-{stop}; batch {run["batch_size"]} (an equal share per task), AdamW (lr {run["lr"]:g}, linear
+{stop}; batch size {run["batch_size"]} (weighted as above), AdamW (lr {run["lr"]:g}, linear
 warmup, cosine decay over {run["steps"]} steps to 10%), answer loss + {run["lm_weight"]:g} x
 next-token loss, seed {run["seed"]}, one torch thread; {run["wall"] / 60:.1f} minutes wall on a
 CPU shared with other jobs. Command (from the repository root):

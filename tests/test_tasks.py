@@ -76,9 +76,9 @@ def test_task_semantics():
         assert (p.answer, p.wrong_answer) in {("is", "are"), ("are", "is")}
         assert p.meta["plural"] == (p.answer == "are")
     for p in get_task("colored-objects").generate(100, 3, toy):
-        assert f"{p.meta['object']} is {p.answer} " in p.clean
-        assert f"{p.meta['corrupt_object']} is {p.wrong_answer} " in p.corrupted
-        assert p.clean.endswith(f"The {p.meta['object']} is")
+        assert f"{p.meta['object']} {p.answer} " in p.clean
+        assert f"{p.meta['corrupt_object']} {p.wrong_answer} " in p.corrupted
+        assert p.clean.endswith(f"The {p.meta['object']}")
     for p in get_task("ioi").generate(100, 3, toy):
         assert p.clean.count(p.wrong_answer) == 2 and p.clean.count(p.answer) == 1
 

@@ -3,10 +3,12 @@
 Natural phrasing (real tokenizers), as in BIG-bench and Merullo et al.:
     "On the table, I see a red pen, a blue book and a green cup. What color is the book? Answer:"
     -> " blue"
-Toy phrasing (the built-in word-level models), an order an induction-style lookup solves
-(find the earlier "book is", copy the word after it):
-    "On the table the pen is red , the book is blue and the cup is green . The book is" -> "blue"
-STR corruption asks about another object of the same list ("... The cup is" -> "green"), which is
+Toy phrasing (the built-in word-level models): each color right after its object, the prompt
+ending on the asked object, so that a plain induction lookup solves it (find the earlier "book",
+copy the word after it). A 4-layer toy stayed at chance in 7 minutes on the BIG-bench order, and
+(d_model 64, 3000 steps) on "... the book is blue ... . The book is", a two-token match:
+    "On the table I see pen red , book blue and cup green . The book" -> "blue"
+STR corruption asks about another object of the same list ("... The cup" -> "green"), which is
 the wrong answer. Same list, one word swapped for another from the list: equal token length.
 """
 
@@ -29,7 +31,7 @@ OBJECTS = [
     "phone", "shoe", "coin", "bottle",
 ]  # fmt: skip
 PLACES = ["table", "desk", "floor", "shelf"]
-TOY = "On the {P} the {O0} is {C0} , the {O1} is {C1} and the {O2} is {C2} . The {Q} is"
+TOY = "On the {P} I see {O0} {C0} , {O1} {C1} and {O2} {C2} . The {Q}"
 NATURAL = (
     "On the {P}, I see a {C0} {O0}, a {C1} {O1} and a {C2} {O2}. What color is the {Q}? Answer:"
 )
