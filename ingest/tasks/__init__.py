@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from actstore.errors import UsageError
 from ingest.tasks.base import PromptPair, Task, TaskValidationError, validate_pairs
+from ingest.tasks.capital_country import CapitalCountry
+from ingest.tasks.colored_objects import ColoredObjects
+from ingest.tasks.greater_than import GreaterThan
 from ingest.tasks.ioi import IOI
+from ingest.tasks.sva import SVA
 
-TASKS: dict[str, Task] = {t.name: t for t in (IOI(),)}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (IOI(), ColoredObjects(), GreaterThan(), SVA(), CapitalCountry())
+}
+
+
+def toy_vocabulary() -> list[str]:
+    """Every word of every task's toy phrasing, in first-seen order: the toy models' vocabulary."""
+    seen: dict[str, None] = {}
+    for task in TASKS.values():
+        for word in task.vocabulary():
+            seen.setdefault(word, None)
+    return list(seen)
 
 
 def get_task(name: str) -> Task:
@@ -19,4 +34,12 @@ def get_task(name: str) -> Task:
         ) from None
 
 
-__all__ = ["TASKS", "PromptPair", "Task", "TaskValidationError", "get_task", "validate_pairs"]
+__all__ = [
+    "TASKS",
+    "PromptPair",
+    "Task",
+    "TaskValidationError",
+    "get_task",
+    "toy_vocabulary",
+    "validate_pairs",
+]

@@ -55,7 +55,11 @@ class TaskValidationError(UsageError):
 
 def is_word_level(model: Tokenizes) -> bool:
     """True for the toy models' word-level tokenizer (answers carry no leading space)."""
-    return "<|unk|>" in model.tokenizer.get_vocab()
+    tok = model.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # a fast lookup: get_vocab() copies the whole vocabulary
+        return backend.token_to_id("<|unk|>") is not None
+    return "<|unk|>" in tok.get_vocab()
 
 
 def answer_text(word: str, model: Tokenizes) -> str:
@@ -63,10 +67,18 @@ def answer_text(word: str, model: Tokenizes) -> str:
     return word if is_word_level(model) else " " + word
 
 
-def validate_pairs(pairs: Sequence[PromptPair], model: Tokenizes, source: str) -> None:
-    """Raise on the first pair the tokenizer cannot take as it is; never drop or pad silently."""
+def validate_pairs(
+    pairs: Sequence[PromptPair],
+    model: Tokenizes,
+    source: str,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Raise on the first pair the tokenizer cannot take as it is; never drop or pad silently.
+
+    `labels[i]` names pair i in the message (e.g. "row 7" of a file); "pair i" by default.
+    """
     for i, p in enumerate(pairs):
-        where = f"{source} pair {i}"
+        where = f"{source} {labels[i] if labels is not None else f'pair {i}'}"
         clean_ids = model.token_ids(p.clean)
         corrupted_ids = model.token_ids(p.corrupted)
         if len(clean_ids) != len(corrupted_ids):
@@ -95,3 +107,49 @@ def validate_pairs(pairs: Sequence[PromptPair], model: Tokenizes, source: str) -
 def rng_for(seed: int, name: str) -> random.Random:
     """A task's own random stream, so that tasks never share or disturb each other's draws."""
     return random.Random(f"{name}:{seed}")
+
+
+class TokenizerView:
+    """A bare tokenizer seen as `Tokenizes`: for generating and validating without a model."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(o) for o in enc["offset_mapping"]]
+
+
+def n_tokens(text: str, model: Tokenizes) -> int:
+    """How many tokens `text` takes where it continues a prompt."""
+    return len(model.token_ids(text))
+
+
+def single_token(words: Sequence[str], model: Tokenizes, task: str, least: int = 2) -> list[str]:
+    """The words of a pool that are one token as answers for this tokenizer.
+
+    A pool is chosen so that every word is one token for GPT-2's BPE and the toy vocabulary; for
+    another tokenizer the pool shrinks to the words that are. Too few left is an error, not a
+    silent change of the task.
+    """
+    kept = [w for w in words if n_tokens(answer_text(w, model), model) == 1]
+    if len(kept) < least:
+        raise TaskValidationError(
+            f"task {task}: only {len(kept)} of the words {list(words)[:6]}... are single tokens "
+            f"for this tokenizer (need {least}); use a model whose tokenizer fits the task"
+        )
+    return kept
+
+
+def template_words(*templates: str) -> list[str]:
+    """The literal words of templates, placeholders left out (for the toy vocabulary)."""
+    import string
+
+    words: list[str] = []
+    for t in templates:
+        for literal, _field, _spec, _conv in string.Formatter().parse(t):
+            words.extend(literal.split())
+    return words

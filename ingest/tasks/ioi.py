@@ -7,7 +7,7 @@ ABBA and BABA orders are both generated.
 
 from __future__ import annotations
 
-from ingest.tasks.base import PromptPair, Tokenizes, answer_text, rng_for
+from ingest.tasks.base import PromptPair, Tokenizes, answer_text, rng_for, template_words
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "David", "Emma", "Paul",
@@ -27,6 +27,9 @@ NATURAL = [t.replace(" ,", ",").replace(" .", ".") for t in TEMPLATES]
 class IOI:
     name = "ioi"
     description = "indirect object identification, ABBA/BABA templates, ABC corruption"
+
+    def vocabulary(self) -> list[str]:
+        return template_words(*TEMPLATES) + NAMES + PLACES + OBJECTS
 
     def generate(self, n: int, seed: int, model: Tokenizes) -> list[PromptPair]:
         from ingest.tasks.base import is_word_level

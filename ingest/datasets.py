@@ -1,0 +1,198 @@
+"""Importers for prompt-pair datasets from other circuit-discovery tools.
+
+- EAP-IG CSV (Hanna et al.'s EAP-IG repository): columns `clean`, `corrupted`, and either
+  `correct_idx` / `incorrect_idx` (token ids of the answer and the wrong answer in the model's
+  vocabulary) or text columns `answer` / `wrong_answer` (text wins where both are present).
+- AutoCircuit JSON: `{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}, ...]}`,
+  answers as lists of strings. The first answer and the first wrong answer are used; further
+  ones are kept in the pair's `meta` (`more_answers`, `more_wrong_answers`).
+
+`load_dataset(path, model)` picks the format by extension (.csv, .json), and every malformed
+row is a one-line `UsageError` naming the file, the row and the problem. Every pair is checked
+against the model's tokenizer (equal token length, single-token answers), never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from actstore.errors import UsageError
+from ingest.tasks.base import PromptPair, Tokenizes, validate_pairs
+
+
+def load_dataset(path: str | Path, model: Tokenizes) -> list[PromptPair]:
+    """The prompt pairs of an EAP-IG CSV or AutoCircuit JSON file, validated for `model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--dataset {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        pairs, labels = _read_eap_csv(path, model)
+    elif suffix == ".json":
+        pairs, labels = _read_autocircuit_json(path)
+    else:
+        raise UsageError(
+            f"--dataset {path}: unknown format {suffix or '(no extension)'!r}; "
+            "give an EAP-IG .csv or an AutoCircuit .json file"
+        )
+    if not pairs:
+        raise UsageError(f"--dataset {path}: the file holds no prompt pairs")
+    validate_pairs(pairs, model, path.name, labels=labels)
+    return pairs
+
+
+def differing_words(clean: str, corrupted: str) -> tuple[str, ...]:
+    """Words of `clean` that the corrupted prompt replaces: the subject words of a dataset pair."""
+    a, b = clean.split(), corrupted.split()
+    if len(a) != len(b):
+        return ()
+    strip = ".,;:!?\"'()"
+    return tuple(
+        dict.fromkeys(
+            x.strip(strip) for x, y in zip(a, b, strict=True) if x != y and x.strip(strip)
+        )
+    )
+
+
+def _text(value: object, where: str, column: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{where}: {column!r} is empty or not text")
+    return value
+
+
+def _read_eap_csv(path: Path, model: Tokenizes) -> tuple[list[PromptPair], list[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or [])
+            if not columns:
+                raise UsageError(f"--dataset {path}: empty file (no header row)")
+            _check_columns(path, columns)
+            pairs, labels = [], []
+            for n, row in enumerate(reader, start=1):
+                where = f"--dataset {path.name} row {n} (line {reader.line_num})"
+                pairs.append(_eap_row(row, where, model))
+                labels.append(f"row {n}")
+    except UnicodeDecodeError:
+        raise UsageError(f"--dataset {path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise UsageError(f"--dataset {path}: malformed CSV: {exc}") from None
+    return pairs, labels
+
+
+def _check_columns(path: Path, columns: set[str]) -> None:
+    missing = [c for c in ("clean", "corrupted") if c not in columns]
+    has_text = {"answer", "wrong_answer"} <= columns
+    has_idx = {"correct_idx", "incorrect_idx"} <= columns
+    if not (has_text or has_idx):
+        missing.append("correct_idx+incorrect_idx (or answer+wrong_answer)")
+    if missing:
+        raise UsageError(
+            f"--dataset {path.name}: missing column(s) {', '.join(missing)}; an EAP-IG CSV has "
+            "clean, corrupted and correct_idx, incorrect_idx (token ids) or answer, wrong_answer"
+        )
+
+
+def _eap_row(row: dict, where: str, model: Tokenizes) -> PromptPair:
+    if None in row:
+        raise UsageError(f"{where}: more fields than the header has columns")
+    if any(v is None for v in row.values()):
+        raise UsageError(f"{where}: fewer fields than the header has columns")
+    clean = _text(row["clean"], where, "clean")
+    corrupted = _text(row["corrupted"], where, "corrupted")
+    meta: dict = {"source_format": "eap-ig-csv"}
+    if row.get("answer") and row.get("wrong_answer"):
+        answer, wrong = row["answer"], row["wrong_answer"]
+    else:
+        answer = _token_text(row.get("correct_idx"), where, "correct_idx", model)
+        wrong = _token_text(row.get("incorrect_idx"), where, "incorrect_idx", model)
+        meta["answer_id"] = int(row["correct_idx"])
+        meta["wrong_answer_id"] = int(row["incorrect_idx"])
+    return PromptPair(
+        clean=clean,
+        corrupted=corrupted,
+        answer=answer,
+        wrong_answer=wrong,
+        subject_words=differing_words(clean, corrupted),
+        group="dataset",
+        meta=meta,
+    )
+
+
+def _token_text(value: str | None, where: str, column: str, model: Tokenizes) -> str:
+    """The text of token id `value`, checked to re-encode as exactly that one token."""
+    if value is None or not value.strip():
+        raise UsageError(f"{where}: {column} is empty")
+    try:
+        idx = int(value.strip())
+    except ValueError:
+        raise UsageError(f"{where}: {column} {value!r} is not an integer token id") from None
+    tok = model.tokenizer
+    size = len(tok)
+    if not 0 <= idx < size:
+        raise UsageError(f"{where}: {column} {idx} is outside the vocabulary (0..{size - 1})")
+    text = tok.decode([idx])
+    if model.token_ids(text) != [idx]:
+        raise UsageError(
+            f"{where}: {column} {idx} decodes to {text!r}, which does not encode back to that "
+            "single token; give answer/wrong_answer text columns instead"
+        )
+    return text
+
+
+def _read_autocircuit_json(path: Path) -> tuple[list[PromptPair], list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"--dataset {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"--dataset {path}: bad JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
+        raise UsageError(
+            f"--dataset {path.name}: an AutoCircuit JSON file is an object with a 'prompts' list"
+        )
+    pairs, labels = [], []
+    for n, item in enumerate(data["prompts"], start=1):
+        where = f"--dataset {path.name} prompt {n}"
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: not an object")
+        missing = [k for k in ("clean", "corrupt", "answers", "wrong_answers") if k not in item]
+        if missing:
+            raise UsageError(f"{where}: missing key(s) {', '.join(missing)}")
+        answers = _answers(item["answers"], where, "answers")
+        wrong = _answers(item["wrong_answers"], where, "wrong_answers")
+        clean = _text(item["clean"], where, "clean")
+        corrupted = _text(item["corrupt"], where, "corrupt")
+        meta: dict = {"source_format": "autocircuit-json"}
+        if len(answers) > 1:
+            meta["more_answers"] = answers[1:]
+        if len(wrong) > 1:
+            meta["more_wrong_answers"] = wrong[1:]
+        pairs.append(
+            PromptPair(
+                clean=clean,
+                corrupted=corrupted,
+                answer=answers[0],
+                wrong_answer=wrong[0],
+                subject_words=differing_words(clean, corrupted),
+                group="dataset",
+                meta=meta,
+            )
+        )
+        labels.append(f"prompt {n}")
+    return pairs, labels
+
+
+def _answers(value: object, where: str, key: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{where}: {key!r} must be a non-empty list of strings")
+    for a in value:
+        if not isinstance(a, str) or not a:
+            raise UsageError(f"{where}: {key!r} holds {a!r}, not a non-empty string")
+    return list(value)

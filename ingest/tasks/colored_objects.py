@@ -1,0 +1,80 @@
+"""Colored Objects (Ippolito & Callison-Burch; BIG-bench reasoning_about_colored_objects).
+
+Natural phrasing (real tokenizers), as in BIG-bench and Merullo et al.:
+    "On the table, I see a red pen, a blue book and a green cup. What color is the book? Answer:"
+    -> " blue"
+Toy phrasing (the built-in word-level models): each color right after its object, the prompt
+ending on the asked object, so that a plain induction lookup solves it (find the earlier "book",
+copy the word after it). A 4-layer toy stayed at chance in 7 minutes on the BIG-bench order, and
+(d_model 64, 3000 steps) on "... the book is blue ... . The book is", a two-token match:
+    "On the table I see pen red , book blue and cup green . The book" -> "blue"
+STR corruption asks about another object of the same list ("... The cup" -> "green"), which is
+the wrong answer. Same list, one word swapped for another from the list: equal token length.
+"""
+
+from __future__ import annotations
+
+from ingest.tasks.base import (
+    PromptPair,
+    Tokenizes,
+    answer_text,
+    is_word_level,
+    n_tokens,
+    rng_for,
+    single_token,
+    template_words,
+)
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange", "purple", "pink"]
+OBJECTS = [
+    "pen", "book", "cup", "ball", "key", "box", "hat", "bag", "plate", "lamp", "chair", "clock",
+    "phone", "shoe", "coin", "bottle",
+]  # fmt: skip
+PLACES = ["table", "desk", "floor", "shelf"]
+TOY = "On the {P} I see {O0} {C0} , {O1} {C1} and {O2} {C2} . The {Q}"
+NATURAL = (
+    "On the {P}, I see a {C0} {O0}, a {C1} {O1} and a {C2} {O2}. What color is the {Q}? Answer:"
+)
+N_ITEMS = 3
+
+
+class ColoredObjects:
+    name = "colored-objects"
+    description = "color of a named object among three (BIG-bench phrasing; toy: induction order)"
+
+    def vocabulary(self) -> list[str]:
+        return template_words(TOY) + COLORS + OBJECTS + PLACES
+
+    def generate(self, n: int, seed: int, model: Tokenizes) -> list[PromptPair]:
+        rng = rng_for(seed, self.name)
+        toy = is_word_level(model)
+        template = TOY if toy else NATURAL
+        colors = single_token(COLORS, model, self.name, least=N_ITEMS)
+        # Objects that take equal token counts in the list, so swapping the asked one keeps length.
+        by_len: dict[int, list[str]] = {}
+        for o in OBJECTS:
+            by_len.setdefault(n_tokens(" " + o, model), []).append(o)
+        objects = max(by_len.values(), key=len)
+        pairs = []
+        for _ in range(n):
+            cs = rng.sample(colors, N_ITEMS)
+            os_ = rng.sample(objects, N_ITEMS)
+            q, r = rng.sample(range(N_ITEMS), 2)
+            place = rng.choice(PLACES)
+            fill = {f"C{i}": cs[i] for i in range(N_ITEMS)} | {
+                f"O{i}": os_[i] for i in range(N_ITEMS)
+            }
+            clean = template.format(P=place, Q=os_[q], **fill)
+            corrupted = template.format(P=place, Q=os_[r], **fill)
+            pairs.append(
+                PromptPair(
+                    clean=clean,
+                    corrupted=corrupted,
+                    answer=answer_text(cs[q], model),
+                    wrong_answer=answer_text(cs[r], model),
+                    subject_words=(os_[q],),
+                    group=f"q{q}",
+                    meta={"object": os_[q], "color": cs[q], "corrupt_object": os_[r]},
+                )
+            )
+        return pairs

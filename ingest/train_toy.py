@@ -1,0 +1,386 @@
+"""Train the built-in toy model: a small GPT-2 that really solves actstore's five tasks.
+
+    python -m ingest.train_toy --out actstore/builtin/toy [--steps N] [--seed S]
+
+Seeded and reproducible on CPU. The training data are the clean prompts of every task's toy
+phrasing (word-level tokenizer over the union vocabulary, BOS first as `ModelAdapter.tokenize`
+does), with cross-entropy on the answer token only: corrupted prompts never teach an answer.
+A fixed 10% of prompt texts (by a hash of the text) is held out of training, and accuracy is
+measured on those, generated with a different seed: held-out prompts are new combinations of
+names, objects, years, nouns and templates. Capital-country is fact recall, so its held-out
+prompts are the same facts in templates that did not carry that country in training.
+
+Writes config.json, vocab.json, model.safetensors and CARD.md into --out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+TRAIN_SEED_OFFSET = 0
+EVAL_SEED = 1_000_003
+HELD_OUT_MOD = 10
+ARCH = {
+    "n_layer": 4,
+    "n_embd": 128,
+    "n_head": 4,
+    "n_inner": 512,
+    "n_positions": 64,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 1,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+# Share of each task in a batch (times batch_size // 5 rows): the slower-learnt tasks get more.
+TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 2}
+THRESHOLDS = {
+    "ioi": 0.95,
+    "greater-than": 0.95,
+    "sva": 0.90,
+    "capital-country": 0.90,
+    "colored-objects": 0.85,
+}
+
+
+def is_held_out(text: str) -> bool:
+    """The fixed held-out split: prompt texts never trained on."""
+    return zlib.crc32(text.encode()) % HELD_OUT_MOD == 0
+
+
+def toy_tokenizer():
+    from actstore.tokenizer import word_level_tokenizer
+    from ingest.tasks import toy_vocabulary
+
+    return word_level_tokenizer(toy_vocabulary(), name="toy")
+
+
+def held_out_pairs(task, view, n: int, seed: int = EVAL_SEED) -> list:
+    """`n` fresh pairs of `task` from the held-out split, generated with `seed`."""
+    pairs: list = []
+    batch = 0
+    while len(pairs) < n:
+        fresh = task.generate(n * HELD_OUT_MOD, seed * 1000 + batch, view)
+        pairs.extend(p for p in fresh if is_held_out(p.clean))
+        batch += 1
+    return pairs[:n]
+
+
+def _encode(pairs, view) -> tuple:
+    """Right-padded BOS-first token ids, last positions, answer and wrong-answer ids."""
+    import torch
+
+    tok = view.tokenizer
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+
+    def batch_ids(texts: list[str]) -> list[list[int]]:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    seqs = [[bos] + ids for ids in batch_ids([p.clean for p in pairs])]
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in seqs])
+    ans = torch.tensor([ids[0] for ids in batch_ids([p.answer for p in pairs])])
+    wrong = torch.tensor([ids[0] for ids in batch_ids([p.wrong_answer for p in pairs])])
+    return tokens, last, ans, wrong
+
+
+def accuracy(logits_fn: Callable, view, n: int = 200, seed: int = EVAL_SEED) -> dict:
+    """Per task: fraction of held-out pairs with clean logit diff > 0, and the mean logit diff.
+
+    `logits_fn(tokens)` returns logits (batch, pos, vocab) for BOS-first, right-padded tokens.
+    """
+    import torch
+
+    from ingest.tasks import TASKS
+
+    out = {}
+    for name, task in TASKS.items():
+        pairs = held_out_pairs(task, view, n, seed)
+        tokens, last, ans, wrong = _encode(pairs, view)
+        with torch.no_grad():
+            logits = logits_fn(tokens)[torch.arange(len(pairs)), last]  # right padding: exact
+        diff = logits.gather(1, ans[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
+        out[name] = {"accuracy": float((diff > 0).float().mean()), "logit_diff": float(diff.mean())}
+    return out
+
+
+def _training_pool(view, seed: int, per_task: int) -> dict:
+    from ingest.tasks import TASKS
+
+    pool = {}
+    for name, task in TASKS.items():
+        pairs = [
+            p
+            for p in task.generate(per_task, seed + TRAIN_SEED_OFFSET, view)
+            if not is_held_out(p.clean)
+        ]
+        pool[name] = _encode(pairs, view)
+    return pool
+
+
+def train(
+    out: Path | str,
+    steps: int = 4000,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    per_task: int = 10000,
+    eval_every: int = 500,
+    eval_n: int = 200,
+    lm_weight: float = 0.5,
+    until_pass: bool = False,
+    checkpoint: bool = False,
+    d_model: int = 128,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict:
+    """Train, write the model files into `out`, return the final held-out accuracies."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ingest.tasks import toy_vocabulary
+    from ingest.tasks.base import TokenizerView
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = toy_tokenizer()
+    view = TokenizerView(tokenizer)
+    config = dict(ARCH, vocab_size=len(tokenizer.get_vocab()), n_embd=d_model, n_inner=4 * d_model)
+    model = GPT2LMHeadModel(GPT2Config(**config))
+    pool = _training_pool(view, seed, per_task)
+    names = sorted(pool)
+    log(f"pool: {', '.join(f'{k}={len(v[0])}' for k, v in pool.items())} ({time.time() - t0:.1f}s)")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(200, steps // 10))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    per = batch_size // len(names)
+
+    def logits_fn(tokens):
+        return model(tokens).logits
+
+    # Each training row is BOS + clean prompt + answer, right-padded: the answer-token loss
+    # teaches the task, the next-token loss over the whole row (weight lm_weight) speeds up the
+    # forming of the induction-style heads that IOI and Colored Objects need.
+    pad = tokenizer.pad_token_id
+    width = max(int(pool[k][1].max()) + 2 for k in names)
+    tokens = torch.cat(
+        [
+            torch.nn.functional.pad(pool[k][0], (0, width - pool[k][0].shape[1]), value=pad)
+            for k in names
+        ]
+    )
+    last = torch.cat([pool[k][1] for k in names])
+    ans = torch.cat([pool[k][2] for k in names])
+    tokens[torch.arange(len(tokens)), last + 1] = ans
+    starts = [0]
+    for k in names:
+        starts.append(starts[-1] + len(pool[k][0]))
+    counts = [per * TASK_WEIGHTS.get(k, 1) for k in names]
+    rows = torch.arange(sum(counts))
+    ce = torch.nn.functional.cross_entropy
+
+    model.train()
+    for step in range(steps):
+        idx = torch.cat(
+            [
+                torch.randint(starts[i], starts[i + 1], (counts[i],), generator=gen)
+                for i in range(len(names))
+            ]
+        )
+        batch = tokens[idx]
+        logits = model(batch).logits  # right padding: real positions never see a pad
+        answer_ce = ce(logits[rows, last[idx]], ans[idx], reduction="none")
+        targets = batch[:, 1:].masked_fill(batch[:, 1:] == pad, -100)
+        lm = ce(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = answer_ce.mean() + lm_weight * lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0 or step == 0:
+            per_task_ce = " ".join(
+                f"{k}={c.mean():.2f}" for k, c in zip(names, answer_ce.split(counts), strict=True)
+            )
+            log(
+                f"step {step + 1}/{steps} answer loss {per_task_ce} lm {lm.item():.3f} "
+                f"({time.time() - t0:.0f}s)"
+            )
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.eval()
+            acc = accuracy(logits_fn, view, n=eval_n)
+            log("held-out " + " ".join(f"{k}={v['accuracy']:.3f}" for k, v in acc.items()))
+            model.train()
+            if checkpoint:  # a run cut short still leaves its latest evaluated weights
+                run = {"steps": steps, "stopped": step + 1, "until_pass": until_pass}
+                run |= {"seed": seed, "batch_size": batch_size, "wall": time.time() - t0}
+                run |= {"lm_weight": lm_weight, "lr": lr}
+                _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
+            if until_pass and passes(acc):
+                log(f"all thresholds hold at step {step + 1}: stopping (--until-pass)")
+                break
+    stopped = step + 1
+    model.eval()
+    acc = accuracy(logits_fn, view, n=eval_n)
+    wall = time.time() - t0
+    log("final held-out " + " ".join(f"{k}={v['accuracy']:.3f}" for k, v in acc.items()))
+    run = {"steps": steps, "stopped": stopped, "until_pass": until_pass, "seed": seed}
+    run |= {"batch_size": batch_size, "wall": wall, "lm_weight": lm_weight, "lr": lr}
+    _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
+    return acc
+
+
+def passes(acc: dict) -> bool:
+    return all(acc[k]["accuracy"] >= t for k, t in THRESHOLDS.items())
+
+
+def _write(out: Path, model, config, words, tokenizer, acc, run):
+    from safetensors.torch import save_file
+
+    from actstore.tokenizer import SPECIAL_TOKENS
+
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    vocab = SPECIAL_TOKENS + [w for w in words if w not in SPECIAL_TOKENS]
+    assert len(vocab) == config["vocab_size"] == len(tokenizer.get_vocab())
+    (out / "vocab.json").write_text("[\n" + ",\n".join(json.dumps(w) for w in vocab) + "\n]\n")
+    (out / "CARD.md").write_text(card(config, acc, run))
+
+
+def card(config, acc, run) -> str:
+    n_params_note = "float32 safetensors"
+    rows = "\n".join(
+        f"| {k} | {v['accuracy'] * 100:.1f}% | {v['logit_diff']:.2f} | {THRESHOLDS[k] * 100:.0f}% |"
+        for k, v in acc.items()
+    )
+    cmd = (
+        f"python -m ingest.train_toy --out actstore/builtin/toy --steps {run['steps']} "
+        f"--seed {run['seed']} --lr {run['lr']:g} --lm-weight {run['lm_weight']:g} "
+        f"--d-model {config['n_embd']}" + (" --until-pass" if run["until_pass"] else "")
+    )
+    stop = (
+        f"stopped at step {run['stopped']} of {run['steps']}, at the first evaluation (every "
+        "250 steps) where every task met its threshold (`--until-pass`)"
+        if run["stopped"] < run["steps"]
+        else f"{run['steps']} steps"
+    )
+    weights = ", ".join(f"{k} x{TASK_WEIGHTS.get(k, 1)}" for k in THRESHOLDS)
+    return f"""# Model card: `toy`
+
+actstore's built-in default model: a small GPT-2 trained by `ingest/train_toy.py` on the clean
+prompts of actstore's five tasks in their toy (word-level) phrasing, so that it really solves them
+and has real circuits to find. Not a language model: it knows only the task vocabulary.
+
+## Architecture
+GPT-2 (Hugging Face `GPT2LMHeadModel`, loaded through TransformerLens' `TransformerBridge`):
+{config["n_layer"]} layers, d_model {config["n_embd"]}, {config["n_head"]} heads (d_head
+{config["n_embd"] // config["n_head"]}), d_mlp {config["n_inner"]}, {config["n_positions"]}
+positions, vocabulary {config["vocab_size"]} words (word-level tokenizer with a Whitespace
+pre-tokenizer, so punctuation is its own token; `<|bos|>`, `<|pad|>`, `<|unk|>` first), tied
+embeddings, {n_params_note}.
+
+## Training data (toy phrasing per task)
+Every prompt starts with `<|bos|>`. Loss: cross-entropy on the answer token after the prompt,
+plus a smaller next-token loss over the whole clean prompt and answer (corrupted prompts are
+never trained on). Mixture: every batch holds batch_size // 5 prompts per task and weight unit
+({weights}). A fixed 10% of prompt
+texts (crc32 of the text mod 10 == 0) is never trained on; accuracy is measured on those,
+freshly generated with a different seed ({EVAL_SEED}).
+
+- ioi: `When Mary and John went to the store , John gave a drink to` -> `Mary` (4 templates,
+  ABBA and BABA). Corrupted (ABC): three other names; wrong answer: the subject `John`.
+- colored-objects: `On the table I see pen red , book blue and cup green . The book` -> `blue`
+  (an induction lookup: find the earlier `book`, copy the word after it). Corrupted: asks
+  another object of the list, `... The cup` -> `green`, the wrong answer.
+- greater-than: `The war lasted from the year 17 32 to the year 17` -> a year in 33..99 (years
+  are two two-digit words). Corrupted: start year `01`; wrong answer: the start year `32`.
+- sva: `The keys near the door` -> `are` (5 templates, the attractor's number random).
+  Corrupted: the subject's number flipped (`The key near the door` -> `is`).
+- capital-country: `The capital of France is` -> `Paris` (6 context templates, 16 facts).
+  Corrupted: another country; wrong answer: its capital.
+
+Real tokenizers get the natural phrasing instead (BIG-bench's "What color is the book? Answer:",
+"1732", punctuation attached); the toy model was trained only on the toy phrasing above.
+Capital-country is pure fact recall: its held-out prompts are the same 16 facts in context
+templates that did not carry that country in training.
+
+## Training
+{stop}; batch size {run["batch_size"]} (weighted as above), AdamW (lr {run["lr"]:g}, linear
+warmup, cosine decay over {run["steps"]} steps to 10%), answer loss + {run["lm_weight"]:g} x
+next-token loss, seed {run["seed"]}, one torch thread; {run["wall"] / 60:.1f} minutes wall on a
+CPU shared with other jobs. Command (from the repository root):
+
+    {cmd}
+
+## Held-out accuracy (clean logit difference > 0, 200 fresh prompts per task)
+
+| task | accuracy | mean logit diff | required |
+|---|---|---|---|
+{rows}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="actstore/builtin/toy")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--lm-weight", type=float, default=0.5)
+    parser.add_argument("--checkpoint", action="store_true", help="write the model at each eval")
+    parser.add_argument(
+        "--until-pass",
+        action="store_true",
+        help="stop at the first evaluation where every task meets its accuracy threshold",
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    acc = train(
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        eval_every=250 if args.until_pass else 500,
+        until_pass=args.until_pass,
+        lr=args.lr,
+        lm_weight=args.lm_weight,
+        checkpoint=args.checkpoint,
+        d_model=args.d_model,
+    )
+    failing = [k for k, v in acc.items() if v["accuracy"] < THRESHOLDS[k]]
+    if failing:
+        print(f"below threshold: {', '.join(failing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

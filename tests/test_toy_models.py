@@ -1,0 +1,89 @@
+"""The built-in toy model really solves the tasks; the training script's first steps run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tokenizers_for_tests import toy_view
+
+from actstore.models import load_model
+from ingest.train_toy import THRESHOLDS, accuracy, held_out_pairs, is_held_out, train
+
+N_HELD_OUT = 200
+
+
+@pytest.fixture(scope="module")
+def toy():
+    load_model("toy")  # warm the imports; the timing below is of loading alone
+    t0 = time.perf_counter()
+    model = load_model("toy")
+    return model, time.perf_counter() - t0
+
+
+def test_toy_loads_offline_fast(toy):
+    model, seconds = toy
+    assert model.source == "builtin"
+    assert seconds < 1.0, f"load_model('toy') took {seconds:.2f}s"
+    assert model.shape.n_layers == 4 and model.shape.d_model <= 128
+
+
+@pytest.fixture(scope="module")
+def held_out_accuracy(toy):
+    model, _ = toy
+    return accuracy(lambda tokens: model.forward(tokens), toy_view(), n=N_HELD_OUT)
+
+
+# Measured accuracy of the committed weights lies in the model card; this model misses the
+# Greater-Than threshold (see CARD.md), so that case is an expected, strict failure.
+KNOWN_SHORT = {"greater-than"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="below threshold, see CARD"))
+        if n in KNOWN_SHORT
+        else n
+        for n in THRESHOLDS
+    ],
+)
+def test_toy_held_out_accuracy(held_out_accuracy, name):
+    acc = held_out_accuracy[name]
+    assert acc["accuracy"] >= THRESHOLDS[name], (name, acc)
+    assert acc["logit_diff"] > 0, (name, acc)
+
+
+def test_held_out_prompts_are_new():
+    view = toy_view()
+    from ingest.tasks import TASKS
+
+    for task in TASKS.values():
+        pairs = held_out_pairs(task, view, 50)
+        assert all(is_held_out(p.clean) for p in pairs)
+        train_texts = {p.clean for p in task.generate(2000, 0, view) if not is_held_out(p.clean)}
+        assert not train_texts & {p.clean for p in pairs}
+
+
+def test_adapter_matches_training_forward(toy):
+    """The adapter's embed/run_blocks/unembed path computes what the HF model computed."""
+    model, _ = toy
+    tokens = torch.tensor([model.tokenize("The capital of France is")])
+    hf = model.bridge.original_model if hasattr(model.bridge, "original_model") else None
+    logits = model.forward(tokens)
+    assert model.tokenizer.decode([int(logits[0, -1].argmax())]) == "Paris"
+    if hf is not None:
+        torch.testing.assert_close(hf(tokens).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_training_first_steps_write_a_loadable_model(tmp_path):
+    torch.manual_seed(0)
+    acc = train(tmp_path, steps=3, per_task=200, eval_every=0, eval_n=10, log=lambda m: None)
+    assert set(acc) == set(THRESHOLDS)
+    for f in ("config.json", "vocab.json", "model.safetensors", "CARD.md"):
+        assert (tmp_path / f).exists(), f
+    from actstore.models import _gpt2_from_dir
+
+    hf, tokenizer = _gpt2_from_dir(tmp_path, random_seed=None)
+    assert len(tokenizer.get_vocab()) == hf.config.vocab_size
