@@ -28,7 +28,7 @@ def test_run_blocks_applies_hooks(toy_random):
     x = toy_random.embed(tokens)
     toy_random.run_blocks(x, 0, 2, hooks=[("blocks.1.hook_resid_mid", lambda a, hook: seen.append(
         a.shape))])  # fmt: skip
-    assert seen == [torch.Size([1, 6, 128])]
+    assert seen == [torch.Size([1, 6, toy_random.shape.d_model])]
 
 
 def test_hugging_face_directory_loads_offline(tmp_path, toy_random):
