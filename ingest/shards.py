@@ -111,7 +111,12 @@ def _ensure_array(
             )
         return arr
     return root.create_array(
-        name=name, shape=shape, chunks=chunks, dtype=dtype, compressors=zarrays.CODEC, fill_value=0
+        name=name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=zarrays.codec(),
+        fill_value=0,
     )
 
 

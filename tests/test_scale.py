@@ -201,7 +201,7 @@ def test_mean_reduction_under_a_memory_limit(tmp_path):
 
     path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
     ingest(path, model="toy-random", task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
-    ingest(path, model="toy-random", task="ioi", n=2400, batch_size=48, hooks=hook,
+    ingest(path, model="toy-random", task="ioi", n=4800, batch_size=96, hooks=hook,
            progress=False)  # fmt: skip
     store = actstore.open(path)
     nbytes = store.array(2, "clean", hook).nbytes
@@ -219,7 +219,7 @@ def test_mean_reduction_under_a_memory_limit(tmp_path):
         "SELECT * FROM reductions WHERE query_id = (SELECT max(query_id) FROM queries) "
         "ORDER BY pos, idx"
     )
-    assert rows.height == report["rows"] and rows["n"].max() == 2400
+    assert rows.height == report["rows"] and rows["n"].max() == 4800
     got = as_array(rows)["all"]
     # numpy on a slice of positions and features, over all prompts, masked like the reduction
     x = store.array(2, "clean", hook)[:, :4, :64].astype(np.float64)

@@ -105,7 +105,7 @@ def test_float16_storage_halves_bytes_and_keeps_precision(tmp_path, toy_random):
     np.testing.assert_allclose(np.asarray(arr[:]).astype(np.float32), ref, rtol=1e-3, atol=1e-3)
     raw = store.sql("select raw_bytes from arrays where hook = 'blocks.1.hook_resid_pre' "
                     "and side = 'clean'").item()  # fmt: skip
-    assert raw == 8 * arr.shape[1] * 128 * 2
+    assert raw == 8 * arr.shape[1] * toy_random.shape.d_model * 2
 
 
 def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
@@ -156,8 +156,8 @@ def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
         "and hook = 'blocks.1.attn.hook_z'"
     ).to_dicts()[0]
     seq = store.run(1)["seq_len"]
-    assert json.loads(row["shape"]) == [20, seq, 4, 32]
-    assert json.loads(row["chunks"]) == [8, seq, 4, 32]
-    assert row["raw_bytes"] == 20 * seq * 4 * 32 * 4
+    assert json.loads(row["shape"]) == [20, seq, 4, 16]
+    assert json.loads(row["chunks"]) == [8, seq, 4, 16]
+    assert row["raw_bytes"] == 20 * seq * 4 * 16 * 4
     assert 0 < row["stored_bytes"] < row["raw_bytes"] * 1.2
     assert row["codec"] == zarrays.CODEC_NAME

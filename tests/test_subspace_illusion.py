@@ -133,7 +133,7 @@ def test_cli_prints_the_report_and_errors_in_one_line(ioi_store, tmp_path):
 
     from actstore.cli import main
 
-    np.save(tmp_path / "v.npy", np.eye(128)[:2])
+    np.save(tmp_path / "v.npy", np.eye(64)[:2])
     v = str(tmp_path / "v.npy")
     args = ["subspace", str(ioi_store), "--run", "1", "--hook", "blocks.3.hook_resid_pre",
             "--direction", v, "--pos", "final", "--format", "csv"]  # fmt: skip

@@ -82,15 +82,15 @@ def test_whole_space_equals_full_activation_patching(store, toy_random, tmp_path
 
 
 def test_report_and_effect_are_in_the_catalog(store, tmp_path):
-    v = np.random.default_rng(0).normal(size=512)
+    v = np.random.default_rng(0).normal(size=256)
     np.save(tmp_path / "v.npy", v)
     rows = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
                           metric="prob", mode="noise")  # fmt: skip
     qid = rows["query_id"][0]
     assert rows["component"].to_list() == ["v", "row", "null", "full"]
-    # W_out maps 512 -> 128: a random direction is mostly (384/512) in its kernel.
+    # W_out maps 256 -> 64: a random direction is mostly (192/256) in its kernel.
     assert rows.filter(pl.col("component") == "null")["norm_sq"][0] == pytest.approx(0.75, abs=0.1)
-    assert abs(rows.filter(pl.col("component") == "null")["effect"][0]) < 1e-5
+    assert abs(rows.filter(pl.col("component") == "null")["effect"][0]) < 1e-4
     eff = store.query("SELECT * FROM effects WHERE query_id = ?", [qid])
     assert eff.height == 1 and eff["metric"][0] == "prob" and eff["pos"][0] == -1
     assert eff["value"][0] == pytest.approx(rows["value"][0])
@@ -111,29 +111,50 @@ def test_das_and_mean_diff_fit_on_train_and_report_held_out(store, tmp_path, cap
     first, last = map(float, capsys.readouterr().err.split("DAS loss ")[1].split(" -> "))
     assert last < first  # the training objective improved (random weights: no held-out claim)
     assert das["split"][0] == "held-out" and das["n_prompts"][0] == 6
-    assert np.load(tmp_path / "das.npy").shape == (1, 128)
+    assert np.load(tmp_path / "das.npy").shape == (1, 64)
     md = store.subspace(1, hook, "mean-diff", pos="final", seed=0, reader="unembed")
     assert md["component"].to_list()[:2] == ["v", "row"] and md["illusion"][0] is not None
     by_order = store.subspace(1, hook, "mean-diff", group_by="grp", pos="final")
     assert by_order["dim"][0] == 1 and by_order["n_prompts"][0] == 6
 
 
+def flipped_ioi(path, model, n: int) -> None:
+    """IOI pairs whose corrupted prompt repeats the other name (S2 := IO), as an AutoCircuit
+    file: both prompts hold the same two names, only which one is repeated flips, so the
+    answer flips (the binary positional signal that name movers read, Wang et al.)."""
+    import json
+
+    from ingest.tasks import get_task
+
+    prompts = []
+    for p in get_task("ioi").generate(n, 3, model):
+        io, s = p.meta["io"], p.meta["s"]
+        verb = " gave" if f" {s} gave" in p.clean else " handed"
+        head, tail = p.clean.rsplit(f" {s}{verb}", 1)
+        prompts.append({"clean": p.clean, "corrupt": f"{head} {io}{verb}{tail}",
+                        "answers": [p.answer], "wrong_answers": [p.wrong_answer]})  # fmt: skip
+    path.write_text(json.dumps({"prompts": prompts}))
+
+
 @pytest.mark.parametrize("name", [n for n in ("toy",) if n in builtin_names()])
 def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
-    """Acceptance: on IOI, DAS at a late layer's final-position residual stream (where name
-    movers write) moves the held-out logit difference by half of full activation patching."""
+    """Acceptance: on IOI (S2-flipped pairs), DAS at layer 2's final-position resid_mid, where
+    the toy's name movers read which name to copy, moves the held-out logit difference by at
+    least half of what patching the full activation does."""
     from actstore.models import BUILTIN_DIR
 
     if not (BUILTIN_DIR / name / "model.safetensors").exists():
         pytest.skip(f"{name}: trained weights are not in this checkout (they land from 'tasks')")
     from ingest.runner import ingest
 
-    ingest(tmp_path / "s", model=name, task="ioi", n=48, batch_size=16, progress=False)
+    flipped_ioi(tmp_path / "ioi.json", load_model(name), 64)
+    ingest(tmp_path / "s", model=name, task="ioi", dataset=str(tmp_path / "ioi.json"),
+           batch_size=16, progress=False)  # fmt: skip
     s = actstore.open(tmp_path / "s")
-    layer = load_model(name).shape.n_layers - 1
-    rows = s.subspace(1, f"blocks.{layer}.hook_resid_mid", "das", pos="final", epochs=20)
+    rows = s.subspace(1, "blocks.2.hook_resid_mid", "das", pos="final", epochs=40, seed=1)
     eff = dict(zip(rows["component"], rows["effect"], strict=True))
-    assert eff["full"] > 0.5
+    assert rows["split"][0] == "held-out"
+    assert eff["full"] > 0.3
     assert eff["v"] >= 0.5 * eff["full"]
     qid = rows["query_id"][0]
     assert s.query("SELECT count(*) AS n FROM subspace_reports WHERE query_id = ?", [qid])["n"][0]
@@ -145,7 +166,7 @@ def test_bad_inputs_are_one_line_usage_errors(store, tmp_path):
     cases = [
         (dict(hook="blocks.9.hook_resid_pre", direction="das"), "layers 0..3"),
         (dict(hook="blocks.1.attn.hook_q", direction="das"), "give blocks.L.hook_resid_pre"),
-        (dict(hook="blocks.1.hook_resid_pre", direction=str(tmp_path / "bad.npy")), "(128,)"),
+        (dict(hook="blocks.1.hook_resid_pre", direction=str(tmp_path / "bad.npy")), "(64,)"),
         (dict(hook="blocks.1.hook_resid_pre", direction="nope.npy"), "no such file"),
         (dict(hook="blocks.1.hook_resid_pre", direction="das", head=1), "--head applies"),
         (dict(hook="blocks.1.hook_resid_pre", direction="das", pos="99"), "shortest prompt"),
