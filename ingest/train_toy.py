@@ -41,7 +41,7 @@ ARCH = {
     "attn_pdrop": 0.0,
 }
 # Share of each task in a batch (times batch_size // 5 rows): the slower-learnt tasks get more.
-TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 2}
+TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 4}
 THRESHOLDS = {
     "ioi": 0.95,
     "greater-than": 0.95,

@@ -35,20 +35,7 @@ def held_out_accuracy(toy):
     return accuracy(lambda tokens: model.forward(tokens), toy_view(), n=N_HELD_OUT)
 
 
-# Measured accuracy of the committed weights lies in the model card; this model misses the
-# Greater-Than threshold (see CARD.md), so that case is an expected, strict failure.
-KNOWN_SHORT = {"greater-than"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="below threshold, see CARD"))
-        if n in KNOWN_SHORT
-        else n
-        for n in THRESHOLDS
-    ],
-)
+@pytest.mark.parametrize("name", list(THRESHOLDS))
 def test_toy_held_out_accuracy(held_out_accuracy, name):
     acc = held_out_accuracy[name]
     assert acc["accuracy"] >= THRESHOLDS[name], (name, acc)
