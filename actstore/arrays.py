@@ -40,14 +40,32 @@ def open_root(store_dir: Path, mode: str = "r") -> zarr.Group:
 
 
 def create_array(
-    root: zarr.Group, name: str, shape: tuple[int, ...], chunk_prompts: int, dtype: str
+    root: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunk_prompts: int,
+    dtype: str,
+    replace: bool = True,
 ) -> zarr.Array:
-    """Create (or reopen, on resume) an array chunked by `chunk_prompts` prompts."""
+    """Create (or reopen, on resume) an array chunked by `chunk_prompts` prompts.
+
+    An existing array of other shape or chunks is replaced, or with `replace=False` (other
+    writers' chunks may be in it, as with shards) refused.
+    """
     chunks = (chunk_prompts, *shape[1:])
     if name in root:
         arr = root[name]
-        if tuple(arr.shape) == tuple(shape) and tuple(arr.chunks) == chunks:
+        have = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
+        want = (tuple(shape), chunks, dtype)
+        if have[:2] == want[:2] and (replace or have == want):
             return arr.with_config(WRITE_CONFIG)
+        if not replace:
+            from actstore.errors import ActstoreError
+
+            raise ActstoreError(
+                f"array {name} has shape/chunks/dtype {have}, this ingest needs {want}; "
+                f"delete arrays.zarr/{name} and rerun"
+            )
         del root[name]
     arr = root.create_array(
         name=name,
@@ -56,7 +74,7 @@ def create_array(
         dtype=dtype,
         compressors=codec(),
         fill_value=0,
-        overwrite=True,
+        overwrite=replace,
     )
     return arr.with_config(WRITE_CONFIG)
 

@@ -22,16 +22,16 @@ import polars as pl
 from actstore import arrays as zarrays
 from actstore.store import Store
 
-COLUMNS = {
+# Where a finding is: shared by verify's findings and repair's results.
+PIECE = {
     "run_id": pl.Int64,
     "side": pl.String,
     "hook": pl.String,
     "chunk_idx": pl.Int64,
     "prompt_start": pl.Int64,
     "prompt_stop": pl.Int64,
-    "problem": pl.String,
-    "detail": pl.String,
 }
+COLUMNS = {**PIECE, "problem": pl.String, "detail": pl.String}
 NOT_DAMAGE = ("incomplete",)
 REPAIRABLE = ("damaged", "missing")
 

@@ -17,18 +17,9 @@ from actstore import arrays as zarrays
 from actstore.errors import ActstoreError
 from actstore.models import load_model
 from actstore.store import Store
-from actstore.verify import REPAIRABLE, verify
+from actstore.verify import PIECE, REPAIRABLE, verify
 
-COLUMNS = {
-    "run_id": pl.Int64,
-    "side": pl.String,
-    "hook": pl.String,
-    "chunk_idx": pl.Int64,
-    "prompt_start": pl.Int64,
-    "prompt_stop": pl.Int64,
-    "result": pl.String,
-    "detail": pl.String,
-}
+COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
 
 def repair(store_path: str | Path, run_id: int | None = None, device: str | None = None):

@@ -93,33 +93,6 @@ def _creation_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _ensure_array(
-    root: zarr.Group, name: str, shape: tuple[int, ...], chunk_prompts: int, dtype: str
-) -> zarr.Array:
-    """Open the staged array if another shard made it (same metadata), else create it.
-
-    Unlike a single-process ingest this never overwrites: other shards' chunks may be in it.
-    """
-    chunks = (chunk_prompts, *shape[1:])
-    if name in root:
-        arr = root[name]
-        have = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
-        if have != (tuple(shape), chunks, dtype):
-            raise ActstoreError(
-                f"staged array {name} has shape/chunks/dtype {have}, this shard needs "
-                f"{(tuple(shape), chunks, dtype)}; delete arrays.zarr/{name} and rerun the shards"
-            )
-        return arr
-    return root.create_array(
-        name=name,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        compressors=zarrays.codec(),
-        fill_value=0,
-    )
-
-
 def _prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict[str, Any]]:
     """The `prompts` rows of prompts [lo, hi), keyed by column, without the run id."""
     records = []
@@ -190,7 +163,9 @@ def ingest_shard(
     with _creation_lock(mdir):
         root = zarr.open_group(url, mode="a", storage_options=options or None)
         arrays = {
-            key: _ensure_array(root, f"{staged_name(phash)}/{key[0]}/{key[1]}", shape, batch, dt)
+            key: zarrays.create_array(
+                root, f"{staged_name(phash)}/{key[0]}/{key[1]}", shape, batch, dt, replace=False
+            )
             for key, (shape, dt) in shapes.items()
         }
     prompts: list[dict[str, Any]] = []

@@ -28,13 +28,7 @@ import torch.nn.functional as F
 from actstore.errors import ActstoreError
 from actstore.models import ModelAdapter
 from queries.graph import Graph
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
+from queries.kernels import ACTIVATIONS
 
 
 @dataclass
