@@ -23,6 +23,9 @@ CODEC_NAME = "blosc-zstd3-bitshuffle"
 WRITE_CONFIG = {"write_empty_chunks": True}
 
 
+ARRAYS = "arrays.zarr"
+
+
 def array_name(run_id: int, side: str, hook: str) -> str:
     return f"run{run_id}/{side}/{hook}"
 
@@ -36,7 +39,7 @@ def codec():
 def open_root(store_dir: Path, mode: str = "r") -> zarr.Group:
     import zarr
 
-    return zarr.open_group(str(Path(store_dir) / "arrays.zarr"), mode=mode)
+    return zarr.open_group(str(Path(store_dir) / ARRAYS), mode=mode)
 
 
 def create_array(
@@ -67,30 +70,61 @@ def create_array(
                 f"delete arrays.zarr/{name} and rerun"
             )
         del root[name]
-    arr = root.create_array(
+    return _create(root, name, shape, chunks, dtype, overwrite=replace).with_config(WRITE_CONFIG)
+
+
+def create_metadata(
+    root: zarr.Group, name: str, shape: tuple[int, ...], chunk_prompts: int, dtype: str
+) -> None:
+    """Write lost array metadata again (as recorded in the catalog), keeping the chunk files
+    that are still there."""
+    _create(root, name, shape, (chunk_prompts, *shape[1:]), dtype, overwrite=False)
+
+
+def _create(
+    root: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    overwrite: bool,
+) -> zarr.Array:
+    return root.create_array(
         name=name,
         shape=shape,
         chunks=chunks,
         dtype=dtype,
         compressors=codec(),
         fill_value=0,
-        overwrite=replace,
+        overwrite=overwrite,
     )
-    return arr.with_config(WRITE_CONFIG)
+
+
+def open_array(store_dir: Path, name: str, mode: str = "r") -> zarr.Array:
+    """The array `name`, opened by its own metadata: no group metadata is needed on the way."""
+    import zarr
+
+    return zarr.open_array(store=str(Path(store_dir) / ARRAYS), path=name, mode=mode)
 
 
 def remove_run(store_dir: Path, run_id: int) -> None:
     """Delete every array of a run (a discarded or rolled-back ingest)."""
-    shutil.rmtree(Path(store_dir) / "arrays.zarr" / f"run{run_id}", ignore_errors=True)
+    shutil.rmtree(run_dir(store_dir, run_id), ignore_errors=True)
 
 
-def remove_partial_files(store_dir: Path, run_id: int) -> int:
-    """Delete the temporary files of chunk writes that a killed process left behind."""
+def remove_partial_files(directory: Path) -> int:
+    """Delete the temporary files (`*.partial`) of chunk writes that a killed writer left under
+    `directory`; only call it while no writer can be writing there."""
     removed = 0
-    for p in (Path(store_dir) / "arrays.zarr" / f"run{run_id}").rglob("*.partial"):
+    for p in Path(directory).rglob("*.partial"):
         p.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def run_dir(store_dir: Path, run_id: int) -> Path:
+    """The directory holding every array of a run."""
+    return Path(store_dir) / ARRAYS / f"run{run_id}"
 
 
 def checksum(values: np.ndarray) -> str:
@@ -105,7 +139,7 @@ def checksum(values: np.ndarray) -> str:
 def chunk_file(store_dir: Path, name: str, chunk_idx: int, ndim: int) -> Path:
     """Where zarr v3's default key encoding puts chunk `chunk_idx` of a prompt-chunked array."""
     key = "/".join(["c", str(chunk_idx)] + ["0"] * (ndim - 1))
-    return Path(store_dir) / "arrays.zarr" / name / key
+    return Path(store_dir) / ARRAYS / name / key
 
 
 def fsync_path(path: Path) -> None:
@@ -126,5 +160,5 @@ def fsync_path(path: Path) -> None:
 
 def stored_bytes(store_dir: Path, name: str) -> int:
     """Bytes the array occupies on disk, metadata included."""
-    root = Path(store_dir) / "arrays.zarr" / name
+    root = Path(store_dir) / ARRAYS / name
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

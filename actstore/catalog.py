@@ -2,15 +2,16 @@
 
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
-a time and refuses read-only openers while it is open; see STACK-NOTES). A lock conflict is
-retried for a few seconds before it becomes a one-line error naming the writer.
+a time and refuses read-only openers while it is open). A lock conflict is retried for a few
+seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
+read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 import duckdb
@@ -98,6 +99,31 @@ def _first(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# What DuckDB raises for a file it cannot read or write as a database, as opposed to bad SQL.
+FILE_ERRORS = (
+    duckdb.IOException,
+    duckdb.InternalException,
+    duckdb.SerializationException,
+    duckdb.FatalException,
+)
+
+
+def file_error(path: Path, exc: Exception) -> ActstoreError:
+    """The one-line error for a catalog file that cannot be read or written."""
+    text = _first(exc)
+    if "No space left" in text:
+        return ActstoreError(f"disk full writing catalog {path} ({text}); free space and rerun")
+    if "Permission denied" in text or "Read-only file system" in text:
+        return ActstoreError(
+            f"catalog {path} is not writable ({text}); writing commands need write access to "
+            "the store (work on a writable copy: cp -r STORE COPY)"
+        )
+    return ActstoreError(
+        f"catalog {path} is damaged and cannot be read ({text}); restore catalog.duckdb from a "
+        "copy or backup of the store (its rows exist nowhere else)"
+    )
+
+
 def _is_lock_conflict(exc: Exception) -> bool:
     text = str(exc)
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
@@ -125,6 +151,8 @@ class Catalog:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
+                if isinstance(exc, FILE_ERRORS):
+                    raise file_error(self.path, exc) from None
                 if not _is_lock_conflict(exc):
                     raise ActstoreError(f"cannot open catalog {self.path}: {_first(exc)}") from None
                 if time.monotonic() > deadline:
@@ -136,12 +164,30 @@ class Catalog:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
 
-    @contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def read(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A connection for reading; read-write when this process is the writer."""
-        con = self._connect(read_only=not self.writing)
+        return self._opened(read_only=not self.writing)
+
+    def sandbox(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A read-only connection that cannot reach the file system or change its settings.
+
+        For SQL written by users: DuckDB itself refuses file readers and writers (COPY, read_csv,
+        glob, ATTACH, INSTALL/LOAD, EXPORT DATABASE, also when wrapped in EXPLAIN ANALYZE), every
+        write to the catalog (read-only) and any SET that would undo this.
+        """
+        return self._opened(
+            True, "SET enable_external_access = false", "SET lock_configuration = true"
+        )
+
+    @contextmanager
+    def _opened(self, read_only: bool, *settings: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._connect(read_only=read_only)
         try:
+            for setting in settings:
+                con.execute(setting)
             yield con
+        except FILE_ERRORS as exc:
+            raise file_error(self.path, exc) from None
         finally:
             con.close()
 
@@ -156,12 +202,19 @@ class Catalog:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                with suppress(duckdb.Error):  # a failed file may refuse the rollback too
+                    con.execute("ROLLBACK")
                 raise
-            con.execute("COMMIT")
-            con.execute("CHECKPOINT")
+            self.commit(con)
+        except FILE_ERRORS as exc:
+            raise file_error(self.path, exc) from None
         finally:
             con.close()
+
+    def commit(self, con: duckdb.DuckDBPyConnection) -> None:
+        """End a write transaction: durable in the file itself, not only in the WAL."""
+        con.execute("COMMIT")
+        con.execute("CHECKPOINT")
 
     def version(self, con: duckdb.DuckDBPyConnection) -> int:
         rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()

@@ -451,11 +451,10 @@ def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt
     if findings.height:
         write_rows(findings, fmt)
     if bad.height:
-        runs = ", ".join(str(r) for r in bad["run_id"].unique().sort().to_list())
+        runs = ", ".join(str(r) for r in bad["run_id"].drop_nulls().unique().sort().to_list())
+        where = f" in run(s) {runs}" if runs else ""
         hint = "" if repair else "; try actstore verify --repair"
-        raise ActstoreError(
-            f"{store}: {bad.height} damaged or missing piece(s) in run(s) {runs}{hint}"
-        )
+        raise ActstoreError(f"{store}: {bad.height} damaged or missing piece(s){where}{hint}")
     click.echo(f"{store}: {chunks_checked(s, run_id)} chunks verified, no damage", err=True)
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
+from actstore.arrays import ARRAYS
 from actstore.errors import UsageError
-
-ARRAYS = "arrays.zarr"
 
 
 def local_dir(location: str | Path) -> Path:

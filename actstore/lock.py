@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from actstore.errors import LockedError
+from actstore.errors import ActstoreError, LockedError
 
 
 def describe_holder(lock_path: Path) -> str:
@@ -48,7 +48,13 @@ class WriterLock:
         return self._fd is not None
 
     def acquire(self, command: str | None = None) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ActstoreError(
+                f"store {self.path.parent} is not writable ({exc.strerror}); writing commands "
+                "need write access to the store (work on a writable copy: cp -r STORE COPY)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,13 +22,59 @@ def params_hash(kind: str, run_id: int | None, params: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_query(store: Store, kind: str, run_id: int | None, params: dict[str, Any]) -> int | None:
-    """The id of an earlier query with the same kind, run and parameters, if any."""
-    rows = store.query(
-        "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
-        [params_hash(kind, run_id, params)],
-    )
-    return int(rows.item()) if rows.height else None
+# Columns by which a result table names the query that owns its rows.
+QUERY_ID_COLUMNS = ("query_id", "score_id", "circuit_id")
+
+
+def find_query(
+    store: Store,
+    kind: str,
+    run_id: int | None,
+    params: dict[str, Any],
+    recompute: bool = False,
+) -> int | None:
+    """The id of an earlier query with the same kind, run and parameters, if any (never with
+    `recompute`).
+
+    None means the caller computes and records the result, so the store must be writable: a
+    read-only store, or an ingest holding the writer lock, fails here at once rather than after
+    the computation.
+    """
+    if not recompute:
+        rows = store.query(
+            "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
+            [params_hash(kind, run_id, params)],
+        )
+        if rows.height:
+            return int(rows.item())
+    store.check_writable()
+    return None
+
+
+def forget_queries(con: Any, run_ids: list[int]) -> int:
+    """Delete the recorded queries of runs and every result row they own, inside the caller's
+    transaction (a repair: results computed from the damaged data must not be served again).
+    Every table with a query-id column is cleaned, whatever migration added it; returns how
+    many queries were deleted."""
+    if not run_ids:
+        return 0
+    marks = ", ".join("?" for _ in run_ids)
+    ids = [r[0] for r in con.execute(
+        f"SELECT query_id FROM queries WHERE run_id IN ({marks})", run_ids
+    ).fetchall()]  # fmt: skip
+    if not ids:
+        return 0
+    id_marks = ", ".join("?" for _ in ids)
+    tables = con.execute(
+        "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+        "JOIN information_schema.tables t USING (table_schema, table_name) "
+        "WHERE t.table_type = 'BASE TABLE' AND c.table_name <> 'queries' "
+        f"AND c.column_name IN ({', '.join(repr(c) for c in QUERY_ID_COLUMNS)})"
+    ).fetchall()
+    for table, column in tables:
+        con.execute(f'DELETE FROM "{table}" WHERE "{column}" IN ({id_marks})', ids)
+    con.execute(f"DELETE FROM queries WHERE query_id IN ({id_marks})", ids)
+    return len(ids)
 
 
 def record_query(

@@ -1,12 +1,15 @@
 """The store: one directory holding `catalog.duckdb` and `arrays.zarr/`.
 
 `Store` reads everything (runs, prompts, arrays, SQL, exports) without importing torch; writing
-commands take the writer lock with `store.writer()` for their whole duration.
+commands take the writer lock with `store.writer()` for their whole duration. Arrays are read
+through `VerifiedArray`, so damaged data is an error, never numbers; user SQL runs in DuckDB's
+sandbox, so it can neither change the store nor reach other files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,13 +19,22 @@ import numpy as np
 import polars as pl
 
 from actstore import arrays as zarrays
-from actstore.catalog import Catalog
+from actstore.arrays import ARRAYS
+from actstore.catalog import FILE_ERRORS, Catalog
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
+from actstore.verified import (
+    FIX,
+    DamagedError,
+    Ledger,
+    LedgerEntry,
+    Verified,
+    VerifiedArray,
+    first_line,
+)
 
 CATALOG = "catalog.duckdb"
-ARRAYS = "arrays.zarr"
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
@@ -34,6 +46,9 @@ class Store:
         self.path = local_dir(path)
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
+        self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
+        self._verified: Verified = {}
+        check_location(self.path)
         if create and not (self.path / CATALOG).exists():
             if self.path.exists() and any(p.name != "writer.lock" for p in self.path.iterdir()):
                 raise UsageError(
@@ -80,6 +95,19 @@ class Store:
             if acquired:
                 self.lock.release()
 
+    def check_writable(self) -> None:
+        """Fail now, not after a long computation, if results could not be recorded: the store
+        is read-only or another process (an ingest) holds the writer lock."""
+        if self.lock.held:
+            return
+        self.lock.acquire("check writable")
+        self.lock.release()
+        if not os.access(self.catalog.path, os.W_OK):
+            raise ActstoreError(
+                f"catalog {self.catalog.path} is not writable; this command records its results "
+                "in the store (work on a writable copy: cp -r STORE COPY)"
+            )
+
     # ---- reading -------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
@@ -89,10 +117,14 @@ class Store:
             return rel.pl() if rel is not None else pl.DataFrame()
 
     def sql(self, sql: str) -> pl.DataFrame:
-        """Run a read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN); refuse writes."""
+        """Run one read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN) in the sandbox.
+
+        DuckDB's sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
+        statement-type check only gives writes a clearer message.
+        """
         import duckdb
 
-        with self.catalog.read() as con:
+        with self.catalog.sandbox() as con:
             try:
                 statements = con.extract_statements(sql)
             except duckdb.Error as exc:
@@ -108,6 +140,13 @@ class Store:
             try:
                 rel = con.sql(sql)
                 return rel.pl() if rel is not None else pl.DataFrame()
+            except duckdb.PermissionException as exc:
+                raise UsageError(
+                    f"actstore sql reads only the catalog: {_first_line(exc)}; write results "
+                    "with actstore export"
+                ) from None
+            except FILE_ERRORS:
+                raise
             except duckdb.Error as exc:
                 raise UsageError(f"SQL error: {_first_line(exc)}") from None
 
@@ -160,26 +199,51 @@ class Store:
         )
         return df["hook"].to_list()
 
-    def array(self, run_id: int, side: str, hook: str):
-        """The zarr array of (run, side, hook); a clear error naming what is stored otherwise."""
-        name = zarrays.array_name(run_id, side, hook)
-        root = zarrays.open_root(self.path, mode="r")
-        if name not in root:
-            stored = self.hooks(run_id, side)
-            if not stored:
-                raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
-            raise UsageError(
-                f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
-                f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
+    def ledger(self, run_id: int, side: str, hook: str, reload: bool = False) -> Ledger:
+        """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
+        run; `reload` reads the run's rows again (an ingest may have recorded more)."""
+        if reload or run_id not in self._ledgers:
+            rows = self.query(
+                "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum FROM chunks "
+                "WHERE run_id = ?",
+                [run_id],
             )
-        return root[name]
+            per_array: dict[tuple[str, str], Ledger] = {}
+            for sd, hk, idx, lo, hi, checksum in rows.iter_rows():
+                per_array.setdefault((sd, hk), {})[int(idx)] = LedgerEntry(lo, hi, checksum)
+            self._ledgers[run_id] = per_array
+        return self._ledgers[run_id].get((side, hook), {})
+
+    def array(self, run_id: int, side: str, hook: str) -> VerifiedArray:
+        """The array of (run, side, hook), every chunk read checked against the ledger; a clear
+        error naming what is stored otherwise."""
+        ledger = self.ledger(run_id, side, hook)
+        try:
+            return VerifiedArray(
+                self.path, run_id, side, hook, ledger, self._verified,
+                refresh=lambda: self.ledger(run_id, side, hook, reload=True),
+            )  # fmt: skip
+        except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+            missing = exc
+        name = zarrays.array_name(run_id, side, hook)
+        if ledger:
+            raise DamagedError(
+                f"run {run_id} {side} {hook}: the array {ARRAYS}/{name} cannot be opened "
+                f"({first_line(missing)}); {FIX}"
+            )
+        stored = self.hooks(run_id, side)
+        if not stored:
+            raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
+        raise UsageError(
+            f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
+            f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
+        )
 
     def read(
         self, run_id: int, side: str, hook: str, start: int = 0, stop: int | None = None
     ) -> np.ndarray:
-        """Activations of prompts [start, stop) as a numpy array."""
-        arr = self.array(run_id, side, hook)
-        return np.asarray(arr[start : arr.shape[0] if stop is None else stop])
+        """Activations of prompts [start, stop) as a numpy array, every chunk verified."""
+        return self.array(run_id, side, hook)[start:stop]
 
     def export(
         self, table: str | None = None, sql: str | None = None, fmt: str = "csv", out: str = "-"
@@ -209,6 +273,12 @@ class Store:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_location(path: Path) -> None:
+    """A store is a directory: a regular file at its path is refused before anything is read."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} is a file, not a store directory; give a directory path")
 
 
 def table_names(store: Store) -> list[str]:

@@ -4,7 +4,8 @@ Reads only the store (no model, no torch). Each finding is one row naming the ru
 chunk and prompt range; `problem` is one of:
 
 - `damaged`: the chunk's decoded values do not match the ledger checksum, or do not decode;
-- `missing`: the ledger records a chunk whose file (or whole array) is gone;
+- `missing`: the ledger records a chunk whose file (or whole array) is gone, or the arrays'
+  root group metadata (`arrays.zarr/zarr.json`) is gone;
 - `unrecorded`: a complete run whose ledger lacks a chunk of one of its arrays;
 - `missing-prompts`: a complete run whose prompts table lacks a range of prompt indices;
 - `incomplete`: a run still `ingesting` or `failed` (not damage: rerun its ingest to resume).
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from actstore import arrays as zarrays
+from actstore.arrays import ARRAYS, open_array
 from actstore.store import Store
+from actstore.verified import ChunkProblem, LedgerEntry, first_line, read_checked
 
 # Where a finding is: shared by verify's findings and repair's results.
 PIECE = {
@@ -42,14 +44,20 @@ def verify(store: Store, run_id: int | None = None) -> pl.DataFrame:
     if run_id is not None and runs.is_empty():
         store.run(run_id)  # raises the usual "run R is not in STORE" usage error
     findings: list[dict[str, Any]] = []
-    root = zarrays.open_root(store.path, mode="r")
+    if not runs.is_empty() and not (store.path / ARRAYS / "zarr.json").exists():
+        findings.append(
+            {"run_id": None, "side": None, "hook": None, "chunk_idx": None, "prompt_start": None,
+             "prompt_stop": None, "problem": "missing",
+             "detail": f"{ARRAYS}/zarr.json (the arrays' root group) is gone"}
+        )  # fmt: skip
+    opened: dict[str, Any] = {}
     for run in runs.iter_rows(named=True):
         rid = int(run["run_id"])
         ledger = store.query(
             "SELECT * FROM chunks WHERE run_id = ? ORDER BY side, hook, chunk_idx", [rid]
         )
         for row in ledger.iter_rows(named=True):
-            problem = _check_chunk(store, root, row)
+            problem = _check_chunk(store, opened, row)
             if problem is not None:
                 findings.append({**_where(row), "problem": problem[0], "detail": problem[1]})
         if run["status"] == "complete":
@@ -81,23 +89,20 @@ def _where(row: dict[str, Any]) -> dict[str, Any]:
                                 "prompt_stop")}  # fmt: skip
 
 
-def _check_chunk(store: Store, root: Any, row: dict[str, Any]) -> tuple[str, str] | None:
+def _check_chunk(store: Store, opened: dict[str, Any], row: dict[str, Any]) -> tuple | None:
     """(problem, detail) for one ledger row, or None when the chunk matches its checksum."""
     name = zarrays.array_name(row["run_id"], row["side"], row["hook"])
     try:
-        arr = root[name]
+        if name not in opened:
+            opened[name] = open_array(store.path, name)
+        arr = opened[name]
     except (KeyError, ValueError, OSError) as exc:
-        return "missing", f"array {name} cannot be opened: {_first(exc)}"
-    if arr.shards is None:
-        path = zarrays.chunk_file(store.path, name, row["chunk_idx"], arr.ndim)
-        if not path.exists():
-            return "missing", f"chunk file {path.relative_to(store.path)} is gone"
+        return "missing", f"array {name} cannot be opened: {first_line(exc)}"
+    entry = LedgerEntry(row["prompt_start"], row["prompt_stop"], row["checksum"])
     try:
-        values = np.asarray(arr[row["prompt_start"] : row["prompt_stop"]])
-    except Exception as exc:  # a damaged chunk fails in the codec: any error means damage
-        return "damaged", f"chunk does not decode: {_first(exc)}"
-    if zarrays.checksum(values) != row["checksum"]:
-        return "damaged", "checksum of the decoded values differs from the ledger"
+        read_checked(arr, store.path, name, entry)
+    except ChunkProblem as problem:
+        return problem.problem, problem.detail
     return None
 
 
@@ -137,8 +142,3 @@ def _gaps(have: set[int], n: int) -> list[tuple[int, int]]:
             gaps.append((lo, i))
             lo = None
     return gaps
-
-
-def _first(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]

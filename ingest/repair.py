@@ -4,18 +4,26 @@ A chunk is one ingest batch of one array, so a repair reruns that batch with the
 parameters (model, task or dataset, seed, corruption, dtype) and rewrites only the damaged
 arrays' chunks. A recomputed chunk is written only when its checksum equals the ledger's: the
 repair restores the original bits or leaves the chunk alone, never a near-copy.
+
+Before any chunk is rewritten: the temporary files of killed writers are removed, lost array
+metadata is written again from the `arrays` table (chunks still on disk become readable again),
+and the recorded queries of every run with damage are deleted with their result rows, in one
+transaction, so that no result computed before the repair is served after it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from actstore import arrays as zarrays
+from actstore.arrays import ARRAYS, open_array
 from actstore.errors import ActstoreError
 from actstore.models import load_model
+from actstore.results import forget_queries
 from actstore.store import Store
 from actstore.verify import PIECE, REPAIRABLE, verify
 
@@ -23,15 +31,59 @@ COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
 
 def repair(store_path: str | Path, run_id: int | None = None, device: str | None = None):
-    """Rewrite every damaged or missing chunk that can be recomputed; one row per chunk."""
+    """Rewrite every damaged or missing chunk that can be recomputed; one row per chunk, plus
+    rows for what was cleaned up, restored or invalidated on the way."""
     store = Store(store_path)
     rows: list[dict[str, Any]] = []
     with store.writer():
+        rows.extend(_restore_metadata(store, run_id))
         findings = verify(store, run_id).filter(pl.col("problem").is_in(REPAIRABLE))
-        for rid in findings["run_id"].unique().sort().to_list():
+        damaged_runs = findings["run_id"].drop_nulls().unique().sort().to_list()
+        with store.catalog.write() as con:
+            forgotten = {rid: forget_queries(con, [rid]) for rid in damaged_runs}
+        for rid in damaged_runs:
+            if forgotten[rid]:
+                detail = f"deleted its {forgotten[rid]} recorded queries and their results"
+                rows.append(_note(rid, "invalidated", detail + "; ask them again"))
             rows.extend(_repair_run(store, int(rid), findings.filter(pl.col("run_id") == rid),
                                     device))  # fmt: skip
     return pl.DataFrame(rows, schema=COLUMNS)
+
+
+def _note(run_id: int | None, result: str, detail: str) -> dict[str, Any]:
+    return {**{k: None for k in PIECE}, "run_id": run_id, "result": result, "detail": detail}
+
+
+def _restore_metadata(store: Store, run_id: int | None) -> list[dict[str, Any]]:
+    """Remove killed writers' temporary files; write lost group and array metadata again."""
+    out = []
+    arrays_dir = store.path / ARRAYS
+    removed = sum(
+        zarrays.remove_partial_files(d)
+        for d in (arrays_dir.iterdir() if arrays_dir.is_dir() else [])
+        if d.is_dir() and d.name.startswith("run")  # staged/ belongs to shards, maybe running
+    )
+    if removed:
+        out.append(_note(None, "removed", f"{removed} temporary *.partial files of killed "
+                         "writers"))  # fmt: skip
+    if not (arrays_dir / "zarr.json").exists():
+        zarrays.open_root(store.path, mode="a")
+        out.append(_note(None, "restored", f"{ARRAYS}/zarr.json (the arrays' root group)"))
+    root = None
+    for row in store.arrays(run_id).iter_rows(named=True):
+        name = zarrays.array_name(row["run_id"], row["side"], row["hook"])
+        try:
+            open_array(store.path, name)
+            continue
+        except Exception:  # gone or unreadable metadata: written again below
+            pass
+        root = root or zarrays.open_root(store.path, mode="a")
+        zarrays.create_metadata(root, name, tuple(json.loads(row["shape"])),
+                                json.loads(row["chunks"])[0], row["dtype"])  # fmt: skip
+        out.append({**{k: row.get(k) for k in PIECE}, "result": "restored",
+                    "detail": f"array metadata {ARRAYS}/{name}/zarr.json written again from "
+                    "the arrays table"})  # fmt: skip
+    return out
 
 
 def _repair_run(
@@ -59,7 +111,6 @@ def _repair_run(
     prep = _prepare(model, pairs, params["corruption"])
     if prep.clean.shape[1] != params["seq_len"]:
         raise ActstoreError(f"cannot repair run {run_id}: its prompts no longer tokenize the same")
-    root = zarrays.open_root(store.path, mode="a")
     out = []
     for (chunk_idx, lo, hi), group in damaged.group_by(
         ["chunk_idx", "prompt_start", "prompt_stop"], maintain_order=True
@@ -77,11 +128,12 @@ def _repair_run(
             key = (row["side"], row["hook"])
             where = {k: row[k] for k in COLUMNS if k in row}
             try:
-                arr = root[zarrays.array_name(run_id, *key)].with_config(zarrays.WRITE_CONFIG)
-            except (KeyError, ValueError, OSError):
+                arr = open_array(store.path, zarrays.array_name(run_id, *key), mode="r+")
+            except Exception:  # gone, and no arrays row to restore it from: a partial run
                 out.append({**where, "result": "not repaired", "detail": "the whole array is "
-                            "gone; re-ingest the run (actstore ingest ... --restart)"})  # fmt: skip
+                            "gone; rerun the run's ingest command (or --restart)"})  # fmt: skip
                 continue
+            arr = arr.with_config(zarrays.WRITE_CONFIG)
             ok = zarrays.checksum(values[key].astype(arr.dtype, copy=False)) == recorded[key]
             if ok:
                 arrays[key] = arr

@@ -262,7 +262,7 @@ def _run(
     if created:
         zarrays.remove_run(store.path, run_id)
     else:
-        zarrays.remove_partial_files(store.path, run_id)
+        zarrays.remove_partial_files(zarrays.run_dir(store.path, run_id))
     batch = params["batch_size"]
     n_batches = (n + batch - 1) // batch
     todo = [b for b in range(n_batches) if any((sd, hk, b) not in done_set for sd, hk in shapes)]

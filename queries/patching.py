@@ -128,10 +128,9 @@ def patch(
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
     spec = check_spec(store, run_id, component, metric, direction, window, positions)
-    if not recompute:
-        query_id = find_query(store, KIND, run_id, spec.params())
-        if query_id is not None:
-            return stored_effects(store, query_id)
+    query_id = find_query(store, KIND, run_id, spec.params(), recompute)
+    if query_id is not None:
+        return stored_effects(store, query_id)
     started = time.monotonic()
     adapter = _model_for_run(store, run_id, model, device)
     frame, _ = compute_effects(store, run_id, spec, adapter, batch_size=batch_size,

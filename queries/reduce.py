@@ -3,9 +3,10 @@
 `mean` gives per-position mean activations (mean ablation), `class-mean` the same per value of
 a prompts column (class means for subspace directions), `head-norm` the mean L2 norm of each
 head's activation per position. Padding positions (at or beyond a prompt's `seq_len`) are left
-out of every mean. Dask reads one chunk of prompts per task and sums in float64, so memory is
-bounded by a few chunks whatever the number of prompts; `scheduler="distributed"` hands the
-same graph to a Dask cluster whose workers see the store's arrays at the same URL.
+out of every mean. Dask reads one chunk of prompts per task (through the store's verified
+array, so each chunk is checked against the ledger) and sums in float64, so memory is bounded
+by a few chunks whatever the number of prompts; `scheduler="distributed"` hands the same graph
+to a Dask cluster whose workers see the store directory at the same path.
 
 Results are recorded as a `reduce` query with rows in `reductions(query_id, hook, grp, pos, idx,
 value, n)`: `idx` is the flat feature index (head for head-norm), `n` the number of prompts that
@@ -20,9 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore import arrays as zarrays
 from actstore.errors import UsageError
-from actstore.location import arrays_url
 from actstore.results import find_query, record_query
 from actstore.store import Store
 
@@ -106,10 +105,8 @@ def _compute(
     import dask.array as da
 
     lengths, codes, labels = _groups(store, run_id, by)
-    url, options = arrays_url(store.location)
-    x = da.from_zarr(
-        url, component=zarrays.array_name(run_id, side, hook), storage_options=options or None
-    )
+    arr = store.array(run_id, side, hook)  # every chunk Dask reads is checked against the ledger
+    x = da.from_array(arr, chunks=(arr.chunks[0], *arr.shape[1:]), asarray=False, lock=False)
     n, seq = x.shape[:2]
     prompt_chunks = (x.chunks[0],)
     if op == "head-norm":
