@@ -12,7 +12,7 @@ import sys
 import click
 
 from actstore.errors import ActstoreError
-from actstore.output import FILE_FORMATS, PRINT_FORMATS, write_rows
+from actstore.output import FILE_FORMATS, PRINT_FORMATS, check_output_path, write_rows
 
 FORMAT = click.option(
     "--format",
@@ -24,14 +24,38 @@ FORMAT = click.option(
 )
 
 
+MAX_MESSAGE = 400  # characters of an error line: quoted input never floods the terminal
+
+
+def one_line(message: str) -> str:
+    """An error message as one line of bounded length."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
 class Group(click.Group):
-    """Turns expected errors into one line on stderr and the documented exit code."""
+    """Turns expected errors into one line on stderr and the documented exit code: actstore's
+    own errors (exit 1, or 2 for usage) and click's usage errors (exit 2)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "actstore"
+            click.echo(f"error: {one_line(exc.format_message())} (see {command} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(0)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ActstoreError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -85,13 +109,15 @@ def main() -> None:
 @click.option(
     "--restart", is_flag=True, help="Discard an interrupted run with these arguments and redo it."
 )
+@click.option("--again", is_flag=True, help="A new run even if a complete one has these arguments.")
 def ingest(store: str, **kwargs) -> None:
     """Run a model on a task's clean and corrupted prompts and store the activations.
 
-    Prints the new run's id on stdout. Rerunning an interrupted ingest with the same
-    arguments resumes it; with --restart it discards the interrupted run's arrays and rows
-    and ingests it again under the same run id. With --shard i/N it prints the shard's
-    manifest path instead; run every shard (any machines sharing STORE), then actstore merge.
+    Prints the run's id on stdout. Rerunning an ingest is safe: a complete run with the same
+    arguments is returned as it is (--again makes a new run), an interrupted one is resumed
+    (--restart discards its arrays and rows and ingests it again under the same run id).
+    With --shard i/N it prints the shard's manifest path instead; run every shard (any
+    machines sharing STORE), then actstore merge.
 
     \b
     Example:
@@ -100,6 +126,10 @@ def ingest(store: str, **kwargs) -> None:
       actstore ingest file:///shared/s --model toy --task ioi --n 4096 --shard 0/4
       actstore ingest /tmp/s --model toy --task ioi --n 64 --restart
     """
+    from ingest.preflight import check_ingest
+
+    checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard")
+    check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     from ingest.runner import ingest as run_ingest
 
     if kwargs["shard"] is not None:
@@ -112,9 +142,11 @@ def ingest(store: str, **kwargs) -> None:
         click.echo(part["manifest"])
         return
     row = run_ingest(store, **kwargs).to_dicts()[0]
+    done = {"existing": "already complete with these arguments (--again for a new run)",
+            "resumed": "resumed, complete", "restarted": "restarted, complete"}  # fmt: skip
     click.echo(
         f"run {row['run_id']}: {row['task']} on {row['model']}, {row['n_prompts']} prompts, "
-        f"{row['status']}",
+        f"{done.get(row['outcome'], row['status'])}",
         err=True,
     )
     click.echo(row["run_id"])
@@ -244,6 +276,8 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
       actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
       actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
     """
+    if kwargs["save_direction"] is not None:
+        check_output_path(kwargs["save_direction"], "--save-direction")
     rows = _open(store).subspace(run_id, hook, direction, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from actstore import hub
 from actstore.errors import ActstoreError, UsageError
 
 if TYPE_CHECKING:
@@ -52,15 +54,58 @@ def builtin_names() -> list[str]:
     return names + [n + RANDOM_SUFFIX for n in names]
 
 
+DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+
+
+def check_device_name(device: str | None) -> None:
+    """Refuse a device name torch would not know, without importing torch."""
+    if device not in (None, "") and not DEVICE_NAME.fullmatch(device):
+        raise UsageError(f"--device {device}: not a device; choose cpu, cuda, cuda:N or mps")
+
+
 def resolve_device(device: str | None) -> str:
     """CUDA only when asked for and present; CPU otherwise."""
+    check_device_name(device)
     import torch
 
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available here; use --device cpu")
     return device
+
+
+def check_model_spec(spec: str) -> str:
+    """Where `spec` loads from ("builtin", "path" or "hub"), refusing without importing torch
+    what cannot load: an unknown built-in, a directory without config.json, a missing path, a
+    hub name while the hub cannot be reached and the Hugging Face cache lacks it."""
+    base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
+    if (BUILTIN_DIR / base / "config.json").exists() and "/" not in spec:
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UsageError(
+                f"--model {spec}: directory has no config.json; give a Hugging Face model "
+                "directory as save_pretrained writes it"
+            )
+        return "path"
+    if spec.startswith("toy"):
+        raise UsageError(
+            f"unknown built-in model {spec!r}; built-in models: {', '.join(builtin_names())}"
+        )
+    if spec.startswith((".", "/", "~")) or path.exists():
+        raise UsageError(f"--model {spec}: no such model directory")
+    hub.check_reachable(spec)
+    return "hub"
 
 
 class ModelAdapter:
@@ -210,23 +255,18 @@ def _silence_transformers() -> None:
 
 def load_model(spec: str, device: str | None = None) -> ModelAdapter:
     """Load a model by built-in name, local Hugging Face directory, or hub name."""
+    source = check_model_spec(spec)
+    dev = resolve_device(device)
     _silence_transformers()
     from transformer_lens.model_bridge import TransformerBridge
 
-    dev = resolve_device(device)
-    base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
-    builtin = BUILTIN_DIR / base
-    if (builtin / "config.json").exists() and "/" not in spec:
+    if source == "builtin":
+        base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
         seed = 0 if spec.endswith(RANDOM_SUFFIX) else None
-        hf, tokenizer = _gpt2_from_dir(builtin, seed)
+        hf, tokenizer = _gpt2_from_dir(BUILTIN_DIR / base, seed)
         return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
-    elif Path(spec).is_dir():
-        path = Path(spec).resolve()
-        if not (path / "config.json").exists():
-            raise UsageError(
-                f"--model {spec}: directory has no config.json; give a Hugging Face model "
-                "directory as save_pretrained writes it"
-            )
+    elif source == "path":
+        path = Path(spec).expanduser().resolve()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
@@ -237,10 +277,6 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
             raise ActstoreError(f"--model {spec}: cannot load the directory: {first}") from None
         return adapter_from_hf(str(path), hf, tokenizer, dev, source="path")
     else:
-        if spec.startswith("toy"):
-            raise UsageError(
-                f"unknown built-in model {spec!r}; built-in models: {', '.join(builtin_names())}"
-            )
         try:
             bridge = TransformerBridge.boot_transformers(spec, device=dev)
         except Exception as exc:  # the hub and TL raise many kinds; all mean "cannot load"

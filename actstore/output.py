@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -66,6 +67,15 @@ def write_rows(df: pl.DataFrame, fmt: str, out: IO[str] | None = None) -> None:
         out.write(df.write_ndjson())
     else:
         raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(PRINT_FORMATS)}")
+
+
+def check_output_path(target: str, flag: str) -> None:
+    """Refuse, before any work, an output file whose directory is missing or not writable."""
+    parent = Path(target).expanduser().absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {target}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ActstoreError(f"{flag} {target}: directory {parent} is not writable")
 
 
 def export_frame(df: pl.DataFrame, fmt: str, target: str) -> None:

@@ -48,13 +48,8 @@ class Store:
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
         self._verified: Verified = {}
-        check_location(self.path)
+        check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
-            if self.path.exists() and any(p.name != "writer.lock" for p in self.path.iterdir()):
-                raise UsageError(
-                    f"{self.path} exists, is not empty and is not an actstore store; "
-                    "choose a new or empty directory"
-                )
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -275,10 +270,23 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check_location(path: Path) -> None:
-    """A store is a directory: a regular file at its path is refused before anything is read."""
+def check_location(path: Path, create: bool = False) -> None:
+    """Refuse, before anything is read or written, a path that is not (and, with `create`,
+    cannot become) a store: a regular file, a non-empty other directory, a read-only place."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} is a file, not a store directory; give a directory path")
+    if not create or (path / CATALOG).exists():
+        return
+    if path.exists() and any(p.name != "writer.lock" for p in path.iterdir()):
+        raise UsageError(
+            f"{path} exists, is not empty and is not an actstore store; choose a new or empty "
+            "directory"
+        )
+    parent = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"{parent} is a file, so {path} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise ActstoreError(f"cannot create store {path}: {parent} is not writable")
 
 
 def table_names(store: Store) -> list[str]:

@@ -10,6 +10,7 @@
 `load_dataset(path, model)` picks the format by extension (.csv, .json), and every malformed
 row is a one-line `UsageError` naming the file, the row and the problem. Every pair is checked
 against the model's tokenizer (equal token length, single-token answers), never dropped.
+`check_dataset_file(path)` makes every check that needs no model, before torch is imported.
 """
 
 from __future__ import annotations
@@ -19,12 +20,23 @@ import json
 from pathlib import Path
 
 from actstore.errors import UsageError
-from ingest.tasks.base import PromptPair, Tokenizes, validate_pairs
+from ingest.tasks.base import PromptPair, Tokenizes, clip, validate_pairs
 
 
 def load_dataset(path: str | Path, model: Tokenizes) -> list[PromptPair]:
     """The prompt pairs of an EAP-IG CSV or AutoCircuit JSON file, validated for `model`."""
     path = Path(path)
+    pairs, labels = _read(path, model)
+    validate_pairs(pairs, model, path.name, labels=labels)
+    return pairs
+
+
+def check_dataset_file(path: str | Path) -> None:
+    """Every check of a dataset file that needs no tokenizer: its format, structure, rows."""
+    _read(Path(path), None)
+
+
+def _read(path: Path, model: Tokenizes | None) -> tuple[list[PromptPair], list[str]]:
     if not path.is_file():
         raise UsageError(f"--dataset {path}: no such file")
     suffix = path.suffix.lower()
@@ -39,8 +51,7 @@ def load_dataset(path: str | Path, model: Tokenizes) -> list[PromptPair]:
         )
     if not pairs:
         raise UsageError(f"--dataset {path}: the file holds no prompt pairs")
-    validate_pairs(pairs, model, path.name, labels=labels)
-    return pairs
+    return pairs, labels
 
 
 def differing_words(clean: str, corrupted: str) -> tuple[str, ...]:
@@ -62,7 +73,7 @@ def _text(value: object, where: str, column: str) -> str:
     return value
 
 
-def _read_eap_csv(path: Path, model: Tokenizes) -> tuple[list[PromptPair], list[str]]:
+def _read_eap_csv(path: Path, model: Tokenizes | None) -> tuple[list[PromptPair], list[str]]:
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -95,7 +106,7 @@ def _check_columns(path: Path, columns: set[str]) -> None:
         )
 
 
-def _eap_row(row: dict, where: str, model: Tokenizes) -> PromptPair:
+def _eap_row(row: dict, where: str, model: Tokenizes | None) -> PromptPair:
     if None in row:
         raise UsageError(f"{where}: more fields than the header has columns")
     if any(v is None for v in row.values()):
@@ -121,14 +132,16 @@ def _eap_row(row: dict, where: str, model: Tokenizes) -> PromptPair:
     )
 
 
-def _token_text(value: str | None, where: str, column: str, model: Tokenizes) -> str:
-    """The text of token id `value`, checked to re-encode as exactly that one token."""
+def _token_text(value: str | None, where: str, column: str, model: Tokenizes | None) -> str:
+    """The text of token id `value`, checked to re-encode as exactly that one token (without a
+    model: only checked to be an integer)."""
     if value is None or not value.strip():
         raise UsageError(f"{where}: {column} is empty")
-    try:
-        idx = int(value.strip())
-    except ValueError:
-        raise UsageError(f"{where}: {column} {value!r} is not an integer token id") from None
+    if len(value.strip()) > 12 or not value.strip().lstrip("-").isdigit():
+        raise UsageError(f"{where}: {column} {clip(value)!r} is not an integer token id")
+    idx = int(value.strip())
+    if model is None:
+        return ""
     tok = model.tokenizer
     size = len(tok)
     if not 0 <= idx < size:
@@ -151,6 +164,13 @@ def _read_autocircuit_json(path: Path) -> tuple[list[PromptPair], list[str]]:
         raise UsageError(
             f"--dataset {path}: bad JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except RecursionError:
+        raise UsageError(
+            f"--dataset {path}: JSON nested too deeply to read; an AutoCircuit file is an object "
+            "with a flat 'prompts' list"
+        ) from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise UsageError(f"--dataset {path}: unreadable JSON value: {clip(str(exc))}") from None
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
         raise UsageError(
             f"--dataset {path.name}: an AutoCircuit JSON file is an object with a 'prompts' list"
@@ -194,5 +214,5 @@ def _answers(value: object, where: str, key: str) -> list[str]:
         raise UsageError(f"{where}: {key!r} must be a non-empty list of strings")
     for a in value:
         if not isinstance(a, str) or not a:
-            raise UsageError(f"{where}: {key!r} holds {a!r}, not a non-empty string")
+            raise UsageError(f"{where}: {key!r} holds {clip(repr(a))}, not a non-empty string")
     return list(value)

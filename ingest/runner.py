@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,10 +35,11 @@ from ingest.corruptions import (
     subject_positions,
 )
 from ingest.hooks import resolve_hooks
+from ingest.preflight import check_ingest
 from ingest.shards import ingest_shard, parse_shard
 from ingest.tasks import PromptPair, get_task, validate_pairs
 
-DTYPES = ("float32", "float16")
+DEFAULT_N = 64
 SIDES = ("clean", "corrupted")
 
 
@@ -105,7 +108,7 @@ def _load_pairs(
     if task is None:
         raise UsageError("give --task NAME or --dataset FILE")
     generator = get_task(task)
-    pairs = generator.generate(n if n is not None else 64, seed, model)
+    pairs = generator.generate(n if n is not None else DEFAULT_N, seed, model)
     validate_pairs(pairs, model, source=f"task {task}")
     return task, pairs, {}
 
@@ -125,22 +128,20 @@ def ingest(
     progress: bool | None = None,
     shard: str | None = None,
     restart: bool = False,
+    again: bool = False,
 ) -> pl.DataFrame:
-    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row.
+    """Ingest a task (or a dataset file) into a store; returns the run's `runs` row, with an
+    `outcome` column: new, resumed, restarted, or existing.
 
-    An interrupted run with the same parameters is resumed; `restart=True` discards it instead
-    and ingests it again under the same run id. With `shard="i/N"` only shard i's chunks are
-    written and a manifest replaces the catalog writes (see ingest.shards); returns the shard's
-    row.
+    A complete run with the same parameters is returned as it is (`again=True` makes a new run
+    instead); an interrupted one is resumed, or with `restart=True` discarded and ingested again
+    under the same run id. With `shard="i/N"` only shard i's chunks are written and a manifest
+    replaces the catalog writes (see ingest.shards); returns the shard's row.
 
     `model` is a model spec for `load_model`, or an already loaded ModelAdapter.
     """
-    if n is not None and n < 1:
-        raise UsageError(f"--n {n}: need at least one prompt")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: need at least 1")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
+                 batch_size, device, seed, shard)  # fmt: skip
     check_corruption(corruption)
     location, store_path = store_path, local_dir(store_path)
     part = parse_shard(shard) if shard is not None else None
@@ -154,22 +155,28 @@ def ingest(
         adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
         if store is not None:
             _check_same_model(store, adapter)
+        hook_names = resolve_hooks(adapter, hooks)
+        if dataset is None:  # before generating maybe millions of prompts: a sample's length
+            sample = get_task(task).generate(min(n or DEFAULT_N, 16), seed, adapter)
+            seq = max(len(adapter.tokenize(p.clean)) for p in sample)
+            _check_space(store_path, adapter, hook_names, dtype, corruption, n or DEFAULT_N, seq)
         task_name, pairs, source = _load_pairs(adapter, task, dataset, n, seed)
         if not pairs:
             raise UsageError("the dataset holds no prompt pairs")
-        hook_names = resolve_hooks(adapter, hooks)
         prepared = _prepare(adapter, pairs, corruption)
+        n_pairs, seq = prepared.clean.shape
+        _check_space(store_path, adapter, hook_names, dtype, corruption, n_pairs, seq)
         params = {
             "model": adapter.spec,
             "fingerprint": adapter.fingerprint,
             "task": task_name,
-            "n": len(pairs),
+            "n": n_pairs,
             "corruption": corruption,
             "hooks": hook_names,
             "dtype": dtype,
-            "batch_size": batch_size,
+            "batch_size": min(batch_size, n_pairs),  # a chunk never pads beyond the prompts
             "seed": seed,
-            "seq_len": int(prepared.clean.shape[1]),
+            "seq_len": int(seq),
             **source,
         }
         if corruption == "gaussian":
@@ -180,10 +187,55 @@ def ingest(
             store = Store(store_path, create=True)
             store.lock.acquire()
         with store.writer():
-            return _run(store, adapter, prepared, params, progress, restart)
+            return _run(store, adapter, prepared, params, progress, restart, again)
     finally:
         if store is not None:
             store.lock.release()
+
+
+def _check_space(
+    store_path: Path,
+    model: ModelAdapter,
+    hooks: list[str],
+    dtype: str,
+    corruption: str,
+    n: int,
+    seq: int,
+) -> None:
+    """Refuse an ingest whose activations cannot fit on the disk (even at 2x compression, more
+    than real activations reach), counting space that interrupted runs' arrays already hold."""
+    params = {"hooks": hooks, "dtype": dtype, "corruption": corruption}
+    shapes = _array_shapes(model, params, n, seq)
+    need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in shapes.values())
+    where = next(p for p in [store_path, *store_path.absolute().parents] if p.exists())
+    free = shutil.disk_usage(where).free + _resumable_bytes(store_path)
+    if need > 2 * free:
+        raise ActstoreError(
+            f"--n {n}: the activations need about {_size(need)} uncompressed ({len(shapes)} arrays "
+            f"of {seq} positions), {where} has {_size(free)} free; ingest fewer prompts, fewer "
+            "--hooks, or --dtype float16"
+        )
+
+
+def _resumable_bytes(store_path: Path) -> int:
+    """Bytes held by the arrays of interrupted runs (a resume reuses them)."""
+    if not (store_path / CATALOG).exists():
+        return 0
+    runs = Store(store_path).query("SELECT run_id FROM runs WHERE status <> 'complete'")
+    return sum(
+        p.stat().st_size
+        for rid in runs["run_id"].to_list()
+        for p in zarrays.run_dir(store_path, rid).rglob("*")
+        if p.is_file()
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} PB"
 
 
 def _check_same_model(store: Store, adapter: ModelAdapter) -> None:
@@ -203,19 +255,28 @@ def _run(
     params: dict,
     progress: bool | None,
     restart: bool = False,
+    again: bool = False,
 ) -> pl.DataFrame:
     started = time.monotonic()
     phash = _params_hash(params)
     n, seq = prep.clean.shape
     shapes = _array_shapes(model, params, n, seq)
     with store.catalog.write() as con:
+        complete = con.execute(
+            "SELECT run_id FROM runs WHERE params_hash = ? AND status = 'complete' "
+            "ORDER BY run_id DESC LIMIT 1",
+            [phash],
+        ).fetchall()
         resumable = con.execute(
             "SELECT run_id FROM runs WHERE params_hash = ? AND status IN ('ingesting', 'failed') "
             "ORDER BY run_id DESC LIMIT 1",
             [phash],
         ).fetchall()
+        if complete and not again:  # done before: nothing to write
+            return _row(store, int(complete[0][0]), "existing")
         # A run this command creates (or restarts) is rolled back if the disk fills up.
         created = not resumable or restart
+        outcome = "restarted" if resumable and restart else "resumed" if resumable else "new"
         if resumable and restart:
             run_id = int(resumable[0][0])
             for table in ("prompts", "chunks", "arrays"):
@@ -295,7 +356,13 @@ def _run(
         if err is exc:
             raise
         raise err from exc
-    return store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    return _row(store, run_id, outcome)
+
+
+def _row(store: Store, run_id: int, outcome: str) -> pl.DataFrame:
+    """The run's `runs` row and what this ingest did to it."""
+    row = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    return row.with_columns(pl.lit(outcome).alias("outcome"))
 
 
 def write_chunks(
@@ -332,7 +399,8 @@ def _fail(
     Disk full on a run this command created: roll it back (catalog rows first, then arrays, so a
     crash in between never leaves ledger rows without chunks) and the store is as before. Any
     other failure, or disk full while resuming: the run is marked failed and keeps its recorded
-    batches; rerunning the same command resumes it.
+    batches; rerunning the same command resumes it. If the catalog cannot be written either, the
+    run stays `ingesting`, and the message says that instead.
     """
     try:
         with store.catalog.write() as con:
@@ -342,8 +410,9 @@ def _fail(
                 con.execute("DELETE FROM models WHERE model NOT IN (SELECT model FROM runs)")
             else:
                 con.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [run_id])
+        recorded = True
     except Exception:  # the catalog itself may be out of space; the ledger stays authoritative
-        rollback = False
+        recorded = rollback = False
     if rollback:
         zarrays.remove_run(store.path, run_id)
     if not isinstance(exc, (OSError, ActstoreError)) and not _disk_full(exc):
@@ -353,6 +422,12 @@ def _fail(
         return ActstoreError(
             f"{what} while writing run {run_id}; the run was rolled back and the store is "
             "unchanged: free space (see actstore info) and rerun"
+        )
+    if not recorded:
+        return ActstoreError(
+            f"{what} while writing run {run_id}; the catalog could not be written either, so "
+            f"the run stays ingesting with its {kept} stored batches: fix the cause (free "
+            "space) and rerun the same command to resume"
         )
     return ActstoreError(
         f"{what} while writing run {run_id}; it keeps {kept} stored batches and is marked "

@@ -219,17 +219,32 @@ def ingest_shard(
 
 
 def merge(location: str | Path) -> pl.DataFrame:
-    """Fold every shard manifest into the catalog; one row per sharded run with its status."""
+    """Fold every shard manifest into the catalog; one row per sharded run with its status.
+
+    With nothing left to merge, the runs merged before are listed (a rerun is a no-op)."""
     store_dir = local_dir(location)
     groups = sorted((store_dir / MANIFESTS).glob("run-*")) if store_dir.is_dir() else []
-    if not groups:
+    merged = sorted((store_dir / MANIFESTS / MERGED).glob("run*-*")) if store_dir.is_dir() else []
+    if not groups and not merged:
         raise UsageError(
             f"no shard manifests under {store_dir / MANIFESTS}; run actstore ingest … --shard i/N "
             "first"
         )
     store = _open_or_create(location, store_dir)
     with store.writer("actstore merge"):
+        if not groups:
+            return pl.DataFrame([_merged_row(store, archive) for archive in merged])
         return pl.DataFrame([_merge_run(store, location, group) for group in groups])
+
+
+def _merged_row(store: Store, archive: Path) -> dict[str, Any]:
+    """A run an earlier merge completed, as `merge` reported it then."""
+    run_id, phash = archive.name.removeprefix("run").split("-", 1)
+    shards = len(list(archive.glob("shard-*-of-*.json")))
+    status = store.query("SELECT status FROM runs WHERE run_id = ?", [int(run_id)])["status"]
+    return {"run_id": int(run_id), "params_hash": phash, "n_shards": shards,
+            "shards_present": shards, "missing": "",
+            "status": status.item() if status.len() else "missing from the catalog"}  # fmt: skip
 
 
 def _open_or_create(location: str | Path, store_dir: Path) -> Store:
@@ -285,6 +300,8 @@ def _merge_run(store: Store, location: str | Path, mdir: Path) -> dict[str, Any]
         return {**row, "status": "ingesting"}
     ledger = _check_coverage(manifests)
     target = f"{root}/run{run_id}"  # the group holding zarrays.array_name(run_id, side, hook)
+    # every shard has finished: a temporary file left in the staged arrays is a killed write's
+    zarrays.remove_partial_files(store.path / zarrays.ARRAYS / staged_name(phash))
     if fs.exists(staged):
         if fs.exists(target):
             fs.rm(target, recursive=True)

@@ -61,6 +61,8 @@ def _directory(directory: str | Path | None) -> Path:
     if directory is None:
         return Path(tempfile.mkdtemp(prefix="actstore-demo-"))
     path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} is a file; give the demo a new or empty directory")
     if path.exists() and any(path.iterdir()) and not (path / "store" / CATALOG).exists():
         raise UsageError(
             f"{path} is not empty and holds no demo store; choose a new or empty directory"

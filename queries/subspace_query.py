@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from actstore.errors import ActstoreError, UsageError
+from actstore.output import check_output_path
 from actstore.results import find_query, record_query
 from actstore.store import Store
 from queries.subspace import check_metric, check_mode, components_of, evaluate, report
@@ -93,6 +94,8 @@ def subspace(
 
     check_metric(metric)
     check_mode(mode)
+    if save_direction is not None:
+        check_output_path(save_direction, "--save-direction")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
     run = store.run(run_id)

@@ -107,7 +107,7 @@ def test_read_only_commands_do_not_import_torch(ioi_store):
         (["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--n", "0"], 2,
          "need at least one prompt"),
         (["ingest", "{s}", "--model", "no-such-model-xyz", "--task", "ioi"], 1,
-         "unknown model 'no-such-model-xyz'"),
+         "model 'no-such-model-xyz' is not built-in or a directory, the Hugging Face hub is"),
         (["sql", "{s}", "insert into runs (run_id) values (9)"], 2,
          "INSERT statements are refused"),
         (["sql", "{s}", "select * from nope"], 2, "SQL error: Catalog Error"),

@@ -50,8 +50,9 @@ class Forker:
         assert line, "the forker process died"
         return json.loads(line)
 
-    def start(self, store: Path, restart: bool = False) -> int:
-        self.proc.stdin.write(json.dumps({"store": str(store), "restart": restart}) + "\n")
+    def start(self, store: Path, restart: bool = False, **options) -> int:
+        request = {"store": str(store), "restart": restart, **options}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._read()["pid"]
 
@@ -59,8 +60,8 @@ class Forker:
         done = self._read()
         return done["status"], done["wall_s"]
 
-    def run(self, store: Path, restart: bool = False) -> float:
-        self.start(store, restart)
+    def run(self, store: Path, restart: bool = False, **options) -> float:
+        self.start(store, restart, **options)
         status, wall = self.wait()
         assert status == 0, f"ingest exited with {status}"
         return wall
@@ -157,6 +158,39 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
         assert_same(contents(store), reference)
     # the kills landed at different stages: before the store, mid-run, and late
     assert len(batches_seen) >= 3, batches_seen
+
+
+BOUNDARY_N = 4  # two batches of two prompts
+# Write transactions of `actstore ingest` into a new store: create the catalog, migrate it on
+# opening for writing, claim the run, one per batch, mark it complete.
+COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
+
+
+def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(
+    forker, tmp_path
+):
+    """SIGKILL before and after every commit, and after the last one just before the run id
+    is printed: rerunning the command leaves exactly one complete run, bit-identical."""
+    cli = {"n": BOUNDARY_N, "cli": True}
+    forker.run(tmp_path / "reference", **cli, stdout=str(tmp_path / "reference.out"))
+    reference = contents(tmp_path / "reference")
+    points = [("before-commit", k) for k in range(1, COMMITS + 1)]
+    points += [("after-commit", k) for k in range(1, COMMITS + 1)] + [("print", 0)]
+    for when, k in points:
+        store, out = tmp_path / f"{when}-{k}", tmp_path / f"{when}-{k}.out"
+        forker.start(store, **cli, stdout=str(out), kill=[when, k])
+        assert forker.wait()[0] == -signal.SIGKILL, f"no {when} {k}: the ingest ended first"
+        assert out.read_text() == "", "a killed ingest printed a run id"
+        forker.run(store, **cli, stdout=str(out))
+        assert out.read_text().strip() == "1", (when, k)
+        runs = Store(store).runs()
+        assert runs.select("run_id", "status").rows() == [(1, "complete")], (when, k)
+        assert failures(verify(Store(store))).is_empty()
+        assert_same(contents(store), reference)
+    # and those are all the boundaries: an ingest has no commit after the last one killed
+    forker.run(tmp_path / "beyond", **cli, stdout=str(tmp_path / "beyond.out"),
+               kill=["before-commit", COMMITS + 1])  # fmt: skip
+    assert_same(contents(tmp_path / "beyond"), reference)
 
 
 def kill_after_batches(forker: Forker, store: Path, batches: int) -> int:

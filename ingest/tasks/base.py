@@ -67,6 +67,11 @@ def answer_text(word: str, model: Tokenizes) -> str:
     return word if is_word_level(model) else " " + word
 
 
+def clip(text: str, width: int = 60) -> str:
+    """Text short enough to quote in a one-line error message."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def validate_pairs(
     pairs: Sequence[PromptPair],
     model: Tokenizes,
@@ -84,22 +89,23 @@ def validate_pairs(
         if len(clean_ids) != len(corrupted_ids):
             raise TaskValidationError(
                 f"{where}: clean and corrupted differ in token length "
-                f"({len(clean_ids)} vs {len(corrupted_ids)}): {p.clean!r} / {p.corrupted!r}; "
+                f"({len(clean_ids)} vs {len(corrupted_ids)}): {clip(p.clean)!r} / "
+                f"{clip(p.corrupted)!r}; "
                 "use same-length replacements"
             )
         for label, text in (("answer", p.answer), ("wrong answer", p.wrong_answer)):
             ids = model.token_ids(text)
             if len(ids) != 1:
                 raise TaskValidationError(
-                    f"{where}: {label} {text!r} is {len(ids)} tokens, must be exactly 1 "
-                    f"(prompt {p.clean!r}); choose single-token answers"
+                    f"{where}: {label} {clip(text)!r} is {len(ids)} tokens, must be exactly 1 "
+                    f"(prompt {clip(p.clean)!r}); choose single-token answers"
                 )
         unk = getattr(model.tokenizer, "unk_token_id", None)
         if unk is not None and is_word_level(model):
             for text in (p.clean, p.corrupted, p.answer, p.wrong_answer):
                 if unk in model.token_ids(text):
                     raise TaskValidationError(
-                        f"{where}: {text!r} has words outside the model's vocabulary; "
+                        f"{where}: {clip(text)!r} has words outside the model's vocabulary; "
                         "use a model whose tokenizer covers the task"
                     )
 

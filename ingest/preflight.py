@@ -1,0 +1,69 @@
+"""Checks of an ingest's arguments that need no model, made before torch is imported.
+
+A mistyped flag is refused in a fraction of a second instead of after the model has loaded, and
+always before the store is written: numbers the catalog cannot hold, an unknown task, a task
+and a dataset together, a malformed dataset file, a device name torch would not know, a model
+that cannot load (an unreachable hub included), a store path that cannot be a store, a store
+that is read-only or held by another writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actstore.errors import UsageError
+from actstore.location import local_dir
+from actstore.models import check_device_name, check_model_spec
+from actstore.store import CATALOG, Store, check_location
+
+INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER
+DTYPES = ("float32", "float16")
+
+
+def check_ingest(
+    store: str | Path,
+    model: str | None,
+    task: str | None,
+    n: int | None,
+    dataset: str | None,
+    dtype: str,
+    batch_size: int,
+    device: str | None,
+    seed: int,
+    shard: str | None,
+) -> None:
+    """Raise a one-line error for the first argument that cannot work; `model` None skips the
+    model check (an already loaded model)."""
+    if n is not None and not 1 <= n <= INT32_MAX:
+        raise UsageError(f"--n {n}: need at least one prompt (and at most {INT32_MAX})")
+    if not 1 <= batch_size <= INT32_MAX:
+        raise UsageError(f"--batch-size {batch_size}: need at least 1 (and at most {INT32_MAX})")
+    if not 0 <= seed <= INT32_MAX:
+        raise UsageError(f"--seed {seed}: choose a seed from 0 to {INT32_MAX}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_device_name(device)
+    if task is not None and dataset is not None:
+        raise UsageError(
+            "give --task or --dataset, not both: a dataset file's runs are named after the file"
+        )
+    if dataset is not None:
+        from ingest.datasets import check_dataset_file
+
+        check_dataset_file(dataset)
+    elif task is None:
+        raise UsageError("give --task NAME or --dataset FILE")
+    else:
+        from ingest.tasks import get_task
+
+        get_task(task)
+    if shard is not None:
+        from ingest.shards import parse_shard
+
+        parse_shard(shard)
+    path = local_dir(store)
+    check_location(path, create=True)
+    if (path / CATALOG).exists() and shard is None:
+        Store(path, create=True).check_writable()
+    if model is not None:
+        check_model_spec(model)
