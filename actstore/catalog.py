@@ -151,9 +151,9 @@ class Catalog:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
-                if isinstance(exc, FILE_ERRORS):
-                    raise file_error(self.path, exc) from None
                 if not _is_lock_conflict(exc):
+                    if isinstance(exc, FILE_ERRORS):
+                        raise file_error(self.path, exc) from None
                     raise ActstoreError(f"cannot open catalog {self.path}: {_first(exc)}") from None
                 if time.monotonic() > deadline:
                     who = "a reader in another process" if self.writing else self.holder()

@@ -24,6 +24,8 @@ def params_hash(kind: str, run_id: int | None, params: dict[str, Any]) -> str:
 
 # Columns by which a result table names the query that owns its rows.
 QUERY_ID_COLUMNS = ("query_id", "score_id", "circuit_id")
+# The largest query id ever deleted (meta key): ids are never given out twice.
+FORGOTTEN = "forgotten_query_id"
 
 
 def find_query(
@@ -74,7 +76,20 @@ def forget_queries(con: Any, run_ids: list[int]) -> int:
     for table, column in tables:
         con.execute(f'DELETE FROM "{table}" WHERE "{column}" IN ({id_marks})', ids)
     con.execute(f"DELETE FROM queries WHERE query_id IN ({id_marks})", ids)
+    con.execute(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)", [FORGOTTEN, str(_forgotten(con, max(ids)))]
+    )
     return len(ids)
+
+
+def _forgotten(con: Any, at_least: int = 0) -> int:
+    rows = con.execute("SELECT value FROM meta WHERE key = ?", [FORGOTTEN]).fetchall()
+    return max(at_least, int(rows[0][0]) if rows else 0)
+
+
+def _next_query_id(store: Store, con: Any) -> int:
+    """The next query id: after every recorded one, and after every deleted one."""
+    return max(store.next_id(con, "queries", "query_id"), _forgotten(con) + 1)
 
 
 def record_query(
@@ -91,7 +106,7 @@ def record_query(
     frame's other columns must be the table's remaining columns, in order.
     """
     with store.writer(), store.catalog.write() as con:
-        query_id = store.next_id(con, "queries", "query_id")
+        query_id = _next_query_id(store, con)
         con.execute(
             "INSERT INTO queries VALUES (?, ?, ?, ?, ?, now(), ?)",
             [query_id, run_id, kind, json.dumps(params, sort_keys=True),

@@ -29,7 +29,6 @@ from actstore.verified import (
     DamagedError,
     Ledger,
     LedgerEntry,
-    Verified,
     VerifiedArray,
     first_line,
 )
@@ -47,7 +46,6 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
-        self._verified: Verified = {}
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -215,7 +213,7 @@ class Store:
         ledger = self.ledger(run_id, side, hook)
         try:
             return VerifiedArray(
-                self.path, run_id, side, hook, ledger, self._verified,
+                self.path, run_id, side, hook, ledger,
                 refresh=lambda: self.ledger(run_id, side, hook, reload=True),
             )  # fmt: skip
         except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
