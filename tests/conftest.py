@@ -36,3 +36,16 @@ def hand_store(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("hand") / "store"
     return path, handbuilt.build(path)
+
+
+@pytest.fixture
+def session_ingest(monkeypatch, toy_random):
+    """Ingests in this process load `toy-random` as the session's copy (no reload per test)."""
+    import ingest.runner
+
+    real = ingest.runner.load_model
+
+    def load(spec, device=None):
+        return toy_random if spec == "toy-random" else real(spec, device)
+
+    monkeypatch.setattr(ingest.runner, "load_model", load)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import errno
-import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import duckdb
 import pytest
@@ -23,11 +24,6 @@ import actstore
 from actstore import arrays as zarrays
 from actstore.cli import main
 from actstore.verify import failures
-
-HAVE_DATASETS = importlib.util.find_spec("ingest.datasets") is not None
-needs_datasets = pytest.mark.skipif(
-    not HAVE_DATASETS, reason="ingest/datasets.py (issue 3, branch tasks) has not landed yet"
-)
 
 
 def catalog_rows(path) -> dict[str, list]:
@@ -52,15 +48,8 @@ def store(ioi_store, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def session_model(monkeypatch, toy_random):
-    import ingest.runner
-
-    real = ingest.runner.load_model
-
-    def load(spec, device=None):
-        return toy_random if spec == "toy-random" else real(spec, device)
-
-    monkeypatch.setattr(ingest.runner, "load_model", load)
+def session_model(session_ingest):
+    """Every ingest here loads the session's toy-random."""
 
 
 def invoke(*args: str):
@@ -151,7 +140,6 @@ def json_prompts(pairs):
              "wrong_answers": [p.wrong_answer]} for p in pairs]  # fmt: skip
 
 
-@needs_datasets
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -242,3 +230,128 @@ def test_disk_full_while_resuming_keeps_earlier_batches(store, monkeypatch):
     assert s.run(2)["status"] == "complete"
     assert s.sql("select count(*) from prompts where run_id = 2").item() == 12
     assert failures(s.verify()).is_empty()
+
+
+# ---- refused before the store is touched ------------------------------------------------------
+
+TOY = ("--model", "toy-random", "--task", "ioi", "--n", "4")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--device", "bogus"), 2, "--device bogus: not a device; choose cpu, cuda"),
+        (("--seed", str(2**31)), 2, "--seed 2147483648: choose a seed from 0 to 2147483647"),
+        (("--seed", "-1"), 2, "--seed -1: choose a seed from 0"),
+        (("--n", str(2**31)), 2, "--n 2147483648: need at least one prompt (and at most"),
+        (("--dataset", "pairs.json"), 2, "give --task or --dataset, not both"),
+        (("--bogus",), 2, "No such option '--bogus'"),
+        (("--corruption", "nope"), 2, "Invalid value for '--corruption'"),
+        (("--n", "ten"), 2, "Invalid value for '--n': 'ten' is not a valid integer"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line_and_leave_the_store_as_it_was(store, args, code, message):
+    before = snapshot(store)
+    res = invoke("ingest", store, *TOY, *args)
+    assert_refused(res, code, message)
+    assert snapshot(store) == before
+
+
+def test_cheap_checks_refuse_before_torch_is_imported(store, tmp_path):
+    """A mistyped flag costs an import of the CLI, not of torch and the model."""
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    cases = [
+        [*TOY, "--device", "bogus"],
+        [*TOY, "--seed", str(2**40)],
+        [*TOY, "--dataset", str(nested)],
+        ["--model", "toy-random", "--dataset", str(nested)],
+        ["--model", "toy-random", "--task", "nope"],
+        ["--model", "toy-nope", "--task", "ioi"],
+        ["--model", "toy-random", "--task", "ioi", "--bogus"],
+    ]
+    code = (
+        "import json, sys, time\n"
+        "from click.testing import CliRunner\n"
+        "from actstore.cli import main\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    t = time.perf_counter()\n"
+        "    r = CliRunner().invoke(main, ['ingest', sys.argv[2], *args])\n"
+        "    out.append([r.exit_code, time.perf_counter() - t, 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(cases), str(store)],
+                         capture_output=True, text=True)  # fmt: skip
+    results = json.loads(res.stdout)
+    assert [r[0] for r in results] == [2] * len(cases), (results, res.stderr)
+    assert not any(r[2] for r in results), "torch was imported before refusing"
+
+
+@pytest.mark.parametrize("command", ["ingest", "demo"])
+def test_a_store_path_that_is_a_file_is_refused(tmp_path, command):
+    path = tmp_path / "afile"
+    path.write_text("not a store")
+    args = ("ingest", path, *TOY) if command == "ingest" else ("demo", path)
+    res = invoke(*args)
+    assert_refused(res, 2, f"{path} is a file")
+    assert path.read_text() == "not a store"
+
+
+def test_save_direction_into_a_missing_directory_is_refused_before_computing(store, tmp_path):
+    before = snapshot(store)
+    res = invoke("subspace", store, "--run", "1", "--hook", "blocks.1.hook_resid_pre",
+                 "--direction", "das", "--save-direction", tmp_path / "nope" / "v.npy")  # fmt: skip
+    assert_refused(res, 2, f"--save-direction {tmp_path / 'nope' / 'v.npy'}: directory")
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("json-deep", "JSON nested too deeply to read"),
+        ("json-long-int", "unreadable JSON value: Exceeds the limit"),
+        ("csv-long-int", "row 2 (line 3): correct_idx '1111"),
+        ("json-long-prompt", "differ in token length"),
+    ],
+)  # fmt: skip
+def test_hostile_dataset_files_are_one_line(store, tmp_path, toy_random, case, message):
+    pairs = ioi_rows(toy_random)
+    if case == "json-deep":
+        path = tmp_path / "deep.json"
+        path.write_text('{"prompts": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif case == "json-long-int":
+        path = tmp_path / "long.json"
+        path.write_text('{"prompts": [' + "7" * 5000 + "]}")
+    elif case == "csv-long-int":
+        rows = csv_rows(toy_random, pairs)
+        rows[1] = (rows[1][0], rows[1][1], "1" * 5000, rows[1][3])
+        path = write_csv(tmp_path / "long.csv", rows)
+    else:
+        prompts = json_prompts(pairs)
+        prompts[1]["clean"] = " ".join(["Mary"] * 5000)  # 10k+ characters
+        path = tmp_path / "long.json"
+        path.write_text(json.dumps({"prompts": prompts}))
+    before = snapshot(store)
+    res = invoke("ingest", store, "--model", "toy-random", "--dataset", path)
+    assert_refused(res, 2, message)
+    assert len(res.stderr) < 500, len(res.stderr)  # a 10k-character prompt is not echoed whole
+    assert snapshot(store) == before
+
+
+def test_a_size_that_cannot_fit_is_refused_before_generating_prompts(store):
+    before = snapshot(store)
+    res = invoke("ingest", store, "--model", "toy-random", "--task", "ioi", "--n", "100000000")
+    assert_refused(res, 1, "--n 100000000: the activations need about")
+    assert "ingest fewer prompts, fewer --hooks, or --dtype float16" in res.stderr
+    assert snapshot(store) == before
+
+
+def test_the_chunk_size_is_clamped_to_the_prompts_ingested(store):
+    res = invoke("ingest", store, "--model", "toy-random", "--task", "ioi", "--n", "8",
+                 "--batch-size", "1000000", "--hooks", "z")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    s = actstore.open(store)
+    assert s.run(2)["batch_size"] == 8
+    chunks = [json.loads(c) for c in s.sql("select chunks from arrays where run_id = 2")["chunks"]]
+    assert chunks and all(c[0] == 8 for c in chunks), chunks

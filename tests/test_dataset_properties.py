@@ -1,8 +1,7 @@
-"""Property-based tests of the dataset importers, against the formats documented in issue 3.
+"""Property-based tests of the dataset importers, against the documented formats.
 
 EAP-IG CSV: columns clean, corrupted, correct_idx, incorrect_idx (token ids). AutoCircuit JSON:
-{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}. Skipped, with the reason, until
-`ingest/datasets.py` (branch tasks) lands; they pass against that branch's importer.
+{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.errors import UsageError
+from ingest import datasets
 
-datasets = pytest.importorskip(
-    "ingest.datasets", reason="ingest/datasets.py (issue 3, branch tasks) has not landed yet"
-)
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 

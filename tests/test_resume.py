@@ -166,9 +166,7 @@ BOUNDARY_N = 4  # two batches of two prompts
 COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
 
 
-def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(
-    forker, tmp_path
-):
+def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(forker, tmp_path):
     """SIGKILL before and after every commit, and after the last one just before the run id
     is printed: rerunning the command leaves exactly one complete run, bit-identical."""
     cli = {"n": BOUNDARY_N, "cli": True}
