@@ -90,6 +90,8 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+# DuckDB's file: a 4 KiB main header and two 4 KiB database headers, then the blocks.
+FILE_HEADER_BYTES = 3 * 4096
 READ_WAIT_S = 10.0
 WRITE_WAIT_S = 120.0
 
@@ -211,6 +213,34 @@ class Catalog:
         finally:
             con.close()
 
+    def check_intact(self) -> None:
+        """Refuse a catalog file that ends before the last block its tables use (truncated)."""
+        with self.read() as con:
+            self._check_intact(con)
+
+    def _check_intact(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Writing into a truncated file would make the damage worse: checked from the tables'
+        storage metadata (no data is read) before a command's first write."""
+        block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()[0][0]
+        tables = con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+        ).fetchall()
+        last = -1
+        for (table,) in tables:
+            name = table.replace("'", "''")
+            found = con.execute(
+                f"SELECT max(block_id) FROM pragma_storage_info('{name}') WHERE block_id >= 0"
+            ).fetchall()[0][0]
+            last = max(last, -1 if found is None else int(found))
+        need = FILE_HEADER_BYTES + (last + 1) * int(block_size)
+        size = self.path.stat().st_size
+        if size < need:
+            raise ActstoreError(
+                f"catalog {self.path} is damaged and cannot be read (truncated: {size} bytes, its "
+                f"tables use {need}); restore catalog.duckdb from a copy or backup of the store "
+                "(its rows exist nowhere else)"
+            )
+
     def commit(self, con: duckdb.DuckDBPyConnection) -> None:
         """End a write transaction: durable in the file itself, not only in the WAL."""
         con.execute("COMMIT")
@@ -223,6 +253,7 @@ class Catalog:
     def migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION; refuse a catalog from a newer actstore."""
         with self.write() as con:
+            self._check_intact(con)
             exists = con.execute(
                 "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
             ).fetchall()[0][0]

@@ -95,6 +95,7 @@ class Store:
             return
         self.lock.acquire("check writable")
         self.lock.release()
+        self.catalog.check_intact()
         if not os.access(self.catalog.path, os.W_OK):
             raise ActstoreError(
                 f"catalog {self.catalog.path} is not writable; this command records its results "

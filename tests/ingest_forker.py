@@ -5,9 +5,9 @@ Protocol on stdin/stdout, one JSON object per line:
   -> {"store": PATH, "restart": false}      fork a child that runs ingest(PATH, **KWARGS)
      optional keys: "n" (prompts instead of KWARGS' n); "cli": true with "stdout": FILE runs
      `actstore ingest` through the CLI, its stdout in FILE; "kill": [WHEN, K] makes the child
-     SIGKILL itself at a catalog transaction boundary: WHEN "before-commit" or "after-commit"
-     of its K-th write transaction (counted from 1), or ["print", 0] just before the CLI
-     prints the run id
+     SIGKILL itself at a catalog transaction boundary: WHEN "before-commit",
+     "before-checkpoint" (committed to the write-ahead log only) or "after-commit" of its K-th
+     write transaction (counted from 1), or ["print", 0] just before the CLI prints the run id
   <- {"pid": PID}                           as soon as the child exists (the test kills it)
   <- {"pid": PID, "status": S, "wall_s": T} when it ends: 0 ok, 1 error, -9 killed
 Runs with OMP_NUM_THREADS=1 so that forking after torch's first use is safe.
@@ -51,6 +51,9 @@ def arm(when: str, k: int) -> None:
     def commit_and_maybe_die(self, con):
         count[0] += 1
         if when == "before-commit" and count[0] == k:
+            die()
+        if when == "before-checkpoint" and count[0] == k:  # committed, only in the WAL
+            con.execute("COMMIT")
             die()
         commit(self, con)
         if when == "after-commit" and count[0] == k:

@@ -167,13 +167,14 @@ COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
 
 
 def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(forker, tmp_path):
-    """SIGKILL before and after every commit, and after the last one just before the run id
-    is printed: rerunning the command leaves exactly one complete run, bit-identical."""
+    """SIGKILL before every commit, between it and its checkpoint, and after it, and after the
+    last one just before the run id is printed: rerunning the command leaves exactly one
+    complete run, bit-identical to an uninterrupted ingest."""
     cli = {"n": BOUNDARY_N, "cli": True}
     forker.run(tmp_path / "reference", **cli, stdout=str(tmp_path / "reference.out"))
     reference = contents(tmp_path / "reference")
-    points = [("before-commit", k) for k in range(1, COMMITS + 1)]
-    points += [("after-commit", k) for k in range(1, COMMITS + 1)] + [("print", 0)]
+    stages = ("before-commit", "before-checkpoint", "after-commit")
+    points = [(when, k) for k in range(1, COMMITS + 1) for when in stages] + [("print", 0)]
     for when, k in points:
         store, out = tmp_path / f"{when}-{k}", tmp_path / f"{when}-{k}.out"
         forker.start(store, **cli, stdout=str(out), kill=[when, k])
