@@ -8,9 +8,11 @@ a temporary directory; our sweep reads the cached activations from it, TL's swee
 `transformer_lens.patching` on the same tokens with the clean cache. For each sweep it prints:
 the wall time of both, the measured speed-up, the FLOP-count bound (TL's full forwards ÷ the
 FLOPs our downstream, suffix-only, metric-only recompute really did), the measured speed-up as
-a fraction of that bound, the largest |difference| of the patched metric, and the process's
-peak resident memory so far. By-position sweeps run over a sample of positions (both sides the
-same) to keep TL's one-forward-per-patch cost inside the time budget.
+a fraction of that bound, the largest |difference| of the patched metric, the share of our
+time spent verifying the chunks it read against the ledger (checksums of the decoded values
+and the ledger lookup), and the process's peak resident memory so far. By-position sweeps run
+over a sample of positions (both sides the same) to keep TL's one-forward-per-patch cost inside
+the time budget.
 """
 
 from __future__ import annotations
@@ -68,6 +70,27 @@ def gpt2_small_shape() -> ModelAdapter:
 def toy_model() -> ModelAdapter:
     weights = BUILTIN_DIR / "toy" / "model.safetensors"
     return load_model("toy" if weights.exists() else "toy-random", "cpu")
+
+
+class VerifyClock:
+    """Seconds spent checking reads against the chunk ledger (checksums, ledger lookups)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        import actstore.arrays
+
+        for owner, name in ((actstore.arrays, "checksum"), (Store, "ledger")):
+            setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
 
 
 def peak_mib() -> float:
@@ -128,21 +151,28 @@ def bench(label: str, model: ModelAdapter, sweeps: list[tuple[str, list[int] | N
         print(f"\n{label}: {model.shape}; {N_PROMPTS} prompts x {seq} tokens; "
               f"ingest {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
         print(f"{'sweep':<22}{'patches':>8}{'TL s':>9}{'ours s':>9}{'speed-up':>10}"
-              f"{'FLOP bound':>12}{'of bound':>10}{'max |diff|':>12}{'peak MiB':>10}")  # fmt: skip
+              f"{'FLOP bound':>12}{'of bound':>10}{'max |diff|':>12}{'verify':>8}"
+              f"{'peak MiB':>10}")  # fmt: skip
         forward = Kernels.from_adapter(model).forward_flops(N_PROMPTS, seq)
         for component, positions in sweeps:
             spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, positions)
+            store = Store(path)  # a fresh store: its ledger lookups count
+            VERIFY.seconds = 0.0
             started = time.perf_counter()
             ours, flops = compute_effects(store, 1, spec, model, batch_size=N_PROMPTS,
                                           progress=False)  # fmt: skip
             t_ours = time.perf_counter() - started
+            verify = VERIFY.seconds / t_ours
             t_tl, tl_values, n = tl_sweep(model, store, component, "denoise", positions)
             diff = float(np.abs(ours["value"].to_numpy() - tl_values).max())
             ratio, bound = t_tl / t_ours, n * forward / flops
             where = "" if positions is None else f" @{len(positions)} pos"
             print(f"{component + where:<22}{n:>8}{t_tl:>9.2f}{t_ours:>9.2f}{ratio:>9.2f}x"
-                  f"{bound:>11.2f}x{ratio / bound:>9.0%}{diff:>12.1e}{peak_mib():>10.0f}",
-                  flush=True)  # fmt: skip
+                  f"{bound:>11.2f}x{ratio / bound:>9.0%}{diff:>12.1e}{verify:>8.1%}"
+                  f"{peak_mib():>10.0f}", flush=True)  # fmt: skip
+
+
+VERIFY = VerifyClock()
 
 
 def main() -> None:

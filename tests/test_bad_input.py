@@ -355,3 +355,39 @@ def test_the_chunk_size_is_clamped_to_the_prompts_ingested(store):
     assert s.run(2)["batch_size"] == 8
     chunks = [json.loads(c) for c in s.sql("select chunks from arrays where run_id = 2")["chunks"]]
     assert chunks and all(c[0] == 8 for c in chunks), chunks
+
+
+def test_disk_full_with_the_catalog_full_too_says_the_run_stays_ingesting(store, monkeypatch):
+    """The status the message names is the one recorded: when not even the rollback can be
+    written, the run is left ingesting (resumable), and the message says so."""
+    from actstore.catalog import Catalog
+
+    full = {"disk": False}
+
+    def fsync(path):
+        if fsync.calls >= CHUNKS_PER_BATCH + 5:  # in the second batch
+            full["disk"] = True
+            raise OSError(errno.ENOSPC, "simulated: ENOSPC", str(path))
+        fsync.calls += 1
+        REAL_FSYNC(path)
+
+    fsync.calls = 0
+    real_write = Catalog.write
+
+    def write(self):
+        if full["disk"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self)
+
+    monkeypatch.setattr(zarrays, "fsync_path", fsync)
+    monkeypatch.setattr(Catalog, "write", write)
+    res = invoke("ingest", store, *INGEST_2)
+    assert_refused(res, 1, "disk full while writing run 2; the catalog could not be written "
+                   "either, so the run stays ingesting with its 1 stored batches")  # fmt: skip
+    s = actstore.open(store)
+    assert s.run(2, complete=False)["status"] == "ingesting"
+    monkeypatch.setattr(Catalog, "write", real_write)
+    monkeypatch.setattr(zarrays, "fsync_path", REAL_FSYNC)
+    res = invoke("ingest", store, *INGEST_2)
+    assert res.exit_code == 0 and res.stdout.strip() == "2", res.output
+    assert failures(s.verify()).is_empty()
