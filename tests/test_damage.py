@@ -126,6 +126,9 @@ def test_lost_metadata_is_named_by_verify_and_restored_by_repair(store):
     with pytest.raises(DamagedError, match=f"run 1 corrupted {HOOK}: the array .* cannot be"):
         actstore.open(store).read(1, "corrupted", HOOK)
     assert np.array_equal(actstore.open(store).read(1, "clean", HOOK), s.read(1, "clean", HOOK))
+    res = patch(store, "--recompute")
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert f"run 1 corrupted {HOOK}: the array" in res.stderr and "verify --repair" in res.stderr
     res = CliRunner().invoke(main, ["verify", str(store), "--format", "csv"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "arrays.zarr/zarr.json (the arrays' root group) is gone" in res.stdout
