@@ -24,6 +24,7 @@ FORMAT = click.option(
 )
 
 
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 MAX_MESSAGE = 400  # characters of an error line: quoted input never floods the terminal
 
 
@@ -42,6 +43,9 @@ class Group(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             super().main(*args, standalone_mode=False, **kwargs)
+        except NO_ARGS_IS_HELP as exc:  # `actstore` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "actstore"
             click.echo(f"error: {one_line(exc.format_message())} (see {command} --help)", err=True)

@@ -17,3 +17,7 @@ class UsageError(ActstoreError):
 
 class LockedError(ActstoreError):
     """Another process holds the store's writer lock."""
+
+
+class DamagedError(ActstoreError):
+    """Stored data is missing, undecodable or altered: never read as numbers."""

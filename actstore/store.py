@@ -21,17 +21,10 @@ import polars as pl
 from actstore import arrays as zarrays
 from actstore.arrays import ARRAYS
 from actstore.catalog import FILE_ERRORS, Catalog
-from actstore.errors import ActstoreError, UsageError
+from actstore.errors import ActstoreError, DamagedError, UsageError
 from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
-from actstore.verified import (
-    FIX,
-    DamagedError,
-    Ledger,
-    LedgerEntry,
-    VerifiedArray,
-    first_line,
-)
+from actstore.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
 
 CATALOG = "catalog.duckdb"
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -122,7 +115,7 @@ class Store:
             try:
                 statements = con.extract_statements(sql)
             except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {_first_line(exc)}") from None
+                raise UsageError(f"SQL error: {first_line(exc)}") from None
             if len(statements) != 1:
                 raise UsageError(f"give exactly one SQL statement (got {len(statements)})")
             kind = statements[0].type.name
@@ -136,13 +129,13 @@ class Store:
                 return rel.pl() if rel is not None else pl.DataFrame()
             except duckdb.PermissionException as exc:
                 raise UsageError(
-                    f"actstore sql reads only the catalog: {_first_line(exc)}; write results "
+                    f"actstore sql reads only the catalog: {first_line(exc)}; write results "
                     "with actstore export"
                 ) from None
             except FILE_ERRORS:
                 raise
             except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {_first_line(exc)}") from None
+                raise UsageError(f"SQL error: {first_line(exc)}") from None
 
     def runs(self) -> pl.DataFrame:
         return self.query("SELECT * FROM runs ORDER BY run_id")
@@ -217,7 +210,7 @@ class Store:
                 self.path, run_id, side, hook, ledger,
                 refresh=lambda: self.ledger(run_id, side, hook, reload=True),
             )  # fmt: skip
-        except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        except Exception as exc:  # no metadata, or metadata zarr cannot read
             missing = exc
         name = zarrays.array_name(run_id, side, hook)
         if ledger:
@@ -262,11 +255,6 @@ class Store:
         return int(
             con.execute(f"SELECT coalesce(max({column}), 0) + 1 FROM {table}").fetchall()[0][0]
         )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_location(path: Path, create: bool = False) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from actstore import arrays as zarrays
 from actstore.arrays import open_array
-from actstore.errors import ActstoreError
+from actstore.errors import DamagedError
 
 FIX = "run actstore verify --repair"
 
@@ -47,10 +47,6 @@ class ChunkProblem(Exception):
         self.detail = detail
 
 
-class DamagedError(ActstoreError):
-    """A read met a chunk that is missing, undecodable or altered."""
-
-
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
@@ -60,13 +56,13 @@ def read_checked(arr: Any, store_dir: Path, name: str, entry: LedgerEntry) -> np
     """A chunk's decoded values when they match the ledger; ChunkProblem otherwise."""
     path = chunk_path(arr, store_dir, name, entry.start // arr.chunks[0])
     if path is not None and not path.exists():
-        return _raise("missing", f"chunk file {path.relative_to(store_dir)} is gone")
+        raise ChunkProblem("missing", f"chunk file {path.relative_to(store_dir)} is gone")
     try:
         values = np.asarray(arr[entry.start : entry.stop])
     except Exception as exc:  # a damaged chunk fails inside the codec: any error means damage
-        return _raise("damaged", f"chunk does not decode: {first_line(exc)}")
+        raise ChunkProblem("damaged", f"chunk does not decode: {first_line(exc)}") from None
     if zarrays.checksum(values) != entry.checksum:
-        return _raise("damaged", "checksum of the decoded values differs from the ledger")
+        raise ChunkProblem("damaged", "checksum of the decoded values differs from the ledger")
     return values
 
 
@@ -75,10 +71,6 @@ def chunk_path(arr: Any, store_dir: Path, name: str, idx: int) -> Path | None:
     if arr.shards is not None:
         return None
     return zarrays.chunk_file(store_dir, name, idx, arr.ndim)
-
-
-def _raise(problem: str, detail: str) -> np.ndarray:
-    raise ChunkProblem(problem, detail)
 
 
 class VerifiedArray:

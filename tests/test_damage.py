@@ -14,7 +14,7 @@ from test_verify import chunk_path, flip_byte
 
 import actstore
 from actstore.cli import main
-from actstore.verified import DamagedError
+from actstore.errors import DamagedError
 
 HOOK = "blocks.1.attn.hook_z"
 PATCH = ["--run", "1", "--component", "head", "--format", "csv"]
