@@ -67,7 +67,7 @@ def answer_text(word: str, model: Tokenizes) -> str:
     return word if is_word_level(model) else " " + word
 
 
-def clip(text: str, width: int = 60) -> str:
+def clip(text: str, width: int = 120) -> str:
     """Text short enough to quote in a one-line error message."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
