@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from test_cli import run_cli, snapshot
 from test_writer import held_store  # noqa: F401  (a fixture: another process holds the lock)
+
+from actstore.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_CAPBSET_DROP = 24
@@ -46,7 +49,9 @@ def test_a_truncated_catalog_is_one_line(store, command, keep):
     assert snapshot(store) == before
 
 
-def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(tmp_path):
+def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(
+    tmp_path, session_ingest
+):
     """Killed between creating the catalog and the arrays: nothing to verify, no run to patch."""
     from actstore.catalog import Catalog
 
@@ -55,13 +60,13 @@ def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(tm
     catalog = Catalog(path / "catalog.duckdb")
     catalog.writing = True
     catalog.migrate()
-    res = run_cli("verify", str(path))
-    assert res.returncode == 0 and "0 chunks verified, no damage" in res.stderr, res.stderr
-    res = run_cli("patch", str(path), *PATCH)
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = CliRunner().invoke(main, ["verify", str(path)])
+    assert res.exit_code == 0 and "0 chunks verified, no damage" in res.stderr, res.output
+    res = CliRunner().invoke(main, ["patch", str(path), *PATCH])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
     assert "run 1 is not in" in res.stderr
-    res = run_cli("ingest", str(path), *INGEST)  # and the next ingest completes the store
-    assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr
+    res = CliRunner().invoke(main, ["ingest", str(path), *INGEST])  # the next ingest completes it
+    assert res.exit_code == 0 and res.stdout.strip() == "1", res.output
     assert (path / "arrays.zarr" / "zarr.json").exists()
 
 
