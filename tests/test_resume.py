@@ -226,10 +226,14 @@ def test_restart_discards_the_partial_run_and_keeps_its_id(forker, tmp_path):
     assert_same(contents(store), contents(tmp_path / "reference"))
 
 
+READERS_N = 48
+
+
 def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
-    """sql, info, export and array reads from another process while the ingest writes."""
+    """sql, info, export and array reads from another process while the ingest writes (24
+    batches, so that a reader on a loaded machine sees several of them)."""
     store = tmp_path / "s"
-    forker.start(store)
+    forker.start(store, n=READERS_N)
     seen: list[tuple[str, int]] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -251,6 +255,6 @@ def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
         if seen[-1][0] == "complete":
             break
     status, _ = forker.wait()
-    assert status == 0 and seen[-1] == ("complete", 16), seen
-    mid_run = {n for st, n in seen if st == "ingesting" and 0 < n < 16}
+    assert status == 0 and seen[-1] == ("complete", READERS_N), seen
+    mid_run = {n for st, n in seen if st == "ingesting" and 0 < n < READERS_N}
     assert len(mid_run) >= 2, seen
