@@ -22,9 +22,8 @@ import polars as pl
 import torch
 
 from actstore.errors import UsageError
-from queries.metrics import answer_prob, kl_clean_patched, logit_diff
+from queries.metrics import METRICS, AnswerSets, Targets, from_logits
 
-METRICS = ("logit-diff", "prob", "kl")
 MODES = ("denoise", "noise")
 # Illusion thresholds. An effect is the shift of the normalised metric away from the unpatched
 # run (1.0 = the whole clean–corrupted gap). v is flagged when it moves the metric by at least
@@ -55,6 +54,7 @@ class PatchBatch:
     clean_logits: torch.Tensor
     corrupted_logits: torch.Tensor
     prompt_idx: np.ndarray | None = None
+    sets: AnswerSets | None = None  # answer sets (None: the answer and the wrong answer alone)
 
 
 def check_metric(metric: str) -> None:
@@ -68,12 +68,9 @@ def check_mode(mode: str) -> None:
 
 
 def metric_values(metric: str, logits: torch.Tensor, batch: PatchBatch) -> torch.Tensor:
-    """Per-prompt metric of final-position logits."""
-    if metric == "logit-diff":
-        return logit_diff(logits, batch.answer, batch.wrong)
-    if metric == "prob":
-        return answer_prob(logits, batch.answer)
-    return kl_clean_patched(batch.clean_logits, logits)
+    """Per-prompt metric of final-position logits (queries.metrics' definitions)."""
+    return from_logits(metric, logits, Targets(batch.answer, batch.wrong, batch.clean_logits,
+                                               batch.sets))  # fmt: skip
 
 
 def orthonormal_basis(vectors: np.ndarray | torch.Tensor, what: str = "direction") -> torch.Tensor:

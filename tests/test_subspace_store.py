@@ -11,7 +11,6 @@ import torch
 import actstore
 from actstore.errors import UsageError
 from actstore.models import builtin_names, load_model
-from queries.metrics import logit_diff
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def hooked_full_patch(model, s, hook: str, head: int | None) -> float:
     final = logits[torch.arange(len(last)), last]
     answer = torch.tensor(prompts["answer_token"].to_list(), dtype=torch.long)
     wrong = torch.tensor(prompts["wrong_answer_token"].to_list(), dtype=torch.long)
-    return float(logit_diff(final, answer, wrong).mean())
+    rows = torch.arange(len(last))
+    return float((final[rows, answer] - final[rows, wrong]).mean())
 
 
 @pytest.mark.parametrize(
