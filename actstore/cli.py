@@ -25,6 +25,10 @@ FORMAT = click.option(
 )
 
 
+# One --device for every command that runs a model: CUDA when available, else CPU.
+DEVICE = click.option("--device", help="cpu or cuda (default: cuda when available).")
+
+
 class Group(click.Group):
     """Turns expected errors into one line on stderr and the documented exit code."""
 
@@ -76,7 +80,7 @@ def main() -> None:
     "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
 )
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per chunk.")
-@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@DEVICE
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--shard",
@@ -231,7 +235,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
-@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@DEVICE
 @FORMAT
 def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
@@ -273,7 +277,7 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
     show_default=True,
 )  # fmt: skip
 @click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
-@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@DEVICE
 @FORMAT
 def attribute(store: str, run_id: int, top: int | None, fmt: str, **kwargs) -> None:
     """Score every edge (or node) of a run by attribution; rows sorted by |score|.
@@ -447,7 +451,7 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt:
 @click.option(
     "--repair", is_flag=True, help="Recompute damaged or missing chunks (needs the run's model)."
 )
-@click.option("--device", help="Device for --repair: cpu or cuda.")
+@DEVICE
 @FORMAT
 def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt: str) -> None:
     """Check every chunk's checksum against the ledger and every complete run for completeness.
@@ -489,7 +493,7 @@ def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
-@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@DEVICE
 @FORMAT
 def circuit(store: str, fmt: str, **kwargs) -> None:
     """Select a circuit from edge scores and measure its exact faithfulness.
@@ -530,7 +534,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 )  # fmt: skip
 @click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
-@click.option("--device", help="cpu (default) or cuda.")
+@DEVICE
 @FORMAT
 def patch(store: str, run_id: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.

@@ -193,7 +193,7 @@ def _overlap(
     """Plot the sets' overlap and print its pairs (the rows the plot drew)."""
     df = plots.plot_overlap(store, runs, selection, path, queries=sources)
     say()
-    say(f"overlap of the {selection.describe()} ({ov.compared(df)}):")
+    say(f"overlap of the {selection.describe()}, {ov.compared(df)}:")
     say(_pairs(df).rstrip("\n"))
     return df
 

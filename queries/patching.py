@@ -153,7 +153,7 @@ def _model_for_run(
 
     run = store.run(run_id)
     if model is None:
-        model = load_model(run["model"], resolve_device(device or "cpu"))
+        model = load_model(run["model"], resolve_device(device))
     expected = run["params"].get("fingerprint")
     if expected and model.fingerprint != expected:
         raise ActstoreError(

@@ -136,6 +136,20 @@ def session(name: str, script: str) -> None:
     cog.out(render(steps))
 
 
+def demo_block() -> None:
+    """The output of `actstore demo demo-store` (what `make demo` runs), as a ```text block."""
+    import cog
+
+    from queries.demo import demo
+
+    root = Path(tempfile.mkdtemp(prefix="readme-demo-")) / "demo-store"
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        demo(root, out=out)
+    cog.out("```text\n" + out.getvalue().replace(str(root), "demo-store") + "```\n")
+
+
 def parse(markdown: str) -> list[list[Step]]:
     """Every ```console block of a markdown text, as the steps it shows."""
     blocks = []
