@@ -404,13 +404,16 @@ def overlap(store: str, runs: str | None, queries: str | None, fmt: str, **optio
 def plot(store: str, kind: str, ident: str, output: str, queries: str | None, **options) -> None:
     """Write a PNG: a patch query's effects, runs' overlap matrix, or a faithfulness curve.
 
-    ID is a patch query id (effects), comma-separated run ids (overlap; the set options
-    apply) or an attribution score id (faithfulness).
+    ID is a patch query id (effects: importance for noising and KL, the signed normalized
+    effect otherwise), comma-separated run ids (overlap, like with like as in actstore
+    overlap; the set options apply, --queries picks the sources) or an edge score set id
+    (faithfulness).
 
     \b
     Example:
       actstore plot /tmp/s effects 3 -o heads.png
       actstore plot /tmp/s overlap 1,2 --top-k 5 -o overlap.png
+      actstore plot /tmp/s overlap 1,2 --queries 3,4 --by edge --top-k 20 -o edges.png
       actstore plot /tmp/s faithfulness 4 -o faithfulness.png
     """
     _open(store).plot(kind, ident, output, queries=_ids(queries, "--queries"), **options)

@@ -169,12 +169,12 @@ def source_kind(selection: Selection) -> str:
 
 
 def _check_filters(kind: str, filters: Filters) -> None:
-    allowed = {"component", "window", *SOURCE_KEYS[kind]} if kind == "patch query" else {
-        *SOURCE_KEYS[kind]}  # fmt: skip
+    """A filter that cannot select this kind of source is an error, not ignored."""
     for name in filters.given():
-        if name not in allowed:
-            applies = "head sets from patching (--by head)" if name in (
-                "component", "direction", "window") else "edge scores and circuits"  # fmt: skip
+        if name not in SOURCE_KEYS[kind]:
+            patching = name in SOURCE_KEYS["patch query"]
+            applies = "head sets from patching (--by head)" if patching else (
+                "edge scores and circuits")  # fmt: skip
             raise UsageError(f"--{name} applies to {applies}, not to {PLURAL[kind]}; leave it out")
 
 
