@@ -97,8 +97,8 @@ class Targets:
 def logit_diff(logits: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
     """Mean logit of the correct set − mean logit of the incorrect set, per prompt:
     (…, B, d_vocab) → (…, B)."""
-    return _set_mean(logits, sets.correct, sets.correct_mask) - _set_mean(
-        logits, sets.incorrect, sets.incorrect_mask
+    return _mean(_columns(logits, sets.correct), sets.correct_mask) - _mean(
+        _columns(logits, sets.incorrect), sets.incorrect_mask
     )
 
 
@@ -110,8 +110,8 @@ def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
 def prob_diff(logits: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
     """Σ p(correct set) − Σ p(incorrect set), per prompt."""
     probs = logits.float().softmax(-1)
-    return _set_sum(probs, sets.correct, sets.correct_mask) - _set_sum(
-        probs, sets.incorrect, sets.incorrect_mask
+    return _sum(_columns(probs, sets.correct), sets.correct_mask) - _sum(
+        _columns(probs, sets.incorrect), sets.incorrect_mask
     )
 
 
@@ -137,22 +137,26 @@ def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
 
 def from_resid(k: Kernels, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
-    metric needs: the answer sets' mean columns for a logit difference, the full vocabulary
+    metric needs: the answer sets' columns for a logit difference, the full vocabulary
     otherwise."""
     import torch
 
     normed = k.unembed_ln(resid)
     if metric == "logit-diff":
         s = t.answer_sets()
-        w = _mean_columns(k.W_U, s.correct, s.correct_mask) - _mean_columns(
-            k.W_U, s.incorrect, s.incorrect_mask
-        )  # (D, B)
-        b = _set_mean(k.b_U, s.correct, s.correct_mask) - _set_mean(
-            k.b_U, s.incorrect, s.incorrect_mask
-        )
-        k.flops += 2.0 * normed.numel()
-        return torch.einsum("...bd,db->...b", normed, w) + b
+        ids = torch.cat([s.correct, s.incorrect], -1)  # (B, A + W)
+        k.flops += 2.0 * normed.numel() * ids.shape[-1]
+        columns = torch.einsum("...bd,dbk->...bk", normed, k.W_U[:, ids]) + k.b_U[ids]
+        return set_logit_diff(columns, s)
     return from_logits(metric, k.linear(normed, k.W_U, k.b_U), t)
+
+
+def set_logit_diff(columns: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
+    """The logit difference from the logits of the sets' columns (…, B, A + W), correct set
+    first: mean over the correct set − mean over the incorrect set."""
+    a = sets.correct.shape[-1]
+    return _mean(columns[..., :a], sets.correct_mask) - _mean(columns[..., a:],
+                                                              sets.incorrect_mask)  # fmt: skip
 
 
 def logits_metric_fn(
@@ -175,20 +179,15 @@ def _pick(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, index).squeeze(-1)
 
 
-def _set_sum(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over each prompt's set of x's entries: x (…, B, V), ids and mask (B, A) → (…, B).
-    A 1-d x (V,) is shared by every prompt: → (B,)."""
-    if x.dim() == 1:
-        return (x[ids] * mask.to(x.dtype)).sum(-1)
-    index = ids.expand(*x.shape[:-2], *ids.shape)
-    return (x.gather(-1, index) * mask.to(x.dtype)).sum(-1)
+def _columns(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each prompt's entries of x at its ids: x (…, B, V), ids (B, k) → (…, B, k)."""
+    return x.gather(-1, ids.expand(*x.shape[:-2], *ids.shape))
 
 
-def _set_mean(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _set_sum(x, ids, mask) / mask.sum(-1).to(x.dtype)
+def _sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over a set's members (mask 1), padding (mask 0) left out: (…, B, k) → (…, B)."""
+    return (values * mask.to(values.dtype)).sum(-1)
 
 
-def _mean_columns(w: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per prompt, the mean of w's columns over its set: w (D, V) → (D, B)."""
-    weights = (mask / mask.sum(-1, keepdim=True)).to(w.dtype)  # (B, A)
-    return (w[:, ids] * weights).sum(-1)
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _sum(values, mask) / mask.sum(-1).to(values.dtype)
