@@ -20,7 +20,7 @@ import polars as pl
 
 from actstore import arrays as zarrays
 from actstore.arrays import ARRAYS
-from actstore.catalog import FILE_ERRORS, Catalog
+from actstore.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
 from actstore.errors import ActstoreError, DamagedError, UsageError
 from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
@@ -55,8 +55,9 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        else:
-            self.catalog.check_version()
+        elif self.catalog.check_version() < SCHEMA_VERSION:
+            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
+                pass
 
     def _holder(self) -> str:
         return describe_holder(self.lock.path)

@@ -36,16 +36,19 @@ import polars as pl
 from actstore.errors import ActstoreError, UsageError
 from actstore.results import find_query, record_query
 from actstore.store import Store
+from queries.metrics import METRICS
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
 
 KIND = "patch"
 COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")
-METRICS = ("logit-diff", "prob", "kl")  # queries.metrics.METRICS, kept here to avoid torch
 DIRECTIONS = ("denoise", "noise")
 ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
+# What a patch query returns: the effects row and its importance, read from the catalog's
+# patch_effects view where importance is defined.
+RESULT_COLUMNS = [*EFFECT_COLUMNS, "importance"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,10 @@ def check_spec(
 
 def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
     return store.query(
-        "SELECT * FROM effects WHERE query_id = ? "
+        f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
         "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
         [query_id],
-    ).select(EFFECT_COLUMNS)
+    )
 
 
 def patch(
@@ -123,7 +126,8 @@ def patch(
 ) -> pl.DataFrame:
     """Patching effects of a run, from the catalog when asked before, else computed and recorded.
 
-    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized).
+    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized) and the
+    direction-independent importance that rankings use.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
@@ -148,7 +152,7 @@ def _model_for_run(
 
     run = store.run(run_id)
     if model is None:
-        model = load_model(run["model"], resolve_device(device or "cpu"))
+        model = load_model(run["model"], resolve_device(device))
     expected = run["params"].get("fingerprint")
     if expected and model.fingerprint != expected:
         raise ActstoreError(
@@ -209,8 +213,9 @@ def compute_effects(
     n, seq = int(run["n_prompts"]), int(run["seq_len"])
     k = Kernels.from_adapter(model)
     groups = _groups(spec, k.n_layers, k.n_heads, seq, engine)
-    prompts = {c: store.prompts(run_id)[c].to_numpy()
-               for c in ("seq_len", "answer_token", "wrong_answer_token")}  # fmt: skip
+    rows = store.prompts(run_id)
+    prompts = {c: rows[c].to_numpy() for c in ("seq_len", "answer_token", "wrong_answer_token")}
+    prompts.update(metrics.answer_arrays(rows))
     base_kinds, src_kinds = _kinds(groups[0].component, engine)
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
