@@ -247,11 +247,9 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
     rows = _open(store).subspace(run_id, hook, direction, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
-    flag = rows["illusion"][0]
-    verdict = {None: "not assessed (no reading map; give --reader for a residual hook)",
-               True: "ILLUSION: v acts through a dormant rowspace component",
-               False: "no illusion"}[flag]  # fmt: skip
-    click.echo(f"query {rows['query_id'][0]}: {verdict}", err=True)
+    from queries.views import illusion_verdict
+
+    click.echo(f"query {rows['query_id'][0]}: {illusion_verdict(rows['illusion'][0])}", err=True)
 
 
 @main.command()
