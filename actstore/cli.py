@@ -512,9 +512,10 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 def patch(store: str, run_id: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
-    Prints effects(query_id, layer, head, pos, metric, value, normalized): value is the
-    patched run's metric averaged over prompts, normalized is
-    (value - m_corrupted) / (m_clean - m_corrupted). A repeated query is read from the store.
+    Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
+    value is the patched run's metric averaged over prompts, normalized is
+    (value - m_corrupted) / (m_clean - m_corrupted), importance is |normalized| (denoise) or
+    |1 - normalized| (noise), what rankings use. A repeated query is read from the store.
 
     \b
     Example:

@@ -4,9 +4,10 @@ Views are pure SQL over catalog tables, so they live in the core and are (re)cre
 `Catalog.migrate` on every write; a reader sees them in any store written by this version.
 Their columns are documented in docs/analysis.md; tests pin them.
 
-Ranks are by absolute effect (or score), ties broken by name so that a top-k set has exactly k
-members. `frac_rank` = (rank - 1) / n: top-fraction f is `WHERE frac_rank < f`, which keeps
-ceil(f·n) items (at least one), e.g. Merullo et al.'s top 2% of heads.
+Ranks are by `importance` (IMPORTANCE below for effects, |score| for edge scores), ties broken
+by name so that a top-k set has exactly k members. `frac_rank` = (rank - 1) / n: top-fraction f
+is `WHERE frac_rank < f`, which keeps ceil(f·n) items (at least one), e.g. Merullo et al.'s top
+2% of heads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ def _param(column: str, key: str) -> str:
     return f"json_extract_string({column}, '$.{key}')"
 
 
+# How much a patch moved the metric away from the patched run's own unpatched value, as a share
+# of the clean − corrupted gap: the one ranking quantity for both directions. `normalized` is 1
+# for clean-like and 0 for corrupted-like outputs in both directions, so denoising (clean into
+# the corrupted run) starts from 0 and noising (corrupted into the clean run) from 1. In Zhang &
+# Nanda's terms, a large denoising importance says the component is sufficient to restore the
+# behaviour, a large noising importance that it is necessary for it; ranking noising by
+# |normalized| would put the components that change nothing (normalized ≈ 1) first.
+IMPORTANCE = """CASE {direction} WHEN 'denoise' THEN abs({normalized})
+                 WHEN 'noise' THEN abs(1 - {normalized}) END"""
+
+EFFECT_IMPORTANCE = IMPORTANCE.format(
+    direction=_param("q.params", "direction"), normalized="e.normalized"
+)
+
 # In creation order: a view comes after the views it reads.
 VIEWS: dict[str, str] = {
     "patch_effects": f"""
@@ -34,8 +49,10 @@ VIEWS: dict[str, str] = {
                CASE WHEN e.head IS NOT NULL THEN {HEAD_NODE.format(layer="e.layer", head="e.head")}
                     WHEN {_param("q.params", "component")} = 'mlp-out' THEN 'm' || e.layer
                END AS node,
-               e.value, e.normalized
+               e.value, e.normalized,
+               {EFFECT_IMPORTANCE} AS importance
         FROM effects e JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        WHERE q.kind = 'patch'
         ORDER BY e.query_id, e.layer, e.head NULLS FIRST, e.pos NULLS FIRST
         """,
     "head_effects": """
@@ -45,16 +62,17 @@ VIEWS: dict[str, str] = {
     "top_heads": """
         WITH per_head AS (
             SELECT query_id, run_id, model, task, corruption, component, metric, direction,
-                   layer, head, node,
-                   arg_max(pos, abs(normalized)) AS pos,
-                   arg_max(value, abs(normalized)) AS value,
-                   arg_max(normalized, abs(normalized)) AS normalized
+                   window_size, layer, head, node,
+                   arg_max(pos, importance) AS pos,
+                   arg_max(value, importance) AS value,
+                   arg_max(normalized, importance) AS normalized,
+                   max(importance) AS importance
             FROM head_effects
             GROUP BY ALL
         ), ranked AS (
-            SELECT *, abs(normalized) AS abs_effect,
+            SELECT *,
                    row_number() OVER (PARTITION BY query_id
-                                      ORDER BY abs(normalized) DESC NULLS LAST, layer, head)
+                                      ORDER BY importance DESC NULLS LAST, layer, head)
                        AS rank,
                    count(*) OVER (PARTITION BY query_id) AS n_heads
             FROM per_head
@@ -66,7 +84,7 @@ VIEWS: dict[str, str] = {
             SELECT s.score_id, s.run_id, r.model, r.task, r.corruption, s.method,
                    s.src, s.dst, s.qkv, {EDGE_NAME.format(src="s.src", dst="s.dst", qkv="s.qkv")}
                        AS edge,
-                   s.score, abs(s.score) AS abs_score,
+                   s.score, abs(s.score) AS importance,
                    row_number() OVER (PARTITION BY s.score_id
                                       ORDER BY abs(s.score) DESC NULLS LAST, s.src, s.dst, s.qkv)
                        AS rank,

@@ -46,6 +46,9 @@ METRICS = ("logit-diff", "prob", "kl")  # queries.metrics.METRICS, kept here to 
 DIRECTIONS = ("denoise", "noise")
 ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
+# What a patch query returns: the effects row and its importance, read from the catalog's
+# patch_effects view where importance is defined.
+RESULT_COLUMNS = [*EFFECT_COLUMNS, "importance"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,10 @@ def check_spec(
 
 def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
     return store.query(
-        "SELECT * FROM effects WHERE query_id = ? "
+        f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
         "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
         [query_id],
-    ).select(EFFECT_COLUMNS)
+    )
 
 
 def patch(
@@ -123,7 +126,8 @@ def patch(
 ) -> pl.DataFrame:
     """Patching effects of a run, from the catalog when asked before, else computed and recorded.
 
-    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized).
+    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized) and the
+    direction-independent importance that rankings use.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")

@@ -66,7 +66,8 @@ def caption(prov: dict[str, Any]) -> str:
 def top_heads(
     store: Store, query_id: int, k: int | None = None, frac: float | None = None
 ) -> pl.DataFrame:
-    """A patching query's heads ranked by |normalized effect|, cut to top-k or top-fraction."""
+    """A patching query's heads ranked by importance (the view's direction-independent column),
+    cut to top-k or top-fraction."""
     where, params = _cut(k, frac)
     return store.query(
         f"SELECT * FROM top_heads WHERE query_id = ? {where} ORDER BY rank", [query_id, *params]
@@ -76,7 +77,8 @@ def top_heads(
 def top_edges(
     store: Store, score_id: int, k: int | None = None, frac: float | None = None
 ) -> pl.DataFrame:
-    """An attribution score set's edges ranked by |score|, cut to top-k or top-fraction."""
+    """An attribution score set's edges ranked by importance (|score|), cut to top-k or
+    top-fraction."""
     where, params = _cut(k, frac)
     return store.query(
         f"SELECT * FROM top_edges WHERE score_id = ? {where} ORDER BY rank", [score_id, *params]

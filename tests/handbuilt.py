@@ -55,6 +55,23 @@ def head_effects(run: int) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=EFFECT_SCHEMA, orient="row")
 
 
+def noise_effects(run: int) -> pl.DataFrame:
+    """The same heads patched by noising: a head that matters moves the clean run's normalised
+    metric away from 1 by its planted effect; the rest barely move it (normalized ≈ 0.9999)."""
+    rows = []
+    for layer in range(N_LAYERS):
+        for head in range(N_HEADS):
+            shift = EFFECTS[run].get((layer, head), 1e-4 * (layer * N_HEADS + head + 1) / 12)
+            rows.append((layer, head, None, "kl", 3.0 * shift, 1.0 - shift))
+    return pl.DataFrame(rows, schema=EFFECT_SCHEMA, orient="row")
+
+
+def record_noise(store: Store, run: int) -> int:
+    """A KL noising head query of `run` (the hand store's runs 1 and 2)."""
+    params = {"component": "head", "metric": "kl", "direction": "noise", "window": 1}
+    return record_query(store, "patch", run, params, 0.1, {"effects": noise_effects(run)})
+
+
 def resid_effects() -> pl.DataFrame:
     """A position × layer residual-stream patching result (5 positions)."""
     rows = [

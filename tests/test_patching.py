@@ -152,7 +152,8 @@ def test_query_recorded_once_and_recompute(ioi_store, toy_random):
     again = patch(store, 1, "head", metric="prob")
     assert first.equals(again)
     assert list(first.columns) == ["query_id", "layer", "head", "pos", "metric", "value",
-                                   "normalized"]  # fmt: skip
+                                   "normalized", "importance"]  # fmt: skip
+    assert first["importance"].to_list() == first["normalized"].abs().to_list()  # denoising
     s = toy_random.shape
     assert first.height == s.n_layers * s.n_heads and first["pos"].is_null().all()
     fresh = patch(store, 1, "head", metric="prob", recompute=True, model=toy_random)
@@ -177,7 +178,7 @@ def test_cli_repeat_is_fast_without_torch(ioi_store):
     first = _cli(*args)
     assert first.returncode == 0, first.stderr
     header = first.stdout.splitlines()[0]
-    assert header == "query_id,layer,head,pos,metric,value,normalized"
+    assert header == "query_id,layer,head,pos,metric,value,normalized,importance"
     cpu_before = _children_cpu()
     started = time.monotonic()
     again = _cli(*args)

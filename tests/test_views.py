@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import handbuilt
 import pytest
 
 from actstore.store import Store
@@ -65,6 +66,31 @@ def test_top_heads_rank_and_fraction(hand_store):
     assert views.top_heads(store, ids["patch1"], frac=0.2501).height == 4
 
 
+def test_known_head_ranks_first_in_both_directions(tmp_path):
+    """Noising ranks by |1 − normalized|: the do-nothing heads (normalized ≈ 1) rank last, and
+    the head that matters (a0.h1) ranks first as it does under denoising."""
+    ids = handbuilt.build(tmp_path / "store")
+    store = Store(tmp_path / "store")
+    noise = handbuilt.record_noise(store, 1)
+    denoised = views.top_heads(store, ids["patch1"], k=3)
+    noised = views.top_heads(store, noise, k=3)
+    assert denoised["node"].to_list() == noised["node"].to_list() == ["a0.h1", "a2.h3", "a1.h0"]
+    assert noised["normalized"].to_list() == pytest.approx([0.1, 1.8, 0.3])
+    assert noised["importance"].to_list() == pytest.approx([0.9, 0.8, 0.7])
+    assert denoised["importance"].to_list() == pytest.approx([0.9, 0.8, 0.7])
+    # ranked by |normalized| the noising query would put a head that does nothing first
+    by_abs = store.query(
+        "SELECT node FROM head_effects WHERE query_id = ? ORDER BY abs(normalized) DESC", [noise]
+    )["node"].to_list()
+    assert by_abs[0] == "a2.h3" and by_abs[1] not in ("a0.h1", "a1.h0")
+    effects = store.query(
+        "SELECT direction, importance, normalized FROM patch_effects WHERE query_id IN (?, ?)",
+        [ids["patch1"], noise],
+    )
+    for direction, importance, norm in effects.rows():
+        assert importance == pytest.approx(abs(norm) if direction == "denoise" else abs(1 - norm))
+
+
 def test_head_effects_carry_provenance(hand_store):
     path, ids = hand_store
     row = (
@@ -85,7 +111,7 @@ def test_patch_effects_keep_position_rows(hand_store):
     assert df["node"].null_count() == 15
 
 
-def test_top_edges_ranked_by_abs_score(hand_store):
+def test_top_edges_ranked_by_importance(hand_store):
     path, ids = hand_store
     top = views.top_edges(Store(path), ids["scores2"], k=4)
     assert top["edge"].to_list() == [
@@ -95,6 +121,7 @@ def test_top_edges_ranked_by_abs_score(hand_store):
         "a2.h0->logits",
     ]
     assert top["score"].to_list() == [0.8, -0.7, 0.6, 0.55]
+    assert top["importance"].to_list() == [0.8, 0.7, 0.6, 0.55]
     assert set(top["n_edges"]) == {10} and set(top["method"]) == {"eap-ig"}
 
 
