@@ -27,6 +27,7 @@ from actstore.output import render_table
 from actstore.store import CATALOG
 from queries import overlap as ov
 from queries import plots, views
+from queries.report import report
 
 DEFAULT_TASKS = ("ioi", "colored-objects")
 PATCH = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
@@ -174,11 +175,14 @@ def demo(
                 written.append(plot_dir / f"faithfulness_run{run}.png")
                 plots.plot_faithfulness(store, score, written[-1])
 
+    page = root / "report.html"
+    report(store, page, top_k=top_k, edge_top_frac=EDGE_TOP_FRAC)
     location = shlex.quote(str(store.path))
     say()
     say(f"store:  {store.path}")
     for path in written:
         say(f"plot:   {path}")
+    say(f"report: {page}")
     say()
     say("try next:")
     say(f'  actstore sql {location} "select run_id, task, model, n_prompts from runs"')

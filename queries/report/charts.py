@@ -27,7 +27,9 @@ def _finish(chart: alt.TopLevelMixin) -> dict[str, Any]:
     """One look for every chart; a NULL colour value is drawn grey rather than dropped."""
     with alt.data_transformers.disable_max_rows():
         return (
-            chart.configure_scale(invalid={"color": {"value": INVALID_COLOUR}})
+            chart.configure_scale(
+                invalid={"color": {"value": INVALID_COLOUR}, "strokeWidth": {"value": 1}}
+            )
             .configure_view(stroke=None)
             .configure_axis(labelFontSize=11, titleFontSize=12)
             .to_dict()
@@ -105,7 +107,6 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
                 alt.value("black"),
                 alt.value("white"),
             ),
-            tooltip=tooltip,
         )
         chart = cells + labels
     chart = chart.properties(width={"step": _step(n_x)}, height={"step": _step(n_y, 28)})
@@ -167,9 +168,7 @@ def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
 def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> dict[str, Any]:
     """Faithfulness against circuit size (symlog axis, so the empty circuit shows), the
     stored circuits marked, reference lines at the full model (1) and 0.85."""
-    points = [
-        {**r, "faithfulness_text": number(r["faithfulness"])} for r in curve.to_dicts()
-    ]
+    points = [{**r, "faithfulness_text": number(r["faithfulness"])} for r in curve.to_dicts()]
     marked = [
         {
             "circuit": f"circuit {r['circuit_id']}",
@@ -179,9 +178,11 @@ def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> 
         }
         for r in circuits.to_dicts()
     ]
+    ticks = [0] + [2**i for i in range(max(n_scored, 1).bit_length())] + [n_scored]
     x = alt.X(
         "n_edges:Q", title=f"edges in circuit (of {n_scored} scored)",
-        scale=alt.Scale(type="symlog"),
+        scale=alt.Scale(type="symlog", domain=[0, n_scored]),
+        axis=alt.Axis(values=sorted(set(ticks)), labelOverlap=True),
     )  # fmt: skip
     y = alt.Y("faithfulness:Q", title="faithfulness")
     line = alt.Chart(alt.Data(values=points)).mark_line(point=True).encode(
@@ -195,9 +196,11 @@ def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> 
         tooltip=[alt.Tooltip("circuit:N"), alt.Tooltip("n_edges:Q", title="edges"),
                  alt.Tooltip("faithfulness_text:N", title="faithfulness")],
     )  # fmt: skip
-    references = alt.Chart(
-        alt.Data(values=[{"y": 1.0, "what": "full model"}, {"y": 0.85, "what": "0.85"}])
-    ).mark_rule(strokeDash=[4, 4], color="#888").encode(y="y:Q", tooltip=["what:N"])
+    references = (
+        alt.Chart(alt.Data(values=[{"y": 1.0, "what": "full model"}, {"y": 0.85, "what": "0.85"}]))
+        .mark_rule(strokeDash=[4, 4], color="#888")
+        .encode(y="y:Q", tooltip=["what:N"])
+    )
     layers = alt.layer(
         references,
         line,
@@ -221,6 +224,7 @@ def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataF
 
 
 QKV_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
+SIGN = {True: "positive", False: "negative", None: "no score"}
 
 
 def circuit_graph(
@@ -236,12 +240,12 @@ def circuit_graph(
         lines.append(
             {
                 "x": x1, "y": y1, "x2": x2, "y2": y2 + QKV_OFFSET.get(e["qkv"] or "", 0.0),
-                "edge": e["edge"], "score": e["score"], "magnitude": abs(e["score"]),
-                "score_text": number(e["score"]),
-                "sign": "positive" if e["score"] >= 0 else "negative",
+                "edge": e["edge"], "score": e["score"], "score_text": number(e["score"]),
+                "magnitude": None if e["score"] is None else abs(e["score"]),
+                "sign": SIGN[None if e["score"] is None else e["score"] >= 0],
             }
         )  # fmt: skip
-    columns = ["input"] + [f"{k} {l}" for l in range(n_layers) for k in ("attn", "mlp")]
+    columns = ["input"] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", "mlp")]
     columns.append("logits")
     label_expr = f"{columns!r}[datum.value]"
     x = alt.X(
@@ -253,13 +257,13 @@ def circuit_graph(
         "y:Q", title=None, axis=None,
         scale=alt.Scale(domain=[n_heads - 0.5, -0.5], nice=False, zero=False),
     )  # fmt: skip
-    edge_marks = alt.Chart(alt.Data(values=lines)).mark_rule(opacity=0.75).encode(
+    edge_marks = alt.Chart(alt.Data(values=lines)).mark_rule(opacity=0.75, invalid="show").encode(
         x, y, x2="x2:Q", y2="y2:Q",
         strokeWidth=alt.StrokeWidth("magnitude:Q", title="|score|",
                                     scale=alt.Scale(type="sqrt", range=[0.75, 9])),
         color=alt.Color("sign:N", title="score",
-                        scale=alt.Scale(domain=["positive", "negative"],
-                                        range=[POSITIVE, NEGATIVE])),
+                        scale=alt.Scale(domain=list(SIGN.values()),
+                                        range=[POSITIVE, NEGATIVE, INVALID_COLOUR])),
         tooltip=[alt.Tooltip("edge:N"), alt.Tooltip("score_text:N", title="score")],
     )  # fmt: skip
     node_data = alt.Data(values=placed.to_dicts())

@@ -37,7 +37,8 @@ def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
 def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
     """Each run's provenance: what was ingested, how, and the bytes it holds (`info`)."""
     extra = store.query(
-        "SELECT run_id, seed, dataset, seq_len, created_at FROM runs WHERE run_id IN "
+        "SELECT run_id, seed, dataset, seq_len, strftime(created_at, '%Y-%m-%d %H:%M:%S') "
+        "AS created_at FROM runs WHERE run_id IN "
         "(SELECT unnest(?))",
         [runs],
     )
@@ -47,7 +48,10 @@ def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
 def params_text(params: str | None) -> str:
     """A query's stored parameters as one line, every key shown: `key=value; …`."""
     decoded: dict[str, Any] = json.loads(params) if params else {}
-    return "; ".join(f"{key}={value}" for key, value in sorted(decoded.items()))
+    return "; ".join(
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in sorted(decoded.items())
+    )
 
 
 def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
@@ -122,7 +126,8 @@ def head_set_groups(store: Store, runs: list[int]) -> list[tuple[str, list[tuple
         "component", "metric", "direction", "window_size", as_dict=True, maintain_order=True
     ).items():
         component, metric, direction, window = key
-        title = f"heads: {component} patching, {metric}, {direction}, window {window}"
+        window = "" if window is None else f", window {window}"
+        title = f"heads: {component} patching, {metric}, {direction}{window}"
         groups.append((title, list(part.select("run_id", "source_id").iter_rows())))
     return groups
 
@@ -135,9 +140,8 @@ def edge_set_groups(store: Store, runs: list[int]) -> list[tuple[str, list[tuple
                json_extract_string(params, '$.metric') AS metric,
                run_id, max(query_id) AS source_id
         FROM queries
-        WHERE kind = 'attribute' AND json_extract_string(params, '$.level') = 'edge'
-          AND run_id IN (SELECT unnest(?))
-          AND query_id IN (SELECT score_id FROM edge_scores)
+        WHERE kind = 'attribute' AND run_id IN (SELECT unnest(?))
+          AND query_id IN (SELECT score_id FROM edge_scores WHERE dst IS NOT NULL)
         GROUP BY ALL ORDER BY method, metric, run_id
         """,
         [runs],
@@ -146,7 +150,7 @@ def edge_set_groups(store: Store, runs: list[int]) -> list[tuple[str, list[tuple
     for (method, metric), part in df.partition_by(
         "method", "metric", as_dict=True, maintain_order=True
     ).items():
-        title = f"edges: {method} scores, {metric}"
+        title = f"edges: {method} scores" + ("" if metric is None else f", {metric}")
         groups.append((title, list(part.select("run_id", "source_id").iter_rows())))
     return groups
 
@@ -237,16 +241,21 @@ NODE_PARTS = """
 
 
 def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score)."""
+    """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score); an edge's
+    score is the one its score set gave it."""
     edges = store.query(
         """
         SELECT ce.src, ce.dst, ce.qkv,
-               ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge, ce.score
-        FROM circuit_edges ce WHERE ce.circuit_id = ?
-        ORDER BY abs(ce.score) DESC, ce.src, ce.dst, ce.qkv
+               ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge,
+               coalesce(ce.score, s.score) AS score
+        FROM circuit_edges ce JOIN circuits c USING (circuit_id)
+             LEFT JOIN edge_scores s ON s.score_id = c.score_id AND s.src = ce.src
+                  AND s.dst = ce.dst AND s.qkv IS NOT DISTINCT FROM ce.qkv
+        WHERE ce.circuit_id = ?
+        ORDER BY abs(coalesce(ce.score, s.score)) DESC NULLS LAST, ce.src, ce.dst, ce.qkv
         """,
         [circuit_id],
-    )
+    ).with_columns(pl.col("score").fill_nan(None))
     nodes = store.query(
         f"""
         SELECT node, {NODE_PARTS.format(node="node")}

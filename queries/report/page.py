@@ -25,8 +25,7 @@ body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, 
 header { background: #1d2430; color: #fff; padding: 18px 32px; }
 header h1 { margin: 0 0 4px; font-size: 22px; }
 header p { margin: 0; color: #c9d1dc; }
-nav { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid var(--rule);
-      padding: 8px 32px; }
+nav { background: #fff; border-bottom: 1px solid var(--rule); padding: 8px 32px; }
 nav a { margin-right: 18px; color: var(--accent); text-decoration: none; font-weight: 600; }
 main { padding: 8px 32px 48px; max-width: 1500px; }
 section > h2 { margin: 28px 0 6px; font-size: 19px; }
@@ -46,6 +45,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict.clear { background: #e2f0e4; color: #22622f; }
 .verdict.unknown { background: #eceff3; color: #4a5361; }
 footer { color: var(--muted); font-size: 12px; padding: 0 32px 32px; }
+.chart g.mark-text.role-mark text { pointer-events: none; }
 #vg-tooltip-element table td { white-space: pre-wrap; max-width: 520px; }
 """
 
@@ -123,9 +123,7 @@ class Page:
         )
 
     def section(self, anchor: str, heading: str, explain: str, body: str) -> None:
-        self.sections.append(
-            (anchor, heading, f'<p class="explain">{explain}</p>{body}')
-        )
+        self.sections.append((anchor, heading, f'<p class="explain">{explain}</p>{body}'))
 
     def html(self, footer: str) -> str:
         nav = "".join(f'<a href="#{a}">{esc(h)}</a>' for a, h, _ in self.sections)
@@ -135,7 +133,7 @@ class Page:
         )
         script = SCRIPT % (script_json(self.charts), script_json(EMBED_OPTIONS))
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(self.title)}</title><style>{CSS}</style>"
             f"<script>{vega_bundle()}</script></head>"

@@ -30,6 +30,14 @@ CONTENTS_SCHEMA = {
 }
 
 
+def entry(
+    section: str, source: int, element: str, title: str, marks: int, nodes: int | None = None
+) -> dict:
+    """A row of the returned contents: one chart and how many data elements it draws."""
+    return {"section": section, "source_id": source, "element_id": element, "title": title,
+            "marks": marks, "nodes": nodes}  # fmt: skip
+
+
 def _bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -82,8 +90,7 @@ def patching_section(page: Page, store: Store, runs: list[int], contents: list[d
         element = f"patch-{query['query_id']}"
         chart = page.chart(element, charts.heatmap(query, rows), "heatmap", query["query_id"])
         cards.append(card(heading, meta, chart))
-        contents.append({"section": "patching", "source_id": query["query_id"],
-                         "element_id": element, "title": heading, "marks": rows.height})  # fmt: skip
+        contents.append(entry("patching", query["query_id"], element, heading, rows.height))
     if not cards:
         cards.append(
             '<p class="note">No patching queries for these runs; run actstore patch STORE '
@@ -131,8 +138,7 @@ def overlap_section(
             f"{group.pairs['universe'][0]} {items}"
         )
         cards.append(card(group.title, meta, chart + listing))
-        contents.append({"section": "overlap", "source_id": i + 1, "element_id": element,
-                         "title": group.title, "marks": group.pairs.height})  # fmt: skip
+        contents.append(entry("overlap", i + 1, element, group.title, group.pairs.height))
     if not cards:
         cards.append('<p class="note">No head or edge sets for these runs.</p>')
     page.section(
@@ -165,8 +171,7 @@ def faithfulness_section(
         element = f"faithfulness-{score_id}"
         spec = charts.faithfulness(curve, chosen, n_scored)
         cards.append(card(heading, meta, page.chart(element, spec, "faithfulness", score_id)))
-        contents.append({"section": "faithfulness", "source_id": score_id,
-                         "element_id": element, "title": heading, "marks": curve.height})  # fmt: skip
+        contents.append(entry("faithfulness", score_id, element, heading, curve.height))
     if not cards:
         cards.append(
             '<p class="note">No faithfulness curves for these runs; run actstore circuit STORE '
@@ -197,9 +202,9 @@ def circuits_section(page: Page, store: Store, circuits: pl.DataFrame, contents:
         element = f"circuit-{c['circuit_id']}"
         spec = charts.circuit_graph(nodes, edges, c["n_layers"], c["heads_per_layer"])
         cards.append(card(heading, meta, page.chart(element, spec, "circuit", c["circuit_id"])))
-        contents.append({"section": "circuit", "source_id": c["circuit_id"],
-                         "element_id": element, "title": heading, "marks": edges.height,
-                         "nodes": nodes.height})  # fmt: skip
+        contents.append(
+            entry("circuit", c["circuit_id"], element, heading, edges.height, nodes.height)
+        )
     if not cards:
         cards.append(
             '<p class="note">No circuits for these runs; run actstore circuit STORE --scores '
@@ -224,9 +229,16 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
     for (query_id,), rows in reports.partition_by("query_id", as_dict=True).items():
         first = rows.row(0, named=True)
         flag = first["illusion"]
+        split = dict(zip(rows["component"], rows["norm_sq"], strict=True))
+        parts = (
+            f" · ‖v_row‖² = {charts.number(split['row'])}, ‖v_null‖² = "
+            f"{charts.number(split['null'])}"
+            if "row" in split
+            else " · no rowspace/nullspace split (no reading map)"
+        )
         verdict = (
             f'<p><span class="verdict {VERDICT_CLASS[flag]}">'
-            f"{esc(views.illusion_verdict(flag))}</span></p>"
+            f"{esc(views.illusion_verdict(flag))}</span>{esc(parts)}</p>"
         )
         where = f"{first['hook']}" + (f" head {first['head']}" if first["head"] is not None
                                       else "")  # fmt: skip
@@ -247,8 +259,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         element = f"subspace-{query_id}"
         chart = page.chart(element, charts.subspace_bars(rows), "subspace", query_id)
         cards.append(card(heading, meta, verdict + chart + listing))
-        contents.append({"section": "subspace", "source_id": query_id, "element_id": element,
-                         "title": heading, "marks": rows.height})  # fmt: skip
+        contents.append(entry("subspace", query_id, element, heading, rows.height))
     if not cards:
         cards.append(
             '<p class="note">No subspace queries for these runs; run actstore subspace STORE '
