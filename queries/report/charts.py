@@ -225,6 +225,7 @@ def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataF
 
 QKV_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
 SIGN = {True: "positive", False: "negative", None: "no score"}
+SIGN_COLOUR = {"positive": POSITIVE, "negative": NEGATIVE, "no score": INVALID_COLOUR}
 
 
 def circuit_graph(
@@ -245,6 +246,7 @@ def circuit_graph(
                 "sign": SIGN[None if e["score"] is None else e["score"] >= 0],
             }
         )  # fmt: skip
+    signs = [s for s in SIGN_COLOUR if any(line["sign"] == s for line in lines)]
     columns = ["input"] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", "mlp")]
     columns.append("logits")
     label_expr = f"{columns!r}[datum.value]"
@@ -262,8 +264,7 @@ def circuit_graph(
         strokeWidth=alt.StrokeWidth("magnitude:Q", title="|score|",
                                     scale=alt.Scale(type="sqrt", range=[0.75, 9])),
         color=alt.Color("sign:N", title="score",
-                        scale=alt.Scale(domain=list(SIGN.values()),
-                                        range=[POSITIVE, NEGATIVE, INVALID_COLOUR])),
+                        scale=alt.Scale(domain=signs, range=[SIGN_COLOUR[s] for s in signs])),
         tooltip=[alt.Tooltip("edge:N"), alt.Tooltip("score_text:N", title="score")],
     )  # fmt: skip
     node_data = alt.Data(values=placed.to_dicts())
