@@ -12,6 +12,8 @@ import hashlib
 import io
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,15 +104,23 @@ def test_report_errors_leave_store_unchanged(hand_store, tmp_path):
         actstore.open(str(path)).report(str(tmp_path))  # a directory
 
 
-def test_cli_report_prints_contents(hand_store, tmp_path):
+def test_cli_report_prints_contents_without_torch(hand_store, tmp_path):
     path, ids = hand_store
     out = tmp_path / "r.html"
-    res = CliRunner().invoke(
-        main, ["report", str(path), "-o", str(out), "--runs", "1,2", "--format", "csv"]
+    args = ["report", str(path), "-o", str(out), "--runs", "1,2", "--format", "csv"]
+    code = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+        "print(r.stdout, end=''); print(r.stderr, end='', file=sys.stderr); "
+        "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
     )
-    assert res.exit_code == 0, res.output
-    assert res.stdout.splitlines()[0] == "section,source_id,element_id,title,marks,nodes"
-    assert f"patching,{ids['patch1']},patch-{ids['patch1']}," in res.stdout
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "False False", res.stderr
+    assert lines[0] == "section,source_id,element_id,title,marks,nodes"
+    assert any(
+        line.startswith(f"patching,{ids['patch1']},patch-{ids['patch1']},") for line in lines
+    )
     assert f"wrote {out} (" in res.stderr
     assert out.exists()
 
