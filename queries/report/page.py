@@ -122,8 +122,13 @@ class Page:
             f'data-source="{source}"></div>'
         )
 
-    def section(self, anchor: str, heading: str, explain: str, body: str) -> None:
-        self.sections.append((anchor, heading, f'<p class="explain">{explain}</p>{body}'))
+    def section(
+        self, anchor: str, heading: str, explain: str, parts: list[str], empty: str = ""
+    ) -> None:
+        """What the section shows and how to read it, then its parts, or `empty` (naming the
+        command that would fill it) when it has none."""
+        body = "".join(parts) or f'<p class="note">{esc(empty)}</p>'
+        self.sections.append((anchor, heading, f'<p class="explain">{esc(explain)}</p>{body}'))
 
     def html(self, footer: str) -> str:
         nav = "".join(f'<a href="#{a}">{esc(h)}</a>' for a, h, _ in self.sections)

@@ -14,6 +14,7 @@ import polars as pl
 
 import actstore
 from actstore.errors import ActstoreError
+from actstore.output import write_atomically
 from actstore.store import Store
 from queries import overlap as ov
 from queries import views
@@ -66,7 +67,7 @@ def runs_section(page: Page, store: Store, runs: list[int]) -> None:
         "runs", "Runs",
         "One run is one ingest of a task on a model: clean and corrupted prompts run once, their "
         "activations stored. Every result below names the run it came from.",
-        body,
+        [body],
     )  # fmt: skip
 
 
@@ -91,11 +92,6 @@ def patching_section(page: Page, store: Store, runs: list[int], contents: list[d
         chart = page.chart(element, charts.heatmap(query, rows), "heatmap", query["query_id"])
         cards.append(card(heading, meta, chart))
         contents.append(entry("patching", query["query_id"], element, heading, rows.height))
-    if not cards:
-        cards.append(
-            '<p class="note">No patching queries for these runs; run actstore patch STORE '
-            "--run R --component head.</p>"
-        )
     page.section(
         "patching", "Patching effects",
         "Each cell is one patched component (a head, or a layer at one position). Colour is its "
@@ -104,7 +100,9 @@ def patching_section(page: Page, store: Store, runs: list[int], contents: list[d
         "patched run's metric (value), the normalized effect (m − m_corrupted) / (m_clean − "
         "m_corrupted), the importance and the query's parameters. Grey cells have no defined "
         "normalized effect (n/a).",
-        "".join(cards),
+        cards,
+        "No patching queries for these runs; run actstore patch STORE --run R --component "
+        "head.",
     )  # fmt: skip
 
 
@@ -139,8 +137,6 @@ def overlap_section(
         )
         cards.append(card(group.title, meta, chart + listing))
         contents.append(entry("overlap", i + 1, element, group.title, group.pairs.height))
-    if not cards:
-        cards.append('<p class="note">No head or edge sets for these runs.</p>')
     page.section(
         "overlap", "Overlap across runs",
         "Sets are compared like with like: head sets only between patching queries of one "
@@ -148,7 +144,8 @@ def overlap_section(
         "method and metric. Cells show IoU |A∩B|/|A∪B| with |A∩B| in brackets; the diagonal "
         "(a set with itself) is masked. p is P(X ≥ |A∩B|) for X ~ Hypergeometric(N, |A|, |B|), "
         "N all heads of the model or all scored edges.",
-        "".join(cards),
+        cards,
+        "No head or edge sets for these runs.",
     )  # fmt: skip
 
 
@@ -172,17 +169,14 @@ def faithfulness_section(
         spec = charts.faithfulness(curve, chosen, n_scored)
         cards.append(card(heading, meta, page.chart(element, spec, "faithfulness", score_id)))
         contents.append(entry("faithfulness", score_id, element, heading, curve.height))
-    if not cards:
-        cards.append(
-            '<p class="note">No faithfulness curves for these runs; run actstore circuit STORE '
-            "--scores ID --faithfulness 0.85.</p>"
-        )
     page.section(
         "faithfulness", "Faithfulness",
         "Faithfulness (m(C) − m(corrupted)) / (m(model) − m(corrupted)) of the circuit made of "
         "the top-n edges by |score| (every other edge carrying its corrupted value), against "
         "its number of edges after pruning. Diamonds mark the stored circuits.",
-        "".join(cards),
+        cards,
+        "No faithfulness curves for these runs; run actstore circuit STORE --scores ID "
+        "--faithfulness 0.85.",
     )  # fmt: skip
 
 
@@ -205,18 +199,14 @@ def circuits_section(page: Page, store: Store, circuits: pl.DataFrame, contents:
         contents.append(
             entry("circuit", c["circuit_id"], element, heading, edges.height, nodes.height)
         )
-    if not cards:
-        cards.append(
-            '<p class="note">No circuits for these runs; run actstore circuit STORE --scores '
-            "ID --edges N.</p>"
-        )
     page.section(
         "circuits", "Circuits",
         "Each circuit as a layered graph: input, then each layer's attention heads and MLP, then "
         "the logits. Line width is |score|, colour its sign; an edge into a head meets it at "
         "its query (above), key (middle) or value (below) input. Hover a node or an edge for "
         "its name and score.",
-        "".join(cards),
+        cards,
+        "No circuits for these runs; run actstore circuit STORE --scores ID --edges N.",
     )  # fmt: skip
 
 
@@ -260,11 +250,6 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         chart = page.chart(element, charts.subspace_bars(rows), "subspace", query_id)
         cards.append(card(heading, meta, verdict + chart + listing))
         contents.append(entry("subspace", query_id, element, heading, rows.height))
-    if not cards:
-        cards.append(
-            '<p class="note">No subspace queries for these runs; run actstore subspace STORE '
-            "--run R --hook H --direction mean-diff.</p>"
-        )
     page.section(
         "subspace", "Subspace patching",
         "Patching a direction v, its rowspace part (what the reading map sees) and its nullspace "
@@ -272,7 +257,9 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "illusion when it moves the output, its rowspace part does at most half as much and "
         "that part is dormant (low variance): the effect then runs through a pathway the "
         "direction does not stand for.",
-        "".join(cards),
+        cards,
+        "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
+        "--direction mean-diff.",
     )  # fmt: skip
 
 
@@ -318,18 +305,6 @@ def report(
         "(catalog.duckdb): reproduce any of them with actstore sql. Opens offline: scripts and "
         "styles are part of this file."
     )
-    _write(path, page.html(footer))
+    text = page.html(footer)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return pl.DataFrame(contents, schema=CONTENTS_SCHEMA)
-
-
-def _write(path: Path, text: str) -> None:
-    """Write atomically: a reader never sees half a page."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ActstoreError(
-            f"cannot write {path}: {exc.strerror or exc}; choose a writable path"
-        ) from None
