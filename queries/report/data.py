@@ -98,8 +98,6 @@ class OverlapGroup:
 
     by: str
     title: str
-    selection: ov.Selection
-    sets: list[tuple[int, int]]
     pairs: pl.DataFrame = field(default_factory=pl.DataFrame)
     note: str | None = None
 
@@ -180,7 +178,7 @@ def overlap_groups(
         ("edge", edges, edge_set_groups(store, runs)),
     ):
         for title, sets in found:
-            group = OverlapGroup(by, f"{title}; {selection.describe()}", selection, sets)
+            group = OverlapGroup(by, f"{title}; {selection.describe()}")
             if len(sets) < 2:
                 group.note = f"only run {sets[0][0]} has such a set: nothing to compare it with"
             else:
