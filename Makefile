@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean browser
+.PHONY: setup demo test lint format bench readme clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Rerun the README's console blocks and rewrite their output in place (cog).
+readme: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cog -r -I tests README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/patching.py

@@ -34,21 +34,24 @@ class ActStore(Store):
 
         return reduce(self, run_id, hook, op, **kwargs)
 
-    # ---- analysis (issue 6): overlap and plots ----------------------------------------------
+    # ---- analysis: overlap and plots ---------------------------------------------------------
 
     def overlap(
         self,
-        runs: list[int],
+        runs: list[int] | None = None,
         by: str = "head",
         top_k: int | None = None,
         top_frac: float | None = None,
         circuits: bool = False,
+        queries: list[int] | None = None,
         **filters: Any,
     ) -> pl.DataFrame:
-        """Overlap statistics of the runs' head or edge sets (see `queries.overlap`)."""
+        """Overlap statistics of the runs' head or edge sets, like with like: from the given
+        source ids (`queries`) or each run's source of the setting they share (`queries.overlap`).
+        """
         from queries.overlap import choose, overlap
 
-        return overlap(self, runs, choose(by, top_k, top_frac, circuits), **filters)
+        return overlap(self, runs, choose(by, top_k, top_frac, circuits), queries, **filters)
 
     def plot(self, kind: str, ident: str, out: str, **options: Any) -> pl.DataFrame:
         """Write a PNG: `effects` (patch query id), `overlap` (runs '1,2,…'), `faithfulness`

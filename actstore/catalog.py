@@ -18,7 +18,7 @@ import duckdb
 from actstore.errors import ActstoreError
 from actstore.views import create_views
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -85,6 +85,18 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE reductions (
             query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
             value DOUBLE, n INTEGER)""",
+    ],
+    # Version 2: answer sets. A prompt's correct and incorrect answers as sets of single tokens
+    # (Greater-Than: the years above the start year, and those at or below it); `answer` and
+    # `wrong_answer` stay their representatives. A version-1 prompt's sets are its one answer
+    # and its one wrong answer.
+    [
+        "ALTER TABLE prompts ADD COLUMN answers VARCHAR[]",
+        "ALTER TABLE prompts ADD COLUMN wrong_answers VARCHAR[]",
+        "ALTER TABLE prompts ADD COLUMN answer_tokens INTEGER[]",
+        "ALTER TABLE prompts ADD COLUMN wrong_answer_tokens INTEGER[]",
+        """UPDATE prompts SET answers = [answer], wrong_answers = [wrong_answer],
+               answer_tokens = [answer_token], wrong_answer_tokens = [wrong_answer_token]""",
     ],
 ]
 
@@ -194,8 +206,8 @@ class Catalog:
                 0
             ]
 
-    def check_version(self) -> None:
-        """Refuse to read a catalog that this version cannot interpret."""
+    def check_version(self) -> int:
+        """The catalog's schema version; refuse one that this version cannot interpret."""
         with self.read() as con:
             try:
                 current = self.version(con)
@@ -213,8 +225,4 @@ class Catalog:
                 f"catalog schema version {current} is newer than this actstore supports "
                 f"({SCHEMA_VERSION}); upgrade actstore"
             )
-        if current < SCHEMA_VERSION:
-            raise ActstoreError(
-                f"catalog schema version {current} is older than {SCHEMA_VERSION}; run any "
-                "write command (e.g. actstore ingest) once to migrate it"
-            )
+        return current

@@ -11,8 +11,9 @@ import sys
 
 import click
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, UsageError
 from actstore.output import FILE_FORMATS, PRINT_FORMATS, write_rows
+from queries.metrics import METRICS
 
 FORMAT = click.option(
     "--format",
@@ -208,7 +209,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 @click.option("--pos", default="all", show_default=True, help="all (real positions), final, or N.")
 @click.option(
     "--metric",
-    type=click.Choice(["logit-diff", "prob", "kl"]),
+    type=click.Choice(METRICS),
     default="logit-diff",
     show_default=True,
 )
@@ -266,7 +267,7 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
     "--level", type=click.Choice(["node", "edge"]), help="Default: node for atp, else edge."
 )
 @click.option(
-    "--metric", type=click.Choice(["logit-diff", "prob", "kl"]), default="logit-diff",
+    "--metric", type=click.Choice(METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
 @click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
@@ -323,22 +324,25 @@ def reduce(store: str, run_id: int, hook: str, fmt: str, **kwargs) -> None:
     write_rows(_open(store).reduce(run_id, hook, **kwargs), fmt)
 
 
-# ---- analysis (issue 6): overlap, plot, demo ---------------------------------------------------
+# ---- analysis: overlap, plot, demo -------------------------------------------------------------
 
 SET_OPTIONS = [
     click.option("--by", type=click.Choice(["head", "edge"]), default="head", show_default=True,
                  help="Compare head sets (patching) or edge sets (attribution)."),
-    click.option("--top-frac", type=float, help="Top fraction by |effect| (default 0.02)."),
-    click.option("--top-k", type=int, help="Top K by |effect| instead of a fraction."),
-    click.option("--circuits", is_flag=True, help="Each run's latest circuit instead."),
-    click.option("--metric", type=click.Choice(["logit-diff", "prob", "kl"]),
-                 help="Use the latest patching query with this metric."),
-    click.option("--component", type=click.Choice(["head", "head-pos"]), default="head",
-                 show_default=True, help="Patching component the head sets come from."),
+    click.option("--top-frac", type=float, help="Top fraction by importance (default 0.02)."),
+    click.option("--top-k", type=int, help="Top K by importance instead of a fraction."),
+    click.option("--circuits", is_flag=True, help="Each run's circuit instead."),
+    click.option("--queries", help="Comma-separated patch query, score set or circuit ids to "
+                 "compare, instead of choosing by run."),
+    click.option("--metric", type=click.Choice(METRICS),
+                 help="Only sets from queries of this metric."),
+    click.option("--component", type=click.Choice(["head", "head-pos"]),
+                 help="Patching component the head sets come from (default head)."),
     click.option("--direction", type=click.Choice(["denoise", "noise"]),
-                 help="Use the latest patching query with this direction."),
-    click.option("--method", type=click.Choice(["atp", "eap", "eap-ig"]),
-                 help="Use the latest score set (or circuit) of this method."),
+                 help="Only head sets from patching in this direction."),
+    click.option("--window", type=int, help="Only head sets from patching with this window."),
+    click.option("--method", type=click.Choice(["atp", "eap", "eap-ig", "eap-ig-activations"]),
+                 help="Only score sets (or circuits) of this method."),
 ]  # fmt: skip
 
 
@@ -348,26 +352,41 @@ def set_options(fn):
     return fn
 
 
+def _ids(text: str | None, option: str) -> list[int] | None:
+    from queries.overlap import parse_ids
+
+    return None if text is None else parse_ids(text, option)
+
+
 @main.command()
 @click.argument("store")
-@click.option("--runs", required=True, help="Comma-separated run ids, e.g. 1,2,3.")
+@click.option("--runs", help="Comma-separated run ids, e.g. 1,2,3.")
 @set_options
 @FORMAT
-def overlap(store: str, runs: str, fmt: str, **options) -> None:
+def overlap(store: str, runs: str | None, queries: str | None, fmt: str, **options) -> None:
     """Overlap of runs' top heads or edges: intersection, IoU, |A∩B|/|A|, hypergeometric p.
 
-    One row per ordered pair of runs (diagonal included): a long-form matrix. Each run's set
-    comes from its latest matching patching query (--by head), attribution score set
-    (--by edge) or circuit (--circuits).
+    One row per ordered pair of runs (diagonal included): a long-form matrix. Like is compared
+    with like: every set comes from a source of one setting (component, metric, direction and
+    window of a patching query; method, metric and steps of a score set) over runs of one
+    corruption. Each run's set comes from its newest source of the setting all runs share, or
+    from the ids given with --queries; a mismatch or an ambiguity is refused, naming it. The
+    sources used are printed on stderr and are the rows' source_a/source_b and setting.
 
     \b
     Example:
       actstore overlap /tmp/s --runs 1,2 --top-frac 0.02
+      actstore overlap /tmp/s --runs 1,2 --top-k 4 --metric kl --direction noise
+      actstore overlap /tmp/s --queries 1,2 --top-k 4
       actstore overlap /tmp/s --runs 1,2,3 --by edge --top-k 100 --format csv
     """
-    from queries.overlap import parse_ids
+    if runs is None and queries is None:
+        raise UsageError("give --runs R1,R2,... or --queries Q1,Q2,...")
+    from queries.overlap import compared
 
-    write_rows(_open(store).overlap(parse_ids(runs), **options), fmt)
+    df = _open(store).overlap(_ids(runs, "--runs"), queries=_ids(queries, "--queries"), **options)
+    click.echo(compared(df), err=True)
+    write_rows(df, fmt)
 
 
 @main.command()
@@ -376,7 +395,7 @@ def overlap(store: str, runs: str, fmt: str, **options) -> None:
 @click.argument("ident", metavar="ID")
 @click.option("-o", "--output", required=True, help="PNG file to write.")
 @set_options
-def plot(store: str, kind: str, ident: str, output: str, **options) -> None:
+def plot(store: str, kind: str, ident: str, output: str, queries: str | None, **options) -> None:
     """Write a PNG: a patch query's effects, runs' overlap matrix, or a faithfulness curve.
 
     ID is a patch query id (effects), comma-separated run ids (overlap; the set options
@@ -388,7 +407,7 @@ def plot(store: str, kind: str, ident: str, output: str, **options) -> None:
       actstore plot /tmp/s overlap 1,2 --top-k 5 -o overlap.png
       actstore plot /tmp/s faithfulness 4 -o faithfulness.png
     """
-    _open(store).plot(kind, ident, output, **options)
+    _open(store).plot(kind, ident, output, queries=_ids(queries, "--queries"), **options)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -436,9 +455,11 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
 def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt: skip
     """Run the whole pipeline on the built-in toy model and print what it found.
 
-    Ingests each task, patches every head, runs EAP-IG, prints the top heads per task and
-    their overlap, writes plots into DIRECTORY (default: a new temporary directory), and
-    shows `actstore sql` lines to try next. Rerunning on the same DIRECTORY reuses its runs.
+    Ingests each task, patches every head, runs EAP-IG, prints the top heads per task by
+    importance and their overlap, finds the smallest EAP-IG circuit reaching 85% faithfulness,
+    scores Greater-Than by Hanna et al.'s prob-diff, writes plots into DIRECTORY (default: a
+    new temporary directory), and shows `actstore sql` lines to try next. Rerunning on the same
+    DIRECTORY reuses its runs.
 
     \b
     Example:
@@ -525,7 +546,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     help="head: a head at all positions; head-pos, resid, attn-out, mlp-out: by position.",
 )
 @click.option(
-    "--metric", type=click.Choice(["logit-diff", "prob", "kl"]), default="logit-diff",
+    "--metric", type=click.Choice(METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
 @click.option(

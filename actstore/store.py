@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from actstore import arrays as zarrays
-from actstore.catalog import Catalog
+from actstore.catalog import SCHEMA_VERSION, Catalog
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
@@ -54,8 +54,9 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        else:
-            self.catalog.check_version()
+        elif self.catalog.check_version() < SCHEMA_VERSION:
+            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
+                pass
 
     def _holder(self) -> str:
         return describe_holder(self.lock.path)

@@ -1,11 +1,12 @@
 """Importers for prompt-pair datasets from other circuit-discovery tools.
 
 - EAP-IG CSV (Hanna et al.'s EAP-IG repository): columns `clean`, `corrupted`, and either
-  `correct_idx` / `incorrect_idx` (token ids of the answer and the wrong answer in the model's
-  vocabulary) or text columns `answer` / `wrong_answer` (text wins where both are present).
+  `correct_idx` / `incorrect_idx` (token ids in the model's vocabulary: one id, or a list such as
+  `[1012, 1013]` for an answer set) or text columns `answer` / `wrong_answer` (text wins where
+  both are present).
 - AutoCircuit JSON: `{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}, ...]}`,
-  answers as lists of strings. The first answer and the first wrong answer are used; further
-  ones are kept in the pair's `meta` (`more_answers`, `more_wrong_answers`).
+  answers as lists of strings: the correct and incorrect answer sets, the first of each its
+  representative (`answer`, `wrong_answer`).
 
 `load_dataset(path, model)` picks the format by extension (.csv, .json), and every malformed
 row is a one-line `UsageError` naming the file, the row and the problem. Every pair is checked
@@ -103,13 +104,14 @@ def _eap_row(row: dict, where: str, model: Tokenizes) -> PromptPair:
     clean = _text(row["clean"], where, "clean")
     corrupted = _text(row["corrupted"], where, "corrupted")
     meta: dict = {"source_format": "eap-ig-csv"}
+    answers: tuple[str, ...] = ()
+    wrong_answers: tuple[str, ...] = ()
     if row.get("answer") and row.get("wrong_answer"):
         answer, wrong = row["answer"], row["wrong_answer"]
     else:
-        answer = _token_text(row.get("correct_idx"), where, "correct_idx", model)
-        wrong = _token_text(row.get("incorrect_idx"), where, "incorrect_idx", model)
-        meta["answer_id"] = int(row["correct_idx"])
-        meta["wrong_answer_id"] = int(row["incorrect_idx"])
+        answers = _token_texts(row.get("correct_idx"), where, "correct_idx", model)
+        wrong_answers = _token_texts(row.get("incorrect_idx"), where, "incorrect_idx", model)
+        answer, wrong = answers[0], wrong_answers[0]
     return PromptPair(
         clean=clean,
         corrupted=corrupted,
@@ -118,13 +120,32 @@ def _eap_row(row: dict, where: str, model: Tokenizes) -> PromptPair:
         subject_words=differing_words(clean, corrupted),
         group="dataset",
         meta=meta,
+        answers=answers,
+        wrong_answers=wrong_answers,
     )
 
 
-def _token_text(value: str | None, where: str, column: str, model: Tokenizes) -> str:
-    """The text of token id `value`, checked to re-encode as exactly that one token."""
+def _token_texts(value: str | None, where: str, column: str, model: Tokenizes) -> tuple[str, ...]:
+    """The texts of the token ids in `value` (one id, or a [id, ...] list)."""
     if value is None or not value.strip():
         raise UsageError(f"{where}: {column} is empty")
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            ids = json.loads(text)
+        except json.JSONDecodeError:
+            ids = None
+        if not isinstance(ids, list) or not ids:
+            raise UsageError(
+                f"{where}: {column} {value!r} is not a non-empty list of token ids like [12, 34]"
+            )
+    else:
+        ids = [text]
+    return tuple(_token_text(str(i), where, column, model) for i in ids)
+
+
+def _token_text(value: str, where: str, column: str, model: Tokenizes) -> str:
+    """The text of token id `value`, checked to re-encode as exactly that one token."""
     try:
         idx = int(value.strip())
     except ValueError:
@@ -167,11 +188,6 @@ def _read_autocircuit_json(path: Path) -> tuple[list[PromptPair], list[str]]:
         wrong = _answers(item["wrong_answers"], where, "wrong_answers")
         clean = _text(item["clean"], where, "clean")
         corrupted = _text(item["corrupt"], where, "corrupt")
-        meta: dict = {"source_format": "autocircuit-json"}
-        if len(answers) > 1:
-            meta["more_answers"] = answers[1:]
-        if len(wrong) > 1:
-            meta["more_wrong_answers"] = wrong[1:]
         pairs.append(
             PromptPair(
                 clean=clean,
@@ -180,7 +196,9 @@ def _read_autocircuit_json(path: Path) -> tuple[list[PromptPair], list[str]]:
                 wrong_answer=wrong[0],
                 subject_words=differing_words(clean, corrupted),
                 group="dataset",
-                meta=meta,
+                meta={"source_format": "autocircuit-json"},
+                answers=tuple(dict.fromkeys(answers)),
+                wrong_answers=tuple(dict.fromkeys(wrong)),
             )
         )
         labels.append(f"prompt {n}")

@@ -33,7 +33,7 @@ from ingest.corruptions import (
     subject_positions,
 )
 from ingest.hooks import resolve_hooks
-from ingest.shards import ingest_shard, parse_shard
+from ingest.shards import TOKEN_LISTS, ingest_shard, parse_shard, prompt_records
 from ingest.tasks import PromptPair, get_task, validate_pairs
 
 DTYPES = ("float32", "float16")
@@ -50,6 +50,8 @@ class Prepared:
     lengths: np.ndarray  # (n,) real token counts, BOS included
     answers: np.ndarray  # (n,) token ids
     wrong: np.ndarray
+    answer_sets: list[list[int]]  # per prompt, the correct answer set's token ids
+    wrong_sets: list[list[int]]
     subjects: list[list[int]]  # per prompt, positions Gaussian noising touches
 
 
@@ -73,12 +75,18 @@ def _prepare(model: ModelAdapter, pairs: list[PromptPair], corruption: str) -> P
         corrupted[i, : len(k)] = k
     answers = np.array([model.token_ids(p.answer)[0] for p in pairs], dtype=np.int32)
     wrong = np.array([model.token_ids(p.wrong_answer)[0] for p in pairs], dtype=np.int32)
+    ids: dict[str, int] = {}  # answer sets repeat across pairs: tokenize each answer once
+    for a in {a for p in pairs for a in (*p.correct(), *p.incorrect())}:
+        ids[a] = model.token_ids(a)[0]
+    answer_sets = [[ids[a] for a in p.correct()] for p in pairs]
+    wrong_sets = [[ids[a] for a in p.incorrect()] for p in pairs]
     subjects = (
         [subject_positions(model, p.clean, p.subject_words) for p in pairs]
         if corruption == "gaussian"
         else [[] for _ in pairs]
     )
-    return Prepared(pairs, clean, corrupted, lengths, answers, wrong, subjects)
+    return Prepared(pairs, clean, corrupted, lengths, answers, wrong, answer_sets, wrong_sets,
+                    subjects)  # fmt: skip
 
 
 def _params_hash(params: dict) -> str:
@@ -435,25 +443,17 @@ def _record_batch(
     metrics: dict[str, np.ndarray],
     ledger: list[tuple],
 ) -> None:
-    rows = []
-    for j, i in enumerate(range(lo, hi)):
-        p = prep.pairs[i]
-        length = int(prep.lengths[i])
-        rows.append(
-            (run_id, i, p.clean, p.corrupted, p.answer, p.wrong_answer,
-             float(metrics["clean_logit_diff"][j]), float(metrics["corrupted_logit_diff"][j]),
-             float(metrics["clean_prob"][j]), float(metrics["corrupted_prob"][j]),
-             int(prep.answers[i]), int(prep.wrong[i]), length,
-             prep.clean[i, :length].tolist(), prep.corrupted[i, :length].tolist(), p.group)
-        )  # fmt: skip
+    rows = pl.DataFrame(prompt_records(prep, lo, hi, metrics)).with_columns(
+        pl.lit(run_id, dtype=pl.Int32).alias("run_id"), pl.col(*TOKEN_LISTS).cast(pl.List(pl.Int32))
+    )
     with store.catalog.write() as con:
         con.execute(
             "DELETE FROM prompts WHERE run_id = ? AND prompt_idx BETWEEN ? AND ?",
             [run_id, lo, hi - 1],
         )
-        con.executemany(
-            "INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-        )
+        con.register("incoming", rows.to_arrow())
+        con.execute("INSERT INTO prompts BY NAME SELECT * FROM incoming")
+        con.unregister("incoming")
         con.executemany(
             "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())", ledger
         )

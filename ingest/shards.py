@@ -93,8 +93,13 @@ def _creation_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict[str, Any]]:
-    """The `prompts` rows of prompts [lo, hi), keyed by column, without the run id."""
+# The prompts columns that hold lists of token ids.
+TOKEN_LISTS = ("clean_tokens", "corrupted_tokens", "answer_tokens", "wrong_answer_tokens")
+
+
+def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict[str, Any]]:
+    """The `prompts` rows of prompts [lo, hi), keyed by column, without the run id: what both
+    the ingest runner and a shard's manifest record."""
     records = []
     for j, i in enumerate(range(lo, hi)):
         pair, length = prep.pairs[i], int(prep.lengths[i])
@@ -112,6 +117,10 @@ def _prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dic
                 "clean_tokens": prep.clean[i, :length].tolist(),
                 "corrupted_tokens": prep.corrupted[i, :length].tolist(),
                 "grp": pair.group,
+                "answers": list(pair.correct()),
+                "wrong_answers": list(pair.incorrect()),
+                "answer_tokens": prep.answer_sets[i],
+                "wrong_answer_tokens": prep.wrong_sets[i],
             }
         )
     return records
@@ -184,7 +193,7 @@ def ingest_shard(
                 {"side": side, "hook": hook, "chunk_idx": b, "prompt_start": lo,
                  "prompt_stop": hi, "checksum": zarrays.checksum(data), "nbytes": data.nbytes}
             )  # fmt: skip
-        prompts.extend(_prompt_records(prep, lo, hi, metrics))
+        prompts.extend(prompt_records(prep, lo, hi, metrics))
     path = mdir / f"{shard.label}.json"
     _write_atomic(
         path,
@@ -372,7 +381,7 @@ def _record_run(store: Store, run_id: int, manifests: list[dict], ledger: list[d
     first = manifests[0]
     prompts = pl.DataFrame([p for m in manifests for p in m["prompts"]]).with_columns(
         pl.lit(run_id).alias("run_id"),
-        pl.col("clean_tokens", "corrupted_tokens").cast(pl.List(pl.Int32)),
+        pl.col(*TOKEN_LISTS).cast(pl.List(pl.Int32)),
     )
     chunks = pl.DataFrame(ledger).with_columns(pl.lit(run_id).alias("run_id"))
     arrays = []

@@ -13,7 +13,7 @@ import torch
 
 from actstore.errors import UsageError
 from actstore.store import Store
-from queries.metrics import Targets
+from queries.metrics import AnswerSets, Targets
 
 HOOKS = {
     "pre": "blocks.{l}.hook_resid_pre",
@@ -95,7 +95,12 @@ def read_batch(
         lo=lo,
         hi=hi,
         finals=ids("seq_len") - 1,
-        targets=Targets(ids("answer_token"), ids("wrong_answer_token"), logits["clean"]),
+        targets=Targets(
+            ids("answer_token"),
+            ids("wrong_answer_token"),
+            logits["clean"],
+            AnswerSets.from_arrays(prompts, lo, hi, device),
+        ),  # fmt: skip
         base=read_side(store, run_id, base_side, base_kinds, n_layers, lo, hi, device),
         src=read_side(store, run_id, src_side, src_kinds, n_layers, lo, hi, device),
         base_logits=logits[base_side],

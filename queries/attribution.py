@@ -28,8 +28,8 @@ import polars as pl
 from actstore.errors import UsageError
 from actstore.results import find_query, record_query
 from actstore.store import Store
+from queries.metrics import METRICS
 
-METRICS = ("logit-diff", "prob", "kl")
 METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations")
 LEVELS = ("node", "edge")
 DEFAULT_STEPS = 5

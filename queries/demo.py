@@ -1,11 +1,14 @@
-"""`actstore demo`: the whole pipeline on the built-in toy model in about a minute.
+"""`actstore demo`: the whole pipeline on the built-in toy model in under a minute.
 
 Ingest each task, patch every head (logit difference, denoising), score edges with EAP-IG,
-print the top heads per task and the overlap of those head sets (computed in SQL over the
-stored effects, like every other number printed), write plots, and show what to try next.
+print the top heads per task by importance and the overlap of those head and edge sets
+(computed in SQL over the stored effects, like every other number printed), find the smallest
+EAP-IG circuit reaching 85% faithfulness, then Greater-Than under Hanna et al.'s probability
+difference, write plots, and show what to try next.
 
 Rerunning on the same directory reuses the runs and queries already there: ingest is matched on
-(model, task, n, seed) and patching/attribution answer repeated questions from the catalog.
+(model, task, n, seed) and patching/attribution/circuits answer repeated questions from the
+catalog.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,12 +29,18 @@ from actstore.output import render_table
 from actstore.store import CATALOG
 from queries import overlap as ov
 from queries import plots, views
+from queries.attribution import attribute
+from queries.circuits import circuit
+from queries.patching import patch
 from queries.report import report
 
 DEFAULT_TASKS = ("ioi", "colored-objects")
 PATCH = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
 METHOD = "eap-ig"
 EDGE_TOP_FRAC = 0.05
+FAITHFULNESS = 0.85
+GREATER_THAN = "greater-than"
+GREATER_THAN_METRIC = "prob-diff"  # Hanna et al.'s metric for the task
 
 
 def demo_model() -> tuple[str, str | None]:
@@ -44,18 +52,6 @@ def demo_model() -> tuple[str, str | None]:
         f"({BUILTIN_DIR / 'toy' / 'model.safetensors'}); using toy-random (random weights), "
         "so the heads found are not a trained circuit"
     )
-
-
-def _analysis(name: str) -> Callable[..., Any] | None:
-    """queries.patching.patch / queries.attribution.attribute, or None where not built in."""
-    module, function = {"patch": ("patching", "patch"), "attribute": ("attribution", "attribute")}[
-        name
-    ]
-    try:
-        imported = __import__(f"queries.{module}", fromlist=[function])
-    except ImportError:
-        return None
-    return getattr(imported, function, None)
 
 
 def _directory(directory: str | Path | None) -> Path:
@@ -83,6 +79,11 @@ def _ingest(store: Any, model: str, task: str, n: int, seed: int) -> int:
     return int(row["run_id"][0])
 
 
+def _top_heads(store: Any, query: int, k: int) -> str:
+    top = views.top_heads(store, query, k=k)
+    return ", ".join(f"{h} {e:.3f}" for h, e in top.select("node", "importance").rows())
+
+
 def demo(
     directory: str | Path | None = None,
     tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -90,21 +91,17 @@ def demo(
     top_k: int = 4,
     seeds: list[int] | None = None,
     model: str | None = None,
-    patch: Callable[..., Any] | None = None,
-    attribute: Callable[..., Any] | None = None,
+    greater_than: bool = True,
     out: IO[str] | None = None,
 ) -> pl.DataFrame:
     """Run the demo; prints a summary to `out` (stdout), notes to stderr; returns the head
     overlap table. `seeds` defaults to 0, 1, … so one task given twice gets different prompts;
-    `patch`/`attribute` default to queries.patching.patch / queries.attribution.attribute."""
+    `greater_than` adds the Greater-Than run scored by prob-diff."""
     out = out or sys.stdout
     started = time.monotonic()
 
     def say(text: str = "") -> None:
         out.write(text + "\n")
-
-    def note(text: str) -> None:
-        print(text, file=sys.stderr)
 
     tasks = list(tasks)
     if len(tasks) < 2:
@@ -113,67 +110,43 @@ def demo(
     if model is None:
         model, why = demo_model()
         if why:
-            note(why)
+            print(why, file=sys.stderr)
     root = _directory(directory)
     store = actstore.open(root / "store", create=True)
     plot_dir = root / "plots"
     plot_dir.mkdir(exist_ok=True)
-    patch = patch or _analysis("patch")
-    attribute = attribute or _analysis("attribute")
+    written: list[Path] = []
 
     say(f"actstore demo: model {model}, tasks {', '.join(tasks)}, {n} prompt pairs each")
     runs = [_ingest(store, model, t, n, s) for t, s in zip(tasks, seeds, strict=True)]
     for run, task in zip(runs, tasks, strict=True):
         say(f"  run {run}: {task}")
+    head_queries = [int(patch(store, run, **PATCH)["query_id"][0]) for run in runs]
+    score_sets = [int(attribute(store, run, METHOD)["score_id"][0]) for run in runs]
 
-    written: list[Path] = []
-    head_queries: list[int] = []
-    if patch is None:
-        note("note: head patching is not in this build (queries.patching.patch); skipped")
-    else:
-        for run in runs:
-            patch(store, run_id=run, **PATCH)
-            head_queries.append(views.latest_patch_query(store, run, **PATCH))
-    score_sets: list[int] = []
-    if attribute is None:
-        note("note: attribution is not in this build (queries.attribution.attribute); skipped")
-    else:
-        for run in runs:
-            attribute(store, run_id=run, method=METHOD)
-            score_sets.append(views.latest_score_set(store, run, METHOD))
+    say()
+    say(f"top {top_k} heads per task (head patching, {PATCH['metric']}, denoising; importance):")
+    for run, query in zip(runs, head_queries, strict=True):
+        say(f"  run {run} {store.run(run)['task']} (query {query}): "
+            f"{_top_heads(store, query, top_k)}")  # fmt: skip
+        written.append(plot_dir / f"effects_run{run}.png")
+        plots.plot_effects(store, query, written[-1])
 
-    head_overlap = pl.DataFrame()
-    if head_queries:
-        say()
-        say(f"top {top_k} heads per task (head patching, logit-diff, denoising; |normalized "
-            "effect|):")  # fmt: skip
-        for run, query in zip(runs, head_queries, strict=True):
-            top = views.top_heads(store, query, k=top_k)
-            heads = ", ".join(f"{h} {e:+.3f}" for h, e in top.select("node", "normalized").rows())
-            say(f"  run {run} {top['task'][0]} (query {query}): {heads}")
-        sets = list(zip(runs, head_queries, strict=True))
-        head_overlap = ov.overlap_of_sources(store, sets, ov.Selection(top_k=top_k))
-        say()
-        say(f"overlap of the top-{top_k} head sets:")
-        out.write(_pairs(head_overlap))
-        for run, query in zip(runs, head_queries, strict=True):
-            written.append(plot_dir / f"effects_run{run}.png")
-            plots.plot_effects(store, query, written[-1])
-        written.append(plot_dir / "overlap_heads.png")
-        plots.plot_overlap(store, runs, ov.Selection(top_k=top_k), written[-1])
-    if score_sets:
-        sets = list(zip(runs, score_sets, strict=True))
-        selection = ov.Selection(by="edge", top_frac=EDGE_TOP_FRAC)
-        edge_overlap = ov.overlap_of_sources(store, sets, selection)
-        say()
-        say(f"overlap of the {selection.describe()} ({METHOD} scores):")
-        out.write(_pairs(edge_overlap))
-        written.append(plot_dir / "overlap_edges.png")
-        plots.plot_overlap(store, runs, selection, written[-1], method=METHOD)
-        for run, score in sets:
-            if _has_faithfulness(store, score):
-                written.append(plot_dir / f"faithfulness_run{run}.png")
-                plots.plot_faithfulness(store, score, written[-1])
+    heads = ov.Selection(top_k=top_k)
+    head_overlap = _overlap(store, runs, heads, head_queries, plot_dir / "overlap_heads.png", say)
+    edges = ov.Selection(by="edge", top_frac=EDGE_TOP_FRAC)
+    _overlap(store, runs, edges, score_sets, plot_dir / "overlap_edges.png", say)
+    written += [plot_dir / "overlap_heads.png", plot_dir / "overlap_edges.png"]
+
+    say()
+    found = circuit(store, score_sets[0], faithfulness=FAITHFULNESS).row(0, named=True)
+    say(f"smallest {METHOD} circuit of run {runs[0]} ({tasks[0]}) reaching faithfulness "
+        f"{FAITHFULNESS}: {_circuit_line(store, found)}")  # fmt: skip
+    written.append(plot_dir / f"faithfulness_run{runs[0]}.png")
+    plots.plot_faithfulness(store, score_sets[0], written[-1])
+
+    if greater_than:
+        written += _greater_than(store, model, n, top_k, plot_dir, say)
 
     page = root / "report.html"
     report(store, page, top_k=top_k, edge_top_frac=EDGE_TOP_FRAC)
@@ -186,13 +159,57 @@ def demo(
     say()
     say("try next:")
     say(f'  actstore sql {location} "select run_id, task, model, n_prompts from runs"')
-    say(f'  actstore sql {location} "select task, node, normalized, rank from top_heads '
-        f'where rank <= {top_k} order by task, rank"')  # fmt: skip
+    say(f'  actstore sql {location} "select task, metric, node, importance, rank from top_heads '
+        f'where rank <= {top_k} order by query_id, rank"')  # fmt: skip
     say(f'  actstore sql {location} "select a.task, b.task, count(*) as shared_heads '
         f"from top_heads a join top_heads b using (node) where a.rank <= {top_k} and "
-        f'b.rank <= {top_k} and a.query_id < b.query_id group by all"')  # fmt: skip
+        f"b.rank <= {top_k} and a.query_id < b.query_id and a.metric = b.metric "
+        f'group by all"')  # fmt: skip
     say(f"({time.monotonic() - started:.0f} s)")
     return head_overlap
+
+
+def _greater_than(store: Any, model: str, n: int, top_k: int, plot_dir: Path, say) -> list[Path]:
+    """Greater-Than scored by prob-diff: head patching, an EAP-IG circuit, its curve."""
+    run = _ingest(store, model, GREATER_THAN, n, 0)
+    metric = GREATER_THAN_METRIC
+    query = int(patch(store, run, component="head", metric=metric)["query_id"][0])
+    scores = int(attribute(store, run, METHOD, metric=metric)["score_id"][0])
+    found = circuit(store, scores, faithfulness=FAITHFULNESS).row(0, named=True)
+    say()
+    say(f"greater-than (run {run}) by {metric}, Σ p(years after the start year) − "
+        "Σ p(years up to it):")  # fmt: skip
+    say(f"  clean {found['clean_metric']:.3f}, corrupted {found['corrupted_metric']:.3f} "
+        f"(mean over {n} prompts)")  # fmt: skip
+    say(f"  top {top_k} heads (query {query}, denoising; importance): "
+        f"{_top_heads(store, query, top_k)}")  # fmt: skip
+    say(f"  smallest {METHOD} circuit reaching faithfulness {FAITHFULNESS}: "
+        f"{_circuit_line(store, found)}")  # fmt: skip
+    written = [plot_dir / f"effects_run{run}.png", plot_dir / f"faithfulness_run{run}.png"]
+    plots.plot_effects(store, query, written[0])
+    plots.plot_faithfulness(store, scores, written[1])
+    return written
+
+
+def _overlap(
+    store: Any, runs: list[int], selection: ov.Selection, sources: list[int], path: Path, say
+) -> pl.DataFrame:
+    """Plot the sets' overlap and print its pairs (the rows the plot drew)."""
+    df = plots.plot_overlap(store, runs, selection, path, queries=sources)
+    say()
+    say(f"overlap of the {selection.describe()} ({ov.compared(df)}):")
+    say(_pairs(df).rstrip("\n"))
+    return df
+
+
+def _circuit_line(store: Any, row: dict) -> str:
+    total = store.query(
+        "SELECT count(*) FROM edge_scores WHERE score_id = ?", [row["score_id"]]
+    ).item()
+    return (
+        f"{row['n_edges']} of {total} edges, faithfulness {row['faithfulness']:.3f} "
+        f"(circuit {row['circuit_id']}, score set {row['score_id']})"
+    )
 
 
 def _pairs(df: pl.DataFrame) -> str:
@@ -202,13 +219,3 @@ def _pairs(df: pl.DataFrame) -> str:
         "frac_of_a", "frac_of_b", "p_value",
     )  # fmt: skip
     return render_table(pairs)
-
-
-def _has_faithfulness(store: Any, score_id: int) -> bool:
-    return bool(
-        store.query(
-            "SELECT (SELECT count(*) FROM faithfulness_curve WHERE score_id = ?) + "
-            "(SELECT count(*) FROM circuits WHERE score_id = ?)",
-            [score_id, score_id],
-        ).item()
-    )

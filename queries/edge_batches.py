@@ -17,7 +17,7 @@ import torch
 from actstore.errors import ActstoreError, UsageError
 from actstore.store import Store
 from queries.edge_model import EdgeModel
-from queries.metrics import Targets, from_logits
+from queries.metrics import AnswerSets, Targets, answer_arrays, from_logits
 
 
 @dataclass
@@ -33,11 +33,13 @@ class EdgeBatch:
     corrupted_logits: torch.Tensor
     clean: torch.Tensor  # (batch, pos, n_forward, d_model)
     corrupted: torch.Tensor
+    sets: AnswerSets | None = None  # the prompts' answer sets (None: answer and wrong alone)
 
 
 def metric_values(metric: str, logits: torch.Tensor, batch: EdgeBatch) -> torch.Tensor:
     """Per-prompt metric of final-position logits (differentiable): SPEC's definitions."""
-    return from_logits(metric, logits, Targets(batch.answer, batch.wrong, batch.clean_logits))
+    targets = Targets(batch.answer, batch.wrong, batch.clean_logits, batch.sets)
+    return from_logits(metric, logits, targets)
 
 
 def required_hooks(n_layers: int) -> list[str]:
@@ -92,6 +94,7 @@ def iter_batches(store: Store, run: dict, model: EdgeModel) -> Iterator[EdgeBatc
     seq_len = np.array(prompts["seq_len"].to_numpy(), dtype=np.int64)
     answer = np.array(prompts["answer_token"].to_numpy(), dtype=np.int64)
     wrong = np.array(prompts["wrong_answer_token"].to_numpy(), dtype=np.int64)
+    sets = answer_arrays(prompts)
     with torch.no_grad():
         for lo in range(0, n, step):
             hi = min(n, lo + step)
@@ -105,4 +108,5 @@ def iter_batches(store: Store, run: dict, model: EdgeModel) -> Iterator[EdgeBatc
                 corrupted_logits=_tensor(store.read(run_id, "corrupted", "logits", lo, hi), dev),
                 clean=_node_outputs(store, run_id, "clean", lo, hi, model),
                 corrupted=_node_outputs(store, run_id, "corrupted", lo, hi, model),
+                sets=AnswerSets.from_arrays(sets, lo, hi, dev),
             )

@@ -1,24 +1,81 @@
-"""Patching metrics, all in one place: logit difference, answer probability, KL(clean ‖ patched).
+"""Patching metrics, all in one place: logit difference, answer probability, KL(clean ‖ patched)
+and probability difference over answer sets.
 
 Every metric is per prompt at that prompt's final position and averaged over prompts:
-- logit-diff: logit(answer) − logit(wrong answer); needs two unembedding columns only;
+- logit-diff: mean logit of the correct answer set − mean logit of the incorrect set; with one
+  answer and one wrong answer (every task but Greater-Than) logit(answer) − logit(wrong answer);
+  needs only the sets' unembedding columns;
 - prob: softmax probability of the answer; needs the full vocabulary's normaliser;
 - kl: KL(clean ‖ patched) = Σ_v p_clean(v) (log p_clean(v) − log p_patched(v)) over the full
-  vocabulary, with the clean logits read from the run's stored `logits` array.
+  vocabulary, with the clean logits read from the run's stored `logits` array;
+- prob-diff: Σ p(correct set) − Σ p(incorrect set) (Hanna et al.'s Greater-Than metric: the
+  years above the start year against those at or below it).
 The normalised effect is (m_patched − m_corrupted) / (m_clean − m_corrupted) for both directions,
 so 1 means clean-like and 0 corrupted-like whether clean was patched in or out.
+
+Importing this module does not import torch (the CLI reads METRICS from it); the functions take
+and return tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from queries.kernels import Kernels
+if TYPE_CHECKING:
+    import polars as pl
+    import torch
 
-METRICS = ("logit-diff", "prob", "kl")
+    from queries.kernels import Kernels
+
+METRICS = ("logit-diff", "prob", "kl", "prob-diff")
+
+
+@dataclass
+class AnswerSets:
+    """Each prompt's correct and incorrect answer tokens, padded to a rectangle.
+
+    Padding repeats a member and carries weight 0 in the mask, so a gather never leaves the
+    vocabulary and padded entries add nothing.
+    """
+
+    correct: torch.Tensor  # (B, A) token ids
+    correct_mask: torch.Tensor  # (B, A) 1.0 for a member, 0.0 for padding
+    incorrect: torch.Tensor  # (B, W)
+    incorrect_mask: torch.Tensor
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], lo: int, hi: int, device: str | torch.device
+    ) -> AnswerSets:
+        """Prompts [lo, hi) of `answer_arrays`' padded sets as tensors."""
+        import torch
+
+        def t(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(arrays[name][lo:hi], dtype=dtype, device=device)
+
+        return cls(t("correct", torch.long), t("correct_mask", torch.float32),
+                   t("incorrect", torch.long), t("incorrect_mask", torch.float32))  # fmt: skip
+
+
+def answer_arrays(prompts: pl.DataFrame) -> dict[str, np.ndarray]:
+    """A run's answer sets (`prompts.answer_tokens`, `wrong_answer_tokens`) as padded arrays
+    `correct`, `correct_mask`, `incorrect`, `incorrect_mask`, one row per prompt."""
+    out: dict[str, np.ndarray] = {}
+    for name, column in (("correct", "answer_tokens"), ("incorrect", "wrong_answer_tokens")):
+        sets = prompts[column].to_list()
+        width = max((len(s) for s in sets), default=1)
+        ids = np.zeros((len(sets), width), dtype=np.int64)
+        mask = np.zeros((len(sets), width), dtype=np.float32)
+        for i, members in enumerate(sets):
+            ids[i] = members[0]  # padding repeats a member, masked out
+            ids[i, : len(members)] = members
+            mask[i, : len(members)] = 1.0
+        out[name], out[f"{name}_mask"] = ids, mask
+    return out
 
 
 @dataclass
@@ -28,16 +85,34 @@ class Targets:
     answer: torch.Tensor  # (B,) token ids
     wrong: torch.Tensor  # (B,)
     clean_logits: torch.Tensor  # (B, d_vocab) at the final position, from the store
+    sets: AnswerSets | None = None  # None: the answer and the wrong answer alone
+
+    def answer_sets(self) -> AnswerSets:
+        if self.sets is not None:
+            return self.sets
+        ones = self.answer.new_ones(self.answer.shape[0], 1, dtype=self.clean_logits.dtype)
+        return AnswerSets(self.answer[:, None], ones, self.wrong[:, None], ones)
 
 
-def logit_diff(logits: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
-    """logit(answer) − logit(wrong answer), per prompt: (…, B, d_vocab) → (…, B)."""
-    return _pick(logits, answer) - _pick(logits, wrong)
+def logit_diff(logits: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
+    """Mean logit of the correct set − mean logit of the incorrect set, per prompt:
+    (…, B, d_vocab) → (…, B)."""
+    return _set_mean(logits, sets.correct, sets.correct_mask) - _set_mean(
+        logits, sets.incorrect, sets.incorrect_mask
+    )
 
 
 def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the answer token, per prompt."""
     return _pick(logits.float().log_softmax(-1), answer).exp()
+
+
+def prob_diff(logits: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
+    """Σ p(correct set) − Σ p(incorrect set), per prompt."""
+    probs = logits.float().softmax(-1)
+    return _set_sum(probs, sets.correct, sets.correct_mask) - _set_sum(
+        probs, sets.incorrect, sets.incorrect_mask
+    )
 
 
 def kl_clean_patched(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
@@ -50,22 +125,33 @@ def kl_clean_patched(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -
 def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position logits (…, B, d_vocab) → (…, B)."""
     if metric == "logit-diff":
-        return logit_diff(logits, t.answer, t.wrong)
+        return logit_diff(logits, t.answer_sets())
     if metric == "prob":
         return answer_prob(logits, t.answer)
     if metric == "kl":
         return kl_clean_patched(t.clean_logits, logits)
+    if metric == "prob-diff":
+        return prob_diff(logits, t.answer_sets())
     raise ValueError(f"unknown metric {metric!r}")
 
 
 def from_resid(k: Kernels, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
-    metric needs: two columns for a logit difference, the full vocabulary otherwise."""
+    metric needs: the answer sets' mean columns for a logit difference, the full vocabulary
+    otherwise."""
+    import torch
+
     normed = k.unembed_ln(resid)
     if metric == "logit-diff":
-        w = k.W_U[:, t.answer] - k.W_U[:, t.wrong]  # (D, B)
+        s = t.answer_sets()
+        w = _mean_columns(k.W_U, s.correct, s.correct_mask) - _mean_columns(
+            k.W_U, s.incorrect, s.incorrect_mask
+        )  # (D, B)
+        b = _set_mean(k.b_U, s.correct, s.correct_mask) - _set_mean(
+            k.b_U, s.incorrect, s.incorrect_mask
+        )
         k.flops += 2.0 * normed.numel()
-        return torch.einsum("...bd,db->...b", normed, w) + (k.b_U[t.answer] - k.b_U[t.wrong])
+        return torch.einsum("...bd,db->...b", normed, w) + b
     return from_logits(metric, k.linear(normed, k.W_U, k.b_U), t)
 
 
@@ -74,6 +160,8 @@ def logits_metric_fn(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The same metric as a function of full-sequence logits (B, seq, d_vocab) → mean over
     prompts: the form TransformerLens' patching functions take."""
+    import torch
+
     rows = torch.arange(finals.shape[0])
 
     def fn(logits: torch.Tensor) -> torch.Tensor:
@@ -85,3 +173,22 @@ def logits_metric_fn(
 def _pick(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     index = ids.view(*([1] * (x.dim() - 2)), -1, 1).expand(*x.shape[:-1], 1)
     return x.gather(-1, index).squeeze(-1)
+
+
+def _set_sum(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over each prompt's set of x's entries: x (…, B, V), ids and mask (B, A) → (…, B).
+    A 1-d x (V,) is shared by every prompt: → (B,)."""
+    if x.dim() == 1:
+        return (x[ids] * mask.to(x.dtype)).sum(-1)
+    index = ids.expand(*x.shape[:-2], *ids.shape)
+    return (x.gather(-1, index) * mask.to(x.dtype)).sum(-1)
+
+
+def _set_mean(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _set_sum(x, ids, mask) / mask.sum(-1).to(x.dtype)
+
+
+def _mean_columns(w: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the mean of w's columns over its set: w (D, V) → (D, B)."""
+    weights = (mask / mask.sum(-1, keepdim=True)).to(w.dtype)  # (B, A)
+    return (w[:, ids] * weights).sum(-1)

@@ -1,6 +1,14 @@
 """Overlap between runs' head sets or edge sets: intersection, IoU, directional overlap and a
 hypergeometric p-value, over every ordered pair of sets (a long table that pivots to a matrix).
 
+Sets are compared like with like: every set of one comparison comes from a source (patch query,
+score set or circuit) of the same setting — component, metric, direction and window for head
+sets from patching; method, metric and steps for score sets (and the selection rule for
+circuits) — over runs of the same corruption. Explicit source ids are checked for that; without
+them each run's newest source of the one setting that all runs have is used, and anything
+ambiguous or mismatched is refused with a line naming it. The rows carry the source ids and the
+setting.
+
 Sets are chosen and intersected in DuckDB over the `top_heads`, `top_edges`, `circuit_heads`
 and `circuit_edges_v` views (Merullo et al. compare in-circuit heads across tasks; Hanna et al.
 compare edge sets by IoU with a hypergeometric test). Only the p-value is computed outside SQL,
@@ -13,13 +21,12 @@ items with A.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 
 from actstore.errors import UsageError
 from actstore.store import Store
-from queries import views
 
 BY = ("head", "edge")
 DEFAULT_TOP_FRAC = 0.02  # Merullo et al.'s in-circuit heads: the top 2% by effect
@@ -109,41 +116,253 @@ def choose(
     return Selection(by=by, top_k=top_k, top_frac=top_frac, circuits=circuits)
 
 
+# What must be identical for two sets to be compared, per kind of source, besides the run's
+# corruption: a head set's patching query, an edge set's score set, a circuit's score set and
+# selection rule. Each SQL yields (source_id, run_id, corruption, *key columns).
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "patch query": ("component", "metric", "direction", "window"),
+    "score set": ("method", "metric", "steps"),
+    "circuit": ("method", "metric", "steps", "edges", "faithfulness"),
+}
+PLURAL = {"patch query": "patch queries", "score set": "score sets", "circuit": "circuits"}
+SOURCES_SQL = {
+    "patch query": """
+        SELECT DISTINCT query_id AS source_id, run_id, corruption, component, metric, direction,
+               coalesce(window_size, 1) AS "window"
+        FROM top_heads""",
+    "score set": """
+        SELECT q.query_id AS source_id, q.run_id, r.corruption,
+               json_extract_string(q.params, '$.method') AS method,
+               json_extract_string(q.params, '$.metric') AS metric,
+               TRY_CAST(json_extract_string(q.params, '$.steps') AS INTEGER) AS steps
+        FROM queries q JOIN runs r USING (run_id)
+        WHERE q.kind = 'attribute'
+          AND q.query_id IN (SELECT score_id FROM edge_scores WHERE dst IS NOT NULL)""",
+    "circuit": """
+        SELECT c.circuit_id AS source_id, c.run_id, c.corruption, c.method,
+               json_extract_string(a.params, '$.metric') AS metric,
+               TRY_CAST(json_extract_string(a.params, '$.steps') AS INTEGER) AS steps,
+               TRY_CAST(json_extract_string(c.params, '$.edges') AS INTEGER) AS edges,
+               TRY_CAST(json_extract_string(c.params, '$.faithfulness') AS DOUBLE) AS faithfulness
+        FROM circuits_v c JOIN queries a ON a.query_id = c.score_id""",
+}
+
+
 @dataclass(frozen=True)
 class Filters:
-    """Which of a run's queries its set comes from: the newest one that matches."""
+    """Which of a run's queries its set may come from (None: any)."""
 
+    component: str | None = None
     metric: str | None = None
-    component: str = "head"
     direction: str | None = None
+    window: int | None = None
     method: str | None = None
+
+    def given(self) -> dict[str, str | int]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def source_kind(selection: Selection) -> str:
+    if selection.circuits:
+        return "circuit"
+    return "patch query" if selection.by == "head" else "score set"
+
+
+def _check_filters(kind: str, filters: Filters) -> None:
+    allowed = {"component", "window", *SOURCE_KEYS[kind]} if kind == "patch query" else {
+        *SOURCE_KEYS[kind]}  # fmt: skip
+    for name in filters.given():
+        if name not in allowed:
+            applies = "head sets from patching (--by head)" if name in (
+                "component", "direction", "window") else "edge scores and circuits"  # fmt: skip
+            raise UsageError(f"--{name} applies to {applies}, not to {PLURAL[kind]}; leave it out")
+
+
+def candidates(store: Store, kind: str, filters: Filters) -> list[dict]:
+    """Every source of this kind in the store matching the filters, newest first."""
+    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC").to_dicts()
+    given = filters.given()
+    return [r for r in rows if all(r.get(k) == v for k, v in given.items())]
+
+
+def key_of(row: dict, kind: str) -> tuple:
+    return tuple(row[k] for k in SOURCE_KEYS[kind])
+
+
+def describe_key(kind: str, key: tuple) -> str:
+    return ", ".join(f"{k} {'–' if v is None else v}" for k, v in zip(SOURCE_KEYS[kind], key,
+                                                                     strict=True))  # fmt: skip
 
 
 def resolve_sources(
-    store: Store, runs: list[int], selection: Selection, filters: Filters
-) -> list[int]:
-    """Per run, the id its set comes from: patch query, score set or circuit (newest match)."""
-    if len(set(runs)) != len(runs):
-        raise UsageError(f"--runs {','.join(map(str, runs))}: each run may appear once")
-    if selection.circuits:
-        return [views.latest_circuit(store, r, filters.method) for r in runs]
-    if selection.by == "edge":
-        return [views.latest_score_set(store, r, filters.method) for r in runs]
-    return [
-        views.latest_patch_query(store, r, filters.component, filters.metric, filters.direction)
-        for r in runs
-    ]
+    store: Store,
+    runs: list[int] | None,
+    selection: Selection,
+    filters: Filters,
+    queries: list[int] | None = None,
+) -> tuple[list[dict], str]:
+    """The source row of each set and the setting they share, or a UsageError naming the
+    mismatch. Explicit `queries` are checked; otherwise each run's newest source of the one
+    setting (key and corruption) that every run has."""
+    kind = source_kind(selection)
+    _check_filters(kind, filters)
+    if queries is not None:
+        chosen = _explicit(store, kind, runs, queries, filters)
+    else:
+        if not runs or len(runs) < 2:
+            raise UsageError("give at least two runs to compare, e.g. --runs 1,2")
+        if len(set(runs)) != len(runs):
+            raise UsageError(f"--runs {','.join(map(str, runs))}: each run may appear once")
+        chosen = _common(store, kind, runs, filters)
+    _same_corruption(chosen)
+    _same_key(chosen, kind)
+    return chosen, setting_of(kind, chosen[0])
+
+
+def setting_of(kind: str, row: dict) -> str:
+    """The setting a source belongs to, as the `setting` column writes it."""
+    key = describe_key(kind, key_of(row, kind))
+    return f"{PLURAL[kind]} with {key}, corruption {row['corruption']}"
+
+
+def _explicit(
+    store: Store, kind: str, runs: list[int] | None, queries: list[int], filters: Filters
+) -> list[dict]:
+    if filters.given():
+        flags = ", ".join(f"--{k}" for k in filters.given())
+        raise UsageError(f"--queries names the sets itself; leave out {flags}")
+    if len(queries) < 2:
+        raise UsageError("give at least two ids to compare, e.g. --queries 1,2")
+    by_id = {r["source_id"]: r for r in candidates(store, kind, Filters())}
+    unknown = [q for q in queries if q not in by_id]
+    if unknown:
+        what = {"patch query": "a head patching query", "score set": "an edge-level score set",
+                "circuit": "a circuit"}[kind]  # fmt: skip
+        raise UsageError(
+            f"--queries: {unknown[0]} is not {what} in {store.path}; see: select query_id, kind, "
+            "run_id, params from queries"
+        )
+    chosen = [by_id[q] for q in queries]
+    their_runs = [r["run_id"] for r in chosen]
+    if runs is not None and list(runs) != their_runs:
+        raise UsageError(
+            f"--queries {','.join(map(str, queries))} belong to runs "
+            f"{','.join(map(str, their_runs))}, not --runs {','.join(map(str, runs))}; give "
+            "--queries alone"
+        )
+    if len(set(their_runs)) != len(their_runs):
+        raise UsageError(
+            f"--queries {','.join(map(str, queries))}: two of them are of one run; compare "
+            "different runs"
+        )
+    return chosen
+
+
+def _common(store: Store, kind: str, runs: list[int], filters: Filters) -> list[dict]:
+    """Per run its newest source under the one key that every run has (filters applied)."""
+    asked = filters
+    if kind == "patch query" and filters.component is None:
+        filters = replace(filters, component="head")
+    rows = candidates(store, kind, filters)
+    per_run = {run: [r for r in rows if r["run_id"] == run] for run in runs}
+    for run, found in per_run.items():
+        if not found:
+            _none_for(store, kind, run, asked, filters)
+    keys = [dict.fromkeys(key_of(r, kind) for r in per_run[run]) for run in runs]
+    common = [k for k in keys[0] if all(k in other for other in keys[1:])]
+    if not common:
+        newest = "; ".join(
+            f"run {run}: {describe_key(kind, key_of(per_run[run][0], kind))} "
+            f"({kind} {per_run[run][0]['source_id']})"
+            for run in runs
+        )
+        raise UsageError(
+            f"no {kind} setting is common to runs {', '.join(map(str, runs))} ({newest}); "
+            f"overlap compares like with like: make matching {PLURAL[kind]} or choose them with "
+            "--queries"
+        )
+    if len(common) > 1:
+        raise UsageError(
+            f"runs {', '.join(map(str, runs))} share {PLURAL[kind]} under {len(common)} settings ("
+            + "; ".join(describe_key(kind, k) for k in common)
+            + f"); choose one with {_choose_flags(kind)} or give --queries"
+        )
+    return [next(r for r in per_run[run] if key_of(r, kind) == common[0]) for run in runs]
+
+
+def _choose_flags(kind: str) -> str:
+    if kind == "patch query":
+        return "--metric/--direction/--window"
+    return "--method/--metric"
+
+
+def _none_for(store: Store, kind: str, run: int, asked: Filters, filters: Filters) -> None:
+    """The error for a run without a matching source, naming the command that makes one."""
+    store.run(run, complete=False)
+    asked_for = asked.given()
+    with_ = f" with {', '.join(f'{k} {v}' for k, v in asked_for.items())}" if asked_for else ""
+    given = filters.given()
+    flags = " ".join(f"--{k} {v}" for k, v in given.items())
+    fix = {
+        "patch query": f"run actstore patch {store.path} --run {run} {flags}",
+        "score set": f"run actstore attribute {store.path} --run {run} "
+        f"--method {given.get('method', 'eap-ig')} --level edge",
+        "circuit": f"run actstore circuit {store.path} --scores ID --edges N (score ids: select "
+        f"* from queries where kind = 'attribute' and run_id = {run})",
+    }[kind]
+    what = {"patch query": "head patching query", "score set": "edge attribution scores",
+            "circuit": "circuit"}[kind]  # fmt: skip
+    raise UsageError(f"run {run} has no {what}{with_}; {fix.strip()}")
+
+
+def _same_corruption(chosen: list[dict]) -> None:
+    kinds = dict.fromkeys(r["corruption"] for r in chosen)
+    if len(kinds) > 1:
+        runs = ", ".join(f"run {r['run_id']}: {r['corruption']}" for r in chosen)
+        raise UsageError(
+            f"the runs differ in corruption ({runs}); overlap compares like with like: choose "
+            "runs of one corruption"
+        )
+
+
+def _same_key(chosen: list[dict], kind: str) -> None:
+    first = chosen[0]
+    for row in chosen[1:]:
+        for name in SOURCE_KEYS[kind]:
+            if row[name] != first[name]:
+                raise UsageError(
+                    f"{kind} {first['source_id']} (run {first['run_id']}) and {kind} "
+                    f"{row['source_id']} (run {row['run_id']}) differ in {name} "
+                    f"({first[name]} vs {row[name]}); overlap compares like with like: give "
+                    f"{PLURAL[kind]} with equal {', '.join(SOURCE_KEYS[kind])}"
+                )
 
 
 def overlap(
-    store: Store, runs: list[int], selection: Selection, **filters: str | None
+    store: Store,
+    runs: list[int] | None,
+    selection: Selection,
+    queries: list[int] | None = None,
+    **filters: str | int | None,
 ) -> pl.DataFrame:
-    """Overlap statistics over every ordered pair of the runs' sets (diagonal included);
-    `filters` are the fields of Filters (metric, component, direction, method)."""
-    if len(runs) < 2:
-        raise UsageError("give at least two runs to compare, e.g. --runs 1,2")
-    sources = resolve_sources(store, runs, selection, Filters(**filters))
-    return overlap_of_sources(store, list(zip(runs, sources, strict=True)), selection)
+    """Overlap statistics over every ordered pair of the runs' sets (diagonal included).
+
+    Sets come from `queries` (patch query, score set or circuit ids) or, per run, from its
+    newest source of the one setting all runs share; `filters` are the fields of Filters
+    (metric, component, direction, window, method). The `setting` column says what was compared.
+    """
+    chosen, setting = resolve_sources(store, runs, selection, Filters(**filters), queries)
+    sets = [(r["run_id"], r["source_id"]) for r in chosen]
+    return _pair_statistics(store, sets, selection).with_columns(pl.lit(setting).alias("setting"))
+
+
+def compared(df: pl.DataFrame) -> str:
+    """One line naming the setting compared and each run's source: what the CLI prints."""
+    setting = df["setting"][0]
+    kind = next(k for k, plural in PLURAL.items() if setting.startswith(plural))
+    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
+    used = ", ".join(f"run {r} {kind} {s}" for r, s in diagonal.select("run_a", "source_a").rows())
+    return f"compared {setting}: {used}"
 
 
 # Pair statistics over two relations: `sets(set_idx, run_id, source_id, task, universe)` and
@@ -178,17 +397,14 @@ PAIRS_SQL = """
 """
 
 
-def overlap_of_sources(
-    store: Store, sets: list[tuple[int, int]], selection: Selection
-) -> pl.DataFrame:
-    """Overlap of explicit (run_id, source_id) sets; the source id is a patch query id (heads),
-    a score id (edges) or a circuit id (--circuits)."""
+def _sets_sql(sets: list[tuple[int, int]], selection: Selection) -> tuple[str, list]:
+    """CTEs `sets(set_idx, run_id, source_id, task, universe)` and `members(set_idx, item)` of
+    explicit (run_id, source_id) sets, and their parameters."""
     members, member_params = selection.members_sql()
     values = ", ".join("(?, ?, ?)" for _ in sets)
     set_params = [v for i, (run, source) in enumerate(sets) for v in (i, run, source)]
-    df = store.query(
-        f"""
-        WITH given AS (SELECT * FROM (VALUES {values}) s(set_idx, run_id, source_id)),
+    sql = f"""
+        given AS (SELECT * FROM (VALUES {values}) s(set_idx, run_id, source_id)),
         sets AS (
             SELECT g.set_idx, g.run_id, g.source_id, r.task, u.universe
             FROM given g LEFT JOIN runs r USING (run_id)
@@ -196,13 +412,37 @@ def overlap_of_sources(
         ),
         members AS (
             SELECT s.set_idx, m.item FROM sets s JOIN ({members}) m USING (source_id)
-        ),
-        {PAIRS_SQL}
-        """,
-        [*set_params, *member_params],
-    )
+        )"""
+    return sql, [*set_params, *member_params]
+
+
+def _pair_statistics(
+    store: Store, sets: list[tuple[int, int]], selection: Selection
+) -> pl.DataFrame:
+    """Overlap of (run_id, source_id) sets, computed in one statement."""
+    ctes, params = _sets_sql(sets, selection)
+    df = store.query(f"WITH {ctes}, {PAIRS_SQL}", params)
     _check_universe(df, selection)
     return with_p_values(df.drop("universe_b").rename({"universe_a": "universe"}))
+
+
+def with_shared(store: Store, df: pl.DataFrame, selection: Selection) -> pl.DataFrame:
+    """The overlap rows with `shared`: the items of A∩B (head or edge names), sorted."""
+    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
+    sets = list(diagonal.select("run_a", "source_a").iter_rows())
+    ctes, params = _sets_sql(sets, selection)
+    shared = store.query(
+        f"""
+        WITH {ctes}
+        SELECT sa.run_id AS run_a, sb.run_id AS run_b, list(a.item ORDER BY a.item) AS shared
+        FROM members a JOIN members b USING (item)
+             JOIN sets sa ON sa.set_idx = a.set_idx JOIN sets sb ON sb.set_idx = b.set_idx
+        GROUP BY ALL
+        """,
+        params,
+    )
+    out = df.join(shared, on=["run_a", "run_b"], how="left", maintain_order="left")
+    return out.with_columns(pl.col("shared").fill_null(pl.lit([], dtype=pl.List(pl.String))))
 
 
 def _check_universe(df: pl.DataFrame, selection: Selection) -> None:

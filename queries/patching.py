@@ -36,13 +36,13 @@ import polars as pl
 from actstore.errors import ActstoreError, UsageError
 from actstore.results import find_query, record_query
 from actstore.store import Store
+from queries.metrics import METRICS
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
 
 KIND = "patch"
 COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")
-METRICS = ("logit-diff", "prob", "kl")  # queries.metrics.METRICS, kept here to avoid torch
 DIRECTIONS = ("denoise", "noise")
 ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
@@ -214,8 +214,9 @@ def compute_effects(
     n, seq = int(run["n_prompts"]), int(run["seq_len"])
     k = Kernels.from_adapter(model)
     groups = _groups(spec, k.n_layers, k.n_heads, seq, engine)
-    prompts = {c: store.prompts(run_id)[c].to_numpy()
-               for c in ("seq_len", "answer_token", "wrong_answer_token")}  # fmt: skip
+    rows = store.prompts(run_id)
+    prompts = {c: rows[c].to_numpy() for c in ("seq_len", "answer_token", "wrong_answer_token")}
+    prompts.update(metrics.answer_arrays(rows))
     base_kinds, src_kinds = _kinds(groups[0].component, engine)
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}

@@ -58,41 +58,54 @@ def _save(plt: Any, fig: Any, note: str, out: str | Path) -> None:
         plt.close(fig)
 
 
-def _heatmap(ax: Any, fig: Any, grid: np.ndarray, cmap: str, label: str, symmetric: bool):
-    finite = grid[np.isfinite(grid)]
-    if symmetric:
-        bound = float(np.abs(finite).max()) if finite.size else 1.0
-        vmin, vmax = -(bound or 1.0), bound or 1.0
-    else:
-        vmin, vmax = 0.0, 1.0
-    image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+def _heatmap(ax: Any, fig: Any, grid: np.ndarray, cmap: str, label: str, bounds: tuple):
+    """Colour over `bounds` (vmin, vmax); NaN cells are drawn light grey."""
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="0.88")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=bounds[0], vmax=bounds[1],
+                      aspect="auto")  # fmt: skip
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(label)
     return image
 
 
-def _annotate(ax: Any, grid: np.ndarray, texts: list[list[str]] | None = None) -> None:
-    """Write each cell's value in it when the grid is small enough to read; the text is white
-    on the saturated cells of the diverging map and on the dark (low) cells of viridis."""
+def _bounds(grid: np.ndarray, symmetric: bool) -> tuple[float, float]:
+    """Symmetric around 0 for signed values, else 0 to the largest finite value."""
+    finite = grid[np.isfinite(grid)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    top = top or 1.0
+    return (-top, top) if symmetric else (0.0, top)
+
+
+def _annotate(
+    ax: Any, grid: np.ndarray, bounds: tuple[float, float], texts: list[list[str]] | None = None
+) -> None:
+    """Write each cell's value in it when the grid is small enough to read; white text on the
+    saturated end of the colour scale."""
     rows, cols = grid.shape
     if rows * cols > 400:
         return
-    finite = grid[np.isfinite(grid)]
-    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    lo, hi = bounds
     for i in range(rows):
         for j in range(cols):
             value = grid[i, j]
-            text = texts[i][j] if texts else f"{value:.2f}"
-            if texts:
-                dark = not np.isfinite(value) or value < 0.5
-            else:
-                dark = np.isfinite(value) and abs(value) > 0.6 * (bound or 1.0)
+            text = texts[i][j] if texts else ("–" if not np.isfinite(value) else f"{value:.2f}")
+            if not np.isfinite(value):
+                dark = False
+            elif lo < 0:  # diverging: saturated at both ends
+                dark = abs(value) > 0.6 * hi
+            else:  # viridis-like: dark at the low end
+                dark = value < lo + 0.5 * (hi - lo)
             ax.text(j, i, text, ha="center", va="center", fontsize=9,
                     color="white" if dark else "black")  # fmt: skip
 
 
 def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """A patching query's effects with the value plotted (normalized, else the raw metric)."""
+    """A patching query's effects with the value plotted: the importance for noising and for
+    KL (where the signed normalised effect sits near 1 or carries no sign, so that the heads
+    that matter would not stand out), the signed normalised effect otherwise, the raw metric
+    where no normalised effect exists."""
     prov = views.provenance(store, query_id)
     if prov["kind"] != "patch":
         raise UsageError(
@@ -100,15 +113,27 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
             "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
     df = store.query(
-        "SELECT layer, head, pos, metric, value, normalized FROM effects WHERE query_id = ? "
-        "ORDER BY layer, head, pos",
+        "SELECT layer, head, pos, metric, value, normalized, importance FROM patch_effects "
+        "WHERE query_id = ? ORDER BY layer, head, pos",
         [query_id],
     )
     if df.is_empty():
         raise ActstoreError(f"patch query {query_id} has no effect rows; rerun actstore patch")
-    use_normalized = df["normalized"].null_count() < df.height
-    column = "normalized" if use_normalized else "value"
+    params = prov["params"]
+    if df["normalized"].null_count() == df.height:
+        column = "value"
+    elif params.get("direction") == "noise" or params.get("metric") == "kl":
+        column = "importance"
+    else:
+        column = "normalized"
     return df.with_columns(pl.col(column).alias("plotted")), {**prov, "plotted": column}
+
+
+PLOTTED_LABELS = {
+    "normalized": "normalized effect ({metric})",
+    "importance": "importance ({metric}, {rule})",
+    "value": "{metric} of the patched run",
+}
 
 
 def plot_effects(
@@ -145,10 +170,12 @@ def plot_effects(
     for r, c, v in zip(row_key, col_key, df["plotted"].to_list(), strict=True):
         grid[row_index[r], col_index[c]] = np.nan if v is None else v
     plt, fig, ax = _figure(size)
-    metric = df["metric"][0]
-    label = f"normalized effect ({metric})" if prov["plotted"] == "normalized" else metric
-    _heatmap(ax, fig, grid, "RdBu_r", label, symmetric=True)
-    _annotate(ax, grid)
+    rule = "|1 − normalized|" if prov["params"].get("direction") == "noise" else "|normalized|"
+    label = PLOTTED_LABELS[prov["plotted"]].format(metric=df["metric"][0], rule=rule)
+    signed = prov["plotted"] == "normalized"
+    bounds = _bounds(grid, symmetric=signed)
+    _heatmap(ax, fig, grid, "RdBu_r" if signed else "viridis", label, bounds)
+    _annotate(ax, grid, bounds)
     ax.set_xticks(range(len(cols)), ["all" if c is None else str(c) for c in cols])
     ax.set_yticks(range(len(rows)), row_names)
     ax.set_xlabel(col_label)
@@ -158,44 +185,80 @@ def plot_effects(
     return df
 
 
+def overlap_grid(df: pl.DataFrame) -> tuple[list[str], np.ndarray, tuple[float, float]]:
+    """Labels, the IoU matrix with its trivial diagonal masked (NaN), and the colour bounds
+    that the off-diagonal cells set."""
+    labels, iou = ov.matrix(df, "iou")
+    grid = np.array([[np.nan if v is None else v for v in row] for row in iou], dtype=float)
+    np.fill_diagonal(grid, np.nan)
+    return labels, grid, _bounds(grid, symmetric=False)
+
+
 def plot_overlap(
     store: Store,
-    runs: list[int],
+    runs: list[int] | None,
     selection: ov.Selection,
     out: str | Path,
     size: tuple[int, int] = SIZE,
+    queries: list[int] | None = None,
     **filters: Any,
 ) -> pl.DataFrame:
-    """IoU matrix of the runs' head or edge sets; each cell shows IoU and |A∩B|."""
-    df = ov.overlap(store, runs, selection, **filters)
-    labels, iou = ov.matrix(df, "iou")
+    """IoU matrix of the runs' head or edge sets (diagonal masked: a set against itself says
+    nothing), each cell with IoU, |A∩B| and p; the shared heads or edges listed beside it.
+    Returns the overlap rows with a `shared` column (the items of A∩B)."""
+    df = ov.with_shared(store, ov.overlap(store, runs, selection, queries, **filters), selection)
+    labels, grid, bounds = overlap_grid(df)
     _, shared = ov.matrix(df, "intersection")
     _, p_values = ov.matrix(df, "p_value")
-    grid = np.array([[np.nan if v is None else v for v in row] for row in iou], dtype=float)
+    _, sizes = ov.matrix(df, "n_a")
     texts = [
-        [_cell_text(grid[i, j], shared[i][j], p_values[i][j]) for j in range(len(labels))]
+        [
+            f"{sizes[i][j]} {selection.by}s" if i == j
+            else _cell_text(grid[i, j], shared[i][j], p_values[i][j])
+            for j in range(len(labels))
+        ]
         for i in range(len(labels))
-    ]
-    plt, fig, ax = _figure(size)
-    _heatmap(ax, fig, grid, "viridis", "IoU  |A∩B| / |A∪B|", symmetric=False)
-    _annotate(ax, grid, texts)
+    ]  # fmt: skip
+    plt = _pyplot()
+    fig, (ax, side) = plt.subplots(
+        1, 2, figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, width_ratios=(3, 2)
+    )
+    _heatmap(ax, fig, grid, "viridis", "IoU  |A∩B| / |A∪B|  (diagonal masked)", bounds)
+    _annotate(ax, grid, bounds, texts)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("set B")
     ax.set_ylabel("set A")
-    ax.set_title(f"Overlap of {selection.describe()} across runs (IoU)")
-    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
-    sources = ", ".join(f"run {r}: {s}" for r, s in diagonal.select("run_a", "source_a").rows())
+    ax.set_title(f"Overlap of {selection.describe()} (IoU)")
+    side.axis("off")
+    side.set_title(f"shared {selection.by}s", loc="left")
+    side.text(0, 1, _shared_text(df, labels), va="top", ha="left", fontsize=8, wrap=True,
+              transform=side.transAxes, family="monospace")  # fmt: skip
     models = store.query(
-        "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1", [runs]
+        "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1",
+        [df["run_a"].unique().to_list()],
     )["model"].to_list()
-    kind = "circuit" if selection.circuits else "score set" if selection.by == "edge" else "query"
     note = (
-        f"model {', '.join(models)} · universe {df['universe'][0]} {selection.by}s · cells: IoU, "
-        f"|A∩B| and hypergeometric p · {kind} ids {sources}"
+        f"model {', '.join(models)} · universe {df['universe'][0]} {selection.by}s · "
+        f"{ov.compared(df)}"
     )
     _save(plt, fig, note, out)
     return df
+
+
+SHARED_SHOWN = 12  # items listed per pair; the rest are counted
+
+
+def _shared_text(df: pl.DataFrame, labels: list[str]) -> str:
+    """One block per unordered pair: its labels, |A∩B| and the shared items."""
+    blocks = []
+    for row in df.filter(pl.col("run_a") < pl.col("run_b")).iter_rows(named=True):
+        items = row["shared"]
+        shown = ", ".join(items[:SHARED_SHOWN])
+        more = f" … and {len(items) - SHARED_SHOWN} more" if len(items) > SHARED_SHOWN else ""
+        head = f"run {row['run_a']} {row['task_a']} ∩ run {row['run_b']} {row['task_b']}"
+        blocks.append(f"{head} ({len(items)}):\n  {shown or 'none'}{more}")
+    return "\n\n".join(blocks)
 
 
 def _cell_text(iou: float, shared: int, p: float) -> str:
@@ -209,6 +272,7 @@ def plot_faithfulness(
 ) -> pl.DataFrame:
     """Faithfulness against circuit size for one score set, with its stored circuits marked."""
     prov = views.provenance(store, score_id)
+    _check_faithfulness_id(store, prov)
     curve = store.query(
         "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? AND n_edges > 0 "
         "ORDER BY n_edges",
@@ -221,8 +285,8 @@ def plot_faithfulness(
     )
     if curve.is_empty() and circuits.is_empty():
         raise ActstoreError(
-            f"score set {score_id} has no faithfulness curve or circuits; run actstore circuit "
-            f"{store.path} --scores {score_id} --edges N"
+            f"score set {score_id} has no faithfulness curve or circuits yet; run actstore "
+            f"circuit {store.path} --scores {score_id} --faithfulness 0.85, then plot again"
         )
     total = store.query("SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]).item()
     plt, fig, ax = _figure(size)
@@ -233,7 +297,7 @@ def plot_faithfulness(
                    label="stored circuits")  # fmt: skip
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--", label="full model (1.0)")
     ax.axhline(0.85, color="0.7", lw=0.8, ls=":", label="0.85")
-    ax.set_xscale("log")
+    ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel(f"edges in circuit (of {total} scored)")
     ax.set_ylabel("faithfulness  (m(C) − m(corr)) / (m(model) − m(corr))")
     ax.set_title(f"{prov['task']}: faithfulness of top-scoring edge circuits")
@@ -245,6 +309,46 @@ def plot_faithfulness(
          circuits.drop("circuit_id").with_columns(pl.lit("circuit").alias("source"))],
         how="vertical_relaxed",
     )  # fmt: skip
+
+
+def _check_faithfulness_id(store: Store, prov: dict[str, Any]) -> None:
+    """A faithfulness curve belongs to an edge-level score set: for any other id, name the
+    command that works for it."""
+    query_id, kind = prov["query_id"], prov["kind"]
+    if kind == "circuit":
+        scores = prov["params"].get("scores")
+        raise UsageError(
+            f"query {query_id} is a circuit; its curve is its score set's: actstore plot "
+            f"{store.path} faithfulness {scores} -o faithfulness.png"
+        )
+    if kind != "attribute" or prov["params"].get("level") == "node":
+        what = "a node-level score set" if kind == "attribute" else f"a {kind!r} query"
+        raise UsageError(
+            f"query {query_id} is {what}; faithfulness curves belong to edge score sets: "
+            f"{_edge_curve_hint(store, prov['run_id'])}"
+        )
+
+
+def _edge_curve_hint(store: Store, run_id: int) -> str:
+    """The next command toward a faithfulness curve of the run: plot one it has, make one
+    from its newest edge score set, or score its edges."""
+    sets = store.query(
+        """
+        SELECT q.query_id, EXISTS (SELECT 1 FROM faithfulness_curve c
+                                   WHERE c.score_id = q.query_id) AS has_curve
+        FROM queries q
+        WHERE q.kind = 'attribute' AND q.run_id = ?
+          AND q.query_id IN (SELECT score_id FROM edge_scores WHERE dst IS NOT NULL)
+        ORDER BY has_curve DESC, q.query_id DESC LIMIT 1
+        """,
+        [run_id],
+    ).rows()
+    if not sets:
+        return f"actstore attribute {store.path} --run {run_id} --method eap-ig"
+    score_id, has_curve = sets[0]
+    if has_curve:
+        return f"actstore plot {store.path} faithfulness {score_id} -o faithfulness.png"
+    return f"actstore circuit {store.path} --scores {score_id} --faithfulness 0.85"
 
 
 KINDS = ("effects", "overlap", "faithfulness")
@@ -259,15 +363,19 @@ def plot(
     top_k: int | None = None,
     top_frac: float | None = None,
     circuits: bool = False,
+    queries: list[int] | None = None,
     **filters: Any,
 ) -> pl.DataFrame:
     """The `actstore plot` dispatcher: ID is a patch query id (effects), a comma-separated run
     list (overlap; sets chosen as in `actstore overlap`) or a score id (faithfulness)."""
     if kind == "overlap":
         runs = ov.parse_ids(ident, "ID")
-        return plot_overlap(store, runs, ov.choose(by, top_k, top_frac, circuits), out, **filters)
+        selection = ov.choose(by, top_k, top_frac, circuits)
+        return plot_overlap(store, runs, selection, out, queries=queries, **filters)
     if kind not in KINDS:
         raise UsageError(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
+    if queries is not None:
+        raise UsageError(f"--queries applies to plot overlap, not plot {kind}; leave it out")
     ids = ov.parse_ids(ident, "ID")
     if len(ids) != 1:
         what = "a patch query id" if kind == "effects" else "a score id"

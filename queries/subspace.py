@@ -22,9 +22,8 @@ import polars as pl
 import torch
 
 from actstore.errors import UsageError
-from queries.metrics import answer_prob, kl_clean_patched, logit_diff
+from queries.metrics import METRICS, AnswerSets, Targets, from_logits
 
-METRICS = ("logit-diff", "prob", "kl")
 MODES = ("denoise", "noise")
 # Illusion thresholds. An effect is the shift of the normalised metric away from the unpatched
 # run (1.0 = the whole clean–corrupted gap). v is flagged when it moves the metric by at least
@@ -34,6 +33,10 @@ ILLUSION_MIN_EFFECT = 0.1
 ILLUSION_EFFECT_RATIO = 2.0
 ILLUSION_DORMANCY = 0.1
 RANK_TOL = 1e-6
+# A part of v (its rowspace or nullspace component) whose share of v, ‖part‖², is below this is
+# floating-point round-off, not a direction: it is reported absent and never patched. (Scaled
+# to unit length, a 1e-15 residual would become an arbitrary direction with a real effect.)
+ROUND_OFF_SHARE = 1e-10
 
 
 @dataclass
@@ -55,6 +58,7 @@ class PatchBatch:
     clean_logits: torch.Tensor
     corrupted_logits: torch.Tensor
     prompt_idx: np.ndarray | None = None
+    sets: AnswerSets | None = None  # answer sets (None: the answer and the wrong answer alone)
 
 
 def check_metric(metric: str) -> None:
@@ -68,12 +72,9 @@ def check_mode(mode: str) -> None:
 
 
 def metric_values(metric: str, logits: torch.Tensor, batch: PatchBatch) -> torch.Tensor:
-    """Per-prompt metric of final-position logits."""
-    if metric == "logit-diff":
-        return logit_diff(logits, batch.answer, batch.wrong)
-    if metric == "prob":
-        return answer_prob(logits, batch.answer)
-    return kl_clean_patched(batch.clean_logits, logits)
+    """Per-prompt metric of final-position logits (queries.metrics' definitions)."""
+    return from_logits(metric, logits, Targets(batch.answer, batch.wrong, batch.clean_logits,
+                                               batch.sets))  # fmt: skip
 
 
 def orthonormal_basis(vectors: np.ndarray | torch.Tensor, what: str = "direction") -> torch.Tensor:
@@ -106,13 +107,26 @@ def split_by_map(basis: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, to
 
     The rowspace of the map is the column space of w (what the reader can see); its orthogonal
     complement is the kernel. ‖v_null‖² is the squared norm of the projection of the unit
-    direction onto the kernel (for k > 1: the mean over the basis vectors).
+    direction onto the kernel (for k > 1: the mean over the basis vectors). A part whose
+    directions carry less than ROUND_OFF_SHARE of v is absent: its basis has no columns, and
+    ‖v_null‖² is exactly 0 (no nullspace part) or 1 (no rowspace part).
     """
     readable = _span(w.double())
     row = readable @ (readable.T @ basis)
     null = basis - row
-    null_sq = float((null**2).sum() / basis.shape[1])
-    return _span(row), _span(null), null_sq
+    row_part, null_part = _part(row), _part(null)
+    if not null_part.shape[1]:
+        return row_part, null_part, 0.0
+    if not row_part.shape[1]:
+        return row_part, null_part, 1.0
+    return row_part, null_part, float((null**2).sum() / basis.shape[1])
+
+
+def _part(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of a projection of an orthonormal basis, round-off dropped: its
+    singular values are cosines (at most 1), so the threshold is absolute."""
+    u, s, _ = torch.linalg.svd(m.double(), full_matrices=False)
+    return u[:, s**2 > ROUND_OFF_SHARE]
 
 
 def patch(base: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, basis: torch.Tensor | None):
@@ -199,19 +213,32 @@ def is_illusion(effect_v: float, effect_row: float, var_v: float, var_row: float
     )
 
 
+COMPONENTS = ("v", "row", "null", "full")
+
+
 def report(ev: Evaluation, mode: str, dims: dict[str, int], null_sq: float | None) -> pl.DataFrame:
     """One row per component: dim, ‖·‖² share of v, variance, patched metric, effect, flag.
 
     `effect` is the normalised metric minus that of the unpatched run (0 when denoising, 1 when
-    noising), so it measures how far the patch moved the output in either mode.
+    noising), so it measures how far the patch moved the output in either mode. A part of v
+    that is absent (dim 0: v lies wholly in the other part) was not patched: its row says so
+    with norm 0, variance 0 and the unpatched run's metric, effect 0.
     """
     clean, corrupted = ev.clean / ev.n, ev.corrupted / ev.n
     base = 0.0 if mode == "denoise" else 1.0
+    unpatched = corrupted if mode == "denoise" else clean
     share = {"v": 1.0, "row": None, "null": None, "full": None}
     if null_sq is not None:
         share.update(row=1.0 - null_sq, null=null_sq)
     rows = []
-    for name in ev.patched:
+    for name in (c for c in COMPONENTS if c in dims):
+        if name not in ev.patched:
+            rows.append(
+                {"component": name, "dim": 0, "norm_sq": 0.0, "variance": 0.0,
+                 "value": unpatched, "normalized": normalized(unpatched, clean, corrupted),
+                 "effect": 0.0}
+            )  # fmt: skip
+            continue
         value = ev.mean(name)
         norm = normalized(value, clean, corrupted)
         rows.append(
@@ -222,7 +249,7 @@ def report(ev: Evaluation, mode: str, dims: dict[str, int], null_sq: float | Non
     frame = pl.DataFrame(rows)
     by = {r["component"]: r for r in rows}
     flag = None
-    if "row" in by:
+    if "row" in by and by["row"]["dim"]:
         flag = is_illusion(
             by["v"]["effect"], by["row"]["effect"], by["v"]["variance"], by["row"]["variance"]
         )
@@ -234,15 +261,16 @@ def report(ev: Evaluation, mode: str, dims: dict[str, int], null_sq: float | Non
 def components_of(
     basis: torch.Tensor, w: torch.Tensor | None
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, int], float | None]:
-    """The subspaces a report patches: v, its row/nullspace parts (when W is known), full."""
+    """The subspaces a report patches: v, its row/nullspace parts (when W is known), full;
+    and every component's dimension (0 for an absent part, which is not patched)."""
     comps: dict[str, torch.Tensor | None] = {"v": basis}
     dims = {"v": basis.shape[1], "full": basis.shape[0]}
     null_sq = None
     if w is not None:
         row, null, null_sq = split_by_map(basis, w)
         for name, part in (("row", row), ("null", null)):
+            dims[name] = part.shape[1]
             if part.shape[1]:
                 comps[name] = part
-                dims[name] = part.shape[1]
     comps["full"] = None
     return comps, dims, null_sq

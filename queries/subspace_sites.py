@@ -20,6 +20,7 @@ import torch
 from actstore.errors import UsageError
 from actstore.models import ModelAdapter
 from actstore.store import Store
+from queries.metrics import AnswerSets, answer_arrays
 from queries.subspace import PatchBatch
 
 HOOK_FORMS = {
@@ -171,6 +172,7 @@ def site_batches(
     lengths_all = prompts["seq_len"].to_numpy()
     answers = prompts["answer_token"].to_numpy()
     wrongs = prompts["wrong_answer_token"].to_numpy()
+    sets = answer_arrays(prompts)
     chosen = np.sort(np.asarray(indices))
     dev = model.device
     for lo in range(0, n, chunk):
@@ -200,6 +202,7 @@ def site_batches(
             clean_logits=read("clean", "logits"),
             corrupted_logits=read("corrupted", "logits"),
             prompt_idx=sel,
+            sets=AnswerSets.from_arrays({k: v[sel] for k, v in sets.items()}, 0, len(sel), dev),
         )
 
 

@@ -170,7 +170,8 @@ def build(path: Path) -> dict[str, int]:
     )  # fmt: skip
     for run in (1, 2):
         score = record_query(
-            store, "attribute", run, {"method": "eap-ig", "steps": 5}, 0.2,
+            store, "attribute", run,
+            {"method": "eap-ig", "steps": 5, "level": "edge", "metric": "logit-diff"}, 0.2,
             {"edge_scores": edge_scores(run)},
         )  # fmt: skip
         curve = pl.DataFrame(

@@ -41,15 +41,21 @@ def setup(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("attr") / "store"
     ingest(path, model=request.param, task="ioi", n=16, batch_size=8, progress=False)
     store = Store(path)
+    return store, load_model(request.param), run_tensors(store)
+
+
+def run_tensors(store: Store) -> dict:
+    """Run 1's tokens, final positions, answers and answer sets, read from the store."""
     prompts = store.prompts(1)
-    data = {
+    return {
         "clean": torch.as_tensor(store.read(1, "clean", "tokens"), dtype=torch.long),
         "corrupted": torch.as_tensor(store.read(1, "corrupted", "tokens"), dtype=torch.long),
         "last": torch.as_tensor(prompts["seq_len"].to_numpy() - 1, dtype=torch.long),
         "answer": torch.as_tensor(prompts["answer_token"].to_numpy(), dtype=torch.long),
         "wrong": torch.as_tensor(prompts["wrong_answer_token"].to_numpy(), dtype=torch.long),
+        "correct": prompts["answer_tokens"].to_list(),
+        "incorrect": prompts["wrong_answer_tokens"].to_list(),
     }
-    return store, load_model(request.param), data
 
 
 def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
@@ -102,8 +108,10 @@ class split_inputs:
         self.bridge.set_use_hook_mlp_in(False)
 
 
-def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict) -> torch.Tensor:
-    """∂(mean logit diff)/∂(every destination input) by autograd through TL's hooked forward."""
+def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict, metric=None) -> torch.Tensor:
+    """∂(mean metric)/∂(every destination input) by autograd through TL's hooked forward;
+    `metric(logits, data)` defaults to the mean logit difference."""
+    metric = metric or logit_diff
     g = Graph.from_config(adapter.shape)
     captured: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -119,7 +127,7 @@ def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict) -> torch.Tenso
 
     hooks = [(name, capture(cols)) for name, cols in input_hooks(adapter)]
     with split_inputs(adapter), adapter.bridge.hooks(fwd_hooks=hooks):
-        value = logit_diff(adapter.bridge(tokens), data)
+        value = metric(adapter.bridge(tokens), data)
     grads = torch.autograd.grad(value, list(captured.values()))
     b, p = tokens.shape
     out = torch.zeros(b, p, g.n_backward, adapter.shape.d_model)
@@ -128,8 +136,10 @@ def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict) -> torch.Tenso
     return out
 
 
-def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray) -> float:
-    """m(C) by a TL forward whose input hooks add (corrupted − this run's) source outputs."""
+def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) -> float:
+    """m(C) by a TL forward whose input hooks add (corrupted − this run's) source outputs;
+    `metric(logits, data)` defaults to the mean logit difference."""
+    metric = metric or logit_diff
     g = Graph.from_config(adapter.shape)
     corrupted = node_outputs(adapter, data["corrupted"])
     dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32)
@@ -164,7 +174,7 @@ def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray) -> float:
         hooks.append((f"blocks.{layer}.hook_mlp_out", record(g.mlp_index(layer))))
     hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
     with torch.no_grad(), split_inputs(adapter), b.hooks(fwd_hooks=hooks):
-        return float(logit_diff(b(data["clean"]), data))
+        return float(metric(b(data["clean"]), data))
 
 
 def test_gpt2_small_has_32491_edges():

@@ -1,8 +1,7 @@
-"""Property-based tests of the dataset importers, against the formats documented in issue 3.
+"""Property-based tests of the dataset importers against their documented formats.
 
 EAP-IG CSV: columns clean, corrupted, correct_idx, incorrect_idx (token ids). AutoCircuit JSON:
-{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}. Skipped, with the reason, until
-`ingest/datasets.py` (branch tasks) lands; they pass against that branch's importer.
+{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actstore.errors import UsageError
+from ingest import datasets
 
-datasets = pytest.importorskip(
-    "ingest.datasets", reason="ingest/datasets.py (issue 3, branch tasks) has not landed yet"
-)
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 
@@ -35,14 +32,16 @@ def words(toy_random) -> list[str]:
 
 
 def pair_lists(words: list[str]):
-    """Lists of valid pairs: equal word counts, single-word answers."""
+    """Lists of valid pairs: equal word counts, single-word answers, the wrong answer not the
+    answer (a prompt whose answer is also its wrong answer is refused)."""
 
     @st.composite
     def pair(draw):
         length = draw(st.integers(1, 8))
         clean = draw(st.lists(st.sampled_from(words), min_size=length, max_size=length))
         corrupted = draw(st.lists(st.sampled_from(words), min_size=length, max_size=length))
-        answer, wrong = draw(st.sampled_from(words)), draw(st.sampled_from(words))
+        answer = draw(st.sampled_from(words))
+        wrong = draw(st.sampled_from([w for w in words if w != answer]))
         return " ".join(clean), " ".join(corrupted), answer, wrong
 
     return st.lists(pair(), min_size=1, max_size=6)

@@ -12,6 +12,9 @@ from actstore.errors import UsageError
 from ingest.datasets import load_dataset
 from ingest.tasks import TaskValidationError, get_task
 
+HEADER = ["clean", "corrupted", "correct_idx", "incorrect_idx"]
+GOOD = ("The capital of France is", "The capital of Japan is")
+
 
 def _write_csv(path, rows, header):
     with path.open("w", newline="") as f:
@@ -36,7 +39,7 @@ def test_eap_ig_csv_round_trip_with_token_ids(tmp_path, view):
     assert [(p.clean, p.corrupted, p.answer, p.wrong_answer) for p in loaded] == [
         (p.clean, p.corrupted, p.answer, p.wrong_answer) for p in pairs
     ]
-    assert loaded[0].meta["answer_id"] == rows[0][2]
+    assert loaded[0].correct() == (pairs[0].answer,) and loaded[0].meta["source_format"]
     # the words the corruption replaced become the subject words (Gaussian noising targets)
     assert set(loaded[0].subject_words) <= set(pairs[0].clean.replace(",", " ").split())
     assert loaded[0].subject_words
@@ -69,12 +72,30 @@ def test_autocircuit_json_round_trip(tmp_path):
     assert [(p.clean, p.corrupted, p.answer, p.wrong_answer) for p in loaded] == [
         (p.clean, p.corrupted, p.answer, p.wrong_answer) for p in pairs
     ]
-    assert loaded[1].meta["more_answers"] == ["Rome"]
+    assert loaded[1].correct() == (pairs[1].answer, "Rome")
+    assert loaded[1].incorrect() == (pairs[1].wrong_answer,)
     assert loaded[0].subject_words == (pairs[0].meta["country"],)
 
 
-HEADER = ["clean", "corrupted", "correct_idx", "incorrect_idx"]
-GOOD = ("The capital of France is", "The capital of Japan is")
+def test_eap_ig_csv_answer_sets_as_id_lists(tmp_path):
+    """Greater-Than as an EAP-IG CSV with answer sets: lists of token ids in the idx columns."""
+    model = toy_view()
+    pairs = get_task("greater-than").generate(3, 0, model)
+
+    def ids(words):
+        return json.dumps([model.token_ids(w)[0] for w in words])
+
+    rows = [(p.clean, p.corrupted, ids(p.correct()), ids(p.incorrect())) for p in pairs]
+    loaded = load_dataset(_write_csv(tmp_path / "gt.csv", rows, HEADER), model)
+    for got, want in zip(loaded, pairs, strict=True):
+        assert (got.correct(), got.incorrect()) == (want.correct(), want.incorrect())
+        assert got.answer == want.correct()[0] and got.wrong_answer == want.incorrect()[0]
+    bad = [(*rows[0][:2], "[]", rows[0][3])]
+    with pytest.raises(UsageError, match=r"row 1 .*correct_idx '\[\]' is not a non-empty list"):
+        load_dataset(_write_csv(tmp_path / "bad.csv", bad, HEADER), model)
+    both = [(*rows[0][:2], ids(["33", "34"]), ids(["34", "20"]))]
+    with pytest.raises(UsageError, match="'34' is both a correct and an incorrect answer"):
+        load_dataset(_write_csv(tmp_path / "both.csv", both, HEADER), model)
 
 
 @pytest.mark.parametrize(

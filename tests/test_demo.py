@@ -12,35 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from actstore.results import record_query
 from actstore.store import Store
 from queries import demo as demo_module
-
-
-def stand_in_patch(store, run_id, component, metric, direction):
-    """Used only where queries.patching is not in this build: records, as a `patch` query,
-    each head's mean |z_clean − z_corrupted| at the final position, read from the run (a real
-    per-head number from the store; not a patching effect)."""
-    run = store.run(run_id)
-    finals = store.prompts(run_id)["seq_len"].to_numpy() - 1
-    rows = []
-    for layer in range(4):
-        hook = f"blocks.{layer}.attn.hook_z"
-        idx = np.arange(len(finals))
-        diff = (
-            store.read(run_id, "clean", hook)[idx, finals]
-            - store.read(run_id, "corrupted", hook)[idx, finals]
-        )
-        for head, value in enumerate(np.abs(diff).mean(axis=(0, 2))):
-            rows.append((layer, head, None, metric, float(value), float(value)))
-    frame = pl.DataFrame(
-        rows, orient="row",
-        schema={"layer": pl.Int32, "head": pl.Int32, "pos": pl.Int32, "metric": pl.String,
-                "value": pl.Float64, "normalized": pl.Float64},
-    )  # fmt: skip
-    params = {"component": component, "metric": metric, "direction": direction, "window": 1}
-    assert run["status"] == "complete"
-    return record_query(store, "patch", run_id, params, 0.0, {"effects": frame})
 
 
 def parse_table(lines: list[str]) -> list[dict[str, str]]:
@@ -57,11 +30,10 @@ def section(out: str, title: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    patch = None if demo_module._analysis("patch") else stand_in_patch
     directory = tmp_path_factory.mktemp("demo") / "d"
     out = io.StringIO()
     started = time.monotonic()
-    df = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, patch=patch, out=out)
+    df = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, out=out)
     return directory, out.getvalue(), df, time.monotonic() - started
 
 
@@ -72,7 +44,7 @@ def test_demo_overlap_printed_equals_sql(demo_run):
         int(m.group(1)): int(m.group(2)) for m in re.finditer(r"run (\d+) ioi \(query (\d+)\)", out)
     }
     assert sorted(queries) == [1, 2]
-    rows = parse_table(section(out, "overlap of the top-4 head sets:"))
+    rows = parse_table(section(out, "overlap of the top 4 heads"))
     assert len(rows) == 1
     row = rows[0]
     qa, qb = queries[int(row["run_a"])], queries[int(row["run_b"])]
@@ -108,7 +80,15 @@ def test_demo_top_heads_printed_equal_view(demo_run):
 def test_demo_writes_plots_and_sql_lines(demo_run):
     directory, out, _, seconds = demo_run
     plots = sorted(p.name for p in (directory / "plots").glob("*.png"))
-    assert {"effects_run1.png", "effects_run2.png", "overlap_heads.png"} <= set(plots)
+    assert {
+        "effects_run1.png",
+        "effects_run2.png",
+        "effects_run3.png",
+        "overlap_heads.png",
+        "overlap_edges.png",
+        "faithfulness_run1.png",
+        "faithfulness_run3.png",
+    } == set(plots)
     for name in plots:
         assert f"plot:   {directory / 'plots' / name}" in out
     assert f"store:  {directory / 'store'}" in out
@@ -121,13 +101,43 @@ def test_demo_writes_plots_and_sql_lines(demo_run):
     assert seconds < 120
 
 
+def test_demo_circuit_reaches_85_percent(demo_run):
+    directory, out, _, _ = demo_run
+    store = Store(directory / "store")
+    m = re.search(r"circuit of run 1 \(ioi\) reaching faithfulness 0.85: (\d+) of (\d+) edges, "
+                  r"faithfulness ([\d.]+) \(circuit (\d+), score set (\d+)\)", out)  # fmt: skip
+    assert m, out
+    row = store.sql(f"select * from circuits where circuit_id = {m.group(4)}").row(0, named=True)
+    assert row["faithfulness"] >= 0.85 and f"{row['faithfulness']:.3f}" == m.group(3)
+    assert row["n_edges"] == int(m.group(1)) and row["score_id"] == int(m.group(5))
+    method = store.sql(f"select params from queries where query_id = {m.group(5)}").item()
+    assert '"method": "eap-ig"' in method
+
+
+def test_demo_greater_than_prob_diff_equals_a_direct_computation(demo_run):
+    """The printed clean and corrupted prob-diff: Σ p(years after) − Σ p(years up to the
+    start year), recomputed here from the stored logits and the prompts' answer sets."""
+    directory, out, _, _ = demo_run
+    store = Store(directory / "store")
+    m = re.search(r"greater-than \(run (\d+)\) by prob-diff.*\n  clean (-?[\d.]+), corrupted "
+                  r"(-?[\d.]+)", out)  # fmt: skip
+    assert m, out
+    run = int(m.group(1))
+    prompts = store.prompts(run)
+    for side, printed in (("clean", m.group(2)), ("corrupted", m.group(3))):
+        logits = store.read(run, side, "logits").astype(np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        sets = zip(prompts["answer_tokens"], prompts["wrong_answer_tokens"], strict=True)
+        values = [p[i, good].sum() - p[i, bad].sum() for i, (good, bad) in enumerate(sets)]
+        assert f"{np.mean(values):.3f}" == printed
+    assert "greater-than" in out and "top 4 heads (query" in out
+
+
 def test_demo_rerun_reuses_runs(demo_run):
     directory, _, first, _ = demo_run
-    patch = None if demo_module._analysis("patch") else stand_in_patch
-    again = demo_module.demo(
-        directory, tasks=["ioi", "ioi"], n=8, top_k=4, patch=patch, out=io.StringIO()
-    )
-    assert Store(directory / "store").runs().height == 2
+    again = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, out=io.StringIO())
+    assert Store(directory / "store").runs().height == 3  # two IOI samples and Greater-Than
     assert again.select("intersection", "iou").equals(first.select("intersection", "iou"))
 
 

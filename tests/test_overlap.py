@@ -3,11 +3,14 @@ and invariants over random sets (hypothesis)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import math
 
 import duckdb
+import handbuilt
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -53,7 +56,7 @@ def test_top3_heads_hand_computed(hand_store):
 def test_uneven_sets_directional(hand_store):
     path, _ = hand_store
     # top-4 of run 1 adds a2.h2 (0.01 * 10/12, the largest remainder); top 2 of run 2
-    df = ov.overlap_of_sources(Store(path), [(1, 1), (2, 2)], ov.choose(top_k=2))
+    df = ov.overlap(Store(path), None, ov.choose(top_k=2), queries=[1, 2])
     row = pair(df, 1, 2)
     assert (row["intersection"], row["iou"], row["frac_of_a"]) == (2, 1.0, 1.0)
     store = Store(path)
@@ -67,7 +70,7 @@ def test_uneven_sets_directional(hand_store):
     """
     assert store.query(f"SELECT count(*) FROM ({members})").item() == 7
     sel_a = ov.Selection(top_k=5)
-    five = pair(ov.overlap_of_sources(store, [(1, 1), (2, 2)], sel_a), 1, 2)
+    five = pair(ov.overlap(store, None, sel_a, queries=[1, 2]), 1, 2)
     assert five["n_a"] == 5 and five["intersection"] == len(
         a & set(store.query("SELECT node FROM top_heads WHERE query_id = 2 AND rank <= 5")["node"])
     )
@@ -119,13 +122,109 @@ def test_filter_by_metric_names_the_fix(hand_store):
         ov.overlap(Store(hand_store[0]), [1, 2], ov.choose(top_k=3), metric="prob")
 
 
+@pytest.fixture
+def mixed_store(tmp_path):
+    """The hand store plus KL noising head queries: run 1 (query noise1), then run 2."""
+    ids = handbuilt.build(tmp_path / "store")
+    store = Store(tmp_path / "store")
+    ids["noise1"] = handbuilt.record_noise(store, 1)
+    return store, ids
+
+
+def test_like_with_like_picks_the_common_setting(mixed_store):
+    """Run 1's newest head query is KL noising, run 2 has only logit-diff denoising: the one
+    setting both have is used, not each run's newest query."""
+    store, ids = mixed_store
+    df = ov.overlap(store, [1, 2], ov.choose(top_k=3))
+    row = pair(df, 1, 2)
+    assert (row["source_a"], row["source_b"]) == (ids["patch1"], ids["patch2"])
+    assert row["intersection"] == 2
+    assert set(df["setting"]) == {
+        "patch queries with component head, metric logit-diff, direction denoise, window 1, "
+        "corruption str"
+    }
+
+
+def test_like_with_like_refuses_a_mismatch_in_one_line(mixed_store):
+    store, ids = mixed_store
+    with pytest.raises(UsageError) as exc:
+        ov.overlap(store, [1, 2], ov.choose(top_k=3), metric="kl")
+    assert str(exc.value) == (
+        f"run 2 has no head patching query with metric kl; run actstore patch {store.path} "
+        "--run 2 --component head --metric kl"
+    )
+    with pytest.raises(UsageError) as exc:
+        ov.overlap(store, None, ov.choose(top_k=3), queries=[ids["noise1"], ids["patch2"]])
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"patch query {ids['noise1']} (run 1) and patch query {ids['patch2']} (run 2) differ in "
+        "metric (kl vs logit-diff)"
+    )
+    noise2 = handbuilt.record_noise(store, 2)
+    with pytest.raises(UsageError, match="share patch queries under 2 settings .* choose one with "
+                       "--metric/--direction/--window or give --queries"):  # fmt: skip
+        ov.overlap(store, [1, 2], ov.choose(top_k=3))
+    # naming the setting, or the queries, resolves it; noising ranks by importance
+    noise = ov.overlap(store, [1, 2], ov.choose(top_k=3), direction="noise")
+    assert pair(noise, 1, 2)["source_b"] == noise2 and pair(noise, 1, 2)["intersection"] == 2
+    given = ov.overlap(store, None, ov.choose(top_k=3), queries=[ids["noise1"], noise2])
+    assert given.equals(noise)
+
+
+def test_like_with_like_corruption_and_window(mixed_store):
+    store, ids = mixed_store
+    with store.writer(), store.catalog.write() as con:
+        con.execute("UPDATE runs SET corruption = 'gaussian' WHERE run_id = 2")
+    with pytest.raises(UsageError, match=r"the runs differ in corruption \(run 1: str, run 2: "
+                       r"gaussian\)"):  # fmt: skip
+        ov.overlap(store, None, ov.choose(top_k=3), queries=[ids["patch1"], ids["patch2"]])
+    with pytest.raises(UsageError, match="--window applies to head sets from patching"):
+        ov.overlap(store, [1, 2], ov.choose(by="edge", top_k=3), window=2)
+
+
+@pytest.mark.parametrize(
+    "queries, runs, message",
+    [
+        ([5, 6], None, "--queries: 5 is not a head patching query"),
+        ([1, 2], [2, 1], "--queries 1,2 belong to runs 1,2, not --runs 2,1"),
+        ([1], None, "at least two ids"),
+    ],
+)
+def test_explicit_queries_are_checked(hand_store, queries, runs, message):
+    with pytest.raises(UsageError, match=message):
+        ov.overlap(Store(hand_store[0]), runs, ov.choose(top_k=3), queries=queries)
+
+
+def test_cli_prints_what_it_compared(hand_store):
+    path, ids = hand_store
+    res = CliRunner().invoke(
+        main, ["overlap", str(path), "--queries", f"{ids['scores1']},{ids['scores2']}", "--by",
+               "edge", "--top-k", "4", "--format", "csv"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (
+        f"compared score sets with method eap-ig, metric logit-diff, steps 5, corruption str: "
+        f"run 1 score set {ids['scores1']}, run 2 score set {ids['scores2']}"
+    ) in res.stderr
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert [r["source_a"] for r in rows] == [str(ids["scores1"])] * 2 + [str(ids["scores2"])] * 2
+    assert {r["setting"] for r in rows} == {
+        "score sets with method eap-ig, metric logit-diff, steps 5, corruption str"
+    }
+
+
 def test_cli_overlap(hand_store):
     path, _ = hand_store
     res = CliRunner().invoke(
         main, ["overlap", str(path), "--runs", "1,2", "--top-k", "3", "--format", "json"]
     )
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)
+    assert (
+        res.stderr == "compared patch queries with component head, metric logit-diff, "
+        "direction denoise, window 1, corruption str: run 1 patch query 1, run 2 patch query 2\n"
+    )
     assert [(r["run_a"], r["run_b"], r["intersection"]) for r in rows] == [
         (1, 1, 3), (1, 2, 2), (2, 1, 2), (2, 2, 3),
     ]  # fmt: skip

@@ -103,15 +103,39 @@ def test_faithful_direction_is_not_flagged():
     rows = by_component(diagnose(np.array([0.0, 0.0, 1.0])))
     assert rows["v"]["normalized"] == pytest.approx(1.0, abs=0.05)
     assert rows["row"]["effect"] == pytest.approx(rows["v"]["effect"])
-    assert "null" not in rows and rows["v"]["norm_sq"] == 1.0
+    assert rows["v"]["norm_sq"] == rows["row"]["norm_sq"] == 1.0
+    absent = rows["null"]  # reported, with nothing in it, and not patched
+    assert (absent["dim"], absent["norm_sq"], absent["effect"], absent["variance"]) == (0, 0, 0, 0)
     assert rows["row"]["variance"] == pytest.approx(rows["v"]["variance"])
     assert not any(r["illusion"] for r in rows.values())
 
 
 def test_pure_nullspace_direction_does_nothing_and_is_not_flagged():
     rows = by_component(diagnose(np.array([1.0, 0.0, 0.0])))
-    assert abs(rows["v"]["effect"]) < 1e-6 and "row" not in rows
+    assert abs(rows["v"]["effect"]) < 1e-6 and rows["null"]["norm_sq"] == 1.0
+    assert (rows["row"]["dim"], rows["row"]["norm_sq"], rows["row"]["effect"]) == (0, 0.0, 0.0)
     assert rows["v"]["illusion"] is False
+
+
+@pytest.mark.parametrize("part", ["row", "null"])
+def test_round_off_part_is_absent_not_a_direction(part):
+    """v built in floating point wholly inside one part leaves a ~1e-16 residual in the other;
+    normalised, that residual would be an arbitrary direction. It is reported absent instead."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(w)
+    r = torch.randn(16, generator=gen, dtype=torch.float64)
+    v = q @ (q.T @ r) if part == "row" else r - q @ (q.T @ r)
+    basis = orthonormal_basis(v.numpy())
+    other = "null" if part == "row" else "row"
+    leftover = basis - q @ (q.T @ basis) if part == "row" else q @ (q.T @ basis)
+    assert 0 < float((leftover**2).sum()) < 1e-25  # the residual the old rank test kept
+    row, null, null_sq = split_by_map(basis, w)
+    parts = {"row": row, "null": null}
+    assert parts[part].shape[1] == 1 and parts[other].shape[1] == 0
+    assert null_sq == (0.0 if part == "row" else 1.0)
+    comps, dims, _ = components_of(basis, w)
+    assert other not in comps and dims[other] == 0
 
 
 def test_das_learns_a_direction_that_restores_the_output():

@@ -11,7 +11,6 @@ import torch
 import actstore
 from actstore.errors import UsageError
 from actstore.models import builtin_names, load_model
-from queries.metrics import logit_diff
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def hooked_full_patch(model, s, hook: str, head: int | None) -> float:
     final = logits[torch.arange(len(last)), last]
     answer = torch.tensor(prompts["answer_token"].to_list(), dtype=torch.long)
     wrong = torch.tensor(prompts["wrong_answer_token"].to_list(), dtype=torch.long)
-    return float(logit_diff(final, answer, wrong).mean())
+    rows = torch.arange(len(last))
+    return float((final[rows, answer] - final[rows, wrong]).mean())
 
 
 @pytest.mark.parametrize(
@@ -102,6 +102,52 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
     again = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
                            metric="prob", mode="noise")  # fmt: skip
     assert again["query_id"][0] == qid  # answered from the catalog
+
+
+def _site_map(hook: str, reader: str | None) -> np.ndarray:
+    """The reading map of a hook (toy-random): (dim, out)."""
+    from queries.subspace_sites import parse_site, reading_map
+
+    model = load_model("toy-random")
+    return reading_map(model, parse_site(model, hook, None), reader).numpy()
+
+
+@pytest.mark.parametrize(
+    "hook, reader",
+    [("blocks.2.mlp.hook_post", None), ("blocks.2.hook_resid_mid", "unembed")],
+)
+@pytest.mark.parametrize("part", ["row", "null"])
+def test_direction_wholly_in_one_part_reports_the_other_absent(store, tmp_path, hook, reader,
+                                                               part):  # fmt: skip
+    """The clean − corrupted mean difference of the hook projected onto the rowspace (or the
+    kernel) of the map that reads it: the other part is round-off, reported with norm 0 and
+    effect 0 and never patched; the present part patches exactly what v does."""
+    w = _site_map(hook, reader)
+    u, s, _ = np.linalg.svd(w, full_matrices=False)
+    q = u[:, s > 1e-6 * s[0]]  # the rowspace of a -> a @ w
+    acts = {side: store.read(1, side, hook)[:, -1].astype(np.float64)
+            for side in ("clean", "corrupted")}  # fmt: skip
+    diff = (acts["clean"] - acts["corrupted"]).mean(0)
+    v = q @ (q.T @ diff) if part == "row" else diff - q @ (q.T @ diff)
+    np.save(tmp_path / "v.npy", v)
+    rows = store.subspace(1, hook, str(tmp_path / "v.npy"), pos="final", reader=reader)
+    by = {r["component"]: r for r in rows.iter_rows(named=True)}
+    other = "null" if part == "row" else "row"
+    assert (by[other]["dim"], by[other]["norm_sq"], by[other]["effect"]) == (0, 0.0, 0.0)
+    assert by[other]["variance"] == 0.0
+    assert by[part]["norm_sq"] == 1.0 and by[part]["dim"] == 1
+    assert by[part]["value"] == pytest.approx(by["v"]["value"], abs=1e-6)
+    if part == "row":
+        assert by["v"]["effect"] != 0.0
+    else:
+        assert abs(by["v"]["effect"]) < 1e-4  # the kernel cannot move the output
+        assert by["v"]["illusion"] is False
+    stored = store.query(
+        "SELECT component, dim, norm_sq, effect FROM subspace_reports WHERE query_id = ? "
+        "AND component = ?",
+        [rows["query_id"][0], other],
+    ).row(0)
+    assert stored == (other, 0, 0.0, 0.0)
 
 
 def test_das_and_mean_diff_fit_on_train_and_report_held_out(store, tmp_path, capsys):

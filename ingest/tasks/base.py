@@ -15,7 +15,10 @@ class PromptPair:
     """One clean/corrupted pair.
 
     `answer` and `wrong_answer` are the text that continues the prompt (" Mary" for GPT-2's BPE,
-    "Mary" for a word-level tokenizer): each must be exactly one token. `subject_words` are the
+    "Mary" for a word-level tokenizer): each must be exactly one token. `answers` and
+    `wrong_answers`, when given, are the full correct and incorrect answer sets (Greater-Than:
+    every year above the start year, and every year at or below it), holding `answer` and
+    `wrong_answer`; empty means the set of that one answer. `subject_words` are the
     words of the clean prompt whose tokens Gaussian noising corrupts. `group` labels the pair
     (template, class) for per-group analysis such as class means.
     """
@@ -27,6 +30,16 @@ class PromptPair:
     subject_words: tuple[str, ...] = ()
     group: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    answers: tuple[str, ...] = ()
+    wrong_answers: tuple[str, ...] = ()
+
+    def correct(self) -> tuple[str, ...]:
+        """The correct answer set."""
+        return self.answers or (self.answer,)
+
+    def incorrect(self) -> tuple[str, ...]:
+        """The incorrect answer set."""
+        return self.wrong_answers or (self.wrong_answer,)
 
 
 class Tokenizes(Protocol):
@@ -77,6 +90,7 @@ def validate_pairs(
 
     `labels[i]` names pair i in the message (e.g. "row 7" of a file); "pair i" by default.
     """
+    answer_ids: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         where = f"{source} {labels[i] if labels is not None else f'pair {i}'}"
         clean_ids = model.token_ids(p.clean)
@@ -87,21 +101,40 @@ def validate_pairs(
                 f"({len(clean_ids)} vs {len(corrupted_ids)}): {p.clean!r} / {p.corrupted!r}; "
                 "use same-length replacements"
             )
-        for label, text in (("answer", p.answer), ("wrong answer", p.wrong_answer)):
-            ids = model.token_ids(text)
+        answers = [("answer", a) for a in dict.fromkeys((p.answer, *p.correct()))]
+        answers += [("wrong answer", a) for a in dict.fromkeys((p.wrong_answer, *p.incorrect()))]
+        for label, text in answers:
+            if text not in answer_ids:  # answer sets repeat across pairs: tokenize each once
+                answer_ids[text] = model.token_ids(text)
+            ids = answer_ids[text]
             if len(ids) != 1:
                 raise TaskValidationError(
                     f"{where}: {label} {text!r} is {len(ids)} tokens, must be exactly 1 "
                     f"(prompt {p.clean!r}); choose single-token answers"
                 )
+        _check_sets(p, where)
         unk = getattr(model.tokenizer, "unk_token_id", None)
         if unk is not None and is_word_level(model):
-            for text in (p.clean, p.corrupted, p.answer, p.wrong_answer):
-                if unk in model.token_ids(text):
+            for text in (p.clean, p.corrupted, *(a for _, a in answers)):
+                if unk in (answer_ids.get(text) or model.token_ids(text)):
                     raise TaskValidationError(
                         f"{where}: {text!r} has words outside the model's vocabulary; "
                         "use a model whose tokenizer covers the task"
                     )
+
+
+def _check_sets(p: PromptPair, where: str) -> None:
+    """Answer sets that a metric can use: the representatives in them, nothing in both."""
+    if p.answer not in p.correct() or p.wrong_answer not in p.incorrect():
+        raise TaskValidationError(
+            f"{where}: the answer sets must hold the answer {p.answer!r} and the wrong answer "
+            f"{p.wrong_answer!r}; add them to answers / wrong_answers"
+        )
+    both = sorted(set(p.correct()) & set(p.incorrect()))
+    if both:
+        raise TaskValidationError(
+            f"{where}: {both[0]!r} is both a correct and an incorrect answer; give disjoint sets"
+        )
 
 
 def rng_for(seed: int, name: str) -> random.Random:

@@ -2,7 +2,9 @@
 
 Natural phrasing: "The war lasted from the year 1732 to the year 17" -> "33" (no leading space:
 GPT-2 splits "1732" into "17" + "32", so the answer continues "17" directly). The answer is a
-year YY' > YY drawn per pair; the wrong answer is the start year YY itself (not greater).
+year YY' > YY drawn per pair; the wrong answer is the start year YY itself (not greater). Each
+pair also carries Hanna et al.'s answer sets: every two-digit year above YY is correct, every
+one at or below it incorrect (the `prob-diff` metric sums their probabilities).
 Toy phrasing: the word-level tokenizer has two-digit tokens, so the years are written as two
 words: "The war lasted from the year 17 32 to the year 17" -> "33".
 STR corruption, as in Hanna et al.: the start year becomes "01" ("1701"), after which every
@@ -60,9 +62,16 @@ class GreaterThan:
             )
         return kept
 
+    def _year_tokens(self, model: Tokenizes) -> list[str]:
+        """The two-digit years that are one token where they continue a prompt."""
+        if is_word_level(model):
+            return two_digit_words()
+        return [y for y in two_digit_words() if len(model.token_ids(y)) == 1]
+
     def generate(self, n: int, seed: int, model: Tokenizes) -> list[PromptPair]:
         rng = rng_for(seed, self.name)
         template = TOY if is_word_level(model) else NATURAL
+        tokens = self._year_tokens(model)
         years: dict[str, list[str]] = {}
         pairs = []
         for _ in range(n):
@@ -82,6 +91,8 @@ class GreaterThan:
                     subject_words=(yy if is_word_level(model) else f"{xx}{yy}",),
                     group=f"century{xx}",
                     meta={"start_year": int(xx + yy), "yy": int(yy), "noun": noun},
+                    answers=tuple(y for y in tokens if int(y) > int(yy)),
+                    wrong_answers=tuple(y for y in tokens if int(y) <= int(yy)),
                 )
             )
         return pairs

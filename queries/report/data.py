@@ -93,8 +93,8 @@ def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]
 
 @dataclass
 class OverlapGroup:
-    """Like-with-like sets of several runs (one patch setting, or one attribution method) and
-    their pairwise statistics; `note` says why a group could not be compared."""
+    """The sets of one setting (`queries.overlap`'s like-with-like rule), one per run, and their
+    pairwise statistics with the shared items; `note` says why they could not be compared."""
 
     by: str
     title: str
@@ -102,95 +102,32 @@ class OverlapGroup:
     note: str | None = None
 
 
-def head_set_groups(store: Store, runs: list[int]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """Per patch setting (component, metric, direction, window) with per-head effects, each
-    run's newest query: head sets are only compared within one setting."""
-    df = store.query(
-        """
-        SELECT json_extract_string(params, '$.component') AS component,
-               json_extract_string(params, '$.metric') AS metric,
-               json_extract_string(params, '$.direction') AS direction,
-               json_extract_string(params, '$.window') AS window_size,
-               run_id, max(query_id) AS source_id
-        FROM queries
-        WHERE kind = 'patch' AND run_id IN (SELECT unnest(?))
-          AND query_id IN (SELECT query_id FROM effects WHERE head IS NOT NULL)
-        GROUP BY ALL ORDER BY component, metric, direction, window_size, run_id
-        """,
-        [runs],
-    )
-    groups = []
-    for key, part in df.partition_by(
-        "component", "metric", "direction", "window_size", as_dict=True, maintain_order=True
-    ).items():
-        component, metric, direction, window = key
-        window = "" if window is None else f", window {window}"
-        title = f"heads: {component} patching, {metric}, {direction}{window}"
-        groups.append((title, list(part.select("run_id", "source_id").iter_rows())))
-    return groups
-
-
-def edge_set_groups(store: Store, runs: list[int]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """Per attribution method (and metric), each run's newest edge-level score set."""
-    df = store.query(
-        """
-        SELECT json_extract_string(params, '$.method') AS method,
-               json_extract_string(params, '$.metric') AS metric,
-               run_id, max(query_id) AS source_id
-        FROM queries
-        WHERE kind = 'attribute' AND run_id IN (SELECT unnest(?))
-          AND query_id IN (SELECT score_id FROM edge_scores WHERE dst IS NOT NULL)
-        GROUP BY ALL ORDER BY method, metric, run_id
-        """,
-        [runs],
-    )
-    groups = []
-    for (method, metric), part in df.partition_by(
-        "method", "metric", as_dict=True, maintain_order=True
-    ).items():
-        title = f"edges: {method} scores" + ("" if metric is None else f", {metric}")
-        groups.append((title, list(part.select("run_id", "source_id").iter_rows())))
-    return groups
-
-
-def shared_items(store: Store, selection: ov.Selection, sources: list[int]) -> pl.DataFrame:
-    """For every pair of the sources' sets, the items they share, sorted by name."""
-    members, params = selection.members_sql()
-    return store.query(
-        f"""
-        WITH m AS (SELECT * FROM ({members}) WHERE source_id IN (SELECT unnest(?)))
-        SELECT a.source_id AS source_a, b.source_id AS source_b, list(a.item ORDER BY a.item)
-               AS shared
-        FROM m a JOIN m b USING (item)
-        GROUP BY ALL
-        """,
-        [*params, sources],
-    )
-
-
 def overlap_groups(
     store: Store, runs: list[int], heads: ov.Selection, edges: ov.Selection
 ) -> list[OverlapGroup]:
-    """Overlap of every like-with-like group of two or more runs, with the shared items."""
+    """Per setting of head patching queries and of edge score sets among the runs, each run's
+    newest source; groups of two or more runs are compared, the others say why not."""
     groups = []
-    for by, selection, found in (
-        ("head", heads, head_set_groups(store, runs)),
-        ("edge", edges, edge_set_groups(store, runs)),
-    ):
-        for title, sets in found:
-            group = OverlapGroup(by, f"{title}; {selection.describe()}")
-            if len(sets) < 2:
-                group.note = f"only run {sets[0][0]} has such a set: nothing to compare it with"
+    for selection in (heads, edges):
+        kind = ov.source_kind(selection)
+        newest: dict[str, dict[int, int]] = {}
+        for row in sorted(ov.candidates(store, kind, ov.Filters()), key=lambda r: r["source_id"]):
+            if row["run_id"] in runs:
+                setting = ov.setting_of(kind, row)
+                newest.setdefault(setting, {})[row["run_id"]] = row["source_id"]
+        for setting, per_run in newest.items():
+            group = OverlapGroup(selection.by, f"{setting}; {selection.describe()}")
+            if len(per_run) < 2:
+                (run,) = per_run
+                group.note = f"only run {run} has such a set: nothing to compare it with"
             else:
+                sources = [per_run[run] for run in sorted(per_run)]
                 try:
-                    pairs = ov.overlap_of_sources(store, sets, selection)
+                    pairs = ov.overlap(store, None, selection, queries=sources)
                 except UsageError as exc:
                     group.note = str(exc)
                 else:
-                    shared = shared_items(store, selection, [s for _, s in sets])
-                    group.pairs = pairs.join(
-                        shared, on=["source_a", "source_b"], how="left"
-                    ).with_columns(pl.col("shared").fill_null([]))
+                    group.pairs = ov.with_shared(store, pairs, selection)
             groups.append(group)
     return groups
 

@@ -130,20 +130,18 @@ def overlap_section(
             numbers=("run_a", "run_b", "source_a", "source_b", "n_a", "n_b", "intersection",
                      "iou", "frac_of_a", "frac_of_b", "expected", "p_value"),
         )  # fmt: skip
-        source = "patch query" if group.by == "head" else "score set"
-        meta = esc(
-            f"sources: each run's newest {source} of this setting; universe "
-            f"{group.pairs['universe'][0]} {items}"
-        )
+        meta = esc(f"{ov.compared(group.pairs)}; universe {group.pairs['universe'][0]} {items}")
         cards.append(card(group.title, meta, chart + listing))
         contents.append(entry("overlap", i + 1, element, group.title, group.pairs.height))
     page.section(
         "overlap", "Overlap across runs",
-        "Sets are compared like with like: head sets only between patching queries of one "
-        "component, metric, direction and window; edge sets only between score sets of one "
-        "method and metric. Cells show IoU |A∩B|/|A∪B| with |A∩B| in brackets; the diagonal "
-        "(a set with itself) is masked. p is P(X ≥ |A∩B|) for X ~ Hypergeometric(N, |A|, |B|), "
-        "N all heads of the model or all scored edges.",
+        "Sets are compared like with like, as actstore overlap does: head sets only between "
+        "patching queries of one component, metric, direction and window, edge sets only "
+        "between score sets of one method, metric and steps, and only across runs of one "
+        "corruption; each run contributes its newest set of the setting. Cells show IoU "
+        "|A∩B|/|A∪B| with |A∩B| in brackets; the diagonal (a set with itself) is masked. p is "
+        "P(X ≥ |A∩B|) for X ~ Hypergeometric(N, |A|, |B|), N all heads of the model or all "
+        "scored edges.",
         cards,
         "No head or edge sets for these runs.",
     )  # fmt: skip
