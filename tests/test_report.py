@@ -9,7 +9,6 @@ heatmap cell and per circuit node and edge, hover tooltips showing the stored nu
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import shutil
 import subprocess
@@ -22,7 +21,6 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.errors import ActstoreError, UsageError
-from queries import demo as demo_module
 from queries.report.charts import number
 
 MAX_BYTES = 10_000_000
@@ -152,11 +150,10 @@ def chromium_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory):
-    """The demo's store (toy model, IOI and Colored Objects, 8 prompts each), with a circuit
-    and a subspace query added where the demo made none, and its report."""
-    directory = tmp_path_factory.mktemp("report-demo") / "d"
-    demo_module.demo(directory, n=8, top_k=4, out=io.StringIO())
+def demo_report(demo_run):
+    """The demo's store (the session's, shared with test_demo.py), with a circuit and a
+    subspace query added where the demo made none, and its report."""
+    directory = demo_run[0]
     store = actstore.open(str(directory / "store"))
     assert (directory / "report.html").exists()  # the demo writes one beside the store
     if store.sql("select count(*) from circuits").item() == 0:
