@@ -60,6 +60,14 @@ class ActStore(Store):
 
         return plot(self, kind, ident, out, **options)
 
+    def report(self, out: str, runs: list[int] | None = None, **options: Any) -> pl.DataFrame:
+        """Write one self-contained interactive HTML page about the store (or the runs); returns
+        one row per chart (see `queries.report`). Options: top_k, top_frac (head sets),
+        edge_top_k, edge_top_frac (edge sets) for the overlap matrices."""
+        from queries.report import report
+
+        return report(self, out, runs, **options)
+
     def verify(self, run: int | None = None) -> pl.DataFrame:
         """Damaged or missing chunks and prompts, by run, side, hook and chunk (see verify.py)."""
         from actstore.verify import verify

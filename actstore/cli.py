@@ -290,11 +290,9 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
     rows = _open(store).subspace(run_id, hook, direction, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
-    flag = rows["illusion"][0]
-    verdict = {None: "not assessed (no reading map; give --reader for a residual hook)",
-               True: "ILLUSION: v acts through a dormant rowspace component",
-               False: "no illusion"}[flag]  # fmt: skip
-    click.echo(f"query {rows['query_id'][0]}: {verdict}", err=True)
+    from queries.views import illusion_verdict
+
+    click.echo(f"query {rows['query_id'][0]}: {illusion_verdict(rows['illusion'][0])}", err=True)
 
 
 @main.command()
@@ -456,6 +454,37 @@ def plot(store: str, kind: str, ident: str, output: str, queries: str | None, **
     """
     _open(store).plot(kind, ident, output, queries=_ids(queries, "--queries"), **options)
     click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("store")
+@click.option("-o", "--output", required=True, help="HTML file to write.")
+@click.option("--runs", help="Comma-separated run ids to cover (default: every run).")
+@click.option("--top-k", type=int, help="Overlap head sets: top K heads by importance.")
+@click.option("--top-frac", type=float, help="Overlap head sets: top fraction (default 0.02).")
+@click.option("--edge-top-k", type=int, help="Overlap edge sets: top K edges by |score|.")
+@click.option("--edge-top-frac", type=float, help="Overlap edge sets: top fraction (default 0.02).")
+@FORMAT
+def report(store: str, output: str, runs: str | None, fmt: str, **options) -> None:
+    """Write one self-contained interactive HTML page about the store.
+
+    Runs with provenance, a heatmap per patching query, overlap matrices, faithfulness curves,
+    circuit graphs and subspace reports; hover shows each number. Scripts and styles are
+    inlined: the file opens offline. Prints one row per chart.
+
+    \b
+    Example:
+      actstore report /tmp/s -o report.html
+      actstore report /tmp/s -o ioi.html --runs 1,2 --top-k 4
+    """
+    from pathlib import Path
+
+    from queries.overlap import parse_ids
+
+    ids = parse_ids(runs) if runs is not None else None
+    write_rows(_open(store).report(output, ids, **options), fmt)
+    size = Path(output).stat().st_size
+    click.echo(f"wrote {output} ({size / 1e6:.1f} MB)", err=True)
 
 
 @main.command()

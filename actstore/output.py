@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -91,9 +92,8 @@ def export_frame(df: pl.DataFrame, fmt: str, target: str) -> None:
         else:
             write_rows(df, fmt)
         return
-    path = Path(target)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+
+    def write(tmp: Path) -> None:
         if fmt == "parquet":
             df.write_parquet(tmp)
         elif fmt == "csv":
@@ -102,6 +102,17 @@ def export_frame(df: pl.DataFrame, fmt: str, target: str) -> None:
             df.write_json(tmp)
         else:
             df.write_ndjson(tmp)
+
+    write_atomically(target, write)
+
+
+def write_atomically(target: str | Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a hidden partial file beside `target`, then rename it into place: a
+    reader never sees half a file, a failure leaves none, and it is one line naming the fix."""
+    path = Path(target)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from queries import plots, views
 from queries.attribution import attribute
 from queries.circuits import circuit
 from queries.patching import patch
+from queries.report import report
 
 DEFAULT_TASKS = ("ioi", "colored-objects")
 PATCH = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
@@ -149,11 +150,14 @@ def demo(
     if greater_than:
         written += _greater_than(store, model, n, top_k, plot_dir, say)
 
+    page = root / "report.html"
+    report(store, page, top_k=top_k, edge_top_frac=EDGE_TOP_FRAC)
     location = shlex.quote(str(store.path))
     say()
     say(f"store:  {store.path}")
     for path in written:
         say(f"plot:   {path}")
+    say(f"report: {page}")
     say()
     say("try next:")
     say(f'  actstore sql {location} "select run_id, task, model, n_prompts from runs"')

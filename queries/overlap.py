@@ -216,8 +216,13 @@ def resolve_sources(
         chosen = _common(store, kind, runs, filters)
     _same_corruption(chosen)
     _same_key(chosen, kind)
-    key = describe_key(kind, key_of(chosen[0], kind))
-    return chosen, f"{PLURAL[kind]} with {key}, corruption {chosen[0]['corruption']}"
+    return chosen, setting_of(kind, chosen[0])
+
+
+def setting_of(kind: str, row: dict) -> str:
+    """The setting a source belongs to, as the `setting` column writes it."""
+    key = describe_key(kind, key_of(row, kind))
+    return f"{PLURAL[kind]} with {key}, corruption {row['corruption']}"
 
 
 def _explicit(

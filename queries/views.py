@@ -15,6 +15,17 @@ import polars as pl
 from actstore.errors import UsageError
 from actstore.store import Store
 
+ILLUSION_VERDICTS = {
+    None: "not assessed (no reading map; give --reader for a residual hook)",
+    True: "ILLUSION: v acts through a dormant rowspace component",
+    False: "no illusion",
+}
+
+
+def illusion_verdict(flag: bool | None) -> str:
+    """The one wording of a subspace query's illusion flag (CLI and report)."""
+    return ILLUSION_VERDICTS[flag]
+
 
 def provenance(store: Store, query_id: int) -> dict[str, Any]:
     """A query's row joined with its run and model: where a number came from."""

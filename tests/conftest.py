@@ -49,3 +49,20 @@ def session_ingest(monkeypatch, toy_random):
         return toy_random if spec == "toy-random" else real(spec, device)
 
     monkeypatch.setattr(ingest.runner, "load_model", load)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`actstore demo` on two IOI samples (8 prompts each), run once for the session:
+    (directory, printed summary, returned head overlap, seconds). Tests may add queries to its
+    store, never runs."""
+    import io
+    import time
+
+    from queries import demo as demo_module
+
+    directory = tmp_path_factory.mktemp("demo") / "d"
+    out = io.StringIO()
+    started = time.monotonic()
+    df = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, out=out)
+    return directory, out.getvalue(), df, time.monotonic() - started

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import time
 
 import numpy as np
 import polars as pl
@@ -26,15 +25,6 @@ def section(out: str, title: str) -> list[str]:
     start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
     end = next(i for i in range(start, len(lines)) if not lines[i].strip())
     return lines[start:end]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("demo") / "d"
-    out = io.StringIO()
-    started = time.monotonic()
-    df = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, out=out)
-    return directory, out.getvalue(), df, time.monotonic() - started
 
 
 def test_demo_overlap_printed_equals_sql(demo_run):

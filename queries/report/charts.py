@@ -1,0 +1,316 @@
+"""Vega-Lite specifications (built with Altair) for the report's interactive charts.
+
+Vega renders each datum as its own SVG element with a hover tooltip, so a heatmap cell, a
+circuit node or edge is one element of the page: analysts hover it, tests count it. Tooltips
+show numbers as text written here with 6 significant digits, so that what an analyst reads is
+exactly what the catalog holds to that precision, in every browser locale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+MISSING = "n/a"
+INVALID_COLOUR = "#d9d9d9"
+NEGATIVE, POSITIVE = "#c0392b", "#2166ac"
+
+
+def number(value: float | None) -> str:
+    """How the report writes a stored number: 6 significant digits, `n/a` for NULL."""
+    return MISSING if value is None else f"{value:.6g}"
+
+
+def _finish(chart: alt.TopLevelMixin) -> dict[str, Any]:
+    """One look for every chart; a NULL colour value is drawn grey rather than dropped."""
+    with alt.data_transformers.disable_max_rows():
+        return (
+            chart.configure_scale(
+                invalid={"color": {"value": INVALID_COLOUR}, "strokeWidth": {"value": 1}}
+            )
+            .configure_view(stroke=None)
+            .configure_axis(labelFontSize=11, titleFontSize=12)
+            .to_dict()
+        )
+
+
+def _step(n: int, largest: int = 36, smallest: int = 12, budget: int = 640) -> int:
+    """Pixels per band: large cells for small grids, the chart within ~budget pixels."""
+    return max(smallest, min(largest, budget // max(n, 1)))
+
+
+def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
+    """One patching query as a grid coloured by importance: layer × head for `head`,
+    (layer, head) × position for `head-pos`, layer × position otherwise."""
+    has_head = effects["head"].null_count() < effects.height
+    has_pos = effects["pos"].null_count() < effects.height
+    rows = effects.with_columns(
+        pl.col("pos").cast(pl.String).fill_null("all").alias("position"),
+        pl.col("head").cast(pl.String).fill_null("—").alias("head_label"),
+        pl.col("node").fill_null(pl.format("L{}", pl.col("layer"))).alias("row_label"),
+    ).to_dicts()
+    params = f"query {query['query_id']}: {query['params_text']}"
+    for row in rows:
+        row["value_text"] = number(row["value"])
+        row["normalized_text"] = number(row["normalized"])
+        row["importance_text"] = number(row["importance"])
+        row["importance_label"] = "" if row["importance"] is None else f"{row['importance']:.2f}"
+        row["query"] = params
+    if has_head and not has_pos:
+        x, y, x_title, y_title = "head:O", "layer:O", "head", "layer"
+        n_x, y_sort = effects["head"].n_unique(), None
+    elif has_head:
+        x, y, x_title, y_title = "pos:O", "row_label:O", "position", "layer.head"
+        n_x = effects["pos"].n_unique()
+        order = effects.select("layer", "head", "node").unique().sort("layer", "head")
+        y_sort = order["node"].to_list()
+    else:
+        x, y, x_title, y_title = "position:O", "layer:O", "position", "layer"
+        n_x, y_sort = effects["pos"].n_unique(), None
+    if x == "position:O":
+        positions = sorted({r["position"] for r in rows}, key=lambda p: (p == "all", int(p)
+                           if p != "all" else 0))  # fmt: skip
+        x_encoding = alt.X(x, title=x_title, sort=positions)
+    else:
+        x_encoding = alt.X(x, title=x_title)
+    n_y = len({r["row_label"] for r in rows})
+    tooltip = [
+        alt.Tooltip("layer:O", title="layer"),
+        alt.Tooltip("head_label:N", title="head"),
+        alt.Tooltip("position:N", title="position"),
+        alt.Tooltip("value_text:N", title="value"),
+        alt.Tooltip("normalized_text:N", title="normalized"),
+        alt.Tooltip("importance_text:N", title="importance"),
+        alt.Tooltip("query:N", title="query"),
+    ]
+    base = alt.Chart(alt.Data(values=rows)).encode(
+        x_encoding.axis(labelAngle=0),
+        alt.Y(y, title=y_title, sort=y_sort),
+    )
+    cells = base.mark_rect(invalid="show", stroke="white", strokeWidth=0.5).encode(
+        color=alt.Color(
+            "importance:Q",
+            title="importance",
+            scale=alt.Scale(scheme="viridis", domainMin=0),
+        ),
+        tooltip=tooltip,
+    )
+    chart = cells
+    if len(rows) <= 100:
+        top = max((r["importance"] for r in rows if r["importance"] is not None), default=0.0)
+        labels = base.mark_text(fontSize=10).encode(
+            text=alt.Text("importance_label:N"),
+            color=alt.condition(
+                f"datum.importance !== null && datum.importance > {0.6 * top}",
+                alt.value("black"),
+                alt.value("white"),
+            ),
+        )
+        chart = cells + labels
+    chart = chart.properties(width={"step": _step(n_x)}, height={"step": _step(n_y, 28)})
+    return _finish(chart)
+
+
+def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
+    """IoU of every ordered pair of sets; the diagonal (a set with itself) is masked."""
+    labels = {
+        (run, source): f"run {run} {task} ({source})"
+        for run, task, source in pairs.select("run_a", "task_a", "source_a").iter_rows()
+    }
+    rows = []
+    for r in pairs.to_dicts():
+        diagonal = r["source_a"] == r["source_b"]
+        rows.append(
+            {
+                "set_a": labels[(r["run_a"], r["source_a"])],
+                "set_b": labels[(r["run_b"], r["source_b"])],
+                "iou": None if diagonal else r["iou"],
+                "label": "—" if diagonal else f"{r['iou']:.2f} ({r['intersection']})",
+                "n_a": r["n_a"],
+                "n_b": r["n_b"],
+                "intersection": r["intersection"],
+                "iou_text": "same set" if diagonal else number(r["iou"]),
+                "p_text": "—" if diagonal else number(r["p_value"]),
+                "shared": "—" if diagonal else ", ".join(r["shared"]) or "none",
+            }
+        )
+    order = list(labels.values())
+    tooltip = [
+        alt.Tooltip("set_a:N", title="set A"),
+        alt.Tooltip("set_b:N", title="set B"),
+        alt.Tooltip("n_a:Q", title="|A|"),
+        alt.Tooltip("n_b:Q", title="|B|"),
+        alt.Tooltip("intersection:Q", title="|A∩B|"),
+        alt.Tooltip("iou_text:N", title="IoU"),
+        alt.Tooltip("p_text:N", title="hypergeometric p"),
+        alt.Tooltip("shared:N", title=f"shared {items}"),
+    ]
+    base = alt.Chart(alt.Data(values=rows)).encode(
+        alt.X("set_b:N", title="set B", sort=order, axis=alt.Axis(labelAngle=-20)),
+        alt.Y("set_a:N", title="set A", sort=order),
+        tooltip=tooltip,
+    )
+    cells = base.mark_rect(invalid="show", stroke="white").encode(
+        color=alt.Color("iou:Q", title="IoU", scale=alt.Scale(scheme="viridis", domain=[0, 1]))
+    )
+    text = base.mark_text(fontSize=11).encode(
+        text="label:N",
+        color=alt.condition(
+            "datum.iou !== null && datum.iou < 0.5", alt.value("white"), alt.value("black")
+        ),
+    )
+    step = _step(len(order), largest=110, smallest=40, budget=560)
+    return _finish((cells + text).properties(width={"step": step}, height={"step": step}))
+
+
+def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> dict[str, Any]:
+    """Faithfulness against circuit size (symlog axis, so the empty circuit shows), the
+    stored circuits marked, reference lines at the full model (1) and 0.85."""
+    points = [{**r, "faithfulness_text": number(r["faithfulness"])} for r in curve.to_dicts()]
+    marked = [
+        {
+            "circuit": f"circuit {r['circuit_id']}",
+            "n_edges": r["n_edges"],
+            "faithfulness": r["faithfulness"],
+            "faithfulness_text": number(r["faithfulness"]),
+        }
+        for r in circuits.to_dicts()
+    ]
+    ticks = [0] + [2**i for i in range(max(n_scored, 1).bit_length())] + [n_scored]
+    x = alt.X(
+        "n_edges:Q", title=f"edges in circuit (of {n_scored} scored)",
+        scale=alt.Scale(type="symlog", domain=[0, n_scored]),
+        axis=alt.Axis(values=sorted(set(ticks)), labelOverlap=True),
+    )  # fmt: skip
+    y = alt.Y("faithfulness:Q", title="faithfulness")
+    line = alt.Chart(alt.Data(values=points)).mark_line(point=True).encode(
+        x, y,
+        tooltip=[alt.Tooltip("top_n:Q", title="top n by |score|"),
+                 alt.Tooltip("n_edges:Q", title="edges after pruning"),
+                 alt.Tooltip("faithfulness_text:N", title="faithfulness")],
+    )  # fmt: skip
+    chosen = alt.Chart(alt.Data(values=marked)).encode(
+        x, y,
+        tooltip=[alt.Tooltip("circuit:N"), alt.Tooltip("n_edges:Q", title="edges"),
+                 alt.Tooltip("faithfulness_text:N", title="faithfulness")],
+    )  # fmt: skip
+    references = (
+        alt.Chart(alt.Data(values=[{"y": 1.0, "what": "full model"}, {"y": 0.85, "what": "0.85"}]))
+        .mark_rule(strokeDash=[4, 4], color="#888")
+        .encode(y="y:Q", tooltip=["what:N"])
+    )
+    layers = alt.layer(
+        references,
+        line,
+        chosen.mark_point(shape="diamond", size=160, filled=True, color=NEGATIVE),
+        chosen.mark_text(dy=-14, color=NEGATIVE, fontWeight="bold").encode(text="circuit:N"),
+    )
+    return _finish(layers.properties(width=560, height=300))
+
+
+def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataFrame:
+    """Columns input, attn 0, mlp 0, …, logits left to right; heads stacked by index."""
+    middle = (n_heads - 1) / 2
+    return nodes.with_columns(
+        pl.when(pl.col("kind") == "input").then(0)
+        .when(pl.col("kind") == "head").then(2 * pl.col("layer") + 1)
+        .when(pl.col("kind") == "mlp").then(2 * pl.col("layer") + 2)
+        .otherwise(2 * n_layers + 1).alias("x"),
+        pl.when(pl.col("kind") == "head").then(pl.col("head").cast(pl.Float64))
+        .otherwise(middle).alias("y"),
+    )  # fmt: skip
+
+
+QKV_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
+SIGN = {True: "positive", False: "negative", None: "no score"}
+SIGN_COLOUR = {"positive": POSITIVE, "negative": NEGATIVE, "no score": INVALID_COLOUR}
+
+
+def circuit_graph(
+    nodes: pl.DataFrame, edges: pl.DataFrame, n_layers: int, n_heads: int
+) -> dict[str, Any]:
+    """A circuit as a layered graph: one node per component, one line per edge, its width
+    by |score| and colour by sign; edges into a head meet it at q, k or v (top to bottom)."""
+    placed = node_positions(nodes, n_layers, n_heads)
+    where = {n: (x, y) for n, x, y in placed.select("node", "x", "y").iter_rows()}
+    lines = []
+    for e in edges.to_dicts():
+        (x1, y1), (x2, y2) = where[e["src"]], where[e["dst"]]
+        lines.append(
+            {
+                "x": x1, "y": y1, "x2": x2, "y2": y2 + QKV_OFFSET.get(e["qkv"] or "", 0.0),
+                "edge": e["edge"], "score": e["score"], "score_text": number(e["score"]),
+                "magnitude": None if e["score"] is None else abs(e["score"]),
+                "sign": SIGN[None if e["score"] is None else e["score"] >= 0],
+            }
+        )  # fmt: skip
+    signs = [s for s in SIGN_COLOUR if any(line["sign"] == s for line in lines)]
+    columns = ["input"] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", "mlp")]
+    columns.append("logits")
+    label_expr = f"{columns!r}[datum.value]"
+    x = alt.X(
+        "x:Q", title=None, scale=alt.Scale(domain=[-0.5, len(columns) - 0.5], nice=False),
+        axis=alt.Axis(values=list(range(len(columns))), labelExpr=label_expr, grid=False,
+                      orient="top", labelAngle=0),
+    )  # fmt: skip
+    y = alt.Y(
+        "y:Q", title=None, axis=None,
+        scale=alt.Scale(domain=[n_heads - 0.5, -0.5], nice=False, zero=False),
+    )  # fmt: skip
+    edge_marks = alt.Chart(alt.Data(values=lines)).mark_rule(opacity=0.75, invalid="show").encode(
+        x, y, x2="x2:Q", y2="y2:Q",
+        strokeWidth=alt.StrokeWidth("magnitude:Q", title="|score|",
+                                    scale=alt.Scale(type="sqrt", range=[0.75, 9])),
+        color=alt.Color("sign:N", title="score",
+                        scale=alt.Scale(domain=signs, range=[SIGN_COLOUR[s] for s in signs])),
+        tooltip=[alt.Tooltip("edge:N"), alt.Tooltip("score_text:N", title="score")],
+    )  # fmt: skip
+    node_data = alt.Data(values=placed.to_dicts())
+    node_marks = alt.Chart(node_data).mark_point(
+        filled=True, size=260, opacity=1, stroke="white", strokeWidth=1.5
+    ).encode(
+        x, y,
+        shape=alt.Shape("kind:N", title="node",
+                        scale=alt.Scale(domain=["input", "head", "mlp", "logits"],
+                                        range=["triangle-right", "circle", "square", "diamond"])),
+        fill=alt.value("#444"),
+        tooltip=[alt.Tooltip("node:N")],
+    )  # fmt: skip
+    labels = alt.Chart(node_data).mark_text(dy=-14, fontSize=10).encode(x, y, text="node:N")
+    width = max(360, 84 * len(columns))
+    height = max(180, 56 * n_heads)
+    chart = alt.layer(edge_marks, node_marks, labels).properties(width=width, height=height)
+    return _finish(chart.resolve_scale(color="independent"))
+
+
+def subspace_bars(report: pl.DataFrame) -> dict[str, Any]:
+    """One subspace query: the effect of patching v, its rowspace and nullspace parts, and
+    the whole activation, as bars; hover shows every column of the report row."""
+    rows = []
+    for r in report.to_dicts():
+        rows.append(
+            {
+                "component": r["component"],
+                "effect": r["effect"],
+                **{f"{k}_text": number(r[k]) for k in
+                   ("norm_sq", "variance", "value", "normalized", "effect")},
+                "dim": r["dim"],
+            }
+        )  # fmt: skip
+    order = ["v", "row", "null", "full"]
+    chart = alt.Chart(alt.Data(values=rows)).mark_bar().encode(
+        alt.X("component:N", sort=order, title=None, axis=alt.Axis(labelAngle=0)),
+        alt.Y("effect:Q", title="effect (normalized, minus unpatched)"),
+        color=alt.Color("component:N", sort=order, legend=None,
+                        scale=alt.Scale(domain=order,
+                                        range=["#555", POSITIVE, "#999", "#bbb"])),
+        tooltip=[alt.Tooltip("component:N"), alt.Tooltip("dim:Q"),
+                 alt.Tooltip("norm_sq_text:N", title="norm²"),
+                 alt.Tooltip("variance_text:N", title="variance"),
+                 alt.Tooltip("value_text:N", title="value"),
+                 alt.Tooltip("normalized_text:N", title="normalized"),
+                 alt.Tooltip("effect_text:N", title="effect")],
+    )  # fmt: skip
+    return _finish(chart.properties(width=260, height=200))

@@ -1,0 +1,267 @@
+"""`actstore report`: one self-contained HTML page; what it draws equals what the catalog holds.
+
+The browser test renders the report of a demo store in Debian's headless Chromium driven by
+Playwright (its own browser download cannot be reached here), with every network request
+refused, and checks the page as an analyst would use it: no console errors, one element per
+heatmap cell and per circuit node and edge, hover tooltips showing the stored numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import actstore
+from actstore.cli import main
+from actstore.errors import ActstoreError, UsageError
+from queries.report.charts import number
+
+MAX_BYTES = 10_000_000
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
+]  # fmt: skip
+
+
+def assert_self_contained(html: str) -> None:
+    """Nothing is fetched: no external scripts, styles, frames or images."""
+    assert "<script src" not in html and "<link" not in html
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+    assert html.count("<script>") == 2  # the vega bundle and the charts
+
+
+def test_report_draws_what_the_catalog_holds(hand_store, tmp_path):
+    path, ids = hand_store
+    store = actstore.open(str(path))
+    out = tmp_path / "report.html"
+    contents = store.report(str(out), top_k=3, edge_top_k=4)
+    html = out.read_text()
+    assert_self_contained(html)
+    assert out.stat().st_size < MAX_BYTES
+    for element in contents["element_id"]:
+        assert f'id="{element}"' in html
+    marks = {(s, i): m for s, i, m in contents.select("section", "source_id", "marks").rows()}
+    for name in ("patch1", "patch2", "resid1", "patch4"):
+        expected = store.sql(f"select count(*) from effects where query_id = {ids[name]}").item()
+        assert marks[("patching", ids[name])] == expected
+    for name in ("circuit1", "circuit2"):
+        edges = store.sql(f"select count(*) from circuit_edges where circuit_id = {ids[name]}")
+        row = contents.filter(contents["source_id"] == ids[name], contents["section"] == "circuit")
+        assert row["marks"].item() == edges.item() == 4
+        assert row["nodes"].item() == 5  # planted top-4 edges touch 5 distinct nodes
+    # run 4 is of another model: the head overlap of runs 1, 2, 4 is refused, with the reason
+    assert "different numbers of heads" in html
+    assert ("faithfulness", ids["scores1"]) in marks
+
+
+def test_report_of_chosen_runs_lists_shared_heads(hand_store, tmp_path):
+    path, ids = hand_store
+    store = actstore.open(str(path))
+    out = tmp_path / "runs12.html"
+    contents = store.report(str(out), runs=[1, 2], top_k=3, edge_top_k=4)
+    assert set(contents.filter(contents["section"] == "patching")["source_id"]) == {
+        ids["patch1"],
+        ids["patch2"],
+        ids["resid1"],
+    }
+    html = out.read_text()
+    # planted: the top-3 head sets share a0.h1 and a2.h3, the top-4 edge sets three edges
+    assert "a0.h1, a2.h3" in html
+    assert "a0.h1-&gt;m1" not in html.split("shared edges")[1].split("</table>")[0]
+    overlaps = contents.filter(contents["section"] == "overlap")
+    assert overlaps["marks"].to_list() == [4, 4]  # two 2×2 matrices
+
+
+def test_report_errors_leave_store_unchanged(hand_store, tmp_path):
+    path, _ = hand_store
+    catalog = Path(path) / "catalog.duckdb"
+    before = hashlib.sha256(catalog.read_bytes()).hexdigest()
+    runner = CliRunner()
+    res = runner.invoke(main, ["report", str(path), "-o", str(tmp_path / "r.html"), "--runs", "9"])
+    assert res.exit_code == 2 and "run 9 is not in" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(main, ["report", str(path), "-o", str(tmp_path / "no" / "r.html")])
+    assert res.exit_code == 1 and "no directory" in res.output
+    res = runner.invoke(
+        main, ["report", str(path), "-o", str(tmp_path / "r.html"), "--top-k", "2",
+               "--top-frac", "0.1"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "choose the sets one way" in res.output
+    assert not list(tmp_path.rglob("*.html")) and not list(tmp_path.rglob(".*partial"))
+    assert hashlib.sha256(catalog.read_bytes()).hexdigest() == before
+    with pytest.raises(UsageError, match="each run may appear once"):
+        actstore.open(str(path)).report(str(tmp_path / "r.html"), runs=[1, 1])
+    with pytest.raises(ActstoreError, match="cannot write"):
+        actstore.open(str(path)).report(str(tmp_path))  # a directory
+
+
+def test_cli_report_prints_contents_without_torch(hand_store, tmp_path):
+    path, ids = hand_store
+    out = tmp_path / "r.html"
+    args = ["report", str(path), "-o", str(out), "--runs", "1,2", "--format", "csv"]
+    code = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+        "print(r.stdout, end=''); print(r.stderr, end='', file=sys.stderr); "
+        "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "False False", res.stderr
+    assert lines[0] == "section,source_id,element_id,title,marks,nodes"
+    assert any(
+        line.startswith(f"patching,{ids['patch1']},patch-{ids['patch1']},") for line in lines
+    )
+    assert f"wrote {out} (" in res.stderr
+    assert out.exists()
+
+
+def test_report_of_empty_store_says_what_to_run(tmp_path):
+    store = actstore.open(str(tmp_path / "s"), create=True)
+    contents = store.report(str(tmp_path / "empty.html"))
+    assert contents.is_empty()
+    html = (tmp_path / "empty.html").read_text()
+    assert "run actstore patch STORE --run R --component head" in html
+
+
+# ---- the demo store in a real browser ---------------------------------------------------------
+
+
+def chromium_or_skip() -> str:
+    """Debian's chromium and Playwright for Python, or a skip saying which is missing."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip(
+            "no chromium on PATH, and this machine could not install it (make test runs "
+            "apt-get install -y chromium when it is root with apt-get)"
+        )
+    return browser
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_run):
+    """The demo's store (the session's, shared with test_demo.py), with a circuit and a
+    subspace query added where the demo made none, and its report."""
+    directory = demo_run[0]
+    store = actstore.open(str(directory / "store"))
+    assert (directory / "report.html").exists()  # the demo writes one beside the store
+    if store.sql("select count(*) from circuits").item() == 0:
+        score_id = store.sql("select min(score_id) from edge_scores").item()
+        store.circuit(score_id, edges=30)
+    if store.sql("select count(*) from subspace_reports").item() == 0:
+        store.subspace(1, "blocks.2.hook_resid_mid", "mean-diff", pos="final", reader="unembed")
+    out = directory / "full-report.html"
+    contents = store.report(str(out), top_k=4, edge_top_frac=0.05)
+    return store, out, contents
+
+
+def cell_tooltip(page, element: str, layer: int, head: int) -> dict[str, str]:
+    """Hover the heatmap cell of (layer, head); the tooltip's rows as {title: text}."""
+    cells = page.locator(f"#{element} g.mark-rect.role-mark path")
+    labels = [cells.nth(i).get_attribute("aria-label") for i in range(cells.count())]
+    index = next(i for i, a in enumerate(labels) if a.startswith(f"head: {head}; layer: {layer};"))
+    cells.nth(index).scroll_into_view_if_needed()
+    cells.nth(index).hover()
+    return tooltip(page)
+
+
+def tooltip(page) -> dict[str, str]:
+    page.wait_for_selector("#vg-tooltip-element.visible", timeout=5000)
+    rows = page.locator("#vg-tooltip-element tr")
+    return {
+        rows.nth(i).locator("td.key").inner_text().strip(): rows.nth(i)
+        .locator("td.value")
+        .inner_text()
+        .strip()
+        for i in range(rows.count())
+    }
+
+
+def test_demo_report_in_chromium(demo_report, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_or_skip()
+    store, out, contents = demo_report
+    html = out.read_text()
+    assert_self_contained(html)
+    assert out.stat().st_size < MAX_BYTES
+    problems: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.route(
+            "**/*",
+            lambda route: (
+                route.continue_()
+                if route.request.url.startswith("file://")
+                else (requests.append(route.request.url), route.abort())
+            ),
+        )
+        page.goto(out.as_uri())
+        page.wait_for_selector("body[data-rendered]", timeout=30_000)
+        assert page.get_attribute("body", "data-rendered") == "true"
+
+        # one DOM element per heatmap cell: as many as the query's effect rows
+        patches = store.sql("select query_id from queries where kind = 'patch' order by 1")
+        for query_id in patches["query_id"]:
+            n = store.sql(f"select count(*) from effects where query_id = {query_id}").item()
+            assert page.locator(f"#patch-{query_id} g.mark-rect.role-mark path").count() == n
+
+        # circuits: one symbol per node, one line per edge
+        for circuit_id in store.sql("select circuit_id from circuits")["circuit_id"]:
+            edges = store.sql(
+                f"select src, dst, qkv, score from circuit_edges where circuit_id = {circuit_id}"
+            )
+            nodes = set(edges["src"]) | set(edges["dst"])
+            chart = f"#circuit-{circuit_id}"
+            assert page.locator(f"{chart} g.mark-rule.role-mark line").count() == edges.height
+            assert page.locator(f"{chart} g.mark-symbol.role-mark path").count() == len(nodes)
+
+        # hovering IOI's strongest head shows its stored numbers and the query's parameters
+        top = store.sql(
+            "select query_id, layer, head, value, normalized, importance from top_heads "
+            "where run_id = 1 and component = 'head' and rank = 1"
+        ).row(0, named=True)
+        shown = cell_tooltip(page, f"patch-{top['query_id']}", top["layer"], top["head"])
+        assert shown["value"] == number(top["value"])
+        assert shown["normalized"] == number(top["normalized"])
+        assert shown["importance"] == number(top["importance"])
+        assert (shown["layer"], shown["head"]) == (str(top["layer"]), str(top["head"]))
+        assert "direction=denoise" in shown["query"] and "metric=logit-diff" in shown["query"]
+
+        # hovering a circuit edge names it and shows its score
+        circuit_id = contents.filter(contents["section"] == "circuit")["source_id"][0]
+        line = page.locator(f"#circuit-{circuit_id} g.mark-rule.role-mark line").first
+        line.scroll_into_view_if_needed()
+        box = line.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        shown = tooltip(page)
+        scores = store.sql(
+            f"select src || '->' || dst || coalesce('<' || qkv || '>', '') as edge, score "
+            f"from circuit_edges where circuit_id = {circuit_id}"
+        )
+        by_name = dict(scores.iter_rows())
+        assert shown["score"] == number(by_name[shown["edge"]])
+
+        page.mouse.move(0, 0)
+        page.evaluate("window.scrollTo(0, 0)")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert problems == []
+    assert requests == []
+    assert shot.stat().st_size > 50_000
