@@ -18,7 +18,7 @@ import duckdb
 from actstore.errors import ActstoreError
 from actstore.views import create_views
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -86,6 +86,9 @@ MIGRATIONS: list[list[str]] = [
             query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
             value DOUBLE, n INTEGER)""",
     ],
+    # The model's architecture description (actstore.architecture.Architecture as JSON); NULL
+    # for models recorded before it existed, all of them GPT-2.
+    ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
 ]
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from queries.kernels import Kernels
+if TYPE_CHECKING:
+    from queries.core.engine import Engine
 
 METRICS = ("logit-diff", "prob", "kl")
 
@@ -58,15 +60,13 @@ def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def from_resid(k: Kernels, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
+def from_resid(e: Engine, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
     metric needs: two columns for a logit difference, the full vocabulary otherwise."""
-    normed = k.unembed_ln(resid)
     if metric == "logit-diff":
-        w = k.W_U[:, t.answer] - k.W_U[:, t.wrong]  # (D, B)
-        k.flops += 2.0 * normed.numel()
-        return torch.einsum("...bd,db->...b", normed, w) + (k.b_U[t.answer] - k.b_U[t.wrong])
-    return from_logits(metric, k.linear(normed, k.W_U, k.b_U), t)
+        pair = e.unembed_columns(resid, torch.stack([t.answer, t.wrong], -1))
+        return pair[..., 0] - pair[..., 1]
+    return from_logits(metric, e.unembed(resid), t)
 
 
 def logits_metric_fn(
