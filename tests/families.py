@@ -80,12 +80,19 @@ def save(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def one_head_per_query(hf, family: str):
-    """The same function with its key/value heads repeated, one per query head: a multi-head
-    model whose per-head key and value inputs are the engine's per-query-head copies."""
+def split_input_twin(hf, family: str):
+    """A model computing the same function whose attention TransformerLens can split into
+    per-head q/k/v inputs, for the edge references: the model itself where it has one key/value
+    head per query head; under grouped-query attention the same family with its key/value heads
+    repeated, one per query head (whose per-head key and value inputs are the engine's
+    per-query-head copies); for GPT-J, whose bridge has no split inputs, a GPT-NeoX model."""
+    if family == "gptj":
+        return _gptj_as_neox(hf)
+    cfg = hf.config
+    if getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) == cfg.num_attention_heads:
+        return hf
     from transformers import AutoModelForCausalLM
 
-    cfg = hf.config
     twin = AutoModelForCausalLM.from_config(
         config(family, cfg.vocab_size, kv_heads=cfg.num_attention_heads),
         attn_implementation="eager",
@@ -99,3 +106,40 @@ def one_head_per_query(hf, family: str):
         state[name] = value
     twin.load_state_dict(state)
     return twin.eval()
+
+
+def _gptj_as_neox(hf):
+    """GPT-J as GPT-NeoX: both norms are ln_1, q/k/v fused per head, and the rotary dimensions
+    of q and k permuted from GPT-J's adjacent pairs (2i, 2i+1) to NeoX's (i, i + r/2), which
+    leaves every score unchanged; attention biases zero, and an unembedding head with GPT-J's
+    bias (NeoX has none)."""
+    import transformers as tf
+
+    c = hf.config
+    heads, d_head, r = c.n_head, c.n_embd // c.n_head, c.rotary_dim
+    neox = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, num_attention_heads=heads,
+        num_hidden_layers=c.n_layer, intermediate_size=c.n_inner,
+        max_position_embeddings=c.n_positions, rotary_pct=r / d_head,
+        use_parallel_residual=True, hidden_act=c.activation_function,
+        layer_norm_eps=c.layer_norm_epsilon, tie_word_embeddings=False,
+    ))  # fmt: skip
+    order = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, d_head)])
+    with torch.no_grad():
+        neox.gpt_neox.embed_in.weight.copy_(hf.transformer.wte.weight)
+        for old, new in zip(hf.transformer.h, neox.gpt_neox.layers, strict=True):
+            for norm in (new.input_layernorm, new.post_attention_layernorm):
+                norm.load_state_dict(old.ln_1.state_dict())
+            a = old.attn
+            q, k, v = (w.weight.reshape(heads, d_head, -1) for w in (a.q_proj, a.k_proj, a.v_proj))
+            qkv = torch.stack([q[:, order], k[:, order], v], 1)  # (heads, 3, d_head, d_model)
+            new.attention.query_key_value.weight.copy_(qkv.reshape(-1, c.n_embd))
+            new.attention.dense.weight.copy_(a.out_proj.weight)
+            new.attention.query_key_value.bias.zero_()  # TL's NeoX bridge wants the biases
+            new.attention.dense.bias.zero_()
+            new.mlp.dense_h_to_4h.load_state_dict(old.mlp.fc_in.state_dict())
+            new.mlp.dense_4h_to_h.load_state_dict(old.mlp.fc_out.state_dict())
+        neox.gpt_neox.final_layer_norm.load_state_dict(hf.transformer.ln_f.state_dict())
+        neox.lm_head = torch.nn.Linear(c.n_embd, c.vocab_size)
+        neox.lm_head.load_state_dict(hf.lm_head.state_dict())
+    return neox.eval()

@@ -3,26 +3,24 @@
 
 References, none of them actstore's engine: Hugging Face's logits; TransformerLens' `patching`
 and the bridge's hooked forward; hook-and-gradient edge scores and hooked edge patching
-(tests/edge_reference.py). Under grouped-query attention the edge references run the same model
-with its key/value heads repeated one per query head, whose per-head key and value inputs are
-the engine's per-query-head copies (docs/attribution.md).
+(tests/edge_reference.py), run on a twin with per-head q/k/v input hooks: under grouped-query
+attention the same model with its key/value heads repeated one per query head (whose per-head
+key and value inputs are the engine's per-query-head copies, docs/attribution.md), for GPT-J the
+same function as a GPT-NeoX model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 from edge_reference import eap_scores, hooked_circuit_metric
-from families import FAMILIES, one_head_per_query, random_model, save
+from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
 
 import actstore
@@ -42,13 +40,15 @@ class Family:
     name: str
     store: Store
     model: ModelAdapter
-    reference: ModelAdapter  # one key/value head per query head (the model itself under MHA)
+    reference: ModelAdapter  # the same function with split q/k/v inputs (families.py)
     data: dict
 
 
 @pytest.fixture(scope="module", params=[f for f in FAMILIES if f != "mistral"])
 def fam(request, tmp_path_factory) -> Family:
     """An IOI run (prompts of several lengths) on the family's model, loaded from its directory."""
+    from transformers import AutoModelForCausalLM
+
     from ingest.runner import ingest
 
     root = tmp_path_factory.mktemp(request.param)
@@ -56,12 +56,9 @@ def fam(request, tmp_path_factory) -> Family:
     ingest(root / "store", model=str(directory), task="ioi", n=N_PROMPTS, batch_size=4,
            hooks="default,k,mlp_post", progress=False)  # fmt: skip
     model = load_model(str(directory))
-    reference = model
-    if model.architecture.n_kv_heads != model.architecture.n_heads:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
-        reference = adapter_from_hf("twin", one_head_per_query(hf, request.param), model.tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    twin = split_input_twin(hf, request.param)
+    reference = model if twin is hf else adapter_from_hf("twin", twin, model.tokenizer)
     store = Store(root / "store")
     prompts = store.prompts(1)
 
@@ -134,14 +131,17 @@ def test_unsupported_family_is_refused_before_any_work(tmp_path):
     (model / "config.json").write_text(json.dumps({"model_type": "opt", "hidden_size": 32}))
     with pytest.raises(UsageError, match="is a opt model; actstore supports GPT-2, GPT-NeoX"):
         load_model(str(model))
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
     store = tmp_path / "store"
-    result = subprocess.run(
-        [sys.executable, "-m", "actstore.cli", "ingest", str(store), "--model", str(model),
-         "--task", "ioi"], capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and "Gemma 2" in errors[0], result.stderr
+    result = CliRunner().invoke(
+        main, ["ingest", str(store), "--model", str(model), "--task", "ioi"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Gemma 2" in errors[0], result.output
     assert not store.exists()
 
 
@@ -185,8 +185,9 @@ def test_fast_paths_equal_full_forward(fam):
     two layers, positions past some prompts' final position."""
     store = fam.store
     seq = int(store.run(1)["seq_len"])
+    shortest = int(store.prompts(1)["seq_len"].min())
     for component in ("head", "head-pos", "resid", "attn-out", "mlp-out"):
-        positions = None if component == "head" else [1, 6, seq - 2, seq - 1]
+        positions = None if component == "head" else [1, shortest - 1, seq - 1]
         spec = check_spec(store, 1, component, "kl", "denoise", 2, positions)
         frames = {e: compute_effects(store, 1, spec, fam.model, engine=e, batch_size=4)[0]
                   for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
@@ -202,6 +203,9 @@ def test_fast_paths_equal_full_forward(fam):
 
 
 def test_edge_scores_match_hooked_gradients(fam):
+    with torch.no_grad():
+        twin, model = (m.hooked_logits(fam.data["clean"]) for m in (fam.reference, fam.model))
+    assert (twin - model).abs().max() < 1e-4  # the reference computes the model's function
     expected = eap_scores(fam.reference, fam.data)
     sid = int(attribute(fam.store, 1, "eap")["score_id"][0])
     query, graph, stored = score_graph(fam.store, sid)
