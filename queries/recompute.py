@@ -124,19 +124,19 @@ def _sublayers(
     patches of `rows` (row, variant) applied: `where` indexes the source's (B, seq, …)
     activations, `covered` the patched entries of each row."""
     src = batch.src
-    if g.component == "head":
+    if g.component == "head" and rows:
         src_z = src["z"][layer][where]
         for r, v in rows:
             at = (*covered, ..., v.head, slice(None))
             z[r][at] = src_z[at]
     attn = e.attn_residual(layer, e.attn_out(layer, z))
-    if g.component == "attn-out":
+    if g.component == "attn-out" and rows:
         src_attn = src.attn(layer)[where]
         for r, _ in rows:
             attn[r][covered] = src_attn[covered]
     mid = x + attn
     mlp = e.mlp(layer, x if e.arch.parallel else mid)
-    if g.component == "mlp-out":
+    if g.component == "mlp-out" and rows:
         src_mlp = src["mlp"][layer][where]
         for r, _ in rows:
             mlp[r][covered] = src_mlp[covered]

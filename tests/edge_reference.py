@@ -108,10 +108,12 @@ def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict) -> torch.Tenso
     return out
 
 
-def eap_scores(adapter, data: dict) -> np.ndarray:
-    """EAP's (corrupted − clean) · ∂m/∂input at the clean run, on the edges."""
-    grads = hooked_input_grads(adapter, data["clean"], data)
-    diff = node_outputs(adapter, data["corrupted"]) - node_outputs(adapter, data["clean"])
+def eap_scores(adapter, data: dict, at: str = "clean") -> np.ndarray:
+    """(other run − run `at`) · ∂m/∂input at run `at`, on the edges: EAP at the clean run, the
+    edges of AtP at the corrupted one."""
+    other = "corrupted" if at == "clean" else "clean"
+    grads = hooked_input_grads(adapter, data[at], data)
+    diff = node_outputs(adapter, data[other]) - node_outputs(adapter, data[at])
     return torch.einsum("bpsd,bpnd->sn", diff, grads).numpy() * graph_of(adapter).real
 
 

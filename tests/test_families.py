@@ -24,6 +24,7 @@ from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
 
 import actstore
+from actstore.architecture import Architecture
 from actstore.errors import UsageError
 from actstore.models import ModelAdapter, adapter_from_hf, load_model
 from actstore.store import Store
@@ -118,6 +119,7 @@ def test_engine_forward_equals_hugging_face(family):
             moved = (_without(engine, feature, value).forward(tokens) - expected).abs().max()
             assert moved > 1e-2, f"{family}: the logits do not depend on {feature}"
     arch, w = model.architecture, model.weights()
+    assert Architecture.from_json(arch.to_json()) == arch
     assert arch.qkv_bias == (w.layers[0].b_Q is not None) == (w.layers[0].b_K is not None)
     assert arch.o_bias == (w.layers[0].b_O is not None)
     assert arch.mlp_bias == (w.layers[0].b_in is not None)
@@ -214,8 +216,17 @@ def test_edge_scores_match_hooked_gradients(fam):
     scale = np.abs(expected).max()
     assert scale > 0
     np.testing.assert_allclose(stored, expected, atol=1e-5 * scale, rtol=0)
-    one_step = score_graph(fam.store, int(attribute(fam.store, 1, "eap-ig", 1)["score_id"][0]))
-    np.testing.assert_allclose(one_step[2], stored, atol=1e-5 * scale)
+    for method in ("eap-ig", "eap-ig-activations"):  # one step of either is EAP
+        one_step = score_graph(fam.store, int(attribute(fam.store, 1, method, 1)["score_id"][0]))
+        np.testing.assert_allclose(one_step[2], stored, atol=1e-5 * scale, err_msg=method)
+    atp = attribute(fam.store, 1, "atp")
+    nodes = eap_scores(fam.reference, fam.data, at="corrupted").sum(1)
+    expected_atp = dict(zip(graph.forward_names[1:], nodes[1:], strict=True))
+    assert atp.height == graph.n_forward - 1
+    for src, score in zip(atp["src"], atp["score"], strict=True):
+        assert score == pytest.approx(
+            float(expected_atp[src]), abs=1e-5 * float(np.abs(nodes).max())
+        )
 
 
 def test_faithfulness_matches_masked_forward(fam):

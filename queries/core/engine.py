@@ -73,7 +73,7 @@ class Engine:
         self.layers = [self._fuse(i) for i in range(arch.n_layers)]
         self.ln_final = self.norm_params(weights.ln_final)
         self.W_U, self.b_U = weights.W_U, weights.b_U
-        self.cos, self.sin = _rotary_tables(arch, weights.W_E.device)
+        self.inv_freq = _inv_freq(arch, weights.W_E.device)
 
     @classmethod
     def from_adapter(cls, model: ModelAdapter) -> Engine:
@@ -140,14 +140,19 @@ class Engine:
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of x (…, T, heads, d_head) at absolute positions (…, T)."""
-        r = self.arch.rotary_dim
-        if self.arch.positions != "rotary" or r == 0:
+        if self.inv_freq is None:
             return x
-        cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+        r = self.arch.rotary_dim
+        freqs = positions.float()[..., None] * self.inv_freq  # angle of each pair, as HF has it
+        if self.arch.rotary_pairing == "neox":  # dimension i pairs with i + r/2
+            angles = torch.cat([freqs, freqs], -1)
+        else:  # GPT-J: dimensions 2i and 2i+1 form a pair
+            angles = freqs.repeat_interleave(2, -1)
+        cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
         rot, rest = x[..., :r], x[..., r:]
         if self.arch.rotary_pairing == "neox":
             turned = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], -1)
-        else:  # GPT-J: dimensions 2i and 2i+1 form a pair
+        else:
             turned = torch.stack([-rot[..., 1::2], rot[..., ::2]], -1).flatten(-2)
         return torch.cat([rot * cos + turned * sin, rest], -1)
 
@@ -373,20 +378,13 @@ class Engine:
         return blocks + 2.0 * batch * seq * a.d_model * a.d_vocab
 
 
-def _rotary_tables(arch: Architecture, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (n_ctx, rotary_dim) of every position, laid out for the family's pairing."""
+def _inv_freq(arch: Architecture, device: torch.device) -> torch.Tensor | None:
+    """The rotation frequency of each rotary pair (None without rotary positions)."""
     r = arch.rotary_dim
     if arch.positions != "rotary" or r == 0:
-        empty = torch.zeros(0, device=device)
-        return empty, empty
+        return None
     inv_freq = 1.0 / (arch.rotary_base ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
-    inv_freq = _scaled(inv_freq, arch.rope_scaling)
-    freqs = torch.arange(arch.n_ctx, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    if arch.rotary_pairing == "neox":
-        emb = torch.cat([freqs, freqs], -1)
-    else:
-        emb = freqs.repeat_interleave(2, -1)
-    return emb.cos().to(device), emb.sin().to(device)
+    return _scaled(inv_freq, arch.rope_scaling).to(device)
 
 
 def _scaled(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
