@@ -230,7 +230,7 @@ def test_edge_scores_match_hooked_gradients(fam):
 
 
 def test_faithfulness_matches_masked_forward(fam):
-    sid = int(attribute(fam.store, 1, "eap-ig", 2)["score_id"][0])
+    sid = int(attribute(fam.store, 1, "eap")["score_id"][0])
     _, graph, values = score_graph(fam.store, sid)
     for n in (graph.n_edges // 8, graph.n_edges // 3):
         row = circuit(fam.store, sid, edges=n, prune=False).row(0, named=True)
