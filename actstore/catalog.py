@@ -99,6 +99,9 @@ MIGRATIONS: list[list[str]] = [
         """UPDATE prompts SET answers = [answer], wrong_answers = [wrong_answer],
                answer_tokens = [answer_token], wrong_answer_tokens = [wrong_answer_token]""",
     ],
+    # Version 3: the model's architecture description (actstore.architecture.Architecture as
+    # JSON); NULL for models recorded before it existed, all of them GPT-2.
+    ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
 ]
 
 

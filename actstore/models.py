@@ -6,8 +6,10 @@ A model comes from one of three places:
 - a Hugging Face model directory (`config.json`, weights, tokenizer files), given as a path;
 - a Hugging Face hub name that TransformerLens supports (`gpt2`, `pythia-160m`, ...).
 
-Downstream-only recompute loops the blocks itself: in TransformerLens 4, `start_at_layer`
-still runs the upstream blocks (STACK-NOTES).
+The adapter is the only code that touches the bridge and the Hugging Face model: queries compute
+with the engine (queries/core) from `architecture` and `weights()`; ingest and the tests' exact
+references use the bridge's hooked forward through `run_with_cache` and `hooked_logits`.
+Families outside actstore.architecture.FAMILIES are refused before their weights are read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actstore import hub
+from actstore.architecture import (
+    Architecture,
+    LayerWeights,
+    Norm,
+    Weights,
+    check_family,
+    from_hf_config,
+)
 from actstore.errors import ActstoreError, UsageError
 
 if TYPE_CHECKING:
@@ -109,7 +119,7 @@ def check_model_spec(spec: str) -> str:
 
 
 class ModelAdapter:
-    """A loaded model: tokenizer, shape, and the embed / run_blocks / unembed pieces."""
+    """A loaded model: tokenizer, shape, architecture, weights and the bridge's hooked forward."""
 
     def __init__(self, spec: str, bridge: Any, tokenizer: Any, device: str, source: str):
         self.spec = spec
@@ -117,15 +127,16 @@ class ModelAdapter:
         self.tokenizer = tokenizer
         self.device = device
         self.source = source
-        cfg = bridge.cfg
+        self.architecture = from_hf_config(bridge.original_model.config.to_dict(), spec)
+        a = self.architecture
         self.shape = ModelShape(
-            n_layers=int(cfg.n_layers),
-            n_heads=int(cfg.n_heads),
-            d_model=int(cfg.d_model),
-            d_head=int(cfg.d_head),
-            d_mlp=int(cfg.d_mlp),
-            d_vocab=int(cfg.d_vocab),
-            n_ctx=int(cfg.n_ctx),
+            n_layers=a.n_layers,
+            n_heads=a.n_heads,
+            d_model=a.d_model,
+            d_head=a.d_head,
+            d_mlp=a.d_mlp,
+            d_vocab=a.d_vocab,
+            n_ctx=a.n_ctx,
         )
         self._fingerprint: str | None = None
 
@@ -168,41 +179,152 @@ class ModelAdapter:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [tuple(o) for o in enc["offset_mapping"]]
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token plus position embeddings: the residual stream entering block 0."""
+    def weights(self) -> Weights:
+        """Every weight in the canonical layout (float32, detached, on the model's device; views
+        of the parameters where the layout allows)."""
         import torch
 
-        b = self.bridge
-        positions = torch.arange(tokens.shape[-1], device=tokens.device).expand(tokens.shape)
-        return b.embed(tokens) + b.pos_embed(positions)
+        with torch.no_grad():
+            return _extract_weights(self.bridge.original_model, self.architecture)
 
-    def run_blocks(
-        self, resid: torch.Tensor, start: int, stop: int | None = None, hooks: Sequence[Hook] = ()
-    ) -> torch.Tensor:
-        """Run blocks [start, stop) on `resid`; hooks are (hook name, fn) pairs as in TL."""
-        stop = self.shape.n_layers if stop is None else stop
-        x = resid
-        with self.bridge.hooks(fwd_hooks=list(hooks)) if hooks else _nullcontext():
-            for block in self.bridge.blocks[start:stop]:
-                out = block(x)
-                x = out[0] if isinstance(out, tuple) else out
-        return x
+    def hook_names(self) -> set[str]:
+        """Every TransformerLens hook name the model has."""
+        return set(self.bridge.hook_dict)
 
-    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final layer norm and unembedding: residual stream to logits."""
-        return self.bridge.unembed(self.bridge.ln_final(resid))
+    def run_with_cache(
+        self, tokens: torch.Tensor, names: set[str], hooks: Sequence[Hook] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the activations named `names` of a hooked forward (what ingest stores)."""
+        with self.bridge.hooks(fwd_hooks=list(hooks)):
+            logits, cache = self.bridge.run_with_cache(
+                tokens, names_filter=lambda name: name in names
+            )
+        return logits, {name: cache[name] for name in names}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of a full forward pass, built from the three pieces above."""
-        return self.unembed(self.run_blocks(self.embed(tokens), 0))
+    def hooked_logits(self, tokens: torch.Tensor, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+        """Logits (batch, pos, vocab) of the bridge's own forward with TransformerLens hooks
+        (hook name, fn) applied: the slow exact path that the engine is checked against."""
+        with self.bridge.hooks(fwd_hooks=list(hooks)):
+            return self.bridge(tokens)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
+def _extract_weights(hf: Any, arch: Architecture) -> Weights:
+    """The one place that reads a Hugging Face model's parameters (see Weights for the layout)."""
+    import torch
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def t(x: Any) -> Any:  # a view of the parameter where it is float32 already
+        return None if x is None else x.detach().to(torch.float32)
+
+    def bias(module: Any) -> Any:  # a parameter only: the bridge may attach a zero tensor
+        return t(dict(module.named_parameters(recurse=False)).get("bias"))
+
+    def norm(module: Any) -> Norm:
+        module = _raw(module)
+        return Norm(t(module.weight), bias(module))
+
+    def linear(module: Any) -> tuple[Any, Any]:
+        """(d_in, d_out) weight and bias of an nn.Linear (GPT-2's Conv1D is stored that way)."""
+        module = _raw(module)
+        return t(module.weight if arch.family == "gpt2" else module.weight.T), bias(module)
+
+    def heads_in(w: Any, n: int) -> Any:  # (d_model, n * d_head) -> (n, d_model, d_head)
+        return w.reshape(w.shape[0], n, arch.d_head).permute(1, 0, 2)
+
+    def heads_bias(b: Any, n: int) -> Any:
+        return None if b is None else b.reshape(n, arch.d_head)
+
+    def heads_out(w: Any) -> Any:  # (heads * d_head, d_model) -> (heads, d_head, d_model)
+        return w.reshape(arch.n_heads, arch.d_head, w.shape[-1])
+
+    H, G = arch.n_heads, arch.n_kv_heads
+    layers = []
+    for block in _blocks(hf, arch):
+        block = _raw(block)
+        attn, mlp = _raw(_attention_of(block, arch)), _raw(block.mlp)
+        if arch.family == "gpt2":
+            w, b = linear(attn.c_attn)
+            qkv = [(w[:, i * arch.d_model : (i + 1) * arch.d_model],
+                    b[i * arch.d_model : (i + 1) * arch.d_model]) for i in range(3)]  # fmt: skip
+            o = linear(attn.c_proj)
+        elif arch.family == "gpt_neox":  # per head [q, k, v] side by side
+            w, b = linear(attn.query_key_value)
+            w = w.reshape(arch.d_model, H, 3, arch.d_head)
+            b = None if b is None else b.reshape(H, 3, arch.d_head)
+            qkv = [(w[:, :, i].reshape(arch.d_model, -1),
+                    None if b is None else b[:, i].reshape(-1)) for i in range(3)]  # fmt: skip
+            o = linear(attn.dense)
+        else:
+            qkv = [linear(attn.q_proj), linear(attn.k_proj), linear(attn.v_proj)]
+            o = linear(attn.out_proj if arch.family == "gptj" else attn.o_proj)
+        (wq, bq), (wk, bk), (wv, bv) = qkv
+        ln1, ln2, ln1_post, ln2_post = _norms_of(block, arch)
+        if arch.gated_mlp:
+            (w_gate, b_gate), (w_in, b_in) = linear(mlp.gate_proj), linear(mlp.up_proj)
+            w_out, b_out = linear(mlp.down_proj)
+        else:
+            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"),
+                     "gpt_neox": ("dense_h_to_4h", "dense_4h_to_h")}[arch.family]  # fmt: skip
+            w_in, b_in = linear(getattr(mlp, names[0]))
+            w_out, b_out = linear(getattr(mlp, names[1]))
+            w_gate = b_gate = None
+        layers.append(
+            LayerWeights(
+                ln1=norm(ln1), ln2=norm(ln2),
+                ln1_post=None if ln1_post is None else norm(ln1_post),
+                ln2_post=None if ln2_post is None else norm(ln2_post),
+                W_Q=heads_in(wq, H), W_K=heads_in(wk, G), W_V=heads_in(wv, G),
+                b_Q=heads_bias(bq, H), b_K=heads_bias(bk, G), b_V=heads_bias(bv, G),
+                W_O=heads_out(o[0]), b_O=o[1], W_in=w_in, b_in=b_in, W_gate=w_gate,
+                b_gate=b_gate, W_out=w_out, b_out=b_out,
+            )
+        )  # fmt: skip
+    out = _raw(hf.get_output_embeddings())
+    positions = _raw(hf.transformer.wpe).weight if arch.family == "gpt2" else None
+    return Weights(
+        W_E=t(_raw(hf.get_input_embeddings()).weight),
+        W_pos=t(positions),
+        layers=layers,
+        ln_final=norm(_final_norm(hf, arch)),
+        W_U=t(out.weight.T),
+        b_U=bias(out),
+    )
+
+
+def _raw(module: Any) -> Any:
+    """The Hugging Face module itself: the bridge wraps the HF model's modules in place."""
+    return getattr(module, "original_component", None) or module
+
+
+def _blocks(hf: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return hf.transformer.h
+    if arch.family == "gpt_neox":
+        return hf.gpt_neox.layers
+    return hf.model.layers
+
+
+def _attention_of(block: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return block.attn
+    return block.attention if arch.family == "gpt_neox" else block.self_attn
+
+
+def _norms_of(block: Any, arch: Architecture) -> tuple[Any, Any, Any, Any]:
+    """(ln1, ln2, ln1_post, ln2_post) modules of a block."""
+    if arch.family == "gpt2":
+        return block.ln_1, block.ln_2, None, None
+    if arch.family == "gptj":
+        return block.ln_1, block.ln_1, None, None
+    if arch.post_norms:
+        return (block.input_layernorm, block.pre_feedforward_layernorm,
+                block.post_attention_layernorm, block.post_feedforward_layernorm)  # fmt: skip
+    return block.input_layernorm, block.post_attention_layernorm, None, None
+
+
+def _final_norm(hf: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return hf.transformer.ln_f
+    return hf.gpt_neox.final_layer_norm if arch.family == "gpt_neox" else hf.model.norm
 
 
 def _gpt2_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
@@ -267,10 +389,11 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
         return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
     elif source == "path":
         path = Path(spec).expanduser().resolve()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        check_family(_json(path / "config.json").get("model_type"), spec)
+        from transformers import AutoModelForCausalLM
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = _directory_tokenizer(path)
             hf = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -302,10 +425,25 @@ def adapter_from_hf(
 
 
 def _adapter(spec: str, bridge: Any, tokenizer: Any, device: str, source: str) -> ModelAdapter:
-    if getattr(bridge.cfg, "positional_embedding_type", "standard") != "standard":
-        raise ActstoreError(
-            f"model {spec!r} uses {bridge.cfg.positional_embedding_type} positions; actstore's "
-            "downstream recompute supports GPT-2-style learned positional embeddings for now"
-        )
     bridge.eval()
     return ModelAdapter(spec, bridge, tokenizer, device, source)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ActstoreError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    """The directory's tokenizer. A generic fast tokenizer (what a tokenizer built in code saves
+    as) loads as itself: AutoTokenizer would swap in the family's own class for some families
+    (Qwen2), which re-tokenizes the saved vocabulary differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    declared = _json(config).get("tokenizer_class") if config.exists() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))

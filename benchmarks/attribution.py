@@ -28,7 +28,7 @@ def forward_backward_seconds(store: Store, model_name: str, device: str | None) 
     batch = int(store.run(1)["batch_size"])
     started = time.perf_counter()
     for lo in range(0, tokens.shape[0], batch):
-        logits = adapter.bridge(tokens[lo : lo + batch].to(adapter.device))
+        logits = adapter.hooked_logits(tokens[lo : lo + batch].to(adapter.device))
         logits[:, -1].sum().backward()
     return time.perf_counter() - started
 

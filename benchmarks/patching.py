@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from actstore.models import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from actstore.store import Store  # noqa: E402
 from queries import metrics  # noqa: E402
-from queries.kernels import Kernels  # noqa: E402
+from queries.core.engine import Engine  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 TEMPLATE = 3  # "While A and B were working at the PLACE , C gave a OBJECT to": 16 tokens
@@ -153,7 +153,7 @@ def bench(label: str, model: ModelAdapter, sweeps: list[tuple[str, list[int] | N
         print(f"{'sweep':<22}{'patches':>8}{'TL s':>9}{'ours s':>9}{'speed-up':>10}"
               f"{'FLOP bound':>12}{'of bound':>10}{'max |diff|':>12}{'verify':>8}"
               f"{'peak MiB':>10}")  # fmt: skip
-        forward = Kernels.from_adapter(model).forward_flops(N_PROMPTS, seq)
+        forward = Engine.from_adapter(model).forward_flops(N_PROMPTS, seq)
         for component, positions in sweeps:
             spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, positions)
             store = Store(path)  # a fresh store: its ledger lookups count

@@ -26,8 +26,9 @@ def check_corruption(name: str) -> str:
 
 
 def embedding_sigma(model: ModelAdapter) -> float:
-    """σ_emb: the standard deviation of all entries of the token embedding matrix."""
-    return float(model.bridge.W_E.detach().float().std())
+    """σ_emb: the standard deviation of all entries of the token embedding matrix, as the
+    residual stream receives them (times the family's embedding scale: Gemma's √d_model)."""
+    return float(model.weights().W_E.std()) * model.architecture.embed_scale
 
 
 def subject_positions(model: ModelAdapter, text: str, words: Sequence[str]) -> list[int]:

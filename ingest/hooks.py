@@ -1,8 +1,10 @@
 """Which activations an ingest stores: short names over layers, or TransformerLens hook names.
 
 The default set is what patching and attribution read: resid_pre, resid_mid and attention z of
-every layer, mlp_out of every layer and the final residual stream. A head's output is
-z·W_O, computed on read rather than stored n_heads times larger.
+every layer, mlp_out of every layer and the final residual stream. A family whose attention and
+MLP run in parallel (GPT-NeoX, GPT-J) has no resid_mid: it stores attn_out instead. A head's
+output is z·W_O, computed on read rather than stored n_heads times larger. Keys and values have
+the model's key/value heads (fewer than its query heads under grouped-query attention).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ PER_LAYER = {
     "mlp_out": "blocks.{l}.hook_mlp_out",
     "mlp_post": "blocks.{l}.mlp.hook_post",
 }
-DEFAULT = ("resid_pre", "resid_mid", "z", "mlp_out", "resid_final")
+
+
+def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
+    """The short names of the default set for the model's family."""
+    attn = "attn_out" if model.architecture.parallel else "resid_mid"
+    return ("resid_pre", attn, "z", "mlp_out", "resid_final")
 
 
 def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
@@ -31,17 +38,22 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
     items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
-    known = set(model.bridge.hook_dict)
+    known = model.hook_names()
     final = f"blocks.{model.shape.n_layers - 1}.hook_resid_post"
     names: list[str] = []
     for item in items:
         expanded: list[str]
         if item == "default":
-            expanded = resolve_hooks(model, ",".join(DEFAULT))
+            expanded = resolve_hooks(model, ",".join(default_hooks(model)))
         elif item == "resid_final":
             expanded = [final]
         elif item in PER_LAYER:
             expanded = [PER_LAYER[item].format(l=i) for i in range(model.shape.n_layers)]
+            if expanded[0] not in known:
+                raise UsageError(
+                    f"hook {item!r}: {model.spec} has no {expanded[0]} (a "
+                    f"{model.architecture.family} model); use default or another hook"
+                )
         elif item in known:
             expanded = [item]
         else:
@@ -58,7 +70,9 @@ def hook_shape(model: ModelAdapter, hook: str, seq: int) -> tuple[int, ...]:
     """Per-position shape of a hook's activation (after the batch and position axes)."""
     s = model.shape
     last = hook.rsplit(".", 1)[-1]
-    if last in ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result"):
+    if last in ("hook_k", "hook_v", "hook_rot_k"):
+        return (model.architecture.n_kv_heads, s.d_head)
+    if last in ("hook_z", "hook_q", "hook_rot_q", "hook_result"):
         return (s.n_heads, s.d_head)
     if last == "hook_pattern" or last == "hook_attn_scores":
         return (s.n_heads, seq)

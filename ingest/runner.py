@@ -36,7 +36,14 @@ from ingest.corruptions import (
 )
 from ingest.hooks import resolve_hooks
 from ingest.preflight import check_ingest
-from ingest.shards import TOKEN_LISTS, ingest_shard, parse_shard, prompt_records
+from ingest.shards import (
+    TOKEN_LISTS,
+    ingest_shard,
+    insert_model,
+    model_record,
+    parse_shard,
+    prompt_records,
+)
 from ingest.tasks import PromptPair, get_task, validate_pairs
 
 DEFAULT_N = 64
@@ -318,12 +325,7 @@ def _run(
                     params.get("dataset"),
                 ],
             )
-        s = model.shape
-        con.execute(
-            "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [model.spec, model.fingerprint, model.source, s.n_layers, s.n_heads, s.d_model,
-             s.d_head, s.d_mlp, s.d_vocab, s.n_ctx],
-        )  # fmt: skip
+        insert_model(con, model_record(model))
         done = con.execute(
             "SELECT side, hook, chunk_idx FROM chunks WHERE run_id = ?", [run_id]
         ).fetchall()
@@ -487,10 +489,8 @@ def _compute_batch(
             hooks_for_cache = hooks | {"blocks.0.hook_resid_pre"}
         else:
             hooks_for_cache = hooks
-        with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
-            logits, cache = model.bridge.run_with_cache(
-                tokens, names_filter=lambda name, _h=hooks_for_cache: name in _h
-            )
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, hooks_for_cache, fwd_hooks)
         rows = torch.arange(hi - lo)
         final = logits[rows, last.to(logits.device)].float().cpu()
         values[(side, "tokens")] = tokens_np.astype(np.int32)

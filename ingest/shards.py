@@ -126,13 +126,24 @@ def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict
     return records
 
 
-def _model_record(model: ModelAdapter) -> dict[str, Any]:
+def model_record(model: ModelAdapter) -> dict[str, Any]:
+    """The `models` row of a model, by column name."""
     s = model.shape
     return {
         "model": model.spec, "fingerprint": model.fingerprint, "source": model.source,
         "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model, "d_head": s.d_head,
         "d_mlp": s.d_mlp, "d_vocab": s.d_vocab, "n_ctx": s.n_ctx,
+        "architecture": model.architecture.to_json(),
     }  # fmt: skip
+
+
+def insert_model(con: Any, model: dict[str, Any]) -> None:
+    """Record a model's row unless the store has it."""
+    con.execute(
+        f"INSERT OR IGNORE INTO models ({', '.join(model)}, created_at) VALUES "
+        f"({', '.join('?' for _ in model)}, now())",
+        list(model.values()),
+    )
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
@@ -207,7 +218,7 @@ def ingest_shard(
             "seq_len": seq,
             "n_chunks": n_chunks,
             "chunks": [first, stop],
-            "model": _model_record(model),
+            "model": model_record(model),
             "arrays": [
                 {"side": side, "hook": hook, "shape": list(shape), "dtype": dt}
                 for (side, hook), (shape, dt) in shapes.items()
@@ -362,12 +373,7 @@ def _claim_run(store: Store, manifest: dict, phash: str, staged: bool) -> tuple[
                 f"({', '.join('?' for _ in run)}, now())",
                 list(run.values()),
             )
-        model = manifest["model"]
-        con.execute(
-            f"INSERT OR IGNORE INTO models ({', '.join(model)}, created_at) VALUES "
-            f"({', '.join('?' for _ in model)}, now())",
-            list(model.values()),
-        )
+        insert_model(con, manifest["model"])
     return run_id, False
 
 

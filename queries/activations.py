@@ -1,7 +1,9 @@
 """Reading one batch of a run's cached activations into tensors, both sides, every layer.
 
 Patching never reruns the base run or the source run: both come from the store. `pre[n_layers]`
-is the residual stream after the last block (the stored `resid_final`).
+is the residual stream after the last block (the stored `resid_final`). The attention's residual
+contribution is resid_mid − resid_pre where the family has a resid_mid, else the stored
+`hook_attn_out` (parallel attention and MLP).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ HOOKS = {
     "mid": "blocks.{l}.hook_resid_mid",
     "z": "blocks.{l}.attn.hook_z",
     "mlp": "blocks.{l}.hook_mlp_out",
+    "attn": "blocks.{l}.hook_attn_out",
 }
 
 
 @dataclass
 class Side:
-    """One side's cached activations per layer: kind ("pre", "mid", "z", "mlp") → layer list."""
+    """One side's cached activations per layer: kind ("pre", "mid", "z", "mlp", "attn") → list
+    over layers."""
 
     acts: dict[str, list[torch.Tensor]]
 
@@ -33,7 +37,9 @@ class Side:
         return self.acts[kind]
 
     def attn(self, layer: int) -> torch.Tensor:
-        """Attention output = resid_mid − resid_pre (no separate array needed)."""
+        """The attention's residual contribution: stored, or resid_mid − resid_pre."""
+        if "attn" in self.acts:
+            return self.acts["attn"][layer]
         return self.acts["mid"][layer] - self.acts["pre"][layer]
 
 
@@ -49,6 +55,7 @@ class Batch:
     src: Side
     base_logits: torch.Tensor  # (B, d_vocab) stored final logits of the base run
     corrupted_logits: torch.Tensor
+    base_tokens: torch.Tensor | None = None  # (B, seq), read for the full-forward reference
 
     @property
     def size(self) -> int:
@@ -80,6 +87,7 @@ def read_batch(
     lo: int,
     hi: int,
     device: str,
+    tokens: bool = False,
 ) -> Batch:
     base_side, src_side = (
         ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
@@ -105,7 +113,13 @@ def read_batch(
         src=read_side(store, run_id, src_side, src_kinds, n_layers, lo, hi, device),
         base_logits=logits[base_side],
         corrupted_logits=logits["corrupted"],
+        base_tokens=_tokens(store, run_id, base_side, lo, hi, device) if tokens else None,
     )
+
+
+def _tokens(store: Store, run_id: int, side: str, lo: int, hi: int, device: str):
+    return torch.as_tensor(store.read(run_id, side, "tokens", lo, hi), dtype=torch.long,
+                           device=device)  # fmt: skip
 
 
 def _tensor(store: Store, run_id: int, side: str, hook: str, lo: int, hi: int, device: str):

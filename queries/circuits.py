@@ -25,6 +25,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
+from actstore.architecture import Architecture
 from actstore.errors import ActstoreError, UsageError
 from actstore.results import find_query, query_params, record_query
 from actstore.store import Store
@@ -42,8 +43,12 @@ def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
             "(actstore attribute --level edge)"
         )
     run = store.run(query["run_id"])
-    shape = store.query("SELECT n_layers, n_heads FROM models WHERE model = ?", [run["model"]])
-    graph = Graph(int(shape["n_layers"][0]), int(shape["n_heads"][0]))
+    shape = store.query(
+        "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [run["model"]]
+    )
+    arch = shape["architecture"][0]
+    graph = (Graph.of(Architecture.from_json(arch)) if arch is not None
+             else Graph(int(shape["n_layers"][0]), int(shape["n_heads"][0])))  # fmt: skip
     rows = store.query(
         "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
     )

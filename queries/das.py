@@ -9,24 +9,10 @@ the source run's value: up the clean–corrupted gap when denoising, down it whe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 
 import torch
 
 from queries.subspace import PatchBatch, metric_values, patch
-
-
-@contextmanager
-def _frozen(module: torch.nn.Module):
-    """Keep the model's weights out of autograd while the subspace trains."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def basis_of(param: torch.Tensor) -> torch.Tensor:
@@ -39,47 +25,39 @@ def train_das(
     k: int,
     metric: str,
     mode: str,
-    model: torch.nn.Module | None = None,
     seed: int = 0,
     epochs: int = 20,
     lr: float = 0.05,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Learn a (dim, k) orthonormal basis; returns it (float64) and the mean loss per epoch."""
+    """Learn a (dim, k) orthonormal basis; returns it (float64) and the mean loss per epoch.
+    Only the basis is a parameter: the batches' downstream runs compute with detached weights."""
     gen = torch.Generator().manual_seed(seed)
     param = torch.randn(dim, k, generator=gen, dtype=torch.float32)
     history: list[float] = []
-    device = None
     opt = None
-    with _frozen(model) if model is not None else _noop():
-        for _ in range(epochs):
-            total, count = 0.0, 0
-            for batch in batches():
-                if opt is None:
-                    device = batch.base.device
-                    param = param.to(device).requires_grad_(True)
-                    opt = torch.optim.Adam([param], lr=lr)
-                target = batch.clean_logits if mode == "denoise" else batch.corrupted_logits
-                base = batch.corrupted_logits if mode == "denoise" else batch.clean_logits
-                with torch.no_grad():
-                    toward = torch.sign(
-                        metric_values(metric, target, batch).mean()
-                        - metric_values(metric, base, batch).mean()
-                    )
-                logits = batch.run(patch(batch.base, batch.source, batch.mask, basis_of(param)))
-                loss = -toward * metric_values(metric, logits, batch).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * batch.base.shape[0]
-                count += batch.base.shape[0]
-            history.append(total / max(count, 1))
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in batches():
+            if opt is None:
+                param = param.to(batch.base.device).requires_grad_(True)
+                opt = torch.optim.Adam([param], lr=lr)
+            target = batch.clean_logits if mode == "denoise" else batch.corrupted_logits
+            base = batch.corrupted_logits if mode == "denoise" else batch.clean_logits
+            with torch.no_grad():
+                toward = torch.sign(
+                    metric_values(metric, target, batch).mean()
+                    - metric_values(metric, base, batch).mean()
+                )
+            logits = batch.run(patch(batch.base, batch.source, batch.mask, basis_of(param)))
+            loss = -toward * metric_values(metric, logits, batch).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * batch.base.shape[0]
+            count += batch.base.shape[0]
+        history.append(total / max(count, 1))
     if opt is None:
         from actstore.errors import UsageError
 
         raise UsageError("DAS has no training prompts; use more prompts or a larger --train-frac")
     return basis_of(param.detach()).double().cpu(), history
-
-
-@contextmanager
-def _noop():
-    yield

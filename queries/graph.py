@@ -12,7 +12,8 @@ edges (the source lies upstream of the destination). The layout of both axes:
     backward: per layer l: a{l}.h* <q>, a{l}.h* <k>, a{l}.h* <v>, m{l}; then logits
 
 A head at layer l reads the input and every node of layers < l; the MLP at layer l also reads the
-heads of layer l; logits read everything. GPT-2 small (12 layers, 12 heads) has 32,491 edges.
+heads of layer l, except under parallel attention and MLP (GPT-NeoX, GPT-J), where both read the
+block's input; logits read everything. GPT-2 small (12 layers, 12 heads) has 32,491 edges.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class Graph:
 
     n_layers: int
     n_heads: int
+    parallel: bool = False
+
+    @classmethod
+    def of(cls, arch: Any) -> Graph:
+        """The graph of an `actstore.architecture.Architecture`."""
+        return cls(arch.n_layers, arch.n_heads, arch.parallel)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Graph:
@@ -87,7 +94,7 @@ class Graph:
         out = []
         for layer in range(self.n_layers):
             out += [1 + layer * (self.n_heads + 1)] * (3 * self.n_heads)
-            out.append(self.mlp_index(layer))
+            out.append(self.head_index(layer, 0) if self.parallel else self.mlp_index(layer))
         out.append(self.n_forward)
         return np.asarray(out, dtype=np.int64)
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from queries.kernels import Kernels
+    from queries.core.engine import Engine
+
 
 METRICS = ("logit-diff", "prob", "kl", "prob-diff")
 
@@ -135,20 +136,16 @@ def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def from_resid(k: Kernels, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
+def from_resid(e: Engine, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
     metric needs: the answer sets' columns for a logit difference, the full vocabulary
     otherwise."""
     import torch
 
-    normed = k.unembed_ln(resid)
     if metric == "logit-diff":
         s = t.answer_sets()
-        ids = torch.cat([s.correct, s.incorrect], -1)  # (B, A + W)
-        k.flops += 2.0 * normed.numel() * ids.shape[-1]
-        columns = torch.einsum("...bd,dbk->...bk", normed, k.W_U[:, ids]) + k.b_U[ids]
-        return set_logit_diff(columns, s)
-    return from_logits(metric, k.linear(normed, k.W_U, k.b_U), t)
+        return set_logit_diff(e.unembed_columns(resid, torch.cat([s.correct, s.incorrect], -1)), s)
+    return from_logits(metric, e.unembed(resid), t)
 
 
 def set_logit_diff(columns: torch.Tensor, sets: AnswerSets) -> torch.Tensor:

@@ -19,8 +19,8 @@ for both directions, so 1 is clean-like (see queries/metrics.py).
 
 A query is recorded once (`queries` row + `effects` rows); asking it again reads the stored rows
 before torch is imported. Computation: queries/recompute.py (downstream only, cached keys and
-values before the patched position); queries/reference.py is the slow full-forward path that
-tests compare against.
+values before the patched position) on the engine of queries/core; queries/reference.py is the
+slow full-forward path through the bridge's own forward that tests compare against.
 """
 
 from __future__ import annotations
@@ -175,11 +175,13 @@ def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: 
     return [Group(component, p, p if engine == "downstream" else 0, variants) for p in positions]
 
 
-def _kinds(component: str, engine: str) -> tuple[set[str], set[str]]:
-    """Which cached activations each side needs: (base kinds, source kinds)."""
-    src = {"head": {"z"}, "resid": {"pre"}, "attn-out": {"pre", "mid"}, "mlp-out": {"mlp"}}
-    base = {"head": {"pre", "mid", "z"}, "resid": {"pre"}, "attn-out": {"pre", "mid"},
-            "mlp-out": {"pre", "mlp"}}  # fmt: skip
+def _kinds(component: str, engine: str, parallel: bool) -> tuple[set[str], set[str]]:
+    """Which cached activations each side needs: (base kinds, source kinds). Under parallel
+    attention and MLP there is no resid_mid: the attention's output is read as stored."""
+    attn = {"attn"} if parallel else {"pre", "mid"}
+    src = {"head": {"z"}, "resid": {"pre"}, "attn-out": attn, "mlp-out": {"mlp"}}
+    base = {"head": {"pre", "z"} | (set() if parallel else {"mid"}), "resid": {"pre"},
+            "attn-out": {"pre"} | attn, "mlp-out": {"pre", "mlp"}}  # fmt: skip
     return ({"pre"} if engine == "full-forward" else base[component]), src[component]
 
 
@@ -203,7 +205,7 @@ def compute_effects(
 
     from queries import metrics
     from queries.activations import read_batch
-    from queries.kernels import Kernels
+    from queries.core.engine import Engine
     from queries.recompute import PrefixKV, final_resid
     from queries.reference import final_logits
 
@@ -211,12 +213,12 @@ def compute_effects(
         raise UsageError(f"engine {engine}: choose one of {', '.join(ENGINES)}")
     run = store.run(run_id)
     n, seq = int(run["n_prompts"]), int(run["seq_len"])
-    k = Kernels.from_adapter(model)
-    groups = _groups(spec, k.n_layers, k.n_heads, seq, engine)
+    e = Engine.from_adapter(model)
+    groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
     rows = store.prompts(run_id)
     prompts = {c: rows[c].to_numpy() for c in ("seq_len", "answer_token", "wrong_answer_token")}
     prompts.update(metrics.answer_arrays(rows))
-    base_kinds, src_kinds = _kinds(groups[0].component, engine)
+    base_kinds, src_kinds = _kinds(groups[0].component, engine, e.arch.parallel)
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
     show = sys.stderr.isatty() if progress is None else progress
@@ -225,14 +227,14 @@ def compute_effects(
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            batch = read_batch(store, run_id, spec.direction, base_kinds, src_kinds, k.n_layers,
-                               prompts, lo, hi, model.device)  # fmt: skip
+            batch = read_batch(store, run_id, spec.direction, base_kinds, src_kinds, e.n_layers,
+                               prompts, lo, hi, model.device, engine == "full-forward")  # fmt: skip
             t = batch.targets
             baseline["clean"] += float(metrics.from_logits(spec.metric, t.clean_logits, t).sum())
             baseline["corrupted"] += float(
                 metrics.from_logits(spec.metric, batch.corrupted_logits, t).sum()
             )
-            prefix = PrefixKV(k, batch)
+            prefix = PrefixKV(e, batch)
             for gi, g in enumerate(groups):
                 if engine == "full-forward":
                     values = torch.stack([
@@ -240,7 +242,7 @@ def compute_effects(
                         for v in g.variants
                     ])  # fmt: skip
                 else:
-                    values = metrics.from_resid(k, spec.metric, final_resid(k, batch, g, prefix), t)
+                    values = metrics.from_resid(e, spec.metric, final_resid(e, batch, g, prefix), t)
                 sums[gi] += values.sum(-1).double().cpu().numpy()
                 bar.update(1)
     bar.close()
@@ -258,4 +260,4 @@ def compute_effects(
                 "value": pl.Float64, "normalized": pl.Float64},
         orient="row",
     ).sort(["layer", "head", "pos"], nulls_last=False)  # fmt: skip
-    return frame, k.flops
+    return frame, e.flops

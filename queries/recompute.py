@@ -3,15 +3,19 @@
 A group is a set of variants that patch one component at one position `pos` (or at every
 position, `pos=None`), each at its own layers. Every variant starts where its first patch is:
 - resid_pre at L: the cached base resid_pre of L with the source's value at `pos`;
-- a head's or the attention's output at L: linear into resid_mid, so the cached base resid_mid of
-  L plus (src − base)·W_O at the patched positions; the MLP of L runs only at those positions;
+- a head's or the attention's output at L: the attention's residual contribution changes by Δ at
+  the patched positions (Δ = (src − base)·W_O for a head, through the post-attention norm where
+  the family has one; src − base for the attention output), so resid_mid of L is the cached base
+  resid_mid plus Δ and the MLP of L runs only at those positions; under parallel attention and
+  MLP the MLP does not read the attention, and resid_pre of L+1 is the cached one plus Δ;
 - mlp_out at L: the cached base resid_pre of L+1 plus (src − base) at `pos`.
 Positions before `start` are untouched by a patch at `pos ≥ start` (causal attention), so each
-layer attends over the base run's keys/values there (from the cached resid_pre → ln1 → K, V)
-and recomputes only positions ≥ start. The last layer computes its query, attention output and
-MLP at each prompt's final position only. Variants join the batch at their first layer, so
-every layer runs all variants that have started as one batch ("staggered" batching). A variant
-patching a window of layers keeps patching as it passes the later layers.
+layer attends over the base run's keys/values there (from the cached resid_pre → ln1 → K, V at
+their absolute positions) and recomputes only positions ≥ start. The last layer computes its
+query, attention output and MLP at each prompt's final position only. Variants join the batch at
+their first layer, so every layer runs all variants that have started as one batch ("staggered"
+batching). A variant patching a window of layers keeps patching as it passes the later layers.
+The transformer's math is the engine's (queries/core/engine.py); this module only schedules it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from queries.activations import Batch
-from queries.kernels import Kernels
+from queries.core.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -46,26 +50,25 @@ class Group:
 class PrefixKV:
     """Base-run keys and values of every layer for one batch, computed once, sliced per group."""
 
-    def __init__(self, k: Kernels, batch: Batch):
-        self.k, self.batch = k, batch
+    def __init__(self, engine: Engine, batch: Batch):
+        self.engine, self.batch = engine, batch
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if start == 0:
-            pre = self.batch.base["pre"][layer][:, :0]
-            empty = pre.new_empty(*pre.shape[:2], self.k.n_heads, self.k.d_head)
-            return empty, empty
+            return None
         if layer not in self.cache:
-            pre = self.batch.base["pre"][layer]
-            self.cache[layer] = self.k.kv(layer, self.k.ln1(layer, pre))
+            e, pre = self.engine, self.batch.base["pre"][layer]
+            pos = torch.arange(pre.shape[1], device=pre.device)
+            self.cache[layer] = e.kv(layer, e.ln1(layer, pre), pos)
         keys, values = self.cache[layer]
         return keys[:, :start], values[:, :start]
 
 
-def final_resid(k: Kernels, batch: Batch, g: Group, prefix: PrefixKV) -> torch.Tensor:
+def final_resid(e: Engine, batch: Batch, g: Group, prefix: PrefixKV) -> torch.Tensor:
     """The residual stream after the last block at each prompt's final position, for every
     variant of the group: (n_variants, B, d_model)."""
-    n, B, s0 = k.n_layers, batch.size, g.start
+    n, B, s0 = e.n_layers, batch.size, g.start
     base, src = batch.base, batch.src
     idx = slice(None) if g.pos is None else slice(g.pos - s0, g.pos - s0 + 1)
     joins: dict[int, list[int]] = defaultdict(list)
@@ -93,12 +96,12 @@ def final_resid(k: Kernels, batch: Batch, g: Group, prefix: PrefixKV) -> torch.T
             for r, _ in patched_here(layer):
                 x[r][:, idx] = src["pre"][layer][:, s0:][:, idx]
         if layer == n - 1:
-            _last_layer(k, batch, g, x, order, joins[layer], prefix, out)
+            _last_layer(e, batch, g, x, order, joins[layer], prefix, out)
             break
         if x is not None:
-            x = _block(k, batch, g, layer, x, idx, patched_here(layer), prefix)
+            x = _block(e, batch, g, layer, x, idx, patched_here(layer), prefix)
         if g.component != "resid" and joins[layer]:
-            pending[layer + 1].append((joins[layer], _join_after(k, batch, g, layer, idx)))
+            pending[layer + 1].append((joins[layer], _join_after(e, batch, g, layer, idx)))
     if g.pos is not None and s0 > 0:
         before = batch.finals < s0  # final position precedes every recomputed position
         if before.any():
@@ -106,8 +109,42 @@ def final_resid(k: Kernels, batch: Batch, g: Group, prefix: PrefixKV) -> torch.T
     return out
 
 
+def _sublayers(
+    e: Engine,
+    batch: Batch,
+    g: Group,
+    layer: int,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    rows: list[tuple[int, Variant]],
+    where: tuple,
+    covered: tuple,
+) -> torch.Tensor:
+    """The block's output from its input x (n, B, …, D) and the heads' z, with the window
+    patches of `rows` (row, variant) applied: `where` indexes the source's (B, seq, …)
+    activations, `covered` the patched entries of each row."""
+    src = batch.src
+    if g.component == "head" and rows:
+        src_z = src["z"][layer][where]
+        for r, v in rows:
+            at = (*covered, ..., v.head, slice(None))
+            z[r][at] = src_z[at]
+    attn = e.attn_residual(layer, e.attn_out(layer, z))
+    if g.component == "attn-out" and rows:
+        src_attn = src.attn(layer)[where]
+        for r, _ in rows:
+            attn[r][covered] = src_attn[covered]
+    mid = x + attn
+    mlp = e.mlp(layer, x if e.arch.parallel else mid)
+    if g.component == "mlp-out" and rows:
+        src_mlp = src["mlp"][layer][where]
+        for r, _ in rows:
+            mlp[r][covered] = src_mlp[covered]
+    return mid + mlp
+
+
 def _block(
-    k: Kernels,
+    e: Engine,
     batch: Batch,
     g: Group,
     layer: int,
@@ -117,41 +154,43 @@ def _block(
     prefix: PrefixKV,
 ) -> torch.Tensor:
     """One block over the suffix positions of every started variant, window patches applied."""
-    src, s0 = batch.src, g.start
-    T = x.shape[2]
-    normed = k.ln1(layer, x)
-    keys, values = k.kv(layer, normed)
-    k_pre, v_pre = prefix.get(layer, s0)
-    q_pos = torch.arange(s0, s0 + T, device=x.device).expand(x.shape[1], T)
-    z = k.attend(k.q(layer, normed), keys, values, k_pre, v_pre, q_pos, s0)
-    if g.component == "head":
-        for r, v in patched:
-            z[r][:, idx, v.head] = src["z"][layer][:, s0:][:, idx, v.head]
-    mid = x + k.attn_out(layer, z)
-    if g.component == "attn-out":
-        for r, _ in patched:
-            mid[r][:, idx] = x[r][:, idx] + src.attn(layer)[:, s0:][:, idx]
-    post = mid + k.mlp(layer, mid)
-    if g.component == "mlp-out":
-        for r, _ in patched:
-            post[r][:, idx] = mid[r][:, idx] + src["mlp"][layer][:, s0:][:, idx]
-    return post
+    s0, T = g.start, x.shape[2]
+    normed = e.ln1(layer, x)
+    pos = torch.arange(s0, s0 + T, device=x.device)
+    keys, values = e.kv(layer, normed, pos)
+    q_pos = pos.expand(x.shape[1], T)
+    z = e.attend(layer, e.q(layer, normed, pos), keys, values, q_pos, s0, prefix.get(layer, s0))
+    where = (slice(None), slice(s0, None))
+    return _sublayers(e, batch, g, layer, x, z, patched, where, (slice(None), idx))
 
 
-def _mid_delta(k: Kernels, batch: Batch, g: Group, layer: int, ids: list[int], sel) -> torch.Tensor:
-    """(src − base) of the patched output at positions `sel`, as it enters resid_mid: one row per
-    variant (n, B, …, d_model)."""
+def _attn_delta(e: Engine, batch: Batch, g: Group, layer: int, ids: list[int], sel: tuple):
+    """How the attention's residual contribution changes at positions `sel` when each variant
+    of `ids` patches its head (or the whole output): (n, B, …, d_model)."""
     base, src = batch.base, batch.src
-    if g.component == "head":
-        heads = [g.variants[vi].head for vi in ids]
-        dz = (src["z"][layer] - base["z"][layer])[sel][..., heads, :]  # (B, …, m, d_head)
-        w = k.layers[layer].W_O[heads]  # (m, d_head, d_model)
-        k.flops += 2.0 * dz.numel() * w.shape[-1]
-        return torch.einsum("b...md,mdD->mb...D", dz, w)
-    return (src.attn(layer) - base.attn(layer))[sel].unsqueeze(0)
+    if g.component == "attn-out":
+        return (src.attn(layer) - base.attn(layer))[sel].unsqueeze(0)
+    heads = [g.variants[vi].head for vi in ids]
+    dz = (src["z"][layer] - base["z"][layer])[sel][..., heads, :]  # (B, …, m, d_head)
+    w = e.weights.layers[layer].W_O[heads]  # (m, d_head, d_model)
+    e.flops += 2.0 * dz.numel() * w.shape[-1]
+    delta = torch.einsum("b...md,mdD->mb...D", dz, w)
+    if e.layers[layer].ln1_post is None:
+        return delta
+    out = e.attn_out(layer, base["z"][layer][sel])  # the base output before the post-norm
+    return e.attn_residual(layer, out + delta) - base.attn(layer)[sel]
 
 
-def _join_after(k: Kernels, batch: Batch, g: Group, layer: int, idx: slice) -> torch.Tensor:
+def _after_attn(e: Engine, batch: Batch, layer: int, sel: tuple, delta: torch.Tensor):
+    """resid_pre of layer+1 at `sel` when the attention's contribution changes by `delta`."""
+    base = batch.base
+    if e.arch.parallel:  # the MLP read the block's input, not the attention's output
+        return base["pre"][layer + 1][sel] + delta
+    mid = base["mid"][layer][sel] + delta
+    return mid + e.mlp(layer, mid)
+
+
+def _join_after(e: Engine, batch: Batch, g: Group, layer: int, idx: slice) -> torch.Tensor:
     """resid_pre of layer+1 for the variants that start at `layer` by patching an output."""
     base, src, s0 = batch.base, batch.src, g.start
     ids = [vi for vi, v in enumerate(g.variants) if v.layers[0] == layer]
@@ -161,8 +200,7 @@ def _join_after(k: Kernels, batch: Batch, g: Group, layer: int, idx: slice) -> t
         t[:, idx] += (src["mlp"][layer] - base["mlp"][layer])[:, s0:][:, idx]
         return t.unsqueeze(0)
     sel = (slice(None), slice(s0, None) if g.pos is None else slice(g.pos, g.pos + 1))
-    mid = base["mid"][layer][sel] + _mid_delta(k, batch, g, layer, ids, sel)
-    changed = mid + k.mlp(layer, mid)
+    changed = _after_attn(e, batch, layer, sel, _attn_delta(e, batch, g, layer, ids, sel))
     if g.pos is None:
         return changed
     t = nxt.expand(len(ids), *nxt.shape).clone()
@@ -177,7 +215,7 @@ def _at_final(act: torch.Tensor, finals: torch.Tensor) -> torch.Tensor:
 
 
 def _last_layer(
-    k: Kernels,
+    e: Engine,
     batch: Batch,
     g: Group,
     x: torch.Tensor | None,
@@ -188,35 +226,22 @@ def _last_layer(
 ) -> None:
     """The last block at the final positions only; writes every variant's result into `out`."""
     base, src, s0 = batch.base, batch.src, g.start
-    layer = k.n_layers - 1
+    layer = e.n_layers - 1
     fin = batch.finals
     covered = torch.ones_like(fin, dtype=torch.bool) if g.pos is None else fin == g.pos
     if x is not None:
         T = x.shape[2]
         qi = (fin - s0).clamp(0, T - 1)
-        normed = k.ln1(layer, x)
-        keys, values = k.kv(layer, normed)
-        k_pre, v_pre = prefix.get(layer, s0)
-        q = k.q(layer, _at_final(normed, qi)).unsqueeze(2)
-        z = k.attend(q, keys, values, k_pre, v_pre, (s0 + qi).unsqueeze(1), s0).squeeze(2)
-        xf = _at_final(x, qi)
+        normed = e.ln1(layer, x)
+        keys, values = e.kv(layer, normed, torch.arange(s0, s0 + T, device=x.device))
+        q_pos = (s0 + qi).unsqueeze(1)
+        q = e.q(layer, _at_final(normed, qi).unsqueeze(2), q_pos)
+        z = e.attend(layer, q, keys, values, q_pos, s0, prefix.get(layer, s0)).squeeze(2)
         rows = [(r, g.variants[vi]) for r, vi in enumerate(order)
                 if layer in g.variants[vi].layers[1:]]  # fmt: skip
-        if g.component == "head":
-            src_z = _at_final(src["z"][layer].flatten(-2), fin).unflatten(-1, z.shape[-2:])
-            for r, v in rows:
-                z[r, covered, v.head] = src_z[covered, v.head]
-        mid = xf + k.attn_out(layer, z)
-        if g.component == "attn-out":
-            src_attn = _at_final(src.attn(layer), fin)
-            for r, _ in rows:
-                mid[r, covered] = xf[r, covered] + src_attn[covered]
-        post = mid + k.mlp(layer, mid)
-        if g.component == "mlp-out":
-            src_mlp = _at_final(src["mlp"][layer], fin)
-            for r, _ in rows:
-                post[r, covered] = mid[r, covered] + src_mlp[covered]
-        out[order] = post
+        where = (torch.arange(fin.shape[0], device=fin.device), fin)
+        xf = _at_final(x, qi)
+        out[order] = _sublayers(e, batch, g, layer, xf, z, rows, where, (covered,))
     if not joining or g.component == "resid":
         return
     mask = covered.to(out.dtype).unsqueeze(-1)
@@ -224,7 +249,6 @@ def _last_layer(
         delta = _at_final(src["mlp"][layer] - base["mlp"][layer], fin)
         out[joining] = (_at_final(base["pre"][layer + 1], fin) + mask * delta).unsqueeze(0)
         return
-    rows_sel = (torch.arange(fin.shape[0], device=fin.device), fin)
-    delta = _mid_delta(k, batch, g, layer, joining, rows_sel)  # (m, B, d_model)
-    mid = _at_final(base["mid"][layer], fin) + mask * delta
-    out[joining] = mid + k.mlp(layer, mid)
+    where = (torch.arange(fin.shape[0], device=fin.device), fin)
+    delta = _attn_delta(e, batch, g, layer, joining, where)  # (m, B, d_model)
+    out[joining] = _after_attn(e, batch, layer, where, mask * delta)

@@ -1,8 +1,9 @@
 """The slow exact path: one full forward per patched variant, patched by a TransformerLens hook.
 
-It starts from the base run's cached resid_pre of block 0 (the embedding, noise included for a
-Gaussian corruption) and runs every block through the bridge with `model.run_blocks`. It exists
-to check the downstream recompute (`queries.recompute`) against, variant by variant.
+It runs the bridge's own forward on the base run's tokens with resid_pre of block 0 replaced by
+the cached one (the embedding, noise included for a Gaussian corruption), so none of the engine's
+code is involved. It exists to check the downstream recompute (`queries.recompute`) against,
+variant by variant.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def final_logits(model: ModelAdapter, batch: Batch, g: Group, v: Variant) -> tor
         )
         for layer in v.layers
     ]
-    resid = model.run_blocks(batch.base["pre"][0].clone(), 0, hooks=hooks)
-    rows = torch.arange(batch.size, device=resid.device)
-    return model.unembed(resid[rows, batch.finals])
+    hooks.insert(0, ("blocks.0.hook_resid_pre", _setter(batch.base["pre"][0], (slice(None),))))
+    logits = model.hooked_logits(batch.base_tokens, hooks)
+    rows = torch.arange(batch.size, device=logits.device)
+    return logits[rows, batch.finals]

@@ -151,13 +151,17 @@ def _compute(
             f"model {run['params']['model']!r} differs from the one run {run_id} was ingested "
             "with (fingerprint mismatch); re-ingest the run"
         )
+    from queries.core.engine import Engine
+
     site = parse_site(model, params["hook"], params["head"])
-    w = reading_map(model, site, params["reader"])
+    engine = Engine.from_adapter(model)
+    w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
     mode, metric, source = params["mode"], params["metric"], params["direction"]
 
     def batches(indices: np.ndarray, patch_mode: str = mode):
-        return site_batches(store, model, run_id, site, prompts, indices, patch_mode, params["pos"])
+        return site_batches(store, model, engine, run_id, site, prompts, indices, patch_mode,
+                            params["pos"])  # fmt: skip
 
     if source in SOURCES:
         train, held_out = split_indices(n, params["train_frac"], params["seed"])
@@ -169,7 +173,7 @@ def _compute(
             from queries.das import train_das
 
             basis, history = train_das(
-                lambda: batches(train), site.dim, params["k"], metric, mode, model.bridge,
+                lambda: batches(train), site.dim, params["k"], metric, mode,
                 seed=params["seed"], epochs=params["epochs"], lr=params["lr"],
             )  # fmt: skip
             print(f"DAS loss {history[0]:.4g} -> {history[-1]:.4g}", file=sys.stderr)

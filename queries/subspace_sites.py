@@ -1,10 +1,10 @@
 """Patching sites over a store: which activation a hook name means, how to recompute downstream
 of it, and the linear map that reads it.
 
-Residual-stream hooks are patched by editing the cached residual stream itself and running the
-later blocks: the bridge's `hook_resid_mid` feeds only ln2's input, not the residual path, so a
-hook replacing it would leave the skip connection unpatched. Head z and MLP hidden hooks are
-patched with a hook inside their own block, starting from the cached resid_pre of that layer.
+Residual-stream hooks are patched by editing the residual stream itself and running the later
+blocks of the engine (queries/core); resid_mid runs the MLP of its layer first (families with
+parallel attention and MLP have no resid_mid). Head z and MLP hidden activations are replaced
+inside their own block, which starts from the cached resid_pre of that layer.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from actstore.errors import UsageError
 from actstore.models import ModelAdapter
 from actstore.store import Store
+from queries.core.engine import Engine
 from queries.metrics import AnswerSets, answer_arrays
 from queries.subspace import PatchBatch
 
@@ -57,6 +58,11 @@ def parse_site(model: ModelAdapter, hook: str, head: int | None) -> Site:
     s = model.shape
     if layer >= s.n_layers:
         raise UsageError(f"--hook {hook}: the model has layers 0..{s.n_layers - 1}")
+    if kind == "resid_mid" and model.architecture.parallel:
+        raise UsageError(
+            f"--hook {hook}: {model.spec} runs attention and MLP in parallel, so it has no "
+            "resid_mid; use blocks.L.hook_resid_pre or blocks.L.hook_resid_post"
+        )
     if kind != "z" and head is not None:
         raise UsageError(f"--head applies to blocks.L.attn.hook_z only, not {hook}")
     if head is not None and not 0 <= head < s.n_heads:
@@ -65,15 +71,17 @@ def parse_site(model: ModelAdapter, hook: str, head: int | None) -> Site:
     return Site(hook, kind, layer, head, dim.get(kind, s.d_model))
 
 
-def reading_map(model: ModelAdapter, site: Site, reader: str | None) -> torch.Tensor | None:
+def reading_map(engine: Engine, site: Site, reader: str | None) -> torch.Tensor | None:
     """The linear map W (dim, out) through which the site's activation acts downstream.
 
     MLP hidden -> residual via W_out; head z -> residual via W_O[h] (all heads: W_O stacked);
-    residual stream -> the reader named by `reader` ("L.H.q|k|v", "L.mlp" or "unembed"), with
-    the reader's LayerNorm folded in as centering times its scale (LayerNorm's division by the
-    norm rescales, it does not change which directions are read).
+    a post-norm after either (Gemma 2) scales each output dimension by its weight, folded in.
+    Residual stream -> the reader named by `reader` ("L.H.q|k|v", "L.mlp" or "unembed"), with
+    the reader's norm folded in as its scale (times centering for LayerNorm): the division by
+    the norm rescales, it does not change which directions are read; rotary embeddings rotate
+    queries and keys by position, which changes no rowspace either.
     """
-    b = model.bridge
+    w8 = engine.weights.layers
     with torch.no_grad():
         if site.kind in ("mlp_post", "z"):
             if reader is not None:
@@ -81,11 +89,15 @@ def reading_map(model: ModelAdapter, site: Site, reader: str | None) -> torch.Te
                     f"--reader applies to residual-stream hooks; {site.hook} is read by its own "
                     "block's output weights"
                 )
-            block = b.blocks[site.layer]
+            layer = engine.layers[site.layer]
             if site.kind == "mlp_post":
-                return block.mlp.W_out.detach().double().cpu()
-            w_o = block.attn.W_O.detach().double().cpu()
-            return w_o[site.head] if site.head is not None else w_o.reshape(-1, w_o.shape[-1])
+                w, post = w8[site.layer].W_out, layer.ln2_post
+            else:
+                w_o = w8[site.layer].W_O
+                w = w_o[site.head] if site.head is not None else w_o.reshape(-1, w_o.shape[-1])
+                post = layer.ln1_post
+            w = w.double().cpu()
+            return w if post is None else w * post[0].double().cpu()
         if reader is None:
             return None
         m = READER_RE.match(reader)
@@ -93,30 +105,32 @@ def reading_map(model: ModelAdapter, site: Site, reader: str | None) -> torch.Te
             raise UsageError(
                 f"--reader {reader}: give L.H.q|k|v (a head's input), L.mlp or unembed"
             )
+        parallel = engine.arch.parallel
         if m.group(1) is not None:
             layer, h, which = int(m.group(1)), int(m.group(2)), m.group(3)
-            _check_reader(model, site, layer, h, reads_mid=False)
-            blk = b.blocks[layer]
-            w = getattr(blk.attn, f"W_{which.upper()}")[h]
-            gamma = blk.ln1.w
+            _check_reader(engine, site, layer, h, reads_mid=False)
+            head = h if which == "q" else engine.arch.kv_head(h)
+            w = getattr(w8[layer], f"W_{which.upper()}")[head]
+            gamma = engine.layers[layer].ln1[0]
         elif m.group(4) is not None:
             layer = int(m.group(4))
-            _check_reader(model, site, layer, None, reads_mid=True)
-            blk = b.blocks[layer]
-            w, gamma = blk.mlp.W_in, blk.ln2.w
+            _check_reader(engine, site, layer, None, reads_mid=not parallel)
+            w, gamma = engine.layers[layer].W_in, engine.layers[layer].ln2[0]
         else:
-            w, gamma = b.W_U, b.ln_final.w
-        w, gamma = w.detach().double().cpu(), gamma.detach().double().cpu()
+            w, gamma = engine.W_U, engine.ln_final[0]
+        w, gamma = w.double().cpu(), gamma.double().cpu()
         d = w.shape[0]
-        center = torch.eye(d, dtype=torch.float64) - 1.0 / d
-        return center @ (gamma[:, None] * w)
+        scaled = gamma[:, None] * w
+        if engine.arch.norm == "rms":
+            return scaled
+        return (torch.eye(d, dtype=torch.float64) - 1.0 / d) @ scaled
 
 
-def _check_reader(model: ModelAdapter, site: Site, layer: int, head: int | None, reads_mid: bool):
-    s = model.shape
-    if layer >= s.n_layers or (head is not None and head >= s.n_heads):
+def _check_reader(engine: Engine, site: Site, layer: int, head: int | None, reads_mid: bool):
+    a = engine.arch
+    if layer >= a.n_layers or (head is not None and head >= a.n_heads):
         raise UsageError(
-            f"--reader: the model has layers 0..{s.n_layers - 1} and heads 0..{s.n_heads - 1}"
+            f"--reader: the model has layers 0..{a.n_layers - 1} and heads 0..{a.n_heads - 1}"
         )
     # The first layer whose reader sees this residual stream.
     first = site.layer + (site.kind == "resid_post") + (site.kind == "resid_mid" and not reads_mid)
@@ -157,6 +171,7 @@ def check_pos(pos: str, lengths: np.ndarray) -> str:
 def site_batches(
     store: Store,
     model: ModelAdapter,
+    engine: Engine,
     run_id: int,
     site: Site,
     prompts: pl.DataFrame,
@@ -196,7 +211,7 @@ def site_batches(
             base=base,
             source=source,
             mask=positions_mask(lengths, base.shape[1], pos).to(dev),
-            run=_downstream(model, site, start, lengths),
+            run=_downstream(engine, site, start, lengths),
             answer=torch.as_tensor(answers[sel], dtype=torch.long, device=dev),
             wrong=torch.as_tensor(wrongs[sel], dtype=torch.long, device=dev),
             clean_logits=read("clean", "logits"),
@@ -225,31 +240,33 @@ def _z_view(z: torch.Tensor, site: Site) -> torch.Tensor:
     return z.reshape(*z.shape[:2], -1)
 
 
-def _downstream(model: ModelAdapter, site: Site, start: torch.Tensor | None, lengths: np.ndarray):
-    """A function from the patched site activation to final-position logits."""
-    rows = torch.arange(len(lengths), device=model.device)
-    last = torch.as_tensor(lengths - 1, dtype=torch.long, device=model.device)
-    layer = site.layer
+def _downstream(engine: Engine, site: Site, start: torch.Tensor | None, lengths: np.ndarray):
+    """A function from the patched site activation to final-position logits (differentiable,
+    for DAS)."""
+    e, layer = engine, site.layer
+    dev = e.W_U.device
+    rows = torch.arange(len(lengths), device=dev)
+    last = torch.as_tensor(lengths - 1, dtype=torch.long, device=dev)
 
     def finish(resid: torch.Tensor) -> torch.Tensor:
-        return model.unembed(resid[rows, last][:, None])[:, 0]
+        return e.unembed(resid[rows, last])
 
     def run(act: torch.Tensor) -> torch.Tensor:
         if site.kind == "resid_pre":
-            return finish(model.run_blocks(act, layer))
+            return finish(e.run_blocks(act, layer))
         if site.kind == "resid_post":
-            return finish(model.run_blocks(act, layer + 1))
+            return finish(e.run_blocks(act, layer + 1))
         if site.kind == "resid_mid":
-            block = model.bridge.blocks[layer]
-            return finish(model.run_blocks(act + block.mlp(block.ln2(act)), layer + 1))
+            return finish(e.run_blocks(act + e.mlp(layer, act), layer + 1))
 
-        def replace(value: torch.Tensor, hook) -> torch.Tensor:
+        def replace(value: torch.Tensor) -> torch.Tensor:
             if site.kind == "mlp_post" or site.head is None:
                 return act.reshape(value.shape).to(value.dtype)
             value = value.clone()
             value[:, :, site.head] = act.to(value.dtype)
             return value
 
-        return finish(model.run_blocks(start, layer, hooks=[(site.hook, replace)]))
+        edit = {"edit_hidden": replace} if site.kind == "mlp_post" else {"edit_z": replace}
+        return finish(e.run_blocks(e.block(layer, start, **edit), layer + 1))
 
     return run

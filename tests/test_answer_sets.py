@@ -11,7 +11,8 @@ import duckdb
 import numpy as np
 import pytest
 import torch
-from test_attribution import hooked_circuit_metric, hooked_input_grads, node_outputs, run_tensors
+from edge_reference import hooked_circuit_metric, hooked_input_grads, node_outputs
+from test_attribution import run_tensors
 
 from actstore.catalog import MIGRATIONS, SCHEMA_VERSION
 from actstore.models import load_model

@@ -1,7 +1,8 @@
 """Attribution (AtP, EAP, EAP-IG) and circuits, checked against independent hooked TL forwards.
 
-The references here use TransformerLens' own modules through the bridge's hooks (hook_z,
-hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in), not actstore's EdgeModel.
+The references (tests/edge_reference.py) use TransformerLens' own modules through the bridge's
+hooks (hook_z, hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in), not actstore's
+EdgeModel.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from edge_reference import eap_scores, hooked_circuit_metric, logit_diff
 
 from actstore.cli import main
 from actstore.models import BUILTIN_DIR, load_model
@@ -58,125 +60,6 @@ def run_tensors(store: Store) -> dict:
     }
 
 
-def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
-    """Mean logit difference at each prompt's final position (full-sequence logits)."""
-    rows = torch.arange(logits.shape[0])
-    final = logits[rows, data["last"]]
-    return (final[rows, data["answer"]] - final[rows, data["wrong"]]).mean()
-
-
-def node_outputs(adapter, tokens: torch.Tensor) -> torch.Tensor:
-    """Every node's output (batch, pos, n_forward, d_model) from a TL run_with_cache."""
-    b = adapter.bridge
-    with torch.no_grad():
-        _, cache = b.run_with_cache(tokens)
-    cols = [cache["blocks.0.hook_resid_pre"][:, :, None]]
-    for layer in range(adapter.shape.n_layers):
-        w_o = b.blocks[layer].attn.W_O
-        cols.append(torch.einsum("bphe,hed->bphd", cache[f"blocks.{layer}.attn.hook_z"], w_o))
-        cols.append(cache[f"blocks.{layer}.hook_mlp_out"][:, :, None])
-    return torch.cat(cols, dim=2).detach()
-
-
-def input_hooks(adapter) -> list[tuple[str, slice]]:
-    """TL hook names of every destination input, with its backward slice (per-head for qkv)."""
-    g = Graph.from_config(adapter.shape)
-    h = adapter.shape.n_heads
-    out = []
-    for layer in range(adapter.shape.n_layers):
-        start = g.layer_start(layer)
-        for i, kind in enumerate("qkv"):
-            out.append(
-                (f"blocks.{layer}.hook_{kind}_input", slice(start + i * h, start + (i + 1) * h))
-            )
-        out.append((f"blocks.{layer}.hook_mlp_in", slice(start + 3 * h, start + 3 * h + 1)))
-    return out + [("ln_final.hook_in", slice(g.n_backward - 1, g.n_backward))]
-
-
-class split_inputs:
-    """Turn on the bridge's per-head q/k/v input hooks and hook_mlp_in for a block."""
-
-    def __init__(self, adapter):
-        self.bridge = adapter.bridge
-
-    def __enter__(self):
-        self.bridge.set_use_split_qkv_input(True)
-        self.bridge.set_use_hook_mlp_in(True)
-
-    def __exit__(self, *exc):
-        self.bridge.set_use_split_qkv_input(False)
-        self.bridge.set_use_hook_mlp_in(False)
-
-
-def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict, metric=None) -> torch.Tensor:
-    """∂(mean metric)/∂(every destination input) by autograd through TL's hooked forward;
-    `metric(logits, data)` defaults to the mean logit difference."""
-    metric = metric or logit_diff
-    g = Graph.from_config(adapter.shape)
-    captured: dict[tuple[int, int], torch.Tensor] = {}
-
-    def capture(cols: slice):
-        def fn(act, hook):
-            # a copy: the bridge hands hook_mlp_in the resid_mid tensor that the residual add
-            # also uses; only the returned tensor feeds the MLP, so its gradient is the MLP's
-            act = act.clone()
-            captured[(cols.start, cols.stop)] = act
-            return act
-
-        return fn
-
-    hooks = [(name, capture(cols)) for name, cols in input_hooks(adapter)]
-    with split_inputs(adapter), adapter.bridge.hooks(fwd_hooks=hooks):
-        value = metric(adapter.bridge(tokens), data)
-    grads = torch.autograd.grad(value, list(captured.values()))
-    b, p = tokens.shape
-    out = torch.zeros(b, p, g.n_backward, adapter.shape.d_model)
-    for (start, stop), grad in zip(captured, grads, strict=True):
-        out[:, :, start:stop] = grad if grad.ndim == 4 else grad[:, :, None]
-    return out
-
-
-def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) -> float:
-    """m(C) by a TL forward whose input hooks add (corrupted − this run's) source outputs;
-    `metric(logits, data)` defaults to the mean logit difference."""
-    metric = metric or logit_diff
-    g = Graph.from_config(adapter.shape)
-    corrupted = node_outputs(adapter, data["corrupted"])
-    dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32)
-    outs: dict[int, torch.Tensor] = {}
-    b = adapter.bridge
-
-    def record(first: int, heads_of: int | None = None):
-        def fn(act, hook):
-            if heads_of is None:
-                outs[first] = act
-                return act
-            act_out = torch.einsum("bphe,hed->bphd", act, b.blocks[heads_of].attn.W_O)
-            for h in range(adapter.shape.n_heads):
-                outs[first + h] = act_out[:, :, h]
-            return act
-
-        return fn
-
-    def patch(cols: slice):
-        def fn(act, hook):
-            n_up = int(g.n_upstream[cols.start])
-            current = torch.stack([outs[i] for i in range(n_up)], dim=2)
-            delta = corrupted[:, :, :n_up] - current
-            add = torch.einsum("bpsd,sn->bpnd", delta, dropped[:n_up, cols])
-            return act + (add if act.ndim == 4 else add[:, :, 0])
-
-        return fn
-
-    hooks = [("blocks.0.hook_resid_pre", record(0))]
-    for layer in range(adapter.shape.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_z", record(g.head_index(layer, 0), layer)))
-        hooks.append((f"blocks.{layer}.hook_mlp_out", record(g.mlp_index(layer))))
-    hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
-    with torch.no_grad(), split_inputs(adapter), b.hooks(fwd_hooks=hooks):
-        return float(metric(b(data["clean"]), data))
-
-
 def test_gpt2_small_has_32491_edges():
     from transformers import GPT2Config
 
@@ -196,7 +79,8 @@ def test_edge_forward_reproduces_model_and_corrupted_run(setup):
     store, adapter, data = setup
     model = EdgeModel(adapter)
     g = model.graph
-    full = adapter.forward(data["clean"])
+    with torch.no_grad():
+        full = adapter.hooked_logits(data["clean"])
     rows = torch.arange(full.shape[0])
     for batch in iter_batches(store, store.run(1), model):
         with torch.no_grad():
@@ -254,9 +138,7 @@ def test_node_atp_is_the_gradient_estimate_and_tracks_head_patching(setup):
 def test_eap_equals_difference_times_hooked_gradient(setup):
     store, adapter, data = setup
     g = Graph.from_config(adapter.shape)
-    grads = hooked_input_grads(adapter, data["clean"], data)
-    diff = node_outputs(adapter, data["corrupted"]) - node_outputs(adapter, data["clean"])
-    expected = torch.einsum("bpsd,bpnd->sn", diff, grads).numpy() * g.real
+    expected = eap_scores(adapter, data)
     scores = attribute(store, 1, "eap")
     sid = int(scores["score_id"][0])
     _, _, stored = score_graph(store, sid)

@@ -1,4 +1,4 @@
-"""The model adapter: built-in, Hugging Face directory, and the downstream-only pieces."""
+"""The model adapter: built-in, Hugging Face directory, and the engine's pieces over it."""
 
 from __future__ import annotations
 
@@ -9,24 +9,24 @@ from actstore.errors import UsageError
 from actstore.models import load_model
 
 
-def test_pieces_compose_to_the_full_forward(toy_random):
+def test_engine_pieces_compose_to_the_full_forward(toy_random):
+    from queries.core.engine import Engine
+
+    engine = Engine.from_adapter(toy_random)
     tokens = torch.tensor([toy_random.tokenize("When Mary and John went to the store , John")] * 2)
     with torch.no_grad():
-        full = toy_random.bridge(tokens)
-        mine = toy_random.forward(tokens)
-        _, cache = toy_random.bridge.run_with_cache(tokens)
-        resumed = toy_random.unembed(
-            toy_random.run_blocks(cache["blocks.2.hook_resid_pre"], start=2)
-        )
+        full = toy_random.hooked_logits(tokens)
+        mine = engine.forward(tokens)
+        _, cache = toy_random.run_with_cache(tokens, {"blocks.2.hook_resid_pre"})
+        resumed = engine.unembed(engine.run_blocks(cache["blocks.2.hook_resid_pre"], start=2))
     assert torch.allclose(full, mine, atol=1e-5)
     assert torch.allclose(full, resumed, atol=1e-5)
 
 
-def test_run_blocks_applies_hooks(toy_random):
+def test_hooked_logits_apply_hooks(toy_random):
     tokens = torch.tensor([toy_random.tokenize("Mary gave a book to")])
     seen = []
-    x = toy_random.embed(tokens)
-    toy_random.run_blocks(x, 0, 2, hooks=[("blocks.1.hook_resid_mid", lambda a, hook: seen.append(
+    toy_random.hooked_logits(tokens, [("blocks.1.hook_resid_mid", lambda a, hook: seen.append(
         a.shape))])  # fmt: skip
     assert seen == [torch.Size([1, 6, toy_random.shape.d_model])]
 
@@ -44,7 +44,7 @@ def test_hugging_face_directory_loads_offline(tmp_path, toy_random):
     assert model.source == "path" and model.shape.n_layers == 2 and model.shape.d_model == 32
     tokens = torch.tensor([model.tokenize("Mary gave a book to")])
     with torch.no_grad():
-        assert torch.allclose(model.forward(tokens), hf(tokens).logits, atol=1e-4)
+        assert torch.allclose(model.hooked_logits(tokens), hf(tokens).logits, atol=1e-4)
 
 
 def test_unknown_models_are_usage_errors(tmp_path):

@@ -10,12 +10,15 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from patching_helpers import OneTemplateIOI, ingest_pairs_task
+from patching_helpers import (
+    TL_FUNCTIONS,
+    OneTemplateIOI,
+    assert_matches_transformer_lens,
+    ingest_pairs_task,
+)
 
 from actstore.models import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names, load_model
 from actstore.store import Store
-from queries import metrics
 from queries.patching import check_spec, compute_effects, patch
 
 N_PROMPTS = 5
@@ -38,71 +41,16 @@ def equal_store(request, tmp_path_factory):
     return path, load_model(request.param)
 
 
-def _tl_inputs(store: Store, model):
-    pr = store.prompts(1)
-    tokens = {s: torch.tensor(store.read(1, s, "tokens")).long() for s in ("clean", "corrupted")}
-    finals = torch.tensor(pr["seq_len"].to_numpy() - 1).long()
-    targets = metrics.Targets(
-        torch.tensor(pr["answer_token"].to_numpy()).long(),
-        torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
-        torch.tensor(store.read(1, "clean", "logits")),
-    )
-    fns = {m: metrics.logits_metric_fn(m, finals, targets) for m in metrics.METRICS}
-    return tokens, fns
-
-
-TL_FUNCTIONS = {
-    "head": ("get_act_patch_attn_head_out_all_pos", ("layer", "head_index")),
-    "head-pos": ("get_act_patch_attn_head_out_by_pos", ("layer", "pos", "head_index")),
-    "resid": ("get_act_patch_resid_pre", ("layer", "pos")),
-    "attn-out": ("get_act_patch_attn_out", ("layer", "pos")),
-    "mlp-out": ("get_act_patch_mlp_out", ("layer", "pos")),
-}
-
-
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("component", list(TL_FUNCTIONS))
 def test_matches_transformer_lens(equal_store, component, direction):
     """Every metric of every component equals TL's patching within 1e-4 (positions sampled
     for the by-position sweeps to keep TL's one-forward-per-patch cost small)."""
-    import pandas as pd
-    import transformer_lens.patching as tlp
-
     path, model = equal_store
     store = Store(path)
-    tokens, fns = _tl_inputs(store, model)
-    src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
-    _, cache = model.bridge.run_with_cache(tokens[src])
-    model.bridge.eval()
-    name, axes = TL_FUNCTIONS[component]
-    s = model.shape
-    seq = tokens["clean"].shape[1]
+    seq = int(store.run(1)["seq_len"])
     positions = None if component == "head" else [0, 4, seq - 2, seq - 1]
-    index = pd.DataFrame(
-        [(layer, *rest) for layer in range(s.n_layers)
-         for rest in _rest(component, positions, s.n_heads)],
-        columns=list(axes),
-    )  # fmt: skip
-    result = getattr(tlp, name)(
-        model.bridge, tokens[base], cache, fns, index_axis_names=None, index_df=index
-    )
-    for i, metric in enumerate(metrics.METRICS):
-        spec = check_spec(store, 1, component, metric, direction, 1, positions)
-        ours, _ = compute_effects(store, 1, spec, model)
-        key = {"layer": "layer", "head_index": "head", "pos": "pos"}
-        ours = ours.sort([key[a] for a in axes])
-        expected = result.values[i].numpy()
-        assert ours.height == len(expected)
-        np.testing.assert_allclose(ours["value"].to_numpy(), expected, atol=1e-4, rtol=0)
-        assert ours["value"].std() > 0  # the patches really change the run
-
-
-def _rest(component, positions, n_heads):
-    if component == "head":
-        return [(h,) for h in range(n_heads)]
-    if component == "head-pos":
-        return [(p, h) for p in positions for h in range(n_heads)]
-    return [(p,) for p in positions]
+    assert_matches_transformer_lens(store, model, component, direction, positions, spread=0.0)
 
 
 @pytest.mark.parametrize("window", [1, 2])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-import torch
+from patching_helpers import hooked_full_patch
 
 import actstore
 from actstore.errors import UsageError
@@ -21,39 +21,6 @@ def store(tmp_path_factory):
     ingest(path, model="toy-random", task="ioi", n=12, batch_size=8, hooks="default,mlp_post",
            progress=False)  # fmt: skip
     return actstore.open(path)
-
-
-def hooked_full_patch(model, s, hook: str, head: int | None) -> float:
-    """Mean logit diff of corrupted prompts, `hook` set to its clean value, by a full forward."""
-    prompts = s.prompts(1)
-    tokens = torch.as_tensor(s.read(1, "corrupted", "tokens"), dtype=torch.long)
-    layer = int(hook.split(".")[1])
-    stored = hook if hook in s.hooks(1) else f"blocks.{layer + 1}.hook_resid_pre"
-    clean = torch.as_tensor(s.read(1, "clean", stored))
-    captured = {}
-
-    def put(value, hook):
-        if head is None:
-            return clean.to(value.dtype)
-        value = value.clone()
-        value[:, :, head] = clean[:, :, head]
-        return value
-
-    if hook.endswith("hook_resid_mid"):  # the bridge's resid_mid hook feeds ln2 only
-        hooks = [
-            (f"blocks.{layer}.hook_resid_pre", lambda v, hook: captured.update(pre=v)),
-            (f"blocks.{layer}.hook_attn_out", lambda v, hook: clean - captured["pre"]),
-        ]
-    else:
-        hooks = [(hook, put)]
-    with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks):
-        logits = model.bridge(tokens)
-    last = torch.as_tensor(prompts["seq_len"].to_numpy() - 1)
-    final = logits[torch.arange(len(last)), last]
-    answer = torch.tensor(prompts["answer_token"].to_list(), dtype=torch.long)
-    wrong = torch.tensor(prompts["wrong_answer_token"].to_list(), dtype=torch.long)
-    rows = torch.arange(len(last))
-    return float((final[rows, answer] - final[rows, wrong]).mean())
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ def test_toy_loads_offline_fast(toy):
 @pytest.fixture(scope="module")
 def held_out_accuracy(toy):
     model, _ = toy
-    return accuracy(lambda tokens: model.forward(tokens), toy_view(), n=N_HELD_OUT)
+    return accuracy(model.hooked_logits, toy_view(), n=N_HELD_OUT)
 
 
 @pytest.mark.parametrize("name", list(THRESHOLDS))
@@ -53,15 +53,17 @@ def test_held_out_prompts_are_new():
         assert not train_texts & {p.clean for p in pairs}
 
 
-def test_adapter_matches_training_forward(toy):
-    """The adapter's embed/run_blocks/unembed path computes what the HF model computed."""
+def test_engine_matches_training_forward(toy):
+    """The engine's forward over the adapter's weights computes what the trained model does."""
+    from queries.core.engine import Engine
+
     model, _ = toy
     tokens = torch.tensor([model.tokenize("The capital of France is")])
-    hf = model.bridge.original_model if hasattr(model.bridge, "original_model") else None
-    logits = model.forward(tokens)
+    with torch.no_grad():
+        logits = Engine.from_adapter(model).forward(tokens)
+        reference = model.hooked_logits(tokens)
     assert model.tokenizer.decode([int(logits[0, -1].argmax())]) == "Paris"
-    if hf is not None:
-        torch.testing.assert_close(hf(tokens).logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference, logits, atol=1e-4, rtol=1e-4)
 
 
 def test_training_first_steps_write_a_loadable_model(tmp_path):

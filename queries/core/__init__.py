@@ -1,0 +1,1 @@
+"""The query core: the one transformer engine that every query computes with."""

@@ -1,0 +1,160 @@
+"""Hook-and-gradient references for edge attribution and circuits, independent of actstore's engine.
+
+Everything here runs TransformerLens' bridge over the Hugging Face model (hook_z, hook_mlp_out,
+hook_q/k/v_input, hook_mlp_in, ln_final.hook_in) and reads weights from the bridge and the HF
+modules. A head's output is z·W_O[h]; under a post-attention norm (Gemma 2) it is the documented
+share w ⊙ (z·W_O[h] + b_O/heads) / rms(o) of the normed output, o the layer's attention output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from queries.graph import Graph
+
+
+def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
+    """Mean logit difference at each prompt's final position (full-sequence logits)."""
+    rows = torch.arange(logits.shape[0])
+    final = logits[rows, data["last"]]
+    return (final[rows, data["answer"]] - final[rows, data["wrong"]]).mean()
+
+
+def graph_of(adapter) -> Graph:
+    return Graph.of(adapter.architecture)
+
+
+def head_shares(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """Every head's output (batch, pos, heads, d_model) from its z, by the definition above."""
+    attn = adapter.bridge.blocks[layer].attn
+    per = torch.einsum("bphe,hed->bphd", z, attn.W_O)
+    hf = adapter.bridge.original_model
+    if hf.config.model_type != "gemma2":
+        return per
+    post = hf.model.layers[layer].post_attention_layernorm
+    bias = attn.b_O
+    if bias is not None:
+        per = per + bias / per.shape[2]
+    total = per.sum(2, keepdim=True)
+    scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + post.eps)
+    return per * scale * (1.0 + post.weight)
+
+
+def node_outputs(adapter, tokens: torch.Tensor) -> torch.Tensor:
+    """Every node's output (batch, pos, n_forward, d_model) from a TL run_with_cache."""
+    with torch.no_grad():
+        _, cache = adapter.bridge.run_with_cache(tokens)
+        cols = [cache["blocks.0.hook_resid_pre"][:, :, None]]
+        for layer in range(adapter.shape.n_layers):
+            cols.append(head_shares(adapter, layer, cache[f"blocks.{layer}.attn.hook_z"]))
+            cols.append(cache[f"blocks.{layer}.hook_mlp_out"][:, :, None])
+    return torch.cat(cols, dim=2).detach()
+
+
+def input_hooks(adapter) -> list[tuple[str, slice]]:
+    """TL hook names of every destination input, with its backward slice (per-head for qkv)."""
+    g = graph_of(adapter)
+    h = adapter.shape.n_heads
+    out = []
+    for layer in range(adapter.shape.n_layers):
+        start = g.layer_start(layer)
+        for i, kind in enumerate("qkv"):
+            out.append(
+                (f"blocks.{layer}.hook_{kind}_input", slice(start + i * h, start + (i + 1) * h))
+            )
+        out.append((f"blocks.{layer}.hook_mlp_in", slice(start + 3 * h, start + 3 * h + 1)))
+    return out + [("ln_final.hook_in", slice(g.n_backward - 1, g.n_backward))]
+
+
+class split_inputs:
+    """Turn on the bridge's per-head q/k/v input hooks and hook_mlp_in for a block."""
+
+    def __init__(self, adapter):
+        self.bridge = adapter.bridge
+
+    def __enter__(self):
+        self.bridge.set_use_split_qkv_input(True)
+        self.bridge.set_use_hook_mlp_in(True)
+
+    def __exit__(self, *exc):
+        self.bridge.set_use_split_qkv_input(False)
+        self.bridge.set_use_hook_mlp_in(False)
+
+
+def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict, metric=None) -> torch.Tensor:
+    """∂(mean metric)/∂(every destination input) by autograd through TL's hooked forward;
+    `metric(logits, data)` defaults to the mean logit difference."""
+    metric = metric or logit_diff
+    g = graph_of(adapter)
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+
+    def capture(cols: slice):
+        def fn(act, hook):
+            # a copy: the bridge hands hook_mlp_in the resid_mid tensor that the residual add
+            # also uses; only the returned tensor feeds the MLP, so its gradient is the MLP's
+            act = act.clone()
+            captured[(cols.start, cols.stop)] = act
+            return act
+
+        return fn
+
+    hooks = [(name, capture(cols)) for name, cols in input_hooks(adapter)]
+    with split_inputs(adapter), adapter.bridge.hooks(fwd_hooks=hooks):
+        value = metric(adapter.bridge(tokens), data)
+    grads = torch.autograd.grad(value, list(captured.values()))
+    b, p = tokens.shape
+    out = torch.zeros(b, p, g.n_backward, adapter.shape.d_model)
+    for (start, stop), grad in zip(captured, grads, strict=True):
+        out[:, :, start:stop] = grad if grad.ndim == 4 else grad[:, :, None]
+    return out
+
+
+def eap_scores(adapter, data: dict, at: str = "clean") -> np.ndarray:
+    """(other run − run `at`) · ∂m/∂input at run `at`, on the edges: EAP at the clean run, the
+    edges of AtP at the corrupted one."""
+    other = "corrupted" if at == "clean" else "clean"
+    grads = hooked_input_grads(adapter, data[at], data)
+    diff = node_outputs(adapter, data[other]) - node_outputs(adapter, data[at])
+    return torch.einsum("bpsd,bpnd->sn", diff, grads).numpy() * graph_of(adapter).real
+
+
+def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) -> float:
+    """m(C) by a TL forward whose input hooks add (corrupted − this run's) source outputs;
+    `metric(logits, data)` defaults to the mean logit difference."""
+    metric = metric or logit_diff
+    g = graph_of(adapter)
+    corrupted = node_outputs(adapter, data["corrupted"])
+    dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32)
+    outs: dict[int, torch.Tensor] = {}
+    b = adapter.bridge
+
+    def record(first: int, heads_of: int | None = None):
+        def fn(act, hook):
+            if heads_of is None:
+                outs[first] = act
+                return act
+            act_out = head_shares(adapter, heads_of, act)
+            for h in range(adapter.shape.n_heads):
+                outs[first + h] = act_out[:, :, h]
+            return act
+
+        return fn
+
+    def patch(cols: slice):
+        def fn(act, hook):
+            n_up = int(g.n_upstream[cols.start])
+            current = torch.stack([outs[i] for i in range(n_up)], dim=2)
+            delta = corrupted[:, :, :n_up] - current
+            add = torch.einsum("bpsd,sn->bpnd", delta, dropped[:n_up, cols])
+            return act + (add if act.ndim == 4 else add[:, :, 0])
+
+        return fn
+
+    hooks = [("blocks.0.hook_resid_pre", record(0))]
+    for layer in range(adapter.shape.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_z", record(g.head_index(layer, 0), layer)))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", record(g.mlp_index(layer))))
+    hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
+    with torch.no_grad(), split_inputs(adapter), b.hooks(fwd_hooks=hooks):
+        return float(metric(b(data["clean"]), data))

@@ -1,0 +1,284 @@
+"""Every query on every supported family, on tiny random Hugging Face directories
+(tests/families.py).
+
+References, none of them actstore's engine: Hugging Face's logits; TransformerLens' `patching`
+and the bridge's hooked forward; hook-and-gradient edge scores and hooked edge patching
+(tests/edge_reference.py), run on a twin with per-head q/k/v input hooks: under grouped-query
+attention the same model with its key/value heads repeated one per query head (whose per-head
+key and value inputs are the engine's per-query-head copies, docs/attribution.md), for GPT-J the
+same function as a GPT-NeoX model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from edge_reference import eap_scores, hooked_circuit_metric
+from families import FAMILIES, random_model, save, split_input_twin
+from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
+
+import actstore
+from actstore.architecture import Architecture
+from actstore.errors import UsageError
+from actstore.models import ModelAdapter, adapter_from_hf, load_model
+from actstore.store import Store
+from queries.attribution import attribute
+from queries.circuits import circuit, score_graph, top_edges
+from queries.core.engine import Engine
+from queries.patching import check_spec, compute_effects
+
+N_PROMPTS = 6
+
+
+@dataclass
+class Family:
+    name: str
+    store: Store
+    model: ModelAdapter
+    reference: ModelAdapter  # the same function with split q/k/v inputs (families.py)
+    data: dict
+
+
+@pytest.fixture(scope="module", params=[f for f in FAMILIES if f != "mistral"])
+def fam(request, tmp_path_factory) -> Family:
+    """An IOI run (prompts of several lengths) on the family's model, loaded from its directory."""
+    from transformers import AutoModelForCausalLM
+
+    from ingest.runner import ingest
+
+    root = tmp_path_factory.mktemp(request.param)
+    directory = save(request.param, root / "model")
+    ingest(root / "store", model=str(directory), task="ioi", n=N_PROMPTS, batch_size=4,
+           hooks="default,k,mlp_post", progress=False)  # fmt: skip
+    model = load_model(str(directory))
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    twin = split_input_twin(hf, request.param)
+    reference = model if twin is hf else adapter_from_hf("twin", twin, model.tokenizer)
+    store = Store(root / "store")
+    prompts = store.prompts(1)
+
+    def ids(column: str) -> torch.Tensor:
+        return torch.as_tensor(prompts[column].to_numpy(), dtype=torch.long)
+
+    data = {side: torch.as_tensor(store.read(1, side, "tokens"), dtype=torch.long)
+            for side in ("clean", "corrupted")}  # fmt: skip
+    data.update(last=ids("seq_len") - 1, answer=ids("answer_token"),
+                wrong=ids("wrong_answer_token"))  # fmt: skip
+    return Family(request.param, store, model, reference, data)
+
+
+# ---- the engine against Hugging Face ------------------------------------------------------
+
+FEATURES = {
+    "gpt_neox": [("rotary_dim", 8), ("parallel", False)],
+    "gptj": [("rotary_pairing", "neox"), ("unembed", None)],
+    "llama": [("rope_scaling", None), ("n_kv_heads", 4)],
+    "qwen2": [("qkv_bias", None)],
+    "mistral": [("sliding_layers", ())],
+    "gemma2": [("attn_softcap", None), ("final_softcap", None), ("sliding_layers", ()),
+               ("attn_scale", 4.0), ("norm_offset", 0.0), ("embed_scale", 1.0)],
+}  # fmt: skip
+
+
+def _without(engine: Engine, feature: str, value) -> Engine:
+    """The engine with one feature of the family changed: its logits must move."""
+    w = engine.weights
+    if feature == "unembed":
+        return Engine(engine.arch, dataclasses.replace(w, b_U=None))
+    if feature == "qkv_bias":
+        layers = [dataclasses.replace(x, b_Q=None, b_K=None, b_V=None) for x in w.layers]
+        return Engine(engine.arch, dataclasses.replace(w, layers=layers))
+    if feature == "n_kv_heads":  # read key/value head 0 for every query head
+        layers = [
+            dataclasses.replace(x, W_K=x.W_K[:1].expand(4, -1, -1), W_V=x.W_V[:1].expand(4, -1, -1))
+            for x in w.layers
+        ]
+        arch = dataclasses.replace(engine.arch, n_kv_heads=4)
+        return Engine(arch, dataclasses.replace(w, layers=layers))
+    return Engine(dataclasses.replace(engine.arch, **{feature: value}), w)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_forward_equals_hugging_face(family):
+    hf, tok = random_model(family)
+    model = adapter_from_hf(family, hf, tok)
+    engine = Engine.from_adapter(model)
+    tokens = torch.tensor([model.tokenize("When Mary and John went to the store , John gave a "
+                                          "drink to")] * 2)  # fmt: skip
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert (engine.forward(tokens) - expected).abs().max() < 1e-4
+        assert (model.hooked_logits(tokens) - expected).abs().max() < 1e-4
+        for feature, value in FEATURES[family]:
+            moved = (_without(engine, feature, value).forward(tokens) - expected).abs().max()
+            assert moved > 1e-2, f"{family}: the logits do not depend on {feature}"
+    arch, w = model.architecture, model.weights()
+    assert Architecture.from_json(arch.to_json()) == arch
+    assert arch.qkv_bias == (w.layers[0].b_Q is not None) == (w.layers[0].b_K is not None)
+    assert arch.o_bias == (w.layers[0].b_O is not None)
+    assert arch.mlp_bias == (w.layers[0].b_in is not None)
+    assert arch.unembed_bias == (w.b_U is not None)
+    assert tuple(w.layers[0].W_K.shape) == (arch.n_kv_heads, arch.d_model, arch.d_head)
+
+
+def test_unsupported_family_is_refused_before_any_work(tmp_path):
+    model = tmp_path / "opt"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "opt", "hidden_size": 32}))
+    with pytest.raises(UsageError, match="is a opt model; actstore supports GPT-2, GPT-NeoX"):
+        load_model(str(model))
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    store = tmp_path / "store"
+    result = CliRunner().invoke(
+        main, ["ingest", str(store), "--model", str(model), "--task", "ioi"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Gemma 2" in errors[0], result.output
+    assert not store.exists()
+
+
+# ---- ingest -------------------------------------------------------------------------------
+
+
+def test_default_hooks_and_key_value_shapes(fam):
+    arch = fam.model.architecture
+    hooks = set(fam.store.hooks(1))
+    assert ("blocks.1.hook_resid_mid" in hooks) == (not arch.parallel)
+    assert ("blocks.1.hook_attn_out" in hooks) == arch.parallel
+    k = fam.store.array(1, "clean", "blocks.1.attn.hook_k")
+    z = fam.store.array(1, "clean", "blocks.1.attn.hook_z")
+    assert k.shape[2:] == (arch.n_kv_heads, arch.d_head)
+    assert z.shape[2:] == (arch.n_heads, arch.d_head)
+    if arch.parallel:
+        with pytest.raises(UsageError, match="has no blocks.0.hook_resid_mid"):
+            actstore.open(fam.store.path).ingest(model=fam.model, task="ioi", n=2,
+                                                 hooks="resid_mid")  # fmt: skip
+
+
+# ---- patching -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patching_matches_transformer_lens(fam, direction):
+    """Every component, every metric, against TL's patching on the bridge (1e-4), at positions
+    past the sliding window, at some prompts' final position and at the last."""
+    seq = int(fam.store.run(1)["seq_len"])
+    shortest = int(fam.store.prompts(1)["seq_len"].min())
+    for component, positions in [("head", None), ("head-pos", [shortest - 1, seq - 1]),
+                                 ("resid", [2, shortest - 1, seq - 1]),
+                                 ("attn-out", [2, shortest - 1, seq - 1]),
+                                 ("mlp-out", [2, shortest - 1, seq - 1])]:  # fmt: skip
+        assert_matches_transformer_lens(fam.store, fam.model, component, direction, positions,
+                                        spread=1e-3)  # fmt: skip
+
+
+def test_fast_paths_equal_full_forward(fam):
+    """KV reuse and full-suffix recompute against the bridge's hooked full forward, windows of
+    two layers, positions past some prompts' final position."""
+    store = fam.store
+    seq = int(store.run(1)["seq_len"])
+    shortest = int(store.prompts(1)["seq_len"].min())
+    for component in ("head", "head-pos", "resid", "attn-out", "mlp-out"):
+        positions = None if component == "head" else [1, shortest - 1, seq - 1]
+        spec = check_spec(store, 1, component, "kl", "denoise", 2, positions)
+        frames = {e: compute_effects(store, 1, spec, fam.model, engine=e, batch_size=4)[0]
+                  for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
+        ref = frames["full-forward"]["value"].to_numpy()
+        assert np.ptp(ref) > 0
+        for engine in ("downstream", "downstream-no-kv"):
+            values = frames[engine]["value"].to_numpy()
+            message = f"{fam.name} {component} {engine}"
+            np.testing.assert_allclose(values, ref, atol=1e-5, rtol=0, err_msg=message)
+
+
+# ---- attribution and circuits -------------------------------------------------------------
+
+
+def test_edge_scores_match_hooked_gradients(fam):
+    with torch.no_grad():
+        twin, model = (m.hooked_logits(fam.data["clean"]) for m in (fam.reference, fam.model))
+    assert (twin - model).abs().max() < 1e-4  # the reference computes the model's function
+    expected = eap_scores(fam.reference, fam.data)
+    sid = int(attribute(fam.store, 1, "eap")["score_id"][0])
+    query, graph, stored = score_graph(fam.store, sid)
+    assert graph.parallel == fam.model.architecture.parallel
+    assert graph.n_edges == int(graph.real.sum())
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(stored, expected, atol=1e-5 * scale, rtol=0)
+    for method in ("eap-ig", "eap-ig-activations"):  # one step of either is EAP
+        one_step = score_graph(fam.store, int(attribute(fam.store, 1, method, 1)["score_id"][0]))
+        np.testing.assert_allclose(one_step[2], stored, atol=1e-5 * scale, err_msg=method)
+    atp = attribute(fam.store, 1, "atp")
+    nodes = eap_scores(fam.reference, fam.data, at="corrupted").sum(1)
+    expected_atp = dict(zip(graph.forward_names[1:], nodes[1:], strict=True))
+    assert atp.height == graph.n_forward - 1
+    for src, score in zip(atp["src"], atp["score"], strict=True):
+        assert score == pytest.approx(
+            float(expected_atp[src]), abs=1e-5 * float(np.abs(nodes).max())
+        )
+
+
+def test_faithfulness_matches_masked_forward(fam):
+    sid = int(attribute(fam.store, 1, "eap")["score_id"][0])
+    _, graph, values = score_graph(fam.store, sid)
+    for n in (graph.n_edges // 8, graph.n_edges // 3):
+        row = circuit(fam.store, sid, edges=n, prune=False).row(0, named=True)
+        mask = top_edges(graph, values, n, prune=False)
+        expected = hooked_circuit_metric(fam.reference, fam.data, mask)
+        assert row["metric_value"] == pytest.approx(expected, abs=1e-4)
+    full = circuit(fam.store, sid, edges=graph.n_edges).row(0, named=True)
+    empty = circuit(fam.store, sid, edges=0).row(0, named=True)
+    assert full["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+
+
+# ---- subspace and reductions --------------------------------------------------------------
+
+
+def test_subspace_whole_space_equals_activation_patching(fam, tmp_path):
+    from queries.subspace_sites import parse_site
+
+    store = actstore.open(fam.store.path)
+    parallel = fam.model.architecture.parallel
+    mid = "blocks.1.hook_resid_post" if parallel else "blocks.1.hook_resid_mid"
+    for hook, head in [("blocks.1.hook_resid_pre", None), (mid, None),
+                       ("blocks.2.mlp.hook_post", None), ("blocks.2.attn.hook_z", 1)]:  # fmt: skip
+        dim = parse_site(fam.model, hook, head).dim
+        np.save(tmp_path / "eye.npy", np.eye(dim))
+        rows = store.subspace(1, hook, str(tmp_path / "eye.npy"), head=head)
+        values = dict(zip(rows["component"], rows["value"], strict=True))
+        reference = hooked_full_patch(fam.model, store, hook, head)
+        assert values["v"] == pytest.approx(reference, abs=1e-4), hook
+    if fam.model.architecture.parallel:
+        with pytest.raises(UsageError, match="no resid_mid"):
+            store.subspace(1, "blocks.1.hook_resid_mid", "das")
+
+
+def test_das_and_illusion_report_with_a_key_reader(fam):
+    store = actstore.open(fam.store.path)
+    rows = store.subspace(1, "blocks.1.hook_resid_post", "mean-diff", pos="final", reader="2.3.k")
+    by = {r["component"]: r for r in rows.iter_rows(named=True)}
+    assert {"v", "row", "full"} <= set(by) and by["v"]["illusion"] is not None
+    assert by["row"]["norm_sq"] + by.get("null", {"norm_sq": 0.0})["norm_sq"] == pytest.approx(1.0)
+    das = store.subspace(1, "blocks.0.hook_resid_post", "das", pos="final", epochs=3, k=2)
+    assert das["dim"][0] == 2 and das["split"][0] == "held-out"
+
+
+def test_reduce_head_norm_over_key_value_heads(fam):
+    rows = actstore.open(fam.store.path).reduce(1, "blocks.1.attn.hook_k", op="head-norm")
+    assert sorted(rows["idx"].unique().to_list()) == list(range(fam.model.architecture.n_kv_heads))
+    k = fam.store.read(1, "clean", "blocks.1.attn.hook_k")
+    lengths = fam.store.prompts(1)["seq_len"].to_numpy()
+    at0 = rows.filter((pl.col("pos") == 0) & (pl.col("idx") == 0))["value"][0]
+    assert at0 == pytest.approx(float(np.linalg.norm(k[lengths > 0, 0, 0], axis=-1).mean()))
