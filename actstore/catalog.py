@@ -19,7 +19,7 @@ import duckdb
 from actstore.errors import ActstoreError
 from actstore.views import create_views
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [

@@ -73,10 +73,11 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
 
 def _site_map(hook: str, reader: str | None) -> np.ndarray:
     """The reading map of a hook (toy-random): (dim, out)."""
+    from queries.core.engine import Engine
     from queries.subspace_sites import parse_site, reading_map
 
     model = load_model("toy-random")
-    return reading_map(model, parse_site(model, hook, None), reader).numpy()
+    return reading_map(Engine.from_adapter(model), parse_site(model, hook, None), reader).numpy()
 
 
 @pytest.mark.parametrize(
