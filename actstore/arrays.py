@@ -26,8 +26,13 @@ WRITE_CONFIG = {"write_empty_chunks": True}
 ARRAYS = "arrays.zarr"
 
 
+def run_group(run_id: int) -> str:
+    """The group holding every array of a run."""
+    return f"run{run_id}"
+
+
 def array_name(run_id: int, side: str, hook: str) -> str:
-    return f"run{run_id}/{side}/{hook}"
+    return f"{run_group(run_id)}/{side}/{hook}"
 
 
 def codec():
@@ -124,7 +129,7 @@ def remove_partial_files(directory: Path) -> int:
 
 def run_dir(store_dir: Path, run_id: int) -> Path:
     """The directory holding every array of a run."""
-    return Path(store_dir) / ARRAYS / f"run{run_id}"
+    return Path(store_dir) / ARRAYS / run_group(run_id)
 
 
 def checksum(values: np.ndarray) -> str:

@@ -151,7 +151,10 @@ class Catalog:
 
     def __init__(self, path: Path, holder: Callable[[], str] = lambda: "another process"):
         self.path = Path(path)
+        # Set by the store's writer: this process holds the writer lock. `current` is set once
+        # the schema was checked and migrated under it, which the first write does.
         self.writing = False
+        self.current = False
         self.holder = holder
 
     def _connect(self, read_only: bool, wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
@@ -210,9 +213,14 @@ class Catalog:
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection inside one transaction: all of it lands or none of it."""
+        """A read-write connection inside one transaction: all of it lands or none of it.
+
+        The first write of a writing command migrates the schema (and checks the file intact)
+        first, so that a command refused before it writes leaves the file as it was."""
         if not self.writing:
             raise RuntimeError("catalog write without the store's writer lock")
+        if not self.current:
+            self.migrate()
         con = self._connect(read_only=False)
         try:
             con.execute("BEGIN TRANSACTION")
@@ -266,25 +274,32 @@ class Catalog:
         return int(rows[0][0]) if rows else 0
 
     def migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION; refuse a catalog from a newer actstore."""
-        with self.write() as con:
-            self._check_intact(con)
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
-            ).fetchall()[0][0]
-            current = self.version(con) if exists else 0
-            if current > SCHEMA_VERSION:
-                raise ActstoreError(
-                    f"catalog schema version {current} is newer than this actstore supports "
-                    f"({SCHEMA_VERSION}); upgrade actstore"
+        """Bring the schema to SCHEMA_VERSION (and its views up to date); refuse a catalog from a
+        newer actstore."""
+        self.current = True  # this transaction is the migration: write() must not start one
+        try:
+            with self.write() as con:
+                self._check_intact(con)
+                exists = con.execute(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+                ).fetchall()[0][0]
+                current = self.version(con) if exists else 0
+                if current > SCHEMA_VERSION:
+                    raise ActstoreError(
+                        f"catalog schema version {current} is newer than this actstore supports "
+                        f"({SCHEMA_VERSION}); upgrade actstore"
+                    )
+                for version in range(current, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[version]:
+                        con.execute(statement)
+                con.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    [str(SCHEMA_VERSION)],
                 )
-            for version in range(current, SCHEMA_VERSION):
-                for statement in MIGRATIONS[version]:
-                    con.execute(statement)
-            con.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
-            )
-            create_views(con)
+                create_views(con)
+        except BaseException:
+            self.current = False
+            raise
 
     def is_empty(self) -> bool:
         """True for a catalog file without tables: a store whose creation was interrupted."""

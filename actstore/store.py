@@ -1,7 +1,9 @@
-"""The store: one directory holding `catalog.duckdb` and `arrays.zarr/`.
+"""The store: one directory holding `catalog.duckdb` and `arrays.zarr/` (and the `manifests/` of
+sharded ingests until they are merged).
 
-`Store` reads everything (runs, prompts, arrays, SQL, exports) without importing torch; writing
-commands take the writer lock with `store.writer()` for their whole duration. Arrays are read
+`Store` reads everything (runs, prompts, arrays, SQL, exports) without importing torch. Writing
+commands take the writer lock with `store.writer()` for their whole duration, and write catalog
+rows only through `store.transaction()` (actstore.writes). Arrays are read
 through `VerifiedArray`, so damaged data is an error, never numbers; user SQL runs in DuckDB's
 sandbox, so it can neither change the store nor reach other files.
 """
@@ -25,8 +27,12 @@ from actstore.errors import ActstoreError, DamagedError, UsageError
 from actstore.location import local_dir
 from actstore.lock import WriterLock, describe_holder
 from actstore.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
+from actstore.writes import Writes
 
 CATALOG = "catalog.duckdb"
+MANIFESTS = "manifests"
+# What a directory holds before its catalog exists: shards write arrays and manifests first.
+BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS}
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
@@ -45,11 +51,9 @@ class Store:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ActstoreError(f"cannot create store {self.path}: {exc.strerror}") from None
-            with self.writer("create store"):
-                zarrays.open_root(self.path, mode="a")
+            self._create()
         elif create and self.catalog.is_empty():
-            with self.writer("create store"):  # finish a creation that was interrupted
-                zarrays.open_root(self.path, mode="a")
+            self._create()  # finish a creation that was interrupted
         elif not (self.path / CATALOG).exists():
             what = "does not exist" if not self.path.exists() else "is not an actstore store"
             raise ActstoreError(
@@ -57,7 +61,12 @@ class Store:
             )
         elif self.catalog.check_version() < SCHEMA_VERSION:
             with self.writer("migrate catalog"):  # an older catalog migrates when first opened
-                pass
+                self.catalog.migrate()
+
+    def _create(self) -> None:
+        with self.writer("create store"):
+            self.catalog.migrate()
+            zarrays.open_root(self.path, mode="a")
 
     def _holder(self) -> str:
         return describe_holder(self.lock.path)
@@ -67,20 +76,26 @@ class Store:
 
     @contextmanager
     def writer(self, command: str | None = None) -> Iterator[Store]:
-        """Hold the writer lock (and migrate the schema) for a writing command."""
-        acquired = not self.lock.held
-        if acquired:
-            self.lock.acquire(command)
-        was_writing = self.catalog.writing
-        self.catalog.writing = True
+        """Hold the writer lock for a writing command, from before its first check to its end:
+        the one way any command takes it. Nested uses share the outermost one. Nothing is
+        written here; the command's first transaction migrates the schema."""
+        if self.lock.held:
+            yield self
+            return
+        self.lock.acquire(command)
+        self.catalog.writing, self.catalog.current = True, False
         try:
-            if not was_writing:
-                self.catalog.migrate()
             yield self
         finally:
-            self.catalog.writing = was_writing
-            if acquired:
-                self.lock.release()
+            self.catalog.writing = self.catalog.current = False
+            self.lock.release()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Writes]:
+        """One catalog transaction under the writer lock (taken here when the command does not
+        hold it yet): every row written through the `Writes` lands, or none of them."""
+        with self.writer(), self.catalog.write() as con:
+            yield Writes(con)
 
     def check_writable(self) -> None:
         """Fail now, not after a long computation, if results could not be recorded: the store
@@ -250,13 +265,6 @@ class Store:
         export_frame(df, fmt, out)
         return df
 
-    # ---- results -------------------------------------------------------------------------
-
-    def next_id(self, con: Any, table: str, column: str) -> int:
-        return int(
-            con.execute(f"SELECT coalesce(max({column}), 0) + 1 FROM {table}").fetchall()[0][0]
-        )
-
 
 def check_location(path: Path, create: bool = False) -> None:
     """Refuse, before anything is read or written, a path that is not (and, with `create`,
@@ -265,7 +273,7 @@ def check_location(path: Path, create: bool = False) -> None:
         raise UsageError(f"{path} is a file, not a store directory; give a directory path")
     if not create or (path / CATALOG).exists():
         return
-    if path.exists() and any(p.name != "writer.lock" for p in path.iterdir()):
+    if path.exists() and any(p.name not in BEFORE_CATALOG for p in path.iterdir()):
         raise UsageError(
             f"{path} exists, is not empty and is not an actstore store; choose a new or empty "
             "directory"

@@ -23,7 +23,6 @@ from actstore import arrays as zarrays
 from actstore.arrays import ARRAYS, open_array
 from actstore.errors import ActstoreError
 from actstore.models import load_model
-from actstore.results import forget_queries
 from actstore.store import Store
 from actstore.verify import PIECE, REPAIRABLE, verify
 
@@ -39,8 +38,8 @@ def repair(store_path: str | Path, run_id: int | None = None, device: str | None
         rows.extend(_restore_metadata(store, run_id))
         findings = verify(store, run_id).filter(pl.col("problem").is_in(REPAIRABLE))
         damaged_runs = findings["run_id"].drop_nulls().unique().sort().to_list()
-        with store.catalog.write() as con:
-            forgotten = {rid: forget_queries(con, [rid]) for rid in damaged_runs}
+        with store.transaction() as tx:
+            forgotten = {rid: tx.forget_queries([rid]) for rid in damaged_runs}
         for rid in damaged_runs:
             if forgotten[rid]:
                 detail = f"deleted its {forgotten[rid]} recorded queries and their results"
@@ -89,7 +88,8 @@ def _restore_metadata(store: Store, run_id: int | None) -> list[dict[str, Any]]:
 def _repair_run(
     store: Store, run_id: int, damaged: pl.DataFrame, device: str | None
 ) -> list[dict[str, Any]]:
-    from ingest.runner import _compute_batch, _load_pairs, _prepare, write_chunks
+    from ingest.batches import compute_batch, write_chunks  # torch: only when repairing
+    from ingest.prompts import load_pairs, prepare
 
     params = store.run(run_id, complete=False)["params"]
     try:
@@ -101,21 +101,21 @@ def _repair_run(
             f"cannot repair run {run_id}: model {params['model']!r} now has different weights "
             f"than when it was ingested; re-ingest the run instead"
         )
-    _, pairs, source = _load_pairs(
+    _, pairs, source = load_pairs(
         model, params["task"], params.get("dataset"), params["n"], params["seed"]
     )
     if source.get("dataset_sha256") != params.get("dataset_sha256"):
         raise ActstoreError(
             f"cannot repair run {run_id}: dataset {params['dataset']} changed since ingest"
         )
-    prep = _prepare(model, pairs, params["corruption"])
+    prep = prepare(model, pairs, params["corruption"])
     if prep.clean.shape[1] != params["seq_len"]:
         raise ActstoreError(f"cannot repair run {run_id}: its prompts no longer tokenize the same")
     out = []
     for (chunk_idx, lo, hi), group in damaged.group_by(
         ["chunk_idx", "prompt_start", "prompt_stop"], maintain_order=True
     ):
-        values, _ = _compute_batch(model, prep, params, int(lo), int(hi))
+        values, _ = compute_batch(model, prep, params, int(lo), int(hi))
         recorded = {
             (r["side"], r["hook"]): r["checksum"]
             for r in store.query(
@@ -141,5 +141,5 @@ def _repair_run(
                         "detail": "recomputed bit for bit" if ok else
                         "recomputed values differ from the ledger checksum (other hardware or "
                         "library versions?); chunk left as it was"})  # fmt: skip
-        write_chunks(store, run_id, arrays, values, int(chunk_idx), int(lo), int(hi))
+        write_chunks(store.path, arrays, values, int(chunk_idx), int(lo), int(hi))
     return out

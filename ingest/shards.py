@@ -22,24 +22,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 import polars as pl
 import zarr
 
 from actstore import arrays as zarrays
-from actstore.catalog import Catalog
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import arrays_url, local_dir
-from actstore.lock import WriterLock
-from actstore.store import CATALOG, Store
+from actstore.models import ModelAdapter
+from actstore.store import MANIFESTS, Store
+from actstore.writes import array_records, model_record
+from ingest.batches import array_shapes, compute_batch, create_arrays, params_hash, write_chunks
+from ingest.prompts import Prepared, prompt_records
 
-if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
-    from ingest.runner import Prepared
-
-MANIFESTS = "manifests"
 MERGED = "merged"
 STAGED = "staged"
 MANIFEST_FORMAT = 1
@@ -93,59 +90,6 @@ def _creation_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# The prompts columns that hold lists of token ids.
-TOKEN_LISTS = ("clean_tokens", "corrupted_tokens", "answer_tokens", "wrong_answer_tokens")
-
-
-def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict[str, Any]]:
-    """The `prompts` rows of prompts [lo, hi), keyed by column, without the run id: what both
-    the ingest runner and a shard's manifest record."""
-    records = []
-    for j, i in enumerate(range(lo, hi)):
-        pair, length = prep.pairs[i], int(prep.lengths[i])
-        records.append(
-            {
-                "prompt_idx": i,
-                "clean_text": pair.clean,
-                "corrupted_text": pair.corrupted,
-                "answer": pair.answer,
-                "wrong_answer": pair.wrong_answer,
-                **{name: float(values[j]) for name, values in metrics.items()},
-                "answer_token": int(prep.answers[i]),
-                "wrong_answer_token": int(prep.wrong[i]),
-                "seq_len": length,
-                "clean_tokens": prep.clean[i, :length].tolist(),
-                "corrupted_tokens": prep.corrupted[i, :length].tolist(),
-                "grp": pair.group,
-                "answers": list(pair.correct()),
-                "wrong_answers": list(pair.incorrect()),
-                "answer_tokens": prep.answer_sets[i],
-                "wrong_answer_tokens": prep.wrong_sets[i],
-            }
-        )
-    return records
-
-
-def model_record(model: ModelAdapter) -> dict[str, Any]:
-    """The `models` row of a model, by column name."""
-    s = model.shape
-    return {
-        "model": model.spec, "fingerprint": model.fingerprint, "source": model.source,
-        "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model, "d_head": s.d_head,
-        "d_mlp": s.d_mlp, "d_vocab": s.d_vocab, "n_ctx": s.n_ctx,
-        "architecture": model.architecture.to_json(),
-    }  # fmt: skip
-
-
-def insert_model(con: Any, model: dict[str, Any]) -> None:
-    """Record a model's row unless the store has it."""
-    con.execute(
-        f"INSERT OR IGNORE INTO models ({', '.join(model)}, created_at) VALUES "
-        f"({', '.join('?' for _ in model)}, now())",
-        list(model.values()),
-    )
-
-
 def _write_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
@@ -167,10 +111,8 @@ def ingest_shard(
     """Write shard `shard`'s chunks into the staged arrays, then its manifest; no catalog write."""
     from tqdm import tqdm
 
-    from ingest.runner import _array_shapes, _compute_batch, _params_hash
-
     started = time.monotonic()
-    phash = _params_hash(params)
+    phash = params_hash(params)
     n, seq = prep.clean.shape
     batch = params["batch_size"]
     n_chunks = (n + batch - 1) // batch
@@ -179,31 +121,18 @@ def ingest_shard(
     mdir = manifest_dir(store_dir, phash)
     mdir.mkdir(parents=True, exist_ok=True)
     url, options = arrays_url(location)
-    shapes = _array_shapes(model, params, n, seq)
+    shapes = array_shapes(model, params, n, seq)
     with _creation_lock(mdir):
         root = zarr.open_group(url, mode="a", storage_options=options or None)
-        arrays = {
-            key: zarrays.create_array(
-                root, f"{staged_name(phash)}/{key[0]}/{key[1]}", shape, batch, dt, replace=False
-            )
-            for key, (shape, dt) in shapes.items()
-        }
+        arrays = create_arrays(root, staged_name(phash), shapes, batch, replace=False)
     prompts: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
     show = sys.stderr.isatty() if progress is None else progress
     for b in tqdm(range(first, stop), disable=not show, file=sys.stderr, unit="batch",
                   desc=f"ingest {shard.label}"):  # fmt: skip
         lo, hi = b * batch, min(n, (b + 1) * batch)
-        values, metrics = _compute_batch(model, prep, params, lo, hi)
-        for (side, hook), arr in arrays.items():
-            data = values[(side, hook)].astype(arr.dtype, copy=False)
-            arr[lo:hi] = data
-            name = f"{staged_name(phash)}/{side}/{hook}"
-            zarrays.fsync_path(zarrays.chunk_file(store_dir, name, b, arr.ndim))
-            ledger.append(
-                {"side": side, "hook": hook, "chunk_idx": b, "prompt_start": lo,
-                 "prompt_stop": hi, "checksum": zarrays.checksum(data), "nbytes": data.nbytes}
-            )  # fmt: skip
+        values, metrics = compute_batch(model, prep, params, lo, hi)
+        ledger.extend(write_chunks(store_dir, arrays, values, b, lo, hi))
         prompts.extend(prompt_records(prep, lo, hi, metrics))
     path = mdir / f"{shard.label}.json"
     _write_atomic(
@@ -250,7 +179,8 @@ def merge(location: str | Path) -> pl.DataFrame:
             f"no shard manifests under {store_dir / MANIFESTS}; run actstore ingest … --shard i/N "
             "first"
         )
-    store = _open_or_create(location, store_dir)
+    # the catalog is created here when only shards have written so far
+    store = Store(location, create=True)
     with store.writer("actstore merge"):
         if not groups:
             return pl.DataFrame([_merged_row(store, archive) for archive in merged])
@@ -265,20 +195,6 @@ def _merged_row(store: Store, archive: Path) -> dict[str, Any]:
     return {"run_id": int(run_id), "params_hash": phash, "n_shards": shards,
             "shards_present": shards, "missing": "",
             "status": status.item() if status.len() else "missing from the catalog"}  # fmt: skip
-
-
-def _open_or_create(location: str | Path, store_dir: Path) -> Store:
-    """The store; its catalog is created here when only shards have written so far."""
-    if not (store_dir / CATALOG).exists():
-        lock = WriterLock(store_dir)
-        lock.acquire("actstore merge (create catalog)")
-        try:
-            catalog = Catalog(store_dir / CATALOG)
-            catalog.writing = True
-            catalog.migrate()
-        finally:
-            lock.release()
-    return Store(location)
 
 
 def _load_manifests(mdir: Path) -> list[dict]:
@@ -346,34 +262,18 @@ def _check_model(store: Store, model: dict) -> None:
 def _claim_run(store: Store, manifest: dict, phash: str, staged: bool) -> tuple[int, bool]:
     """The run id the shards fill (an interrupted run with equal parameters, or a new one), and
     whether a previous merge already completed it."""
-    params = manifest["params"]
-    with store.catalog.write() as con:
-        latest = con.execute(
-            "SELECT run_id, status FROM runs WHERE params_hash = ? ORDER BY run_id DESC LIMIT 1",
-            [phash],
-        ).fetchall()
-        if latest and latest[0][1] == "complete" and not staged:
-            return int(latest[0][0]), True
-        if latest and latest[0][1] in ("ingesting", "failed"):
-            run_id = int(latest[0][0])
-            con.execute("UPDATE runs SET status = 'ingesting' WHERE run_id = ?", [run_id])
+    with store.transaction() as tx:
+        latest = tx.latest_run(phash, ["complete", "ingesting", "failed"])
+        status = None if latest is None else tx.run_status(latest)
+        if status == "complete" and not staged:
+            return latest, True
+        if status in ("ingesting", "failed"):
+            run_id = latest
+            tx.resume_run(run_id)
         else:
-            run_id = store.next_id(con, "runs", "run_id")
-            run = {
-                "run_id": run_id, "model": params["model"], "task": params["task"],
-                "corruption": params["corruption"], "n_prompts": manifest["n_prompts"],
-                "status": "ingesting", "params": json.dumps(params, sort_keys=True),
-                "params_hash": phash, "seq_len": manifest["seq_len"], "dtype": params["dtype"],
-                "batch_size": params["batch_size"], "seed": params["seed"],
-                "hooks": json.dumps(params["hooks"]), "dataset": params.get("dataset"),
-            }  # fmt: skip
-            columns = ", ".join(run)
-            con.execute(
-                f"INSERT INTO runs ({columns}, created_at) VALUES "
-                f"({', '.join('?' for _ in run)}, now())",
-                list(run.values()),
-            )
-        insert_model(con, manifest["model"])
+            run_id = tx.new_run(manifest["params"], phash, manifest["n_prompts"],
+                                manifest["seq_len"])  # fmt: skip
+        tx.add_model(manifest["model"])
     return run_id, False
 
 
@@ -392,44 +292,16 @@ def _check_coverage(manifests: list[dict]) -> list[dict]:
     return ledger
 
 
-def _insert(con: Any, table: str, frame: pl.DataFrame) -> None:
-    con.register("incoming", frame.to_arrow())
-    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-    con.unregister("incoming")
-
-
 def _record_run(store: Store, run_id: int, manifests: list[dict], ledger: list[dict]) -> None:
     """Prompts, chunk ledger and arrays rows of the merged run, and its completion: one
     transaction."""
     first = manifests[0]
-    prompts = pl.DataFrame([p for m in manifests for p in m["prompts"]]).with_columns(
-        pl.lit(run_id).alias("run_id"),
-        pl.col(*TOKEN_LISTS).cast(pl.List(pl.Int32)),
-    )
-    chunks = pl.DataFrame(ledger).with_columns(pl.lit(run_id).alias("run_id"))
-    arrays = []
-    for a in first["arrays"]:
-        name = zarrays.array_name(run_id, a["side"], a["hook"])
-        arr = zarrays.open_root(store.path)[name]
-        arrays.append(
-            {"run_id": run_id, "side": a["side"], "hook": a["hook"],
-             "shape": json.dumps(a["shape"]), "dtype": a["dtype"],
-             "chunks": json.dumps(list(arr.chunks)), "codec": zarrays.CODEC_NAME,
-             "raw_bytes": int(arr.nbytes), "stored_bytes": zarrays.stored_bytes(store.path, name),
-             "path": name, "n_chunks": first["n_chunks"]}
-        )  # fmt: skip
-    with store.catalog.write() as con:
-        for table in ("prompts", "chunks", "arrays"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        _insert(con, "prompts", prompts)
-        _insert(con, "chunks", chunks)
-        _insert(con, "arrays", pl.DataFrame(arrays))
-        con.execute("UPDATE chunks SET written_at = now() WHERE run_id = ?", [run_id])
-        con.execute(
-            "UPDATE runs SET status = 'complete', completed_at = now(), wall_s = ? "
-            "WHERE run_id = ?",
-            [max(m["wall_s"] for m in manifests), run_id],
-        )
+    keys = [(a["side"], a["hook"]) for a in first["arrays"]]
+    arrays = array_records(store.path, run_id, keys, first["n_chunks"])
+    with store.transaction() as tx:
+        tx.clear_run(run_id)
+        tx.record_batch(run_id, [p for m in manifests for p in m["prompts"]], ledger)
+        tx.finish_run(run_id, arrays, first["n_chunks"], max(m["wall_s"] for m in manifests))
 
 
 def _archive(mdir: Path, run_id: int) -> None:
