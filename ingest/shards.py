@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import polars as pl
@@ -31,11 +31,12 @@ import zarr
 from actstore import arrays as zarrays
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import arrays_url, local_dir
-from actstore.models import ModelAdapter
 from actstore.store import MANIFESTS, Store
 from actstore.writes import array_records, model_record
-from ingest.batches import array_shapes, compute_batch, create_arrays, params_hash, write_chunks
-from ingest.prompts import Prepared, prompt_records
+
+if TYPE_CHECKING:
+    from actstore.models import ModelAdapter
+    from ingest.prompts import Prepared
 
 MERGED = "merged"
 STAGED = "staged"
@@ -110,6 +111,10 @@ def ingest_shard(
 ) -> pl.DataFrame:
     """Write shard `shard`'s chunks into the staged arrays, then its manifest; no catalog write."""
     from tqdm import tqdm
+
+    # torch, needed only here: parse_shard and merge stay light
+    from ingest.batches import array_shapes, compute_batch, create_arrays, params_hash, write_chunks
+    from ingest.prompts import prompt_records
 
     started = time.monotonic()
     phash = params_hash(params)
