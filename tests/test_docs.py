@@ -139,3 +139,24 @@ def test_help_shows_an_example(command):
     assert result.exit_code == 0, result.output
     assert f"Usage: main {command}" in result.output or f"{command} [OPTIONS]" in result.output
     assert "Example:" in result.output
+
+
+# Notes that point outside the repository: a reader of the code cannot follow them.
+OUTSIDE = re.compile(
+    r"SPEC\.md|\bSPEC\b|STACK-NOTES|\b[Ii]ssue #?\d+|has not landed|lands from|another branch"
+)
+
+
+def test_no_notes_point_outside_the_repository():
+    root = README.parent
+    files = [README, root / "Makefile", root / "pyproject.toml", *root.glob("docs/*.md")]
+    for package in ("actstore", "ingest", "queries", "tests", "benchmarks"):
+        files += (root / package).rglob("*.py")
+    found = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in files
+        if path != Path(__file__).resolve()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert not found, "\n".join(found)
