@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench readme clean browser
+.PHONY: setup demo test check lint format bench readme clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,14 +29,20 @@ browser:
 	    echo "note: no chromium and no root apt-get to install it; the browser test skips" >&2; \
 	  fi; }
 
-test: $(STAMP) browser
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+# The whole suite: what CI runs (.ci/run) and the README's test command.
+test: lint browser
 	$(BIN)/python -m pytest -q
 
+# The inner loop: lint, import contracts and the tests not marked slow (pyproject.toml's
+# markers); under 2 minutes on an idle 2-core machine.
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Ruff and the import contracts of pyproject.toml (lint-imports).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -10,7 +10,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|unk|>"]
 def word_level_tokenizer(words: list[str], name: str = "toy"):
     """A PreTrainedTokenizerFast over `words` that TransformerBridge accepts without the hub.
 
-    `name_or_path` and `add_bos_token=True` are required by the bridge (see STACK-NOTES).
+    The bridge requires `name_or_path` and `add_bos_token=True` to accept a tokenizer.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -37,7 +37,7 @@ class EdgeBatch:
 
 
 def metric_values(metric: str, logits: torch.Tensor, batch: EdgeBatch) -> torch.Tensor:
-    """Per-prompt metric of final-position logits (differentiable): SPEC's definitions."""
+    """Per-prompt metric of final-position logits (differentiable), as queries.metrics has it."""
     targets = Targets(batch.answer, batch.wrong, batch.clean_logits, batch.sets)
     return from_logits(metric, logits, targets)
 

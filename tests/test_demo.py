@@ -14,6 +14,8 @@ import pytest
 from actstore.store import Store
 from queries import demo as demo_module
 
+pytestmark = pytest.mark.slow
+
 
 def parse_table(lines: list[str]) -> list[dict[str, str]]:
     header = lines[0].split()

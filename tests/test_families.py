@@ -33,6 +33,8 @@ from queries.circuits import circuit, score_graph, top_edges
 from queries.core.engine import Engine
 from queries.patching import check_spec, compute_effects
 
+pytestmark = pytest.mark.slow
+
 N_PROMPTS = 6
 
 

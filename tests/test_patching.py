@@ -53,6 +53,7 @@ def test_matches_transformer_lens(equal_store, component, direction):
     assert_matches_transformer_lens(store, model, component, direction, positions, spread=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [1, 2])
 @pytest.mark.parametrize("component", ["head", "head-pos", "resid", "attn-out", "mlp-out"])
 def test_fast_paths_equal_full_forward(ioi_store, toy_random, component, window):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from readme_console import differences, parse, run
 
+pytestmark = pytest.mark.slow
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

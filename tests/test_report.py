@@ -188,6 +188,7 @@ def tooltip(page) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_demo_report_in_chromium(demo_report, tmp_path):
     from playwright.sync_api import sync_playwright
 

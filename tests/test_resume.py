@@ -27,6 +27,8 @@ from actstore.errors import ActstoreError
 from actstore.store import Store
 from actstore.verify import failures, verify
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 8
 KILLS = 12

@@ -73,6 +73,7 @@ def _verify_ledger(path: Path) -> int:
     return len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_shards", [2, 4])
 def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards):
     path = tmp_path / "store"
@@ -198,6 +199,7 @@ def test_distributed_scheduler_matches_threads(ioi_store):
     assert rows.drop("query_id").equals(threads.sort("grp", "pos", "idx"))
 
 
+@pytest.mark.slow
 def test_mean_reduction_under_a_memory_limit(tmp_path):
     """The reduction runs with 64 MiB of address space over the warmed-up interpreter on an
     array of 93 MB, where loading the array with numpy fails."""

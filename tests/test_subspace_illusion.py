@@ -138,6 +138,7 @@ def test_round_off_part_is_absent_not_a_direction(part):
     assert other not in comps and dims[other] == 0
 
 
+@pytest.mark.slow
 def test_das_learns_a_direction_that_restores_the_output():
     from queries.das import train_das
 

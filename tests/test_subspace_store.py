@@ -150,6 +150,7 @@ def flipped_ioi(path, model, n: int) -> None:
     path.write_text(json.dumps({"prompts": prompts}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ("toy",) if n in builtin_names()])
 def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
     """Acceptance: on IOI (S2-flipped pairs), a 4-d DAS subspace (of d_model 64) of the

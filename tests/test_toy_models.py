@@ -11,6 +11,8 @@ from tokenizers_for_tests import toy_view
 from actstore.models import load_model
 from ingest.train_toy import THRESHOLDS, accuracy, held_out_pairs, is_held_out, train
 
+pytestmark = pytest.mark.slow
+
 N_HELD_OUT = 200
 
 

@@ -1,4 +1,4 @@
-"""The task registry: names fixed by SPEC.md map to generators."""
+"""The task registry: each task's CLI name maps to its generator."""
 
 from __future__ import annotations
 
