@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from actstore import arrays as zarrays
+from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
 from ingest.corruptions import gaussian_noise
 from ingest.hooks import hook_shape
@@ -56,7 +57,7 @@ def create_arrays(
 
 
 def write_chunks(
-    store_dir: Path,
+    store_dir: Path | ArraysRoot,
     arrays: dict[tuple[str, str], zarr.Array],
     values: dict[tuple[str, str], np.ndarray],
     chunk_idx: int,
@@ -66,10 +67,11 @@ def write_chunks(
     """Write one batch's chunk of each array, make it durable, return its ledger rows (by
     column, without the run id)."""
     ledger = []
+    root = as_root(store_dir)
     for (side, hook), arr in arrays.items():
         data = values[(side, hook)].astype(arr.dtype, copy=False)
         arr[lo:hi] = data
-        zarrays.fsync_path(zarrays.chunk_file(store_dir, arr.path, chunk_idx, arr.ndim))
+        zarrays.make_durable(root, arr.path, chunk_idx, arr.ndim)
         ledger.append(
             {"side": side, "hook": hook, "chunk_idx": chunk_idx, "prompt_start": lo,
              "prompt_stop": hi, "checksum": zarrays.checksum(data), "nbytes": data.nbytes}
