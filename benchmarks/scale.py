@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy-random")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hooks", default="resid_pre,z")
+    parser.add_argument("--hooks", default="resid_pre,resid_mid,z")
     parser.add_argument("--skip", choices=["workers", "s3"], action="append", default=[])
     args = parser.parse_args()
     load = os.getloadavg()[0]

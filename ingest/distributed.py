@@ -21,9 +21,11 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
     from ingest.prompts import Prepared
 
 CONNECT_TIMEOUT_S = 10
+# What a LocalCluster's forkserver imports once, so that each worker forks with the model stack
+# loaded instead of importing it again (seconds of CPU per worker on a small machine).
+WORKER_PRELOAD = ["distributed", "numpy", "zarr", "torch", "transformer_lens.model_bridge",
+                  "actstore.models", "ingest.batches"]  # fmt: skip
 TASK_RETRIES = 1  # an exception (a transient object-store error) reruns a task once
 Manifest = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # prompt rows, ledger rows
 
@@ -92,13 +98,17 @@ def check_scheduler(address: str) -> None:
 
 @dataclass
 class Pool:
-    """A connected Dask client (and the LocalCluster it started, if any)."""
+    """A Dask client being connected (in the background for a LocalCluster, whose workers
+    start while this process loads the model and prepares the prompts)."""
 
-    client: Any
+    started: Future  # of (client, LocalCluster or None, warm-up futures)
     model: str
     device: str | None
-    local: Any = None
-    warming: list[Any] = field(default_factory=list)
+    remote: bool  # an existing cluster, whose workers may run on other machines
+
+    @property
+    def client(self) -> Any:
+        return self.started.result()[0]
 
 
 @contextmanager
@@ -107,19 +117,36 @@ def cluster(
     scheduler: str | None,
     model: str,
     device: str | None,
-    root: ArraysRoot,
 ) -> Iterator[Pool]:
-    """Connect to `scheduler`, or start a LocalCluster of `workers` single-threaded processes;
-    every worker starts loading the model at once, while this process prepares the prompts."""
-    from distributed import Client, LocalCluster
+    """Connect to `scheduler` (at once, so that a bad cluster fails before the store is
+    touched), or start a LocalCluster of `workers` single-threaded processes in the background;
+    every worker starts loading the model as soon as it is up."""
+    background = ThreadPoolExecutor(1, thread_name_prefix="actstore-cluster")
+    if scheduler is None:
+        started = background.submit(_connect, workers, None, model, device)
+    else:
+        started = Future()
+        started.set_result(_connect(workers, scheduler, model, device))
+    try:
+        yield Pool(started, model, device, remote=scheduler is not None)
+    finally:
+        background.shutdown(wait=True)
+        if started.exception() is None:
+            client, local, _ = started.result()
+            client.close()
+            if local is not None:
+                local.close()
+
+
+def _connect(
+    workers: int | None, scheduler: str | None, model: str, device: str | None
+) -> tuple[Any, Any, list[Any]]:
+    from distributed import Client
 
     local = None
     try:
         if scheduler is None:
-            local = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR,
-            )  # fmt: skip
+            local = _local_cluster(workers or 1)
             client = Client(local)
         else:
             client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
@@ -130,24 +157,35 @@ def cluster(
             local.close()
         where = scheduler or f"a local cluster of {workers} workers"
         raise ActstoreError(f"cannot start Dask on {where}: {exc}") from None
-    pool = Pool(client, model, device, local)
-    try:
-        if root.is_local and scheduler is not None:
-            _check_workers_see(client, root.local)
-        pool.warming = [
-            client.submit(_warm, model, device, workers=[address], pure=False)
-            for address in client.scheduler_info()["workers"]
-        ]
-        yield pool
-    finally:
-        client.close()
-        if local is not None:
-            local.close()
+    warming = [
+        client.submit(_warm, model, device, workers=[address], pure=False)
+        for address in client.scheduler_info()["workers"]
+    ]
+    return client, local, warming
+
+
+def _local_cluster(workers: int) -> Any:
+    """A LocalCluster of single-threaded worker processes, forked from a server that has
+    imported the model stack once (later restarts of a killed worker spawn afresh)."""
+    import dask
+    from distributed import LocalCluster
+    from distributed.utils import get_mp_context
+
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", "Port .* is already in use")  # any free port serves
+        get_mp_context().set_forkserver_preload(WORKER_PRELOAD)
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )  # fmt: skip
 
 
 def _check_workers_see(client: Any, directory: Path) -> None:
     """Workers of an existing cluster must reach the store's local arrays at the same path."""
-    seen = client.run(os.path.isdir, str(directory.absolute().parent))
+    seen = client.run(os.path.isdir, str(directory.absolute()))
     blind = sorted(address for address, ok in seen.items() if not ok)
     if blind:
         raise ActstoreError(
@@ -173,6 +211,8 @@ def run_batches(
     from distributed import as_completed
 
     client = pool.client
+    if pool.remote and root.is_local:
+        _check_workers_see(client, root.local)
     prepared = client.scatter(prep, broadcast=True, hash=False)
     tag = uuid.uuid4().hex[:8]
     spec = (root, group, shapes, pool.model, pool.device, model.fingerprint, params)

@@ -97,7 +97,7 @@ def ingest(
         local_arrays, pool = root.is_local, None
         if workers is not None or scheduler is not None:  # workers load the model meanwhile
             spec = model if isinstance(model, str) else model.spec
-            pool = held.enter_context(cluster(workers, scheduler, spec, device, root))
+            pool = held.enter_context(cluster(workers, scheduler, spec, device))
         adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
         if store is not None:
             _check_same_model(store, adapter)
