@@ -11,25 +11,22 @@ import torch
 
 from actstore.errors import ActstoreError
 from actstore.store import Store
+from queries.attribution.batches import check_run, iter_batches
+from queries.attribution.model import EdgeModel
+from queries.core.metrics import endpoints, from_logits
+from queries.core.model import model_for_run
 
 
 class Evaluator:
     """Exact metric of circuits over a run: one forward per circuit and batch."""
 
     def __init__(self, store: Store, run: dict, metric: str, device: str | None = None):
-        from queries.attribution.batches import check_run
-        from queries.attribution.model import EdgeModel
-        from queries.core.model import model_for_run
-
         self.store, self.run, self.metric = store, run, metric
         self.model = EdgeModel(model_for_run(run, device))
         check_run(store, run, self.model)
         self.clean_metric, self.corrupted_metric = self._endpoints()
 
     def _endpoints(self) -> tuple[float, float]:
-        from queries.attribution.batches import iter_batches
-        from queries.core.metrics import endpoints
-
         clean = corrupted = 0.0
         for batch in iter_batches(self.store, self.run, self.model):
             c, k = endpoints(self.metric, batch.targets, batch.corrupted_logits)
@@ -39,9 +36,6 @@ class Evaluator:
 
     def metric_of(self, masks: list[np.ndarray]) -> list[float]:
         """m(C) for each circuit mask, mean over the run's prompts."""
-        from queries.attribution.batches import iter_batches
-        from queries.core.metrics import from_logits
-
         g = self.model.graph
         dev = self.model.adapter.device
         dropped = [torch.as_tensor(g.real & ~m, dtype=torch.float32, device=dev) for m in masks]

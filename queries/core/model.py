@@ -7,19 +7,14 @@ weights differ from the ingested run's (the run records the model's fingerprint)
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 from actstore.errors import ActstoreError
-
-if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
+from actstore.models import ModelAdapter, load_model
 
 
 @functools.lru_cache(maxsize=1)
 def _load(spec: str, device: str | None) -> ModelAdapter:
     """The last model stays loaded: repeated queries in one session skip the load."""
-    from actstore.models import load_model
-
     return load_model(spec, device)
 
 

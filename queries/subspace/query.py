@@ -10,6 +10,7 @@ basis to `subspace_directions`.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.
             "ingest more prompts or change --train-frac"
         )
     return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def check_pos(pos: str, lengths: np.ndarray) -> str:
+    """Validate --pos against the run's prompt lengths."""
+    if pos in ("all", "final"):
+        return pos
+    if not pos.lstrip("-").isdigit():
+        raise UsageError(f"--pos {pos}: give all, final or a position number")
+    p, shortest = int(pos), int(lengths.min())
+    if not 0 <= p < shortest:
+        raise UsageError(
+            f"--pos {p}: the run's shortest prompt has {shortest} tokens; give 0..{shortest - 1} "
+            "or final"
+        )
+    return str(p)
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
@@ -79,8 +95,6 @@ def subspace(
     save_direction: str | None = None,
 ) -> pl.DataFrame:
     """Patch along a direction at a hook and report the illusion diagnostics (see module doc)."""
-    from queries.subspace.sites import check_pos
-
     check("--metric", metric, METRICS)
     check("--patch-direction", mode, DIRECTIONS)
     if save_direction is not None:
@@ -101,8 +115,6 @@ def subspace(
             raise UsageError(
                 f"--direction {direction}: no such file; give a .npy file, mean-diff or das"
             )
-        import hashlib
-
         params["direction"] = str(path.resolve())
         params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:

@@ -146,21 +146,6 @@ def positions_mask(lengths: np.ndarray, seq: int, pos: str) -> torch.Tensor:
     return torch.as_tensor(mask, dtype=torch.float32)[..., None]
 
 
-def check_pos(pos: str, lengths: np.ndarray) -> str:
-    """Validate --pos against the run's prompt lengths."""
-    if pos in ("all", "final"):
-        return pos
-    if not pos.lstrip("-").isdigit():
-        raise UsageError(f"--pos {pos}: give all, final or a position number")
-    p, shortest = int(pos), int(lengths.min())
-    if not 0 <= p < shortest:
-        raise UsageError(
-            f"--pos {p}: the run's shortest prompt has {shortest} tokens; give 0..{shortest - 1} "
-            "or final"
-        )
-    return str(p)
-
-
 def site_batches(
     reader: Reader,
     model: ModelAdapter,
