@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from actstore import arrays as zarrays
+from actstore.hooks import hook_shape
 from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
 from ingest.corruptions import gaussian_noise
-from ingest.hooks import hook_shape
 from ingest.prompts import Prepared
 
 if TYPE_CHECKING:

@@ -10,21 +10,8 @@ the model's key/value heads (fewer than its query heads under grouped-query atte
 from __future__ import annotations
 
 from actstore.errors import UsageError
+from actstore.hooks import FINAL, PER_LAYER, final_hook, layer_hooks
 from actstore.models import ModelAdapter
-
-PER_LAYER = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "z": "blocks.{l}.attn.hook_z",
-    "q": "blocks.{l}.attn.hook_q",
-    "k": "blocks.{l}.attn.hook_k",
-    "v": "blocks.{l}.attn.hook_v",
-    "pattern": "blocks.{l}.attn.hook_pattern",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-    "mlp_post": "blocks.{l}.mlp.hook_post",
-}
 
 
 def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
@@ -39,16 +26,15 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
     known = model.hook_names()
-    final = f"blocks.{model.shape.n_layers - 1}.hook_resid_post"
     names: list[str] = []
     for item in items:
         expanded: list[str]
         if item == "default":
             expanded = resolve_hooks(model, ",".join(default_hooks(model)))
-        elif item == "resid_final":
-            expanded = [final]
+        elif item == FINAL:
+            expanded = [final_hook(model.shape.n_layers)]
         elif item in PER_LAYER:
-            expanded = [PER_LAYER[item].format(l=i) for i in range(model.shape.n_layers)]
+            expanded = layer_hooks(item, model.shape.n_layers)
             if expanded[0] not in known:
                 raise UsageError(
                     f"hook {item!r}: {model.spec} has no {expanded[0]} (a "
@@ -64,18 +50,3 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
             )
         names.extend(h for h in expanded if h not in names)
     return names
-
-
-def hook_shape(model: ModelAdapter, hook: str, seq: int) -> tuple[int, ...]:
-    """Per-position shape of a hook's activation (after the batch and position axes)."""
-    s = model.shape
-    last = hook.rsplit(".", 1)[-1]
-    if last in ("hook_k", "hook_v", "hook_rot_k"):
-        return (model.architecture.n_kv_heads, s.d_head)
-    if last in ("hook_z", "hook_q", "hook_rot_q", "hook_result"):
-        return (s.n_heads, s.d_head)
-    if last == "hook_pattern" or last == "hook_attn_scores":
-        return (s.n_heads, seq)
-    if hook.endswith("mlp.hook_post") or hook.endswith("mlp.hook_pre"):
-        return (s.d_mlp,)
-    return (s.d_model,)
