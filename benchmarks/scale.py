@@ -78,9 +78,11 @@ def _ingest(store: Path, args: argparse.Namespace, extra: list[str]) -> dict:
 
 
 def _queries(store: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", QUERIES, str(store)], env=ENV, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", QUERIES, str(store)], env=ENV,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"queries on {store} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _row(label: str, columns: list[str]) -> str:
@@ -162,7 +164,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy-random")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hooks", default="resid_pre,resid_mid,z")
+    parser.add_argument("--hooks", default="default")
     parser.add_argument("--skip", choices=["workers", "s3"], action="append", default=[])
     args = parser.parse_args()
     load = os.getloadavg()[0]

@@ -105,10 +105,25 @@ class Pool:
     model: str
     device: str | None
     remote: bool  # an existing cluster, whose workers may run on other machines
+    background: ThreadPoolExecutor
+    closed: bool = False
 
     @property
     def client(self) -> Any:
         return self.started.result()[0]
+
+    def release(self) -> None:
+        """Disconnect (and stop a LocalCluster) in the background: the last batches are in, and
+        the coordinator's closing catalog work need not wait for the workers to shut down."""
+        if not self.closed and self.started.done() and self.started.exception() is None:
+            self.closed = True
+            self.background.submit(_close, *self.started.result()[:2])
+
+
+def _close(client: Any, local: Any) -> None:
+    client.close()
+    if local is not None:
+        local.close()
 
 
 @contextmanager
@@ -127,15 +142,13 @@ def cluster(
     else:
         started = Future()
         started.set_result(_connect(workers, scheduler, model, device))
+    pool = Pool(started, model, device, scheduler is not None, background)
     try:
-        yield Pool(started, model, device, remote=scheduler is not None)
+        yield pool
     finally:
+        started.exception()  # wait for the start: a cluster is never left running
+        pool.release()
         background.shutdown(wait=True)
-        if started.exception() is None:
-            client, local, _ = started.result()
-            client.close()
-            if local is not None:
-                local.close()
 
 
 def _connect(
@@ -226,6 +239,7 @@ def run_batches(
             yield [result for _, result in finished]
     finally:
         client.cancel(futures)
+    pool.release()
 
 
 # ---- on the workers ------------------------------------------------------------------------
