@@ -1,0 +1,117 @@
+"""Derived activations equal what the model's own forward produced, on every family.
+
+The reference is the bridge's hooked forward (`run_with_cache`) of tiny random models of every
+supported family (tests/families.py) and the toy GPT-2: a Derivation that reads only the lean
+set (z of every layer, every other residual, the final residual, tokens) must reproduce every
+residual, resid_mid, attn_out, mlp_out and the final-position logits within 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, random_model
+
+from actstore import derivable as names
+from actstore.models import ModelAdapter, adapter_from_hf, load_model
+from queries.core.derive import Derivation
+from queries.core.engine import Engine
+
+TOL = 1e-5
+LENGTHS = (7, 5, 6)  # prompts of several lengths, right-padded: finals differ
+
+
+def _model(family: str) -> ModelAdapter:
+    if family == "gpt2":
+        return load_model("toy", "cpu")
+    hf, tok = random_model(family)
+    return adapter_from_hf(family, hf, tok, "cpu")
+
+
+def _reference(model: ModelAdapter) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """Tokens, every standard hook of a hooked forward, final positions and final logits."""
+    g = torch.Generator().manual_seed(1)
+    seq = max(LENGTHS)
+    tokens = torch.randint(2, 40, (len(LENGTHS), seq), generator=g)
+    tokens[:, 0] = model.bos_id
+    for row, n in enumerate(LENGTHS):
+        tokens[row, n:] = model.pad_id
+    wanted = {h for h in model.hook_names() if h.rsplit(".", 1)[-1] in HOOK_KINDS}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, wanted)
+    finals = torch.tensor(LENGTHS) - 1
+    final_logits = logits[torch.arange(len(LENGTHS)), finals]
+    return tokens, cache, finals, final_logits
+
+
+HOOK_KINDS = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+              "hook_mlp_out", "hook_z"}  # fmt: skip
+
+
+def _lean(model: ModelAdapter, every: int) -> set[str]:
+    n = model.shape.n_layers
+    return ({names.z(i) for i in range(n)} | {names.resid_post(n - 1), names.TOKENS}
+            | {names.resid_pre(i) for i in range(every, n, every)})  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=("gpt2", *FAMILIES))
+def family(request):
+    model = _model(request.param)
+    return model, Engine.from_adapter(model), *_reference(model)
+
+
+@pytest.mark.parametrize("every", [2, 3, 100])
+def test_every_derivable_hook_equals_the_forward(family, every):
+    """Stored every 2nd / 3rd residual, or none but the final one (a chain through all layers):
+    everything `derivable` names is what the forward computed."""
+    model, engine, tokens, cache, finals, final_logits = family
+    stored = _lean(model, every)
+    arch = model.architecture
+
+    def read(hook: str) -> torch.Tensor | None:
+        if hook not in stored:
+            return None
+        return tokens if hook == names.TOKENS else cache[hook].float()
+
+    d = Derivation(engine, read, finals)
+    derived = names.derivable(stored, arch.n_layers, arch.parallel)
+    assert names.LOGITS in derived
+    assert all(names.resid_pre(i) in derived for i in range(arch.n_layers) if i % every)
+    checked = 0
+    for hook in derived:
+        with torch.no_grad():
+            got = d.get(hook)
+        want = final_logits if hook == names.LOGITS else cache[hook]
+        if hook != names.LOGITS and hook not in cache:
+            continue  # a hook this family's bridge does not have
+        diff = (got - want).abs().max().item()
+        assert diff <= TOL * max(1.0, want.abs().max().item()), (hook, diff)
+        checked += 1
+    mids = sum(names.resid_mid(i) in cache for i in range(arch.n_layers))
+    assert checked == len(derived) and mids == (0 if arch.parallel else arch.n_layers)
+
+
+def test_stored_hooks_are_read_verbatim_and_only_once(family):
+    """A run that stores everything (the layout before derivation) is read as stored."""
+    model, engine, tokens, cache, finals, _ = family
+    reads: list[str] = []
+
+    def read(hook: str) -> torch.Tensor | None:
+        reads.append(hook)
+        return tokens if hook == names.TOKENS else cache.get(hook)
+
+    d = Derivation(engine, read, finals)
+    for hook in sorted(cache):
+        assert d.get(hook) is cache[hook]
+        assert d.get(hook) is cache[hook]
+    assert sorted(reads) == sorted(cache)
+
+
+def test_what_cannot_be_derived_is_named():
+    model = load_model("toy", "cpu")
+    n = model.shape.n_layers
+    stored = {names.TOKENS, names.resid_post(n - 1)}  # no z: no residual after layer 0
+    assert names.derivable(stored, n, parallel=False) == [names.resid_pre(0), names.LOGITS]
+    d = Derivation(Engine.from_adapter(model), lambda hook: None)
+    with pytest.raises(KeyError, match="cannot be derived"):
+        d.get("blocks.0.mlp.hook_post")
