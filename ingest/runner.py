@@ -3,7 +3,8 @@
 Order of events for each batch: run both sides, write every array's chunk, make the chunks
 durable, then record prompts and chunk ledger rows in one catalog transaction. A killed ingest
 therefore leaves whole batches recorded or not at all, and rerunning the same command resumes at
-the first batch the ledger lacks.
+the first batch the ledger lacks. The writing (chunks, fsync, transaction) runs on a background
+thread, in batch order, while the model computes the next batch (ingest.background).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import numpy as np
 import polars as pl
 
 from actstore import arrays as zarrays
+from actstore.derivable import derivable
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import local_dir
 from actstore.models import ModelAdapter, load_model
 from actstore.store import CATALOG, Store
 from actstore.writes import array_records, model_record
+from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
     compute_batch,
@@ -100,6 +103,7 @@ def ingest(
             "n": n_pairs,
             "corruption": corruption,
             "hooks": hook_names,
+            "derived": derivable(hook_names, adapter.shape.n_layers, adapter.architecture.parallel),
             "dtype": dtype,
             "batch_size": min(batch_size, n_pairs),  # a chunk never pads beyond the prompts
             "seed": seed,
@@ -212,29 +216,39 @@ def _run(
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
-    stored = n_batches - len(todo)
-    bar = tqdm(total=n_batches, initial=stored, disable=not show, file=sys.stderr,
+    before = n_batches - len(todo)
+    bar = tqdm(total=n_batches, initial=before, disable=not show, file=sys.stderr,
                desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
+    writer: BatchWriter | None = None
     try:
         root = zarrays.open_root(store.path, mode="a")
         arrays = create_arrays(root, zarrays.run_group(run_id), shapes, batch)
-        for b in todo:
-            lo, hi = b * batch, min(n, (b + 1) * batch)
-            values, metrics = compute_batch(model, prep, params, lo, hi)
+
+        def write(job: tuple[int, int, int, dict, dict]) -> None:
+            b, lo, hi, values, metrics = job
             ledger = write_chunks(store.path, arrays, values, b, lo, hi)
             with store.transaction() as tx:
                 tx.record_batch(run_id, prompt_records(prep, lo, hi, metrics), ledger)
-            stored += 1
             bar.update(1)
+
+        writer = BatchWriter(write)
+        for b in todo:
+            lo, hi = b * batch, min(n, (b + 1) * batch)
+            values, metrics = compute_batch(model, prep, params, lo, hi)
+            writer.submit((b, lo, hi, values, metrics))
+        writer.close()
         bar.close()
         records = array_records(store.path, run_id, list(shapes), n_batches)
         with store.transaction() as tx:
             tx.finish_run(run_id, records, n_batches, time.monotonic() - started)
     except BaseException as exc:
+        if writer is not None:
+            writer.stop()  # the batch being written lands (or fails) before the run is marked
         bar.close()
         if isinstance(exc, KeyboardInterrupt):
             raise
-        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=stored)
+        kept = before + (writer.written if writer is not None else 0)
+        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=kept)
         if err is exc:
             raise
         raise err from exc
