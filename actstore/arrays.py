@@ -3,6 +3,9 @@
 One ingest batch writes whole chunks and nothing else, so chunks never share writers. A chunk's
 checksum is taken over its decoded values, so `verify` detects damage whatever the codec.
 zarr is imported on first use: a query answered from the catalog never needs it.
+
+Every function takes where the arrays are as an `ArraysRoot` (local directory or object store),
+or a store directory whose recorded location is looked up.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from actstore.location import ARRAYS as ARRAYS  # where a store's local arrays are
+from actstore.location import ArraysRoot, as_root
+
 if TYPE_CHECKING:
     import zarr
+
+Where = Path | str | ArraysRoot
 
 # lz4 level 5 after bitshuffle: on GPT-2-small-shape activations 1.29x at ~470 MB/s, against
 # zstd 3's 1.23x at ~50 MB/s (benchmarks/ingest.py; README, Storage).
 CODEC_NAME = "blosc-lz4-5-bitshuffle"
 # Every chunk gets a file, even one equal to the fill value, so that a missing file means damage.
 WRITE_CONFIG = {"write_empty_chunks": True}
-
-
-ARRAYS = "arrays.zarr"
 
 
 def run_group(run_id: int) -> str:
@@ -43,10 +48,11 @@ def codec():
     return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
-def open_root(store_dir: Path, mode: str = "r") -> zarr.Group:
+def open_root(where: Where, mode: str = "r") -> zarr.Group:
     import zarr
 
-    return zarr.open_group(str(Path(store_dir) / ARRAYS), mode=mode)
+    root = as_root(where)
+    return zarr.open_group(root.zarr_store(read_only=mode == "r"), mode=mode)
 
 
 def create_array(
@@ -107,31 +113,47 @@ def _create(
     )
 
 
-def open_array(store_dir: Path, name: str, mode: str = "r") -> zarr.Array:
+def open_array(where: Where, name: str, mode: str = "r") -> zarr.Array:
     """The array `name`, opened by its own metadata: no group metadata is needed on the way."""
     import zarr
 
-    return zarr.open_array(store=str(Path(store_dir) / ARRAYS), path=name, mode=mode)
+    root = as_root(where)
+    return zarr.open_array(store=root.zarr_store(read_only=mode == "r"), path=name, mode=mode)
 
 
-def remove_run(store_dir: Path, run_id: int) -> None:
+def remove_run(where: Where, run_id: int) -> None:
     """Delete every array of a run (a discarded or rolled-back ingest)."""
-    shutil.rmtree(run_dir(store_dir, run_id), ignore_errors=True)
+    remove_tree(where, run_group(run_id))
 
 
-def remove_partial_files(directory: Path) -> int:
+def remove_tree(where: Where, name: str) -> None:
+    """Delete a group (or array) and everything under it; nothing there is fine."""
+    root = as_root(where)
+    if root.is_local:
+        shutil.rmtree(root.key(name), ignore_errors=True)
+        return
+    fs = root.filesystem()
+    if fs.exists(root.key(name)):
+        fs.rm(root.key(name), recursive=True)
+
+
+def remove_partial_files(where: Where, name: str = "") -> int:
     """Delete the temporary files (`*.partial`) of chunk writes that a killed writer left under
-    `directory`; only call it while no writer can be writing there."""
+    `name`; only call it while no writer can be writing there. Object stores have none: a PUT
+    lands whole or not at all."""
+    root = as_root(where)
+    if not root.is_local:
+        return 0
     removed = 0
-    for p in Path(directory).rglob("*.partial"):
+    for p in Path(root.key(name)).rglob("*.partial"):
         p.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
 def run_dir(store_dir: Path, run_id: int) -> Path:
-    """The directory holding every array of a run."""
-    return Path(store_dir) / ARRAYS / run_group(run_id)
+    """The directory holding every array of a run in a store with local arrays."""
+    return as_root(store_dir).local / run_group(run_id)
 
 
 def checksum(values: np.ndarray) -> str:
@@ -143,10 +165,21 @@ def checksum(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def chunk_key(name: str, chunk_idx: int, ndim: int) -> str:
+    """Where zarr v3's default key encoding puts chunk `chunk_idx` of a prompt-chunked array,
+    relative to the root."""
+    return "/".join([name, "c", str(chunk_idx)] + ["0"] * (ndim - 1))
+
+
 def chunk_file(store_dir: Path, name: str, chunk_idx: int, ndim: int) -> Path:
-    """Where zarr v3's default key encoding puts chunk `chunk_idx` of a prompt-chunked array."""
-    key = "/".join(["c", str(chunk_idx)] + ["0"] * (ndim - 1))
-    return Path(store_dir) / ARRAYS / name / key
+    """The file of a chunk in a store with local arrays."""
+    return as_root(store_dir).local / chunk_key(name, chunk_idx, ndim)
+
+
+def make_durable(root: ArraysRoot, name: str, chunk_idx: int, ndim: int) -> None:
+    """Flush a written chunk to disk (local arrays); an object store's PUT is durable already."""
+    if root.is_local:
+        fsync_path(root.local / chunk_key(name, chunk_idx, ndim))
 
 
 def fsync_path(path: Path) -> None:
@@ -165,7 +198,9 @@ def fsync_path(path: Path) -> None:
         os.close(dfd)
 
 
-def stored_bytes(store_dir: Path, name: str) -> int:
-    """Bytes the array occupies on disk, metadata included."""
-    root = Path(store_dir) / ARRAYS / name
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+def stored_bytes(where: Where, name: str) -> int:
+    """Bytes the array occupies on disk or in the object store, metadata included."""
+    root = as_root(where)
+    if root.is_local:
+        return sum(p.stat().st_size for p in Path(root.key(name)).rglob("*") if p.is_file())
+    return int(root.filesystem().du(root.key(name), total=True))

@@ -66,6 +66,14 @@ class Group(click.Group):
         except ActstoreError as exc:
             click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:  # an object store's errors, from wherever they surface
+            from actstore.object_store import object_store_error
+
+            mapped = object_store_error(exc)
+            if mapped is None:
+                raise
+            click.echo(f"error: {one_line(str(mapped))}", err=True)
+            sys.exit(mapped.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -119,6 +127,11 @@ def main() -> None:
     "--restart", is_flag=True, help="Discard an interrupted run with these arguments and redo it."
 )
 @click.option("--again", is_flag=True, help="A new run even if a complete one has these arguments.")
+@click.option("--workers", type=int, help="Run the batches on a local Dask cluster of N workers.")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the batches on this Dask scheduler.")
+@click.option(
+    "--arrays-url", metavar="URL", help="New store: keep its arrays at s3://bucket/prefix."
+)
 def ingest(store: str, **kwargs) -> None:
     """Run a model on a task's clean and corrupted prompts and store the activations.
 
@@ -134,11 +147,16 @@ def ingest(store: str, **kwargs) -> None:
       actstore ingest /tmp/s --model gpt2 --task ioi --corruption gaussian --dtype float16
       actstore ingest file:///shared/s --model toy --task ioi --n 4096 --shard 0/4
       actstore ingest /tmp/s --model toy --task ioi --n 64 --restart
+      actstore ingest /tmp/s --model toy --task ioi --n 4096 --workers 2
+      actstore ingest /tmp/s --model toy --task ioi --arrays-url s3://bucket/acts --workers 2
     """
+    from ingest.distributed import check_scale_options
     from ingest.preflight import check_ingest
 
     checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard")
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
+    scale = ("workers", "scheduler", "arrays_url", "shard")
+    check_scale_options(store, **{k: kwargs[k] for k in scale})
     from ingest.runner import ingest as run_ingest
 
     if kwargs["shard"] is not None:

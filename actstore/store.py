@@ -24,7 +24,7 @@ from actstore import arrays as zarrays
 from actstore.arrays import ARRAYS
 from actstore.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
 from actstore.errors import ActstoreError, DamagedError, UsageError
-from actstore.location import local_dir
+from actstore.location import RECORD, arrays_root, local_dir
 from actstore.lock import WriterLock, describe_holder
 from actstore.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
 from actstore.writes import Writes
@@ -32,7 +32,7 @@ from actstore.writes import Writes
 CATALOG = "catalog.duckdb"
 MANIFESTS = "manifests"
 # What a directory holds before its catalog exists: shards write arrays and manifests first.
-BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS}
+BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS, RECORD}
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
@@ -42,6 +42,7 @@ class Store:
     def __init__(self, path: str | Path, create: bool = False):
         self.location = str(path)
         self.path = local_dir(path)
+        self.arrays_root = arrays_root(self.path)  # STORE/arrays.zarr or an object-store URL
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
@@ -66,7 +67,7 @@ class Store:
     def _create(self) -> None:
         with self.writer("create store"):
             self.catalog.migrate()
-            zarrays.open_root(self.path, mode="a")
+            zarrays.open_root(self.arrays_root, mode="a")
 
     def _holder(self) -> str:
         return describe_holder(self.lock.path)
@@ -227,7 +228,7 @@ class Store:
         ledger = self.ledger(run_id, side, hook)
         try:
             return VerifiedArray(
-                self.path, run_id, side, hook, ledger,
+                self.arrays_root, run_id, side, hook, ledger,
                 refresh=lambda: self.ledger(run_id, side, hook, reload=True),
             )  # fmt: skip
         except Exception as exc:  # no metadata, or metadata zarr cannot read
@@ -235,8 +236,8 @@ class Store:
         name = zarrays.array_name(run_id, side, hook)
         if ledger:
             raise DamagedError(
-                f"run {run_id} {side} {hook}: the array {ARRAYS}/{name} cannot be opened "
-                f"({first_line(missing)}); {FIX}"
+                f"run {run_id} {side} {hook}: the array {self.arrays_root.show(name)} cannot be "
+                f"opened ({first_line(missing)}); {FIX}"
             )
         stored = self.hooks(run_id, side)
         if not stored:

@@ -22,6 +22,7 @@ import numpy as np
 from actstore import arrays as zarrays
 from actstore.arrays import open_array
 from actstore.errors import DamagedError
+from actstore.location import ArraysRoot, as_root
 
 FIX = "run actstore verify --repair"
 
@@ -52,11 +53,11 @@ def first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
-def read_checked(arr: Any, store_dir: Path, name: str, entry: LedgerEntry) -> np.ndarray:
+def read_checked(arr: Any, root: ArraysRoot, name: str, entry: LedgerEntry) -> np.ndarray:
     """A chunk's decoded values when they match the ledger; ChunkProblem otherwise."""
-    path = chunk_path(arr, store_dir, name, entry.start // arr.chunks[0])
-    if path is not None and not path.exists():
-        raise ChunkProblem("missing", f"chunk file {path.relative_to(store_dir)} is gone")
+    key = chunk_path(arr, name, entry.start // arr.chunks[0])
+    if key is not None and not root.exists(key):
+        raise ChunkProblem("missing", f"chunk file {root.show(key)} is gone")
     try:
         values = np.asarray(arr[entry.start : entry.stop])
     except Exception as exc:  # a damaged chunk fails inside the codec: any error means damage
@@ -66,11 +67,12 @@ def read_checked(arr: Any, store_dir: Path, name: str, entry: LedgerEntry) -> np
     return values
 
 
-def chunk_path(arr: Any, store_dir: Path, name: str, idx: int) -> Path | None:
-    """The file of chunk `idx`; None for a sharded array (chunks share shard files)."""
+def chunk_path(arr: Any, name: str, idx: int) -> str | None:
+    """The key of chunk `idx` under the root; None for a sharded array (chunks share shard
+    files)."""
     if arr.shards is not None:
         return None
-    return zarrays.chunk_file(store_dir, name, idx, arr.ndim)
+    return zarrays.chunk_key(name, idx, arr.ndim)
 
 
 class VerifiedArray:
@@ -83,26 +85,26 @@ class VerifiedArray:
 
     def __init__(
         self,
-        store_dir: Path,
+        store_dir: Path | ArraysRoot,
         run_id: int,
         side: str,
         hook: str,
         ledger: Ledger,
         refresh: Callable[[], Ledger] | None = None,
     ):
-        self.store_dir = Path(store_dir)
+        self.root = as_root(store_dir)
         self.run_id, self.side, self.hook = run_id, side, hook
         self.name = zarrays.array_name(run_id, side, hook)
         self.ledger = ledger
         self.refresh = refresh
-        self.zarr = open_array(self.store_dir, self.name)
+        self.zarr = open_array(self.root, self.name)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "zarr": None, "refresh": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.zarr = open_array(self.store_dir, self.name)
+        self.zarr = open_array(self.root, self.name)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -164,7 +166,7 @@ class VerifiedArray:
     def _verified(self, idx: int, lo: int, hi: int) -> np.ndarray:
         entry = self._entry(idx, lo, hi)
         try:
-            return read_checked(self.zarr, self.store_dir, self.name, entry)
+            return read_checked(self.zarr, self.root, self.name, entry)
         except ChunkProblem as problem:
             if self.refresh is None:
                 raise self._error(idx, lo, hi, problem) from None

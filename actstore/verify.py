@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from actstore import arrays as zarrays
-from actstore.arrays import ARRAYS, open_array
+from actstore.arrays import open_array
 from actstore.store import Store
 from actstore.verified import ChunkProblem, LedgerEntry, first_line, read_checked
 
@@ -44,11 +44,11 @@ def verify(store: Store, run_id: int | None = None) -> pl.DataFrame:
     if run_id is not None and runs.is_empty():
         store.run(run_id)  # raises the usual "run R is not in STORE" usage error
     findings: list[dict[str, Any]] = []
-    if not runs.is_empty() and not (store.path / ARRAYS / "zarr.json").exists():
+    if not runs.is_empty() and not store.arrays_root.exists("zarr.json"):
         findings.append(
             {"run_id": None, "side": None, "hook": None, "chunk_idx": None, "prompt_start": None,
              "prompt_stop": None, "problem": "missing",
-             "detail": f"{ARRAYS}/zarr.json (the arrays' root group) is gone"}
+             "detail": f"{store.arrays_root.show('zarr.json')} (the arrays' root group) is gone"}
         )  # fmt: skip
     opened: dict[str, Any] = {}
     for run in runs.iter_rows(named=True):
@@ -94,13 +94,13 @@ def _check_chunk(store: Store, opened: dict[str, Any], row: dict[str, Any]) -> t
     name = zarrays.array_name(row["run_id"], row["side"], row["hook"])
     try:
         if name not in opened:
-            opened[name] = open_array(store.path, name)
+            opened[name] = open_array(store.arrays_root, name)
         arr = opened[name]
     except (KeyError, ValueError, OSError) as exc:
         return "missing", f"array {name} cannot be opened: {first_line(exc)}"
     entry = LedgerEntry(row["prompt_start"], row["prompt_stop"], row["checksum"])
     try:
-        read_checked(arr, store.path, name, entry)
+        read_checked(arr, store.arrays_root, name, entry)
     except ChunkProblem as problem:
         return problem.problem, problem.detail
     return None

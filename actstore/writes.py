@@ -18,6 +18,7 @@ import polars as pl
 
 from actstore import arrays as zarrays
 from actstore.errors import ActstoreError
+from actstore.location import ArraysRoot
 
 if TYPE_CHECKING:
     import duckdb
@@ -59,7 +60,7 @@ def model_record(model: ModelAdapter) -> dict[str, Any]:
 
 
 def array_records(
-    store_dir: Path, run_id: int, keys: Sequence[tuple[str, str]], n_chunks: int
+    store_dir: Path | ArraysRoot, run_id: int, keys: Sequence[tuple[str, str]], n_chunks: int
 ) -> list[dict[str, Any]]:
     """The `arrays` rows of a run's written arrays, read from their metadata and files (before
     the transaction that records them: sizing the files takes a while)."""

@@ -16,6 +16,7 @@ import torch
 
 from actstore import arrays as zarrays
 from actstore.derivable import LOGITS
+from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
 from ingest.corruptions import gaussian_noise
 from ingest.hooks import hook_shape
@@ -67,7 +68,7 @@ def create_arrays(
 
 
 def write_chunks(
-    store_dir: Path,
+    store_dir: Path | ArraysRoot,
     arrays: dict[tuple[str, str], zarr.Array],
     values: dict[tuple[str, str], np.ndarray],
     chunk_idx: int,
@@ -77,12 +78,13 @@ def write_chunks(
     """Write one batch's chunk of each array, make it durable, return its ledger rows (by
     column, without the run id). Arrays are written on a few threads: compression, hashing and
     fsync release the GIL, and concurrent fsyncs share the file system's journal commits."""
+    root = as_root(store_dir)
 
     def one(item: tuple[tuple[str, str], zarr.Array]) -> dict[str, Any]:
         (side, hook), arr = item
         data = values[(side, hook)].astype(arr.dtype, copy=False)
         arr[lo:hi] = data
-        zarrays.fsync_path(zarrays.chunk_file(store_dir, arr.path, chunk_idx, arr.ndim))
+        zarrays.make_durable(root, arr.path, chunk_idx, arr.ndim)
         checksum = zarrays.checksum(data)
         return {"side": side, "hook": hook, "chunk_idx": chunk_idx, "prompt_start": lo,
                 "prompt_stop": hi, "checksum": checksum, "nbytes": data.nbytes}  # fmt: skip

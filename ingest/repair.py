@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from actstore import arrays as zarrays
-from actstore.arrays import ARRAYS, open_array
+from actstore.arrays import open_array
 from actstore.errors import ActstoreError
 from actstore.models import load_model
 from actstore.store import Store
@@ -56,31 +56,32 @@ def _note(run_id: int | None, result: str, detail: str) -> dict[str, Any]:
 def _restore_metadata(store: Store, run_id: int | None) -> list[dict[str, Any]]:
     """Remove killed writers' temporary files; write lost group and array metadata again."""
     out = []
-    arrays_dir = store.path / ARRAYS
+    root = store.arrays_root
+    arrays_dir = root.local if root.is_local else None  # an object store has no partial files
     removed = sum(
-        zarrays.remove_partial_files(d)
-        for d in (arrays_dir.iterdir() if arrays_dir.is_dir() else [])
+        zarrays.remove_partial_files(root, d.name)
+        for d in (arrays_dir.iterdir() if arrays_dir and arrays_dir.is_dir() else [])
         if d.is_dir() and d.name.startswith("run")  # staged/ belongs to shards, maybe running
     )
     if removed:
         out.append(_note(None, "removed", f"{removed} temporary *.partial files of killed "
                          "writers"))  # fmt: skip
-    if not (arrays_dir / "zarr.json").exists():
-        zarrays.open_root(store.path, mode="a")
-        out.append(_note(None, "restored", f"{ARRAYS}/zarr.json (the arrays' root group)"))
-    root = None
+    if not root.exists("zarr.json"):
+        zarrays.open_root(root, mode="a")
+        out.append(_note(None, "restored", f"{root.show('zarr.json')} (the arrays' root group)"))
+    group = None
     for row in store.arrays(run_id).iter_rows(named=True):
         name = zarrays.array_name(row["run_id"], row["side"], row["hook"])
         try:
-            open_array(store.path, name)
+            open_array(root, name)
             continue
         except Exception:  # gone or unreadable metadata: written again below
             pass
-        root = root or zarrays.open_root(store.path, mode="a")
-        zarrays.create_metadata(root, name, tuple(json.loads(row["shape"])),
+        group = group or zarrays.open_root(root, mode="a")
+        zarrays.create_metadata(group, name, tuple(json.loads(row["shape"])),
                                 json.loads(row["chunks"])[0], row["dtype"])  # fmt: skip
         out.append({**{k: row.get(k) for k in PIECE}, "result": "restored",
-                    "detail": f"array metadata {ARRAYS}/{name}/zarr.json written again from "
+                    "detail": f"array metadata {root.show(name)}/zarr.json written again from "
                     "the arrays table"})  # fmt: skip
     return out
 
@@ -128,7 +129,7 @@ def _repair_run(
             key = (row["side"], row["hook"])
             where = {k: row[k] for k in COLUMNS if k in row}
             try:
-                arr = open_array(store.path, zarrays.array_name(run_id, *key), mode="r+")
+                arr = open_array(store.arrays_root, zarrays.array_name(run_id, *key), mode="r+")
             except Exception:  # gone, and no arrays row to restore it from: a partial run
                 out.append({**where, "result": "not repaired", "detail": "the whole array is "
                             "gone; rerun the run's ingest command (or --restart)"})  # fmt: skip
@@ -141,5 +142,5 @@ def _repair_run(
                         "detail": "recomputed bit for bit" if ok else
                         "recomputed values differ from the ledger checksum (other hardware or "
                         "library versions?); chunk left as it was"})  # fmt: skip
-        write_chunks(store.path, arrays, values, int(chunk_idx), int(lo), int(hi))
+        write_chunks(store.arrays_root, arrays, values, int(chunk_idx), int(lo), int(hi))
     return out

@@ -23,7 +23,13 @@ import polars as pl
 from actstore import arrays as zarrays
 from actstore.derivable import derivable
 from actstore.errors import ActstoreError, UsageError
-from actstore.location import local_dir
+from actstore.location import (
+    ArraysRoot,
+    arrays_root,
+    local_dir,
+    normal_url,
+    record_arrays_url,
+)
 from actstore.models import ModelAdapter, load_model
 from actstore.store import CATALOG, Store
 from actstore.writes import array_records, model_record
@@ -36,6 +42,7 @@ from ingest.batches import (
     write_chunks,
 )
 from ingest.corruptions import NOISE_SIGMAS, check_corruption, embedding_sigma
+from ingest.distributed import Manifest, Pool, check_scale_options, cluster, run_batches
 from ingest.hooks import resolve_hooks
 from ingest.preflight import check_ingest
 from ingest.prompts import DEFAULT_N, Prepared, load_pairs, prepare, prompt_records
@@ -59,6 +66,9 @@ def ingest(
     shard: str | None = None,
     restart: bool = False,
     again: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    arrays_url: str | None = None,
 ) -> pl.DataFrame:
     """Ingest a task (or a dataset file) into a store; returns the run's `runs` row, with an
     `outcome` column: new, resumed, restarted, or existing.
@@ -68,11 +78,14 @@ def ingest(
     under the same run id. With `shard="i/N"` only shard i's chunks are written and a manifest
     replaces the catalog writes (see ingest.shards); returns the shard's row.
 
-    `model` is a model spec for `load_model`, or an already loaded ModelAdapter.
+    `model` is a model spec for `load_model`, or an already loaded ModelAdapter. With `workers`
+    or `scheduler` the batches run as tasks on dask.distributed (see ingest.distributed);
+    `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
     check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
                  batch_size, device, seed, shard)  # fmt: skip
     check_corruption(corruption)
+    check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     location, store_path = store_path, local_dir(store_path)
     part = parse_shard(shard) if shard is not None else None
     existing = (store_path / CATALOG).exists()
@@ -82,6 +95,11 @@ def ingest(
     with ExitStack() as held:
         if store is not None and part is None:
             held.enter_context(store.writer())
+        root = ArraysRoot(normal_url(arrays_url)) if arrays_url else arrays_root(store_path)
+        local_arrays, pool = root.is_local, None
+        if workers is not None or scheduler is not None:  # workers load the model meanwhile
+            spec = model if isinstance(model, str) else model.spec
+            pool = held.enter_context(cluster(workers, scheduler, spec, device, root))
         adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
         if store is not None:
             _check_same_model(store, adapter)
@@ -89,13 +107,16 @@ def ingest(
         if dataset is None:  # before generating maybe millions of prompts: a sample's length
             sample = get_task(task).generate(min(n or DEFAULT_N, 16), seed, adapter)
             seq = max(len(adapter.tokenize(p.clean)) for p in sample)
-            _check_space(store_path, adapter, hook_names, dtype, corruption, n or DEFAULT_N, seq)
+            if local_arrays:
+                n_guess = n or DEFAULT_N
+                _check_space(store_path, adapter, hook_names, dtype, corruption, n_guess, seq)
         task_name, pairs, source = load_pairs(adapter, task, dataset, n, seed)
         if not pairs:
             raise UsageError("the dataset holds no prompt pairs")
         prepared = prepare(adapter, pairs, corruption)
         n_pairs, seq = prepared.clean.shape
-        _check_space(store_path, adapter, hook_names, dtype, corruption, n_pairs, seq)
+        if local_arrays:  # object storage is not this disk
+            _check_space(store_path, adapter, hook_names, dtype, corruption, n_pairs, seq)
         params = {
             "model": adapter.spec,
             "fingerprint": adapter.fingerprint,
@@ -112,12 +133,13 @@ def ingest(
         }
         if corruption == "gaussian":
             params["noise_std"] = NOISE_SIGMAS * embedding_sigma(adapter)
+        record_arrays_url(store_path, arrays_url)
         if part is not None:
             return ingest_shard(location, part, adapter, prepared, params, progress)
         if store is None:
             store = Store(store_path, create=True)
             held.enter_context(store.writer())
-        return _run(store, adapter, prepared, params, progress, restart, again)
+        return _run(store, adapter, prepared, params, progress, restart, again, pool)
 
 
 def _check_space(
@@ -131,7 +153,7 @@ def _check_space(
 ) -> None:
     """Refuse an ingest whose activations cannot fit on the disk (even at 2x compression, more
     than real activations reach), counting space that interrupted runs' arrays already hold."""
-    params = {"hooks": hooks, "dtype": dtype, "corruption": corruption}
+    params = {"hooks": hooks, "derived": [], "dtype": dtype, "corruption": corruption}
     shapes = array_shapes(model, params, n, seq)
     need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in shapes.values())
     where = next(p for p in [store_path, *store_path.absolute().parents] if p.exists())
@@ -183,6 +205,7 @@ def _run(
     progress: bool | None,
     restart: bool = False,
     again: bool = False,
+    pool: Pool | None = None,
 ) -> pl.DataFrame:
     started = time.monotonic()
     phash = params_hash(params)
@@ -209,34 +232,39 @@ def _run(
     if created:
         zarrays.remove_run(store.path, run_id)
     else:
-        zarrays.remove_partial_files(zarrays.run_dir(store.path, run_id))
+        zarrays.remove_partial_files(store.arrays_root, zarrays.run_group(run_id))
     batch = params["batch_size"]
     n_batches = (n + batch - 1) // batch
     todo = [b for b in range(n_batches) if any((sd, hk, b) not in done for sd, hk in shapes)]
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
-    before = n_batches - len(todo)
-    bar = tqdm(total=n_batches, initial=before, disable=not show, file=sys.stderr,
+    stored = [n_batches - len(todo)]  # batches recorded so far (the writer thread counts too)
+    bar = tqdm(total=n_batches, initial=stored[0], disable=not show, file=sys.stderr,
                desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
+
+    def record(done: list[Manifest]) -> None:  # whole batches, each with its prompts and ledger
+        with store.transaction() as tx:
+            for prompts, ledger in done:
+                tx.record_batch(run_id, prompts, ledger)
+        stored[0] += len(done)
+        bar.update(len(done))
+
     writer: BatchWriter | None = None
     try:
-        root = zarrays.open_root(store.path, mode="a")
-        arrays = create_arrays(root, zarrays.run_group(run_id), shapes, batch)
-
-        def write(job: tuple[int, int, int, dict, dict]) -> None:
-            b, lo, hi, values, metrics = job
-            ledger = write_chunks(store.path, arrays, values, b, lo, hi)
-            with store.transaction() as tx:
-                tx.record_batch(run_id, prompt_records(prep, lo, hi, metrics), ledger)
-            bar.update(1)
-
-        writer = BatchWriter(write)
-        for b in todo:
-            lo, hi = b * batch, min(n, (b + 1) * batch)
-            values, metrics = compute_batch(model, prep, params, lo, hi)
-            writer.submit((b, lo, hi, values, metrics))
-        writer.close()
+        group = zarrays.run_group(run_id)
+        arrays = create_arrays(zarrays.open_root(store.arrays_root, mode="a"), group, shapes, batch)
+        if pool is None:  # write and record each batch on a thread while the next computes
+            writer = BatchWriter(lambda job: record([_write_batch(store, arrays, prep, job)]))
+            for b in todo:
+                lo, hi = b * batch, min(n, (b + 1) * batch)
+                values, metrics = compute_batch(model, prep, params, lo, hi)
+                writer.submit((b, lo, hi, values, metrics))
+            writer.close()
+        else:
+            for done in run_batches(pool, store.arrays_root, group, shapes, model, prep, params,
+                                    todo):  # fmt: skip
+                record(done)
         bar.close()
         records = array_records(store.path, run_id, list(shapes), n_batches)
         with store.transaction() as tx:
@@ -247,12 +275,20 @@ def _run(
         bar.close()
         if isinstance(exc, KeyboardInterrupt):
             raise
-        kept = before + (writer.written if writer is not None else 0)
-        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=kept)
+        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=stored[0])
         if err is exc:
             raise
         raise err from exc
     return _row(store, run_id, outcome)
+
+
+def _write_batch(
+    store: Store, arrays: dict, prep: Prepared, job: tuple[int, int, int, dict, dict]
+) -> Manifest:
+    """Write a computed batch's chunks durably; its prompt and ledger rows."""
+    b, lo, hi, values, metrics = job
+    ledger = write_chunks(store.arrays_root, arrays, values, b, lo, hi)
+    return prompt_records(prep, lo, hi, metrics), ledger
 
 
 def _row(store: Store, run_id: int, outcome: str) -> pl.DataFrame:

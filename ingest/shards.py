@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import polars as pl
-import zarr
 
 from actstore import arrays as zarrays
 from actstore.errors import ActstoreError, UsageError
-from actstore.location import arrays_url, local_dir
+from actstore.location import ArraysRoot, arrays_root, local_dir
 from actstore.store import MANIFESTS, Store
 from actstore.writes import array_records, model_record
 
@@ -125,11 +123,11 @@ def ingest_shard(
     store_dir = local_dir(location)
     mdir = manifest_dir(store_dir, phash)
     mdir.mkdir(parents=True, exist_ok=True)
-    url, options = arrays_url(location)
+    root = arrays_root(location)
     shapes = array_shapes(model, params, n, seq)
     with _creation_lock(mdir):
-        root = zarr.open_group(url, mode="a", storage_options=options or None)
-        arrays = create_arrays(root, staged_name(phash), shapes, batch, replace=False)
+        group = zarrays.open_root(root, mode="a")
+        arrays = create_arrays(group, staged_name(phash), shapes, batch, replace=False)
     prompts: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
     show = sys.stderr.isatty() if progress is None else progress
@@ -137,7 +135,7 @@ def ingest_shard(
                   desc=f"ingest {shard.label}"):  # fmt: skip
         lo, hi = b * batch, min(n, (b + 1) * batch)
         values, metrics = compute_batch(model, prep, params, lo, hi)
-        ledger.extend(write_chunks(store_dir, arrays, values, b, lo, hi))
+        ledger.extend(write_chunks(root, arrays, values, b, lo, hi))
         prompts.extend(prompt_records(prep, lo, hi, metrics))
     path = mdir / f"{shard.label}.json"
     _write_atomic(
@@ -229,8 +227,9 @@ def _merge_run(store: Store, location: str | Path, mdir: Path) -> dict[str, Any]
     present = sorted(m["shard"] for m in manifests)
     missing = sorted(set(range(count)) - set(present))
     _check_model(store, first["model"])
-    fs, root = fsspec.core.url_to_fs(arrays_url(location)[0])
-    staged = f"{root}/{staged_name(phash)}"
+    root = store.arrays_root
+    fs = root.filesystem()
+    staged = root.key(staged_name(phash))
     run_id, merged = _claim_run(store, first, phash, fs.exists(staged))
     row = {"run_id": run_id, "params_hash": phash, "n_shards": count,
            "shards_present": len(present), "missing": ",".join(map(str, missing))}  # fmt: skip
@@ -240,18 +239,32 @@ def _merge_run(store: Store, location: str | Path, mdir: Path) -> dict[str, Any]
     if missing:
         return {**row, "status": "ingesting"}
     ledger = _check_coverage(manifests)
-    target = f"{root}/run{run_id}"  # the group holding zarrays.array_name(run_id, side, hook)
+    target = root.key(zarrays.run_group(run_id))  # holds zarrays.array_name(run_id, side, hook)
     # every shard has finished: a temporary file left in the staged arrays is a killed write's
-    zarrays.remove_partial_files(store.path / zarrays.ARRAYS / staged_name(phash))
+    zarrays.remove_partial_files(root, staged_name(phash))
     if fs.exists(staged):
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-        fs.mv(staged, target, recursive=True)
+        _move(fs, root, staged, target)
     elif not fs.exists(target):
         raise ActstoreError(f"run {run_id}: staged arrays {staged} are missing; rerun every shard")
     _record_run(store, run_id, manifests, ledger)
     _archive(mdir, run_id)
     return {**row, "status": "complete"}
+
+
+def _move(fs: Any, root: ArraysRoot, staged: str, target: str) -> None:
+    """Move the staged arrays to the run's group. Locally one rename. An object store has no
+    rename: copy every object over the target, then delete the staged ones, so that a merge
+    killed at any point leaves each object in the target or still staged, and rerunning merge
+    copies what is left (identical bytes) and finishes."""
+    if root.is_local:
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        fs.mv(staged, target, recursive=True)
+        return
+    prefix = fs._strip_protocol(staged)
+    objects = fs.find(staged)
+    fs.copy(objects, [f"{target}{key[len(prefix) :]}" for key in objects])
+    fs.rm(staged, recursive=True)
 
 
 def _check_model(store: Store, model: dict) -> None:

@@ -66,3 +66,47 @@ def demo_run(tmp_path_factory):
     started = time.monotonic()
     df = demo_module.demo(directory, tasks=["ioi", "ioi"], n=8, top_k=4, out=out)
     return directory, out.getvalue(), df, time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1 at a free port, with an
+    empty bucket `acts`; the standard AWS variables point this process, its subprocesses and
+    Dask workers started after it at the server. Yields those variables."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="acts")
+    yield env
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(s3_server):
+    """One LocalCluster of 2 single-threaded worker processes for the session (its workers see
+    the S3 server's variables); yields the scheduler's address."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cluster:  # fmt: skip
+        yield cluster.scheduler_address

@@ -1,0 +1,235 @@
+"""Ingest on dask.distributed: a run's batches become tasks on a cluster's workers.
+
+`actstore ingest … --workers N` starts a LocalCluster of N single-threaded worker processes;
+`--scheduler ADDRESS` uses a running cluster instead. The coordinating process (the command)
+stays the store's single writer, exactly as in a single-process ingest: it holds the writer
+lock, claims the run, creates its arrays and submits one task per batch the chunk ledger lacks.
+A task computes its batch on a worker (the model is loaded once per worker process), writes the
+batch's chunks (one writer per chunk) and returns its manifest: the prompt rows and chunk-ledger
+rows with checksums. The coordinator records each returned manifest in the catalog with the
+same write verbs as a single-process ingest, and marks the run complete when the ledger holds
+every chunk.
+
+So the store is bit-identical to a single-process ingest; a task whose worker dies is rerun by
+the scheduler; a killed coordinator leaves whole batches recorded, and rerunning the same
+command resumes at the batches the ledger lacks (like any interrupted ingest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from actstore.errors import ActstoreError, UsageError
+from actstore.location import ArraysRoot, arrays_root, check_arrays_url, local_dir
+
+if TYPE_CHECKING:
+    from actstore.models import ModelAdapter
+    from ingest.batches import Shapes
+    from ingest.prompts import Prepared
+
+CONNECT_TIMEOUT_S = 10
+TASK_RETRIES = 1  # an exception (a transient object-store error) reruns a task once
+Manifest = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # prompt rows, ledger rows
+
+
+def check_scale_options(
+    store: str | Path,
+    workers: int | None,
+    scheduler: str | None,
+    arrays_url: str | None,
+    shard: str | None,
+) -> None:
+    """One-line refusals, before torch is imported and before the store is touched: worker
+    counts, scheduler addresses nobody answers at, unusable or unreachable arrays URLs."""
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: need at least 1 worker")
+    if shard is not None and (workers is not None or scheduler is not None):
+        raise UsageError(
+            "--shard runs one shard by hand; --workers/--scheduler run every batch as a Dask "
+            "task: give one or the other"
+        )
+    if scheduler is not None:
+        check_scheduler(scheduler)
+    store_dir = local_dir(store)
+    check_arrays_url(store_dir, arrays_url)
+    url = arrays_url or arrays_root(store_dir).url
+    if "://" in url:
+        from actstore.object_store import probe
+
+        probe(url)
+
+
+def check_scheduler(address: str) -> None:
+    """A TCP scheduler address must be well formed and something must listen there."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tcp":
+        return  # tls://, ucx://, …: the Dask client checks these itself
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise UsageError(f"--scheduler {address}: give HOST:PORT, e.g. tcp://10.0.0.5:8786")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ActstoreError(
+            f"--scheduler {address}: no Dask scheduler answers there ({reason}); start one "
+            "(dask scheduler) or check the address"
+        ) from None
+
+
+@dataclass
+class Pool:
+    """A connected Dask client (and the LocalCluster it started, if any)."""
+
+    client: Any
+    model: str
+    device: str | None
+    local: Any = None
+    warming: list[Any] = field(default_factory=list)
+
+
+@contextmanager
+def cluster(
+    workers: int | None,
+    scheduler: str | None,
+    model: str,
+    device: str | None,
+    root: ArraysRoot,
+) -> Iterator[Pool]:
+    """Connect to `scheduler`, or start a LocalCluster of `workers` single-threaded processes;
+    every worker starts loading the model at once, while this process prepares the prompts."""
+    from distributed import Client, LocalCluster
+
+    local = None
+    try:
+        if scheduler is None:
+            local = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True,
+                dashboard_address=None, silence_logs=logging.ERROR,
+            )  # fmt: skip
+            client = Client(local)
+        else:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+            if workers is not None:
+                client.wait_for_workers(workers, timeout=600)
+    except (OSError, TimeoutError) as exc:
+        if local is not None:
+            local.close()
+        where = scheduler or f"a local cluster of {workers} workers"
+        raise ActstoreError(f"cannot start Dask on {where}: {exc}") from None
+    pool = Pool(client, model, device, local)
+    try:
+        if root.is_local and scheduler is not None:
+            _check_workers_see(client, root.local)
+        pool.warming = [
+            client.submit(_warm, model, device, workers=[address], pure=False)
+            for address in client.scheduler_info()["workers"]
+        ]
+        yield pool
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+
+
+def _check_workers_see(client: Any, directory: Path) -> None:
+    """Workers of an existing cluster must reach the store's local arrays at the same path."""
+    seen = client.run(os.path.isdir, str(directory.absolute().parent))
+    blind = sorted(address for address, ok in seen.items() if not ok)
+    if blind:
+        raise ActstoreError(
+            f"Dask workers {', '.join(blind)} cannot see {directory.parent}: put STORE on a "
+            "filesystem every worker mounts at the same path, or keep the arrays in object "
+            "storage (--arrays-url s3://bucket/prefix on a new store)"
+        )
+
+
+def run_batches(
+    pool: Pool,
+    root: ArraysRoot,
+    group: str,
+    shapes: Shapes,
+    model: ModelAdapter,
+    prep: Prepared,
+    params: dict,
+    todo: list[int],
+) -> Iterator[list[Manifest]]:
+    """Submit one task per batch in `todo`; yield the manifests of the tasks finished since
+    the last yield (whole batches only), until every task is done. An error in a task (after
+    its retry) cancels the others and is raised here."""
+    from distributed import as_completed
+
+    client = pool.client
+    prepared = client.scatter(prep, broadcast=True, hash=False)
+    tag = uuid.uuid4().hex[:8]
+    spec = (root, group, shapes, pool.model, pool.device, model.fingerprint, params)
+    futures = [
+        client.submit(_write_batch, spec, prepared, b, key=f"ingest-batch-{b}-{tag}",
+                      retries=TASK_RETRIES)
+        for b in todo
+    ]  # fmt: skip
+    try:
+        for finished in as_completed(futures, with_results=True).batches():
+            yield [result for _, result in finished]
+    finally:
+        client.cancel(futures)
+
+
+# ---- on the workers ------------------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str | None], Any] = {}
+_ARRAYS: dict[tuple, dict] = {}
+
+
+def _model(spec: str, device: str | None) -> Any:
+    """The model, loaded once per worker process, computing on one thread as the worker does."""
+    if (spec, device) not in _MODELS:
+        import torch
+
+        from actstore.models import load_model
+
+        torch.set_num_threads(1)
+        _MODELS[(spec, device)] = load_model(spec, device)
+    return _MODELS[(spec, device)]
+
+
+def _warm(spec: str, device: str | None) -> None:
+    _model(spec, device)
+
+
+def _write_batch(spec: tuple, prep: Prepared, b: int) -> Manifest:
+    """Compute batch `b` of a run, write its chunks, return its prompt and ledger rows."""
+    from actstore import arrays as zarrays
+    from ingest.batches import compute_batch, create_arrays, write_chunks
+    from ingest.prompts import prompt_records
+
+    root, group, shapes, model_spec, device, fingerprint, params = spec
+    model = _model(model_spec, device)
+    if model.fingerprint != fingerprint:
+        raise ActstoreError(
+            f"model {model_spec!r} on this Dask worker has other weights than the coordinator's; "
+            "give every worker the same model files"
+        )
+    batch, n = params["batch_size"], params["n"]
+    opened = (root.url, group, batch, tuple(sorted(shapes.items())))
+    if opened not in _ARRAYS:
+        zroot = zarrays.open_root(root, mode="a")
+        _ARRAYS[opened] = create_arrays(zroot, group, shapes, batch, replace=False)
+    arrays = _ARRAYS[opened]
+    lo, hi = b * batch, min(n, (b + 1) * batch)
+    values, metrics = compute_batch(model, prep, params, lo, hi)
+    ledger = write_chunks(root, arrays, values, b, lo, hi)
+    return prompt_records(prep, lo, hi, metrics), ledger

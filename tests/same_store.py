@@ -1,0 +1,48 @@
+"""Comparing two stores: the same catalog rows (wherever their bytes are kept) and bit-identical
+arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+import actstore
+
+
+def tables(path: Path) -> dict[str, pl.DataFrame]:
+    store = actstore.open(path)
+    return {
+        "runs": store.query(
+            "SELECT run_id, model, task, n_prompts, status, params, params_hash, seq_len, dtype, "
+            "batch_size, seed, hooks FROM runs ORDER BY run_id"
+        ),
+        "prompts": store.query("SELECT * FROM prompts ORDER BY prompt_idx"),
+        "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
+        "arrays": store.query(
+            "SELECT run_id, side, hook, shape, dtype, chunks, raw_bytes, n_chunks FROM arrays "
+            "ORDER BY ALL"
+        ),
+    }
+
+
+def assert_same_store(path: Path, reference: Path) -> None:
+    ours, theirs = tables(path), tables(reference)
+    for table, frame in theirs.items():
+        assert ours[table].equals(frame), table
+    a, b = actstore.open(path), actstore.open(reference)
+    for row in theirs["arrays"].iter_rows(named=True):
+        x = a.read(row["run_id"], row["side"], row["hook"])
+        y = b.read(row["run_id"], row["side"], row["hook"])
+        assert x.dtype == y.dtype and np.array_equal(x, y), row["hook"]
+
+
+def single_process_store(factory: Any, model: Any, name: str, **params: Any) -> Path:
+    """A store ingested in this process, the reference other ways of ingesting must equal."""
+    from ingest.runner import ingest
+
+    path = factory.mktemp(name) / "store"
+    ingest(path, model=model, **params)
+    return path

@@ -1,0 +1,149 @@
+"""Arrays in object storage, against a real S3-compatible server (moto) on 127.0.0.1: ingest,
+`--workers 2` ingest, sharded ingest and merge, verify with one damaged object, repair, patch and
+export all give what the same commands give on a local store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from same_store import assert_same_store, single_process_store
+
+import actstore
+from actstore.errors import DamagedError
+from actstore.location import RECORD
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {"task": "ioi", "n": 12, "batch_size": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory, toy_random) -> Path:
+    return single_process_store(tmp_path_factory, toy_random, "local", **PARAMS)
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory, toy_random, s3_server) -> Path:
+    from ingest.runner import ingest
+
+    path = tmp_path_factory.mktemp("s3") / "store"
+    row = ingest(path, model=toy_random, arrays_url="s3://acts/main/", **PARAMS)
+    assert row["outcome"].item() == "new"
+    return path
+
+
+def _objects(prefix: str) -> list[str]:
+    import s3fs
+
+    return sorted(s3fs.S3FileSystem().find(prefix, refresh=True))
+
+
+def test_ingest_to_object_storage_equals_the_local_store(s3_store, local_store, toy_random):
+    files = sorted(p.name for p in s3_store.iterdir())
+    assert files == ["arrays-location.json", "catalog.duckdb", "writer.lock"]
+    assert "s3://acts/main" in (s3_store / RECORD).read_text()
+    keys = _objects("acts/main/run1")
+    assert any(k.endswith("/clean/tokens/c/2/0") for k in keys), keys[:5]
+    assert_same_store(s3_store, local_store)
+    info = actstore.open(s3_store).info().to_dicts()[0]
+    assert info["stored_bytes"] > 0 and info["ratio"] > 1
+
+    # rerunning is idempotent; --arrays-url may be repeated, a different one is refused
+    from actstore.errors import UsageError
+    from ingest.runner import ingest
+
+    again = ingest(s3_store, model=toy_random, arrays_url="s3://acts/main", **PARAMS)
+    assert again["outcome"].item() == "existing"
+    with pytest.raises(UsageError, match="keeps its arrays at s3://acts/main"):
+        ingest(s3_store, model=toy_random, arrays_url="s3://acts/other", **PARAMS)
+
+
+def test_workers_and_shards_into_object_storage(tmp_path, toy_random, local_store, dask_cluster):
+    from ingest.runner import ingest
+    from ingest.shards import merge
+
+    workers = tmp_path / "workers"
+    row = ingest(workers, model=toy_random, arrays_url="s3://acts/workers",
+                 scheduler=dask_cluster, **PARAMS)  # fmt: skip
+    assert row["status"].item() == "complete"
+    assert_same_store(workers, local_store)
+
+    sharded = tmp_path / "sharded"
+    for i in range(2):
+        ingest(sharded, model=toy_random, arrays_url="s3://acts/shards", shard=f"{i}/2", **PARAMS)
+    staged = f"acts/shards/staged/{actstore.open(workers).runs()['params_hash'].item()}/"
+    assert any(k.startswith(staged) for k in _objects("acts/shards"))
+    assert merge(sharded)["status"].to_list() == ["complete"]
+    assert not any(k.startswith(staged) for k in _objects("acts/shards"))
+    assert_same_store(sharded, local_store)
+
+
+def test_verify_repair_patch_and_export_on_object_storage(
+    s3_store, local_store, toy_random, monkeypatch, tmp_path
+):
+    import s3fs
+
+    import ingest.repair
+
+    monkeypatch.setattr(ingest.repair, "load_model", lambda spec, device=None: toy_random)
+    store = actstore.open(s3_store)
+    fs = s3fs.S3FileSystem()
+    key = "acts/main/run1/clean/blocks.1.attn.hook_z/c/1/0/0/0"
+    assert fs.exists(key), _objects("acts/main/run1/clean/blocks.1.attn.hook_z")
+    good = fs.cat(key)
+    fs.pipe(key, good[:-7] + bytes(7))  # one altered object
+    findings = store.verify()
+    assert findings.select("hook", "chunk_idx", "problem").rows() == [
+        ("blocks.1.attn.hook_z", 1, "damaged")
+    ]
+    with pytest.raises(DamagedError, match="chunk 1 .* is damaged"):
+        store.read(1, "clean", "blocks.1.attn.hook_z")
+    repaired = store.repair()
+    assert repaired.filter(pl.col("result") == "repaired").height == 1
+    assert fs.cat(key) == good and store.verify().is_empty()
+
+    ours = store.patch(1, "head", model=toy_random).sort("layer", "head", "pos")
+    theirs = actstore.open(local_store).patch(1, "head", model=toy_random)
+    theirs = theirs.sort("layer", "head", "pos")
+    assert ours.drop("query_id").equals(theirs.drop("query_id"))
+
+    exported = {}
+    for name, path in (("s3", s3_store), ("local", local_store)):
+        exported[name] = tmp_path / f"{name}.csv"
+        actstore.open(path).export(table="effects", fmt="csv", out=str(exported[name]))
+    assert exported["s3"].read_text() == exported["local"].read_text()
+    assert len(exported["s3"].read_text().splitlines()) == ours.height + 1
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "actstore.cli", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case, env, code, message",
+    [
+        ("no bucket", {}, 2, "bucket missing-bucket does not exist"),
+        ("no credentials", {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                            "AWS_CONFIG_FILE": "/nonexistent"}, 1, "no credentials"),
+        ("unreachable", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, 1,
+         "cannot reach the object store"),
+    ],
+)  # fmt: skip
+def test_object_store_errors_are_one_line(tmp_path, s3_server, case, env, code, message):
+    bucket = "missing-bucket" if case == "no bucket" else "acts"
+    store = tmp_path / "store"
+    res = _cli("ingest", str(store), "--model", "toy-random", "--task", "ioi", "--n", "4",
+               "--arrays-url", f"s3://{bucket}/x", env=env)  # fmt: skip
+    assert res.returncode == code, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert message in res.stderr
+    assert not store.exists()  # refused before the store was touched
