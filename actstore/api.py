@@ -1,7 +1,8 @@
 """The Python API: a Store with every verb of the CLI, each returning a polars DataFrame.
 
-Like `cli.py`, this module composes the three packages (it is a composition root): the analysis
-verbs import `ingest` and `queries` lazily, so reading a store never imports torch.
+Like `cli.py` and `demo.py`, this module composes the three packages (it is a composition root):
+the analysis verbs import `ingest` and `queries` lazily, so reading a store never imports torch.
+Every verb names its run `run`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ class ActStore(Store):
         return ingest(self.path, **kwargs)
 
     def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
-        """Subspace patching with illusion diagnostics (see `queries.subspace_query.subspace`)."""
-        from queries.subspace_query import subspace
+        """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""
+        from queries.subspace import subspace
 
         return subspace(self, run, hook, direction, **kwargs)
 
-    def reduce(self, run_id: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
-        """Out-of-core mean / class-mean / head-norm over prompts (see `queries.reduce`)."""
-        from queries.reduce import reduce
+    def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
+        """Out-of-core mean / class-mean / head-norm over prompts (`queries.analysis.reduce`)."""
+        from queries.analysis.reduce import reduce
 
-        return reduce(self, run_id, hook, op, **kwargs)
+        return reduce(self, run, hook, op, **kwargs)
 
     # ---- analysis: overlap and plots ---------------------------------------------------------
 
@@ -47,24 +48,25 @@ class ActStore(Store):
         **filters: Any,
     ) -> pl.DataFrame:
         """Overlap statistics of the runs' head or edge sets, like with like: from the given
-        source ids (`queries`) or each run's source of the setting they share (`queries.overlap`).
+        source ids (`queries`) or each run's source of the setting they share
+        (`queries.analysis.overlap`).
         """
-        from queries.overlap import choose, overlap
+        from queries.analysis.overlap import choose, overlap
 
         return overlap(self, runs, choose(by, top_k, top_frac, circuits), queries, **filters)
 
     def plot(self, kind: str, ident: str, out: str, **options: Any) -> pl.DataFrame:
         """Write a PNG: `effects` (patch query id), `overlap` (runs '1,2,…'), `faithfulness`
         (score id); returns the plotted rows."""
-        from queries.plots import plot
+        from queries.analysis.plot import plot
 
         return plot(self, kind, ident, out, **options)
 
     def report(self, out: str, runs: list[int] | None = None, **options: Any) -> pl.DataFrame:
         """Write one self-contained interactive HTML page about the store (or the runs); returns
-        one row per chart (see `queries.report`). Options: top_k, top_frac (head sets),
+        one row per chart (see `queries.analysis.report`). Options: top_k, top_frac (head sets),
         edge_top_k, edge_top_frac (edge sets) for the overlap matrices."""
-        from queries.report import report
+        from queries.analysis.report import report
 
         return report(self, out, runs, **options)
 
@@ -80,7 +82,7 @@ class ActStore(Store):
 
         return repair(self.path, run, device)
 
-    # ---- attribution and circuits (queries/attribution.py, queries/circuits.py) ----------
+    # ---- attribution and circuits (queries/attribution) ------------------------------------
 
     def attribute(
         self,
@@ -106,12 +108,12 @@ class ActStore(Store):
         device: str | None = None,
     ) -> pl.DataFrame:
         """A circuit from an edge score set (top-N or smallest reaching a faithfulness)."""
-        from queries.circuits import circuit
+        from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device)
 
-    def patch(self, run_id: int, component: str, **kwargs: Any) -> pl.DataFrame:
+    def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""
         from queries.patching import patch
 
-        return patch(self, run_id, component, **kwargs)
+        return patch(self, run, component, **kwargs)

@@ -59,10 +59,10 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE edge_scores (
             score_id INTEGER, run_id INTEGER, method VARCHAR, src VARCHAR, dst VARCHAR,
             qkv VARCHAR, score DOUBLE)""",
-        # Circuits (queries/circuits.py): circuit_id is the circuit query's id; top_n is the
-        # number of top-|score| edges selected, n_edges what remains after pruning; metric_value
-        # is m(C), clean/corrupted_metric the denominators' ends. The curve holds every circuit
-        # the query evaluated (its search points), keyed by the circuit query.
+        # Circuits (queries/attribution/circuits.py): circuit_id is the circuit query's id; top_n
+        # is the number of top-|score| edges selected, n_edges what remains after pruning;
+        # metric_value is m(C), clean/corrupted_metric the denominators' ends. The curve holds
+        # every circuit the query evaluated (its search points), keyed by the circuit query.
         """CREATE TABLE circuits (
             circuit_id INTEGER PRIMARY KEY, score_id INTEGER, n_edges INTEGER,
             faithfulness DOUBLE, params VARCHAR, created_at TIMESTAMP, top_n INTEGER,
@@ -72,7 +72,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE faithfulness_curve (
             circuit_id INTEGER, score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE,
             top_n INTEGER, metric_value DOUBLE)""",
-        # Subspace patching (queries/subspace_query.py): one report row per component
+        # Subspace patching (queries/subspace/query.py): one report row per component
         # (v, row, null, full) and the patched basis, one vector per row.
         """CREATE TABLE subspace_reports (
             query_id INTEGER, run_id INTEGER, hook VARCHAR, layer INTEGER, head INTEGER,
@@ -81,8 +81,8 @@ MIGRATIONS: list[list[str]] = [
             normalized DOUBLE, effect DOUBLE, illusion BOOLEAN)""",
         """CREATE TABLE subspace_directions (
             query_id INTEGER, idx INTEGER, vector DOUBLE[])""",
-        # Out-of-core reductions over prompts (queries/reduce.py): per group, position and flat
-        # feature index (head for head-norm), the mean and the number of prompts behind it.
+        # Out-of-core reductions over prompts (queries/analysis/reduce.py): per group, position
+        # and flat feature index (head for head-norm), the mean and the number of prompts behind it.
         """CREATE TABLE reductions (
             query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
             value DOUBLE, n INTEGER)""",

@@ -13,7 +13,7 @@ import click
 
 from actstore.errors import ActstoreError, UsageError
 from actstore.output import FILE_FORMATS, PRINT_FORMATS, check_output_path, write_rows
-from queries.metrics import METRICS
+from queries import choices
 
 FORMAT = click.option(
     "--format",
@@ -37,6 +37,8 @@ def one_line(message: str) -> str:
 
 # One --device for every command that runs a model: CUDA when available, else CPU.
 DEVICE = click.option("--device", help="cpu or cuda (default: cuda when available).")
+# One --run for every command that queries a run; the Python API names it `run` too.
+RUN = click.option("--run", type=int, required=True, help="Run id (see actstore info).")
 
 
 class Group(click.Group):
@@ -252,7 +254,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 
 @main.command()
 @click.argument("store")
-@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@RUN
 @click.option(
     "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
 )
@@ -267,12 +269,12 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 @click.option("--pos", default="all", show_default=True, help="all (real positions), final, or N.")
 @click.option(
     "--metric",
-    type=click.Choice(METRICS),
+    type=click.Choice(choices.METRICS),
     default="logit-diff",
     show_default=True,
 )
 @click.option(
-    "--patch-direction", "mode", type=click.Choice(["denoise", "noise"]), default="denoise",
+    "--patch-direction", "mode", type=click.Choice(choices.DIRECTIONS), default="denoise",
     show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
@@ -291,7 +293,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
 @DEVICE
 @FORMAT
-def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
 
     Reports the effect of patching v, of its rowspace and nullspace parts under the map that
@@ -305,35 +307,35 @@ def subspace(store: str, run_id: int, hook: str, direction: str, fmt: str, **kwa
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run_id, hook, direction, **kwargs)
+    rows = _open(store).subspace(run, hook, direction, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
-    from queries.views import illusion_verdict
+    from queries.analysis.lookups import illusion_verdict
 
     click.echo(f"query {rows['query_id'][0]}: {illusion_verdict(rows['illusion'][0])}", err=True)
 
 
 @main.command()
 @click.argument("store")
-@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@RUN
 @click.option(
     "--method",
-    type=click.Choice(["atp", "eap", "eap-ig", "eap-ig-activations"]),
+    type=click.Choice(choices.METHODS),
     required=True,
     help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input.",
 )
 @click.option("--steps", type=int, help="Integration steps of eap-ig methods (default 5).")
 @click.option(
-    "--level", type=click.Choice(["node", "edge"]), help="Default: node for atp, else edge."
+    "--level", type=click.Choice(choices.LEVELS), help="Default: node for atp, else edge."
 )
 @click.option(
-    "--metric", type=click.Choice(METRICS), default="logit-diff",
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
 @click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
 @DEVICE
 @FORMAT
-def attribute(store: str, run_id: int, top: int | None, fmt: str, **kwargs) -> None:
+def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Score every edge (or node) of a run by attribution; rows sorted by |score|.
 
     The score set's id (score_id) is what actstore circuit --scores takes.
@@ -345,7 +347,7 @@ def attribute(store: str, run_id: int, top: int | None, fmt: str, **kwargs) -> N
       actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
                            order by abs(score) desc limit 100"
     """
-    df = _open(store).attribute(run_id, **kwargs)
+    df = _open(store).attribute(run, **kwargs)
     if df.height:
         click.echo(f"score set {df['score_id'][0]}: {df.height} rows", err=True)
     write_rows(df.head(top) if top is not None else df, fmt)
@@ -353,23 +355,21 @@ def attribute(store: str, run_id: int, top: int | None, fmt: str, **kwargs) -> N
 
 @main.command()
 @click.argument("store")
-@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@RUN
 @click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
 @click.option(
-    "--op", type=click.Choice(["mean", "class-mean", "head-norm"]), default="mean",
+    "--op", type=click.Choice(choices.OPS), default="mean",
     show_default=True, help="Mean activation, mean per --by group, or mean per-head norm.",
 )  # fmt: skip
 @click.option("--by", help="Prompts column to group class-mean by (default grp).")
+@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @click.option(
-    "--side", type=click.Choice(["clean", "corrupted"]), default="clean", show_default=True
-)
-@click.option(
-    "--scheduler", type=click.Choice(["threads", "distributed"]), default="threads",
+    "--scheduler", type=click.Choice(choices.SCHEDULERS), default="threads",
     show_default=True, help="Dask's local threads, or a cluster at --address.",
 )  # fmt: skip
 @click.option("--address", help="Dask scheduler address for --scheduler distributed.")
 @FORMAT
-def reduce(store: str, run_id: int, hook: str, fmt: str, **kwargs) -> None:
+def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
 
     Rows: query_id, hook, grp, pos, idx (flat feature, or head), value, n (prompts).
@@ -381,27 +381,27 @@ def reduce(store: str, run_id: int, hook: str, fmt: str, **kwargs) -> None:
       actstore reduce /tmp/s --run 1 --hook blocks.0.attn.hook_z --op head-norm \\
           --scheduler distributed --address tcp://10.0.0.5:8786
     """
-    write_rows(_open(store).reduce(run_id, hook, **kwargs), fmt)
+    write_rows(_open(store).reduce(run, hook, **kwargs), fmt)
 
 
 # ---- analysis: overlap, plot, demo -------------------------------------------------------------
 
 SET_OPTIONS = [
-    click.option("--by", type=click.Choice(["head", "edge"]), default="head", show_default=True,
+    click.option("--by", type=click.Choice(choices.SETS), default="head", show_default=True,
                  help="Compare head sets (patching) or edge sets (attribution)."),
     click.option("--top-frac", type=float, help="Top fraction by importance (default 0.02)."),
     click.option("--top-k", type=int, help="Top K by importance instead of a fraction."),
     click.option("--circuits", is_flag=True, help="Each run's circuit instead."),
     click.option("--queries", help="Comma-separated patch query, score set or circuit ids to "
                  "compare, instead of choosing by run."),
-    click.option("--metric", type=click.Choice(METRICS),
+    click.option("--metric", type=click.Choice(choices.METRICS),
                  help="Only sets from queries of this metric."),
-    click.option("--component", type=click.Choice(["head", "head-pos"]),
+    click.option("--component", type=click.Choice(choices.HEAD_COMPONENTS),
                  help="Patching component the head sets come from (default head)."),
-    click.option("--direction", type=click.Choice(["denoise", "noise"]),
+    click.option("--direction", type=click.Choice(choices.DIRECTIONS),
                  help="Only head sets from patching in this direction."),
     click.option("--window", type=int, help="Only head sets from patching with this window."),
-    click.option("--method", type=click.Choice(["atp", "eap", "eap-ig", "eap-ig-activations"]),
+    click.option("--method", type=click.Choice(choices.METHODS),
                  help="Only score sets (or circuits) of this method."),
 ]  # fmt: skip
 
@@ -413,7 +413,7 @@ def set_options(fn):
 
 
 def _ids(text: str | None, option: str) -> list[int] | None:
-    from queries.overlap import parse_ids
+    from queries.analysis.overlap import parse_ids
 
     return None if text is None else parse_ids(text, option)
 
@@ -442,7 +442,7 @@ def overlap(store: str, runs: str | None, queries: str | None, fmt: str, **optio
     """
     if runs is None and queries is None:
         raise UsageError("give --runs R1,R2,... or --queries Q1,Q2,...")
-    from queries.overlap import compared
+    from queries.analysis.overlap import compared
 
     df = _open(store).overlap(_ids(runs, "--runs"), queries=_ids(queries, "--queries"), **options)
     click.echo(compared(df), err=True)
@@ -451,7 +451,7 @@ def overlap(store: str, runs: str | None, queries: str | None, fmt: str, **optio
 
 @main.command()
 @click.argument("store")
-@click.argument("kind", type=click.Choice(["effects", "overlap", "faithfulness"]))
+@click.argument("kind", type=click.Choice(choices.PLOTS))
 @click.argument("ident", metavar="ID")
 @click.option("-o", "--output", required=True, help="PNG file to write.")
 @set_options
@@ -497,7 +497,7 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
     """
     from pathlib import Path
 
-    from queries.overlap import parse_ids
+    from queries.analysis.overlap import parse_ids
 
     ids = parse_ids(runs) if runs is not None else None
     write_rows(_open(store).report(output, ids, **options), fmt)
@@ -528,20 +528,20 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt:
     Example:
       actstore demo demo-store
     """
-    from queries.demo import demo as run_demo
+    from actstore.demo import demo as run_demo
 
     run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k)
 
 
 @main.command()
 @click.argument("store")
-@click.option("--run", "run_id", type=int, help="Check one run only.")
+@click.option("--run", type=int, help="Check one run only.")
 @click.option(
     "--repair", is_flag=True, help="Recompute damaged or missing chunks (needs the run's model)."
 )
 @DEVICE
 @FORMAT
-def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt: str) -> None:
+def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: str) -> None:
     """Check every chunk's checksum against the ledger and every complete run for completeness.
 
     Prints one row per damaged or missing piece (run, side, hook, chunk, prompt range) and
@@ -556,10 +556,10 @@ def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt
 
     s = _open(store)
     if repair:
-        repaired = s.repair(run=run_id, device=device)
+        repaired = s.repair(run=run, device=device)
         if repaired.height:
             write_rows(repaired, fmt)
-    findings = s.verify(run=run_id)
+    findings = s.verify(run=run)
     bad = failures(findings)
     if findings.height:
         write_rows(findings, fmt)
@@ -568,7 +568,7 @@ def verify(store: str, run_id: int | None, repair: bool, device: str | None, fmt
         where = f" in run(s) {runs}" if runs else ""
         hint = "" if repair else "; try actstore verify --repair"
         raise ActstoreError(f"{store}: {bad.height} damaged or missing piece(s){where}{hint}")
-    click.echo(f"{store}: {chunks_checked(s, run_id)} chunks verified, no damage", err=True)
+    click.echo(f"{store}: {chunks_checked(s, run)} chunks verified, no damage", err=True)
 
 
 @main.command()
@@ -600,19 +600,19 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 
 @main.command()
 @click.argument("store")
-@click.option("--run", "run_id", type=int, required=True, help="Run id (see actstore info).")
+@RUN
 @click.option(
     "--component",
-    type=click.Choice(["head", "head-pos", "resid", "attn-out", "mlp-out"]),
+    type=click.Choice(choices.COMPONENTS),
     required=True,
     help="head: a head at all positions; head-pos, resid, attn-out, mlp-out: by position.",
 )
 @click.option(
-    "--metric", type=click.Choice(METRICS), default="logit-diff",
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
 @click.option(
-    "--direction", type=click.Choice(["denoise", "noise"]), default="denoise", show_default=True,
+    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
     help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
 )  # fmt: skip
 @click.option(
@@ -623,7 +623,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @FORMAT
-def patch(store: str, run_id: int, fmt: str, **kwargs) -> None:
+def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
     Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
@@ -636,7 +636,7 @@ def patch(store: str, run_id: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
     """
-    write_rows(_open(store).patch(run_id, **kwargs), fmt)
+    write_rows(_open(store).patch(run, **kwargs), fmt)
 
 
 if __name__ == "__main__":

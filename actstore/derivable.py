@@ -12,33 +12,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from actstore.hooks import hook_name
+
 LOGITS = "logits"
 TOKENS = "tokens"
 INPUT_EMBEDS = "input_embeds"
 
 
 def resid_pre(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
+    return hook_name("resid_pre", layer)
 
 
 def resid_mid(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_mid"
+    return hook_name("resid_mid", layer)
 
 
 def resid_post(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+    return hook_name("resid_post", layer)
 
 
 def attn_out(layer: int) -> str:
-    return f"blocks.{layer}.hook_attn_out"
+    return hook_name("attn_out", layer)
 
 
 def mlp_out(layer: int) -> str:
-    return f"blocks.{layer}.hook_mlp_out"
+    return hook_name("mlp_out", layer)
 
 
 def z(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
+    return hook_name("z", layer)
 
 
 def residual_names(i: int, n_layers: int) -> list[str]:

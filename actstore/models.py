@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,20 +192,47 @@ class ModelAdapter:
         return set(self.bridge.hook_dict)
 
     def run_with_cache(
-        self, tokens: torch.Tensor, names: set[str], hooks: Sequence[Hook] = ()
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the activations named `names` of a hooked forward (what ingest stores)."""
+        self, tokens: torch.Tensor, names: set[str] | None = None, hooks: Sequence[Hook] = ()
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """Logits and the activations named `names` (default: every hook) of a hooked forward
+        (what ingest stores)."""
         with self.bridge.hooks(fwd_hooks=list(hooks)):
             logits, cache = self.bridge.run_with_cache(
-                tokens, names_filter=lambda name: name in names
+                tokens, names_filter=None if names is None else lambda name: name in names
             )
-        return logits, {name: cache[name] for name in names}
+        return logits, cache if names is None else {name: cache[name] for name in names}
 
-    def hooked_logits(self, tokens: torch.Tensor, hooks: Sequence[Hook] = ()) -> torch.Tensor:
+    def hooked_logits(
+        self, tokens: torch.Tensor, hooks: Sequence[Hook] = (), split_inputs: bool = False
+    ) -> torch.Tensor:
         """Logits (batch, pos, vocab) of the bridge's own forward with TransformerLens hooks
-        (hook name, fn) applied: the slow exact path that the engine is checked against."""
-        with self.bridge.hooks(fwd_hooks=list(hooks)):
-            return self.bridge(tokens)
+        (hook name, fn) applied: the slow exact path that the engine is checked against.
+        `split_inputs` adds TransformerLens' per-head hook_q/k/v_input and hook_mlp_in."""
+        if not split_inputs:
+            with self.bridge.hooks(fwd_hooks=list(hooks)):
+                return self.bridge(tokens)
+        self.bridge.set_use_split_qkv_input(True)
+        self.bridge.set_use_hook_mlp_in(True)
+        try:
+            return self.hooked_logits(tokens, hooks)
+        finally:
+            self.bridge.set_use_split_qkv_input(False)
+            self.bridge.set_use_hook_mlp_in(False)
+
+    def hooked_attention_out(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """TransformerLens' own W_O (heads, d_head, d_model) and b_O of a layer: references that
+        must not depend on the canonical weights read them here."""
+        attn = self.bridge.blocks[layer].attn
+        return attn.W_O, attn.b_O
+
+    def hooked_patching(
+        self, function: str, tokens: torch.Tensor, cache: Mapping, metric: Callable, **kwargs: Any
+    ) -> torch.Tensor:
+        """TransformerLens' activation patching `transformer_lens.patching.<function>` on this
+        model: the exact reference that patching from the store is checked against."""
+        import transformer_lens.patching as tlp
+
+        return getattr(tlp, function)(self.bridge, tokens, cache, metric, **kwargs)
 
 
 def _extract_weights(hf: Any, arch: Architecture) -> Weights:

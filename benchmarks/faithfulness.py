@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from ioi_store import parser, temporary_ioi_store
 
-from queries.attribution import attribute
-from queries.circuits import circuit, stored_curve
+from queries.attribution import attribute, circuit, stored_curve
 
 
 def main() -> None:

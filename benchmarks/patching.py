@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from actstore.models import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from actstore.store import Store  # noqa: E402
-from queries import metrics  # noqa: E402
+from queries.core import metrics  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
@@ -100,7 +100,6 @@ def peak_mib() -> float:
 def tl_sweep(model: ModelAdapter, store: Store, component: str, direction: str, positions):
     """TL's patching over the same patches; returns (seconds, values in our row order, n)."""
     import pandas as pd
-    import transformer_lens.patching as tlp
 
     pr = store.prompts(1)
     tokens = {s: torch.tensor(store.read(1, s, "tokens")).long() for s in ("clean", "corrupted")}
@@ -122,12 +121,11 @@ def tl_sweep(model: ModelAdapter, store: Store, component: str, direction: str, 
         else:
             rows += [(layer, p) for p in positions]
     index = pd.DataFrame(rows, columns=list(axes))
-    model.bridge.eval()
     started = time.perf_counter()
     with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
-        _, cache = model.bridge.run_with_cache(tokens[src])
-        values = getattr(tlp, name)(
-            model.bridge, tokens[base], cache, fn, index_axis_names=None, index_df=index
+        _, cache = model.run_with_cache(tokens[src])
+        values = model.hooked_patching(
+            name, tokens[base], cache, fn, index_axis_names=None, index_df=index
         )
     seconds = time.perf_counter() - started
 

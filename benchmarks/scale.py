@@ -28,7 +28,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 PEAK = """
 import json, resource, sys
-import actstore, dask.array, queries.reduce
+import actstore, dask.array, queries.analysis.reduce
 store = actstore.open(sys.argv[1]); hook = sys.argv[2]
 store.prompts(1)
 base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))

@@ -16,10 +16,10 @@ import torch
 
 from actstore import arrays as zarrays
 from actstore.derivable import LOGITS
+from actstore.hooks import hook_shape
 from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
 from ingest.corruptions import gaussian_noise
-from ingest.hooks import hook_shape
 from ingest.prompts import Prepared
 
 if TYPE_CHECKING:

@@ -17,27 +17,14 @@ from __future__ import annotations
 
 from actstore.derivable import LOGITS
 from actstore.errors import UsageError
+from actstore.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
 from actstore.models import ModelAdapter
 
 # The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
 # whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt
 # at GPT-2-small shape (benchmarks/ingest.py).
 RESID_EVERY = 2
-LEAN = (f"resid_pre/{RESID_EVERY}", "z", "resid_final")
-
-PER_LAYER = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "z": "blocks.{l}.attn.hook_z",
-    "q": "blocks.{l}.attn.hook_q",
-    "k": "blocks.{l}.attn.hook_k",
-    "v": "blocks.{l}.attn.hook_v",
-    "pattern": "blocks.{l}.attn.hook_pattern",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-    "mlp_post": "blocks.{l}.mlp.hook_post",
-}
+LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 
 
 def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
@@ -62,7 +49,6 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
 
 def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
     known = model.hook_names()
-    final = f"blocks.{model.shape.n_layers - 1}.hook_resid_post"
     names: list[str] = []
     for item in items:
         expanded: list[str]
@@ -70,16 +56,15 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
             expanded = _expand(model, list(default_hooks(model)))
         elif item == "lean":
             expanded = _expand(model, list(LEAN))
-        elif item == "resid_final":
-            expanded = [final]
+        elif item == FINAL:
+            expanded = [final_hook(model.shape.n_layers)]
         elif item == LOGITS:
             expanded = [LOGITS]
         elif item.startswith("resid_pre/"):
-            every = _stride(item)
-            expanded = [PER_LAYER["resid_pre"].format(l=i)
-                        for i in range(every, model.shape.n_layers, every)]  # fmt: skip
+            every, n = _stride(item), model.shape.n_layers
+            expanded = [hook_name("resid_pre", i) for i in range(every, n, every)]
         elif item in PER_LAYER:
-            expanded = [PER_LAYER[item].format(l=i) for i in range(model.shape.n_layers)]
+            expanded = layer_hooks(item, model.shape.n_layers)
             if expanded[0] not in known:
                 raise UsageError(
                     f"hook {item!r}: {model.spec} has no {expanded[0]} (a "
@@ -102,18 +87,3 @@ def _stride(item: str) -> int:
     if not every.isdigit() or int(every) < 1:
         raise UsageError(f"hook {item!r}: give resid_pre/K with K a positive integer")
     return int(every)
-
-
-def hook_shape(model: ModelAdapter, hook: str, seq: int) -> tuple[int, ...]:
-    """Per-position shape of a hook's activation (after the batch and position axes)."""
-    s = model.shape
-    last = hook.rsplit(".", 1)[-1]
-    if last in ("hook_k", "hook_v", "hook_rot_k"):
-        return (model.architecture.n_kv_heads, s.d_head)
-    if last in ("hook_z", "hook_q", "hook_rot_q", "hook_result"):
-        return (s.n_heads, s.d_head)
-    if last == "hook_pattern" or last == "hook_attn_scores":
-        return (s.n_heads, seq)
-    if hook.endswith("mlp.hook_post") or hook.endswith("mlp.hook_pre"):
-        return (s.d_mlp,)
-    return (s.d_model,)

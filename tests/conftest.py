@@ -59,7 +59,7 @@ def demo_run(tmp_path_factory):
     import io
     import time
 
-    from queries import demo as demo_module
+    from actstore import demo as demo_module
 
     directory = tmp_path_factory.mktemp("demo") / "d"
     out = io.StringIO()

@@ -1,9 +1,10 @@
 """Hook-and-gradient references for edge attribution and circuits, independent of actstore's engine.
 
-Everything here runs TransformerLens' bridge over the Hugging Face model (hook_z, hook_mlp_out,
-hook_q/k/v_input, hook_mlp_in, ln_final.hook_in) and reads weights from the bridge and the HF
-modules. A head's output is z·W_O[h]; under a post-attention norm (Gemma 2) it is the documented
-share w ⊙ (z·W_O[h] + b_O/heads) / rms(o) of the normed output, o the layer's attention output.
+Everything here runs TransformerLens' bridge over the Hugging Face model through the adapter's
+hooked forward (hook_z, hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in) and reads
+W_O and b_O as TransformerLens presents them. A head's output is z·W_O[h]; under a
+post-attention norm (Gemma 2) it is the documented share w ⊙ (z·W_O[h] + b_O/heads) / rms(o) of
+the normed output, o the layer's attention output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from queries.graph import Graph
+from queries.attribution import Graph
 
 
 def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
@@ -27,24 +28,23 @@ def graph_of(adapter) -> Graph:
 
 def head_shares(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
     """Every head's output (batch, pos, heads, d_model) from its z, by the definition above."""
-    attn = adapter.bridge.blocks[layer].attn
-    per = torch.einsum("bphe,hed->bphd", z, attn.W_O)
-    hf = adapter.bridge.original_model
-    if hf.config.model_type != "gemma2":
+    W_O, b_O = adapter.hooked_attention_out(layer)
+    per = torch.einsum("bphe,hed->bphd", z, W_O)
+    arch = adapter.architecture
+    if not arch.post_norms:
         return per
-    post = hf.model.layers[layer].post_attention_layernorm
-    bias = attn.b_O
-    if bias is not None:
-        per = per + bias / per.shape[2]
+    post = adapter.weights().layers[layer].ln1_post
+    if b_O is not None:
+        per = per + b_O / per.shape[2]
     total = per.sum(2, keepdim=True)
-    scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + post.eps)
-    return per * scale * (1.0 + post.weight)
+    scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + arch.norm_eps)
+    return per * scale * (arch.norm_offset + post.w)
 
 
 def node_outputs(adapter, tokens: torch.Tensor) -> torch.Tensor:
     """Every node's output (batch, pos, n_forward, d_model) from a TL run_with_cache."""
     with torch.no_grad():
-        _, cache = adapter.bridge.run_with_cache(tokens)
+        _, cache = adapter.run_with_cache(tokens)
         cols = [cache["blocks.0.hook_resid_pre"][:, :, None]]
         for layer in range(adapter.shape.n_layers):
             cols.append(head_shares(adapter, layer, cache[f"blocks.{layer}.attn.hook_z"]))
@@ -67,21 +67,6 @@ def input_hooks(adapter) -> list[tuple[str, slice]]:
     return out + [("ln_final.hook_in", slice(g.n_backward - 1, g.n_backward))]
 
 
-class split_inputs:
-    """Turn on the bridge's per-head q/k/v input hooks and hook_mlp_in for a block."""
-
-    def __init__(self, adapter):
-        self.bridge = adapter.bridge
-
-    def __enter__(self):
-        self.bridge.set_use_split_qkv_input(True)
-        self.bridge.set_use_hook_mlp_in(True)
-
-    def __exit__(self, *exc):
-        self.bridge.set_use_split_qkv_input(False)
-        self.bridge.set_use_hook_mlp_in(False)
-
-
 def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict, metric=None) -> torch.Tensor:
     """∂(mean metric)/∂(every destination input) by autograd through TL's hooked forward;
     `metric(logits, data)` defaults to the mean logit difference."""
@@ -100,8 +85,7 @@ def hooked_input_grads(adapter, tokens: torch.Tensor, data: dict, metric=None) -
         return fn
 
     hooks = [(name, capture(cols)) for name, cols in input_hooks(adapter)]
-    with split_inputs(adapter), adapter.bridge.hooks(fwd_hooks=hooks):
-        value = metric(adapter.bridge(tokens), data)
+    value = metric(adapter.hooked_logits(tokens, hooks, split_inputs=True), data)
     grads = torch.autograd.grad(value, list(captured.values()))
     b, p = tokens.shape
     out = torch.zeros(b, p, g.n_backward, adapter.shape.d_model)
@@ -127,7 +111,6 @@ def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) ->
     corrupted = node_outputs(adapter, data["corrupted"])
     dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32)
     outs: dict[int, torch.Tensor] = {}
-    b = adapter.bridge
 
     def record(first: int, heads_of: int | None = None):
         def fn(act, hook):
@@ -156,5 +139,5 @@ def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) ->
         hooks.append((f"blocks.{layer}.attn.hook_z", record(g.head_index(layer, 0), layer)))
         hooks.append((f"blocks.{layer}.hook_mlp_out", record(g.mlp_index(layer))))
     hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
-    with torch.no_grad(), split_inputs(adapter), b.hooks(fwd_hooks=hooks):
-        return float(metric(b(data["clean"]), data))
+    with torch.no_grad():
+        return float(metric(adapter.hooked_logits(data["clean"], hooks, split_inputs=True), data))

@@ -89,9 +89,9 @@ def assert_matches_transformer_lens(
     """Our effects of run 1 equal `transformer_lens.patching`'s for every metric (1e-4), and
     the logit differences vary by more than `spread` (the patches really change the run)."""
     import pandas as pd
-    import transformer_lens.patching as tlp
 
-    from queries import metrics
+    from queries.choices import METRICS
+    from queries.core import metrics
     from queries.patching import check_spec, compute_effects
 
     pr = store.prompts(1)
@@ -102,9 +102,9 @@ def assert_matches_transformer_lens(
         torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
         torch.tensor(store.read(1, "clean", "logits")),
     )
-    fns = {m: metrics.logits_metric_fn(m, finals, targets) for m in metrics.METRICS}
+    fns = {m: metrics.logits_metric_fn(m, finals, targets) for m in METRICS}
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
-    _, cache = model.bridge.run_with_cache(tokens[src])
+    _, cache = model.run_with_cache(tokens[src])
     name, axes = TL_FUNCTIONS[component]
     s = model.shape
     if component == "head":
@@ -115,10 +115,10 @@ def assert_matches_transformer_lens(
         rest = [(p,) for p in positions]
     index = pd.DataFrame([(layer, *r) for layer in range(s.n_layers) for r in rest],
                          columns=list(axes))  # fmt: skip
-    result = getattr(tlp, name)(model.bridge, tokens[base], cache, fns, index_axis_names=None,
-                                index_df=index)  # fmt: skip
+    result = model.hooked_patching(name, tokens[base], cache, fns, index_axis_names=None,
+                                   index_df=index)  # fmt: skip
     key = {"layer": "layer", "head_index": "head", "pos": "pos"}
-    for i, metric in enumerate(metrics.METRICS):
+    for i, metric in enumerate(METRICS):
         spec = check_spec(store, 1, component, metric, direction, 1, positions)
         ours = compute_effects(store, 1, spec, model)[0].sort([key[a] for a in axes])
         expected = result.values[i].numpy()

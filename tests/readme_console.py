@@ -140,7 +140,7 @@ def demo_block() -> None:
     """The output of `actstore demo demo-store` (what `make demo` runs), as a ```text block."""
     import cog
 
-    from queries.demo import demo
+    from actstore.demo import demo
 
     root = Path(tempfile.mkdtemp(prefix="readme-demo-")) / "demo-store"
     out = io.StringIO()

@@ -2,7 +2,7 @@
 sets of one, and patching, attribution and faithfulness over sets against direct computations.
 
 The direct metrics below loop over prompts with plain tensor indexing; they share no code with
-queries.metrics.
+queries.core.metrics.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from test_attribution import run_tensors
 from actstore.catalog import MIGRATIONS, SCHEMA_VERSION
 from actstore.models import load_model
 from actstore.store import Store
-from queries.attribution import attribute
-from queries.circuits import circuit, score_graph, top_edges
-from queries.metrics import answer_arrays
+from queries.attribution import attribute, circuit, score_graph, top_edges
+from queries.core.metrics import answer_arrays
 from queries.patching import check_spec, compute_effects
 
 N = 6
@@ -78,20 +77,18 @@ def test_greater_than_sets_are_years_above_and_at_or_below(gt):
 @pytest.mark.parametrize("metric", ["prob-diff", "logit-diff"])
 def test_patching_over_sets_matches_transformer_lens_with_a_direct_metric(gt, metric, direction):
     import pandas as pd
-    import transformer_lens.patching as tlp
 
     store, model, data = gt
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
-    _, cache = model.bridge.run_with_cache(data[src])
-    model.bridge.eval()
+    _, cache = model.run_with_cache(data[src])
     s = model.shape
     index = pd.DataFrame(
         [(layer, h) for layer in range(s.n_layers) for h in range(s.n_heads)],
         columns=["layer", "head_index"],
     )
     fn = full_sequence(metric)
-    expected = tlp.get_act_patch_attn_head_out_all_pos(
-        model.bridge,
+    expected = model.hooked_patching(
+        "get_act_patch_attn_head_out_all_pos",
         data[base],
         cache,
         lambda logits: fn(logits, data),
@@ -116,7 +113,7 @@ def test_sets_of_one_reduce_to_the_single_answer_metrics():
     """A prompt with one answer and one wrong answer: prob-diff = p(answer) − p(wrong)."""
     import polars as pl
 
-    from queries.metrics import AnswerSets, Targets, from_logits
+    from queries.core.metrics import AnswerSets, Targets, from_logits
 
     logits = torch.randn(2, 3, 11)  # (variants, prompts, vocab)
     prompts = pl.DataFrame(

@@ -20,11 +20,9 @@ from edge_reference import eap_scores, hooked_circuit_metric, logit_diff
 from actstore.cli import main
 from actstore.models import BUILTIN_DIR, load_model
 from actstore.store import Store
-from queries.attribution import attribute
-from queries.circuits import circuit, score_graph, stored_curve, top_edges
-from queries.edge_batches import iter_batches
-from queries.edge_model import EdgeModel
-from queries.graph import Graph
+from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
+from queries.attribution.batches import iter_batches
+from queries.attribution.model import EdgeModel
 
 
 def trained_or_random() -> list[str]:
@@ -95,13 +93,12 @@ def test_edge_forward_reproduces_model_and_corrupted_run(setup):
 
 def test_node_atp_is_the_gradient_estimate_and_tracks_head_patching(setup):
     store, adapter, data = setup
-    b = adapter.bridge
     scores = attribute(store, 1, "atp")
     assert scores["dst"].null_count() == scores.height
     atp = dict(zip(scores["src"], scores["score"], strict=True))
     n_layers, n_heads = adapter.shape.n_layers, adapter.shape.n_heads
     with torch.no_grad():
-        _, clean = b.run_with_cache(data["clean"])
+        _, clean = adapter.run_with_cache(data["clean"])
     zs = {}
 
     def grab(name: str):
@@ -112,8 +109,8 @@ def test_node_atp_is_the_gradient_estimate_and_tracks_head_patching(setup):
         return fn
 
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    with b.hooks(fwd_hooks=[(n, grab(n)) for n in names]):
-        corrupted_value = logit_diff(b(data["corrupted"]), data)
+    hooks = [(n, grab(n)) for n in names]
+    corrupted_value = logit_diff(adapter.hooked_logits(data["corrupted"], hooks), data)
     grads = torch.autograd.grad(corrupted_value, [zs[n] for n in names])
     estimate, exact = [], []
     for layer, (name, grad) in enumerate(zip(names, grads, strict=True)):
@@ -127,8 +124,10 @@ def test_node_atp_is_the_gradient_estimate_and_tracks_head_patching(setup):
                 act[:, :, h] = clean[name][:, :, h]
                 return act
 
-            with torch.no_grad(), b.hooks(fwd_hooks=[(name, patch)]):
-                patched = logit_diff(b(data["corrupted"]), data)
+            with torch.no_grad():
+                patched = logit_diff(
+                    adapter.hooked_logits(data["corrupted"], [(name, patch)]), data
+                )
             estimate.append(linear)
             exact.append(float(patched - corrupted_value))
     corr = np.corrcoef(estimate, exact)[0, 1]

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from actstore import demo as demo_module
 from actstore.store import Store
-from queries import demo as demo_module
 
 pytestmark = pytest.mark.slow
 

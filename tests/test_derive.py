@@ -8,6 +8,7 @@ residual, resid_mid, attn_out, mlp_out and the final-position logits within 1e-5
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from families import FAMILIES, random_model
@@ -186,3 +187,28 @@ def test_float16_lean_run_error_against_float32(tmp_path, toy_random):
     error = _largest_error(lean, full, toy_random)
     print(f"float16 lean vs float32 full: largest relative error {error:.1e}")
     assert 1e-5 < error < 1e-2
+
+
+# ---- queries read lean runs through the reader ------------------------------------------------
+
+
+def test_queries_on_a_lean_run_equal_the_full_run(tmp_path, toy_random):
+    """Patching (heads, resid_pre, mlp_out), attribution (EAP) and subspace patching read a
+    lean run through the reader and give the full run's results within 1e-5."""
+    import actstore
+
+    _ingest_pair(tmp_path, toy_random)
+    lean, full = actstore.open(tmp_path / "lean"), actstore.open(tmp_path / "full")
+
+    def same(a, b, key: list[str], value: str) -> None:
+        a, b = a.sort(key), b.sort(key)
+        assert a.select(key).equals(b.select(key))
+        assert np.abs(a[value].to_numpy() - b[value].to_numpy()).max() <= TOL
+
+    for component in ("head", "resid", "mlp-out"):
+        same(lean.patch(1, component, model=toy_random), full.patch(1, component, model=toy_random),
+             ["layer", "head", "pos", "metric"], "value")  # fmt: skip
+    same(lean.attribute(1, "eap"), full.attribute(1, "eap"), ["src", "dst", "qkv"], "score")
+    hook = names.resid_mid(1)
+    same(lean.subspace(1, hook, "mean-diff", pos="final"),
+         full.subspace(1, hook, "mean-diff", pos="final"), ["component"], "value")  # fmt: skip

@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)
 
 # Commands with no ActStore method of their own: the documented function each one calls.
-FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.demo.demo", "queries.demo.demo"]}
+FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.demo.demo"]}
 # --repair runs ActStore.repair before ActStore.verify.
 EXTRA_METHODS = {"verify": ["repair"]}
 
@@ -36,8 +36,6 @@ RENAMED = {
     ("plot", "output"): "out",
     ("report", "output"): "out",
     ("subspace", "patch_direction"): "mode",  # subspace's --direction names the source
-    ("patch", "run"): "run_id",  # the API's patch and reduce still call the run run_id
-    ("reduce", "run"): "run_id",
 }
 # Options of the command line only: how many rows to print, and in what format.
 CLI_ONLY = {("attribute", "top")} | {(c, "format") for c in COMMANDS if c != "export"}

@@ -28,8 +28,7 @@ from actstore.architecture import Architecture
 from actstore.errors import UsageError
 from actstore.models import ModelAdapter, adapter_from_hf, load_model
 from actstore.store import Store
-from queries.attribution import attribute
-from queries.circuits import circuit, score_graph, top_edges
+from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
 from queries.patching import check_spec, compute_effects
 
@@ -249,7 +248,7 @@ def test_faithfulness_matches_masked_forward(fam):
 
 
 def test_subspace_whole_space_equals_activation_patching(fam, tmp_path):
-    from queries.subspace_sites import parse_site
+    from queries.subspace.sites import parse_site
 
     store = actstore.open(fam.store.path)
     parallel = fam.model.architecture.parallel

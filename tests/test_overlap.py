@@ -22,7 +22,7 @@ import actstore
 from actstore.cli import main
 from actstore.errors import UsageError
 from actstore.store import Store
-from queries import overlap as ov
+from queries.analysis import overlap as ov
 
 
 def exact_p(k: int, n: int, a: int, b: int) -> float:

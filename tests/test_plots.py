@@ -13,7 +13,7 @@ import actstore
 from actstore.cli import main
 from actstore.errors import ActstoreError, UsageError
 from actstore.results import record_query
-from queries import plots
+from queries.analysis import plot as plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

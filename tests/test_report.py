@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.errors import ActstoreError, UsageError
-from queries.report.charts import number
+from queries.analysis.report.charts import number
 
 MAX_BYTES = 10_000_000
 CHROMIUM_ARGS = [

@@ -18,7 +18,7 @@ import actstore
 from actstore import arrays as zarrays
 from actstore.errors import ActstoreError, UsageError
 from ingest.shards import parse_shard
-from queries.reduce import as_array
+from queries.analysis.reduce import as_array
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "toy-random", "--task", "ioi", "--n", "22", "--batch-size", "4",
@@ -193,7 +193,7 @@ def test_distributed_scheduler_matches_threads(ioi_store):
                       dashboard_address=None) as cluster:  # fmt: skip
         rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",
                             address=cluster.scheduler_address)  # fmt: skip
-    from queries.reduce import _compute
+    from queries.analysis.reduce import _compute
 
     threads = _compute(store, 1, hook, "corrupted", "class-mean", "grp", "threads", None)
     assert rows.drop("query_id").equals(threads.sort("grp", "pos", "idx"))

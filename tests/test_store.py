@@ -72,7 +72,7 @@ def test_arrays_equal_run_with_cache(ioi_store, toy_random):
     for i, toks in enumerate(prompts["clean_tokens"].to_list()):
         tokens[i, : len(toks)] = torch.tensor(toks)
     with torch.no_grad():
-        logits, cache = toy_random.bridge.run_with_cache(tokens)
+        logits, cache = toy_random.run_with_cache(tokens)
     for hook in ["blocks.0.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out",
                  "blocks.1.hook_resid_mid", "blocks.3.hook_resid_post"]:  # fmt: skip
         stored = store.read(1, "clean", hook)
@@ -100,7 +100,7 @@ def test_float16_storage_halves_bytes_and_keeps_precision(tmp_path, toy_random):
             for t in prompts["clean_tokens"].to_list()
         ]
     )
-    _, cache = toy_random.bridge.run_with_cache(tokens)
+    _, cache = toy_random.run_with_cache(tokens)
     ref = cache["blocks.1.hook_resid_pre"].detach().numpy()
     np.testing.assert_allclose(np.asarray(arr[:]).astype(np.float32), ref, rtol=1e-3, atol=1e-3)
     raw = store.sql("select raw_bytes from arrays where hook = 'blocks.1.hook_resid_pre' "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from queries.subspace import (
+from queries.subspace.diagnostics import (
     ILLUSION_DORMANCY,
     PatchBatch,
     components_of,
@@ -140,7 +140,7 @@ def test_round_off_part_is_absent_not_a_direction(part):
 
 @pytest.mark.slow
 def test_das_learns_a_direction_that_restores_the_output():
-    from queries.das import train_das
+    from queries.subspace.das import train_das
 
     basis, history = train_das(lambda: batches(seed=0), 3, 1, "logit-diff", "denoise",
                                seed=0, epochs=60, lr=0.05)  # fmt: skip

@@ -36,7 +36,7 @@ def store(tmp_path_factory):
     ],
 )
 def test_whole_space_equals_full_activation_patching(store, toy_random, tmp_path, hook, head):
-    from queries.subspace_sites import parse_site
+    from queries.subspace.sites import parse_site
 
     dim = parse_site(toy_random, hook, head).dim
     np.save(tmp_path / "eye.npy", np.eye(dim))
@@ -74,7 +74,7 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
 def _site_map(hook: str, reader: str | None) -> np.ndarray:
     """The reading map of a hook (toy-random): (dim, out)."""
     from queries.core.engine import Engine
-    from queries.subspace_sites import parse_site, reading_map
+    from queries.subspace.sites import parse_site, reading_map
 
     model = load_model("toy-random")
     return reading_map(Engine.from_adapter(model), parse_site(model, hook, None), reader).numpy()

@@ -10,7 +10,7 @@ import pytest
 
 from actstore.store import Store
 from actstore.views import VIEWS
-from queries import views
+from queries.analysis import lookups as views
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "analysis.md"
 

@@ -16,17 +16,16 @@ intermediate once:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 
 from actstore import derivable as names
+from actstore.hooks import parse_hook
 from queries.core.engine import Engine
 
 Read = Callable[[str], "torch.Tensor | None"]
-_LAYER_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|"
-                         r"hook_attn_out|hook_mlp_out)$")  # fmt: skip
+DERIVED_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 class Derivation:
@@ -64,17 +63,17 @@ class Derivation:
             if self.finals is None:
                 raise ValueError("deriving logits needs each prompt's final position")
             return self.engine.unembed(final[rows, self.finals])
-        match = _LAYER_HOOK.match(hook)
-        if match is None:
+        parsed = parse_hook(hook)
+        if parsed is None or parsed[1] not in DERIVED_KINDS:
             raise KeyError(f"{hook} is not stored and cannot be derived")
-        layer, kind = int(match.group(1)), match.group(2)
-        if kind == "hook_resid_pre":
+        layer, kind = parsed
+        if kind == "resid_pre":
             return self.residual(layer)
-        if kind == "hook_resid_post":
+        if kind == "resid_post":
             return self.residual(layer + 1)
-        if kind == "hook_attn_out":
+        if kind == "attn_out":
             return self.attn(layer)
-        if kind == "hook_resid_mid":
+        if kind == "resid_mid":
             if self.engine.arch.parallel:
                 raise KeyError(f"{hook}: parallel attention and MLP have no resid_mid")
             return self.residual(layer) + self.attn(layer)

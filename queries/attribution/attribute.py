@@ -21,17 +21,13 @@ The metric is the mean over prompts, so scores are in metric units per prompt.
 
 from __future__ import annotations
 
-import time
-
 import polars as pl
 
 from actstore.errors import UsageError
-from actstore.results import find_query, record_query
 from actstore.store import Store
-from queries.metrics import METRICS
+from queries.choices import LEVELS, METHODS, METRICS, check
+from queries.core.recorded import recorded
 
-METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations")
-LEVELS = ("node", "edge")
 DEFAULT_STEPS = 5
 
 
@@ -39,18 +35,15 @@ def resolve_params(
     method: str, steps: int | None, level: str | None, metric: str
 ) -> dict[str, object]:
     """Validated parameters as recorded in `queries.params` (what determines the scores)."""
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
-    if metric not in METRICS:
-        raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+    check("--method", method, METHODS)
+    check("--metric", metric, METRICS)
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps {steps}: need at least 1")
     level = level or ("node" if method == "atp" else "edge")
-    if level not in LEVELS:
-        raise UsageError(f"--level {level}: choose node or edge")
+    check("--level", level, LEVELS)
     return {
         "method": method,
         "steps": (steps or DEFAULT_STEPS) if integrated else None,
@@ -61,7 +54,7 @@ def resolve_params(
 
 def attribute(
     store: Store,
-    run_id: int,
+    run: int,
     method: str,
     steps: int | None = None,
     level: str | None = None,
@@ -71,31 +64,29 @@ def attribute(
 ) -> pl.DataFrame:
     """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc."""
     params = resolve_params(method, steps, level, metric)
-    found = find_query(store, "attribute", run_id, params)
-    if found is not None:
-        return stored_scores(store, found)
-    run = store.run(run_id)
-    from actstore.models import load_model
-    from queries.edge_batches import check_model, check_run_hooks
-    from queries.edge_gradients import compute_scores
-    from queries.edge_model import EdgeModel
 
-    model = EdgeModel(load_model(run["model"], device))
-    check_model(store, run, model)
-    check_run_hooks(store, run_id, model.shape.n_layers)
-    started = time.perf_counter()
-    scores = compute_scores(model, store, run, params, progress)
-    wall = time.perf_counter() - started
-    g = model.graph
-    if params["level"] == "node":
-        frame = g.node_frame((scores * g.real).sum(1))
-    else:
-        frame = g.edge_frame(scores)
-    frame = frame.select(
-        pl.lit(run_id, dtype=pl.Int32).alias("run_id"), pl.lit(method).alias("method"), pl.all()
-    )
-    score_id = record_query(store, "attribute", run_id, params, wall, {"edge_scores": frame})
-    return stored_scores(store, score_id)
+    def compute() -> dict[str, pl.DataFrame]:
+        from queries.attribution.batches import check_run
+        from queries.attribution.gradients import compute_scores
+        from queries.attribution.model import EdgeModel
+        from queries.core.model import model_for_run
+
+        info = store.run(run)
+        model = EdgeModel(model_for_run(info, device))
+        check_run(store, info, model)
+        scores = compute_scores(model, store, info, params, progress)
+        g = model.graph
+        if params["level"] == "node":
+            frame = g.node_frame((scores * g.real).sum(1))
+        else:
+            frame = g.edge_frame(scores)
+        frame = frame.select(
+            pl.lit(run, dtype=pl.Int32).alias("run_id"), pl.lit(method).alias("method"), pl.all()
+        )
+        return {"edge_scores": frame}
+
+    return recorded(store, "attribute", run, params, compute,
+                    lambda score_id: stored_scores(store, score_id))  # fmt: skip
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:

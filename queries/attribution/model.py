@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from actstore.models import ModelAdapter
+from queries.attribution.graph import Graph
 from queries.core.engine import Engine
-from queries.graph import Graph
 
 
 @dataclass

@@ -14,24 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 import torch
 
 from actstore.errors import UsageError
+from actstore.hooks import hook_name, parse_hook
 from actstore.models import ModelAdapter
-from actstore.store import Store
 from queries.core.engine import Engine
-from queries.metrics import AnswerSets, answer_arrays
-from queries.subspace import PatchBatch
+from queries.core.reader import Reader, sides
+from queries.subspace.diagnostics import PatchBatch
 
-HOOK_FORMS = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "hook_resid_post": "resid_post",
-    "mlp.hook_post": "mlp_post",
-    "attn.hook_z": "z",
-}
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_FORMS) + r")$")
+# The hooks a subspace can be patched at, by short hook name.
+SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_post", "z")
 READER_RE = re.compile(r"^(?:(\d+)\.(\d+)\.([qkv])|(\d+)\.mlp|unembed)$")
 
 
@@ -48,13 +41,13 @@ class Site:
 
 def parse_site(model: ModelAdapter, hook: str, head: int | None) -> Site:
     """Validate a hook name and head against the model."""
-    m = HOOK_RE.match(hook)
-    if not m:
+    parsed = parse_hook(hook)
+    if parsed is None or parsed[1] not in SITE_KINDS:
         raise UsageError(
             f"--hook {hook}: give blocks.L.hook_resid_pre|hook_resid_mid|hook_resid_post, "
             "blocks.L.mlp.hook_post or blocks.L.attn.hook_z"
         )
-    layer, kind = int(m.group(1)), HOOK_FORMS[m.group(2)]
+    layer, kind = parsed
     s = model.shape
     if layer >= s.n_layers:
         raise UsageError(f"--hook {hook}: the model has layers 0..{s.n_layers - 1}")
@@ -169,67 +162,52 @@ def check_pos(pos: str, lengths: np.ndarray) -> str:
 
 
 def site_batches(
-    store: Store,
+    reader: Reader,
     model: ModelAdapter,
     engine: Engine,
-    run_id: int,
     site: Site,
-    prompts: pl.DataFrame,
     indices: np.ndarray,
     mode: str,
     pos: str,
 ) -> Iterator[PatchBatch]:
     """PatchBatches for the chosen prompts, one store chunk at a time (bounded memory)."""
-    run = store.run(run_id)
-    n, chunk = int(run["n_prompts"]), int(run["batch_size"])
-    base_side, src_side = ("corrupted", "clean") if mode == "denoise" else ("clean", "corrupted")
-    act_hook = _stored_activation(store, run_id, site, model)
-    lengths_all = prompts["seq_len"].to_numpy()
-    answers = prompts["answer_token"].to_numpy()
-    wrongs = prompts["wrong_answer_token"].to_numpy()
-    sets = answer_arrays(prompts)
-    chosen = np.sort(np.asarray(indices))
-    dev = model.device
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        sel = chosen[(chosen >= lo) & (chosen < hi)]
-        if not len(sel):
-            continue
-        rel = sel - lo
-
-        def read(side: str, hook: str, _lo=lo, _hi=hi, _rel=rel) -> torch.Tensor:
-            data = store.read(run_id, side, hook, _lo, _hi)[_rel]
-            return torch.as_tensor(data, dtype=torch.float32, device=dev)
-
-        base, source = read(base_side, act_hook), read(src_side, act_hook)
+    base_side, src_side = sides(mode)
+    act_hook = _stored_activation(reader, site, model)
+    for span in reader.spans(chosen=indices):
+        base, source = (
+            reader.tensor(base_side, act_hook, span),
+            reader.tensor(src_side, act_hook, span),
+        )
         if site.kind == "z":
             base, source = _z_view(base, site), _z_view(source, site)
-        lengths = lengths_all[sel]
-        start = read(base_side, f"blocks.{site.layer}.hook_resid_pre") if site.kind in (
+        lengths = reader.columns["seq_len"][span.index]
+        start = reader.tensor(base_side, hook_name("resid_pre", site.layer), span) if site.kind in (
             "z", "mlp_post") else None  # fmt: skip
+        t = reader.targets(span)
         yield PatchBatch(
             base=base,
             source=source,
-            mask=positions_mask(lengths, base.shape[1], pos).to(dev),
+            mask=positions_mask(lengths, base.shape[1], pos).to(reader.device),
             run=_downstream(engine, site, start, lengths),
-            answer=torch.as_tensor(answers[sel], dtype=torch.long, device=dev),
-            wrong=torch.as_tensor(wrongs[sel], dtype=torch.long, device=dev),
-            clean_logits=read("clean", "logits"),
-            corrupted_logits=read("corrupted", "logits"),
-            prompt_idx=sel,
-            sets=AnswerSets.from_arrays({k: v[sel] for k, v in sets.items()}, 0, len(sel), dev),
+            answer=t.answer,
+            wrong=t.wrong,
+            clean_logits=t.clean_logits,
+            corrupted_logits=reader.tensor("corrupted", "logits", span),
+            prompt_idx=span.index,
+            sets=t.sets,
         )
 
 
-def _stored_activation(store: Store, run_id: int, site: Site, model: ModelAdapter) -> str:
-    stored = set(store.hooks(run_id))
-    if site.hook in stored:
+def _stored_activation(reader: Reader, site: Site, model: ModelAdapter) -> str:
+    stored = reader.stored["clean"]
+    if site.hook in stored or site.hook in reader.derived:
         return site.hook
     if site.kind == "resid_post" and site.layer + 1 < model.shape.n_layers:
-        alias = f"blocks.{site.layer + 1}.hook_resid_pre"
+        alias = hook_name("resid_pre", site.layer + 1)
         if alias in stored:
             return alias
-    store.array(run_id, "clean", site.hook)  # raises the store's "re-ingest with --hooks" error
+    # raises the store's "re-ingest with --hooks" error
+    reader.store.array(reader.run_id, "clean", site.hook)
     return site.hook
 
 

@@ -1,4 +1,4 @@
-"""The gradient passes behind `queries.attribution` (see its docstring for the methods).
+"""The gradient passes behind `queries.attribution.attribute` (see its docstring for the methods).
 
 Every score is Δ_s · ∂m/∂input_d summed over prompts and positions; the gradients come from
 `EdgeModel` forwards (one forward+backward per gradient point), the Δs from the store.
@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from actstore.store import Store
-from queries.edge_batches import EdgeBatch, iter_batches, metric_values
-from queries.edge_model import EdgeModel
+from queries.attribution.batches import EdgeBatch, iter_batches
+from queries.attribution.model import EdgeModel
+from queries.core.metrics import from_logits
 
 
 def compute_scores(
@@ -98,7 +99,7 @@ def _input_grads(
     """∂(mean metric)/∂(every destination input), one forward and one backward."""
     with torch.enable_grad():
         run = model.run(inputs.detach().requires_grad_(True), batch.last, replace=replace)
-        value = metric_values(metric, run.logits, batch).sum() / n_total
+        value = from_logits(metric, run.logits, batch.targets).sum() / n_total
         found = torch.autograd.grad(value, run.inputs, allow_unused=True)
     # an input whose node's outputs are replaced (IG over activations) has no gradient
     return [torch.zeros_like(x) if g is None else g for g, x in zip(found, run.inputs, strict=True)]

@@ -18,8 +18,9 @@ import polars as pl
 
 from actstore.errors import ActstoreError, UsageError
 from actstore.store import Store
-from queries import overlap as ov
-from queries import views
+from queries.analysis import lookups
+from queries.analysis import overlap as ov
+from queries.choices import PLOTS
 
 SIZE = (960, 720)
 DPI = 100
@@ -106,7 +107,7 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
     KL (where the signed normalised effect sits near 1 or carries no sign, so that the heads
     that matter would not stand out), the signed normalised effect otherwise, the raw metric
     where no normalised effect exists."""
-    prov = views.provenance(store, query_id)
+    prov = lookups.provenance(store, query_id)
     if prov["kind"] != "patch":
         raise UsageError(
             f"query {query_id} is a {prov['kind']!r} query, not a patch query; plot effects "
@@ -181,7 +182,7 @@ def plot_effects(
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     ax.set_title(f"{prov['task']}: {what}")
-    _save(plt, fig, views.caption(prov), out)
+    _save(plt, fig, lookups.caption(prov), out)
     return df
 
 
@@ -271,7 +272,7 @@ def plot_faithfulness(
     store: Store, score_id: int, out: str | Path, size: tuple[int, int] = SIZE
 ) -> pl.DataFrame:
     """Faithfulness against circuit size for one score set, with its stored circuits marked."""
-    prov = views.provenance(store, score_id)
+    prov = lookups.provenance(store, score_id)
     _check_faithfulness_id(store, prov)
     curve = store.query(
         "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? AND n_edges > 0 "
@@ -303,7 +304,7 @@ def plot_faithfulness(
     ax.set_title(f"{prov['task']}: faithfulness of top-scoring edge circuits")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    _save(plt, fig, views.caption(prov), out)
+    _save(plt, fig, lookups.caption(prov), out)
     return pl.concat(
         [curve.with_columns(pl.lit("curve").alias("source")),
          circuits.drop("circuit_id").with_columns(pl.lit("circuit").alias("source"))],
@@ -351,9 +352,6 @@ def _edge_curve_hint(store: Store, run_id: int) -> str:
     return f"actstore circuit {store.path} --scores {score_id} --faithfulness 0.85"
 
 
-KINDS = ("effects", "overlap", "faithfulness")
-
-
 def plot(
     store: Store,
     kind: str,
@@ -372,8 +370,8 @@ def plot(
         runs = ov.parse_ids(ident, "ID")
         selection = ov.choose(by, top_k, top_frac, circuits)
         return plot_overlap(store, runs, selection, out, queries=queries, **filters)
-    if kind not in KINDS:
-        raise UsageError(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in PLOTS:
+        raise UsageError(f"unknown plot {kind!r}; choose one of {', '.join(PLOTS)}")
     if queries is not None:
         raise UsageError(f"--queries applies to plot overlap, not plot {kind}; leave it out")
     ids = ov.parse_ids(ident, "ID")

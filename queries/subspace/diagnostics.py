@@ -9,7 +9,7 @@ the reading map W, measure each part's variance and patching effect, and flag th
 
 This module is model-agnostic: a `PatchBatch` carries the activations at one site and a function
 that runs the rest of the network from a patched activation, so the same code serves the store
-(queries/subspace_sites.py) and a network built in code (the tests' distilled example).
+(queries/subspace/sites.py) and a network built in code (the tests' distilled example).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import polars as pl
 import torch
 
 from actstore.errors import UsageError
-from queries.metrics import METRICS, AnswerSets, Targets, from_logits
+from queries.core.metrics import AnswerSets, Targets, endpoints, from_logits
 
-MODES = ("denoise", "noise")
 # Illusion thresholds. An effect is the shift of the normalised metric away from the unpatched
 # run (1.0 = the whole clean–corrupted gap). v is flagged when it moves the metric by at least
 # ILLUSION_MIN_EFFECT, at least ILLUSION_EFFECT_RATIO times as much as its rowspace component
@@ -60,21 +59,10 @@ class PatchBatch:
     prompt_idx: np.ndarray | None = None
     sets: AnswerSets | None = None  # answer sets (None: the answer and the wrong answer alone)
 
-
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise UsageError(f"--patch-direction {mode}: choose denoise or noise")
-
-
-def metric_values(metric: str, logits: torch.Tensor, batch: PatchBatch) -> torch.Tensor:
-    """Per-prompt metric of final-position logits (queries.metrics' definitions)."""
-    return from_logits(metric, logits, Targets(batch.answer, batch.wrong, batch.clean_logits,
-                                               batch.sets))  # fmt: skip
+    @property
+    def targets(self) -> Targets:
+        """What the metrics compare against."""
+        return Targets(self.answer, self.wrong, self.clean_logits, self.sets)
 
 
 def orthonormal_basis(vectors: np.ndarray | torch.Tensor, what: str = "direction") -> torch.Tensor:
@@ -186,11 +174,11 @@ def evaluate(
     with torch.no_grad():
         for batch in batches:
             ev.n += batch.base.shape[0]
-            ev.clean += float(metric_values(metric, batch.clean_logits, batch).sum())
-            ev.corrupted += float(metric_values(metric, batch.corrupted_logits, batch).sum())
+            clean, corrupted = endpoints(metric, batch.targets, batch.corrupted_logits)
+            ev.clean, ev.corrupted = ev.clean + clean, ev.corrupted + corrupted
             for name, basis in components.items():
                 logits = batch.run(patch(batch.base, batch.source, batch.mask, basis))
-                ev.patched[name] += float(metric_values(metric, logits, batch).sum())
+                ev.patched[name] += float(from_logits(metric, logits, batch.targets).sum())
                 for acts in (batch.base, batch.source):
                     ev.moments[name].add(acts, batch.mask, basis)
     if ev.n == 0:

@@ -8,18 +8,18 @@ the number of data elements each chart draws.
 from __future__ import annotations
 
 import datetime as dt
+from importlib.metadata import version
 from pathlib import Path
 
 import polars as pl
 
-import actstore
 from actstore.errors import ActstoreError
 from actstore.output import write_atomically
 from actstore.store import Store
-from queries import overlap as ov
-from queries import views
-from queries.report import charts, data
-from queries.report.page import Page, card, esc, table
+from queries.analysis import lookups
+from queries.analysis import overlap as ov
+from queries.analysis.report import charts, data
+from queries.analysis.report.page import Page, card, esc, table
 
 CONTENTS_SCHEMA = {
     "section": pl.String,
@@ -153,7 +153,7 @@ def faithfulness_section(
     cards = []
     for score_id, curve in data.faithfulness_curves(store, runs).items():
         chosen = circuits.filter(pl.col("score_id") == score_id)
-        prov = views.provenance(store, score_id)
+        prov = lookups.provenance(store, score_id)
         n_scored = store.query(
             "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
         ).item()
@@ -162,7 +162,7 @@ def faithfulness_section(
             f"circuit {c} ({n} edges, {f:.4g})"
             for c, n, f in chosen.select("circuit_id", "n_edges", "faithfulness").iter_rows()
         )
-        meta = esc(f"{views.caption(prov)}; marked: {marked or 'no stored circuit'}")
+        meta = esc(f"{lookups.caption(prov)}; marked: {marked or 'no stored circuit'}")
         element = f"faithfulness-{score_id}"
         spec = charts.faithfulness(curve, chosen, n_scored)
         cards.append(card(heading, meta, page.chart(element, spec, "faithfulness", score_id)))
@@ -226,7 +226,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         )
         verdict = (
             f'<p><span class="verdict {VERDICT_CLASS[flag]}">'
-            f"{esc(views.illusion_verdict(flag))}</span>{esc(parts)}</p>"
+            f"{esc(lookups.illusion_verdict(flag))}</span>{esc(parts)}</p>"
         )
         where = f"{first['hook']}" + (f" head {first['head']}" if first["head"] is not None
                                       else "")  # fmt: skip
@@ -299,7 +299,7 @@ def report(
     circuits_section(page, store, circuits, contents)
     subspace_section(page, store, chosen, contents)
     footer = esc(
-        f"actstore {actstore.__version__}; every number is read from {store.path} "
+        f"actstore {version('actstore')}; every number is read from {store.path} "
         "(catalog.duckdb): reproduce any of them with actstore sql. Opens offline: scripts and "
         "styles are part of this file."
     )

@@ -17,29 +17,30 @@ class Evaluator:
     """Exact metric of circuits over a run: one forward per circuit and batch."""
 
     def __init__(self, store: Store, run: dict, metric: str, device: str | None = None):
-        from actstore.models import load_model
-        from queries.edge_batches import check_model, check_run_hooks
-        from queries.edge_model import EdgeModel
+        from queries.attribution.batches import check_run
+        from queries.attribution.model import EdgeModel
+        from queries.core.model import model_for_run
 
         self.store, self.run, self.metric = store, run, metric
-        self.model = EdgeModel(load_model(run["model"], device))
-        check_model(store, run, self.model)
-        check_run_hooks(store, run["run_id"], self.model.shape.n_layers)
+        self.model = EdgeModel(model_for_run(run, device))
+        check_run(store, run, self.model)
         self.clean_metric, self.corrupted_metric = self._endpoints()
 
     def _endpoints(self) -> tuple[float, float]:
-        from queries.edge_batches import iter_batches, metric_values
+        from queries.attribution.batches import iter_batches
+        from queries.core.metrics import endpoints
 
         clean = corrupted = 0.0
         for batch in iter_batches(self.store, self.run, self.model):
-            clean += float(metric_values(self.metric, batch.clean_logits, batch).sum())
-            corrupted += float(metric_values(self.metric, batch.corrupted_logits, batch).sum())
+            c, k = endpoints(self.metric, batch.targets, batch.corrupted_logits)
+            clean, corrupted = clean + c, corrupted + k
         n = int(self.run["n_prompts"])
         return clean / n, corrupted / n
 
     def metric_of(self, masks: list[np.ndarray]) -> list[float]:
         """m(C) for each circuit mask, mean over the run's prompts."""
-        from queries.edge_batches import iter_batches, metric_values
+        from queries.attribution.batches import iter_batches
+        from queries.core.metrics import from_logits
 
         g = self.model.graph
         dev = self.model.adapter.device
@@ -49,7 +50,7 @@ class Evaluator:
             for batch in iter_batches(self.store, self.run, self.model):
                 for i, d in enumerate(dropped):
                     run = self.model.run(batch.clean[:, :, 0], batch.last, batch.corrupted, d)
-                    sums[i] += float(metric_values(self.metric, run.logits, batch).sum())
+                    sums[i] += float(from_logits(self.metric, run.logits, batch.targets).sum())
         n = int(self.run["n_prompts"])
         return [s / n for s in sums]
 

@@ -15,7 +15,7 @@ import polars as pl
 
 from actstore.errors import UsageError
 from actstore.store import Store
-from queries import overlap as ov
+from queries.analysis import overlap as ov
 
 
 def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
@@ -93,8 +93,9 @@ def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]
 
 @dataclass
 class OverlapGroup:
-    """The sets of one setting (`queries.overlap`'s like-with-like rule), one per run, and their
-    pairwise statistics with the shared items; `note` says why they could not be compared."""
+    """The sets of one setting (`queries.analysis.overlap`'s like-with-like rule), one per run,
+    and their pairwise statistics with the shared items; `note` says why they could not be
+    compared."""
 
     by: str
     title: str

@@ -27,12 +27,11 @@ from actstore.errors import UsageError
 from actstore.models import BUILTIN_DIR
 from actstore.output import render_table
 from actstore.store import CATALOG
-from queries import overlap as ov
-from queries import plots, views
-from queries.attribution import attribute
-from queries.circuits import circuit
+from queries.analysis import lookups, plot
+from queries.analysis import overlap as ov
+from queries.analysis.report import report
+from queries.attribution import attribute, circuit
 from queries.patching import patch
-from queries.report import report
 
 DEFAULT_TASKS = ("ioi", "colored-objects")
 PATCH = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
@@ -82,7 +81,7 @@ def _ingest(store: Any, model: str, task: str, n: int, seed: int) -> int:
 
 
 def _top_heads(store: Any, query: int, k: int) -> str:
-    top = views.top_heads(store, query, k=k)
+    top = lookups.top_heads(store, query, k=k)
     return ", ".join(f"{h} {e:.3f}" for h, e in top.select("node", "importance").rows())
 
 
@@ -132,7 +131,7 @@ def demo(
         say(f"  run {run} {store.run(run)['task']} (query {query}): "
             f"{_top_heads(store, query, top_k)}")  # fmt: skip
         written.append(plot_dir / f"effects_run{run}.png")
-        plots.plot_effects(store, query, written[-1])
+        plot.plot_effects(store, query, written[-1])
 
     heads = ov.Selection(top_k=top_k)
     head_overlap = _overlap(store, runs, heads, head_queries, plot_dir / "overlap_heads.png", say)
@@ -145,7 +144,7 @@ def demo(
     say(f"smallest {METHOD} circuit of run {runs[0]} ({tasks[0]}) reaching faithfulness "
         f"{FAITHFULNESS}: {_circuit_line(store, found)}")  # fmt: skip
     written.append(plot_dir / f"faithfulness_run{runs[0]}.png")
-    plots.plot_faithfulness(store, score_sets[0], written[-1])
+    plot.plot_faithfulness(store, score_sets[0], written[-1])
 
     if greater_than:
         written += _greater_than(store, model, n, top_k, plot_dir, say)
@@ -188,8 +187,8 @@ def _greater_than(store: Any, model: str, n: int, top_k: int, plot_dir: Path, sa
     say(f"  smallest {METHOD} circuit reaching faithfulness {FAITHFULNESS}: "
         f"{_circuit_line(store, found)}")  # fmt: skip
     written = [plot_dir / f"effects_run{run}.png", plot_dir / f"faithfulness_run{run}.png"]
-    plots.plot_effects(store, query, written[0])
-    plots.plot_faithfulness(store, scores, written[1])
+    plot.plot_effects(store, query, written[0])
+    plot.plot_faithfulness(store, scores, written[1])
     return written
 
 
@@ -197,7 +196,7 @@ def _overlap(
     store: Any, runs: list[int], selection: ov.Selection, sources: list[int], path: Path, say
 ) -> pl.DataFrame:
     """Plot the sets' overlap and print its pairs (the rows the plot drew)."""
-    df = plots.plot_overlap(store, runs, selection, path, queries=sources)
+    df = plot.plot_overlap(store, runs, selection, path, queries=sources)
     say()
     say(f"overlap of the {selection.describe()}, {ov.compared(df)}:")
     say(_pairs(df).rstrip("\n"))

@@ -18,7 +18,7 @@ import polars as pl
 import torch
 
 from actstore.errors import UsageError
-from queries.subspace import PatchBatch, orthonormal_basis
+from queries.subspace.diagnostics import PatchBatch, orthonormal_basis
 
 
 def from_file(path: str | Path, dim: int) -> tuple[torch.Tensor, str]:

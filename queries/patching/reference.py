@@ -2,8 +2,8 @@
 
 It runs the bridge's own forward on the base run's tokens with resid_pre of block 0 replaced by
 the cached one (the embedding, noise included for a Gaussian corruption), so none of the engine's
-code is involved. It exists to check the downstream recompute (`queries.recompute`) against,
-variant by variant.
+code is involved. It exists to check the downstream recompute (`queries.patching.recompute`)
+against, variant by variant.
 """
 
 from __future__ import annotations
@@ -12,27 +12,19 @@ from collections.abc import Callable
 
 import torch
 
+from actstore.hooks import hook_name
 from actstore.models import ModelAdapter
-from queries.activations import Batch
-from queries.recompute import Group, Variant
+from queries.patching.batch import Batch
+from queries.patching.recompute import Group, Variant
 
-HOOK_NAMES = {
-    "head": "blocks.{l}.attn.hook_z",
-    "resid": "blocks.{l}.hook_resid_pre",
-    "attn-out": "blocks.{l}.hook_attn_out",
-    "mlp-out": "blocks.{l}.hook_mlp_out",
-}
+# The activation a component's patch replaces, by its short hook name.
+PATCHED = {"head": "z", "resid": "resid_pre", "attn-out": "attn_out", "mlp-out": "mlp_out"}
 
 
 def _source(batch: Batch, component: str, layer: int) -> torch.Tensor:
-    src = batch.src
-    if component == "head":
-        return src["z"][layer]
-    if component == "resid":
-        return src["pre"][layer]
     if component == "attn-out":
-        return src.attn(layer)
-    return src["mlp"][layer]
+        return batch.src.attn(layer)
+    return batch.src[PATCHED[component]][layer]
 
 
 def _setter(value: torch.Tensor, index: tuple) -> Callable[..., torch.Tensor]:
@@ -50,12 +42,14 @@ def final_logits(model: ModelAdapter, batch: Batch, g: Group, v: Variant) -> tor
         index = (*index, v.head)
     hooks = [
         (
-            HOOK_NAMES[g.component].format(l=layer),
+            hook_name(PATCHED[g.component], layer),
             _setter(_source(batch, g.component, layer), index),
         )
         for layer in v.layers
     ]
-    hooks.insert(0, ("blocks.0.hook_resid_pre", _setter(batch.base["pre"][0], (slice(None),))))
+    hooks.insert(
+        0, (hook_name("resid_pre", 0), _setter(batch.base["resid_pre"][0], (slice(None),)))
+    )
     logits = model.hooked_logits(batch.base_tokens, hooks)
     rows = torch.arange(batch.size, device=logits.device)
     return logits[rows, batch.finals]

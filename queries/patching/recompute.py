@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from queries.activations import Batch
 from queries.core.engine import Engine
+from queries.patching.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class PrefixKV:
         if start == 0:
             return None
         if layer not in self.cache:
-            e, pre = self.engine, self.batch.base["pre"][layer]
+            e, pre = self.engine, self.batch.base["resid_pre"][layer]
             pos = torch.arange(pre.shape[1], device=pre.device)
             self.cache[layer] = e.kv(layer, e.ln1(layer, pre), pos)
         keys, values = self.cache[layer]
@@ -74,7 +74,9 @@ def final_resid(e: Engine, batch: Batch, g: Group, prefix: PrefixKV) -> torch.Te
     joins: dict[int, list[int]] = defaultdict(list)
     for vi, v in enumerate(g.variants):
         joins[v.layers[0]].append(vi)
-    out = torch.empty(len(g.variants), B, base["pre"][n].shape[-1], device=batch.finals.device)
+    out = torch.empty(
+        len(g.variants), B, base["resid_pre"][n].shape[-1], device=batch.finals.device
+    )
     pending: dict[int, list[tuple[list[int], torch.Tensor]]] = defaultdict(list)
     x: torch.Tensor | None = None  # (rows, B, T, d_model): the variants started so far
     order: list[int] = []  # variant of each row
@@ -86,15 +88,15 @@ def final_resid(e: Engine, batch: Batch, g: Group, prefix: PrefixKV) -> torch.Te
     for layer in range(min(joins), n):
         if g.component == "resid":
             for vi in joins[layer]:
-                t = base["pre"][layer][:, s0:].clone()
-                t[:, idx] = src["pre"][layer][:, s0:][:, idx]
+                t = base["resid_pre"][layer][:, s0:].clone()
+                t[:, idx] = src["resid_pre"][layer][:, s0:][:, idx]
                 pending[layer].append(([vi], t.unsqueeze(0)))
         for ids, t in pending.pop(layer, []):
             x = t if x is None else torch.cat([x, t])
             order.extend(ids)
         if g.component == "resid" and x is not None:
             for r, _ in patched_here(layer):
-                x[r][:, idx] = src["pre"][layer][:, s0:][:, idx]
+                x[r][:, idx] = src["resid_pre"][layer][:, s0:][:, idx]
         if layer == n - 1:
             _last_layer(e, batch, g, x, order, joins[layer], prefix, out)
             break
@@ -105,7 +107,7 @@ def final_resid(e: Engine, batch: Batch, g: Group, prefix: PrefixKV) -> torch.Te
     if g.pos is not None and s0 > 0:
         before = batch.finals < s0  # final position precedes every recomputed position
         if before.any():
-            out[:, before] = _at_final(base["pre"][n], batch.finals)[before]
+            out[:, before] = _at_final(base["resid_pre"][n], batch.finals)[before]
     return out
 
 
@@ -137,7 +139,7 @@ def _sublayers(
     mid = x + attn
     mlp = e.mlp(layer, x if e.arch.parallel else mid)
     if g.component == "mlp-out" and rows:
-        src_mlp = src["mlp"][layer][where]
+        src_mlp = src["mlp_out"][layer][where]
         for r, _ in rows:
             mlp[r][covered] = src_mlp[covered]
     return mid + mlp
@@ -185,8 +187,8 @@ def _after_attn(e: Engine, batch: Batch, layer: int, sel: tuple, delta: torch.Te
     """resid_pre of layer+1 at `sel` when the attention's contribution changes by `delta`."""
     base = batch.base
     if e.arch.parallel:  # the MLP read the block's input, not the attention's output
-        return base["pre"][layer + 1][sel] + delta
-    mid = base["mid"][layer][sel] + delta
+        return base["resid_pre"][layer + 1][sel] + delta
+    mid = base["resid_mid"][layer][sel] + delta
     return mid + e.mlp(layer, mid)
 
 
@@ -194,10 +196,10 @@ def _join_after(e: Engine, batch: Batch, g: Group, layer: int, idx: slice) -> to
     """resid_pre of layer+1 for the variants that start at `layer` by patching an output."""
     base, src, s0 = batch.base, batch.src, g.start
     ids = [vi for vi, v in enumerate(g.variants) if v.layers[0] == layer]
-    nxt = base["pre"][layer + 1][:, s0:]
+    nxt = base["resid_pre"][layer + 1][:, s0:]
     if g.component == "mlp-out":
         t = nxt.clone()
-        t[:, idx] += (src["mlp"][layer] - base["mlp"][layer])[:, s0:][:, idx]
+        t[:, idx] += (src["mlp_out"][layer] - base["mlp_out"][layer])[:, s0:][:, idx]
         return t.unsqueeze(0)
     sel = (slice(None), slice(s0, None) if g.pos is None else slice(g.pos, g.pos + 1))
     changed = _after_attn(e, batch, layer, sel, _attn_delta(e, batch, g, layer, ids, sel))
@@ -246,8 +248,8 @@ def _last_layer(
         return
     mask = covered.to(out.dtype).unsqueeze(-1)
     if g.component == "mlp-out":
-        delta = _at_final(src["mlp"][layer] - base["mlp"][layer], fin)
-        out[joining] = (_at_final(base["pre"][layer + 1], fin) + mask * delta).unsqueeze(0)
+        delta = _at_final(src["mlp_out"][layer] - base["mlp_out"][layer], fin)
+        out[joining] = (_at_final(base["resid_pre"][layer + 1], fin) + mask * delta).unsqueeze(0)
         return
     where = (torch.arange(fin.shape[0], device=fin.device), fin)
     delta = _attn_delta(e, batch, g, layer, joining, where)  # (m, B, d_model)

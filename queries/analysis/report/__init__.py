@@ -4,6 +4,6 @@
 the HTML, `sections` puts them together.
 """
 
-from queries.report.sections import report
+from queries.analysis.report.sections import report
 
 __all__ = ["report"]

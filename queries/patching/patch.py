@@ -15,36 +15,33 @@ Directions: denoise patches the clean run's activation into the corrupted run, n
 corrupted run's into the clean run; both runs are read from the store, never recomputed.
 `value` is the metric of the patched run averaged over prompts (what TransformerLens' patching
 returns with a mean metric); `normalized` is (value − m_corrupted) / (m_clean − m_corrupted)
-for both directions, so 1 is clean-like (see queries/metrics.py).
+for both directions, so 1 is clean-like (see queries/core/metrics.py).
 
 A query is recorded once (`queries` row + `effects` rows); asking it again reads the stored rows
-before torch is imported. Computation: queries/recompute.py (downstream only, cached keys and
-values before the patched position) on the engine of queries/core; queries/reference.py is the
-slow full-forward path through the bridge's own forward that tests compare against.
+before torch is imported. Computation: queries/patching/recompute.py (downstream only, cached
+keys and values before the patched position) on the engine of queries/core;
+queries/patching/reference.py is the slow full-forward path through the bridge's own forward that
+tests compare against.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.results import find_query, record_query
+from actstore.errors import UsageError
 from actstore.store import Store
-from queries.metrics import METRICS
+from queries.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
+from queries.core.recorded import recorded
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
 
 KIND = "patch"
-COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")
-DIRECTIONS = ("denoise", "noise")
-ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
 # What a patch query returns: the effects row and its importance, read from the catalog's
 # patch_effects view where importance is defined.
@@ -69,7 +66,7 @@ class PatchSpec:
 
 def check_spec(
     store: Store,
-    run_id: int,
+    run: int,
     component: str,
     metric: str,
     direction: str,
@@ -77,25 +74,21 @@ def check_spec(
     positions: list[int] | None,
 ) -> PatchSpec:
     """Validate a query against the run (no torch): a UsageError naming the fix otherwise."""
-    for name, value, choices in (
-        ("--component", component, COMPONENTS),
-        ("--metric", metric, METRICS),
-        ("--direction", direction, DIRECTIONS),
-    ):
-        if value not in choices:
-            raise UsageError(f"{name} {value}: choose one of {', '.join(choices)}")
-    run = store.run(run_id)
-    rows = store.query("SELECT n_layers FROM models WHERE model = ?", [run["model"]])
-    n_layers = int(rows.item()) if rows.height else int(run["params"].get("n_layers", 0))
+    check("--component", component, COMPONENTS)
+    check("--metric", metric, METRICS)
+    check("--direction", direction, DIRECTIONS)
+    info = store.run(run)
+    rows = store.query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
+    n_layers = int(rows.item()) if rows.height else int(info["params"].get("n_layers", 0))
     if not 1 <= window <= n_layers:
         raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")
     if positions is not None:
         if component == "head":
             raise UsageError("positions apply to by-position components; use --component head-pos")
-        bad = [p for p in positions if not 0 <= p < int(run["seq_len"])]
+        bad = [p for p in positions if not 0 <= p < int(info["seq_len"])]
         if bad or not positions:
             raise UsageError(
-                f"positions {bad or positions}: give positions in 0..{int(run['seq_len']) - 1}"
+                f"positions {bad or positions}: give positions in 0..{int(info['seq_len']) - 1}"
             )
         positions = sorted(set(positions))
     return PatchSpec(component, metric, direction, window, None if positions is None
@@ -112,7 +105,7 @@ def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
 
 def patch(
     store: Store,
-    run_id: int,
+    run: int,
     component: str,
     metric: str = "logit-diff",
     direction: str = "denoise",
@@ -131,39 +124,22 @@ def patch(
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
-    spec = check_spec(store, run_id, component, metric, direction, window, positions)
-    query_id = find_query(store, KIND, run_id, spec.params(), recompute)
-    if query_id is not None:
-        return stored_effects(store, query_id)
-    started = time.monotonic()
-    adapter = _model_for_run(store, run_id, model, device)
-    frame, _ = compute_effects(store, run_id, spec, adapter, batch_size=batch_size,
-                               progress=progress)  # fmt: skip
-    query_id = record_query(
-        store, KIND, run_id, spec.params(), time.monotonic() - started, {"effects": frame}
-    )
-    return stored_effects(store, query_id)
+    spec = check_spec(store, run, component, metric, direction, window, positions)
 
+    def compute() -> dict[str, pl.DataFrame]:
+        from queries.core.model import model_for_run
 
-def _model_for_run(
-    store: Store, run_id: int, model: ModelAdapter | None, device: str | None
-) -> ModelAdapter:
-    from actstore.models import load_model, resolve_device
+        adapter = model_for_run(store.run(run), device, model)
+        frame, _ = compute_effects(store, run, spec, adapter, batch_size=batch_size,
+                                   progress=progress)  # fmt: skip
+        return {"effects": frame}
 
-    run = store.run(run_id)
-    if model is None:
-        model = load_model(run["model"], resolve_device(device))
-    expected = run["params"].get("fingerprint")
-    if expected and model.fingerprint != expected:
-        raise ActstoreError(
-            f"model {model.spec!r} differs from the one run {run_id} was ingested with "
-            f"({run['model']!r}); patch with that model"
-        )
-    return model
+    return recorded(store, KIND, run, spec.params(), compute,
+                    lambda query_id: stored_effects(store, query_id), recompute)  # fmt: skip
 
 
 def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: str):
-    from queries.recompute import Group, Variant
+    from queries.patching.recompute import Group, Variant
 
     windows = [tuple(range(lo, lo + spec.window)) for lo in range(n_layers - spec.window + 1)]
     heads = spec.component in ("head", "head-pos")
@@ -178,16 +154,17 @@ def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: 
 def _kinds(component: str, engine: str, parallel: bool) -> tuple[set[str], set[str]]:
     """Which cached activations each side needs: (base kinds, source kinds). Under parallel
     attention and MLP there is no resid_mid: the attention's output is read as stored."""
-    attn = {"attn"} if parallel else {"pre", "mid"}
-    src = {"head": {"z"}, "resid": {"pre"}, "attn-out": attn, "mlp-out": {"mlp"}}
-    base = {"head": {"pre", "z"} | (set() if parallel else {"mid"}), "resid": {"pre"},
-            "attn-out": {"pre"} | attn, "mlp-out": {"pre", "mlp"}}  # fmt: skip
-    return ({"pre"} if engine == "full-forward" else base[component]), src[component]
+    attn = {"attn_out"} if parallel else {"resid_pre", "resid_mid"}
+    src = {"head": {"z"}, "resid": {"resid_pre"}, "attn-out": attn, "mlp-out": {"mlp_out"}}
+    base = {"head": {"resid_pre", "z"} | (set() if parallel else {"resid_mid"}),
+            "resid": {"resid_pre"}, "attn-out": {"resid_pre"} | attn,
+            "mlp-out": {"resid_pre", "mlp_out"}}  # fmt: skip
+    return ({"resid_pre"} if engine == "full-forward" else base[component]), src[component]
 
 
 def compute_effects(
     store: Store,
-    run_id: int,
+    run: int,
     spec: PatchSpec,
     model: ModelAdapter,
     engine: str = "downstream",
@@ -197,43 +174,39 @@ def compute_effects(
     """Effects rows (layer, head, pos, metric, value, normalized) and the FLOPs it took.
 
     `engine`: downstream (cached keys/values before the patched position), downstream-no-kv
-    (recompute every position downstream) or full-forward (queries.reference); all three give
-    the same numbers, the first the fastest.
+    (recompute every position downstream) or full-forward (queries.patching.reference); all three
+    give the same numbers, the first the fastest.
     """
     import torch
     from tqdm import tqdm
 
-    from queries import metrics
-    from queries.activations import read_batch
+    from queries.core import metrics
     from queries.core.engine import Engine
-    from queries.recompute import PrefixKV, final_resid
-    from queries.reference import final_logits
+    from queries.core.reader import Reader
+    from queries.patching.batch import hooks_read, read_batch
+    from queries.patching.recompute import PrefixKV, final_resid
+    from queries.patching.reference import final_logits
 
-    if engine not in ENGINES:
-        raise UsageError(f"engine {engine}: choose one of {', '.join(ENGINES)}")
-    run = store.run(run_id)
-    n, seq = int(run["n_prompts"]), int(run["seq_len"])
+    check("engine", engine, ENGINES)
     e = Engine.from_adapter(model)
+    reader = Reader(store, run, model.device, e)
+    n, seq = reader.n, int(reader.run["seq_len"])
     groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
-    rows = store.prompts(run_id)
-    prompts = {c: rows[c].to_numpy() for c in ("seq_len", "answer_token", "wrong_answer_token")}
-    prompts.update(metrics.answer_arrays(rows))
     base_kinds, src_kinds = _kinds(groups[0].component, engine, e.arch.parallel)
+    reader.require(hooks_read(base_kinds | src_kinds, e.n_layers), "patching")
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=((n + batch_size - 1) // batch_size) * len(groups), disable=not show,
-               file=sys.stderr, desc=f"patch run {run_id}", unit="group")  # fmt: skip
+               file=sys.stderr, desc=f"patch run {run}", unit="group")  # fmt: skip
     with torch.inference_mode():
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            batch = read_batch(store, run_id, spec.direction, base_kinds, src_kinds, e.n_layers,
-                               prompts, lo, hi, model.device, engine == "full-forward")  # fmt: skip
+        for span in reader.spans(batch_size):
+            batch = read_batch(reader, spec.direction, base_kinds, src_kinds, e.n_layers, span,
+                               engine == "full-forward")  # fmt: skip
             t = batch.targets
-            baseline["clean"] += float(metrics.from_logits(spec.metric, t.clean_logits, t).sum())
-            baseline["corrupted"] += float(
-                metrics.from_logits(spec.metric, batch.corrupted_logits, t).sum()
-            )
+            clean, corrupted = metrics.endpoints(spec.metric, t, batch.corrupted_logits)
+            baseline["clean"] += clean
+            baseline["corrupted"] += corrupted
             prefix = PrefixKV(e, batch)
             for gi, g in enumerate(groups):
                 if engine == "full-forward":

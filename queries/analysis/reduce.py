@@ -15,24 +15,22 @@ contributed.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from actstore.errors import UsageError
-from actstore.results import find_query, record_query
 from actstore.store import Store
+from queries.choices import OPS, SCHEDULERS, check
+from queries.core.recorded import recorded
 
-OPS = ("mean", "class-mean", "head-norm")
-SCHEDULERS = ("threads", "distributed")
 KIND = "reduce"
 
 
 def reduce(
     store: Store,
-    run_id: int,
+    run: int,
     hook: str,
     op: str = "mean",
     by: str | None = None,
@@ -41,33 +39,27 @@ def reduce(
     address: str | None = None,
 ) -> pl.DataFrame:
     """Reduce a stored hook over the run's prompts; cached by parameters like every query."""
-    if op not in OPS:
-        raise UsageError(f"--op {op}: choose one of {', '.join(OPS)}")
-    if scheduler not in SCHEDULERS:
-        raise UsageError(f"--scheduler {scheduler}: choose one of {', '.join(SCHEDULERS)}")
+    check("--op", op, OPS)
+    check("--scheduler", scheduler, SCHEDULERS)
     if scheduler == "distributed" and not address:
         raise UsageError("--scheduler distributed needs --address tcp://HOST:8786 (a scheduler)")
     if op == "class-mean":
         by = by or "grp"
     elif by is not None:
         raise UsageError(f"--by is for --op class-mean, not {op}")
-    store.run(run_id)
-    arr = store.array(run_id, side, hook)
+    store.run(run)
+    arr = store.array(run, side, hook)
     if op == "head-norm" and arr.ndim != 4:
         raise UsageError(
             f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} has shape "
             f"{tuple(arr.shape)}"
         )
     params = {"hook": hook, "op": op, "by": by, "side": side}
-    cached = find_query(store, KIND, run_id, params)
-    if cached is not None:
-        return _rows(store, cached)
-    started = time.monotonic()
-    frame = _compute(store, run_id, hook, side, op, by, scheduler, address)
-    query_id = record_query(
-        store, KIND, run_id, params, time.monotonic() - started, {"reductions": frame}
-    )
-    return _rows(store, query_id)
+
+    def compute() -> dict[str, pl.DataFrame]:
+        return {"reductions": _compute(store, run, hook, side, op, by, scheduler, address)}
+
+    return recorded(store, KIND, run, params, compute, lambda query_id: _rows(store, query_id))
 
 
 def _rows(store: Store, query_id: int) -> pl.DataFrame:

@@ -19,7 +19,6 @@ bisection between the last two (assuming faithfulness grows with N; every point 
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 
 import numpy as np
@@ -27,9 +26,10 @@ import polars as pl
 
 from actstore.architecture import Architecture
 from actstore.errors import ActstoreError, UsageError
-from actstore.results import find_query, query_params, record_query
+from actstore.results import query_params
 from actstore.store import Store
-from queries.graph import Graph
+from queries.attribution.graph import Graph
+from queries.core.recorded import recorded
 
 
 def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
@@ -97,32 +97,30 @@ def circuit(
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
-    run_id = query["run_id"]
-    found = find_query(store, "circuit", run_id, params)
-    if found is not None:
-        return stored_circuit(store, found)
-    from queries.faithfulness import Evaluator
+    run = query["run_id"]
 
-    started = time.perf_counter()
-    metric = query["params"]["metric"]
-    ev = Evaluator(store, store.run(run_id), metric, device)
-    curve: dict[int, tuple[np.ndarray, float]] = {}
+    def compute() -> dict[str, pl.DataFrame]:
+        from queries.attribution.evaluate import Evaluator
 
-    def measure(ns: list[int]) -> None:
-        todo = [n for n in dict.fromkeys(ns) if n not in curve]
-        masks = [top_edges(graph, values, n, prune) for n in todo]
-        for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
-            curve[n] = (mask, value)
+        metric = query["params"]["metric"]
+        ev = Evaluator(store, store.run(run), metric, device)
+        curve: dict[int, tuple[np.ndarray, float]] = {}
 
-    if edges is not None:
-        measure([edges])
-        chosen = edges
-    else:
-        chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
-    frames = _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
-    wall = time.perf_counter() - started
-    circuit_id = record_query(store, "circuit", run_id, params, wall, frames)
-    return stored_circuit(store, circuit_id)
+        def measure(ns: list[int]) -> None:
+            todo = [n for n in dict.fromkeys(ns) if n not in curve]
+            masks = [top_edges(graph, values, n, prune) for n in todo]
+            for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
+                curve[n] = (mask, value)
+
+        if edges is not None:
+            measure([edges])
+            chosen = edges
+        else:
+            chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
+        return _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
+
+    return recorded(store, "circuit", run, params, compute,
+                    lambda circuit_id: stored_circuit(store, circuit_id))  # fmt: skip
 
 
 def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:

@@ -27,8 +27,8 @@ import polars as pl
 
 from actstore.errors import UsageError
 from actstore.store import Store
+from queries.choices import SETS
 
-BY = ("head", "edge")
 DEFAULT_TOP_FRAC = 0.02  # Merullo et al.'s in-circuit heads: the top 2% by effect
 
 
@@ -53,7 +53,7 @@ class Selection:
     circuits: bool = False
 
     def __post_init__(self) -> None:
-        if self.by not in BY:
+        if self.by not in SETS:
             raise UsageError(f"--by {self.by!r}: choose head or edge")
         given = sum([self.top_k is not None, self.top_frac is not None, self.circuits])
         if given != 1:

@@ -13,8 +13,7 @@ Every metric is per prompt at that prompt's final position and averaged over pro
 The normalised effect is (m_patched − m_corrupted) / (m_clean − m_corrupted) for both directions,
 so 1 means clean-like and 0 corrupted-like whether clean was patched in or out.
 
-Importing this module does not import torch (the CLI reads METRICS from it); the functions take
-and return tensors.
+Importing this module does not import torch; the functions take and return tensors.
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
     import torch
 
     from queries.core.engine import Engine
-
-
-METRICS = ("logit-diff", "prob", "kl", "prob-diff")
 
 
 @dataclass
@@ -134,6 +130,13 @@ def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
     if metric == "prob-diff":
         return prob_diff(logits, t.answer_sets())
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def endpoints(metric: str, t: Targets, corrupted_logits: torch.Tensor) -> tuple[float, float]:
+    """Σ over a batch's prompts of the metric at the stored clean and corrupted logits: the two
+    ends that normalised effects and faithfulness are measured between."""
+    clean = from_logits(metric, t.clean_logits, t)
+    return float(clean.sum()), float(from_logits(metric, corrupted_logits, t).sum())
 
 
 def from_resid(e: Engine, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:

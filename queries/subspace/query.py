@@ -10,34 +10,23 @@ basis to `subspace_directions`.
 
 from __future__ import annotations
 
-import functools
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from actstore.errors import ActstoreError, UsageError
+from actstore.errors import UsageError
 from actstore.output import check_output_path
-from actstore.results import find_query, record_query
 from actstore.store import Store
-from queries.subspace import check_metric, check_mode, components_of, evaluate, report
+from queries.choices import DIRECTIONS, METRICS, SOURCES, check
+from queries.core.recorded import recorded
 
-SOURCES = ("mean-diff", "das")
 REPORT_COLUMNS = [
     "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",
     "n_prompts", "component", "dim", "norm_sq", "variance", "value", "normalized", "effect",
     "illusion",
 ]  # fmt: skip
-
-
-@functools.cache
-def _model(spec: str, device: str | None):
-    """Models stay loaded for the process: repeated queries (a Python session) skip the load."""
-    from actstore.models import load_model
-
-    return load_model(spec, device)
 
 
 def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +61,7 @@ def stored_basis(store: Store, query_id: int) -> np.ndarray:
 
 def subspace(
     store: Store,
-    run_id: int,
+    run: int,
     hook: str,
     direction: str,
     head: int | None = None,
@@ -90,16 +79,16 @@ def subspace(
     save_direction: str | None = None,
 ) -> pl.DataFrame:
     """Patch along a direction at a hook and report the illusion diagnostics (see module doc)."""
-    from queries.subspace_sites import check_pos
+    from queries.subspace.sites import check_pos
 
-    check_metric(metric)
-    check_mode(mode)
+    check("--metric", metric, METRICS)
+    check("--patch-direction", mode, DIRECTIONS)
     if save_direction is not None:
         check_output_path(save_direction, "--save-direction")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
-    run = store.run(run_id)
-    prompts = store.prompts(run_id)
+    info = store.run(run)
+    prompts = store.prompts(run)
     pos = check_pos(str(pos), prompts["seq_len"].to_numpy())
     learned = direction in SOURCES
     params = {
@@ -122,55 +111,47 @@ def subspace(
             params["group_by"] = group_by
         else:
             params.update(epochs=epochs, lr=lr)
-    known = find_query(store, "subspace", run_id, params)
-    if known is not None:
+
+    def read(query_id: int) -> pl.DataFrame:
         if save_direction is not None:
-            np.save(save_direction, stored_basis(store, known).T)
-        return stored_report(store, known)
-    return _compute(store, run, prompts, params, device, save_direction)
+            np.save(save_direction, stored_basis(store, query_id).T)
+        return stored_report(store, query_id)
+
+    return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
+                    read)  # fmt: skip
 
 
-def _compute(
-    store: Store,
-    run: dict,
-    prompts: pl.DataFrame,
-    params: dict,
-    device: str | None,
-    save_direction: str | None,
-) -> pl.DataFrame:
+def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[str, pl.DataFrame]:
+    """The report, effect and basis rows of a subspace query."""
     import torch
 
-    from queries.directions import from_file, mean_diff
-    from queries.subspace_sites import parse_site, reading_map, site_batches
-
-    started = time.monotonic()
-    run_id = int(run["run_id"])
-    model = _model(run["params"]["model"], device)
-    if model.fingerprint != run["params"]["fingerprint"]:
-        raise ActstoreError(
-            f"model {run['params']['model']!r} differs from the one run {run_id} was ingested "
-            "with (fingerprint mismatch); re-ingest the run"
-        )
     from queries.core.engine import Engine
+    from queries.core.model import model_for_run
+    from queries.core.reader import Reader
+    from queries.subspace.diagnostics import components_of, evaluate, report
+    from queries.subspace.directions import from_file, mean_diff
+    from queries.subspace.sites import parse_site, reading_map, site_batches
 
-    site = parse_site(model, params["hook"], params["head"])
+    run_id = int(run["run_id"])
+    model = model_for_run(run, device)
     engine = Engine.from_adapter(model)
+    reader = Reader(store, run, model.device, engine)
+    site = parse_site(model, params["hook"], params["head"])
     w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
     mode, metric, source = params["mode"], params["metric"], params["direction"]
 
     def batches(indices: np.ndarray, patch_mode: str = mode):
-        return site_batches(store, model, engine, run_id, site, prompts, indices, patch_mode,
-                            params["pos"])  # fmt: skip
+        return site_batches(reader, model, engine, site, indices, patch_mode, params["pos"])
 
     if source in SOURCES:
         train, held_out = split_indices(n, params["train_frac"], params["seed"])
         split = "held-out"
         if source == "mean-diff":
-            basis = mean_diff(batches(train, "denoise"), prompts, params["group_by"],
+            basis = mean_diff(batches(train, "denoise"), reader.prompts, params["group_by"],
                               params["k"], clean_first=True)  # fmt: skip
         else:
-            from queries.das import train_das
+            from queries.subspace.das import train_das
 
             basis, history = train_das(
                 lambda: batches(train), site.dim, params["k"], metric, mode,
@@ -180,8 +161,6 @@ def _compute(
     else:
         basis, _ = from_file(source, site.dim)
         held_out, split = np.arange(n), "all"
-    if save_direction is not None:
-        np.save(save_direction, basis.T.numpy())
     comps, dims, null_sq = components_of(basis, w)
     with torch.no_grad():
         ev = evaluate(batches(held_out), comps, metric)
@@ -208,8 +187,4 @@ def _compute(
          "vector": [basis[:, j].tolist() for j in range(basis.shape[1])]},
         schema={"query_id": pl.Int64, "idx": pl.Int64, "vector": pl.List(pl.Float64)},
     )  # fmt: skip
-    query_id = record_query(
-        store, "subspace", run_id, params, time.monotonic() - started,
-        {"effects": effects, "subspace_reports": rows, "subspace_directions": vectors},
-    )  # fmt: skip
-    return rows.with_columns(pl.lit(query_id).alias("query_id"))
+    return {"effects": effects, "subspace_reports": rows, "subspace_directions": vectors}

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from queries.subspace import PatchBatch, metric_values, patch
+from actstore.errors import UsageError
+from queries.core.metrics import from_logits
+from queries.subspace.diagnostics import PatchBatch, patch
 
 
 def basis_of(param: torch.Tensor) -> torch.Tensor:
@@ -45,11 +47,11 @@ def train_das(
             base = batch.corrupted_logits if mode == "denoise" else batch.clean_logits
             with torch.no_grad():
                 toward = torch.sign(
-                    metric_values(metric, target, batch).mean()
-                    - metric_values(metric, base, batch).mean()
+                    from_logits(metric, target, batch.targets).mean()
+                    - from_logits(metric, base, batch.targets).mean()
                 )
             logits = batch.run(patch(batch.base, batch.source, batch.mask, basis_of(param)))
-            loss = -toward * metric_values(metric, logits, batch).mean()
+            loss = -toward * from_logits(metric, logits, batch.targets).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -57,7 +59,5 @@ def train_das(
             count += batch.base.shape[0]
         history.append(total / max(count, 1))
     if opt is None:
-        from actstore.errors import UsageError
-
         raise UsageError("DAS has no training prompts; use more prompts or a larger --train-frac")
     return basis_of(param.detach()).double().cpu(), history

@@ -1,0 +1,38 @@
+"""The model a run was ingested with: loaded once per process and checked against the run.
+
+Every query that computes loads the run's model here, so each refuses the same way a model whose
+weights differ from the ingested run's (the run records the model's fingerprint).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from actstore.errors import ActstoreError
+
+if TYPE_CHECKING:
+    from actstore.models import ModelAdapter
+
+
+@functools.lru_cache(maxsize=1)
+def _load(spec: str, device: str | None) -> ModelAdapter:
+    """The last model stays loaded: repeated queries in one session skip the load."""
+    from actstore.models import load_model
+
+    return load_model(spec, device)
+
+
+def model_for_run(
+    run: dict, device: str | None = None, model: ModelAdapter | None = None
+) -> ModelAdapter:
+    """`model`, or the run's model loaded on `device`, once its fingerprint matches the run's."""
+    if model is None:
+        model = _load(run["model"], device)
+    expected = run["params"].get("fingerprint")
+    if expected and model.fingerprint != expected:
+        raise ActstoreError(
+            f"model {model.spec!r} differs from the one run {run['run_id']} was ingested with "
+            f"({run['model']!r}); query with that model or re-ingest the run"
+        )
+    return model

@@ -1,0 +1,153 @@
+"""The one reader of a run's stored arrays: prompt spans in, tensors out, for every query family.
+
+Patching, attribution, circuits and subspace patching all read through a `Reader`: it walks the
+run's prompts in spans (the run's ingest batches by default, so memory is bounded by one span),
+and `tensor` is the single place where a stored array becomes a tensor. A hook the run stores is
+read as stored; one it does not store (a lean run: actstore.derivable) is derived from the stored
+ones with the query's engine (queries/core/derive.py), each intermediate once per span and side.
+What a query needs beyond the arrays (final positions, answers, the clean logits a metric
+compares with) comes from the run's prompts table, read once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actstore.derivable import TOKENS
+from actstore.errors import UsageError
+from actstore.store import Store
+from queries.core.derive import Derivation
+from queries.core.engine import Engine
+from queries.core.metrics import AnswerSets, Targets, answer_arrays
+
+SIDES = ("clean", "corrupted")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Prompts [lo, hi) of a run, or the chosen prompts `rows` among them (absolute indices)."""
+
+    lo: int
+    hi: int
+    rows: np.ndarray | None = None
+
+    @property
+    def index(self) -> np.ndarray:
+        """The span's prompt indices."""
+        return np.arange(self.lo, self.hi) if self.rows is None else self.rows
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+
+def sides(direction: str) -> tuple[str, str]:
+    """(base side, source side) of a patching direction: denoise patches clean into corrupted."""
+    return ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+
+
+class Reader:
+    """A run's stored arrays and prompt columns as tensors on one device."""
+
+    def __init__(
+        self,
+        store: Store,
+        run: int | dict,
+        device: str | torch.device,
+        engine: Engine | None = None,
+    ):
+        self.store = store
+        self.engine = engine
+        self.run = store.run(run) if isinstance(run, int) else run
+        self.run_id = int(self.run["run_id"])
+        self.device = device
+        self.prompts = store.prompts(self.run_id)
+        self.n = self.prompts.height
+        cols = ("seq_len", "answer_token", "wrong_answer_token")
+        self.columns = {c: np.asarray(self.prompts[c].to_numpy(), dtype=np.int64) for c in cols}
+        self.sets = answer_arrays(self.prompts)
+        self.stored = {side: set(store.hooks(self.run_id, side)) for side in SIDES}
+        self.derived = set(self.run["params"].get("derived", []))
+        self._derivations: dict[tuple, Derivation] = {}
+
+    def require(self, hooks: Iterable[str], what: str) -> None:
+        """Refuse before any work when a side lacks a hook that `what` reads."""
+        for side in SIDES:
+            missing = [h for h in hooks if h not in self.stored[side] and h not in self.derived]
+            if missing:
+                raise UsageError(
+                    f"run {self.run_id} lacks {side} {missing[0]} (and {len(missing) - 1} more) "
+                    f"that {what} reads; re-ingest with --hooks default"
+                )
+
+    def spans(self, size: int | None = None, chosen: np.ndarray | None = None) -> Iterator[Span]:
+        """The run's prompts in spans of `size` (default: the run's ingest batches); with
+        `chosen`, only those prompts, each span keeping the ones in its range."""
+        step = int(self.run["batch_size"]) if size is None else size
+        picked = None if chosen is None else np.sort(np.asarray(chosen))
+        for lo in range(0, self.n, step):
+            hi = min(self.n, lo + step)
+            if picked is None:
+                yield Span(lo, hi)
+                continue
+            rows = picked[(picked >= lo) & (picked < hi)]
+            if len(rows):
+                yield Span(lo, hi, rows)
+
+    def tensor(
+        self, side: str, hook: str, span: Span, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The activation (side, hook) of the span's prompts: stored, or derived from the stored
+        ones. Every array read passes here."""
+        if hook in self.stored[side]:
+            return self._stored(side, hook, span).to(dtype)
+        with torch.no_grad():
+            return self._derivation(side, span, hook).get(hook).to(dtype)
+
+    def _stored(self, side: str, hook: str, span: Span) -> torch.Tensor:
+        data = self.store.read(self.run_id, side, hook, span.lo, span.hi)
+        if span.rows is not None:
+            data = data[span.rows - span.lo]
+        return torch.as_tensor(np.asarray(data), device=self.device)
+
+    def _derivation(self, side: str, span: Span, hook: str) -> Derivation:
+        """The span's derivation for `side`; only the current span's are kept (memory: one)."""
+        key = (side, span.lo, span.hi, None if span.rows is None else span.rows.tobytes())
+        if key not in self._derivations:
+            if self.engine is None:
+                raise UsageError(
+                    f"run {self.run_id} derives {hook} on read, and this reader has no model to "
+                    "derive it with; pass the query's engine to Reader"
+                )
+            self._derivations = {k: v for k, v in self._derivations.items() if k[1:] == key[1:]}
+
+            def read(name: str) -> torch.Tensor | None:
+                if name not in self.stored[side]:
+                    return None
+                values = self._stored(side, name, span)
+                return values.long() if name == TOKENS else values.float()
+
+            self._derivations[key] = Derivation(self.engine, read, self.finals(span))
+        return self._derivations[key]
+
+    def column(self, name: str, span: Span) -> torch.Tensor:
+        """A prompts column ("seq_len", "answer_token", "wrong_answer_token") as token ids."""
+        return torch.as_tensor(self.columns[name][span.index], dtype=torch.long, device=self.device)
+
+    def finals(self, span: Span) -> torch.Tensor:
+        """Each prompt's final position."""
+        return self.column("seq_len", span) - 1
+
+    def targets(self, span: Span) -> Targets:
+        """What the metrics compare against: answers, answer sets and the stored clean logits."""
+        sets = {k: v[span.index] for k, v in self.sets.items()}
+        return Targets(
+            self.column("answer_token", span),
+            self.column("wrong_answer_token", span),
+            self.tensor("clean", "logits", span),
+            AnswerSets.from_arrays(sets, 0, span.size, self.device),
+        )
