@@ -8,7 +8,9 @@ For each layout it prints: the seconds of the forward passes the ingest needs (b
 same batches, the bridge's plain forward), the ingest's seconds and their ratio, bytes stored
 per prompt, the seconds spent computing batches and writing them (on the writer thread,
 overlapping the next batch's compute), and the head sweep's (all positions) seconds and its
-max |difference| from the full layout's sweep. `--profile` prints where the lean ingest's time
+max |difference| from the full layout's sweep; then the largest difference of an activation
+derived from the lean run from the one the full run stored (the full run is always float32, so
+with `--dtype float16` this is float16's error). `--profile` prints where the lean ingest's time
 goes (cProfile, top functions).
 """
 
@@ -95,7 +97,7 @@ def run(model: ModelAdapter, path: Path, hooks: str, n: int, batch: int, dtype: 
     if prof is not None:
         prof.disable()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(70)
         print(out.getvalue())
     return seconds
 
@@ -106,6 +108,33 @@ def head_sweep(model: ModelAdapter, path: Path, batch: int) -> tuple[float, np.n
     started = time.perf_counter()
     rows, _ = compute_effects(store, 1, spec, model, batch_size=batch, progress=False)
     return time.perf_counter() - started, rows["value"].to_numpy()
+
+
+def derived_error(model: ModelAdapter, lean: Path, full: Path, batch: int) -> float:
+    """max |derived from the lean run - stored in the full run| over every hook of the first
+    batch, both sides, relative to each hook's largest magnitude."""
+    from queries.core.derive import Derivation
+    from queries.core.engine import Engine
+
+    lean_s, full_s = Store(lean), Store(full)
+    engine = Engine.from_adapter(model)
+    finals = torch.as_tensor(lean_s.prompts(1)["seq_len"].to_numpy()[:batch] - 1)
+    worst = 0.0
+    for side in ("clean", "corrupted"):
+        stored = set(lean_s.hooks(1, side))
+
+        def read(hook: str, _side=side, _stored=stored) -> torch.Tensor | None:
+            if hook not in _stored:
+                return None
+            return torch.as_tensor(lean_s.read(1, _side, hook, 0, batch).astype(np.float32))
+
+        d = Derivation(engine, read, finals)
+        for hook in full_s.hooks(1, side):
+            want = torch.as_tensor(full_s.read(1, side, hook, 0, batch).astype(np.float32))
+            with torch.no_grad():
+                got = d.get(hook).float()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1)).item())
+    return worst
 
 
 def main() -> None:
@@ -135,7 +164,8 @@ def main() -> None:
             path = Path(tmp) / layout
             fwd = forward_seconds(model, args.n, args.batch)  # just before: the same load
             clock.seconds = dict.fromkeys(clock.seconds, 0.0)
-            seconds = run(model, path, hooks, args.n, args.batch, args.dtype,
+            dtype = args.dtype if layout == "lean" else "float32"
+            seconds = run(model, path, hooks, args.n, args.batch, dtype,
                           args.profile and layout == "lean")  # fmt: skip
             info = Store(path).info().row(0, named=True)
             per_prompt = info["stored_bytes"] / info["n_prompts"] / 1e6
@@ -144,6 +174,12 @@ def main() -> None:
                 sweep, sweeps[layout] = head_sweep(model, path, args.batch)
             if "full" in sweeps and "lean" in sweeps:
                 diff = float(np.abs(sweeps["lean"] - sweeps["full"]).max())
+            if layout == "full":
+                error = derived_error(model, Path(tmp) / "lean", path, args.batch)
+                print(
+                    f"lean ({args.dtype}) vs full (float32): largest relative |difference| of "
+                    f"a derived activation {error:.1e}"
+                )
             compute, write = clock.seconds["compute_batch"], clock.seconds["write_chunks"]
             ratio = seconds / fwd
             print(f"{layout:<8}{fwd:>10.2f}{seconds:>10.2f}{ratio:>7.2f}{compute:>10.2f}"
