@@ -183,7 +183,8 @@ class Store:
         return self.query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
 
     def info(self) -> pl.DataFrame:
-        """One row per run: what it holds, bytes raw vs stored, compression ratio, status."""
+        """One row per run: what it holds, bytes raw vs stored, compression ratio, stored bytes
+        per prompt, how many hooks it derives on read rather than stores, status."""
         return self.query(
             """
             SELECT r.run_id, r.model, r.task, r.corruption, r.n_prompts, r.status, r.dtype,
@@ -191,7 +192,10 @@ class Store:
                    coalesce(sum(a.raw_bytes), 0)::BIGINT AS raw_bytes,
                    coalesce(sum(a.stored_bytes), 0)::BIGINT AS stored_bytes,
                    round(coalesce(sum(a.raw_bytes), 0) / greatest(sum(a.stored_bytes), 1), 2)
-                       AS ratio
+                       AS ratio,
+                   (coalesce(sum(a.stored_bytes), 0) / greatest(max(r.n_prompts), 1))::BIGINT
+                       AS bytes_per_prompt,
+                   coalesce(json_array_length(r.params, '$.derived'), 0)::INTEGER AS n_derived
             FROM runs r LEFT JOIN arrays a USING (run_id)
             GROUP BY ALL ORDER BY r.run_id
             """
@@ -238,6 +242,11 @@ class Store:
         stored = self.hooks(run_id, side)
         if not stored:
             raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
+        if hook in self.run(run_id, complete=False)["params"].get("derived", []):
+            raise UsageError(
+                f"hook {hook!r} of run {run_id} is derived on read from the hooks it stores, not "
+                f"stored: the queries compute it; to read it here, re-ingest with --hooks {hook}"
+            )
         raise UsageError(
             f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
             f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"

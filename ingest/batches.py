@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from actstore import arrays as zarrays
+from actstore.derivable import LOGITS
 from actstore.hooks import hook_shape
 from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     import zarr
 
 SIDES = ("clean", "corrupted")
+WRITE_THREADS = 4
 Shapes = dict[tuple[str, str], tuple[tuple[int, ...], str]]
 
 
@@ -37,12 +40,20 @@ def array_shapes(model: ModelAdapter, params: dict, n: int, seq: int) -> Shapes:
     out: Shapes = {}
     for side in SIDES:
         out[(side, "tokens")] = ((n, seq), "int32")
-        out[(side, "logits")] = ((n, model.shape.d_vocab), "float32")
+        if stores_logits(params):
+            out[(side, LOGITS)] = ((n, model.shape.d_vocab), "float32")
         for hook in params["hooks"]:
-            out[(side, hook)] = ((n, seq, *hook_shape(model, hook, seq)), params["dtype"])
+            if hook != LOGITS:
+                out[(side, hook)] = ((n, seq, *hook_shape(model, hook, seq)), params["dtype"])
     if params["corruption"] == "gaussian":
         out[("corrupted", "input_embeds")] = ((n, seq, model.shape.d_model), "float32")
     return out
+
+
+def stores_logits(params: dict) -> bool:
+    """Whether the run stores final-position logits: asked for, or a run recorded before
+    logits could be derived (its parameters name no derived hooks)."""
+    return LOGITS in params["hooks"] or "derived" not in params
 
 
 def create_arrays(
@@ -65,25 +76,28 @@ def write_chunks(
     hi: int,
 ) -> list[dict[str, Any]]:
     """Write one batch's chunk of each array, make it durable, return its ledger rows (by
-    column, without the run id)."""
-    ledger = []
+    column, without the run id). Arrays are written on a few threads: compression, hashing and
+    fsync release the GIL, and concurrent fsyncs share the file system's journal commits."""
     root = as_root(store_dir)
-    for (side, hook), arr in arrays.items():
+
+    def one(item: tuple[tuple[str, str], zarr.Array]) -> dict[str, Any]:
+        (side, hook), arr = item
         data = values[(side, hook)].astype(arr.dtype, copy=False)
         arr[lo:hi] = data
         zarrays.make_durable(root, arr.path, chunk_idx, arr.ndim)
-        ledger.append(
-            {"side": side, "hook": hook, "chunk_idx": chunk_idx, "prompt_start": lo,
-             "prompt_stop": hi, "checksum": zarrays.checksum(data), "nbytes": data.nbytes}
-        )  # fmt: skip
-    return ledger
+        checksum = zarrays.checksum(data)
+        return {"side": side, "hook": hook, "chunk_idx": chunk_idx, "prompt_start": lo,
+                "prompt_stop": hi, "checksum": checksum, "nbytes": data.nbytes}  # fmt: skip
+
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        return list(pool.map(one, arrays.items()))
 
 
 def compute_batch(
     model: ModelAdapter, prep: Prepared, params: dict, lo: int, hi: int
 ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray]]:
     """Both sides' activations for prompts [lo, hi), and their per-prompt metrics."""
-    hooks = set(params["hooks"])
+    hooks = set(params["hooks"]) - {LOGITS}
     act_dtype = np.float16 if params["dtype"] == "float16" else np.float32
     last = torch.as_tensor(prep.lengths[lo:hi] - 1, dtype=torch.long)
     ans = torch.as_tensor(prep.answers[lo:hi], dtype=torch.long)
@@ -111,7 +125,8 @@ def compute_batch(
         rows = torch.arange(hi - lo)
         final = logits[rows, last.to(logits.device)].float().cpu()
         values[(side, "tokens")] = tokens_np.astype(np.int32)
-        values[(side, "logits")] = final.numpy()
+        if stores_logits(params):
+            values[(side, LOGITS)] = final.numpy()
         for hook in hooks:
             act = cache[hook].detach().float().cpu().numpy()
             if hook.endswith("hook_pattern") or hook.endswith("hook_attn_scores"):

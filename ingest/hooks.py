@@ -5,13 +5,26 @@ every layer, mlp_out of every layer and the final residual stream. A family whos
 MLP run in parallel (GPT-NeoX, GPT-J) has no resid_mid: it stores attn_out instead. A head's
 output is z·W_O, computed on read rather than stored n_heads times larger. Keys and values have
 the model's key/value heads (fewer than its query heads under grouped-query attention).
+
+`lean` stores only what cannot be recomputed (actstore.derivable): z of every layer, the
+residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final residual; the
+rest (layer 0's residual from the tokens, the other residuals, resid_mid, attn_out, mlp_out,
+logits) is derived on read. `resid_pre/K` stores the residual entering every K-th layer and
+`logits` the final position's logits.
 """
 
 from __future__ import annotations
 
+from actstore.derivable import LOGITS
 from actstore.errors import UsageError
-from actstore.hooks import FINAL, PER_LAYER, final_hook, layer_hooks
+from actstore.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
 from actstore.models import ModelAdapter
+
+# The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
+# whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt
+# at GPT-2-small shape (benchmarks/ingest.py).
+RESID_EVERY = 2
+LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 
 
 def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
@@ -21,18 +34,35 @@ def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
 
 
 def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
-    """Expand a --hooks value ("default,mlp_post", "z", "blocks.3.hook_resid_pre") to hook names."""
+    """Expand a --hooks value ("default,mlp_post", "z", "blocks.3.hook_resid_pre") to hook names.
+
+    The final position's logits are stored too (`logits`), except with `lean`, which derives
+    them from the final residual."""
     items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
+    names = _expand(model, items)
+    if "lean" not in items and LOGITS not in names:
+        names.append(LOGITS)
+    return names
+
+
+def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
     known = model.hook_names()
     names: list[str] = []
     for item in items:
         expanded: list[str]
         if item == "default":
-            expanded = resolve_hooks(model, ",".join(default_hooks(model)))
+            expanded = _expand(model, list(default_hooks(model)))
+        elif item == "lean":
+            expanded = _expand(model, list(LEAN))
         elif item == FINAL:
             expanded = [final_hook(model.shape.n_layers)]
+        elif item == LOGITS:
+            expanded = [LOGITS]
+        elif item.startswith("resid_pre/"):
+            every, n = _stride(item), model.shape.n_layers
+            expanded = [hook_name("resid_pre", i) for i in range(every, n, every)]
         elif item in PER_LAYER:
             expanded = layer_hooks(item, model.shape.n_layers)
             if expanded[0] not in known:
@@ -44,9 +74,16 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
             expanded = [item]
         else:
             raise UsageError(
-                f"unknown hook {item!r}; use default, resid_final, "
+                f"unknown hook {item!r}; use default, lean, resid_final, logits, resid_pre/K, "
                 f"{', '.join(PER_LAYER)} or a TransformerLens hook name such as "
                 "blocks.0.hook_resid_pre"
             )
         names.extend(h for h in expanded if h not in names)
     return names
+
+
+def _stride(item: str) -> int:
+    every = item.split("/", 1)[1]
+    if not every.isdigit() or int(every) < 1:
+        raise UsageError(f"hook {item!r}: give resid_pre/K with K a positive integer")
+    return int(every)

@@ -3,7 +3,8 @@
 Order of events for each batch: run both sides, write every array's chunk, make the chunks
 durable, then record prompts and chunk ledger rows in one catalog transaction. A killed ingest
 therefore leaves whole batches recorded or not at all, and rerunning the same command resumes at
-the first batch the ledger lacks.
+the first batch the ledger lacks. The writing (chunks, fsync, transaction) runs on a background
+thread, in batch order, while the model computes the next batch (ingest.background).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from actstore import arrays as zarrays
+from actstore.derivable import derivable
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import (
     ArraysRoot,
@@ -32,6 +33,7 @@ from actstore.location import (
 from actstore.models import ModelAdapter, load_model
 from actstore.store import CATALOG, Store
 from actstore.writes import array_records, model_record
+from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
     compute_batch,
@@ -122,6 +124,7 @@ def ingest(
             "n": n_pairs,
             "corruption": corruption,
             "hooks": hook_names,
+            "derived": derivable(hook_names, adapter.shape.n_layers, adapter.architecture.parallel),
             "dtype": dtype,
             "batch_size": min(batch_size, n_pairs),  # a chunk never pads beyond the prompts
             "seed": seed,
@@ -150,7 +153,7 @@ def _check_space(
 ) -> None:
     """Refuse an ingest whose activations cannot fit on the disk (even at 2x compression, more
     than real activations reach), counting space that interrupted runs' arrays already hold."""
-    params = {"hooks": hooks, "dtype": dtype, "corruption": corruption}
+    params = {"hooks": hooks, "derived": [], "dtype": dtype, "corruption": corruption}
     shapes = array_shapes(model, params, n, seq)
     need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in shapes.values())
     where = next(p for p in [store_path, *store_path.absolute().parents] if p.exists())
@@ -236,52 +239,56 @@ def _run(
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
-    stored = n_batches - len(todo)
-    bar = tqdm(total=n_batches, initial=stored, disable=not show, file=sys.stderr,
+    stored = [n_batches - len(todo)]  # batches recorded so far (the writer thread counts too)
+    bar = tqdm(total=n_batches, initial=stored[0], disable=not show, file=sys.stderr,
                desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
+
+    def record(done: list[Manifest]) -> None:  # whole batches, each with its prompts and ledger
+        with store.transaction() as tx:
+            for prompts, ledger in done:
+                tx.record_batch(run_id, prompts, ledger)
+        stored[0] += len(done)
+        bar.update(len(done))
+
+    writer: BatchWriter | None = None
     try:
         group = zarrays.run_group(run_id)
         arrays = create_arrays(zarrays.open_root(store.arrays_root, mode="a"), group, shapes, batch)
-        if pool is None:
-            batches = _local_batches(store, arrays, model, prep, params, todo)
+        if pool is None:  # write and record each batch on a thread while the next computes
+            writer = BatchWriter(lambda job: record([_write_batch(store, arrays, prep, job)]))
+            for b in todo:
+                lo, hi = b * batch, min(n, (b + 1) * batch)
+                values, metrics = compute_batch(model, prep, params, lo, hi)
+                writer.submit((b, lo, hi, values, metrics))
+            writer.close()
         else:
-            batches = run_batches(pool, store.arrays_root, group, shapes, model, prep, params, todo)
-        for done in batches:  # whole batches, each recorded with its prompts and ledger rows
-            with store.transaction() as tx:
-                for prompts, ledger in done:
-                    tx.record_batch(run_id, prompts, ledger)
-            stored += len(done)
-            bar.update(len(done))
+            for done in run_batches(pool, store.arrays_root, group, shapes, model, prep, params,
+                                    todo):  # fmt: skip
+                record(done)
         bar.close()
         records = array_records(store.path, run_id, list(shapes), n_batches)
         with store.transaction() as tx:
             tx.finish_run(run_id, records, n_batches, time.monotonic() - started)
     except BaseException as exc:
+        if writer is not None:
+            writer.stop()  # the batch being written lands (or fails) before the run is marked
         bar.close()
         if isinstance(exc, KeyboardInterrupt):
             raise
-        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=stored)
+        err = _fail(store, run_id, exc, rollback=created and _disk_full(exc), kept=stored[0])
         if err is exc:
             raise
         raise err from exc
     return _row(store, run_id, outcome)
 
 
-def _local_batches(
-    store: Store,
-    arrays: dict,
-    model: ModelAdapter,
-    prep: Prepared,
-    params: dict,
-    todo: list[int],
-) -> Iterator[list[Manifest]]:
-    """Compute and write each batch in this process; yield its prompt and ledger rows."""
-    batch, n = params["batch_size"], params["n"]
-    for b in todo:
-        lo, hi = b * batch, min(n, (b + 1) * batch)
-        values, metrics = compute_batch(model, prep, params, lo, hi)
-        ledger = write_chunks(store.arrays_root, arrays, values, b, lo, hi)
-        yield [(prompt_records(prep, lo, hi, metrics), ledger)]
+def _write_batch(
+    store: Store, arrays: dict, prep: Prepared, job: tuple[int, int, int, dict, dict]
+) -> Manifest:
+    """Write a computed batch's chunks durably; its prompt and ledger rows."""
+    b, lo, hi, values, metrics = job
+    ledger = write_chunks(store.arrays_root, arrays, values, b, lo, hi)
+    return prompt_records(prep, lo, hi, metrics), ledger
 
 
 def _row(store: Store, run_id: int, outcome: str) -> pl.DataFrame:

@@ -81,3 +81,60 @@ def test_second_store_object_in_the_same_process_is_told_so(ioi_store, tmp_path)
                 pass
     with Store(copy).writer():  # released on exit: the next writer gets it
         pass
+
+
+# ---- the ingest's background writer thread ------------------------------------------------
+
+
+def test_background_writer_writes_in_order_and_stops_at_the_first_error():
+    from ingest.background import BatchWriter
+
+    done: list[int] = []
+
+    def write(job: int) -> None:
+        if job == 3:
+            raise OSError("disk gone")
+        done.append(job)
+
+    writer = BatchWriter(write)
+    for job in range(3):
+        writer.submit(job)
+    writer.close()
+    assert done == [0, 1, 2] and writer.written == 3
+    writer = BatchWriter(write)
+    with pytest.raises(OSError, match="disk gone"):
+        for job in range(3, 10):
+            writer.submit(job)
+        writer.close()
+    writer.stop()
+    assert done == [0, 1, 2] and writer.written == 0  # nothing after the failed batch
+
+
+def test_a_failed_background_write_keeps_the_batches_before_it(tmp_path, monkeypatch, toy_random):
+    """A write that fails on the writer thread fails the run with the batches written before it
+    recorded; rerunning resumes, and the result equals an ingest that never failed."""
+    from actstore.errors import ActstoreError
+    from actstore.store import Store
+    from ingest import runner
+
+    real = runner.write_chunks
+
+    def failing(store_dir, arrays, values, chunk_idx, lo, hi):
+        if chunk_idx == 2:
+            raise OSError("simulated I/O error")
+        return real(store_dir, arrays, values, chunk_idx, lo, hi)
+
+    kwargs = dict(model=toy_random, task="ioi", n=20, batch_size=4, hooks="lean", progress=False)
+    monkeypatch.setattr(runner, "write_chunks", failing)
+    with pytest.raises(ActstoreError, match="keeps 2 stored batches and is marked failed"):
+        runner.ingest(tmp_path / "s", **kwargs)
+    store = Store(tmp_path / "s")
+    assert store.run(1, complete=False)["status"] == "failed"
+    assert store.query("SELECT DISTINCT chunk_idx FROM chunks ORDER BY 1")[
+        "chunk_idx"
+    ].to_list() == [0, 1]
+    monkeypatch.setattr(runner, "write_chunks", real)
+    assert runner.ingest(tmp_path / "s", **kwargs)["outcome"][0] == "resumed"
+    runner.ingest(tmp_path / "clean", **kwargs)
+    ledger = "SELECT side, hook, chunk_idx, checksum FROM chunks ORDER BY ALL"
+    assert Store(tmp_path / "s").query(ledger).equals(Store(tmp_path / "clean").query(ledger))

@@ -52,7 +52,7 @@ def required_hooks(n_layers: int) -> list[str]:
 
 def check_run(store: Store, run: dict, model: EdgeModel) -> None:
     """Refuse, before any work, a run that lacks a hook edge queries read."""
-    reader = Reader(store, run, model.adapter.device)
+    reader = Reader(store, run, model.adapter.device, model.engine)
     reader.require(required_hooks(model.shape.n_layers), "edge attribution")
 
 
@@ -66,7 +66,7 @@ def _node_outputs(reader: Reader, side: str, span: Span, model: EdgeModel) -> to
 
 def iter_batches(store: Store, run: dict, model: EdgeModel) -> Iterator[EdgeBatch]:
     """The run's prompts in its ingest batches, with everything an edge query reads."""
-    reader = Reader(store, run, model.adapter.device)
+    reader = Reader(store, run, model.adapter.device, model.engine)
     with torch.no_grad():
         for span in reader.spans():
             t = reader.targets(span)

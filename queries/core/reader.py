@@ -2,9 +2,11 @@
 
 Patching, attribution, circuits and subspace patching all read through a `Reader`: it walks the
 run's prompts in spans (the run's ingest batches by default, so memory is bounded by one span),
-and `tensor` is the single place where a stored array becomes a tensor. What a query needs
-beyond the arrays (final positions, answers, the stored clean logits a metric compares with)
-comes from the run's prompts table, read once.
+and `tensor` is the single place where a stored array becomes a tensor. A hook the run stores is
+read as stored; one it does not store (a lean run: actstore.derivable) is derived from the stored
+ones with the query's engine (queries/core/derive.py), each intermediate once per span and side.
+What a query needs beyond the arrays (final positions, answers, the clean logits a metric
+compares with) comes from the run's prompts table, read once.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actstore.derivable import TOKENS
 from actstore.errors import UsageError
 from actstore.store import Store
+from queries.core.derive import Derivation
+from queries.core.engine import Engine
 from queries.core.metrics import AnswerSets, Targets, answer_arrays
+
+SIDES = ("clean", "corrupted")
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,15 @@ def sides(direction: str) -> tuple[str, str]:
 class Reader:
     """A run's stored arrays and prompt columns as tensors on one device."""
 
-    def __init__(self, store: Store, run: int | dict, device: str | torch.device):
+    def __init__(
+        self,
+        store: Store,
+        run: int | dict,
+        device: str | torch.device,
+        engine: Engine | None = None,
+    ):
         self.store = store
+        self.engine = engine
         self.run = store.run(run) if isinstance(run, int) else run
         self.run_id = int(self.run["run_id"])
         self.device = device
@@ -56,12 +70,14 @@ class Reader:
         cols = ("seq_len", "answer_token", "wrong_answer_token")
         self.columns = {c: np.asarray(self.prompts[c].to_numpy(), dtype=np.int64) for c in cols}
         self.sets = answer_arrays(self.prompts)
+        self.stored = {side: set(store.hooks(self.run_id, side)) for side in SIDES}
+        self.derived = set(self.run["params"].get("derived", []))
+        self._derivations: dict[tuple, Derivation] = {}
 
     def require(self, hooks: Iterable[str], what: str) -> None:
         """Refuse before any work when a side lacks a hook that `what` reads."""
-        for side in ("clean", "corrupted"):
-            stored = set(self.store.hooks(self.run_id, side))
-            missing = [h for h in hooks if h not in stored]
+        for side in SIDES:
+            missing = [h for h in hooks if h not in self.stored[side] and h not in self.derived]
             if missing:
                 raise UsageError(
                     f"run {self.run_id} lacks {side} {missing[0]} (and {len(missing) - 1} more) "
@@ -85,11 +101,38 @@ class Reader:
     def tensor(
         self, side: str, hook: str, span: Span, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """The stored array (side, hook) of the span's prompts: every array read passes here."""
+        """The activation (side, hook) of the span's prompts: stored, or derived from the stored
+        ones. Every array read passes here."""
+        if hook in self.stored[side]:
+            return self._stored(side, hook, span).to(dtype)
+        with torch.no_grad():
+            return self._derivation(side, span, hook).get(hook).to(dtype)
+
+    def _stored(self, side: str, hook: str, span: Span) -> torch.Tensor:
         data = self.store.read(self.run_id, side, hook, span.lo, span.hi)
         if span.rows is not None:
             data = data[span.rows - span.lo]
-        return torch.as_tensor(np.asarray(data), device=self.device).to(dtype)
+        return torch.as_tensor(np.asarray(data), device=self.device)
+
+    def _derivation(self, side: str, span: Span, hook: str) -> Derivation:
+        """The span's derivation for `side`; only the current span's are kept (memory: one)."""
+        key = (side, span.lo, span.hi, None if span.rows is None else span.rows.tobytes())
+        if key not in self._derivations:
+            if self.engine is None:
+                raise UsageError(
+                    f"run {self.run_id} derives {hook} on read, and this reader has no model to "
+                    "derive it with; pass the query's engine to Reader"
+                )
+            self._derivations = {k: v for k, v in self._derivations.items() if k[1:] == key[1:]}
+
+            def read(name: str) -> torch.Tensor | None:
+                if name not in self.stored[side]:
+                    return None
+                values = self._stored(side, name, span)
+                return values.long() if name == TOKENS else values.float()
+
+            self._derivations[key] = Derivation(self.engine, read, self.finals(span))
+        return self._derivations[key]
 
     def column(self, name: str, span: Span) -> torch.Tensor:
         """A prompts column ("seq_len", "answer_token", "wrong_answer_token") as token ids."""

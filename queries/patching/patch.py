@@ -188,9 +188,9 @@ def compute_effects(
     from queries.patching.reference import final_logits
 
     check("engine", engine, ENGINES)
-    reader = Reader(store, run, model.device)
-    n, seq = reader.n, int(reader.run["seq_len"])
     e = Engine.from_adapter(model)
+    reader = Reader(store, run, model.device, e)
+    n, seq = reader.n, int(reader.run["seq_len"])
     groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
     base_kinds, src_kinds = _kinds(groups[0].component, engine, e.arch.parallel)
     reader.require(hooks_read(base_kinds | src_kinds, e.n_layers), "patching")

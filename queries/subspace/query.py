@@ -146,9 +146,9 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
 
     run_id = int(run["run_id"])
     model = model_for_run(run, device)
-    reader = Reader(store, run, model.device)
-    site = parse_site(model, params["hook"], params["head"])
     engine = Engine.from_adapter(model)
+    reader = Reader(store, run, model.device, engine)
+    site = parse_site(model, params["hook"], params["head"])
     w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
     mode, metric, source = params["mode"], params["metric"], params["direction"]

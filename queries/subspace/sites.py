@@ -184,8 +184,8 @@ def site_batches(
 
 
 def _stored_activation(reader: Reader, site: Site, model: ModelAdapter) -> str:
-    stored = set(reader.store.hooks(reader.run_id))
-    if site.hook in stored:
+    stored = reader.stored["clean"]
+    if site.hook in stored or site.hook in reader.derived:
         return site.hook
     if site.kind == "resid_post" and site.layer + 1 < model.shape.n_layers:
         alias = hook_name("resid_pre", site.layer + 1)

@@ -1,0 +1,214 @@
+"""Derived activations equal what the model's own forward produced, on every family.
+
+The reference is the bridge's hooked forward (`run_with_cache`) of tiny random models of every
+supported family (tests/families.py) and the toy GPT-2: a Derivation that reads only the lean
+set (z of every layer, every other residual, the final residual, tokens) must reproduce every
+residual, resid_mid, attn_out, mlp_out and the final-position logits within 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from families import FAMILIES, random_model
+
+from actstore import derivable as names
+from actstore.models import ModelAdapter, adapter_from_hf, load_model
+from queries.core.derive import Derivation
+from queries.core.engine import Engine
+
+TOL = 1e-5
+LENGTHS = (7, 5, 6)  # prompts of several lengths, right-padded: finals differ
+
+
+def _model(family: str) -> ModelAdapter:
+    if family == "gpt2":
+        return load_model("toy", "cpu")
+    hf, tok = random_model(family)
+    return adapter_from_hf(family, hf, tok, "cpu")
+
+
+def _reference(model: ModelAdapter) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """Tokens, every standard hook of a hooked forward, final positions and final logits."""
+    g = torch.Generator().manual_seed(1)
+    seq = max(LENGTHS)
+    tokens = torch.randint(2, 40, (len(LENGTHS), seq), generator=g)
+    tokens[:, 0] = model.bos_id
+    for row, n in enumerate(LENGTHS):
+        tokens[row, n:] = model.pad_id
+    wanted = {h for h in model.hook_names() if h.rsplit(".", 1)[-1] in HOOK_KINDS}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, wanted)
+    finals = torch.tensor(LENGTHS) - 1
+    final_logits = logits[torch.arange(len(LENGTHS)), finals]
+    return tokens, cache, finals, final_logits
+
+
+HOOK_KINDS = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+              "hook_mlp_out", "hook_z"}  # fmt: skip
+
+
+def _lean(model: ModelAdapter, every: int) -> set[str]:
+    n = model.shape.n_layers
+    return ({names.z(i) for i in range(n)} | {names.resid_post(n - 1), names.TOKENS}
+            | {names.resid_pre(i) for i in range(every, n, every)})  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=("gpt2", *FAMILIES))
+def family(request):
+    model = _model(request.param)
+    return model, Engine.from_adapter(model), *_reference(model)
+
+
+@pytest.mark.parametrize("every", [2, 3, 100])
+def test_every_derivable_hook_equals_the_forward(family, every):
+    """Stored every 2nd / 3rd residual, or none but the final one (a chain through all layers):
+    everything `derivable` names is what the forward computed."""
+    model, engine, tokens, cache, finals, final_logits = family
+    stored = _lean(model, every)
+    arch = model.architecture
+
+    def read(hook: str) -> torch.Tensor | None:
+        if hook not in stored:
+            return None
+        return tokens if hook == names.TOKENS else cache[hook].float()
+
+    d = Derivation(engine, read, finals)
+    derived = names.derivable(stored, arch.n_layers, arch.parallel)
+    assert names.LOGITS in derived
+    assert all(names.resid_pre(i) in derived for i in range(arch.n_layers) if i % every)
+    checked = 0
+    for hook in derived:
+        with torch.no_grad():
+            got = d.get(hook)
+        want = final_logits if hook == names.LOGITS else cache[hook]
+        if hook != names.LOGITS and hook not in cache:
+            continue  # a hook this family's bridge does not have
+        diff = (got - want).abs().max().item()
+        assert diff <= TOL * max(1.0, want.abs().max().item()), (hook, diff)
+        checked += 1
+    mids = sum(names.resid_mid(i) in cache for i in range(arch.n_layers))
+    assert checked == len(derived) and mids == (0 if arch.parallel else arch.n_layers)
+
+
+def test_stored_hooks_are_read_verbatim_and_only_once(family):
+    """A run that stores everything (the layout before derivation) is read as stored."""
+    model, engine, tokens, cache, finals, _ = family
+    reads: list[str] = []
+
+    def read(hook: str) -> torch.Tensor | None:
+        reads.append(hook)
+        return tokens if hook == names.TOKENS else cache.get(hook)
+
+    d = Derivation(engine, read, finals)
+    for hook in sorted(cache):
+        assert d.get(hook) is cache[hook]
+        assert d.get(hook) is cache[hook]
+    assert sorted(reads) == sorted(cache)
+
+
+def test_what_cannot_be_derived_is_named():
+    model = load_model("toy", "cpu")
+    n = model.shape.n_layers
+    stored = {names.TOKENS, names.resid_post(n - 1)}  # no z: no residual after layer 0
+    assert names.derivable(stored, n, parallel=False) == [names.resid_pre(0), names.LOGITS]
+    d = Derivation(Engine.from_adapter(model), lambda hook: None)
+    with pytest.raises(KeyError, match="cannot be derived"):
+        d.get("blocks.0.mlp.hook_post")
+
+
+# ---- a lean run against a full one --------------------------------------------------------
+
+
+def _ingest_pair(root, toy_random, dtype: str = "float32"):
+    """The same Gaussian-noise IOI prompts ingested lean (in `dtype`) and full (float32)."""
+    from ingest.runner import ingest
+
+    for name, hooks, dt in (("lean", "lean", dtype), ("full", "default", "float32")):
+        ingest(root / name, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
+               corruption="gaussian", dtype=dt, progress=False)  # fmt: skip
+    from actstore.store import Store
+
+    return Store(root / "lean"), Store(root / "full")
+
+
+def _largest_error(lean, full, model) -> float:
+    """max |derived from the lean run − stored in the full run| over every hook, both sides,
+    relative to the hook's largest magnitude."""
+    engine = Engine.from_adapter(model)
+    finals = torch.as_tensor(lean.prompts(1)["seq_len"].to_numpy() - 1, dtype=torch.long)
+    stored = set(lean.hooks(1, "clean")) | set(lean.hooks(1, "corrupted"))
+    worst = 0.0
+    for side in ("clean", "corrupted"):
+
+        def read(hook: str, _side=side) -> torch.Tensor | None:
+            if hook not in stored or hook not in lean.hooks(1, _side):
+                return None
+            return torch.as_tensor(lean.read(1, _side, hook).astype("float32"))
+
+        d = Derivation(engine, read, finals)
+        for hook in full.hooks(1, side):
+            want = torch.as_tensor(full.read(1, side, hook).astype("float32"))
+            with torch.no_grad():
+                got = d.get(hook).float()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1)).item())
+    return worst
+
+
+def test_lean_run_stores_less_and_derives_the_full_run(tmp_path, toy_random):
+    """Every hook of a full run (and its logits, and the noised side's input embeddings) is
+    derived from a lean run of the same prompts within 1e-5; the catalog says what is derived."""
+    from actstore.errors import UsageError
+
+    lean, full = _ingest_pair(tmp_path, toy_random)
+    n = toy_random.shape.n_layers
+    assert set(lean.hooks(1, "clean")) == (
+        {names.z(i) for i in range(n)} | {names.resid_pre(i) for i in range(2, n, 2)}
+        | {names.resid_post(n - 1), names.TOKENS}
+    )  # fmt: skip
+    assert names.INPUT_EMBEDS in lean.hooks(1, "corrupted")
+    assert _largest_error(lean, full, toy_random) <= TOL
+    params = lean.run(1)["params"]
+    assert names.LOGITS in params["derived"] and names.resid_mid(1) in params["derived"]
+    info = {s: store.info().row(0, named=True) for s, store in (("lean", lean), ("full", full))}
+    assert info["lean"]["n_derived"] == len(params["derived"])
+    assert info["lean"]["bytes_per_prompt"] < 0.5 * info["full"]["bytes_per_prompt"]
+    assert info["lean"]["bytes_per_prompt"] == round(info["lean"]["stored_bytes"] / 6)
+    with pytest.raises(UsageError, match="derived on read") as err:
+        lean.read(1, "clean", names.resid_mid(1))
+    assert "\n" not in str(err.value)
+
+
+def test_float16_lean_run_error_against_float32(tmp_path, toy_random):
+    """float16 storage: derived activations stay within 1e-2 of the float32 run's, relative to
+    each hook's magnitude (the README states the measured figure)."""
+    lean, full = _ingest_pair(tmp_path, toy_random, dtype="float16")
+    error = _largest_error(lean, full, toy_random)
+    print(f"float16 lean vs float32 full: largest relative error {error:.1e}")
+    assert 1e-5 < error < 1e-2
+
+
+# ---- queries read lean runs through the reader ------------------------------------------------
+
+
+def test_queries_on_a_lean_run_equal_the_full_run(tmp_path, toy_random):
+    """Patching (heads, resid_pre, mlp_out), attribution (EAP) and subspace patching read a
+    lean run through the reader and give the full run's results within 1e-5."""
+    import actstore
+
+    _ingest_pair(tmp_path, toy_random)
+    lean, full = actstore.open(tmp_path / "lean"), actstore.open(tmp_path / "full")
+
+    def same(a, b, key: list[str], value: str) -> None:
+        a, b = a.sort(key), b.sort(key)
+        assert a.select(key).equals(b.select(key))
+        assert np.abs(a[value].to_numpy() - b[value].to_numpy()).max() <= TOL
+
+    for component in ("head", "resid", "mlp-out"):
+        same(lean.patch(1, component, model=toy_random), full.patch(1, component, model=toy_random),
+             ["layer", "head", "pos", "metric"], "value")  # fmt: skip
+    same(lean.attribute(1, "eap"), full.attribute(1, "eap"), ["src", "dst", "qkv"], "score")
+    hook = names.resid_mid(1)
+    same(lean.subspace(1, hook, "mean-diff", pos="final"),
+         full.subspace(1, hook, "mean-diff", pos="final"), ["component"], "value")  # fmt: skip
