@@ -512,8 +512,12 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | Non
     \b
     Example:
       actstore demo demo-store
-      actstore demo --model toy-llama
+      actstore demo demo-llama --model ./my-llama
     """
+    if model:
+        from actstore.models import check_model_spec
+
+        check_model_spec(model)  # before the demo directory is made
     from queries.demo import demo as run_demo
 
     run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k, model=model)

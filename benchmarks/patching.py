@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python benchmarks/patching.py            # toy + GPT-2-small shape, ~5 min
     PYTHONPATH=$PWD python benchmarks/patching.py --quick    # fewer patches, ~1-2 min
     PYTHONPATH=$PWD python benchmarks/patching.py --models pythia-160m,llama-3.2-1b --prompts 2 \
-        --sweeps head-pos,resid --positions 4,11
+        --sweeps head-pos,resid --positions 11 --resid-positions 4,11
 
 Models (`--models`, comma-separated): the built-in `toy` and `toy-llama`, and random-weight
 models of real shapes with word-level vocabularies of their real size, built offline:
@@ -222,6 +222,9 @@ def main() -> None:
         "--sweeps", default="head,head-pos,resid", help="comma-separated, of head, head-pos, resid"
     )
     parser.add_argument("--positions", default="4,11", help="head-pos positions (of 0..15)")
+    parser.add_argument(
+        "--resid-positions", default="all", help="resid positions (of 0..15), or all"
+    )
     args = parser.parse_args()
     models = args.models.split(",")
     unknown = [m for m in models if m not in (*BUILTINS, *SHAPES)]
@@ -231,14 +234,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs visible")  # fmt: skip
     head_pos = [int(p) for p in args.positions.split(",")]
-    chosen = {"head": None, "head-pos": head_pos, "resid": list(range(16))}
+    resid = list(range(16))
+    if args.resid_positions != "all":
+        resid = [int(p) for p in args.resid_positions.split(",")]
+    chosen = {"head": None, "head-pos": head_pos, "resid": resid}
     sweeps = [(c, chosen[c]) for c in args.sweeps.split(",")]
     if args.quick:
         sweeps = [("head-pos", head_pos[:1]), ("resid", [0, 8])]
     for name in models:
         model = builtin_model(name) if name in BUILTINS else shaped_model(name)
         label = model.spec if name in BUILTINS else f"{name}-shape"
-        bench(label, model, sweeps if name in SHAPES else list(chosen.items()), args.prompts)
+        full = [("head", None), ("head-pos", head_pos), ("resid", list(range(16)))]
+        bench(label, model, sweeps if name in SHAPES else full, args.prompts)
         del model
 
 
