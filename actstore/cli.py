@@ -515,7 +515,10 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
 )
 @click.option("--n", type=int, default=32, show_default=True, help="Prompt pairs per task.")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Heads per task compared.")
-def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt: skip
+@click.option(
+    "--model", help="Model to run on: toy (default), toy-llama, a directory or a hub name."
+)
+def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | None) -> None:
     """Run the whole pipeline on the built-in toy model and print what it found.
 
     Ingests each task, patches every head, runs EAP-IG, prints the top heads per task by
@@ -527,10 +530,15 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int) -> None:  # fmt:
     \b
     Example:
       actstore demo demo-store
+      actstore demo demo-llama --model ./my-llama
     """
+    if model:
+        from actstore.models import check_model_spec
+
+        check_model_spec(model)  # before the demo directory is made
     from actstore.demo import demo as run_demo
 
-    run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k)
+    run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k, model=model)
 
 
 @main.command()

@@ -354,19 +354,21 @@ def _final_norm(hf: Any, arch: Architecture) -> Any:
     return hf.gpt_neox.final_layer_norm if arch.family == "gpt_neox" else hf.model.norm
 
 
-def _gpt2_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
-    """A built-in toy model: HF GPT-2 architecture from config.json, weights, word vocabulary."""
+def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
+    """A built-in toy model: the Hugging Face class its config.json's `model_type` names (GPT-2
+    when absent), its weights and its word vocabulary."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from actstore.tokenizer import read_vocab, word_level_tokenizer
 
-    config = GPT2Config(**json.loads((directory / "config.json").read_text()))
+    settings = json.loads((directory / "config.json").read_text())
+    config = AutoConfig.for_model(settings.pop("model_type", "gpt2"), **settings)
     words = read_vocab(directory / "vocab.json")
     tokenizer = word_level_tokenizer(words, name=directory.name)
     if random_seed is not None:
         torch.manual_seed(random_seed)
-        hf = GPT2LMHeadModel(config)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     else:
         weights = directory / "model.safetensors"
         if not weights.exists():
@@ -376,10 +378,12 @@ def _gpt2_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
             )
         from safetensors.torch import load_file
 
-        hf = GPT2LMHeadModel(config)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         state = load_file(str(weights))
         missing, unexpected = hf.load_state_dict(state, strict=False)
-        real_missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        buffers = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+        real_missing = [k for k in missing if not k.endswith(buffers) and k not in tied]
         if real_missing or unexpected:
             raise ActstoreError(
                 f"built-in model {directory.name!r}: weights do not fit the config "
@@ -412,7 +416,7 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
     if source == "builtin":
         base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
         seed = 0 if spec.endswith(RANDOM_SUFFIX) else None
-        hf, tokenizer = _gpt2_from_dir(BUILTIN_DIR / base, seed)
+        hf, tokenizer = _builtin_from_dir(BUILTIN_DIR / base, seed)
         return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
     elif source == "path":
         path = Path(spec).expanduser().resolve()

@@ -2,17 +2,25 @@
 
     PYTHONPATH=$PWD python benchmarks/patching.py            # toy + GPT-2-small shape, ~5 min
     PYTHONPATH=$PWD python benchmarks/patching.py --quick    # fewer patches, ~1-2 min
+    PYTHONPATH=$PWD python benchmarks/patching.py --models pythia-160m,llama-3.2-1b --prompts 2 \
+        --sweeps head-pos,resid --positions 11 --resid-positions 4,11
 
-Both models ingest 8 equal-length IOI prompts (one template, 16 tokens with BOS) into a store in
-a temporary directory; our sweep reads the cached activations from it, TL's sweep runs
-`transformer_lens.patching` on the same tokens with the clean cache. For each sweep it prints:
-the wall time of both, the measured speed-up, the FLOP-count bound (TL's full forwards ÷ the
-FLOPs our downstream, suffix-only, metric-only recompute really did), the measured speed-up as
-a fraction of that bound, the largest |difference| of the patched metric, the share of our
-time spent verifying the chunks it read against the ledger (checksums of the decoded values
-and the ledger lookup), and the process's peak resident memory so far. By-position sweeps run
-over a sample of positions (both sides the same) to keep TL's one-forward-per-patch cost inside
-the time budget.
+Models (`--models`, comma-separated): the built-in `toy` and `toy-llama`, and random-weight
+models of real shapes with word-level vocabularies of their real size, built offline:
+`gpt2-small` (12 x 768), `pythia-160m` (GPT-NeoX: 12 x 768, rotary on a quarter of each head,
+parallel attention and MLP, vocabulary 50,304) and `llama-3.2-1b` (16 x 2048, 32 query / 8
+key-value heads, SwiGLU 8192, Llama 3 rope scaling, tied embeddings, vocabulary 128,256).
+
+Every model ingests `--prompts` equal-length IOI prompts (one template, 16 tokens with BOS; 8 by
+default) into a store in a temporary directory; our sweep reads the cached activations from it,
+TL's sweep runs `transformer_lens.patching` on the same tokens with the clean cache. For each
+sweep it prints: the wall time of both, the measured speed-up, the FLOP-count bound (TL's full
+forwards ÷ the FLOPs our downstream, suffix-only, metric-only recompute really did), the
+measured speed-up as a fraction of that bound, the largest |difference| of the patched metric,
+the share of our time spent verifying the chunks it read against the ledger (checksums of the
+decoded values and the ledger lookup), and the process's peak resident memory so far. By-position
+sweeps run over a sample of positions (both sides the same) to keep TL's one-forward-per-patch
+cost inside the time budget.
 """
 
 from __future__ import annotations
@@ -49,27 +57,48 @@ TL = {
 }
 
 
-def gpt2_small_shape() -> ModelAdapter:
-    """GPT-2 small's shape with random weights and a 50,257-token word-level vocabulary (the IOI
+SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+SHAPES = {  # Hugging Face configs of real models' shapes (random weights)
+    "gpt2-small": {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
+                   "n_inner": 3072, "vocab_size": 50257, "n_positions": 1024},
+    "pythia-160m": {"model_type": "gpt_neox", "num_hidden_layers": 12, "hidden_size": 768,
+                    "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 50304,
+                    "rotary_pct": 0.25, "use_parallel_residual": True,
+                    "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "llama-3.2-1b": {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "intermediate_size": 8192, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                     "tie_word_embeddings": True,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                         "factor": 32.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}},
+}  # fmt: skip
+BUILTINS = ("toy", "toy-llama")
+
+
+def shaped_model(name: str) -> ModelAdapter:
+    """`name`'s shape with random weights and a word-level vocabulary of its real size (the IOI
     task's words plus made-up ones), so that it runs offline."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from actstore.tokenizer import SPECIAL_TOKENS, read_vocab, word_level_tokenizer
 
+    settings = dict(SHAPES[name], **SPECIAL)
     words = [w for w in read_vocab(BUILTIN_DIR / "toy" / "vocab.json") if w not in SPECIAL_TOKENS]
-    n_words = 50257 - len(SPECIAL_TOKENS)
+    n_words = settings["vocab_size"] - len(SPECIAL_TOKENS)
     words += [f"w{i}" for i in range(n_words - len(words))]
-    tok = word_level_tokenizer(words, name="gpt2-small-shape")
+    tok = word_level_tokenizer(words, name=f"{name}-shape")
     torch.manual_seed(0)
-    shape = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_inner": 3072, "vocab_size": 50257}
-    config = GPT2Config(**shape, n_positions=1024, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    hf = GPT2LMHeadModel(config).eval()
-    return adapter_from_hf("gpt2-small-shape", hf, tok, "cpu")
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return adapter_from_hf(f"{name}-shape", hf, tok, "cpu")
 
 
-def toy_model() -> ModelAdapter:
-    weights = BUILTIN_DIR / "toy" / "model.safetensors"
-    return load_model("toy" if weights.exists() else "toy-random", "cpu")
+def builtin_model(name: str) -> ModelAdapter:
+    weights = BUILTIN_DIR / name / "model.safetensors"
+    return load_model(name if weights.exists() else f"{name}-random", "cpu")
 
 
 class VerifyClock:
@@ -137,27 +166,31 @@ def tl_sweep(model: ModelAdapter, store: Store, component: str, direction: str, 
     return seconds, values.numpy()[order], len(rows)
 
 
-def bench(label: str, model: ModelAdapter, sweeps: list[tuple[str, list[int] | None]]) -> None:
+def bench(
+    label: str, model: ModelAdapter, sweeps: list[tuple[str, list[int] | None]], n_prompts: int
+) -> None:
     from patching_helpers import OneTemplateIOI, ingest_pairs_task
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         path = ingest_pairs_task(Path(tmp) / "store", model, OneTemplateIOI(TEMPLATE),
-                                 n=N_PROMPTS, batch_size=N_PROMPTS)  # fmt: skip
+                                 n=n_prompts, batch_size=n_prompts)  # fmt: skip
         store = Store(path)
         seq = int(store.run(1)["seq_len"])
-        print(f"\n{label}: {model.shape}; {N_PROMPTS} prompts x {seq} tokens; "
+        arch = model.architecture
+        print(f"\n{label} ({arch.family}, {arch.n_heads} query / {arch.n_kv_heads} key-value "
+              f"heads): {model.shape}; {n_prompts} prompts x {seq} tokens; "
               f"ingest {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
         print(f"{'sweep':<22}{'patches':>8}{'TL s':>9}{'ours s':>9}{'speed-up':>10}"
               f"{'FLOP bound':>12}{'of bound':>10}{'max |diff|':>12}{'verify':>8}"
               f"{'peak MiB':>10}")  # fmt: skip
-        forward = Engine.from_adapter(model).forward_flops(N_PROMPTS, seq)
+        forward = Engine.from_adapter(model).forward_flops(n_prompts, seq)
         for component, positions in sweeps:
             spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, positions)
             store = Store(path)  # a fresh store: its ledger lookups count
             VERIFY.seconds = 0.0
             started = time.perf_counter()
-            ours, flops = compute_effects(store, 1, spec, model, batch_size=N_PROMPTS,
+            ours, flops = compute_effects(store, 1, spec, model, batch_size=n_prompts,
                                           progress=False)  # fmt: skip
             t_ours = time.perf_counter() - started
             verify = VERIFY.seconds / t_ours
@@ -177,19 +210,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer patches (~1-2 min)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--models",
+        default="toy,gpt2-small",
+        help=f"comma-separated, of {', '.join([*BUILTINS, *SHAPES])}",
+    )
+    parser.add_argument("--prompts", type=int, default=N_PROMPTS, help="IOI prompts per model")
+    parser.add_argument(
+        "--sweeps", default="head,head-pos,resid", help="comma-separated, of head, head-pos, resid"
+    )
+    parser.add_argument("--positions", default="4,11", help="head-pos positions (of 0..15)")
+    parser.add_argument(
+        "--resid-positions", default="all", help="resid positions (of 0..15), or all"
+    )
     args = parser.parse_args()
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in (*BUILTINS, *SHAPES)]
+    if unknown:
+        parser.error(f"--models {','.join(unknown)}: choose of {', '.join([*BUILTINS, *SHAPES])}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs visible")  # fmt: skip
-    all_pos = list(range(16))
-    toy = toy_model()
-    bench(toy.spec, toy, [("head", None), ("head-pos", [4, 11]), ("resid", all_pos)])
-    gpt2 = gpt2_small_shape()
+    head_pos = [int(p) for p in args.positions.split(",")]
+    resid = list(range(16))
+    if args.resid_positions != "all":
+        resid = [int(p) for p in args.resid_positions.split(",")]
+    chosen = {"head": None, "head-pos": head_pos, "resid": resid}
+    sweeps = [(c, chosen[c]) for c in args.sweeps.split(",")]
     if args.quick:
-        bench("gpt2-small-shape", gpt2, [("head-pos", [8]), ("resid", [0, 8])])
-    else:
-        bench("gpt2-small-shape", gpt2, [("head", None), ("head-pos", [4, 11]),
-                                         ("resid", all_pos)])  # fmt: skip
+        sweeps = [("head-pos", head_pos[:1]), ("resid", [0, 8])]
+    for name in models:
+        model = builtin_model(name) if name in BUILTINS else shaped_model(name)
+        label = model.spec if name in BUILTINS else f"{name}-shape"
+        full = [("head", None), ("head-pos", head_pos), ("resid", list(range(16)))]
+        bench(label, model, sweeps if name in SHAPES else full, args.prompts)
+        del model
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the built-in toy model: a small GPT-2 that really solves actstore's five tasks.
 
-    python -m ingest.train_toy --out actstore/builtin/toy [--steps N] [--seed S]
+    python -m ingest.train_toy --out actstore/builtin/toy [--arch gpt2|llama] [--steps N] [--seed S]
 
 Seeded and reproducible on CPU. The training data are the clean prompts of every task's toy
 phrasing (word-level tokenizer over the union vocabulary, BOS first as `ModelAdapter.tokenize`
@@ -10,7 +10,9 @@ measured on those, generated with a different seed: held-out prompts are new com
 names, objects, years, nouns and templates. Capital-country is fact recall, so its held-out
 prompts are the same facts in templates that did not carry that country in training.
 
-Writes config.json, vocab.json, model.safetensors and CARD.md into --out.
+Two architectures: `gpt2` (the built-in `toy`) and `llama` (`toy-llama`: RMSNorm, rotary
+positions, grouped-query attention, SwiGLU). Writes config.json (with its `model_type`, so the
+one built-in loader builds either), vocab.json, model.safetensors and CARD.md into --out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ TRAIN_SEED_OFFSET = 0
 EVAL_SEED = 1_000_003
 HELD_OUT_MOD = 10
 ARCH = {
+    "model_type": "gpt2",
     "n_layer": 4,
     "n_embd": 128,
     "n_head": 4,
@@ -39,6 +42,19 @@ ARCH = {
     "resid_pdrop": 0.0,
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
+}
+LLAMA_ARCH = {
+    "model_type": "llama",
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 1,
 }
 # Share of each task in a batch (times batch_size // 5 rows): the slower-learnt tasks get more.
 TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 4}
@@ -142,11 +158,17 @@ def train(
     until_pass: bool = False,
     checkpoint: bool = False,
     d_model: int = 128,
+    arch: str = "gpt2",
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    rope_theta: float = 10000.0,
+    warmup_steps: int = 200,
+    attention_bias: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict:
     """Train, write the model files into `out`, return the final held-out accuracies."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ingest.tasks import toy_vocabulary
     from ingest.tasks.base import TokenizerView
@@ -157,14 +179,19 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = toy_tokenizer()
     view = TokenizerView(tokenizer)
-    config = dict(ARCH, vocab_size=len(tokenizer.get_vocab()), n_embd=d_model, n_inner=4 * d_model)
-    model = GPT2LMHeadModel(GPT2Config(**config))
+    config = model_config(
+        arch, len(tokenizer.get_vocab()), d_model, n_heads, n_kv_heads, rope_theta
+    )
+    if attention_bias:  # q/k biases let a rotary head attend by relative position alone
+        config["attention_bias"] = True
+    hf_config = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
     pool = _training_pool(view, seed, per_task)
     names = sorted(pool)
     log(f"pool: {', '.join(f'{k}={len(v[0])}' for k, v in pool.items())} ({time.time() - t0:.1f}s)")
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, min(200, steps // 10))
+    warmup = max(1, min(warmup_steps, steps // 10))
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -234,7 +261,7 @@ def train(
             if checkpoint:  # a run cut short still leaves its latest evaluated weights
                 run = {"steps": steps, "stopped": step + 1, "until_pass": until_pass}
                 run |= {"seed": seed, "batch_size": batch_size, "wall": time.time() - t0}
-                run |= {"lm_weight": lm_weight, "lr": lr}
+                run |= {"lm_weight": lm_weight, "lr": lr, "warmup": warmup, "out": str(out)}
                 _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
             if until_pass and passes(acc):
                 log(f"all thresholds hold at step {step + 1}: stopping (--until-pass)")
@@ -246,8 +273,25 @@ def train(
     log("final held-out " + " ".join(f"{k}={v['accuracy']:.3f}" for k, v in acc.items()))
     run = {"steps": steps, "stopped": stopped, "until_pass": until_pass, "seed": seed}
     run |= {"batch_size": batch_size, "wall": wall, "lm_weight": lm_weight, "lr": lr}
+    run |= {"warmup": warmup, "out": str(out)}
     _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
     return acc
+
+
+def model_config(
+    arch: str, vocab_size: int, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float
+) -> dict:
+    """config.json of a toy model; `model_type` names the Hugging Face class that builds it."""
+    if arch == "gpt2":
+        return dict(
+            ARCH, vocab_size=vocab_size, n_embd=d_model, n_head=n_heads, n_inner=4 * d_model
+        )
+    if arch == "llama":
+        rope = {"rope_type": "default", "rope_theta": rope_theta}
+        return dict(LLAMA_ARCH, vocab_size=vocab_size, hidden_size=d_model,
+                    intermediate_size=4 * d_model, num_attention_heads=n_heads,
+                    num_key_value_heads=n_kv_heads, rope_parameters=rope)  # fmt: skip
+    raise ValueError(f"--arch {arch}: choose gpt2 or llama")
 
 
 def passes(acc: dict) -> bool:
@@ -269,15 +313,23 @@ def _write(out: Path, model, config, words, tokenizer, acc, run):
 
 
 def card(config, acc, run) -> str:
-    n_params_note = "float32 safetensors"
     rows = "\n".join(
         f"| {k} | {v['accuracy'] * 100:.1f}% | {v['logit_diff']:.2f} | {THRESHOLDS[k] * 100:.0f}% |"
         for k, v in acc.items()
     )
+    name = Path(run["out"]).name
+    llama = config["model_type"] == "llama"
+    d_model = config["hidden_size"] if llama else config["n_embd"]
+    n_heads = config["num_attention_heads"] if llama else config["n_head"]
     cmd = (
-        f"python -m ingest.train_toy --out actstore/builtin/toy --steps {run['steps']} "
-        f"--seed {run['seed']} --lr {run['lr']:g} --lm-weight {run['lm_weight']:g} "
-        f"--d-model {config['n_embd']}" + (" --until-pass" if run["until_pass"] else "")
+        f"python -m ingest.train_toy --out {run['out']} --arch {config['model_type']} "
+        f"--steps {run['steps']} --seed {run['seed']} --lr {run['lr']:g} "
+        f"--warmup {run['warmup']} --lm-weight {run['lm_weight']:g} --d-model {d_model} "
+        f"--n-heads {n_heads}"
+        + (f" --n-kv-heads {config['num_key_value_heads']}" if llama else "")
+        + (f" --rope-theta {config['rope_parameters']['rope_theta']:g}" if llama else "")
+        + (" --attention-bias" if config.get("attention_bias") else "")
+        + (" --until-pass" if run["until_pass"] else "")
     )
     stop = (
         f"stopped at step {run['stopped']} of {run['steps']}, at the first evaluation (every "
@@ -286,19 +338,31 @@ def card(config, acc, run) -> str:
         else f"{run['steps']} steps"
     )
     weights = ", ".join(f"{k} x{TASK_WEIGHTS.get(k, 1)}" for k in THRESHOLDS)
-    return f"""# Model card: `toy`
+    if llama:
+        kv, base = config["num_key_value_heads"], config["rope_parameters"]["rope_theta"]
+        bias = "q/k/v/o biases, no MLP biases" if config["attention_bias"] else "no biases"
+        kind = "a small Llama"
+        architecture = f"""Llama (Hugging Face `LlamaForCausalLM`, loaded through TransformerLens'
+`TransformerBridge`): {config["num_hidden_layers"]} layers, d_model {d_model}, {n_heads} query
+heads sharing {kv} key/value heads (grouped-query attention, d_head {d_model // n_heads}),
+RMSNorm before each sublayer and at the end, rotary positions (base {base:g}, no learned
+positions), SwiGLU MLP (d_mlp {config["intermediate_size"]}), {bias},
+{config["max_position_embeddings"]} positions"""
+    else:
+        kind = "a small GPT-2"
+        architecture = f"""GPT-2 (Hugging Face `GPT2LMHeadModel`, loaded through TransformerLens'
+`TransformerBridge`): {config["n_layer"]} layers, d_model {d_model}, {n_heads} heads (d_head
+{d_model // n_heads}), d_mlp {config["n_inner"]}, {config["n_positions"]} positions"""
+    return f"""# Model card: `{name}`
 
-actstore's built-in default model: a small GPT-2 trained by `ingest/train_toy.py` on the clean
+An actstore built-in model: {kind} trained by `ingest/train_toy.py` on the clean
 prompts of actstore's five tasks in their toy (word-level) phrasing, so that it really solves them
 and has real circuits to find. Not a language model: it knows only the task vocabulary.
 
 ## Architecture
-GPT-2 (Hugging Face `GPT2LMHeadModel`, loaded through TransformerLens' `TransformerBridge`):
-{config["n_layer"]} layers, d_model {config["n_embd"]}, {config["n_head"]} heads (d_head
-{config["n_embd"] // config["n_head"]}), d_mlp {config["n_inner"]}, {config["n_positions"]}
-positions, vocabulary {config["vocab_size"]} words (word-level tokenizer with a Whitespace
+{architecture}, vocabulary {config["vocab_size"]} words (word-level tokenizer with a Whitespace
 pre-tokenizer, so punctuation is its own token; `<|bos|>`, `<|pad|>`, `<|unk|>` first), tied
-embeddings, {n_params_note}.
+embeddings, float32 safetensors.
 
 ## Training data (toy phrasing per task)
 Every prompt starts with `<|bos|>`. Loss: cross-entropy on the answer token after the prompt,
@@ -327,9 +391,10 @@ templates that did not carry that country in training.
 
 ## Training
 {stop}; batch size {run["batch_size"]} (weighted as above), AdamW (lr {run["lr"]:g}, linear
-warmup, cosine decay over {run["steps"]} steps to 10%), answer loss + {run["lm_weight"]:g} x
-next-token loss, seed {run["seed"]}, one torch thread; {run["wall"] / 60:.1f} minutes wall on a
-CPU shared with other jobs. Command (from the repository root):
+warmup over {run["warmup"]} steps, cosine decay over {run["steps"]} steps to 10%), answer
+loss + {run["lm_weight"]:g} x next-token loss, seed {run["seed"]}, one torch thread;
+{run["wall"] / 60:.1f} minutes wall on a CPU shared with other jobs. Command (from the
+repository root):
 
     {cmd}
 
@@ -352,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--n-kv-heads", type=int, default=2, help="llama: key/value heads")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="llama: rotary base")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    parser.add_argument("--attention-bias", action="store_true", help="llama: q/k/v/o biases")
     parser.add_argument("--lm-weight", type=float, default=0.5)
     parser.add_argument("--checkpoint", action="store_true", help="write the model at each eval")
     parser.add_argument(
@@ -374,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         lm_weight=args.lm_weight,
         checkpoint=args.checkpoint,
         d_model=args.d_model,
+        arch=args.arch,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        rope_theta=args.rope_theta,
+        warmup_steps=args.warmup,
+        attention_bias=args.attention_bias,
     )
     failing = [k for k, v in acc.items() if v["accuracy"] < THRESHOLDS[k]]
     if failing:

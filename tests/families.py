@@ -1,6 +1,7 @@
 """Tiny random models of every supported family as Hugging Face directories, built offline.
 
-Each family is configured so that what sets it apart matters at these sizes: GPT-NeoX rotates a
+Each family is configured so that what sets it apart matters at these sizes: GPT-2 has learned
+positions, LayerNorm and a bias on every projection; GPT-NeoX rotates a
 quarter of each head and runs attention and MLP in parallel; GPT-J pairs adjacent dimensions and
 has an unembedding bias; Llama has 4 query / 2 key-value heads and Llama 3 rope scaling over a
 short original context; Qwen2 has q/k/v biases and one key-value head; Mistral a sliding window
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("gpt_neox", "gptj", "llama", "qwen2", "mistral", "gemma2")
+FAMILIES = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2", "mistral", "gemma2")
 D_MODEL, N_HEADS, N_LAYERS, D_MLP = 32, 4, 3, 48
 
 
@@ -36,6 +37,9 @@ def config(family: str, vocab: int, kv_heads: int | None = None):
     llama_like = dict(common, hidden_size=D_MODEL, num_attention_heads=N_HEADS,
                       intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
                       max_position_embeddings=64)  # fmt: skip
+    if family == "gpt2":
+        return tf.GPT2Config(**common, n_embd=D_MODEL, n_head=N_HEADS, n_layer=N_LAYERS,
+                             n_inner=D_MLP, n_positions=64)  # fmt: skip
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(**llama_like, rotary_pct=0.25, use_parallel_residual=True)
     if family == "gptj":

@@ -137,3 +137,15 @@ def test_demo_refuses_foreign_directory(tmp_path):
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(Exception, match="not empty and holds no demo store"):
         demo_module.demo(tmp_path, tasks=["ioi", "ioi"])
+
+
+def test_demo_model_option_refuses_an_unknown_model_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "d"), "--model", "toy-nope"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown built-in model 'toy-nope'; built-in models: toy" in lines[0]
+    assert not (tmp_path / "d").exists()

@@ -77,6 +77,7 @@ def fam(request, tmp_path_factory) -> Family:
 # ---- the engine against Hugging Face ------------------------------------------------------
 
 FEATURES = {
+    "gpt2": [("norm", "rms"), ("qkv_bias", None)],
     "gpt_neox": [("rotary_dim", 8), ("parallel", False)],
     "gptj": [("rotary_pairing", "neox"), ("unembed", None)],
     "llama": [("rope_scaling", None), ("n_kv_heads", 4)],

@@ -1,4 +1,5 @@
-"""The built-in toy model really solves the tasks; the training script's first steps run."""
+"""The built-in toy models (GPT-2 `toy`, Llama `toy-llama`) really solve the tasks; the training
+script's first steps run for either architecture."""
 
 from __future__ import annotations
 
@@ -16,19 +17,27 @@ pytestmark = pytest.mark.slow
 N_HELD_OUT = 200
 
 
-@pytest.fixture(scope="module")
-def toy():
-    load_model("toy")  # warm the imports; the timing below is of loading alone
+BUILTINS = {"toy": "gpt2"}
+
+
+@pytest.fixture(scope="module", params=list(BUILTINS))
+def toy(request):
+    load_model(request.param)  # warm the imports; the timing below is of loading alone
     t0 = time.perf_counter()
-    model = load_model("toy")
+    model = load_model(request.param)
     return model, time.perf_counter() - t0
 
 
 def test_toy_loads_offline_fast(toy):
     model, seconds = toy
     assert model.source == "builtin"
-    assert seconds < 1.0, f"load_model('toy') took {seconds:.2f}s"
+    assert seconds < 1.0, f"load_model({model.spec!r}) took {seconds:.2f}s"
     assert model.shape.n_layers == 4 and model.shape.d_model <= 128
+    arch = model.architecture
+    assert arch.family == BUILTINS[model.spec]
+    if arch.family == "llama":  # RMSNorm, rotary, grouped-query attention, SwiGLU
+        assert arch.n_kv_heads < arch.n_heads
+        assert arch.norm == "rms" and arch.positions == "rotary" and arch.gated_mlp
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +77,17 @@ def test_engine_matches_training_forward(toy):
     torch.testing.assert_close(reference, logits, atol=1e-4, rtol=1e-4)
 
 
-def test_training_first_steps_write_a_loadable_model(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_training_first_steps_write_a_loadable_model(tmp_path, arch):
     torch.manual_seed(0)
-    acc = train(tmp_path, steps=3, per_task=200, eval_every=0, eval_n=10, log=lambda m: None)
+    acc = train(tmp_path, steps=3, per_task=200, eval_every=0, eval_n=10, arch=arch,
+                log=lambda m: None)  # fmt: skip
     assert set(acc) == set(THRESHOLDS)
     for f in ("config.json", "vocab.json", "model.safetensors", "CARD.md"):
         assert (tmp_path / f).exists(), f
-    from actstore.models import _gpt2_from_dir
+    from actstore.models import _builtin_from_dir
 
-    hf, tokenizer = _gpt2_from_dir(tmp_path, random_seed=None)
+    hf, tokenizer = _builtin_from_dir(tmp_path, random_seed=None)
     assert len(tokenizer.get_vocab()) == hf.config.vocab_size
+    assert hf.config.model_type == arch
+    assert f"--arch {arch}" in (tmp_path / "CARD.md").read_text()
