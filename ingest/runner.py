@@ -208,6 +208,8 @@ def _run(
     phash = params_hash(params)
     n, seq = prep.clean.shape
     shapes = array_shapes(model, params, n, seq)
+    # the arrays' root group exists before any run row names it (a kill in between leaves none)
+    zroot = zarrays.open_root(store.arrays_root, mode="a")
     with store.transaction() as tx:
         complete = tx.latest_run(phash, ["complete"])
         resumable = tx.latest_run(phash, ["ingesting", "failed"])
@@ -241,7 +243,7 @@ def _run(
                desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
     try:
         group = zarrays.run_group(run_id)
-        arrays = create_arrays(zarrays.open_root(store.arrays_root, mode="a"), group, shapes, batch)
+        arrays = create_arrays(zroot, group, shapes, batch)
         if pool is None:
             batches = _local_batches(store, arrays, model, prep, params, todo)
         else:
