@@ -630,6 +630,8 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 @click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
+@click.option("--workers", type=int, help="Run the prompt batches on a local Dask cluster.")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the prompt batches on this scheduler.")
 @FORMAT
 def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
@@ -643,6 +645,7 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     Example:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
+      actstore patch /tmp/s --run 1 --component head-pos --workers 2
     """
     write_rows(_open(store).patch(run, **kwargs), fmt)
 

@@ -86,7 +86,7 @@ def _queries(store: Path) -> dict:
 
 
 def _row(label: str, columns: list[str]) -> str:
-    return f"{label:<38}" + "".join(f"{c:>16}" for c in columns)
+    return f"{label:<38}" + "".join(f"{c:>22}" for c in columns)
 
 
 def scaling(tmp: Path, args: argparse.Namespace) -> None:
@@ -109,6 +109,28 @@ def scaling(tmp: Path, args: argparse.Namespace) -> None:
           f"{two['steady_rate'] / one['steady_rate']:.2f}x in the steady state")  # fmt: skip
 
 
+def _sweep(store: Path, extra: list[str]) -> float:
+    """One `actstore patch` process computing a head-by-position sweep afresh, timed."""
+    command = [sys.executable, "-m", "actstore.cli", "patch", str(store), "--run", "1",
+               "--component", "head-pos", "--recompute", "--batch-size", "16", *extra]  # fmt: skip
+    began = time.time()
+    subprocess.run(command, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    return time.time() - began
+
+
+def sweeps(tmp: Path, args: argparse.Namespace) -> None:
+    store = tmp / "sweep-store"
+    if not store.exists():
+        _ingest(store, args, [])
+    runs = {"one process": [], "--workers 1": ["--workers", "1"], "--workers 2": ["--workers", "2"]}
+    walls = {name: _sweep(store, extra) for name, extra in runs.items()}
+    print(f"\nhead-by-position patching sweep over {args.n} prompts (batches of 16), each a fresh "
+          "`actstore patch` process")  # fmt: skip
+    print(_row("", list(runs)))
+    print(_row("wall s (end to end)", [f"{w:.1f}" for w in walls.values()]))
+    print(f"--workers 2 / --workers 1: {walls['--workers 1'] / walls['--workers 2']:.2f}x")
+
+
 def object_store(tmp: Path, args: argparse.Namespace) -> None:
     import boto3
     from moto.server import ThreadedMotoServer
@@ -127,7 +149,7 @@ def object_store(tmp: Path, args: argparse.Namespace) -> None:
                                  _queries(remote)),
     }  # fmt: skip
     print(f"\narrays on local disk vs in object storage ({args.n} prompts, one process)")
-    print(_row("", list(sides)) + f"{'S3 / local':>16}")
+    print(_row("", [*sides, "S3 / local"]))
     rows = [
         ("ingest wall s", lambda i, q: i["wall"]),
         ("ingest prompts/s steady state", lambda i, q: i["steady_rate"]),
@@ -146,7 +168,7 @@ def object_store(tmp: Path, args: argparse.Namespace) -> None:
 
 
 def reduction_memory(tmp: Path) -> None:
-    store = next(p for p in (tmp / "one-process", tmp / "local") if p.exists())
+    store = next(p for p in (tmp / "one-process", tmp / "sweep-store", tmp / "local") if p.exists())
     out = subprocess.run(
         [sys.executable, "-c", PEAK, str(store), "blocks.0.hook_resid_pre"],
         env={**ENV, "MALLOC_ARENA_MAX": "2"}, capture_output=True, text=True, check=True,
@@ -165,7 +187,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--hooks", default="default")
-    parser.add_argument("--skip", choices=["workers", "s3"], action="append", default=[])
+    parser.add_argument("--skip", choices=["workers", "sweeps", "s3"], action="append", default=[])
     args = parser.parse_args()
     load = os.getloadavg()[0]
     print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs"
@@ -174,6 +196,8 @@ def main() -> None:
         tmp = Path(name)
         if "workers" not in args.skip:
             scaling(tmp, args)
+        if "sweeps" not in args.skip:
+            sweeps(tmp, args)
         if "s3" not in args.skip:
             object_store(tmp, args)
         reduction_memory(tmp)

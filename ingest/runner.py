@@ -211,6 +211,8 @@ def _run(
     phash = params_hash(params)
     n, seq = prep.clean.shape
     shapes = array_shapes(model, params, n, seq)
+    # the arrays' root group exists before any run row names it (a kill in between leaves none)
+    zroot = zarrays.open_root(store.arrays_root, mode="a")
     with store.transaction() as tx:
         complete = tx.latest_run(phash, ["complete"])
         resumable = tx.latest_run(phash, ["ingesting", "failed"])
@@ -253,7 +255,7 @@ def _run(
     writer: BatchWriter | None = None
     try:
         group = zarrays.run_group(run_id)
-        arrays = create_arrays(zarrays.open_root(store.arrays_root, mode="a"), group, shapes, batch)
+        arrays = create_arrays(zroot, group, shapes, batch)
         if pool is None:  # write and record each batch on a thread while the next computes
             writer = BatchWriter(lambda job: record([_write_batch(store, arrays, prep, job)]))
             for b in todo:

@@ -37,6 +37,7 @@ from actstore.errors import UsageError
 from actstore.store import Store
 from queries.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
 from queries.core.recorded import recorded
+from queries.core.sweep import check_cluster, cluster, map_in_order
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
@@ -116,14 +117,18 @@ def patch(
     device: str | None = None,
     model: ModelAdapter | None = None,
     progress: bool | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> pl.DataFrame:
     """Patching effects of a run, from the catalog when asked before, else computed and recorded.
 
     Returns effects' columns (query_id, layer, head, pos, metric, value, normalized) and the
-    direction-independent importance that rankings use.
+    direction-independent importance that rankings use. With `workers` or `scheduler` the
+    prompt batches run as Dask tasks (queries/core/sweep.py); the result is recorded the same.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    check_cluster(workers, scheduler)
     spec = check_spec(store, run, component, metric, direction, window, positions)
 
     def compute() -> dict[str, pl.DataFrame]:
@@ -131,7 +136,8 @@ def patch(
 
         adapter = model_for_run(store.run(run), device, model)
         frame, _ = compute_effects(store, run, spec, adapter, batch_size=batch_size,
-                                   progress=progress)  # fmt: skip
+                                   progress=progress, workers=workers, scheduler=scheduler,
+                                   device=device)  # fmt: skip
         return {"effects": frame}
 
     return recorded(store, KIND, run, spec.params(), compute,
@@ -162,6 +168,65 @@ def _kinds(component: str, engine: str, parallel: bool) -> tuple[set[str], set[s
     return ({"resid_pre"} if engine == "full-forward" else base[component]), src[component]
 
 
+class _Setup:
+    """What every prompt batch of a patching query shares: reader, engine, patch groups."""
+
+    def __init__(self, store: Store, run: int, spec: PatchSpec, model: ModelAdapter, engine: str):
+        from queries.core.engine import Engine
+        from queries.core.reader import Reader
+        from queries.patching.batch import hooks_read
+
+        self.spec, self.model, self.mode = spec, model, engine
+        self.engine = e = Engine.from_adapter(model)
+        self.reader = Reader(store, run, model.device, e)
+        seq = int(self.reader.run["seq_len"])
+        self.groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
+        self.kinds = _kinds(self.groups[0].component, engine, e.arch.parallel)
+        self.reader.require(hooks_read(self.kinds[0] | self.kinds[1], e.n_layers), "patching")
+
+    def span_sums(self, span: Any) -> tuple[list[np.ndarray], float, float]:
+        """Per group, the metric summed over the span's prompts for every variant; and the
+        clean and corrupted endpoints summed over the span."""
+        import torch
+
+        from queries.core import metrics
+        from queries.patching.batch import read_batch
+        from queries.patching.recompute import PrefixKV, final_resid
+        from queries.patching.reference import final_logits
+
+        e, spec, full = self.engine, self.spec, self.mode == "full-forward"
+        with torch.inference_mode():
+            batch = read_batch(self.reader, spec.direction, *self.kinds, e.n_layers, span, full)
+            t = batch.targets
+            clean, corrupted = metrics.endpoints(spec.metric, t, batch.corrupted_logits)
+            prefix = PrefixKV(e, batch)
+            out = []
+            for g in self.groups:
+                if full:
+                    values = torch.stack([
+                        metrics.from_logits(spec.metric, final_logits(self.model, batch, g, v), t)
+                        for v in g.variants
+                    ])  # fmt: skip
+                else:
+                    values = metrics.from_resid(e, spec.metric, final_resid(e, batch, g, prefix), t)
+                out.append(values.sum(-1).double().cpu().numpy())
+        return out, clean, corrupted
+
+
+def _span_task(
+    span: Any, location: str, run: int, spec: PatchSpec, engine: str, device: str | None
+) -> tuple[list[np.ndarray], float, float]:
+    """One prompt batch's partial sums, on a Dask worker (model loaded once per process)."""
+    import torch
+
+    from queries.core.model import model_for_run
+
+    torch.set_num_threads(1)
+    store = Store(location)
+    model = model_for_run(store.run(run), device)
+    return _Setup(store, run, spec, model, engine).span_sums(span)
+
+
 def compute_effects(
     store: Store,
     run: int,
@@ -170,54 +235,41 @@ def compute_effects(
     engine: str = "downstream",
     batch_size: int = 8,
     progress: bool | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    device: str | None = None,
 ) -> tuple[pl.DataFrame, float]:
     """Effects rows (layer, head, pos, metric, value, normalized) and the FLOPs it took.
 
     `engine`: downstream (cached keys/values before the patched position), downstream-no-kv
     (recompute every position downstream) or full-forward (queries.patching.reference); all three
-    give the same numbers, the first the fastest.
+    give the same numbers, the first the fastest. With `workers` or `scheduler` each prompt
+    batch is a Dask task and the partial sums are added in batch order (queries/core/sweep.py).
     """
-    import torch
     from tqdm import tqdm
 
-    from queries.core import metrics
-    from queries.core.engine import Engine
-    from queries.core.reader import Reader
-    from queries.patching.batch import hooks_read, read_batch
-    from queries.patching.recompute import PrefixKV, final_resid
-    from queries.patching.reference import final_logits
-
     check("engine", engine, ENGINES)
-    e = Engine.from_adapter(model)
-    reader = Reader(store, run, model.device, e)
-    n, seq = reader.n, int(reader.run["seq_len"])
-    groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
-    base_kinds, src_kinds = _kinds(groups[0].component, engine, e.arch.parallel)
-    reader.require(hooks_read(base_kinds | src_kinds, e.n_layers), "patching")
+    setup = _Setup(store, run, spec, model, engine)
+    reader, e, groups = setup.reader, setup.engine, setup.groups
+    n = reader.n
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
+    spans = list(reader.spans(batch_size))
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=((n + batch_size - 1) // batch_size) * len(groups), disable=not show,
-               file=sys.stderr, desc=f"patch run {run}", unit="group")  # fmt: skip
-    with torch.inference_mode():
-        for span in reader.spans(batch_size):
-            batch = read_batch(reader, spec.direction, base_kinds, src_kinds, e.n_layers, span,
-                               engine == "full-forward")  # fmt: skip
-            t = batch.targets
-            clean, corrupted = metrics.endpoints(spec.metric, t, batch.corrupted_logits)
+    bar = tqdm(total=len(spans), disable=not show, file=sys.stderr, desc=f"patch run {run}",
+               unit="batch")  # fmt: skip
+    with cluster(workers, scheduler) as client:
+        if client is None:
+            parts = (setup.span_sums(span) for span in spans)
+        else:
+            parts = iter(map_in_order(client, _span_task, spans, store.location, run, spec,
+                                      engine, device))  # fmt: skip
+        for span_sums, clean, corrupted in parts:  # in batch order: a fixed order of sums
             baseline["clean"] += clean
             baseline["corrupted"] += corrupted
-            prefix = PrefixKV(e, batch)
-            for gi, g in enumerate(groups):
-                if engine == "full-forward":
-                    values = torch.stack([
-                        metrics.from_logits(spec.metric, final_logits(model, batch, g, v), t)
-                        for v in g.variants
-                    ])  # fmt: skip
-                else:
-                    values = metrics.from_resid(e, spec.metric, final_resid(e, batch, g, prefix), t)
-                sums[gi] += values.sum(-1).double().cpu().numpy()
-                bar.update(1)
+            for gi, values in enumerate(span_sums):
+                sums[gi] += values
+            bar.update(1)
     bar.close()
     m_clean, m_corrupted = baseline["clean"] / n, baseline["corrupted"] / n
     denom = m_clean - m_corrupted
