@@ -112,7 +112,11 @@ def main() -> None:
 @click.option(
     "--corruption", type=click.Choice(["str", "gaussian"]), default="str", show_default=True
 )
-@click.option("--hooks", help="Comma-separated: default, resid_final, resid_pre, z, mlp_post, …")
+@click.option(
+    "--hooks",
+    help="Comma-separated: default, lean (store only what cannot be derived), resid_final, "
+    "resid_pre, resid_pre/K, z, mlp_post, logits, …",
+)
 @click.option("--dataset", type=click.Path(), help="EAP-IG .csv or AutoCircuit .json file.")
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True

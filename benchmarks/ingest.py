@@ -97,7 +97,7 @@ def run(model: ModelAdapter, path: Path, hooks: str, n: int, batch: int, dtype: 
     if prof is not None:
         prof.disable()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(70)
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
         print(out.getvalue())
     return seconds
 
