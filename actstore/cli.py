@@ -520,7 +520,7 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
 @click.option("--n", type=int, default=32, show_default=True, help="Prompt pairs per task.")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Heads per task compared.")
 @click.option(
-    "--model", help="Model to run on: toy (default), toy-llama, a directory or a hub name."
+    "--model", help="Model to run on: toy (default), another built-in, a directory or a hub name."
 )
 def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | None) -> None:
     """Run the whole pipeline on the built-in toy model and print what it found.
