@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from same_store import assert_same_store, single_process_store
 
+# Dask worker processes: the whole suite runs these, `make check` does not.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"task": "ioi", "n": 16, "batch_size": 4, "progress": False}
 LONG = {"task": "ioi", "n": 40, "batch_size": 2, "hooks": "resid_pre", "progress": False}

@@ -17,6 +17,9 @@ import actstore
 from actstore.errors import DamagedError
 from actstore.location import RECORD
 
+# An S3 server and Dask workers: the whole suite runs these, `make check` does not.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"task": "ioi", "n": 12, "batch_size": 4, "progress": False}
 

@@ -12,6 +12,9 @@ import pytest
 import actstore
 from actstore.errors import UsageError
 
+# Dask worker processes: the whole suite runs these, `make check` does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def copies(ioi_store, tmp_path_factory):
