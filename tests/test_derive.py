@@ -118,6 +118,34 @@ def test_what_cannot_be_derived_is_named():
         d.get("blocks.0.mlp.hook_post")
 
 
+def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
+    """No --hooks means `default`, which is `lean`: of what the queries read it stores only
+    every 2nd residual (so a derived one costs one MLP) and determines the rest; `full` stores
+    them all, logits included; a set without the final residual stores the logits (it cannot
+    derive them)."""
+    from actstore.hooks import layer_hooks
+    from ingest.hooks import resolve_hooks
+
+    n = toy_random.shape.n_layers
+    default = resolve_hooks(toy_random, None)
+    assert default == resolve_hooks(toy_random, "default") == resolve_hooks(toy_random, "lean")
+    full = resolve_hooks(toy_random, "full")
+    read_by_queries = {
+        h
+        for i in range(n)
+        for h in (names.resid_pre(i), names.resid_mid(i), names.attn_out(i), names.mlp_out(i))
+    }
+    assert names.LOGITS in full and {names.resid_mid(1), names.mlp_out(1)} <= set(full)
+    stored_residuals = {names.resid_pre(i) for i in range(2, n, 2)}
+    assert set(default) & (read_by_queries | {names.LOGITS}) == stored_residuals
+    derived = names.derivable([*default, names.TOKENS], n, parallel=False)
+    assert read_by_queries | {names.LOGITS} <= set(default) | set(derived)
+    assert set(full) - set(default) <= set(derived)
+    widened = resolve_hooks(toy_random, "default,mlp_post")
+    assert set(widened) == set(default) | set(layer_hooks("mlp_post", n))
+    assert resolve_hooks(toy_random, "z") == [*(names.z(i) for i in range(n)), names.LOGITS]
+
+
 # ---- a lean run against a full one --------------------------------------------------------
 
 

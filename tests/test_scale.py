@@ -166,7 +166,7 @@ def _assert_matches(rows, expected):
 
 def test_reductions_match_numpy(ioi_store):
     store = actstore.open(ioi_store)
-    hook = "blocks.1.hook_resid_pre"
+    hook = "blocks.2.hook_resid_pre"  # stored (derived hooks: tests/test_derive.py)
     mean = store.reduce(1, hook, "mean")
     assert mean["n"].max() == 20 and mean["n"].min() >= 1
     _assert_matches(mean, _numpy_reduction(store, 1, hook))
@@ -188,7 +188,7 @@ def test_distributed_scheduler_matches_threads(ioi_store):
     from distributed import LocalCluster
 
     store = actstore.open(ioi_store)
-    hook = "blocks.0.hook_resid_pre"
+    hook = "blocks.0.hook_resid_pre"  # derived (the embedding): the workers derive it
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster:  # fmt: skip
         rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",
