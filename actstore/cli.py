@@ -380,7 +380,9 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
 
-    Rows: query_id, hook, grp, pos, idx (flat feature, or head), value, n (prompts).
+    A hook the run derives on read (resid_mid, mlp_out, … under the default hooks) is derived
+    chunk by chunk with the run's model. Rows: query_id, hook, grp, pos, idx (flat feature, or
+    head), value, n (prompts).
     Recorded in the reductions table; asking again reads them back.
 
     \b
