@@ -116,9 +116,10 @@ def main() -> None:
     "--hooks",
     default="default",
     show_default=True,
-    help="Comma-separated: default (= lean: only what cannot be derived; the queries derive the "
-    "rest on read), full (every layer's resid_pre, resid_mid, z and mlp_out, and the logits, "
-    "all stored), resid_final, resid_pre, resid_pre/K, z, mlp_post, logits, …",
+    help="Comma-separated: default (= lean: z of every layer, every 2nd residual and the final "
+    "one; the queries derive the rest on read), full (every layer's resid_pre, resid_mid, z "
+    "and mlp_out, and the logits, all stored), resid_final, resid_pre, resid_pre/K, z, "
+    "mlp_post, logits, …",
 )
 @click.option("--dataset", type=click.Path(), help="EAP-IG .csv or AutoCircuit .json file.")
 @click.option(
