@@ -168,8 +168,8 @@ def train(
 ) -> dict:
     """Train, write the model files into `out`, return the final held-out accuracies."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from actstore.models import toy_model
     from ingest.tasks import toy_vocabulary
     from ingest.tasks.base import TokenizerView
 
@@ -184,8 +184,7 @@ def train(
     )
     if attention_bias:  # q/k biases let a rotary head attend by relative position alone
         config["attention_bias"] = True
-    hf_config = AutoConfig.for_model(**config)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    model = toy_model(config)
     pool = _training_pool(view, seed, per_task)
     names = sorted(pool)
     log(f"pool: {', '.join(f'{k}={len(v[0])}' for k, v in pool.items())} ({time.time() - t0:.1f}s)")
@@ -317,17 +316,20 @@ def card(config, acc, run) -> str:
         f"| {k} | {v['accuracy'] * 100:.1f}% | {v['logit_diff']:.2f} | {THRESHOLDS[k] * 100:.0f}% |"
         for k, v in acc.items()
     )
+    from actstore.architecture import from_hf_config
+    from actstore.models import toy_config
+
     name = Path(run["out"]).name
     llama = config["model_type"] == "llama"
-    d_model = config["hidden_size"] if llama else config["n_embd"]
-    n_heads = config["num_attention_heads"] if llama else config["n_head"]
+    a = from_hf_config(toy_config(config).to_dict())
+    d_model, n_heads, kv, base = a.d_model, a.n_heads, a.n_kv_heads, a.rotary_base
     cmd = (
         f"python -m ingest.train_toy --out {run['out']} --arch {config['model_type']} "
         f"--steps {run['steps']} --seed {run['seed']} --lr {run['lr']:g} "
         f"--warmup {run['warmup']} --lm-weight {run['lm_weight']:g} --d-model {d_model} "
         f"--n-heads {n_heads}"
-        + (f" --n-kv-heads {config['num_key_value_heads']}" if llama else "")
-        + (f" --rope-theta {config['rope_parameters']['rope_theta']:g}" if llama else "")
+        + (f" --n-kv-heads {kv}" if llama else "")
+        + (f" --rope-theta {base:g}" if llama else "")
         + (" --attention-bias" if config.get("attention_bias") else "")
         + (" --until-pass" if run["until_pass"] else "")
     )
@@ -339,20 +341,19 @@ def card(config, acc, run) -> str:
     )
     weights = ", ".join(f"{k} x{TASK_WEIGHTS.get(k, 1)}" for k in THRESHOLDS)
     if llama:
-        kv, base = config["num_key_value_heads"], config["rope_parameters"]["rope_theta"]
         bias = "q/k/v/o biases, no MLP biases" if config["attention_bias"] else "no biases"
         kind = "a small Llama"
         architecture = f"""Llama (Hugging Face `LlamaForCausalLM`, loaded through TransformerLens'
-`TransformerBridge`): {config["num_hidden_layers"]} layers, d_model {d_model}, {n_heads} query
-heads sharing {kv} key/value heads (grouped-query attention, d_head {d_model // n_heads}),
+`TransformerBridge`): {a.n_layers} layers, d_model {d_model}, {n_heads} query
+heads sharing {kv} key/value heads (grouped-query attention, d_head {a.d_head}),
 RMSNorm before each sublayer and at the end, rotary positions (base {base:g}, no learned
-positions), SwiGLU MLP (d_mlp {config["intermediate_size"]}), {bias},
-{config["max_position_embeddings"]} positions"""
+positions), SwiGLU MLP (d_mlp {a.d_mlp}), {bias},
+{a.n_ctx} positions"""
     else:
         kind = "a small GPT-2"
         architecture = f"""GPT-2 (Hugging Face `GPT2LMHeadModel`, loaded through TransformerLens'
-`TransformerBridge`): {config["n_layer"]} layers, d_model {d_model}, {n_heads} heads (d_head
-{d_model // n_heads}), d_mlp {config["n_inner"]}, {config["n_positions"]} positions"""
+`TransformerBridge`): {a.n_layers} layers, d_model {d_model}, {n_heads} heads (d_head
+{a.d_head}), d_mlp {a.d_mlp}, {a.n_ctx} positions"""
     return f"""# Model card: `{name}`
 
 An actstore built-in model: {kind} trained by `ingest/train_toy.py` on the clean
@@ -360,7 +361,7 @@ prompts of actstore's five tasks in their toy (word-level) phrasing, so that it 
 and has real circuits to find. Not a language model: it knows only the task vocabulary.
 
 ## Architecture
-{architecture}, vocabulary {config["vocab_size"]} words (word-level tokenizer with a Whitespace
+{architecture}, vocabulary {a.d_vocab} words (word-level tokenizer with a Whitespace
 pre-tokenizer, so punctuation is its own token; `<|bos|>`, `<|pad|>`, `<|unk|>` first), tied
 embeddings, float32 safetensors.
 
