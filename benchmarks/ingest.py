@@ -52,7 +52,7 @@ def gpt2_small_shape() -> ModelAdapter:
     spec = importlib.util.spec_from_file_location("patching_benchmark", HERE / "patching.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.gpt2_small_shape()
+    return module.shaped_model("gpt2-small")
 
 
 def forward_seconds(model: ModelAdapter, n: int, batch: int) -> float:
