@@ -93,11 +93,16 @@ class ActStore(Store):
         metric: str = "logit-diff",
         device: str | None = None,
         progress: bool | None = None,
+        workers: int | None = None,
+        scheduler: str | None = None,
     ) -> pl.DataFrame:
-        """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending."""
+        """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending; with
+        `workers` (a local Dask cluster) or `scheduler` (a running one's address) the prompt
+        batches run as Dask tasks."""
         from queries.attribution import attribute
 
-        return attribute(self, run, method, steps, level, metric, device, progress)
+        return attribute(self, run, method, steps, level, metric, device, progress, workers,
+                         scheduler)  # fmt: skip
 
     def circuit(
         self,
@@ -106,11 +111,14 @@ class ActStore(Store):
         faithfulness: float | None = None,
         prune: bool = True,
         device: str | None = None,
+        workers: int | None = None,
+        scheduler: str | None = None,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N or smallest reaching a faithfulness)."""
+        """A circuit from an edge score set (top-N or smallest reaching a faithfulness); with
+        `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
-        return circuit(self, scores, edges, faithfulness, prune, device)
+        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

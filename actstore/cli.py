@@ -39,6 +39,13 @@ def one_line(message: str) -> str:
 DEVICE = click.option("--device", help="cpu or cuda (default: cuda when available).")
 # One --run for every command that queries a run; the Python API names it `run` too.
 RUN = click.option("--run", type=int, required=True, help="Run id (see actstore info).")
+# The sums over prompts (patch, attribute, circuit) as Dask tasks: queries/core/sweep.py.
+WORKERS = click.option(
+    "--workers", type=int, help="Run the prompt batches on a local Dask cluster of N workers."
+)
+SCHEDULER = click.option(
+    "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
+)
 
 
 class Group(click.Group):
@@ -342,6 +349,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
 )  # fmt: skip
 @click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
 @DEVICE
+@WORKERS
+@SCHEDULER
 @FORMAT
 def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Score every edge (or node) of a run by attribution; rows sorted by |score|.
@@ -352,6 +361,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
     Example:
       actstore attribute /tmp/s --run 1 --method eap-ig --steps 5 --top 20
       actstore attribute /tmp/s --run 1 --method atp --format csv
+      actstore attribute /tmp/s --run 1 --method eap-ig --workers 2
       actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
                            order by abs(score) desc limit 100"
     """
@@ -599,6 +609,8 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
 @DEVICE
+@WORKERS
+@SCHEDULER
 @FORMAT
 def circuit(store: str, fmt: str, **kwargs) -> None:
     """Select a circuit from edge scores and measure its exact faithfulness.
@@ -610,7 +622,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     \b
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
-      actstore circuit /tmp/s --scores 1 --faithfulness 0.85
+      actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
     """
     write_rows(_open(store).circuit(**kwargs), fmt)
@@ -640,8 +652,8 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 @click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
-@click.option("--workers", type=int, help="Run the prompt batches on a local Dask cluster.")
-@click.option("--scheduler", metavar="ADDRESS", help="Run the prompt batches on this scheduler.")
+@WORKERS
+@SCHEDULER
 @FORMAT
 def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.

@@ -1,6 +1,7 @@
-"""Patching sweeps on dask.distributed: each prompt batch a task on real worker processes, the
-partial sums added in batch order; the effects equal a single process's within float32 rounding
-and do not depend on the number of workers."""
+"""Query sweeps on dask.distributed (patch, attribute, circuit faithfulness): each prompt batch a
+task on real worker processes, the partial sums added in batch order; the results equal a single
+process's within float32 rounding, are recorded as the same query, and do not depend on the
+number of workers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import actstore
+from actstore.cli import main
 from actstore.errors import UsageError
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
@@ -18,13 +20,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def copies(ioi_store, tmp_path_factory):
-    """Two writable copies of the session's IOI store (queries are recorded in them)."""
+    """Three writable copies of the session's IOI store (queries are recorded in them)."""
     root = tmp_path_factory.mktemp("sweeps")
-    return [shutil.copytree(ioi_store, root / name) for name in ("single", "dask")]
+    return [shutil.copytree(ioi_store, root / name) for name in ("single", "dask", "again")]
 
 
 def test_head_sweep_on_dask_equals_one_process(copies, toy_random, dask_cluster):
-    single, dask = (actstore.open(p) for p in copies)
+    single, dask = (actstore.open(p) for p in copies[:2])
     ours = dask.patch(1, "head-pos", positions=[0, 5], batch_size=4, scheduler=dask_cluster)
     theirs = single.patch(1, "head-pos", positions=[0, 5], batch_size=4, model=toy_random)
     assert ours.height == theirs.height == 4 * 4 * 2  # layers × heads × positions
@@ -44,3 +46,68 @@ def test_bad_worker_count():
         from queries.core.sweep import check_cluster
 
         check_cluster(0, None)
+
+
+def by_edge(scores):
+    return scores.sort("src", "dst", "qkv", nulls_last=False)
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_attribution_on_dask_equals_one_process(copies, dask_cluster, method):
+    single, dask, again = (actstore.open(p) for p in copies)
+    theirs = by_edge(single.attribute(1, method))
+    ours = by_edge(dask.attribute(1, method, scheduler=dask_cluster))
+    assert ours.height == theirs.height == 479  # every edge of the toy graph
+    assert ours.select("src", "dst", "qkv").equals(theirs.select("src", "dst", "qkv"))
+    largest = float(theirs["score"].abs().max())
+    assert largest > 0
+    np.testing.assert_allclose(ours["score"], theirs["score"], rtol=0, atol=1e-5 * largest)
+    # recorded like any query, whatever the cluster: asked again in one process, read back
+    assert by_edge(dask.attribute(1, method)).equals(ours)
+    # the same tasks on a cluster of the same size: the same sums, to the bit
+    repeat = by_edge(again.attribute(1, method, scheduler=dask_cluster))
+    assert repeat.drop("score_id").equals(ours.drop("score_id"))
+
+
+def test_faithfulness_on_local_cluster_equals_one_process(copies, tmp_path, dask_cluster):
+    single = actstore.open(copies[0])
+    sid = int(single.attribute(1, "eap-ig")["score_id"][0])
+    # the same score set in fresh copies: only the faithfulness runs differ
+    twins = [actstore.open(shutil.copytree(copies[0], tmp_path / n)) for n in ("two", "sched")]
+    theirs = single.circuit(sid, faithfulness=0.8).row(0, named=True)
+    ours = twins[0].circuit(sid, faithfulness=0.8, workers=2).row(0, named=True)
+    assert ours["top_n"] == theirs["top_n"] and ours["n_edges"] == theirs["n_edges"]
+    assert ours["faithfulness"] >= 0.8
+    assert ours["faithfulness"] == pytest.approx(theirs["faithfulness"], abs=1e-5)
+    for key in ("metric_value", "clean_metric", "corrupted_metric"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
+    from queries.attribution import stored_curve
+
+    curves = stored_curve(single, theirs["circuit_id"]), stored_curve(twins[0], ours["circuit_id"])
+    assert curves[0].height >= 4 and curves[0]["top_n"].equals(curves[1]["top_n"])
+    np.testing.assert_allclose(curves[1]["faithfulness"], curves[0]["faithfulness"], atol=1e-5)
+    # recorded like any query: asked again without workers, the same circuit
+    assert twins[0].circuit(sid, faithfulness=0.8)["circuit_id"][0] == ours["circuit_id"]
+    # two workers of another cluster: the same sums, to the bit
+    other = twins[1].circuit(sid, faithfulness=0.8, scheduler=dask_cluster).row(0, named=True)
+    assert other["metric_value"] == ours["metric_value"]
+
+
+def test_cli_sweeps_take_a_scheduler(copies, dask_cluster):
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    store = str(copies[2])
+    res = runner.invoke(main, ["attribute", store, "--run", "1", "--method", "eap", "--top", "2",
+                               "--format", "csv", "--scheduler", dask_cluster])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "score_id,run_id,method,src,dst,qkv,score" and len(lines) == 3
+    res = runner.invoke(main, ["circuit", store, "--scores", lines[1].split(",")[0], "--edges",
+                               "10", "--format", "csv", "--scheduler", dask_cluster])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0].startswith("circuit_id,score_id,top_n,n_edges,faithfulness")
+    for command in (["attribute", store, "--run", "1", "--method", "eap"],
+                    ["circuit", store, "--scores", "1", "--edges", "3"]):  # fmt: skip
+        bad = runner.invoke(main, [*command, "--workers", "0"])
+        assert bad.exit_code == 2 and "--workers 0: need at least 1 worker" in bad.output

@@ -27,6 +27,7 @@ from actstore.errors import UsageError
 from actstore.store import Store
 from queries.choices import LEVELS, METHODS, METRICS, check
 from queries.core.recorded import recorded
+from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5
 
@@ -61,9 +62,16 @@ def attribute(
     metric: str = "logit-diff",
     device: str | None = None,
     progress: bool | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> pl.DataFrame:
-    """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc."""
+    """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc.
+
+    With `workers` or `scheduler` the run's batches are Dask tasks (queries/core/sweep.py); the
+    query is recorded the same, whatever the cluster.
+    """
     params = resolve_params(method, steps, level, metric)
+    check_cluster(workers, scheduler)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.batches import check_run
@@ -74,7 +82,8 @@ def attribute(
         info = store.run(run)
         model = EdgeModel(model_for_run(info, device))
         check_run(store, info, model)
-        scores = compute_scores(model, store, info, params, progress)
+        with cluster(workers, scheduler) as client:
+            scores = compute_scores(model, store, info, params, progress, client, device)
         g = model.graph
         if params["level"] == "node":
             frame = g.node_frame((scores * g.real).sum(1))

@@ -9,15 +9,18 @@ MLP its stored `hook_mlp_out`. Batches follow the run's chunks, so memory is bou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from actstore.hooks import hook_name
+from actstore.models import ModelAdapter
 from actstore.store import Store
 from queries.attribution.model import EdgeModel
 from queries.core.metrics import AnswerSets, Targets
+from queries.core.model import model_for_run
 from queries.core.reader import Reader, Span
 
 
@@ -52,7 +55,7 @@ def required_hooks(n_layers: int) -> list[str]:
 
 def check_run(store: Store, run: dict, model: EdgeModel) -> None:
     """Refuse, before any work, a run that lacks a hook edge queries read."""
-    reader = Reader(store, run, model.adapter.device, model.engine)
+    reader = edge_reader(store, run, model)
     reader.require(required_hooks(model.shape.n_layers), "edge attribution")
 
 
@@ -64,21 +67,44 @@ def _node_outputs(reader: Reader, side: str, span: Span, model: EdgeModel) -> to
     return torch.cat(cols, dim=2)
 
 
+def edge_reader(store: Store, run: dict, model: EdgeModel) -> Reader:
+    """The run's reader on the model's device, deriving through the model's engine."""
+    return Reader(store, run, model.adapter.device, model.engine)
+
+
+def read_batch(reader: Reader, span: Span, model: EdgeModel) -> EdgeBatch:
+    """Prompts `span` of the run with everything an edge query reads."""
+    with torch.no_grad():
+        t = reader.targets(span)
+        return EdgeBatch(
+            lo=span.lo,
+            hi=span.hi,
+            last=reader.finals(span),
+            answer=t.answer,
+            wrong=t.wrong,
+            clean_logits=t.clean_logits,
+            corrupted_logits=reader.tensor("corrupted", "logits", span),
+            clean=_node_outputs(reader, "clean", span, model),
+            corrupted=_node_outputs(reader, "corrupted", span, model),
+            sets=t.sets,
+        )
+
+
+def open_run(location: str, run_id: int, device: str | None) -> tuple[EdgeModel, Reader]:
+    """On a Dask worker: the run's edge model (built once per process) and reader."""
+    store = Store(location)
+    run = store.run(run_id)
+    model = _edge_model(model_for_run(run, device))
+    return model, edge_reader(store, run, model)
+
+
+@functools.lru_cache(maxsize=1)
+def _edge_model(adapter: ModelAdapter) -> EdgeModel:
+    return EdgeModel(adapter)
+
+
 def iter_batches(store: Store, run: dict, model: EdgeModel) -> Iterator[EdgeBatch]:
     """The run's prompts in its ingest batches, with everything an edge query reads."""
-    reader = Reader(store, run, model.adapter.device, model.engine)
-    with torch.no_grad():
-        for span in reader.spans():
-            t = reader.targets(span)
-            yield EdgeBatch(
-                lo=span.lo,
-                hi=span.hi,
-                last=reader.finals(span),
-                answer=t.answer,
-                wrong=t.wrong,
-                clean_logits=t.clean_logits,
-                corrupted_logits=reader.tensor("corrupted", "logits", span),
-                clean=_node_outputs(reader, "clean", span, model),
-                corrupted=_node_outputs(reader, "corrupted", span, model),
-                sets=t.sets,
-            )
+    reader = edge_reader(store, run, model)
+    for span in reader.spans():
+        yield read_batch(reader, span, model)

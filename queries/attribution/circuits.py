@@ -30,6 +30,7 @@ from actstore.results import query_params
 from actstore.store import Store
 from queries.attribution.graph import Graph
 from queries.core.recorded import recorded
+from queries.core.sweep import check_cluster, cluster
 
 
 def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
@@ -87,8 +88,15 @@ def circuit(
     faithfulness: float | None = None,
     prune: bool = True,
     device: str | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> pl.DataFrame:
-    """Build and evaluate a circuit from score set `scores`; returns its `circuits` row."""
+    """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
+
+    With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
+    Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
+    """
+    check_cluster(workers, scheduler)
     if (edges is None) == (faithfulness is None):
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None and edges < 0:
@@ -103,20 +111,21 @@ def circuit(
         from queries.attribution.evaluate import Evaluator
 
         metric = query["params"]["metric"]
-        ev = Evaluator(store, store.run(run), metric, device)
-        curve: dict[int, tuple[np.ndarray, float]] = {}
+        with cluster(workers, scheduler) as client:
+            ev = Evaluator(store, store.run(run), metric, device, client)
+            curve: dict[int, tuple[np.ndarray, float]] = {}
 
-        def measure(ns: list[int]) -> None:
-            todo = [n for n in dict.fromkeys(ns) if n not in curve]
-            masks = [top_edges(graph, values, n, prune) for n in todo]
-            for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
-                curve[n] = (mask, value)
+            def measure(ns: list[int]) -> None:
+                todo = [n for n in dict.fromkeys(ns) if n not in curve]
+                masks = [top_edges(graph, values, n, prune) for n in todo]
+                for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
+                    curve[n] = (mask, value)
 
-        if edges is not None:
-            measure([edges])
-            chosen = edges
-        else:
-            chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
+            if edges is not None:
+                measure([edges])
+                chosen = edges
+            else:
+                chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
         return _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
 
     return recorded(store, "circuit", run, params, compute,

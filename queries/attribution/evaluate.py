@@ -1,50 +1,68 @@
 """Exact faithfulness of circuits: the metric of a run with edges outside a circuit corrupted.
 
 One `EdgeModel` forward per circuit and prompt batch; the corrupted source outputs and the
-endpoints m(model), m(corrupted) (from the stored final logits) are read from the store.
+endpoints m(model), m(corrupted) (from the stored final logits) are read from the store. With a
+Dask client each prompt batch is a task measuring every circuit asked for at once, and the
+batches' sums are added in batch order (queries/core/sweep.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
 from actstore.errors import ActstoreError
 from actstore.store import Store
-from queries.attribution.batches import check_run, iter_batches
+from queries.attribution.batches import check_run, edge_reader, open_run, read_batch
 from queries.attribution.model import EdgeModel
 from queries.core.metrics import endpoints, from_logits, normalized
 from queries.core.model import model_for_run
+from queries.core.reader import Reader, Span
+from queries.core.sweep import in_order
 
 
 class Evaluator:
     """Exact metric of circuits over a run: one forward per circuit and batch."""
 
-    def __init__(self, store: Store, run: dict, metric: str, device: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        run: dict,
+        metric: str,
+        device: str | None = None,
+        client: Any = None,
+    ):
         self.store, self.run, self.metric = store, run, metric
+        self.device, self.client = device, client
         self.model = EdgeModel(model_for_run(run, device))
         check_run(store, run, self.model)
+        self.reader = edge_reader(store, run, self.model)
+        self.spans = list(self.reader.spans())
         self.clean_metric, self.corrupted_metric = self._endpoints()
 
     def _endpoints(self) -> tuple[float, float]:
         clean = corrupted = 0.0
-        for batch in iter_batches(self.store, self.run, self.model):
-            c, k = endpoints(self.metric, batch.targets, batch.corrupted_logits)
-            clean, corrupted = clean + c, corrupted + k
+        with torch.no_grad():  # the stored (or derived) final logits only
+            for span in self.spans:
+                t = self.reader.targets(span)
+                c, k = endpoints(self.metric, t, self.reader.tensor("corrupted", "logits", span))
+                clean, corrupted = clean + c, corrupted + k
         n = int(self.run["n_prompts"])
         return clean / n, corrupted / n
 
     def metric_of(self, masks: list[np.ndarray]) -> list[float]:
         """m(C) for each circuit mask, mean over the run's prompts."""
-        g = self.model.graph
-        dev = self.model.adapter.device
-        dropped = [torch.as_tensor(g.real & ~m, dtype=torch.float32, device=dev) for m in masks]
+
+        def local(span: Span) -> list[float]:
+            return _span_metrics(self.model, self.reader, span, self.metric, masks)
+
         sums = [0.0] * len(masks)
-        with torch.no_grad():
-            for batch in iter_batches(self.store, self.run, self.model):
-                for i, d in enumerate(dropped):
-                    run = self.model.run(batch.clean[:, :, 0], batch.last, batch.corrupted, d)
-                    sums[i] += float(from_logits(self.metric, run.logits, batch.targets).sum())
+        parts = in_order(self.client, local, _span_task, self.spans, self.store.location,
+                         self.run["run_id"], self.metric, masks, self.device)  # fmt: skip
+        for part in parts:  # in batch order: a fixed order of sums
+            sums = [s + p for s, p in zip(sums, part, strict=True)]
         n = int(self.run["n_prompts"])
         return [s / n for s in sums]
 
@@ -56,3 +74,27 @@ class Evaluator:
                 "faithfulness is undefined; use a run whose corruption changes the metric"
             )
         return norm
+
+
+def _span_metrics(
+    model: EdgeModel, reader: Reader, span: Span, metric: str, masks: list[np.ndarray]
+) -> list[float]:
+    """The metric summed over the span's prompts, per circuit mask."""
+    g, dev = model.graph, model.adapter.device
+    batch = read_batch(reader, span, model)
+    sums = []
+    with torch.no_grad():
+        for mask in masks:
+            dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32, device=dev)
+            run = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted, dropped)
+            sums.append(float(from_logits(metric, run.logits, batch.targets).sum()))
+    return sums
+
+
+def _span_task(
+    span: Span, location: str, run_id: int, metric: str, masks: list[np.ndarray],
+    device: str | None,
+) -> list[float]:  # fmt: skip
+    """One batch's sums for every mask, on a Dask worker."""
+    model, reader = open_run(location, run_id, device)
+    return _span_metrics(model, reader, span, metric, masks)

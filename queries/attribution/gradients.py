@@ -7,32 +7,63 @@ Every score is Δ_s · ∂m/∂input_d summed over prompts and positions; the gr
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import torch
 
 from actstore.store import Store
-from queries.attribution.batches import EdgeBatch, iter_batches
+from queries.attribution.batches import EdgeBatch, edge_reader, open_run, read_batch
 from queries.attribution.model import EdgeModel
 from queries.core.metrics import from_logits
+from queries.core.reader import Reader, Span
+from queries.core.sweep import in_order
 
 
 def compute_scores(
-    model: EdgeModel, store: Store, run: dict, params: dict, progress: bool | None = None
+    model: EdgeModel,
+    store: Store,
+    run: dict,
+    params: dict,
+    progress: bool | None = None,
+    client: Any = None,
+    device: str | None = None,
 ) -> np.ndarray:
-    """(n_forward, n_backward) scores summed over the run's batches (zero off the edges)."""
+    """(n_forward, n_backward) scores summed over the run's batches (zero off the edges), in
+    batch order; with a Dask `client` each batch is a task (queries/core/sweep.py)."""
     from tqdm import tqdm
 
     n = int(run["n_prompts"])
     g = model.graph
-    total = torch.zeros(g.n_forward, g.n_backward, dtype=torch.float64)
+    total = np.zeros((g.n_forward, g.n_backward))
     show = sys.stderr.isatty() if progress is None else progress
-    batches = iter_batches(store, run, model)
-    n_batches = -(-n // int(run["batch_size"]))
-    for batch in tqdm(batches, total=n_batches, disable=not show, file=sys.stderr,
-                      desc=f"{params['method']} run {run['run_id']}", unit="batch"):  # fmt: skip
-        total += batch_scores(model, batch, params, n).double().cpu()
-    return total.numpy()
+    reader = edge_reader(store, run, model)
+    spans = list(reader.spans())
+
+    def local(span: Span) -> np.ndarray:
+        return _span_scores(model, reader, span, params, n)
+
+    parts = in_order(client, local, _span_task, spans, store.location, run["run_id"], params, n,
+                     device)  # fmt: skip
+    for part in tqdm(parts, total=len(spans), disable=not show, file=sys.stderr,
+                     desc=f"{params['method']} run {run['run_id']}", unit="batch"):  # fmt: skip
+        total += part
+    return total
+
+
+def _span_scores(
+    model: EdgeModel, reader: Reader, span: Span, params: dict, n_total: int
+) -> np.ndarray:
+    scores = batch_scores(model, read_batch(reader, span, model), params, n_total)
+    return scores.double().cpu().numpy()
+
+
+def _span_task(
+    span: Span, location: str, run_id: int, params: dict, n_total: int, device: str | None
+) -> np.ndarray:
+    """One batch's scores, on a Dask worker."""
+    model, reader = open_run(location, run_id, device)
+    return _span_scores(model, reader, span, params, n_total)
 
 
 def batch_scores(model: EdgeModel, batch: EdgeBatch, params: dict, n_total: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from actstore.store import Store
 from queries.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
 from queries.core.metrics import normalized
 from queries.core.recorded import recorded
-from queries.core.sweep import check_cluster, cluster, map_in_order
+from queries.core.sweep import check_cluster, cluster, in_order
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
@@ -218,11 +218,8 @@ def _span_task(
     span: Any, location: str, run: int, spec: PatchSpec, engine: str, device: str | None
 ) -> tuple[list[np.ndarray], float, float]:
     """One prompt batch's partial sums, on a Dask worker (model loaded once per process)."""
-    import torch
-
     from queries.core.model import model_for_run
 
-    torch.set_num_threads(1)
     store = Store(location)
     model = model_for_run(store.run(run), device)
     return _Setup(store, run, spec, model, engine).span_sums(span)
@@ -260,11 +257,8 @@ def compute_effects(
     bar = tqdm(total=len(spans), disable=not show, file=sys.stderr, desc=f"patch run {run}",
                unit="batch")  # fmt: skip
     with cluster(workers, scheduler) as client:
-        if client is None:
-            parts = (setup.span_sums(span) for span in spans)
-        else:
-            parts = iter(map_in_order(client, _span_task, spans, store.location, run, spec,
-                                      engine, device))  # fmt: skip
+        parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, spec,
+                         engine, device)  # fmt: skip
         for span_sums, clean, corrupted in parts:  # in batch order: a fixed order of sums
             baseline["clean"] += clean
             baseline["corrupted"] += corrupted
