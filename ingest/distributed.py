@@ -177,6 +177,19 @@ def _connect(
     return client, local, warming
 
 
+def start_forkserver(workers: int | None, scheduler: str | None) -> None:
+    """Start the process a LocalCluster's workers fork from, now: it imports the model stack
+    while this process imports its own and loads the model, instead of after this process has
+    imported Dask and started the scheduler (tens of seconds on a loaded machine)."""
+    if workers is None or scheduler is not None:
+        return
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()
+
+
 def _local_cluster(workers: int) -> Any:
     """A LocalCluster of single-threaded worker processes, forked from a server that has
     imported the model stack once (later restarts of a killed worker spawn afresh)."""

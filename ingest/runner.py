@@ -42,7 +42,14 @@ from ingest.batches import (
     write_chunks,
 )
 from ingest.corruptions import NOISE_SIGMAS, check_corruption, embedding_sigma
-from ingest.distributed import Manifest, Pool, check_scale_options, cluster, run_batches
+from ingest.distributed import (
+    Manifest,
+    Pool,
+    check_scale_options,
+    cluster,
+    run_batches,
+    start_forkserver,
+)
 from ingest.hooks import resolve_hooks
 from ingest.preflight import check_ingest
 from ingest.prompts import DEFAULT_N, Prepared, load_pairs, prepare, prompt_records
@@ -86,6 +93,7 @@ def ingest(
                  batch_size, device, seed, shard)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
+    start_forkserver(workers, scheduler)
     location, store_path = store_path, local_dir(store_path)
     part = parse_shard(shard) if shard is not None else None
     existing = (store_path / CATALOG).exists()
