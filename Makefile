@@ -29,14 +29,19 @@ browser:
 	    echo "note: no chromium and no root apt-get to install it; the browser test skips" >&2; \
 	  fi; }
 
+# Both test targets run one pytest-xdist worker per core of the 2-core machine they are sized
+# for (JOBS=0 runs them in one process); tests/conftest.py hands them out a test file at a time.
+JOBS ?= 2
+PARALLEL := -n $(JOBS) --dist loadfile --no-loadscope-reorder
+
 # The whole suite: what CI runs (.ci/run) and the README's test command.
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 # The inner loop: lint, import contracts and the tests not marked slow (pyproject.toml's
 # markers); under 2 minutes on an idle 2-core machine.
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 # Ruff and the import contracts of pyproject.toml (lint-imports).
 lint: $(STAMP)

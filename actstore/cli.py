@@ -121,8 +121,12 @@ def main() -> None:
 )
 @click.option(
     "--hooks",
-    help="Comma-separated: default, lean (store only what cannot be derived), resid_final, "
-    "resid_pre, resid_pre/K, z, mlp_post, logits, …",
+    default="default",
+    show_default=True,
+    help="Comma-separated: default (= lean: z of every layer, every 2nd residual and the final "
+    "one; the queries derive the rest on read), full (every layer's resid_pre, resid_mid, z "
+    "and mlp_out, and the logits, all stored), resid_final, resid_pre, resid_pre/K, z, "
+    "mlp_post, logits, …",
 )
 @click.option("--dataset", type=click.Path(), help="EAP-IG .csv or AutoCircuit .json file.")
 @click.option(
@@ -387,7 +391,9 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
 
-    Rows: query_id, hook, grp, pos, idx (flat feature, or head), value, n (prompts).
+    A hook the run derives on read (resid_mid, mlp_out, … under the default hooks) is derived
+    chunk by chunk with the run's model. Rows: query_id, hook, grp, pos, idx (flat feature, or
+    head), value, n (prompts).
     Recorded in the reductions table; asking again reads them back.
 
     \b

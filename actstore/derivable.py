@@ -11,6 +11,7 @@ hooks a run derives and the store names them in its messages.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 from actstore.hooks import hook_name
 
@@ -19,28 +20,11 @@ TOKENS = "tokens"
 INPUT_EMBEDS = "input_embeds"
 
 
-def resid_pre(layer: int) -> str:
-    return hook_name("resid_pre", layer)
-
-
-def resid_mid(layer: int) -> str:
-    return hook_name("resid_mid", layer)
-
-
-def resid_post(layer: int) -> str:
-    return hook_name("resid_post", layer)
-
-
-def attn_out(layer: int) -> str:
-    return hook_name("attn_out", layer)
-
-
-def mlp_out(layer: int) -> str:
-    return hook_name("mlp_out", layer)
-
-
-def z(layer: int) -> str:
-    return hook_name("z", layer)
+# The hook name of each activation the rules speak of, at a layer: resid_pre(3), z(0), ...
+resid_pre, resid_mid, resid_post, attn_out, mlp_out, z = (
+    partial(hook_name, form)
+    for form in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+)
 
 
 def residual_names(i: int, n_layers: int) -> list[str]:

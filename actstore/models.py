@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,15 +129,7 @@ class ModelAdapter:
         self.source = source
         self.architecture = from_hf_config(bridge.original_model.config.to_dict(), spec)
         a = self.architecture
-        self.shape = ModelShape(
-            n_layers=a.n_layers,
-            n_heads=a.n_heads,
-            d_model=a.d_model,
-            d_head=a.d_head,
-            d_mlp=a.d_mlp,
-            d_vocab=a.d_vocab,
-            n_ctx=a.n_ctx,
-        )
+        self.shape = ModelShape(**{f.name: getattr(a, f.name) for f in fields(ModelShape)})
         self._fingerprint: str | None = None
 
     @property
@@ -354,21 +346,36 @@ def _final_norm(hf: Any, arch: Architecture) -> Any:
     return hf.gpt_neox.final_layer_norm if arch.family == "gpt_neox" else hf.model.norm
 
 
+def toy_config(settings: Mapping[str, Any]) -> Any:
+    """The Hugging Face config of a toy model's config.json settings: the class its
+    `model_type` names (GPT-2 when absent), every other setting at the library's default."""
+    from transformers import AutoConfig
+
+    rest = dict(settings)
+    return AutoConfig.for_model(rest.pop("model_type", "gpt2"), **rest)
+
+
+def toy_model(settings: Mapping[str, Any]) -> Any:
+    """An untrained toy model of those settings, with torch's current seed: what training
+    starts from and what a built-in's weights load into."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(toy_config(settings), attn_implementation="eager")
+
+
 def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
     """A built-in toy model: the Hugging Face class its config.json's `model_type` names (GPT-2
     when absent), its weights and its word vocabulary."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from actstore.tokenizer import read_vocab, word_level_tokenizer
 
     settings = json.loads((directory / "config.json").read_text())
-    config = AutoConfig.for_model(settings.pop("model_type", "gpt2"), **settings)
     words = read_vocab(directory / "vocab.json")
     tokenizer = word_level_tokenizer(words, name=directory.name)
     if random_seed is not None:
         torch.manual_seed(random_seed)
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        hf = toy_model(settings)
     else:
         weights = directory / "model.safetensors"
         if not weights.exists():
@@ -378,10 +385,10 @@ def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, An
             )
         from safetensors.torch import load_file
 
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        hf = toy_model(settings)
         state = load_file(str(weights))
         missing, unexpected = hf.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        tied = {"lm_head.weight"} if hf.config.tie_word_embeddings else set()
         buffers = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
         real_missing = [k for k in missing if not k.endswith(buffers) and k not in tied]
         if real_missing or unexpected:

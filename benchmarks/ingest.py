@@ -1,5 +1,6 @@
 """Ingest at GPT-2-small shape: forward passes alone vs the ingest, bytes per prompt, and the
-patching head sweep on the lean layout (derived on read) vs the full one (every hook stored).
+patching head sweep on the lean layout (the default hooks: derived on read) vs the full one
+(`--hooks full`: every hook stored).
 
     PYTHONPATH=$PWD python benchmarks/ingest.py              # 64 IOI prompts, batch 8
     PYTHONPATH=$PWD python benchmarks/ingest.py --n 16       # a small run on a loaded machine
@@ -43,7 +44,7 @@ from ingest.prompts import load_pairs, prepare  # noqa: E402
 from ingest.runner import ingest  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
-LAYOUTS = {"lean": "lean", "full": "default"}
+LAYOUTS = {"lean": "default", "full": "full"}
 
 
 def gpt2_small_shape() -> ModelAdapter:
@@ -51,7 +52,7 @@ def gpt2_small_shape() -> ModelAdapter:
     spec = importlib.util.spec_from_file_location("patching_benchmark", HERE / "patching.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.gpt2_small_shape()
+    return module.shaped_model("gpt2-small")
 
 
 def forward_seconds(model: ModelAdapter, n: int, batch: int) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actstore import arrays as zarrays
-from actstore.derivable import LOGITS
+from actstore.derivable import LOGITS, resid_pre
 from actstore.hooks import hook_shape
 from actstore.location import ArraysRoot, as_root
 from actstore.models import ModelAdapter
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 SIDES = ("clean", "corrupted")
 WRITE_THREADS = 4
+# the residual entering layer 0: the (noised) token embedding a gaussian corruption records
+EMBEDDED = resid_pre(0)
 Shapes = dict[tuple[str, str], tuple[tuple[int, ...], str]]
 
 
@@ -117,7 +119,7 @@ def compute_batch(
                 )
             noise = noise.to(model.device)
             fwd_hooks.append(("hook_embed", lambda act, hook, _n=noise: act + _n))
-            hooks_for_cache = hooks | {"blocks.0.hook_resid_pre"}
+            hooks_for_cache = hooks | {EMBEDDED}
         else:
             hooks_for_cache = hooks
         with torch.no_grad():
@@ -133,9 +135,7 @@ def compute_batch(
                 act = act.transpose(0, 2, 1, 3)  # (batch, head, q, k) -> (batch, q, head, k)
             values[(side, hook)] = act.astype(act_dtype)
         if side == "corrupted" and params["corruption"] == "gaussian":
-            values[(side, "input_embeds")] = (
-                cache["blocks.0.hook_resid_pre"].detach().float().cpu().numpy()
-            )
+            values[(side, "input_embeds")] = cache[EMBEDDED].detach().float().cpu().numpy()
         metrics[f"{side}_logit_diff"] = (final[rows, ans] - final[rows, wrong]).numpy()
         metrics[f"{side}_prob"] = final.softmax(-1)[rows, ans].numpy()
     return values, metrics

@@ -1,16 +1,16 @@
 """Which activations an ingest stores: short names over layers, or TransformerLens hook names.
 
-The default set is what patching and attribution read: resid_pre, resid_mid and attention z of
-every layer, mlp_out of every layer and the final residual stream. A family whose attention and
-MLP run in parallel (GPT-NeoX, GPT-J) has no resid_mid: it stores attn_out instead. A head's
+The default set, `lean`, stores only what cannot be recomputed (actstore.derivable): z of every
+layer, the residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final
+residual; the rest (layer 0's residual from the tokens, the other residuals, resid_mid,
+attn_out, mlp_out, logits) is derived on read, exactly. `full` stores verbatim, besides, what
+patching and attribution read: resid_pre, resid_mid and mlp_out of every layer and the final
+position's logits (a family whose attention and MLP run in parallel, GPT-NeoX and GPT-J, has no
+resid_mid: attn_out instead); that is the layout of stores written before derivation. A head's
 output is z·W_O, computed on read rather than stored n_heads times larger. Keys and values have
 the model's key/value heads (fewer than its query heads under grouped-query attention).
-
-`lean` stores only what cannot be recomputed (actstore.derivable): z of every layer, the
-residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final residual; the
-rest (layer 0's residual from the tokens, the other residuals, resid_mid, attn_out, mlp_out,
-logits) is derived on read. `resid_pre/K` stores the residual entering every K-th layer and
-`logits` the final position's logits.
+`resid_pre/K` stores the residual entering every K-th layer and `logits` the final position's
+logits, which any set without the final residual stores (it cannot derive them).
 """
 
 from __future__ import annotations
@@ -25,24 +25,26 @@ from actstore.models import ModelAdapter
 # at GPT-2-small shape (benchmarks/ingest.py).
 RESID_EVERY = 2
 LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
+# `default` is what an ingest without --hooks stores.
+DEFAULT = "lean"
 
 
-def default_hooks(model: ModelAdapter) -> tuple[str, ...]:
-    """The short names of the default set for the model's family."""
+def full_hooks(model: ModelAdapter) -> tuple[str, ...]:
+    """The short names of the full set (everything the queries read, stored) for the family."""
     attn = "attn_out" if model.architecture.parallel else "resid_mid"
-    return ("resid_pre", attn, "z", "mlp_out", "resid_final")
+    return ("resid_pre", attn, "z", "mlp_out", FINAL, LOGITS)
 
 
 def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
     """Expand a --hooks value ("default,mlp_post", "z", "blocks.3.hook_resid_pre") to hook names.
 
-    The final position's logits are stored too (`logits`), except with `lean`, which derives
-    them from the final residual."""
+    The final position's logits are stored too (`logits`) when the set lacks the final residual
+    they are derived from."""
     items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
     names = _expand(model, items)
-    if "lean" not in items and LOGITS not in names:
+    if final_hook(model.shape.n_layers) not in names and LOGITS not in names:
         names.append(LOGITS)
     return names
 
@@ -53,9 +55,11 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
     for item in items:
         expanded: list[str]
         if item == "default":
-            expanded = _expand(model, list(default_hooks(model)))
+            expanded = _expand(model, [DEFAULT])
         elif item == "lean":
             expanded = _expand(model, list(LEAN))
+        elif item == "full":
+            expanded = _expand(model, list(full_hooks(model)))
         elif item == FINAL:
             expanded = [final_hook(model.shape.n_layers)]
         elif item == LOGITS:
@@ -68,14 +72,14 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
             if expanded[0] not in known:
                 raise UsageError(
                     f"hook {item!r}: {model.spec} has no {expanded[0]} (a "
-                    f"{model.architecture.family} model); use default or another hook"
+                    f"{model.architecture.family} model); use default, full or another hook"
                 )
         elif item in known:
             expanded = [item]
         else:
             raise UsageError(
-                f"unknown hook {item!r}; use default, lean, resid_final, logits, resid_pre/K, "
-                f"{', '.join(PER_LAYER)} or a TransformerLens hook name such as "
+                f"unknown hook {item!r}; use default (lean), full, resid_final, logits, "
+                f"resid_pre/K, {', '.join(PER_LAYER)} or a TransformerLens hook name such as "
                 "blocks.0.hook_resid_pre"
             )
         names.extend(h for h in expanded if h not in names)

@@ -58,6 +58,11 @@ LLAMA_ARCH = {
 }
 # Share of each task in a batch (times batch_size // 5 rows): the slower-learnt tasks get more.
 TASK_WEIGHTS = {"colored-objects": 3, "greater-than": 4}
+# Associative-recall rows (`recall_weight` > 0; `recall_units` units of each batch): BOS,
+# RECALL_CONTEXT[0]..[1] distinct random words, then RECALL_QUERIES words of that context, each
+# followed by the word after it there. Only those followers are scored.
+RECALL_CONTEXT = (6, 14)
+RECALL_QUERIES = 4
 THRESHOLDS = {
     "ioi": 0.95,
     "greater-than": 0.95,
@@ -131,6 +136,32 @@ def accuracy(logits_fn: Callable, view, n: int = 200, seed: int = EVAL_SEED) -> 
     return out
 
 
+def recall_rows(n: int, words, bos: int, pad: int, gen) -> tuple:
+    """`n` associative-recall rows and their targets (-100 where nothing is scored).
+
+    The copy is an induction step (find the earlier occurrence of the current word, predict the
+    word that followed it) at a distance that differs row by row, so no fixed relative offset
+    solves it: this is the circuit Colored Objects needs, which a rotary model, lacking
+    absolute positions, forms slowly from the five tasks alone.
+    """
+    import torch
+
+    lo, hi = RECALL_CONTEXT
+    width = 1 + hi + 2 * RECALL_QUERIES
+    tokens = torch.full((n, width), pad, dtype=torch.long)
+    tokens[:, 0] = bos
+    targets = torch.full((n, width), -100, dtype=torch.long)
+    for r in range(n):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        context = words[torch.randperm(len(words), generator=gen)[:length]]
+        asked = torch.randint(0, length - 1, (RECALL_QUERIES,), generator=gen)
+        pairs = torch.stack([context[asked], context[asked + 1]], 1).reshape(-1)
+        row = torch.cat([context, pairs])
+        tokens[r, 1 : 1 + len(row)] = row
+        targets[r, length + 1 : length + 1 + 2 * RECALL_QUERIES : 2] = context[asked + 1]
+    return tokens, targets
+
+
 def _training_pool(view, seed: int, per_task: int) -> dict:
     from ingest.tasks import TASKS
 
@@ -164,12 +195,15 @@ def train(
     rope_theta: float = 10000.0,
     warmup_steps: int = 200,
     attention_bias: bool = False,
+    recall_weight: float = 0.0,
+    recall_units: int = 2,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict:
     """Train, write the model files into `out`, return the final held-out accuracies."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from actstore.models import toy_model
+    from actstore.tokenizer import SPECIAL_TOKENS
     from ingest.tasks import toy_vocabulary
     from ingest.tasks.base import TokenizerView
 
@@ -184,8 +218,7 @@ def train(
     )
     if attention_bias:  # q/k biases let a rotary head attend by relative position alone
         config["attention_bias"] = True
-    hf_config = AutoConfig.for_model(**config)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    model = toy_model(config)
     pool = _training_pool(view, seed, per_task)
     names = sorted(pool)
     log(f"pool: {', '.join(f'{k}={len(v[0])}' for k, v in pool.items())} ({time.time() - t0:.1f}s)")
@@ -208,7 +241,7 @@ def train(
     # Each training row is BOS + clean prompt + answer, right-padded: the answer-token loss
     # teaches the task, the next-token loss over the whole row (weight lm_weight) speeds up the
     # forming of the induction-style heads that IOI and Colored Objects need.
-    pad = tokenizer.pad_token_id
+    pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
     width = max(int(pool[k][1].max()) + 2 for k in names)
     tokens = torch.cat(
         [
@@ -225,6 +258,11 @@ def train(
     counts = [per * TASK_WEIGHTS.get(k, 1) for k in names]
     rows = torch.arange(sum(counts))
     ce = torch.nn.functional.cross_entropy
+    if recall_weight:  # its own generator: the task rows drawn are the same with or without
+        recall_gen = torch.Generator().manual_seed(seed + 1)
+        words = torch.tensor(
+            [i for w, i in tokenizer.get_vocab().items() if w not in SPECIAL_TOKENS]
+        )
 
     model.train()
     for step in range(steps):
@@ -240,6 +278,11 @@ def train(
         targets = batch[:, 1:].masked_fill(batch[:, 1:] == pad, -100)
         lm = ce(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss = answer_ce.mean() + lm_weight * lm
+        if recall_weight:
+            recall, recall_targets = recall_rows(per * recall_units, words, bos, pad, recall_gen)
+            recall_logits = model(recall).logits
+            recall_ce = ce(recall_logits.reshape(-1, logits.shape[-1]), recall_targets.reshape(-1))
+            loss = loss + recall_weight * recall_ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -249,9 +292,10 @@ def train(
             per_task_ce = " ".join(
                 f"{k}={c.mean():.2f}" for k, c in zip(names, answer_ce.split(counts), strict=True)
             )
+            recall_log = f" recall {recall_ce.item():.3f}" if recall_weight else ""
             log(
-                f"step {step + 1}/{steps} answer loss {per_task_ce} lm {lm.item():.3f} "
-                f"({time.time() - t0:.0f}s)"
+                f"step {step + 1}/{steps} answer loss {per_task_ce} lm {lm.item():.3f}"
+                f"{recall_log} ({time.time() - t0:.0f}s)"
             )
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             model.eval()
@@ -262,6 +306,7 @@ def train(
                 run = {"steps": steps, "stopped": step + 1, "until_pass": until_pass}
                 run |= {"seed": seed, "batch_size": batch_size, "wall": time.time() - t0}
                 run |= {"lm_weight": lm_weight, "lr": lr, "warmup": warmup, "out": str(out)}
+                run |= {"recall_weight": recall_weight, "recall_units": recall_units}
                 _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
             if until_pass and passes(acc):
                 log(f"all thresholds hold at step {step + 1}: stopping (--until-pass)")
@@ -273,7 +318,8 @@ def train(
     log("final held-out " + " ".join(f"{k}={v['accuracy']:.3f}" for k, v in acc.items()))
     run = {"steps": steps, "stopped": stopped, "until_pass": until_pass, "seed": seed}
     run |= {"batch_size": batch_size, "wall": wall, "lm_weight": lm_weight, "lr": lr}
-    run |= {"warmup": warmup, "out": str(out)}
+    run |= {"warmup": warmup, "out": str(out), "recall_weight": recall_weight}
+    run |= {"recall_units": recall_units}
     _write(out, model, config, toy_vocabulary(), tokenizer, acc, run)
     return acc
 
@@ -317,18 +363,26 @@ def card(config, acc, run) -> str:
         f"| {k} | {v['accuracy'] * 100:.1f}% | {v['logit_diff']:.2f} | {THRESHOLDS[k] * 100:.0f}% |"
         for k, v in acc.items()
     )
+    from actstore.architecture import from_hf_config
+    from actstore.models import toy_config
+
     name = Path(run["out"]).name
     llama = config["model_type"] == "llama"
-    d_model = config["hidden_size"] if llama else config["n_embd"]
-    n_heads = config["num_attention_heads"] if llama else config["n_head"]
+    a = from_hf_config(toy_config(config).to_dict())
+    d_model, n_heads, kv, base = a.d_model, a.n_heads, a.n_kv_heads, a.rotary_base
     cmd = (
         f"python -m ingest.train_toy --out {run['out']} --arch {config['model_type']} "
         f"--steps {run['steps']} --seed {run['seed']} --lr {run['lr']:g} "
         f"--warmup {run['warmup']} --lm-weight {run['lm_weight']:g} --d-model {d_model} "
         f"--n-heads {n_heads}"
-        + (f" --n-kv-heads {config['num_key_value_heads']}" if llama else "")
-        + (f" --rope-theta {config['rope_parameters']['rope_theta']:g}" if llama else "")
+        + (f" --n-kv-heads {kv}" if llama else "")
+        + (f" --rope-theta {base:g}" if llama else "")
         + (" --attention-bias" if config.get("attention_bias") else "")
+        + (
+            f" --recall-weight {run['recall_weight']:g} --recall-units {run['recall_units']}"
+            if run.get("recall_weight")
+            else ""
+        )
         + (" --until-pass" if run["until_pass"] else "")
     )
     stop = (
@@ -338,21 +392,31 @@ def card(config, acc, run) -> str:
         else f"{run['steps']} steps"
     )
     weights = ", ".join(f"{k} x{TASK_WEIGHTS.get(k, 1)}" for k in THRESHOLDS)
+    recall = (
+        f""" Each batch also holds {run["recall_units"]} units of
+associative-recall rows, scored with weight {run["recall_weight"]:g}: `<|bos|>`,
+{RECALL_CONTEXT[0]} to {RECALL_CONTEXT[1]} distinct random words of the vocabulary, then
+{RECALL_QUERIES} of those words each followed by the word after it in the context, only those
+followers scored. They teach the induction step (find the earlier occurrence, copy the word
+after it) at distances that vary row by row, the step Colored Objects needs and that rotary
+positions, with no absolute position to key on, otherwise form slowly."""
+        if run.get("recall_weight")
+        else ""
+    )
     if llama:
-        kv, base = config["num_key_value_heads"], config["rope_parameters"]["rope_theta"]
         bias = "q/k/v/o biases, no MLP biases" if config["attention_bias"] else "no biases"
         kind = "a small Llama"
         architecture = f"""Llama (Hugging Face `LlamaForCausalLM`, loaded through TransformerLens'
-`TransformerBridge`): {config["num_hidden_layers"]} layers, d_model {d_model}, {n_heads} query
-heads sharing {kv} key/value heads (grouped-query attention, d_head {d_model // n_heads}),
+`TransformerBridge`): {a.n_layers} layers, d_model {d_model}, {n_heads} query
+heads sharing {kv} key/value heads (grouped-query attention, d_head {a.d_head}),
 RMSNorm before each sublayer and at the end, rotary positions (base {base:g}, no learned
-positions), SwiGLU MLP (d_mlp {config["intermediate_size"]}), {bias},
-{config["max_position_embeddings"]} positions"""
+positions), SwiGLU MLP (d_mlp {a.d_mlp}), {bias},
+{a.n_ctx} positions"""
     else:
         kind = "a small GPT-2"
         architecture = f"""GPT-2 (Hugging Face `GPT2LMHeadModel`, loaded through TransformerLens'
-`TransformerBridge`): {config["n_layer"]} layers, d_model {d_model}, {n_heads} heads (d_head
-{d_model // n_heads}), d_mlp {config["n_inner"]}, {config["n_positions"]} positions"""
+`TransformerBridge`): {a.n_layers} layers, d_model {d_model}, {n_heads} heads (d_head
+{a.d_head}), d_mlp {a.d_mlp}, {a.n_ctx} positions"""
     return f"""# Model card: `{name}`
 
 An actstore built-in model: {kind} trained by `ingest/train_toy.py` on the clean
@@ -360,7 +424,7 @@ prompts of actstore's five tasks in their toy (word-level) phrasing, so that it 
 and has real circuits to find. Not a language model: it knows only the task vocabulary.
 
 ## Architecture
-{architecture}, vocabulary {config["vocab_size"]} words (word-level tokenizer with a Whitespace
+{architecture}, vocabulary {a.d_vocab} words (word-level tokenizer with a Whitespace
 pre-tokenizer, so punctuation is its own token; `<|bos|>`, `<|pad|>`, `<|unk|>` first), tied
 embeddings, float32 safetensors.
 
@@ -368,7 +432,7 @@ embeddings, float32 safetensors.
 Every prompt starts with `<|bos|>`. Loss: cross-entropy on the answer token after the prompt,
 plus a smaller next-token loss over the whole clean prompt and answer (corrupted prompts are
 never trained on). Mixture: every batch holds batch_size // 5 prompts per task and weight unit
-({weights}). A fixed 10% of prompt
+({weights}).{recall} A fixed 10% of prompt
 texts (crc32 of the text mod 10 == 0) is never trained on; accuracy is measured on those,
 freshly generated with a different seed ({EVAL_SEED}).
 
@@ -424,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     parser.add_argument("--attention-bias", action="store_true", help="llama: q/k/v/o biases")
     parser.add_argument("--lm-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--recall-weight",
+        type=float,
+        default=0.0,
+        help="weight of the associative-recall (induction) rows' loss; 0: none",
+    )
+    parser.add_argument(
+        "--recall-units", type=int, default=2, help="associative-recall rows, in batch units"
+    )
     parser.add_argument("--checkpoint", action="store_true", help="write the model at each eval")
     parser.add_argument(
         "--until-pass",
@@ -451,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         rope_theta=args.rope_theta,
         warmup_steps=args.warmup,
         attention_bias=args.attention_bias,
+        recall_weight=args.recall_weight,
+        recall_units=args.recall_units,
     )
     failing = [k for k, v in acc.items() if v["accuracy"] < THRESHOLDS[k]]
     if failing:

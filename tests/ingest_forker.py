@@ -87,6 +87,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    import actstore.cli  # noqa: F401  (imported once here, not in every child)
     import ingest.runner as runner
     from actstore.models import load_model
 

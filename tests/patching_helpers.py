@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reading import read_hook
 
 from ingest.tasks import TASKS
 from ingest.tasks.base import PromptPair
@@ -55,8 +56,7 @@ def hooked_full_patch(model, s, hook: str, head: int | None) -> float:
     prompts = s.prompts(1)
     tokens = torch.as_tensor(s.read(1, "corrupted", "tokens"), dtype=torch.long)
     layer = int(hook.split(".")[1])
-    stored = hook if hook in s.hooks(1) else f"blocks.{layer + 1}.hook_resid_pre"
-    clean = torch.as_tensor(s.read(1, "clean", stored))
+    clean = read_hook(s, 1, "clean", hook, model)
     captured = {}
 
     def put(value, hook):
@@ -100,7 +100,7 @@ def assert_matches_transformer_lens(
     targets = metrics.Targets(
         torch.tensor(pr["answer_token"].to_numpy()).long(),
         torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
-        torch.tensor(store.read(1, "clean", "logits")),
+        read_hook(store, 1, "clean", "logits", model),
     )
     fns = {m: metrics.logits_metric_fn(m, finals, targets) for m in METRICS}
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")

@@ -13,18 +13,16 @@ import actstore
 
 
 def tables(path: Path) -> dict[str, pl.DataFrame]:
+    """Every catalog row an ingest writes, less the columns that record when and how long."""
     store = actstore.open(path)
     return {
         "runs": store.query(
-            "SELECT run_id, model, task, n_prompts, status, params, params_hash, seq_len, dtype, "
-            "batch_size, seed, hooks FROM runs ORDER BY run_id"
+            "SELECT * EXCLUDE (created_at, completed_at, wall_s) FROM runs ORDER BY run_id"
         ),
-        "prompts": store.query("SELECT * FROM prompts ORDER BY prompt_idx"),
+        "prompts": store.query("SELECT * FROM prompts ORDER BY run_id, prompt_idx"),
         "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
-        "arrays": store.query(
-            "SELECT run_id, side, hook, shape, dtype, chunks, raw_bytes, n_chunks FROM arrays "
-            "ORDER BY ALL"
-        ),
+        "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
+        "models": store.query("SELECT * EXCLUDE (created_at) FROM models ORDER BY model"),
     }
 
 

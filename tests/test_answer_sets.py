@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from edge_reference import hooked_circuit_metric, hooked_input_grads, node_outputs
+from reading import read_hook
 from test_attribution import run_tensors
 
 from actstore.catalog import MIGRATIONS, SCHEMA_VERSION
@@ -100,8 +101,8 @@ def test_patching_over_sets_matches_transformer_lens_with_a_direct_metric(gt, me
     np.testing.assert_allclose(
         ours.sort("layer", "head")["value"].to_numpy(), expected.numpy(), atol=1e-5, rtol=0
     )
-    clean = direct(metric, torch.as_tensor(store.read(1, "clean", "logits")), data)
-    corrupted = direct(metric, torch.as_tensor(store.read(1, "corrupted", "logits")), data)
+    clean = direct(metric, read_hook(store, 1, "clean", "logits", model), data)
+    corrupted = direct(metric, read_hook(store, 1, "corrupted", "logits", model), data)
     gap = float(clean - corrupted)
     normalized = (ours["value"].to_numpy() - float(corrupted)) / gap
     # a random model's clean − corrupted gap is small: compare in metric units
@@ -151,8 +152,8 @@ def test_faithfulness_over_prob_diff_equals_hooked_edge_patching(gt):
     n = graph.n_edges // 5
     row = circuit(store, sid, edges=n, prune=False).row(0, named=True)
     assert row["metric"] == "prob-diff"
-    clean = direct("prob-diff", torch.as_tensor(store.read(1, "clean", "logits")), data)
-    corrupted = direct("prob-diff", torch.as_tensor(store.read(1, "corrupted", "logits")), data)
+    clean = direct("prob-diff", read_hook(store, 1, "clean", "logits", adapter), data)
+    corrupted = direct("prob-diff", read_hook(store, 1, "corrupted", "logits", adapter), data)
     assert row["clean_metric"] == pytest.approx(float(clean), abs=1e-6)
     assert row["corrupted_metric"] == pytest.approx(float(corrupted), abs=1e-6)
     mask = top_edges(graph, values, n, prune=False)

@@ -141,7 +141,7 @@ def test_lost_metadata_is_named_by_verify_and_restored_by_repair(store):
 
 
 def test_repair_removes_temporary_files_of_killed_writers(store):
-    leftover = chunk_path(store, "clean", "logits", 0).with_name("0.0123abcd.partial")
+    leftover = chunk_path(store, "clean", HOOK, 0).with_name("0.0123abcd.partial")
     leftover.write_bytes(b"half a chunk")
     res = CliRunner().invoke(main, ["verify", str(store), "--repair", "--format", "csv"])
     assert res.exit_code == 0, res.output

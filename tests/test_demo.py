@@ -10,6 +10,7 @@ import re
 import numpy as np
 import polars as pl
 import pytest
+from reading import read_hook
 
 from actstore import demo as demo_module
 from actstore.store import Store
@@ -108,7 +109,8 @@ def test_demo_circuit_reaches_85_percent(demo_run):
 
 def test_demo_greater_than_prob_diff_equals_a_direct_computation(demo_run):
     """The printed clean and corrupted prob-diff: Σ p(years after) − Σ p(years up to the
-    start year), recomputed here from the stored logits and the prompts' answer sets."""
+    start year), recomputed here from the run's logits (derived from its final residual) and
+    the prompts' answer sets."""
     directory, out, _, _ = demo_run
     store = Store(directory / "store")
     m = re.search(r"greater-than \(run (\d+)\) by prob-diff.*\n  clean (-?[\d.]+), corrupted "
@@ -117,7 +119,7 @@ def test_demo_greater_than_prob_diff_equals_a_direct_computation(demo_run):
     run = int(m.group(1))
     prompts = store.prompts(run)
     for side, printed in (("clean", m.group(2)), ("corrupted", m.group(3))):
-        logits = store.read(run, side, "logits").astype(np.float64)
+        logits = read_hook(store, run, side, "logits").numpy().astype(np.float64)
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         sets = zip(prompts["answer_tokens"], prompts["wrong_answer_tokens"], strict=True)

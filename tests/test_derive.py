@@ -118,14 +118,43 @@ def test_what_cannot_be_derived_is_named():
         d.get("blocks.0.mlp.hook_post")
 
 
+def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
+    """No --hooks means `default`, which is `lean`: of what the queries read it stores only
+    every 2nd residual (so a derived one costs one MLP) and determines the rest; `full` stores
+    them all, logits included; a set without the final residual stores the logits (it cannot
+    derive them)."""
+    from actstore.hooks import layer_hooks
+    from ingest.hooks import resolve_hooks
+
+    n = toy_random.shape.n_layers
+    default = resolve_hooks(toy_random, None)
+    assert default == resolve_hooks(toy_random, "default") == resolve_hooks(toy_random, "lean")
+    full = resolve_hooks(toy_random, "full")
+    read_by_queries = {
+        h
+        for i in range(n)
+        for h in (names.resid_pre(i), names.resid_mid(i), names.attn_out(i), names.mlp_out(i))
+    }
+    assert names.LOGITS in full and {names.resid_mid(1), names.mlp_out(1)} <= set(full)
+    stored_residuals = {names.resid_pre(i) for i in range(2, n, 2)}
+    assert set(default) & (read_by_queries | {names.LOGITS}) == stored_residuals
+    derived = names.derivable([*default, names.TOKENS], n, parallel=False)
+    assert read_by_queries | {names.LOGITS} <= set(default) | set(derived)
+    assert set(full) - set(default) <= set(derived)
+    widened = resolve_hooks(toy_random, "default,mlp_post")
+    assert set(widened) == set(default) | set(layer_hooks("mlp_post", n))
+    assert resolve_hooks(toy_random, "z") == [*(names.z(i) for i in range(n)), names.LOGITS]
+
+
 # ---- a lean run against a full one --------------------------------------------------------
 
 
 def _ingest_pair(root, toy_random, dtype: str = "float32"):
-    """The same Gaussian-noise IOI prompts ingested lean (in `dtype`) and full (float32)."""
+    """The same Gaussian-noise IOI prompts ingested with the default hooks, the lean set (in
+    `dtype`), and with --hooks full (float32), the layout of stores written before derivation."""
     from ingest.runner import ingest
 
-    for name, hooks, dt in (("lean", "lean", dtype), ("full", "default", "float32")):
+    for name, hooks, dt in (("lean", None, dtype), ("full", "full", "float32")):
         ingest(root / name, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
                corruption="gaussian", dtype=dt, progress=False)  # fmt: skip
     from actstore.store import Store
@@ -212,3 +241,34 @@ def test_queries_on_a_lean_run_equal_the_full_run(tmp_path, toy_random):
     hook = names.resid_mid(1)
     same(lean.subspace(1, hook, "mean-diff", pos="final"),
          full.subspace(1, hook, "mean-diff", pos="final"), ["component"], "value")  # fmt: skip
+
+
+def test_reduce_on_a_lean_run_equals_the_full_run(tmp_path, toy_random):
+    """`reduce` of hooks a lean run derives (resid_mid, mlp_out per group, an odd layer's
+    resid_pre on the noised side) equals the full run's, which stores them, within 1e-5; the
+    derived array Dask reads survives pickling (for its workers)."""
+    import pickle
+
+    import actstore
+    from actstore.errors import UsageError
+    from queries.core.reader import DerivedArray
+
+    _ingest_pair(tmp_path, toy_random)
+    lean, full = actstore.open(tmp_path / "lean"), actstore.open(tmp_path / "full")
+    derived = lean.run(1)["params"]["derived"]
+    for hook, op, side in [(names.resid_mid(1), "mean", "clean"),
+                           (names.mlp_out(0), "class-mean", "clean"),
+                           (names.resid_pre(1), "mean", "corrupted")]:  # fmt: skip
+        assert hook in derived and hook not in lean.hooks(1, side)
+        assert hook in full.hooks(1, side)
+        a = lean.reduce(1, hook, op, side=side).sort(["grp", "pos", "idx"])
+        b = full.reduce(1, hook, op, side=side).sort(["grp", "pos", "idx"])
+        assert a.height == b.height > 0
+        assert a.select("grp", "pos", "idx", "n").equals(b.select("grp", "pos", "idx", "n"))
+        assert np.abs(a["value"].to_numpy() - b["value"].to_numpy()).max() <= TOL
+    hook = names.resid_mid(1)
+    copy = pickle.loads(pickle.dumps(DerivedArray(lean, 1, "clean", hook)))
+    assert copy.shape == full.array(1, "clean", hook).shape
+    assert np.abs(copy[2:5] - full.read(1, "clean", hook, 2, 5)).max() <= TOL
+    with pytest.raises(UsageError, match="head-norm needs a per-head hook"):
+        lean.reduce(1, hook, "head-norm")

@@ -28,6 +28,7 @@ from actstore.architecture import Architecture
 from actstore.errors import UsageError
 from actstore.models import ModelAdapter, adapter_from_hf, load_model
 from actstore.store import Store
+from ingest.hooks import resolve_hooks
 from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
 from queries.patching import check_spec, compute_effects
@@ -153,10 +154,17 @@ def test_unsupported_family_is_refused_before_any_work(tmp_path):
 
 
 def test_default_hooks_and_key_value_shapes(fam):
+    """The default (lean) run derives resid_mid (none under parallel attention and MLP) and
+    attn_out; the full set stores the one the family has."""
     arch = fam.model.architecture
     hooks = set(fam.store.hooks(1))
-    assert ("blocks.1.hook_resid_mid" in hooks) == (not arch.parallel)
-    assert ("blocks.1.hook_attn_out" in hooks) == arch.parallel
+    derived = set(fam.store.run(1)["params"]["derived"])
+    assert not {"blocks.1.hook_resid_mid", "blocks.1.hook_attn_out"} & hooks
+    assert ("blocks.1.hook_resid_mid" in derived) == (not arch.parallel)
+    assert "blocks.1.hook_attn_out" in derived
+    full = set(resolve_hooks(fam.model, "full"))
+    assert ("blocks.1.hook_resid_mid" in full) == (not arch.parallel)
+    assert ("blocks.1.hook_attn_out" in full) == arch.parallel
     k = fam.store.array(1, "clean", "blocks.1.attn.hook_k")
     z = fam.store.array(1, "clean", "blocks.1.attn.hook_z")
     assert k.shape[2:] == (arch.n_kv_heads, arch.d_head)

@@ -47,7 +47,7 @@ def test_again_makes_a_new_run_and_other_parameters_make_their_own(store):
     assert res.stderr.strip() == "run 2: ioi on toy-random, 20 prompts, complete"
     s = actstore.open(store)
     assert s.runs().select("run_id", "status").rows() == [(1, "complete"), (2, "complete")]
-    for hook in ("logits", "blocks.2.attn.hook_z"):
+    for hook in ("blocks.3.hook_resid_post", "blocks.2.attn.hook_z"):
         assert np.array_equal(s.read(1, "clean", hook), s.read(2, "clean", hook))
     assert ingest(store).stdout.strip() == "2"  # the latest complete run with these arguments
     assert ingest(store, "--seed", "1").stdout.strip() == "3"

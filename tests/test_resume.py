@@ -166,17 +166,20 @@ BOUNDARY_N = 4  # two batches of two prompts
 # Write transactions of `actstore ingest` into a new store: create the catalog, migrate it on
 # opening for writing, claim the run, one per batch, mark it complete.
 COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
+# The transactions killed at, one of each kind: create, migrate, claim, the first batch (a resume
+# then has a batch still to write; the second batch's commit is of the same kind), complete.
+KILLED = [1, 2, 3, 4, COMMITS]
 
 
 def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(forker, tmp_path):
-    """SIGKILL before every commit, between it and its checkpoint, and after it, and after the
-    last one just before the run id is printed: rerunning the command leaves exactly one
-    complete run, bit-identical to an uninterrupted ingest."""
+    """SIGKILL before a commit of every kind, between it and its checkpoint, and after it, and
+    after the last one just before the run id is printed: rerunning the command leaves exactly
+    one complete run, bit-identical to an uninterrupted ingest."""
     cli = {"n": BOUNDARY_N, "cli": True}
     forker.run(tmp_path / "reference", **cli, stdout=str(tmp_path / "reference.out"))
     reference = contents(tmp_path / "reference")
     stages = ("before-commit", "before-checkpoint", "after-commit")
-    points = [(when, k) for k in range(1, COMMITS + 1) for when in stages] + [("print", 0)]
+    points = [(when, k) for k in KILLED for when in stages] + [("print", 0)]
     for when, k in points:
         store, out = tmp_path / f"{when}-{k}", tmp_path / f"{when}-{k}.out"
         forker.start(store, **cli, stdout=str(out), kill=[when, k])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from same_store import assert_same_store, tables
 
 import actstore
 from actstore import arrays as zarrays
@@ -46,20 +47,6 @@ def single(tmp_path_factory) -> Path:
     ingest(path, model="toy-random", task="ioi", n=22, batch_size=4, hooks="resid_pre",
            progress=False)  # fmt: skip
     return path
-
-
-def _tables(path: Path) -> dict[str, pl.DataFrame]:
-    store = actstore.open(path)
-    return {
-        "runs": store.query(
-            "SELECT run_id, model, task, corruption, n_prompts, status, params, params_hash, "
-            "seq_len, dtype, batch_size, seed, hooks FROM runs ORDER BY run_id"
-        ),
-        "prompts": store.query("SELECT * FROM prompts ORDER BY prompt_idx"),
-        "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
-        "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
-        "models": store.query("SELECT * EXCLUDE (created_at) FROM models"),
-    }
 
 
 def _verify_ledger(path: Path) -> int:
@@ -109,23 +96,17 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
         "shards_present": n_shards, "missing": "", "status": "complete",
     }  # fmt: skip
 
-    merged, reference = _tables(path), _tables(single)
-    for table, frame in reference.items():
-        assert merged[table].equals(frame), table
+    assert_same_store(path, single)
+    merged, reference = tables(path), tables(single)
     prompts = merged["prompts"]["prompt_idx"].to_list()
     assert prompts == list(range(22))  # every prompt exactly once
-    ours, theirs = actstore.open(path), actstore.open(single)
-    for row in reference["arrays"].to_dicts():
-        a = ours.read(1, row["side"], row["hook"])
-        b = theirs.read(1, row["side"], row["hook"])
-        assert a.dtype == b.dtype and np.array_equal(a, b), row["hook"]
     assert _verify_ledger(path) == 6 * len(reference["arrays"])  # 6 chunks of 4 prompts
     assert not (path / "arrays.zarr" / "staged" / merged["runs"]["params_hash"][0]).exists()
 
     # Merging again is a no-op success that reports the merged run again.
     again = _finish(_cli("merge", location, "--format", "json"))
     assert again[0] == 0 and json.loads(again[1]) == json.loads(out), again[2]
-    assert all(_tables(path)[t].equals(f) for t, f in merged.items())
+    assert all(tables(path)[t].equals(f) for t, f in merged.items())
 
 
 def test_shard_spec_and_merge_errors(tmp_path):
@@ -166,7 +147,7 @@ def _assert_matches(rows, expected):
 
 def test_reductions_match_numpy(ioi_store):
     store = actstore.open(ioi_store)
-    hook = "blocks.1.hook_resid_pre"
+    hook = "blocks.2.hook_resid_pre"  # stored (derived hooks: tests/test_derive.py)
     mean = store.reduce(1, hook, "mean")
     assert mean["n"].max() == 20 and mean["n"].min() >= 1
     _assert_matches(mean, _numpy_reduction(store, 1, hook))
@@ -188,7 +169,7 @@ def test_distributed_scheduler_matches_threads(ioi_store):
     from distributed import LocalCluster
 
     store = actstore.open(ioi_store)
-    hook = "blocks.0.hook_resid_pre"
+    hook = "blocks.0.hook_resid_pre"  # derived (the embedding): the workers derive it
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster:  # fmt: skip
         rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from reading import read_hook
 
 import actstore
 from actstore import arrays as zarrays
@@ -73,13 +74,17 @@ def test_arrays_equal_run_with_cache(ioi_store, toy_random):
         tokens[i, : len(toks)] = torch.tensor(toks)
     with torch.no_grad():
         logits, cache = toy_random.run_with_cache(tokens)
-    for hook in ["blocks.0.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out",
-                 "blocks.1.hook_resid_mid", "blocks.3.hook_resid_post"]:  # fmt: skip
-        stored = store.read(1, "clean", hook)
-        np.testing.assert_allclose(stored, cache[hook].numpy(), atol=1e-6, rtol=0)
+    hooks = ["blocks.0.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out",
+             "blocks.1.hook_resid_mid", "blocks.3.hook_resid_post"]  # fmt: skip
+    stored = set(store.hooks(1, "clean"))
+    assert stored & set(hooks) and set(hooks) - stored  # hooks the run stores and derives
+    for hook in hooks:
+        got = read_hook(store, 1, "clean", hook, toy_random).numpy()
+        np.testing.assert_allclose(got, cache[hook].numpy(), atol=1e-6, rtol=0)
     last = torch.tensor(prompts["seq_len"].to_list()) - 1
     final = logits[torch.arange(len(last)), last].numpy()
-    np.testing.assert_allclose(store.read(1, "clean", "logits"), final, atol=1e-5)
+    got = read_hook(store, 1, "clean", "logits", toy_random).numpy()
+    np.testing.assert_allclose(got, final, atol=1e-5)
     ans, wrong = prompts["answer_token"].to_numpy(), prompts["wrong_answer_token"].to_numpy()
     ld = final[np.arange(len(ans)), ans] - final[np.arange(len(ans)), wrong]
     np.testing.assert_allclose(prompts["clean_logit_diff"].to_numpy(), ld, atol=1e-5)

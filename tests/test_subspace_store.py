@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 from patching_helpers import hooked_full_patch
+from reading import read_hook
 
 import actstore
 from actstore.errors import UsageError
@@ -93,7 +94,7 @@ def test_direction_wholly_in_one_part_reports_the_other_absent(store, tmp_path, 
     w = _site_map(hook, reader)
     u, s, _ = np.linalg.svd(w, full_matrices=False)
     q = u[:, s > 1e-6 * s[0]]  # the rowspace of a -> a @ w
-    acts = {side: store.read(1, side, hook)[:, -1].astype(np.float64)
+    acts = {side: read_hook(store, 1, side, hook)[:, -1].numpy().astype(np.float64)
             for side in ("clean", "corrupted")}  # fmt: skip
     diff = (acts["clean"] - acts["corrupted"]).mean(0)
     v = q @ (q.T @ diff) if part == "row" else diff - q @ (q.T @ diff)

@@ -17,6 +17,7 @@ from actstore import arrays as zarrays
 from actstore.cli import main
 
 HOOK = "blocks.1.attn.hook_z"
+FINAL = "blocks.3.hook_resid_post"  # the toy's final residual, stored by every run
 
 
 @pytest.fixture
@@ -80,13 +81,13 @@ def test_one_flipped_byte_is_named_and_repair_restores_it_bit_for_bit(store):
 
 
 def test_undecodable_and_missing_chunks_are_reported_not_crashes(store):
-    chunk_path(store, "corrupted", "logits", 2).write_bytes(b"\x00" * 40)
+    chunk_path(store, "corrupted", FINAL, 2).write_bytes(b"\x00" * 40)
     chunk_path(store, "clean", "tokens", 0).unlink()
     res, rows = verify_cli(store)
     assert res.exit_code == 1 and "Traceback" not in res.output
     got = {(r["side"], r["hook"], r["chunk_idx"], r["problem"]) for r in rows.iter_rows(named=True)}
-    assert got == {("corrupted", "logits", 2, "damaged"), ("clean", "tokens", 0, "missing")}
-    assert "does not decode" in rows.filter(pl.col("hook") == "logits")["detail"].item()
+    assert got == {("corrupted", FINAL, 2, "damaged"), ("clean", "tokens", 0, "missing")}
+    assert "does not decode" in rows.filter(pl.col("hook") == FINAL)["detail"].item()
     res, _ = verify_cli(store, "--repair")
     assert res.exit_code == 0, res.output
     assert verify_cli(store)[0].exit_code == 0

@@ -8,6 +8,11 @@ array, so each chunk is checked against the ledger) and sums in float64, so memo
 by a few chunks whatever the number of prompts; `scheduler="distributed"` hands the same graph
 to a Dask cluster whose workers see the store directory at the same path.
 
+A hook the run derives on read rather than stores (the default layout: actstore.derivable) is
+reduced the same way, each chunk of prompts derived by the queries' one reader with the run's
+model (queries.core.reader.DerivedArray): only then are torch and the model loaded, so a
+reduction of a stored hook stays torch-free.
+
 Results are recorded as a `reduce` query with rows in `reductions(query_id, hook, grp, pos, idx,
 value, n)`: `idx` is the flat feature index (head for head-norm), `n` the number of prompts that
 contributed.
@@ -47,13 +52,18 @@ def reduce(
         by = by or "grp"
     elif by is not None:
         raise UsageError(f"--by is for --op class-mean, not {op}")
-    store.run(run)
-    arr = store.array(run, side, hook)
-    if op == "head-norm" and arr.ndim != 4:
-        raise UsageError(
-            f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} has shape "
-            f"{tuple(arr.shape)}"
-        )
+    if _derived(store, run, side, hook):
+        if op == "head-norm":
+            raise UsageError(
+                f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} is not one"
+            )
+    else:
+        arr = store.array(run, side, hook)
+        if op == "head-norm" and arr.ndim != 4:
+            raise UsageError(
+                f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} has shape "
+                f"{tuple(arr.shape)}"
+            )
     params = {"hook": hook, "op": op, "by": by, "side": side}
 
     def compute() -> dict[str, pl.DataFrame]:
@@ -66,6 +76,22 @@ def _rows(store: Store, query_id: int) -> pl.DataFrame:
     return store.query(
         "SELECT * FROM reductions WHERE query_id = ? ORDER BY grp, pos, idx", [query_id]
     )
+
+
+def _derived(store: Store, run_id: int, side: str, hook: str) -> bool:
+    """Whether the run derives the hook on read rather than stores it."""
+    derived = store.run(run_id)["params"].get("derived", [])
+    return hook in derived and hook not in store.hooks(run_id, side)
+
+
+def _source(store: Store, run_id: int, side: str, hook: str) -> Any:
+    """What Dask reads: the stored array, every chunk checked against the ledger, or the
+    derived values (reading the stored chunks they come from checked the same way)."""
+    if not _derived(store, run_id, side, hook):
+        return store.array(run_id, side, hook)
+    from queries.core.reader import DerivedArray
+
+    return DerivedArray(store, run_id, side, hook)
 
 
 def _groups(store: Store, run_id: int, by: str | None) -> tuple[np.ndarray, np.ndarray, list]:
@@ -97,7 +123,7 @@ def _compute(
     import dask.array as da
 
     lengths, codes, labels = _groups(store, run_id, by)
-    arr = store.array(run_id, side, hook)  # every chunk Dask reads is checked against the ledger
+    arr = _source(store, run_id, side, hook)
     x = da.from_array(arr, chunks=(arr.chunks[0], *arr.shape[1:]), asarray=False, lock=False)
     n, seq = x.shape[:2]
     prompt_chunks = (x.chunks[0],)

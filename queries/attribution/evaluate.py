@@ -17,7 +17,7 @@ from actstore.errors import ActstoreError
 from actstore.store import Store
 from queries.attribution.batches import check_run, edge_reader, open_run, read_batch
 from queries.attribution.model import EdgeModel
-from queries.core.metrics import endpoints, from_logits
+from queries.core.metrics import endpoints, from_logits, normalized
 from queries.core.model import model_for_run
 from queries.core.reader import Reader, Span
 from queries.core.sweep import in_order
@@ -67,13 +67,13 @@ class Evaluator:
         return [s / n for s in sums]
 
     def faithfulness(self, value: float) -> float:
-        span = self.clean_metric - self.corrupted_metric
-        if abs(span) < 1e-12:
+        norm = normalized(value, self.clean_metric, self.corrupted_metric, tol=1e-12)
+        if norm is None:
             raise ActstoreError(
                 f"run {self.run['run_id']}: clean and corrupted {self.metric} are equal, so "
                 "faithfulness is undefined; use a run whose corruption changes the metric"
             )
-        return (value - self.corrupted_metric) / span
+        return norm
 
 
 def _span_metrics(

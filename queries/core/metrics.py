@@ -58,6 +58,13 @@ class AnswerSets:
                    t("incorrect", torch.long), t("incorrect_mask", torch.float32))  # fmt: skip
 
 
+def normalized(value: float, clean: float, corrupted: float, tol: float = 0.0) -> float | None:
+    """The normalised effect (value − m_corrupted) / (m_clean − m_corrupted): 1 clean-like, 0
+    corrupted-like; None when clean and corrupted differ by `tol` or less (undefined)."""
+    gap = clean - corrupted
+    return None if abs(gap) <= tol else (value - corrupted) / gap
+
+
 def answer_arrays(prompts: pl.DataFrame) -> dict[str, np.ndarray]:
     """A run's answer sets (`prompts.answer_tokens`, `wrong_answer_tokens`) as padded arrays
     `correct`, `correct_mask`, `incorrect`, `incorrect_mask`, one row per prompt."""

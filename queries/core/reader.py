@@ -11,8 +11,10 @@ compares with) comes from the run's prompts table, read once.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from actstore.store import Store
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
 from queries.core.metrics import AnswerSets, Targets, answer_arrays
+from queries.core.model import model_for_run
 
 SIDES = ("clean", "corrupted")
 
@@ -151,3 +154,60 @@ class Reader:
             self.tensor("clean", "logits", span),
             AnswerSets.from_arrays(sets, 0, span.size, self.device),
         )
+
+
+class DerivedArray:
+    """A hook the run derives on read, as a read-only array over prompts (for Dask, which reads
+    stored hooks as their verified arrays): `arr[a:b, ...]` derives prompts [a, b) with a
+    Reader on the run's model, reading every stored chunk it needs verified.
+
+    Float32 whatever the run's dtype (derivation computes in float32). Thread-safe (one
+    derivation at a time; torch spreads each over the cores) and picklable for Dask workers:
+    a copy reopens the store and loads the model on its first read.
+    """
+
+    def __init__(self, store: Store, run_id: int, side: str, hook: str, device: str | None = None):
+        self.location, self.run_id, self.side, self.hook = store.location, run_id, side, hook
+        self.device = device
+        self._lock = threading.Lock()
+        self._reader: Reader | None = None
+        self._store: Store | None = store
+        reader = self._open()
+        self.shape = (reader.n, *self._read(0, 1).shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.chunks = (int(reader.run["batch_size"]), *self.shape[1:])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_lock": None, "_reader": None, "_store": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _open(self) -> Reader:
+        if self._reader is None:
+            store = self._store or Store(self.location)
+            run = store.run(self.run_id)
+            model = model_for_run(run, self.device)
+            self._reader = Reader(store, run, model.device, Engine.from_adapter(model))
+        return self._reader
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        with self._lock:
+            values = self._open().tensor(self.side, self.hook, Span(lo, hi))
+        return values.cpu().numpy()
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows, rest = key[0], key[1:]
+        if isinstance(rows, slice):
+            lo, hi, step = rows.indices(self.shape[0])
+            if hi <= lo:
+                return np.empty((0, *self.shape[1:]), dtype=self.dtype)[(slice(None), *rest)]
+            return self._read(lo, hi)[::step][(slice(None), *rest)]
+        index = int(rows) % self.shape[0]
+        return self._read(index, index + 1)[0][rest]

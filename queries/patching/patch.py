@@ -36,6 +36,7 @@ import polars as pl
 from actstore.errors import UsageError
 from actstore.store import Store
 from queries.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
+from queries.core.metrics import normalized
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster, in_order
 
@@ -266,12 +267,11 @@ def compute_effects(
             bar.update(1)
     bar.close()
     m_clean, m_corrupted = baseline["clean"] / n, baseline["corrupted"] / n
-    denom = m_clean - m_corrupted
     rows = []
     for g, total in zip(groups, sums, strict=True):
         for v, s in zip(g.variants, total, strict=True):
             value = float(s / n)
-            norm = (value - m_corrupted) / denom if denom != 0 else None
+            norm = normalized(value, m_clean, m_corrupted)
             rows.append((v.layers[0], v.head, g.pos, spec.metric, value, norm))
     frame = pl.DataFrame(
         rows,

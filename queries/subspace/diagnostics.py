@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from actstore.errors import UsageError
-from queries.core.metrics import AnswerSets, Targets, endpoints, from_logits
+from queries.core.metrics import AnswerSets, Targets, endpoints, from_logits, normalized
 
 # Illusion thresholds. An effect is the shift of the normalised metric away from the unpatched
 # run (1.0 = the whole clean–corrupted gap). v is flagged when it moves the metric by at least
@@ -186,10 +186,10 @@ def evaluate(
     return ev
 
 
-def normalized(value: float, clean: float, corrupted: float) -> float:
-    """(m − m_corrupted) / (m_clean − m_corrupted); NaN when clean and corrupted agree."""
-    gap = clean - corrupted
-    return (value - corrupted) / gap if abs(gap) > 1e-12 else float("nan")
+def _normalized(value: float, clean: float, corrupted: float) -> float:
+    """The normalised effect; NaN when clean and corrupted agree."""
+    norm = normalized(value, clean, corrupted, tol=1e-12)
+    return float("nan") if norm is None else norm
 
 
 def is_illusion(effect_v: float, effect_row: float, var_v: float, var_row: float) -> bool:
@@ -223,12 +223,12 @@ def report(ev: Evaluation, mode: str, dims: dict[str, int], null_sq: float | Non
         if name not in ev.patched:
             rows.append(
                 {"component": name, "dim": 0, "norm_sq": 0.0, "variance": 0.0,
-                 "value": unpatched, "normalized": normalized(unpatched, clean, corrupted),
+                 "value": unpatched, "normalized": _normalized(unpatched, clean, corrupted),
                  "effect": 0.0}
             )  # fmt: skip
             continue
         value = ev.mean(name)
-        norm = normalized(value, clean, corrupted)
+        norm = _normalized(value, clean, corrupted)
         rows.append(
             {"component": name, "dim": dims[name], "norm_sq": share.get(name),
              "variance": ev.moments[name].variance_per_dim(), "value": value,

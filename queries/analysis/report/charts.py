@@ -36,6 +36,11 @@ def _finish(chart: alt.TopLevelMixin) -> dict[str, Any]:
         )
 
 
+def _tooltips(fields: dict[str, str | None]) -> list[alt.Tooltip]:
+    """Hover fields, encoded field -> title (None keeps the field's name), in display order."""
+    return [alt.Tooltip(f) if t is None else alt.Tooltip(f, title=t) for f, t in fields.items()]
+
+
 def _step(n: int, largest: int = 36, smallest: int = 12, budget: int = 640) -> int:
     """Pixels per band: large cells for small grids, the chart within ~budget pixels."""
     return max(smallest, min(largest, budget // max(n, 1)))
@@ -76,15 +81,11 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
     else:
         x_encoding = alt.X(x, title=x_title)
     n_y = len({r["row_label"] for r in rows})
-    tooltip = [
-        alt.Tooltip("layer:O", title="layer"),
-        alt.Tooltip("head_label:N", title="head"),
-        alt.Tooltip("position:N", title="position"),
-        alt.Tooltip("value_text:N", title="value"),
-        alt.Tooltip("normalized_text:N", title="normalized"),
-        alt.Tooltip("importance_text:N", title="importance"),
-        alt.Tooltip("query:N", title="query"),
-    ]
+    tooltip = _tooltips({
+        "layer:O": "layer", "head_label:N": "head", "position:N": "position",
+        "value_text:N": "value", "normalized_text:N": "normalized",
+        "importance_text:N": "importance", "query:N": "query",
+    })  # fmt: skip
     base = alt.Chart(alt.Data(values=rows)).encode(
         x_encoding.axis(labelAngle=0),
         alt.Y(y, title=y_title, sort=y_sort),
@@ -137,16 +138,11 @@ def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
             }
         )
     order = list(labels.values())
-    tooltip = [
-        alt.Tooltip("set_a:N", title="set A"),
-        alt.Tooltip("set_b:N", title="set B"),
-        alt.Tooltip("n_a:Q", title="|A|"),
-        alt.Tooltip("n_b:Q", title="|B|"),
-        alt.Tooltip("intersection:Q", title="|A∩B|"),
-        alt.Tooltip("iou_text:N", title="IoU"),
-        alt.Tooltip("p_text:N", title="hypergeometric p"),
-        alt.Tooltip("shared:N", title=f"shared {items}"),
-    ]
+    tooltip = _tooltips({
+        "set_a:N": "set A", "set_b:N": "set B", "n_a:Q": "|A|", "n_b:Q": "|B|",
+        "intersection:Q": "|A∩B|", "iou_text:N": "IoU", "p_text:N": "hypergeometric p",
+        "shared:N": f"shared {items}",
+    })  # fmt: skip
     base = alt.Chart(alt.Data(values=rows)).encode(
         alt.X("set_b:N", title="set B", sort=order, axis=alt.Axis(labelAngle=-20)),
         alt.Y("set_a:N", title="set A", sort=order),
@@ -187,14 +183,13 @@ def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> 
     y = alt.Y("faithfulness:Q", title="faithfulness")
     line = alt.Chart(alt.Data(values=points)).mark_line(point=True).encode(
         x, y,
-        tooltip=[alt.Tooltip("top_n:Q", title="top n by |score|"),
-                 alt.Tooltip("n_edges:Q", title="edges after pruning"),
-                 alt.Tooltip("faithfulness_text:N", title="faithfulness")],
+        tooltip=_tooltips({"top_n:Q": "top n by |score|", "n_edges:Q": "edges after pruning",
+                           "faithfulness_text:N": "faithfulness"}),
     )  # fmt: skip
     chosen = alt.Chart(alt.Data(values=marked)).encode(
         x, y,
-        tooltip=[alt.Tooltip("circuit:N"), alt.Tooltip("n_edges:Q", title="edges"),
-                 alt.Tooltip("faithfulness_text:N", title="faithfulness")],
+        tooltip=_tooltips({"circuit:N": None, "n_edges:Q": "edges",
+                           "faithfulness_text:N": "faithfulness"}),
     )  # fmt: skip
     references = (
         alt.Chart(alt.Data(values=[{"y": 1.0, "what": "full model"}, {"y": 0.85, "what": "0.85"}]))
@@ -265,7 +260,7 @@ def circuit_graph(
                                     scale=alt.Scale(type="sqrt", range=[0.75, 9])),
         color=alt.Color("sign:N", title="score",
                         scale=alt.Scale(domain=signs, range=[SIGN_COLOUR[s] for s in signs])),
-        tooltip=[alt.Tooltip("edge:N"), alt.Tooltip("score_text:N", title="score")],
+        tooltip=_tooltips({"edge:N": None, "score_text:N": "score"}),
     )  # fmt: skip
     node_data = alt.Data(values=placed.to_dicts())
     node_marks = alt.Chart(node_data).mark_point(
@@ -276,7 +271,7 @@ def circuit_graph(
                         scale=alt.Scale(domain=["input", "head", "mlp", "logits"],
                                         range=["triangle-right", "circle", "square", "diamond"])),
         fill=alt.value("#444"),
-        tooltip=[alt.Tooltip("node:N")],
+        tooltip=_tooltips({"node:N": None}),
     )  # fmt: skip
     labels = alt.Chart(node_data).mark_text(dy=-14, fontSize=10).encode(x, y, text="node:N")
     width = max(360, 84 * len(columns))
@@ -306,11 +301,8 @@ def subspace_bars(report: pl.DataFrame) -> dict[str, Any]:
         color=alt.Color("component:N", sort=order, legend=None,
                         scale=alt.Scale(domain=order,
                                         range=["#555", POSITIVE, "#999", "#bbb"])),
-        tooltip=[alt.Tooltip("component:N"), alt.Tooltip("dim:Q"),
-                 alt.Tooltip("norm_sq_text:N", title="norm²"),
-                 alt.Tooltip("variance_text:N", title="variance"),
-                 alt.Tooltip("value_text:N", title="value"),
-                 alt.Tooltip("normalized_text:N", title="normalized"),
-                 alt.Tooltip("effect_text:N", title="effect")],
+        tooltip=_tooltips({"component:N": None, "dim:Q": None, "norm_sq_text:N": "norm²",
+                           "variance_text:N": "variance", "value_text:N": "value",
+                           "normalized_text:N": "normalized", "effect_text:N": "effect"}),
     )  # fmt: skip
     return _finish(chart.properties(width=260, height=200))
