@@ -91,3 +91,26 @@ def test_training_first_steps_write_a_loadable_model(tmp_path, arch):
     assert len(tokenizer.get_vocab()) == hf.config.vocab_size
     assert hf.config.model_type == arch
     assert f"--arch {arch}" in (tmp_path / "CARD.md").read_text()
+
+
+def test_recall_rows_score_the_word_after_the_earlier_occurrence():
+    from ingest.train_toy import RECALL_QUERIES, recall_rows
+
+    words = torch.arange(3, 100)
+    tokens, targets = recall_rows(64, words, 0, 1, torch.Generator().manual_seed(0))
+    distances = set()
+    for row, target in zip(tokens.tolist(), targets.tolist(), strict=True):
+        scored = [p for p, t in enumerate(target) if t != -100]
+        assert len(scored) == RECALL_QUERIES and row[0] == 0
+        for p in scored:
+            earlier = row.index(row[p])  # the context's words are distinct
+            assert earlier < p and target[p] == row[earlier + 1] == row[p + 1]
+            distances.add(p - earlier)
+    assert len(distances) > 5  # no one relative offset answers them
+
+
+def test_training_with_recall_rows_records_them_in_the_card(tmp_path):
+    train(tmp_path, steps=2, per_task=200, eval_every=0, eval_n=10, arch="llama",
+          recall_weight=1.0, log=lambda m: None)  # fmt: skip
+    card = (tmp_path / "CARD.md").read_text()
+    assert "--recall-weight 1 --recall-units 2" in card and "associative-recall rows" in card
