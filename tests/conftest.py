@@ -58,6 +58,15 @@ def ioi_store(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def ioi_copy(ioi_store, tmp_path):
+    """A test's own copy of `ioi_store`, for a test that records queries or changes the store:
+    the session's store stays as ingested whichever tests ran before on the same worker."""
+    import shutil
+
+    return shutil.copytree(ioi_store, tmp_path / "store")
+
+
 @pytest.fixture(scope="session")
 def hand_store(tmp_path_factory):
     """A store of hand-built result rows (tests/handbuilt.py): (path, ids by name). Read only."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import json
-import shutil
 import subprocess
 import sys
 
@@ -40,11 +39,9 @@ def catalog_rows(path) -> dict[str, list]:
 
 
 @pytest.fixture
-def store(ioi_store, tmp_path):
+def store(ioi_copy):
     """A private copy of the session's IOI store (run 1, toy-random) to break things in."""
-    copy = tmp_path / "store"
-    shutil.copytree(ioi_store, copy)
-    return copy
+    return ioi_copy
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,6 @@ restores the data and invalidates the queries computed before it."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,10 +19,8 @@ PATCH = ["--run", "1", "--component", "head", "--format", "csv"]
 
 
 @pytest.fixture
-def store(ioi_store, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(ioi_store, copy)
-    return copy
+def store(ioi_copy):
+    return ioi_copy
 
 
 @pytest.fixture(autouse=True)

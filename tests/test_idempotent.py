@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,10 +16,8 @@ SAME = ["--model", "toy-random", "--task", "ioi", "--n", "20", "--batch-size", "
 
 
 @pytest.fixture
-def store(ioi_store, tmp_path, session_ingest):
-    copy = tmp_path / "store"
-    shutil.copytree(ioi_store, copy)
-    return copy
+def store(ioi_copy, session_ingest):
+    return ioi_copy
 
 
 def ingest(store, *extra: str):

@@ -3,8 +3,6 @@ by DuckDB's sandbox, write no file, read no file, and leave a store that verifie
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from click.testing import CliRunner
 from test_cli import snapshot
@@ -46,9 +44,8 @@ ESCAPES = [
 
 
 @pytest.fixture
-def places(ioi_store, tmp_path):
-    store = tmp_path / "store"
-    shutil.copytree(ioi_store, store)
+def places(ioi_copy, tmp_path):
+    store = ioi_copy
     out = tmp_path / "outside"
     out.mkdir()
     (out / "existing.csv").write_text("a\n1\n")

@@ -31,10 +31,8 @@ def assert_one_line(res: subprocess.CompletedProcess, message: str) -> None:
 
 
 @pytest.fixture
-def store(ioi_store, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(ioi_store, copy)
-    return copy
+def store(ioi_copy):
+    return ioi_copy
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "ingest"])

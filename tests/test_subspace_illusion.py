@@ -151,14 +151,14 @@ def test_das_learns_a_direction_that_restores_the_output():
     assert (held_out.mean("v") - corrupted) / (clean - corrupted) >= 0.99
 
 
-def test_cli_prints_the_report_and_errors_in_one_line(ioi_store, tmp_path):
+def test_cli_prints_the_report_and_errors_in_one_line(ioi_copy, tmp_path):
     from click.testing import CliRunner
 
     from actstore.cli import main
 
     np.save(tmp_path / "v.npy", np.eye(64)[:2])
     v = str(tmp_path / "v.npy")
-    args = ["subspace", str(ioi_store), "--run", "1", "--hook", "blocks.3.hook_resid_pre",
+    args = ["subspace", str(ioi_copy), "--run", "1", "--hook", "blocks.3.hook_resid_pre",
             "--direction", v, "--pos", "final", "--format", "csv"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

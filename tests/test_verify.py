@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 
 import duckdb
 import polars as pl
@@ -21,10 +20,8 @@ FINAL = "blocks.3.hook_resid_post"  # the toy's final residual, stored by every 
 
 
 @pytest.fixture
-def store(ioi_store, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(ioi_store, copy)
-    return copy
+def store(ioi_copy):
+    return ioi_copy
 
 
 @pytest.fixture(autouse=True)
