@@ -537,7 +537,8 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
 @click.option("--n", type=int, default=32, show_default=True, help="Prompt pairs per task.")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Heads per task compared.")
 @click.option(
-    "--model", help="Model to run on: toy (default), another built-in, a directory or a hub name."
+    "--model",
+    help="Model to run on: toy (default), toy-llama, a directory or a hub name.",
 )
 def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | None) -> None:
     """Run the whole pipeline on the built-in toy model and print what it found.
@@ -551,7 +552,8 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | Non
     \b
     Example:
       actstore demo demo-store
-      actstore demo demo-llama --model ./my-llama
+      actstore demo demo-llama --model toy-llama
+      actstore demo demo-mine --model ./my-model
     """
     if model:
         from actstore.models import check_model_spec

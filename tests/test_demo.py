@@ -150,4 +150,30 @@ def test_demo_model_option_refuses_an_unknown_model_before_any_work(tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown built-in model 'toy-nope'; built-in models: toy" in lines[0]
+    assert "toy-llama" in lines[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_runs_on_toy_llama(tmp_path):
+    """`actstore demo --model toy-llama`: the whole pipeline on the Llama built-in (RMSNorm,
+    rotary, grouped-query attention, SwiGLU), every run on that model, an IOI circuit reaching
+    85% faithfulness as the stored circuit row says."""
+    from click.testing import CliRunner
+
+    from actstore.cli import main
+
+    directory = tmp_path / "d"
+    args = ["demo", str(directory), "--model", "toy-llama", "--n", "8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "actstore demo: model toy-llama, tasks ioi, colored-objects, 8 prompt pairs each" in out
+    m = re.search(r"circuit of run 1 \(ioi\) reaching faithfulness 0.85: (\d+) of (\d+) edges, "
+                  r"faithfulness ([\d.]+) \(circuit (\d+)", out)  # fmt: skip
+    assert m, out
+    store = Store(directory / "store")
+    row = store.sql(f"select * from circuits where circuit_id = {m.group(4)}").row(0, named=True)
+    assert row["faithfulness"] >= 0.85 and f"{row['faithfulness']:.3f}" == m.group(3)
+    assert row["n_edges"] == int(m.group(1)) < int(m.group(2))
+    runs = store.runs()
+    assert runs["model"].unique().to_list() == ["toy-llama"] and runs.height == 3

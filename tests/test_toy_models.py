@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 N_HELD_OUT = 200
 
 
-BUILTINS = {"toy": "gpt2"}
+BUILTINS = {"toy": "gpt2", "toy-llama": "llama"}
 
 
 @pytest.fixture(scope="module", params=list(BUILTINS))
