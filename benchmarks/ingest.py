@@ -1,9 +1,13 @@
-"""Ingest at GPT-2-small shape: forward passes alone vs the ingest, bytes per prompt, and the
+"""Ingest at a real model's shape: forward passes alone vs the ingest, bytes per prompt, and the
 patching head sweep on the lean layout (the default hooks: derived on read) vs the full one
 (`--hooks full`: every hook stored).
 
     PYTHONPATH=$PWD python benchmarks/ingest.py              # 64 IOI prompts, batch 8
     PYTHONPATH=$PWD python benchmarks/ingest.py --n 16       # a small run on a loaded machine
+    PYTHONPATH=$PWD python benchmarks/ingest.py --shape llama-3.2-1b --n 8
+
+`--shape` picks the random-weight model of the patching benchmark's shapes: gpt2-small (the
+default), pythia-160m or llama-3.2-1b (16 layers, d_model 2048, 32 query / 8 KV heads).
 
 For each layout it prints: the seconds of the forward passes the ingest needs (both sides, the
 same batches, the bridge's plain forward), the ingest's seconds and their ratio, bytes stored
@@ -47,12 +51,12 @@ from queries.patching import check_spec, compute_effects  # noqa: E402
 LAYOUTS = {"lean": "default", "full": "full"}
 
 
-def gpt2_small_shape() -> ModelAdapter:
-    """The patching benchmark's GPT-2-small-shape model (random weights, 50,257 tokens)."""
+def patching_benchmark():
+    """The patching benchmark's module: its `SHAPES` and `shaped_model` (random weights)."""
     spec = importlib.util.spec_from_file_location("patching_benchmark", HERE / "patching.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.shaped_model("gpt2-small")
+    return module
 
 
 def forward_seconds(model: ModelAdapter, n: int, batch: int) -> float:
@@ -139,7 +143,10 @@ def derived_error(model: ModelAdapter, lean: Path, full: Path, batch: int) -> fl
 
 
 def main() -> None:
+    shapes = patching_benchmark()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="gpt2-small", choices=list(shapes.SHAPES),
+                        help="the model's shape (default gpt2-small)")  # fmt: skip
     parser.add_argument("--n", type=int, default=64, help="IOI prompts (default 64)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
@@ -152,8 +159,8 @@ def main() -> None:
     import ingest.runner
 
     clock = Clock((ingest.runner, "compute_batch"), (ingest.runner, "write_chunks"))
-    model = gpt2_small_shape()
-    print(f"gpt2-small-shape {model.shape}; {args.n} IOI prompts, batch {args.batch}, "
+    model = shapes.shaped_model(args.shape)
+    print(f"{args.shape}-shape {model.shape}; {args.n} IOI prompts, batch {args.batch}, "
           f"{args.dtype}; torch {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     forward_seconds(model, args.batch, args.batch)  # warm up
