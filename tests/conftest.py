@@ -58,6 +58,18 @@ def ioi_store(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _session_store_records_nothing(request):
+    """Fails the test that records a query in the shared `ioi_store` (it needs `ioi_copy`): a
+    later test on the same worker would otherwise find rows it did not write."""
+    yield
+    if "ioi_store" in request.fixturenames:
+        import actstore
+
+        n = actstore.open(request.getfixturevalue("ioi_store")).sql("select count(*) from queries")
+        assert n.item() == 0, f"{request.node.nodeid} recorded queries in ioi_store: use ioi_copy"
+
+
 @pytest.fixture
 def ioi_copy(ioi_store, tmp_path):
     """A test's own copy of `ioi_store`, for a test that records queries or changes the store:

@@ -145,8 +145,8 @@ def _assert_matches(rows, expected):
         np.testing.assert_allclose(have, grid[: have.shape[0]], rtol=1e-10, atol=1e-12)
 
 
-def test_reductions_match_numpy(ioi_store):
-    store = actstore.open(ioi_store)
+def test_reductions_match_numpy(ioi_copy):
+    store = actstore.open(ioi_copy)
     hook = "blocks.2.hook_resid_pre"  # stored (derived hooks: tests/test_derive.py)
     mean = store.reduce(1, hook, "mean")
     assert mean["n"].max() == 20 and mean["n"].min() >= 1
@@ -165,10 +165,10 @@ def test_reductions_match_numpy(ioi_store):
         store.reduce(1, hook, "class-mean", by="nope")
 
 
-def test_distributed_scheduler_matches_threads(ioi_store):
+def test_distributed_scheduler_matches_threads(ioi_copy):
     from distributed import LocalCluster
 
-    store = actstore.open(ioi_store)
+    store = actstore.open(ioi_copy)
     hook = "blocks.0.hook_resid_pre"  # derived (the embedding): the workers derive it
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster:  # fmt: skip
