@@ -175,20 +175,21 @@ class Writes:
         ).fetchall()
         return {(side, hook, int(c)) for side, hook, c in rows}
 
-    def record_batch(
+    def record_batches(
         self, run_id: int, prompts: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
     ) -> None:
-        """A batch's prompt rows (replacing those of its prompt range) and its chunks' ledger
-        rows, neither carrying the run id."""
+        """Whole batches' prompt rows (replacing the rows at their prompt indices) and their
+        chunks' ledger rows, neither carrying the run id. One statement per table whatever the
+        number of batches, so that recording many batches in one transaction costs about as
+        much as recording one."""
         if prompts:
-            idx = [p["prompt_idx"] for p in prompts]
-            self.con.execute(
-                "DELETE FROM prompts WHERE run_id = ? AND prompt_idx BETWEEN ? AND ?",
-                [run_id, min(idx), max(idx)],
-            )
             frame = pl.DataFrame(list(prompts)).with_columns(
                 pl.lit(run_id, dtype=pl.Int32).alias("run_id"),
                 pl.col(*TOKEN_LISTS).cast(pl.List(pl.Int32)),
+            )
+            self.con.execute(
+                "DELETE FROM prompts WHERE run_id = ? AND list_contains(?, prompt_idx)",
+                [run_id, frame["prompt_idx"].to_list()],
             )
             self.insert("prompts", frame)
         rows = pl.DataFrame(list(ledger)).with_columns(pl.lit(run_id).alias("run_id"))

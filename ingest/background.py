@@ -2,42 +2,69 @@
 
 Compression, checksums, fsync and the catalog transaction of batch b overlap the forward passes
 of batch b+1 (blosc, hashing and file I/O release the GIL). Batches are written in the order
-given, each exactly as without the thread (chunks durable, then its ledger rows in one
-transaction), so what a killed ingest leaves is the same. At most one batch waits while one is
-written: memory stays at two batches.
+given, each exactly as without the thread (its chunks durable before its ledger rows are
+recorded), so a killed ingest leaves only whole batches recorded. At most one batch waits while
+one is written: memory stays at two batches.
+
+Recording is one catalog transaction (~0.1 s: open, commit, checkpoint, close), which for a small
+model costs more than computing a batch. So written batches are recorded together, at most
+RECORD_EVERY_S after the previous recording: each at once when batches take longer than that.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+RECORD_EVERY_S = 0.5
+_NO_BATCH = object()  # what the queue gives when no batch came in time
+
 
 class BatchWriter:
-    """Runs `write(job)` for each submitted job, in order, on one thread."""
+    """Runs `write(job)` for each submitted job, in order, on one thread, and `record` on the
+    list of what the writes returned since the last recording."""
 
-    def __init__(self, write: Callable[[Any], None]):
-        self.write = write
+    def __init__(self, write: Callable[[Any], Any], record: Callable[[list[Any]], None]):
+        self.write, self.record = write, record
         self.jobs: queue.Queue[Any] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
-        self.written = 0
+        self.recorded = 0
         self.thread = threading.Thread(target=self._loop, name="ingest-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
+        pending: list[Any] = []
+        last = time.monotonic()
         while True:
-            job = self.jobs.get()
+            wait = max(0.0, last + RECORD_EVERY_S - time.monotonic()) if pending else None
+            try:
+                job = self.jobs.get(timeout=wait)
+            except queue.Empty:  # no batch came in time: record the written ones now
+                job = _NO_BATCH
             if job is None:
-                return
+                break
             if self.error is not None:
                 continue  # a failed write stops the run: later batches are not written
             try:
-                self.write(job)
-                self.written += 1
+                if job is not _NO_BATCH:
+                    pending.append(self.write(job))
+                if pending and time.monotonic() - last >= RECORD_EVERY_S:
+                    self._record(pending)
+                    pending, last = [], time.monotonic()
             except BaseException as exc:  # handed to the caller's thread by submit / close
                 self.error = exc
+        if pending and self.error is None:
+            try:
+                self._record(pending)
+            except BaseException as exc:
+                self.error = exc
+
+    def _record(self, done: list[Any]) -> None:
+        self.record(done)
+        self.recorded += len(done)
 
     def submit(self, job: Any) -> None:
         """Queue a batch (waiting while one is queued); raises an earlier write's error."""
@@ -45,12 +72,12 @@ class BatchWriter:
         self.jobs.put(job)
 
     def close(self) -> None:
-        """Wait until every submitted batch is written; raises a write's error."""
+        """Wait until every submitted batch is written and recorded; raises a write's error."""
         self.stop()
         self._raise()
 
     def stop(self) -> None:
-        """Let the batch being written finish, drop none that wait, and end the thread."""
+        """Let the batches written or waiting finish, and end the thread."""
         if self.thread.is_alive():
             self.jobs.put(None)
             self.thread.join()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError, UsageError
 from actstore.location import ArraysRoot, arrays_root, check_arrays_url, local_dir
+from ingest.background import RECORD_EVERY_S
 
 if TYPE_CHECKING:
     from actstore.models import ModelAdapter
@@ -205,7 +207,7 @@ def _local_cluster(workers: int) -> Any:
         get_mp_context().set_forkserver_preload(WORKER_PRELOAD)
         return LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR,
+            dashboard_address=None, silence_logs=logging.CRITICAL,
         )  # fmt: skip
 
 
@@ -232,8 +234,10 @@ def run_batches(
     todo: list[int],
 ) -> Iterator[list[Manifest]]:
     """Submit one task per batch in `todo`; yield the manifests of the tasks finished since
-    the last yield (whole batches only), until every task is done. An error in a task (after
-    its retry) cancels the others and is raised here."""
+    the last yield (whole batches only), at most every RECORD_EVERY_S (a catalog transaction per
+    finished batch would cap fast batches at the coordinator's pace), until every task is done.
+    An error in a task (after its retry) cancels the others and is raised here; the batches
+    finished but not yet yielded are computed again when the run resumes."""
     from distributed import as_completed
 
     client = pool.client
@@ -247,12 +251,19 @@ def run_batches(
                       retries=TASK_RETRIES)
         for b in todo
     ]  # fmt: skip
+    pending: list[Manifest] = []
+    last = time.monotonic()
     try:
         for finished in as_completed(futures, with_results=True).batches():
-            yield [result for _, result in finished]
+            pending += [result for _, result in finished]
+            if time.monotonic() - last >= RECORD_EVERY_S:
+                yield pending
+                pending, last = [], time.monotonic()
     finally:
         client.cancel(futures)
     pool.release()
+    if pending:
+        yield pending
 
 
 # ---- on the workers ------------------------------------------------------------------------

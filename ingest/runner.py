@@ -255,8 +255,8 @@ def _run(
 
     def record(done: list[Manifest]) -> None:  # whole batches, each with its prompts and ledger
         with store.transaction() as tx:
-            for prompts, ledger in done:
-                tx.record_batch(run_id, prompts, ledger)
+            tx.record_batches(run_id, [p for rows, _ in done for p in rows],
+                              [c for _, chunks in done for c in chunks])  # fmt: skip
         stored[0] += len(done)
         bar.update(len(done))
 
@@ -265,7 +265,7 @@ def _run(
         group = zarrays.run_group(run_id)
         arrays = create_arrays(zroot, group, shapes, batch)
         if pool is None:  # write and record each batch on a thread while the next computes
-            writer = BatchWriter(lambda job: record([_write_batch(store, arrays, prep, job)]))
+            writer = BatchWriter(lambda job: _write_batch(store, arrays, prep, job), record)
             for b in todo:
                 lo, hi = b * batch, min(n, (b + 1) * batch)
                 values, metrics = compute_batch(model, prep, params, lo, hi)

@@ -318,7 +318,7 @@ def _record_run(store: Store, run_id: int, manifests: list[dict], ledger: list[d
     arrays = array_records(store.path, run_id, keys, first["n_chunks"])
     with store.transaction() as tx:
         tx.clear_run(run_id)
-        tx.record_batch(run_id, [p for m in manifests for p in m["prompts"]], ledger)
+        tx.record_batches(run_id, [p for m in manifests for p in m["prompts"]], ledger)
         tx.finish_run(run_id, arrays, first["n_chunks"], max(m["wall_s"] for m in manifests))
 
 

@@ -90,24 +90,48 @@ def test_background_writer_writes_in_order_and_stops_at_the_first_error():
     from ingest.background import BatchWriter
 
     done: list[int] = []
+    recorded: list[list[int]] = []
 
-    def write(job: int) -> None:
+    def write(job: int) -> int:
         if job == 3:
             raise OSError("disk gone")
         done.append(job)
+        return job
 
-    writer = BatchWriter(write)
+    writer = BatchWriter(write, recorded.append)
     for job in range(3):
         writer.submit(job)
     writer.close()
-    assert done == [0, 1, 2] and writer.written == 3
-    writer = BatchWriter(write)
+    assert done == [0, 1, 2] and writer.recorded == 3
+    assert sum(recorded, []) == [0, 1, 2]  # each written batch recorded once, in order
+    writer = BatchWriter(write, recorded.append)
     with pytest.raises(OSError, match="disk gone"):
         for job in range(3, 10):
             writer.submit(job)
         writer.close()
     writer.stop()
-    assert done == [0, 1, 2] and writer.written == 0  # nothing after the failed batch
+    assert done == [0, 1, 2] and writer.recorded == 0  # nothing after the failed batch
+
+
+def test_background_writer_records_batches_together_while_it_is_behind():
+    """While batches wait for the writer, their recording (a catalog transaction) is shared:
+    fewer transactions than batches, every batch recorded once, in order."""
+    import time
+
+    from ingest.background import BatchWriter
+
+    recorded: list[list[int]] = []
+
+    def record(done: list[int]) -> None:
+        time.sleep(0.2)  # a transaction slower than the model computes a batch
+        recorded.append(done)
+
+    writer = BatchWriter(lambda job: job, record)
+    for job in range(12):
+        writer.submit(job)
+    writer.close()
+    assert sum(recorded, []) == list(range(12)) and writer.recorded == 12
+    assert len(recorded) < 12
 
 
 def test_a_failed_background_write_keeps_the_batches_before_it(tmp_path, monkeypatch, toy_random):
