@@ -7,7 +7,9 @@ Protocol on stdin/stdout, one JSON object per line:
      `actstore ingest` through the CLI, its stdout in FILE; "kill": [WHEN, K] makes the child
      SIGKILL itself at a catalog transaction boundary: WHEN "before-commit",
      "before-checkpoint" (committed to the write-ahead log only) or "after-commit" of its K-th
-     write transaction (counted from 1), or ["print", 0] just before the CLI prints the run id
+     write transaction (counted from 1), or ["print", 0] just before the CLI prints the run id;
+     "record_each": true records every batch in its own transaction (as a model whose batches
+     take longer than ingest.background.RECORD_EVERY_S is recorded)
   <- {"pid": PID}                           as soon as the child exists (the test kills it)
   <- {"pid": PID, "status": S, "wall_s": T} when it ends: 0 ok, 1 error, -9 killed
 Runs with OMP_NUM_THREADS=1 so that forking after torch's first use is safe.
@@ -66,6 +68,10 @@ def run(request: dict, runner) -> int:
     kwargs = {**KWARGS, "n": request.get("n", KWARGS["n"])}
     if request.get("kill"):
         arm(*request["kill"])
+    if request.get("record_each"):
+        import ingest.background
+
+        ingest.background.RECORD_EVERY_S = 0.0
     if not request.get("cli"):
         runner.ingest(request["store"], restart=request.get("restart", False), **kwargs)
         return 0

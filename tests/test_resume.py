@@ -164,7 +164,8 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
 
 BOUNDARY_N = 4  # two batches of two prompts
 # Write transactions of `actstore ingest` into a new store: create the catalog, migrate it on
-# opening for writing, claim the run, one per batch, mark it complete.
+# opening for writing, claim the run, one per batch (each batch recorded on its own, as a model
+# slower than the toy's is: "record_each"), mark it complete.
 COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
 # The transactions killed at, one of each kind: create, migrate, claim, the first batch (a resume
 # then has a batch still to write; the second batch's commit is of the same kind), complete.
@@ -175,7 +176,7 @@ def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run
     """SIGKILL before a commit of every kind, between it and its checkpoint, and after it, and
     after the last one just before the run id is printed: rerunning the command leaves exactly
     one complete run, bit-identical to an uninterrupted ingest."""
-    cli = {"n": BOUNDARY_N, "cli": True}
+    cli = {"n": BOUNDARY_N, "cli": True, "record_each": True}
     forker.run(tmp_path / "reference", **cli, stdout=str(tmp_path / "reference.out"))
     reference = contents(tmp_path / "reference")
     stages = ("before-commit", "before-checkpoint", "after-commit")
