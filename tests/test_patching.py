@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from families import randomise_norms
 from patching_helpers import (
     TL_FUNCTIONS,
     OneTemplateIOI,
@@ -23,21 +25,35 @@ from queries.patching import check_spec, compute_effects, patch
 N_PROMPTS = 5
 
 
-def available_builtins() -> list[str]:
-    """Built-in models that can load here: every -random twin, trained ones with weights."""
+def available_builtins() -> list:
+    """Built-in models that can load here: every -random twin (its norm weights and biases
+    randomised: a fresh model's 1 and 0 hide a kernel that ignores them), and the trained ones
+    with weights, in the slow tier (the twins have the same architectures)."""
 
     def loadable(name: str) -> bool:
         return name.endswith(RANDOM_SUFFIX) or (BUILTIN_DIR / name / "model.safetensors").exists()
 
-    return [n for n in builtin_names() if loadable(n)]
+    return [n if n.endswith(RANDOM_SUFFIX) else pytest.param(n, marks=pytest.mark.slow)
+            for n in builtin_names() if loadable(n)]  # fmt: skip
+
+
+def random_norms(spec: str):
+    """The built-in model `spec`, with randomised norm weights and biases when it is a -random
+    twin."""
+    model = load_model(spec)
+    if spec.endswith(RANDOM_SUFFIX):
+        torch.manual_seed(0)
+        randomise_norms(model.bridge.original_model)
+    return model
 
 
 @pytest.fixture(scope="module", params=available_builtins())
 def equal_store(request, tmp_path_factory):
     """(store path, adapter): one IOI template, so all prompts share their length."""
     path = tmp_path_factory.mktemp("patch") / "store"
-    ingest_pairs_task(path, request.param, OneTemplateIOI(), n=N_PROMPTS, batch_size=3)
-    return path, load_model(request.param)
+    model = random_norms(request.param)
+    ingest_pairs_task(path, model, OneTemplateIOI(), n=N_PROMPTS, batch_size=3)
+    return path, model
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
