@@ -167,9 +167,7 @@ def test_ingest_prints_run_id_on_stdout_and_the_summary_on_stderr(tmp_path, sess
     res = CliRunner().invoke(main, ["ingest", str(tmp_path / "s"), *INGEST_4])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == "1"
-    assert res.stderr.strip().splitlines()[-1] == (
-        "run 1: ioi on toy-random, 4 prompts, complete"
-    )
+    assert res.stderr.strip().splitlines()[-1] == ("run 1: ioi on toy-random, 4 prompts, complete")
 
 
 @pytest.mark.slow

@@ -47,21 +47,31 @@ def random_norms(spec: str):
     return model
 
 
-@pytest.fixture(scope="module", params=available_builtins())
-def equal_store(request, tmp_path_factory):
+def _equal_store(tmp_path_factory, model) -> tuple:
     """(store path, adapter): one IOI template, so all prompts share their length."""
     path = tmp_path_factory.mktemp("patch") / "store"
-    model = random_norms(request.param)
     ingest_pairs_task(path, model, OneTemplateIOI(), n=N_PROMPTS, batch_size=3)
     return path, model
 
 
+@pytest.fixture(scope="module", params=available_builtins())
+def equal_store(request, tmp_path_factory):
+    """An equal-length store of each built-in model as it loads."""
+    return _equal_store(tmp_path_factory, load_model(request.param))
+
+
+@pytest.fixture(scope="module", params=available_builtins())
+def parity_store(request, tmp_path_factory):
+    """An equal-length store of each built-in model, the twins' norms randomised."""
+    return _equal_store(tmp_path_factory, random_norms(request.param))
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("component", list(TL_FUNCTIONS))
-def test_matches_transformer_lens(equal_store, component, direction):
+def test_matches_transformer_lens(parity_store, component, direction):
     """Every metric of every component equals TL's patching within 1e-4 (positions sampled
     for the by-position sweeps to keep TL's one-forward-per-patch cost small)."""
-    path, model = equal_store
+    path, model = parity_store
     store = Store(path)
     seq = int(store.run(1)["seq_len"])
     positions = None if component == "head" else [0, 4, seq - 2, seq - 1]
