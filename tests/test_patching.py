@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import resource
 import subprocess
 import sys
@@ -159,6 +160,28 @@ def _imported(done: subprocess.CompletedProcess) -> set[str]:
             if line.startswith("import time:")}  # fmt: skip
 
 
+def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
+    """A patch query recorded once is answered by the CLI, in a fresh interpreter, from the
+    store: the same rows, no torch imported."""
+    from actstore.output import write_rows
+
+    frame = patch(Store(ioi_copy), 1, "mlp-out", model=toy_random)
+    args = ["patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv"]
+    probe = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.stdout.write(r.stdout)"
+    )
+    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    header = "query_id,layer,head,pos,metric,value,normalized,importance"
+    assert check.stdout.splitlines()[0] == header
+    printed = io.StringIO()
+    write_rows(frame, "csv", printed)
+    assert check.stdout == printed.getvalue() and frame.height > 0
+
+
+@pytest.mark.slow
 def test_cli_repeat_is_fast_without_torch(ioi_copy):
     args = ("patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv")
     first = _cli(*args)
