@@ -160,6 +160,17 @@ def _imported(done: subprocess.CompletedProcess) -> set[str]:
             if line.startswith("import time:")}  # fmt: skip
 
 
+def _without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI run in process in a fresh interpreter, which fails if torch was imported; its
+    stdout is the command's."""
+    probe = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.stdout.write(r.stdout)"
+    )
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+
+
 def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
     """A patch query recorded once is answered by the CLI, in a fresh interpreter, from the
     store: the same rows, no torch imported."""
@@ -167,12 +178,7 @@ def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
 
     frame = patch(Store(ioi_copy), 1, "mlp-out", model=toy_random)
     args = ["patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv"]
-    probe = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
-        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
-        "assert 'torch' not in sys.modules, 'torch imported'; sys.stdout.write(r.stdout)"
-    )
-    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    check = _without_torch(args)
     assert check.returncode == 0, check.stderr
     header = "query_id,layer,head,pos,metric,value,normalized,importance"
     assert check.stdout.splitlines()[0] == header
@@ -198,12 +204,7 @@ def test_cli_repeat_is_fast_without_torch(ioi_copy):
     info, baseline = _timed("info", str(ioi_copy))
     assert info.returncode == 0, info.stderr
     assert cpu < 1.5 * baseline, f"repeated query used {cpu:.2f} s CPU, info {baseline:.2f} s"
-    probe = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
-        f"r = CliRunner().invoke(main, {list(args)!r}); assert r.exit_code == 0, r.output; "
-        "assert 'torch' not in sys.modules, 'torch imported'"
-    )
-    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    check = _without_torch(list(args))
     assert check.returncode == 0, check.stderr
 
 
