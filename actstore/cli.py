@@ -170,7 +170,8 @@ def ingest(store: str, **kwargs) -> None:
     from ingest.distributed import check_scale_options, start_forkserver
     from ingest.preflight import check_ingest
 
-    checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard")
+    checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
+               "hooks")  # fmt: skip
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     scale = ("workers", "scheduler", "arrays_url", "shard")
     check_scale_options(store, **{k: kwargs[k] for k in scale})

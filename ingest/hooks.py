@@ -27,6 +27,8 @@ RESID_EVERY = 2
 LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 # `default` is what an ingest without --hooks stores.
 DEFAULT = "lean"
+# The names --hooks takes besides short names, strides and hook names.
+KEYWORDS = ("default", "lean", "full", FINAL, LOGITS)
 
 
 def full_hooks(model: ModelAdapter) -> tuple[str, ...]:
@@ -40,9 +42,7 @@ def resolve_hooks(model: ModelAdapter, spec: str | None) -> list[str]:
 
     The final position's logits are stored too (`logits`) when the set lacks the final residual
     they are derived from."""
-    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
-    if not items:
-        raise UsageError("--hooks is empty; give short names such as default,mlp_post")
+    items = _items(spec)
     names = _expand(model, items)
     if final_hook(model.shape.n_layers) not in names and LOGITS not in names:
         names.append(LOGITS)
@@ -77,13 +77,41 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
         elif item in known:
             expanded = [item]
         else:
-            raise UsageError(
-                f"unknown hook {item!r}; use default (lean), full, resid_final, logits, "
-                f"resid_pre/K, {', '.join(PER_LAYER)} or a TransformerLens hook name such as "
-                "blocks.0.hook_resid_pre"
-            )
+            raise _unknown(item)
         names.extend(h for h in expanded if h not in names)
     return names
+
+
+def check_hooks(spec: str | None) -> None:
+    """Refuse, without the model (and so before torch is imported), a --hooks value that names
+    no hook in any model: an empty list, a bad stride, a word that is neither a short name nor
+    shaped like a TransformerLens hook name. Whether the model has a hook is checked later."""
+    items = _items(spec)
+    for item in items:
+        if item.startswith("resid_pre/"):
+            _stride(item)
+        elif item not in KEYWORDS and item not in PER_LAYER and not _hook_shaped(item):
+            raise _unknown(item)
+
+
+def _items(spec: str | None) -> list[str]:
+    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
+    if not items:
+        raise UsageError("--hooks is empty; give short names such as default,mlp_post")
+    return items
+
+
+def _hook_shaped(item: str) -> bool:
+    """Every TransformerLens hook name ends in a `hook_...` part."""
+    return item.rsplit(".", 1)[-1].startswith("hook_")
+
+
+def _unknown(item: str) -> UsageError:
+    return UsageError(
+        f"unknown hook {item!r}; use default (lean), full, resid_final, logits, "
+        f"resid_pre/K, {', '.join(PER_LAYER)} or a TransformerLens hook name such as "
+        "blocks.0.hook_resid_pre"
+    )
 
 
 def _stride(item: str) -> int:

@@ -2,9 +2,9 @@
 
 A mistyped flag is refused in a fraction of a second instead of after the model has loaded, and
 always before the store is written: numbers the catalog cannot hold, an unknown task, a task
-and a dataset together, a malformed dataset file, a device name torch would not know, a model
-that cannot load (an unreachable hub included), a store path that cannot be a store, a store
-that is read-only or held by another writer.
+and a dataset together, a malformed dataset file, a device name torch would not know, a --hooks
+word that names no hook, a model that cannot load (an unreachable hub included), a store path
+that cannot be a store, a store that is read-only or held by another writer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from actstore.errors import UsageError
 from actstore.location import local_dir
 from actstore.models import check_device_name, check_model_spec
 from actstore.store import CATALOG, Store, check_location
+from ingest.hooks import check_hooks
 
 INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER
 DTYPES = ("float32", "float16")
@@ -31,6 +32,7 @@ def check_ingest(
     device: str | None,
     seed: int,
     shard: str | None,
+    hooks: str | None = None,
 ) -> None:
     """Raise a one-line error for the first argument that cannot work; `model` None skips the
     model check (an already loaded model)."""
@@ -57,6 +59,7 @@ def check_ingest(
         from ingest.tasks import get_task
 
         get_task(task)
+    check_hooks(hooks)
     if shard is not None:
         from ingest.shards import parse_shard
 

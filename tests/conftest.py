@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,14 +49,34 @@ def toy_random():
     return load_model("toy-random")
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` run once for the whole test run, however many pytest-xdist workers: the
+    first worker to ask builds under a file lock in the run's common temporary directory, and
+    every worker gets its own copy (no two processes share a catalog file or writer lock)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    built, done = common / f"built-{name}" / "store", common / f"built-{name}.done"
+    with open(common / f"built-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(built.parent, ignore_errors=True)  # a build that failed part way
+            build(built)
+            done.touch()
+    return Path(shutil.copytree(built, tmp_path_factory.mktemp(name) / "store"))
+
+
 @pytest.fixture(scope="session")
 def ioi_store(tmp_path_factory):
     """A store with one complete IOI run (run 1) on toy-random: 20 prompts, batches of 8."""
     from ingest.runner import ingest
 
-    path = tmp_path_factory.mktemp("ioi") / "store"
-    ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
-    return path
+    def build(path: Path) -> None:
+        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
+
+    return built_once(tmp_path_factory, "ioi", build)
 
 
 @pytest.fixture(autouse=True)

@@ -67,13 +67,19 @@ def random_model(family: str, seed: int = 0):
     tok = tokenizer()
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(config(family, len(tok)), attn_implementation="eager")
+    randomise_norms(hf)
+    return hf.eval(), tok
+
+
+def randomise_norms(hf) -> None:
+    """Move a Hugging Face model's norm weights and its biases off a fresh model's 1 and 0 (with
+    torch's current random state), in place."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name or ".ln" in name:
                 p.add_(0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    return hf.eval(), tok
 
 
 def save(family: str, path: Path, seed: int = 0) -> Path:

@@ -38,8 +38,9 @@ class OneTemplateIOI:
         return pairs[:n]
 
 
-def ingest_pairs_task(path: Path, model: str, task, n: int, batch_size: int, **kwargs) -> Path:
-    """Ingest `task` (any object with the task interface) under its name, then unregister it."""
+def ingest_pairs_task(path: Path, model, task, n: int, batch_size: int, **kwargs) -> Path:
+    """Ingest `task` (any object with the task interface) under its name with `model` (a spec
+    or a loaded adapter), then unregister it."""
     from ingest.runner import ingest
 
     TASKS[task.name] = task

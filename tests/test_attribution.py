@@ -25,11 +25,12 @@ from queries.attribution.batches import iter_batches
 from queries.attribution.model import EdgeModel
 
 
-def trained_or_random() -> list[str]:
-    """toy-random always; toy too once its trained weights are on disk."""
-    names = ["toy-random"]
+def trained_or_random() -> list:
+    """toy-random always; toy too once its trained weights are on disk, in the slow tier (the
+    same architecture and code paths as toy-random)."""
+    names: list = ["toy-random"]
     if (BUILTIN_DIR / "toy" / "model.safetensors").exists():
-        names.append("toy")
+        names.append(pytest.param("toy", marks=pytest.mark.slow))
     return names
 
 

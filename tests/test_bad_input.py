@@ -266,6 +266,9 @@ def test_cheap_checks_refuse_before_torch_is_imported(store, tmp_path):
         ["--model", "toy-random", "--task", "nope"],
         ["--model", "toy-nope", "--task", "ioi"],
         ["--model", "toy-random", "--task", "ioi", "--bogus"],
+        [*TOY, "--hooks", "foo"],
+        [*TOY, "--hooks", "z,resid_pre/0"],
+        [*TOY, "--hooks", " , "],
     ]
     code = (
         "import json, sys, time\n"
@@ -283,6 +286,17 @@ def test_cheap_checks_refuse_before_torch_is_imported(store, tmp_path):
     results = json.loads(res.stdout)
     assert [r[0] for r in results] == [2] * len(cases), (results, res.stderr)
     assert not any(r[2] for r in results), "torch was imported before refusing"
+
+
+def test_the_hook_check_before_the_model_accepts_every_hook_a_model_has(toy_random):
+    """The check made without the model refuses only words no model has: it passes every
+    TransformerLens hook name of the model and every word --hooks documents."""
+    from ingest.hooks import KEYWORDS, check_hooks
+
+    for name in sorted(toy_random.hook_names()):
+        check_hooks(name)
+    check_hooks(",".join([*KEYWORDS, "resid_pre/3", "z", "mlp_post", "blocks.0.attn.hook_q"]))
+    check_hooks(None)
 
 
 @pytest.mark.parametrize("command", ["ingest", "demo"])

@@ -159,8 +159,20 @@ def test_catalog_from_a_newer_version_is_refused_unchanged(ioi_store, tmp_path, 
     assert snapshot(copy) == before
 
 
+INGEST_4 = ["--model", "toy-random", "--task", "ioi", "--n", "4", "--hooks", "resid_pre"]
+
+
+def test_ingest_prints_run_id_on_stdout_and_the_summary_on_stderr(tmp_path, session_ingest):
+    """In process (the session's model): stdout is the run id alone, for scripts."""
+    res = CliRunner().invoke(main, ["ingest", str(tmp_path / "s"), *INGEST_4])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == "1"
+    assert res.stderr.strip().splitlines()[-1] == ("run 1: ioi on toy-random, 4 prompts, complete")
+
+
+@pytest.mark.slow
 def test_ingest_prints_run_id_on_stdout(tmp_path):
-    res = run_cli("ingest", str(tmp_path / "s"), "--model", "toy-random", "--task", "ioi",
-                  "--n", "4", "--hooks", "resid_pre")  # fmt: skip
+    """A real process, model load included: nothing else reaches stdout."""
+    res = run_cli("ingest", str(tmp_path / "s"), *INGEST_4)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "1"

@@ -149,17 +149,40 @@ def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
 # ---- a lean run against a full one --------------------------------------------------------
 
 
-def _ingest_pair(root, toy_random, dtype: str = "float32"):
-    """The same Gaussian-noise IOI prompts ingested with the default hooks, the lean set (in
-    `dtype`), and with --hooks full (float32), the layout of stores written before derivation."""
+def _ingest(path, toy_random, hooks: str | None, dtype: str):
+    """The module's Gaussian-noise IOI prompts (the same in every call) ingested with `hooks`
+    in `dtype`; returns the Store."""
+    from actstore.store import Store
     from ingest.runner import ingest
 
-    for name, hooks, dt in (("lean", None, dtype), ("full", "full", "float32")):
-        ingest(root / name, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
-               corruption="gaussian", dtype=dt, progress=False)  # fmt: skip
-    from actstore.store import Store
+    ingest(path, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
+           corruption="gaussian", dtype=dtype, progress=False)  # fmt: skip
+    return Store(path)
 
-    return Store(root / "lean"), Store(root / "full")
+
+def _ingest_pair(root, toy_random):
+    """The same prompts ingested with the default hooks, the lean set, and with --hooks full,
+    the layout of stores written before derivation (both float32)."""
+    return (_ingest(root / "lean", toy_random, None, "float32"),
+            _ingest(root / "full", toy_random, "full", "float32"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, toy_random):
+    """The float32 lean and full runs (`_ingest_pair`), ingested once for the module: (root,
+    lean Store, full Store). Read only; a test that records queries works on `pair_copy`."""
+    root = tmp_path_factory.mktemp("pair")
+    return root, *_ingest_pair(root, toy_random)
+
+
+@pytest.fixture
+def pair_copy(pair, tmp_path):
+    """A test's own copy of the module's lean and full runs (it records queries in them)."""
+    import shutil
+
+    for name in ("lean", "full"):
+        shutil.copytree(pair[0] / name, tmp_path / name)
+    return tmp_path
 
 
 def _largest_error(lean, full, model) -> float:
@@ -185,12 +208,12 @@ def _largest_error(lean, full, model) -> float:
     return worst
 
 
-def test_lean_run_stores_less_and_derives_the_full_run(tmp_path, toy_random):
+def test_lean_run_stores_less_and_derives_the_full_run(pair, toy_random):
     """Every hook of a full run (and its logits, and the noised side's input embeddings) is
     derived from a lean run of the same prompts within 1e-5; the catalog says what is derived."""
     from actstore.errors import UsageError
 
-    lean, full = _ingest_pair(tmp_path, toy_random)
+    _, lean, full = pair
     n = toy_random.shape.n_layers
     assert set(lean.hooks(1, "clean")) == (
         {names.z(i) for i in range(n)} | {names.resid_pre(i) for i in range(2, n, 2)}
@@ -209,10 +232,10 @@ def test_lean_run_stores_less_and_derives_the_full_run(tmp_path, toy_random):
     assert "\n" not in str(err.value)
 
 
-def test_float16_lean_run_error_against_float32(tmp_path, toy_random):
+def test_float16_lean_run_error_against_float32(pair, tmp_path, toy_random):
     """float16 storage: derived activations stay within 1e-2 of the float32 run's, relative to
     each hook's magnitude (the README states the measured figure)."""
-    lean, full = _ingest_pair(tmp_path, toy_random, dtype="float16")
+    lean, full = _ingest(tmp_path / "lean", toy_random, None, "float16"), pair[2]
     error = _largest_error(lean, full, toy_random)
     print(f"float16 lean vs float32 full: largest relative error {error:.1e}")
     assert 1e-5 < error < 1e-2
@@ -221,13 +244,12 @@ def test_float16_lean_run_error_against_float32(tmp_path, toy_random):
 # ---- queries read lean runs through the reader ------------------------------------------------
 
 
-def test_queries_on_a_lean_run_equal_the_full_run(tmp_path, toy_random):
+def test_queries_on_a_lean_run_equal_the_full_run(pair_copy, toy_random):
     """Patching (heads, resid_pre, mlp_out), attribution (EAP) and subspace patching read a
     lean run through the reader and give the full run's results within 1e-5."""
     import actstore
 
-    _ingest_pair(tmp_path, toy_random)
-    lean, full = actstore.open(tmp_path / "lean"), actstore.open(tmp_path / "full")
+    lean, full = actstore.open(pair_copy / "lean"), actstore.open(pair_copy / "full")
 
     def same(a, b, key: list[str], value: str) -> None:
         a, b = a.sort(key), b.sort(key)
@@ -243,7 +265,7 @@ def test_queries_on_a_lean_run_equal_the_full_run(tmp_path, toy_random):
          full.subspace(1, hook, "mean-diff", pos="final"), ["component"], "value")  # fmt: skip
 
 
-def test_reduce_on_a_lean_run_equals_the_full_run(tmp_path, toy_random):
+def test_reduce_on_a_lean_run_equals_the_full_run(pair_copy):
     """`reduce` of hooks a lean run derives (resid_mid, mlp_out per group, an odd layer's
     resid_pre on the noised side) equals the full run's, which stores them, within 1e-5; the
     derived array Dask reads survives pickling (for its workers)."""
@@ -253,8 +275,7 @@ def test_reduce_on_a_lean_run_equals_the_full_run(tmp_path, toy_random):
     from actstore.errors import UsageError
     from queries.core.reader import DerivedArray
 
-    _ingest_pair(tmp_path, toy_random)
-    lean, full = actstore.open(tmp_path / "lean"), actstore.open(tmp_path / "full")
+    lean, full = actstore.open(pair_copy / "lean"), actstore.open(pair_copy / "full")
     derived = lean.run(1)["params"]["derived"]
     for hook, op, side in [(names.resid_mid(1), "mean", "clean"),
                            (names.mlp_out(0), "class-mean", "clean"),

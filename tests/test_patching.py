@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import resource
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from families import randomise_norms
 from patching_helpers import (
     TL_FUNCTIONS,
     OneTemplateIOI,
@@ -23,29 +26,53 @@ from queries.patching import check_spec, compute_effects, patch
 N_PROMPTS = 5
 
 
-def available_builtins() -> list[str]:
-    """Built-in models that can load here: every -random twin, trained ones with weights."""
+def available_builtins() -> list:
+    """Built-in models that can load here: every -random twin (its norm weights and biases
+    randomised: a fresh model's 1 and 0 hide a kernel that ignores them), and the trained ones
+    with weights, in the slow tier (the twins have the same architectures)."""
 
     def loadable(name: str) -> bool:
         return name.endswith(RANDOM_SUFFIX) or (BUILTIN_DIR / name / "model.safetensors").exists()
 
-    return [n for n in builtin_names() if loadable(n)]
+    return [n if n.endswith(RANDOM_SUFFIX) else pytest.param(n, marks=pytest.mark.slow)
+            for n in builtin_names() if loadable(n)]  # fmt: skip
+
+
+def random_norms(spec: str):
+    """The built-in model `spec`, with randomised norm weights and biases when it is a -random
+    twin."""
+    model = load_model(spec)
+    if spec.endswith(RANDOM_SUFFIX):
+        torch.manual_seed(0)
+        randomise_norms(model.bridge.original_model)
+    return model
+
+
+def _equal_store(tmp_path_factory, model) -> tuple:
+    """(store path, adapter): one IOI template, so all prompts share their length."""
+    path = tmp_path_factory.mktemp("patch") / "store"
+    ingest_pairs_task(path, model, OneTemplateIOI(), n=N_PROMPTS, batch_size=3)
+    return path, model
 
 
 @pytest.fixture(scope="module", params=available_builtins())
 def equal_store(request, tmp_path_factory):
-    """(store path, adapter): one IOI template, so all prompts share their length."""
-    path = tmp_path_factory.mktemp("patch") / "store"
-    ingest_pairs_task(path, request.param, OneTemplateIOI(), n=N_PROMPTS, batch_size=3)
-    return path, load_model(request.param)
+    """An equal-length store of each built-in model as it loads."""
+    return _equal_store(tmp_path_factory, load_model(request.param))
+
+
+@pytest.fixture(scope="module", params=available_builtins())
+def parity_store(request, tmp_path_factory):
+    """An equal-length store of each built-in model, the twins' norms randomised."""
+    return _equal_store(tmp_path_factory, random_norms(request.param))
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("component", list(TL_FUNCTIONS))
-def test_matches_transformer_lens(equal_store, component, direction):
+def test_matches_transformer_lens(parity_store, component, direction):
     """Every metric of every component equals TL's patching within 1e-4 (positions sampled
     for the by-position sweeps to keep TL's one-forward-per-patch cost small)."""
-    path, model = equal_store
+    path, model = parity_store
     store = Store(path)
     seq = int(store.run(1)["seq_len"])
     positions = None if component == "head" else [0, 4, seq - 2, seq - 1]
@@ -133,6 +160,34 @@ def _imported(done: subprocess.CompletedProcess) -> set[str]:
             if line.startswith("import time:")}  # fmt: skip
 
 
+def _without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI run in process in a fresh interpreter, which fails if torch was imported; its
+    stdout is the command's."""
+    probe = (
+        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.stdout.write(r.stdout)"
+    )
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+
+
+def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
+    """A patch query recorded once is answered by the CLI, in a fresh interpreter, from the
+    store: the same rows, no torch imported."""
+    from actstore.output import write_rows
+
+    frame = patch(Store(ioi_copy), 1, "mlp-out", model=toy_random)
+    args = ["patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv"]
+    check = _without_torch(args)
+    assert check.returncode == 0, check.stderr
+    header = "query_id,layer,head,pos,metric,value,normalized,importance"
+    assert check.stdout.splitlines()[0] == header
+    printed = io.StringIO()
+    write_rows(frame, "csv", printed)
+    assert check.stdout == printed.getvalue() and frame.height > 0
+
+
+@pytest.mark.slow
 def test_cli_repeat_is_fast_without_torch(ioi_copy):
     args = ("patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv")
     first = _cli(*args)
@@ -149,12 +204,7 @@ def test_cli_repeat_is_fast_without_torch(ioi_copy):
     info, baseline = _timed("info", str(ioi_copy))
     assert info.returncode == 0, info.stderr
     assert cpu < 1.5 * baseline, f"repeated query used {cpu:.2f} s CPU, info {baseline:.2f} s"
-    probe = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
-        f"r = CliRunner().invoke(main, {list(args)!r}); assert r.exit_code == 0, r.output; "
-        "assert 'torch' not in sys.modules, 'torch imported'"
-    )
-    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    check = _without_torch(list(args))
     assert check.returncode == 0, check.stderr
 
 

@@ -95,12 +95,14 @@ def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def read_only(ioi_store, tmp_path_factory):
-    """The store with a cached query, then made read-only (files 444, directories 555)."""
+def read_only(ioi_store, tmp_path_factory, toy_random):
+    """The store with a cached query (what `actstore patch STORE` PATCH records), then made
+    read-only (files 444, directories 555)."""
+    import actstore
+
     store = tmp_path_factory.mktemp("read-only") / "store"
     shutil.copytree(ioi_store, store)
-    subprocess.run([sys.executable, "-m", "actstore.cli", "patch", str(store), *PATCH],
-                   check=True, capture_output=True)  # fmt: skip
+    actstore.open(store).patch(1, "head", model=toy_random)
     for p in [store, *store.rglob("*")]:
         os.chmod(p, 0o555 if p.is_dir() else 0o444)
     yield store
