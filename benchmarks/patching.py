@@ -50,6 +50,7 @@ from actstore.models import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_mod
 from actstore.store import Store  # noqa: E402
 from queries.core import metrics  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
+from queries.core.reader import Reader, Span  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 TEMPLATE = 3  # "While A and B were working at the PLACE , C gave a OBJECT to": 16 tokens
@@ -137,14 +138,11 @@ def tl_sweep(
     index_df; returns (seconds, values in our row order, n)."""
     import pandas as pd
 
-    pr = store.prompts(1)
+    reader = Reader(store, 1, "cpu", Engine.from_adapter(model))  # a lean run derives logits
+    everyone = Span(0, reader.n)
     tokens = {s: torch.tensor(store.read(1, s, "tokens")).long() for s in ("clean", "corrupted")}
-    targets = metrics.Targets(
-        torch.tensor(pr["answer_token"].to_numpy()).long(),
-        torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
-        torch.tensor(store.read(1, "clean", "logits")),
-    )
-    fn = metrics.logits_metric_fn("logit-diff", torch.tensor(pr["seq_len"].to_numpy() - 1), targets)
+    targets = reader.targets(everyone)
+    fn = metrics.logits_metric_fn("logit-diff", reader.finals(everyone), targets)
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
     s = model.shape
     name, axes = TL[component]
