@@ -19,8 +19,9 @@ forwards ÷ the FLOPs our downstream, suffix-only, metric-only recompute really 
 measured speed-up as a fraction of that bound, the largest |difference| of the patched metric,
 the share of our time spent verifying the chunks it read against the ledger (checksums of the
 decoded values and the ledger lookup), and the process's peak resident memory so far. By-position
-sweeps run over a sample of positions (both sides the same) to keep TL's one-forward-per-patch
-cost inside the time budget.
+sweeps run over a sample of positions, and `--head-layers` restricts the head sweeps to some
+layers (both sides the same patches; the FLOP bound counts only those), to keep TL's
+one-forward-per-patch cost inside the time budget.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+HERE = Path(__file__).resolve().parent
+# benchmarks/ingest.py would hide the `ingest` package: import from the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +50,7 @@ from actstore.models import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_mod
 from actstore.store import Store  # noqa: E402
 from queries.core import metrics  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
+from queries.core.reader import Reader, Span  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 TEMPLATE = 3  # "While A and B were working at the PLACE , C gave a OBJECT to": 16 tokens
@@ -126,23 +131,23 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tl_sweep(model: ModelAdapter, store: Store, component: str, direction: str, positions):
-    """TL's patching over the same patches; returns (seconds, values in our row order, n)."""
+def tl_sweep(
+    model: ModelAdapter, store: Store, component: str, direction: str, positions, layers
+) -> tuple[float, np.ndarray, int]:
+    """TL's patching over the same patches (those layers, those positions), through its
+    index_df; returns (seconds, values in our row order, n)."""
     import pandas as pd
 
-    pr = store.prompts(1)
+    reader = Reader(store, 1, "cpu", Engine.from_adapter(model))  # a lean run derives logits
+    everyone = Span(0, reader.n)
     tokens = {s: torch.tensor(store.read(1, s, "tokens")).long() for s in ("clean", "corrupted")}
-    targets = metrics.Targets(
-        torch.tensor(pr["answer_token"].to_numpy()).long(),
-        torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
-        torch.tensor(store.read(1, "clean", "logits")),
-    )
-    fn = metrics.logits_metric_fn("logit-diff", torch.tensor(pr["seq_len"].to_numpy() - 1), targets)
+    targets = reader.targets(everyone)
+    fn = metrics.logits_metric_fn("logit-diff", reader.finals(everyone), targets)
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
     s = model.shape
     name, axes = TL[component]
     rows = []
-    for layer in range(s.n_layers):
+    for layer in range(s.n_layers) if layers is None else layers:
         if component == "head":
             rows += [(layer, h) for h in range(s.n_heads)]
         elif component == "head-pos":
@@ -167,7 +172,11 @@ def tl_sweep(model: ModelAdapter, store: Store, component: str, direction: str, 
 
 
 def bench(
-    label: str, model: ModelAdapter, sweeps: list[tuple[str, list[int] | None]], n_prompts: int
+    label: str,
+    model: ModelAdapter,
+    sweeps: list[tuple[str, list[int] | None]],
+    n_prompts: int,
+    head_layers: list[int] | None = None,
 ) -> None:
     from patching_helpers import OneTemplateIOI, ingest_pairs_task
 
@@ -186,7 +195,8 @@ def bench(
               f"{'peak MiB':>10}")  # fmt: skip
         forward = Engine.from_adapter(model).forward_flops(n_prompts, seq)
         for component, positions in sweeps:
-            spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, positions)
+            layers = head_layers if component.startswith("head") else None
+            spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, positions, layers)
             store = Store(path)  # a fresh store: its ledger lookups count
             VERIFY.seconds = 0.0
             started = time.perf_counter()
@@ -194,10 +204,11 @@ def bench(
                                           progress=False)  # fmt: skip
             t_ours = time.perf_counter() - started
             verify = VERIFY.seconds / t_ours
-            t_tl, tl_values, n = tl_sweep(model, store, component, "denoise", positions)
+            t_tl, tl_values, n = tl_sweep(model, store, component, "denoise", positions, layers)
             diff = float(np.abs(ours["value"].to_numpy() - tl_values).max())
             ratio, bound = t_tl / t_ours, n * forward / flops
             where = "" if positions is None else f" @{len(positions)} pos"
+            where += "" if layers is None else f" L{','.join(map(str, layers))}"
             print(f"{component + where:<22}{n:>8}{t_tl:>9.2f}{t_ours:>9.2f}{ratio:>9.2f}x"
                   f"{bound:>11.2f}x{ratio / bound:>9.0%}{diff:>12.1e}{verify:>8.1%}"
                   f"{peak_mib():>10.0f}", flush=True)  # fmt: skip
@@ -223,6 +234,12 @@ def main() -> None:
     parser.add_argument(
         "--resid-positions", default="all", help="resid positions (of 0..15), or all"
     )
+    parser.add_argument(
+        "--head-layers",
+        default="all",
+        help="layers of the head and head-pos sweeps (both sides), or all: at Llama-3.2-1B "
+        "shape TL's whole head sweep is 512 forwards of a 1.2B model",
+    )
     args = parser.parse_args()
     models = args.models.split(",")
     unknown = [m for m in models if m not in (*BUILTINS, *SHAPES)]
@@ -235,6 +252,9 @@ def main() -> None:
     resid = list(range(16))
     if args.resid_positions != "all":
         resid = [int(p) for p in args.resid_positions.split(",")]
+    head_layers = None
+    if args.head_layers != "all":
+        head_layers = [int(la) for la in args.head_layers.split(",")]
     chosen = {"head": None, "head-pos": head_pos, "resid": resid}
     sweeps = [(c, chosen[c]) for c in args.sweeps.split(",")]
     if args.quick:
@@ -243,7 +263,7 @@ def main() -> None:
         model = builtin_model(name) if name in BUILTINS else shaped_model(name)
         label = model.spec if name in BUILTINS else f"{name}-shape"
         full = [("head", None), ("head-pos", head_pos), ("resid", list(range(16)))]
-        bench(label, model, sweeps if name in SHAPES else full, args.prompts)
+        bench(label, model, sweeps if name in SHAPES else full, args.prompts, head_layers)
         del model
 
 

@@ -19,6 +19,7 @@ from patching_helpers import (
     ingest_pairs_task,
 )
 
+from actstore.errors import UsageError
 from actstore.models import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names, load_model
 from actstore.store import Store
 from queries.patching import check_spec, compute_effects, patch
@@ -104,6 +105,29 @@ def test_fast_path_does_less_work(ioi_store, toy_random):
     _, fast = compute_effects(store, 1, spec, toy_random, engine="downstream")
     _, full = compute_effects(store, 1, spec, toy_random, engine="downstream-no-kv")
     assert fast < 0.75 * full
+
+
+@pytest.mark.parametrize(("component", "window"), [("head", 1), ("head-pos", 2), ("resid", 1)])
+def test_chosen_layers_are_rows_of_the_whole_sweep(ioi_store, toy_random, component, window):
+    """`layers` keeps only those layers' rows, each equal to the whole sweep's, for less work;
+    layers outside the model's full windows are refused before any work."""
+    store = Store(ioi_store)
+    positions = None if component == "head" else [3, 9]
+    whole, all_flops = compute_effects(
+        store, 1, check_spec(store, 1, component, "kl", "noise", window, positions), toy_random
+    )
+    spec = check_spec(store, 1, component, "kl", "noise", window, positions, [2, 1, 2])
+    assert spec.layers == (1, 2) and spec.params()["layers"] == [1, 2]
+    assert "layers" not in check_spec(store, 1, component, "kl", "noise", 1, positions).params()
+    some, flops = compute_effects(store, 1, spec, toy_random)
+    assert some["layer"].unique().sort().to_list() == [1, 2]
+    expected = whole.filter(pl.col("layer").is_in([1, 2]))
+    assert some.select("layer", "head", "pos").equals(expected.select("layer", "head", "pos"))
+    np.testing.assert_allclose(some["value"].to_numpy(), expected["value"].to_numpy(), atol=1e-6)
+    assert flops < all_flops
+    last = toy_random.shape.n_layers - window
+    with pytest.raises(UsageError, match=rf"layers \[{last + 1}\]: give layers in 0\.\.{last}"):
+        check_spec(store, 1, component, "kl", "noise", window, positions, [0, last + 1])
 
 
 def test_normalized_and_unaffected_position(equal_store):

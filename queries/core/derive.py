@@ -12,6 +12,8 @@ intermediate once:
 - resid_mid, attn_out and mlp_out are those partial sums and contributions (mlp_out as the
   difference of stored residuals when both are stored: no MLP runs);
 - logits are the unembedding of the final residual at each prompt's final position.
+Every rule but the logits' is position-wise (the attention is in the stored z), so a derivation
+may hold only some positions of every array: then it computes at those alone.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ class Derivation:
 
     `read(hook)` returns a stored hook's values for the batch as a float32 tensor, or None when
     the run does not store it; `finals` (B,) is each prompt's final position (for logits).
+    With `positions` (P,) `read` returns only those positions (B, P, …) of every hook and the
+    derived activations are those positions' (no logits then: they need the final ones).
     """
 
-    def __init__(self, engine: Engine, read: Read, finals: torch.Tensor | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        read: Read,
+        finals: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ):
         self.engine = engine
         self.read = read
         self.finals = finals
+        self.positions = positions
         self.values: dict[str, torch.Tensor | None] = {}
         self.n_layers = engine.n_layers
 
@@ -60,7 +71,7 @@ class Derivation:
         if hook == names.LOGITS:
             final = self.residual(self.n_layers)
             rows = torch.arange(final.shape[0], device=final.device)
-            if self.finals is None:
+            if self.finals is None or self.positions is not None:
                 raise ValueError("deriving logits needs each prompt's final position")
             return self.engine.unembed(final[rows, self.finals])
         parsed = parse_hook(hook)
@@ -92,7 +103,7 @@ class Derivation:
         if i == 0:
             value = self.stored(names.INPUT_EMBEDS)
             if value is None:
-                value = self.engine.embed(self.get(names.TOKENS).long())
+                value = self.engine.embed(self.get(names.TOKENS).long(), self.positions)
         else:
             value = self._step(i - 1)
         self.values[key] = value

@@ -102,39 +102,54 @@ class Reader:
                 yield Span(lo, hi, rows)
 
     def tensor(
-        self, side: str, hook: str, span: Span, dtype: torch.dtype = torch.float32
+        self,
+        side: str,
+        hook: str,
+        span: Span,
+        dtype: torch.dtype = torch.float32,
+        positions: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """The activation (side, hook) of the span's prompts: stored, or derived from the stored
-        ones. Every array read passes here."""
+        ones. Every array read passes here. With `positions`, only those positions (B, P, …) of
+        a hook with a position axis: a derived one then costs only them."""
         if hook in self.stored[side]:
-            return self._stored(side, hook, span).to(dtype)
+            return self._stored(side, hook, span, positions).to(dtype)
         with torch.no_grad():
-            return self._derivation(side, span, hook).get(hook).to(dtype)
+            return self._derivation(side, span, hook, positions).get(hook).to(dtype)
 
-    def _stored(self, side: str, hook: str, span: Span) -> torch.Tensor:
+    def _stored(
+        self, side: str, hook: str, span: Span, positions: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         data = self.store.read(self.run_id, side, hook, span.lo, span.hi)
         if span.rows is not None:
             data = data[span.rows - span.lo]
+        if positions is not None:
+            data = np.asarray(data)[:, list(positions)]
         return torch.as_tensor(np.asarray(data), device=self.device)
 
-    def _derivation(self, side: str, span: Span, hook: str) -> Derivation:
-        """The span's derivation for `side`; only the current span's are kept (memory: one)."""
-        key = (side, span.lo, span.hi, None if span.rows is None else span.rows.tobytes())
+    def _derivation(
+        self, side: str, span: Span, hook: str, positions: tuple[int, ...] | None
+    ) -> Derivation:
+        """The span's derivation for `side` (of those positions); only the current span's are
+        kept (memory: one)."""
+        where = (span.lo, span.hi, None if span.rows is None else span.rows.tobytes())
+        key = (side, positions, *where)
         if key not in self._derivations:
             if self.engine is None:
                 raise UsageError(
                     f"run {self.run_id} derives {hook} on read, and this reader has no model to "
                     "derive it with; pass the query's engine to Reader"
                 )
-            self._derivations = {k: v for k, v in self._derivations.items() if k[1:] == key[1:]}
+            self._derivations = {k: v for k, v in self._derivations.items() if k[2:] == where}
 
             def read(name: str) -> torch.Tensor | None:
                 if name not in self.stored[side]:
                     return None
-                values = self._stored(side, name, span)
+                values = self._stored(side, name, span, positions)
                 return values.long() if name == TOKENS else values.float()
 
-            self._derivations[key] = Derivation(self.engine, read, self.finals(span))
+            at = None if positions is None else torch.tensor(positions, device=self.device)
+            self._derivations[key] = Derivation(self.engine, read, self.finals(span), at)
         return self._derivations[key]
 
     def column(self, name: str, span: Span) -> torch.Tensor:

@@ -4,6 +4,9 @@ Patching never reruns the base run or the source run: both come from the store t
 query core's reader. `resid_pre[n_layers]` is the residual stream after the last block (the
 stored `resid_final`). The attention's residual contribution is resid_mid − resid_pre where the
 family has a resid_mid, else the stored `attn_out` (parallel attention and MLP).
+A sweep that patches only some positions reads the source side at those alone (on a lean run a
+derived residual then costs an MLP at those positions, not at all): its other positions are NaN,
+so that a read of them could not go unnoticed.
 """
 
 from __future__ import annotations
@@ -59,12 +62,33 @@ def hooks_read(kinds: set[str], n_layers: int) -> list[str]:
     return names + ([final_hook(n_layers)] if "resid_pre" in kinds else [])
 
 
-def read_side(reader: Reader, side: str, kinds: set[str], n_layers: int, span: Span) -> Side:
+def read_side(
+    reader: Reader,
+    side: str,
+    kinds: set[str],
+    n_layers: int,
+    span: Span,
+    positions: tuple[int, ...] | None = None,
+) -> Side:
+    """A side's activations of `kinds` at every layer; with `positions`, only those are read
+    (the others NaN)."""
     acts = {}
     for kind in sorted(kinds):
         names = hooks_read({kind}, n_layers)
-        acts[kind] = [reader.tensor(side, name, span) for name in names]
+        acts[kind] = [_at(reader, side, name, span, positions) for name in names]
     return Side(acts)
+
+
+def _at(
+    reader: Reader, side: str, hook: str, span: Span, positions: tuple[int, ...] | None
+) -> torch.Tensor:
+    if positions is None:
+        return reader.tensor(side, hook, span)
+    values = reader.tensor(side, hook, span, positions=positions)
+    seq = int(reader.run["seq_len"])
+    full = values.new_full((values.shape[0], seq, *values.shape[2:]), float("nan"))
+    full[:, list(positions)] = values
+    return full
 
 
 def read_batch(
@@ -75,7 +99,9 @@ def read_batch(
     n_layers: int,
     span: Span,
     tokens: bool = False,
+    src_positions: tuple[int, ...] | None = None,
 ) -> Batch:
+    """The span's batch; `src_positions`: the only positions read from the source side."""
     base_side, src_side = sides(direction)
     targets = reader.targets(span)
     corrupted = reader.tensor("corrupted", "logits", span)
@@ -85,7 +111,7 @@ def read_batch(
         finals=reader.finals(span),
         targets=targets,
         base=read_side(reader, base_side, base_kinds, n_layers, span),
-        src=read_side(reader, src_side, src_kinds, n_layers, span),
+        src=read_side(reader, src_side, src_kinds, n_layers, span, src_positions),
         base_logits=targets.clean_logits if base_side == "clean" else corrupted,
         corrupted_logits=corrupted,
         base_tokens=reader.tensor(base_side, "tokens", span, torch.long) if tokens else None,

@@ -7,6 +7,8 @@ Components (rows of `effects`):
 - attn-out / mlp-out: the attention's / the MLP's output at one position → (layer, pos).
 `window=K` patches the component at the K consecutive layers [l, l+K) together and reports the
 row at l (Zhang & Nanda's sliding window); only full windows, so l runs over 0..n_layers−K.
+`layers` restricts the rows to those layers l (what TransformerLens' patching does with an
+index_df): on a large model a sweep over a few layers costs a fraction of the whole.
 Positions are absolute, 0..seq_len−1 of the run's padded length; per-position effects are
 meaningful when the run's prompts share a template (equal lengths). A prompt whose final
 position precedes the patched one is unaffected by the patch.
@@ -59,10 +61,17 @@ class PatchSpec:
     direction: str
     window: int
     positions: tuple[int, ...] | None  # None: every position (by-position components)
+    layers: tuple[int, ...] | None = None  # None: every layer
 
     def params(self) -> dict[str, Any]:
+        """The recorded parameters; `layers` only when given, so that a query over every layer
+        keeps the identity it had before layers could be chosen."""
         d = asdict(self)
         d["positions"] = None if self.positions is None else list(self.positions)
+        if self.layers is None:
+            del d["layers"]
+        else:
+            d["layers"] = list(self.layers)
         return d
 
 
@@ -74,6 +83,7 @@ def check_spec(
     direction: str,
     window: int,
     positions: list[int] | None,
+    layers: list[int] | None = None,
 ) -> PatchSpec:
     """Validate a query against the run (no torch): a UsageError naming the fix otherwise."""
     check("--component", component, COMPONENTS)
@@ -93,8 +103,17 @@ def check_spec(
                 f"positions {bad or positions}: give positions in 0..{int(info['seq_len']) - 1}"
             )
         positions = sorted(set(positions))
-    return PatchSpec(component, metric, direction, window, None if positions is None
-                     else tuple(positions))  # fmt: skip
+    if layers is not None:
+        last = n_layers - window
+        bad = [la for la in layers if not 0 <= la <= last]
+        if bad or not layers:
+            raise UsageError(
+                f"layers {bad or layers}: give layers in 0..{last} (full windows of {window})"
+            )
+        layers = sorted(set(layers))
+    return PatchSpec(component, metric, direction, window,
+                     None if positions is None else tuple(positions),
+                     None if layers is None else tuple(layers))  # fmt: skip
 
 
 def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
@@ -113,6 +132,7 @@ def patch(
     direction: str = "denoise",
     window: int = 1,
     positions: list[int] | None = None,
+    layers: list[int] | None = None,
     recompute: bool = False,
     batch_size: int = 8,
     device: str | None = None,
@@ -130,7 +150,7 @@ def patch(
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
     check_cluster(workers, scheduler)
-    spec = check_spec(store, run, component, metric, direction, window, positions)
+    spec = check_spec(store, run, component, metric, direction, window, positions, layers)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.core.model import model_for_run
@@ -148,7 +168,8 @@ def patch(
 def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: str):
     from queries.patching.recompute import Group, Variant
 
-    windows = [tuple(range(lo, lo + spec.window)) for lo in range(n_layers - spec.window + 1)]
+    starts = range(n_layers - spec.window + 1) if spec.layers is None else spec.layers
+    windows = [tuple(range(lo, lo + spec.window)) for lo in starts]
     heads = spec.component in ("head", "head-pos")
     variants = [Variant(w, h) for w in windows for h in (range(n_heads) if heads else [None])]
     component = "head" if heads else spec.component
@@ -197,7 +218,9 @@ class _Setup:
 
         e, spec, full = self.engine, self.spec, self.mode == "full-forward"
         with torch.inference_mode():
-            batch = read_batch(self.reader, spec.direction, *self.kinds, e.n_layers, span, full)
+            patched = None if self.groups[0].pos is None else tuple(g.pos for g in self.groups)
+            batch = read_batch(self.reader, spec.direction, *self.kinds, e.n_layers, span, full,
+                               patched)  # fmt: skip
             t = batch.targets
             clean, corrupted = metrics.endpoints(spec.metric, t, batch.corrupted_logits)
             prefix = PrefixKV(e, batch)

@@ -246,11 +246,14 @@ def _last_layer(
         out[order] = _sublayers(e, batch, g, layer, xf, z, rows, where, (covered,))
     if not joining or g.component == "resid":
         return
-    mask = covered.to(out.dtype).unsqueeze(-1)
+
+    def masked(delta: torch.Tensor) -> torch.Tensor:  # 0 where the final position is unpatched
+        return torch.where(covered.unsqueeze(-1), delta, 0.0)  # (the source there may be unread)
+
     if g.component == "mlp-out":
         delta = _at_final(src["mlp_out"][layer] - base["mlp_out"][layer], fin)
-        out[joining] = (_at_final(base["resid_pre"][layer + 1], fin) + mask * delta).unsqueeze(0)
+        out[joining] = (_at_final(base["resid_pre"][layer + 1], fin) + masked(delta)).unsqueeze(0)
         return
     where = (torch.arange(fin.shape[0], device=fin.device), fin)
     delta = _attn_delta(e, batch, g, layer, joining, where)  # (m, B, d_model)
-    out[joining] = _after_attn(e, batch, layer, where, mask * delta)
+    out[joining] = _after_attn(e, batch, layer, where, masked(delta))

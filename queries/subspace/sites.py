@@ -108,7 +108,9 @@ def reading_map(engine: Engine, site: Site, reader: str | None) -> torch.Tensor 
         elif m.group(4) is not None:
             layer = int(m.group(4))
             _check_reader(engine, site, layer, None, reads_mid=not parallel)
-            w, gamma = engine.layers[layer].W_in, engine.layers[layer].ln2[0]
+            mlp = engine.layers[layer]
+            w = mlp.W_in if mlp.W_gate is None else torch.cat([mlp.W_gate, mlp.W_in], 1)
+            gamma = mlp.ln2[0]
         else:
             w, gamma = engine.W_U, engine.ln_final[0]
         w, gamma = w.double().cpu(), gamma.double().cpu()
