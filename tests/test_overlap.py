@@ -21,6 +21,7 @@ from scipy.stats import hypergeom
 import actstore
 from actstore.cli import main
 from actstore.errors import UsageError
+from actstore.results import record_query
 from actstore.store import Store
 from queries.analysis import overlap as ov
 
@@ -181,6 +182,24 @@ def test_like_with_like_corruption_and_window(mixed_store):
         ov.overlap(store, None, ov.choose(top_k=3), queries=[ids["patch1"], ids["patch2"]])
     with pytest.raises(UsageError, match="--window applies to head sets from patching"):
         ov.overlap(store, [1, 2], ov.choose(by="edge", top_k=3), window=2)
+
+
+def test_a_sweep_over_some_layers_is_never_compared(mixed_store):
+    """A head query restricted to some layers (`layers=`) ranks only those layers' heads: the
+    run's newest query, yet not chosen; named explicitly, refused in one line."""
+    store, ids = mixed_store
+    effects = handbuilt.head_effects(1).filter(pl.col("layer") == 2)
+    params = {"component": "head", "metric": "logit-diff", "direction": "denoise", "window": 1,
+              "layers": [2]}  # fmt: skip
+    some = record_query(store, "patch", 1, params, 0.1, {"effects": effects})
+    row = pair(ov.overlap(store, [1, 2], ov.choose(top_k=3)), 1, 2)
+    assert (row["source_a"], row["source_b"]) == (ids["patch1"], ids["patch2"])
+    with pytest.raises(UsageError) as exc:
+        ov.overlap(store, None, ov.choose(top_k=3), queries=[some, ids["patch2"]])
+    assert str(exc.value) == (
+        f"--queries: query {some} patched layers [2] only, and overlap compares head sets over "
+        "every layer; give a sweep over all layers"
+    )
 
 
 @pytest.mark.parametrize(

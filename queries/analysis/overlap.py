@@ -127,9 +127,10 @@ SOURCE_KEYS: dict[str, tuple[str, ...]] = {
 PLURAL = {"patch query": "patch queries", "score set": "score sets", "circuit": "circuits"}
 SOURCES_SQL = {
     "patch query": """
-        SELECT DISTINCT query_id AS source_id, run_id, corruption, component, metric, direction,
-               coalesce(window_size, 1) AS "window"
-        FROM top_heads""",
+        SELECT DISTINCT t.query_id AS source_id, t.run_id, t.corruption, t.component, t.metric,
+               t.direction, coalesce(t.window_size, 1) AS "window",
+               json_extract_string(q.params, '$.layers') AS layers
+        FROM top_heads t JOIN queries q USING (query_id)""",
     "score set": """
         SELECT q.query_id AS source_id, q.run_id, r.corruption,
                json_extract_string(q.params, '$.method') AS method,
@@ -182,7 +183,13 @@ def candidates(store: Store, kind: str, filters: Filters) -> list[dict]:
     """Every source of this kind in the store matching the filters, newest first."""
     rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC").to_dicts()
     given = filters.given()
-    return [r for r in rows if all(r.get(k) == v for k, v in given.items())]
+    return [r for r in rows if all(r.get(k) == v for k, v in given.items()) and not partial(r)]
+
+
+def partial(row: dict) -> bool:
+    """A head sweep over some layers only (`layers=`): its top heads are not a head set of the
+    model, so it is never compared with one."""
+    return row.get("layers") is not None
 
 
 def key_of(row: dict, kind: str) -> tuple:
@@ -233,7 +240,14 @@ def _explicit(
         raise UsageError(f"--queries names the sets itself; leave out {flags}")
     if len(queries) < 2:
         raise UsageError("give at least two ids to compare, e.g. --queries 1,2")
-    by_id = {r["source_id"]: r for r in candidates(store, kind, Filters())}
+    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]})").to_dicts()
+    by_id = {r["source_id"]: r for r in rows}
+    for q in queries:
+        if q in by_id and partial(by_id[q]):
+            raise UsageError(
+                f"--queries: query {q} patched layers {by_id[q]['layers']} only, and overlap "
+                "compares head sets over every layer; give a sweep over all layers"
+            )
     unknown = [q for q in queries if q not in by_id]
     if unknown:
         what = {"patch query": "a head patching query", "score set": "an edge-level score set",
