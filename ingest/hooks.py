@@ -22,7 +22,7 @@ from actstore.models import ModelAdapter
 
 # The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
 # whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt
-# at GPT-2-small shape (benchmarks/ingest.py).
+# at GPT-2-small shape (benchmarks/ingestion.py).
 RESID_EVERY = 2
 LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 # `default` is what an ingest without --hooks stores.

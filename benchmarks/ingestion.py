@@ -2,9 +2,9 @@
 patching head sweep on the lean layout (the default hooks: derived on read) vs the full one
 (`--hooks full`: every hook stored).
 
-    PYTHONPATH=$PWD python benchmarks/ingest.py              # 64 IOI prompts, batch 8
-    PYTHONPATH=$PWD python benchmarks/ingest.py --n 16       # a small run on a loaded machine
-    PYTHONPATH=$PWD python benchmarks/ingest.py --shape llama-3.2-1b --n 8
+    PYTHONPATH=$PWD python benchmarks/ingestion.py              # 64 IOI prompts, batch 8
+    PYTHONPATH=$PWD python benchmarks/ingestion.py --n 16       # a small run on a loaded machine
+    PYTHONPATH=$PWD python benchmarks/ingestion.py --shape llama-3.2-1b --n 8
 
 `--shape` picks the random-weight model of the patching benchmark's shapes: gpt2-small (the
 default), pythia-160m or llama-3.2-1b (16 layers, d_model 2048, 32 query / 8 KV heads).
@@ -35,8 +35,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
-# This file's name would hide the `ingest` package: import from the repository root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import numpy as np  # noqa: E402
