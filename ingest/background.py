@@ -50,12 +50,18 @@ class BatchWriter:
                 continue  # a failed write stops the run: later batches are not written
             try:
                 if job is not _NO_BATCH:
-                    pending.append(self.write(job))
+                    try:
+                        pending.append(self.write(job))
+                    except BaseException:
+                        self._record(pending)  # the batches written before the failed one
+                        pending = []
+                        raise
                 if pending and time.monotonic() - last >= RECORD_EVERY_S:
                     self._record(pending)
                     pending, last = [], time.monotonic()
             except BaseException as exc:  # handed to the caller's thread by submit / close
                 self.error = exc
+                pending = []
         if pending and self.error is None:
             try:
                 self._record(pending)
@@ -63,8 +69,9 @@ class BatchWriter:
                 self.error = exc
 
     def _record(self, done: list[Any]) -> None:
-        self.record(done)
-        self.recorded += len(done)
+        if done:
+            self.record(done)
+            self.recorded += len(done)
 
     def submit(self, job: Any) -> None:
         """Queue a batch (waiting while one is queued); raises an earlier write's error."""

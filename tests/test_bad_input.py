@@ -392,6 +392,9 @@ def test_disk_full_with_the_catalog_full_too_says_the_run_stays_ingesting(store,
 
     monkeypatch.setattr(zarrays, "fsync_path", fsync)
     monkeypatch.setattr(Catalog, "write", write)
+    # each batch recorded on its own (as a model slower than the toy's is): the first batch is
+    # in the catalog before the disk fills in the second
+    monkeypatch.setattr("ingest.background.RECORD_EVERY_S", 0.0)
     res = invoke("ingest", store, *INGEST_2)
     assert_refused(res, 1, "disk full while writing run 2; the catalog could not be written "
                    "either, so the run stays ingesting with its 1 stored batches")  # fmt: skip
