@@ -2,16 +2,18 @@
 
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
-a time and refuses read-only openers while it is open). A lock conflict is retried for a few
+a time and refuses read-only openers while it is open). A burst of small reads shares one
+connection (`Catalog.reading`): each open builds a DuckDB instance, 25-40 ms. A lock conflict is retried for a few
 seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
 read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import duckdb
@@ -156,6 +158,7 @@ class Catalog:
         self.writing = False
         self.current = False
         self.holder = holder
+        self._held: dict[int, duckdb.DuckDBPyConnection] = {}  # by thread: see reading()
 
     def _connect(self, read_only: bool, wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
         """Open the file, retrying while another process has it open.
@@ -185,8 +188,29 @@ class Catalog:
                 delay = min(delay * 2, 0.25)
 
     def read(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """A connection for reading; read-write when this process is the writer."""
-        return self._opened(read_only=not self.writing)
+        """A connection for reading; read-write when this process is the writer. Inside
+        `reading()`, that block's connection."""
+        held = self._held.get(threading.get_ident())
+        return nullcontext(held) if held is not None else self._opened(read_only=not self.writing)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Serve every read of this thread inside the block from one connection.
+
+        Opening a connection costs 25-40 ms (DuckDB builds a database instance each time), which
+        a burst of small reads (a query's setup reads a run, its prompts and its hooks) would
+        otherwise pay per statement. Hold it around reads only, never around a computation or a
+        write: while it is open, a writer in another process waits for it."""
+        me = threading.get_ident()
+        if me in self._held:
+            yield
+            return
+        with self._opened(read_only=not self.writing) as con:
+            self._held[me] = con
+            try:
+                yield
+            finally:
+                del self._held[me]
 
     def sandbox(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A read-only connection that cannot reach the file system or change its settings.
@@ -215,22 +239,26 @@ class Catalog:
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection inside one transaction: all of it lands or none of it.
 
-        The first write of a writing command migrates the schema (and checks the file intact)
-        first, so that a command refused before it writes leaves the file as it was."""
+        The first write of a writing command checks the file intact and migrates the schema in
+        the same transaction, so that a command refused before it writes leaves the file as it
+        was, and a command's first write costs one transaction, not two."""
         if not self.writing:
             raise RuntimeError("catalog write without the store's writer lock")
-        if not self.current:
-            self.migrate()
+        if threading.get_ident() in self._held:
+            raise RuntimeError("catalog write inside a reading() block")
         con = self._connect(read_only=False)
         try:
             con.execute("BEGIN TRANSACTION")
             try:
+                if not self.current:
+                    self._migrate(con)
                 yield con
             except BaseException:
                 with suppress(duckdb.Error):  # a failed file may refuse the rollback too
                     con.execute("ROLLBACK")
                 raise
             self.commit(con)
+            self.current = True
         except FILE_ERRORS as exc:
             raise file_error(self.path, exc) from None
         finally:
@@ -274,32 +302,31 @@ class Catalog:
         return int(rows[0][0]) if rows else 0
 
     def migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION (and its views up to date); refuse a catalog from a
-        newer actstore."""
-        self.current = True  # this transaction is the migration: write() must not start one
-        try:
-            with self.write() as con:
-                self._check_intact(con)
-                exists = con.execute(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
-                ).fetchall()[0][0]
-                current = self.version(con) if exists else 0
-                if current > SCHEMA_VERSION:
-                    raise ActstoreError(
-                        f"catalog schema version {current} is newer than this actstore supports "
-                        f"({SCHEMA_VERSION}); upgrade actstore"
-                    )
-                for version in range(current, SCHEMA_VERSION):
-                    for statement in MIGRATIONS[version]:
-                        con.execute(statement)
-                con.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    [str(SCHEMA_VERSION)],
-                )
-                create_views(con)
-        except BaseException:
-            self.current = False
-            raise
+        """Bring the schema to SCHEMA_VERSION (and its views up to date) in a transaction of its
+        own; refuse a catalog from a newer actstore."""
+        self.current = False
+        with self.write():
+            pass
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._check_intact(con)
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+        ).fetchall()[0][0]
+        current = self.version(con) if exists else 0
+        if current > SCHEMA_VERSION:
+            raise ActstoreError(
+                f"catalog schema version {current} is newer than this actstore supports "
+                f"({SCHEMA_VERSION}); upgrade actstore"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            for statement in MIGRATIONS[version]:
+                con.execute(statement)
+        con.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            [str(SCHEMA_VERSION)],
+        )
+        create_views(con)
 
     def is_empty(self) -> bool:
         """True for a catalog file without tables: a store whose creation was interrupted."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,11 @@ class Store:
             )
 
     # ---- reading -------------------------------------------------------------------------
+
+    def reading(self) -> AbstractContextManager[None]:
+        """The reads inside the block share one catalog connection (`Catalog.reading`): for a
+        burst of small reads, never around a computation or a write."""
+        return self.catalog.reading()
 
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
         """Run one SQL statement against the catalog and return its rows."""

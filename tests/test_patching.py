@@ -132,14 +132,16 @@ def test_chosen_layers_are_rows_of_the_whole_sweep(ioi_store, toy_random, compon
 
 def test_normalized_and_unaffected_position(equal_store):
     """Position 0 (BOS) is equal in both runs: patching it leaves the corrupted metric, so the
-    normalised effect is 0; normalisation uses the stored clean/corrupted logit differences."""
+    normalised effect is 0. The query computes its clean and corrupted ends from the store (float32,
+    like its patched values): they equal the ingest's logit differences within the parity
+    tolerance, not to the last bit."""
     path, model = equal_store
     store = Store(path)
     df = patch(store, 1, "resid", positions=[0, 3], model=model)
     pr = store.prompts(1)
     m_clean, m_corr = pr["clean_logit_diff"].mean(), pr["corrupted_logit_diff"].mean()
     expected = (df["value"] - m_corr) / (m_clean - m_corr)
-    np.testing.assert_allclose(df["normalized"].to_numpy(), expected.to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(df["normalized"].to_numpy(), expected.to_numpy(), atol=1e-4)
     at_bos = df.filter(pl.col("pos") == 0)
     np.testing.assert_allclose(at_bos["value"].to_numpy(), m_corr, atol=1e-4)
     np.testing.assert_allclose(at_bos["normalized"].to_numpy(), 0.0, atol=1e-4)

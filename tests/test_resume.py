@@ -166,13 +166,13 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
 
 
 BOUNDARY_N = 4  # two batches of two prompts
-# Write transactions of `actstore ingest` into a new store: create the catalog, migrate it on
-# opening for writing, claim the run, one per batch (each batch recorded on its own, as a model
-# slower than the toy's is: "record_each"), mark it complete.
-COMMITS = 2 + 1 + BOUNDARY_N // 2 + 1
-# The transactions killed at, one of each kind: create, migrate, claim, the first batch (a resume
-# then has a batch still to write; the second batch's commit is of the same kind), complete.
-KILLED = [1, 2, 3, 4, COMMITS]
+# Write transactions of `actstore ingest` into a new store: create the catalog, claim the run (in
+# the same transaction as the schema check that opens every writing command), one per batch (each
+# batch recorded on its own, as a model slower than the toy's is: "record_each"), mark it complete.
+COMMITS = 1 + 1 + BOUNDARY_N // 2 + 1
+# The transactions killed at, one of each kind: create, claim, the first batch (a resume then has
+# a batch still to write; the second batch's commit is of the same kind), complete.
+KILLED = [1, 2, 3, COMMITS]
 
 
 def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run(forker, tmp_path):

@@ -43,16 +43,17 @@ def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
             f"score set {score_id} is node level; circuits need edge scores "
             "(actstore attribute --level edge)"
         )
-    run = store.run(query["run_id"])
-    shape = store.query(
-        "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [run["model"]]
-    )
+    with store.reading():
+        run = store.run(query["run_id"])
+        shape = store.query(
+            "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [run["model"]]
+        )
+        rows = store.query(
+            "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
+        )
     arch = shape["architecture"][0]
     graph = (Graph.of(Architecture.from_json(arch)) if arch is not None
              else Graph(int(shape["n_layers"][0]), int(shape["n_heads"][0])))  # fmt: skip
-    rows = store.query(
-        "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
-    )
     scores = np.zeros((graph.n_forward, graph.n_backward))
     for src, dst, qkv, score in rows.iter_rows():
         scores[graph.cell_of(src, dst, qkv)] = score

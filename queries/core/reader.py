@@ -65,15 +65,16 @@ class Reader:
     ):
         self.store = store
         self.engine = engine
-        self.run = store.run(run) if isinstance(run, int) else run
-        self.run_id = int(self.run["run_id"])
         self.device = device
-        self.prompts = store.prompts(self.run_id)
+        with store.reading():
+            self.run = store.run(run) if isinstance(run, int) else run
+            self.run_id = int(self.run["run_id"])
+            self.prompts = store.prompts(self.run_id)
+            self.stored = {side: set(store.hooks(self.run_id, side)) for side in SIDES}
         self.n = self.prompts.height
         cols = ("seq_len", "answer_token", "wrong_answer_token")
         self.columns = {c: np.asarray(self.prompts[c].to_numpy(), dtype=np.int64) for c in cols}
         self.sets = answer_arrays(self.prompts)
-        self.stored = {side: set(store.hooks(self.run_id, side)) for side in SIDES}
         self.derived = set(self.run["params"].get("derived", []))
         self._derivations: dict[tuple, Derivation] = {}
 

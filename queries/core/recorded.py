@@ -28,7 +28,8 @@ def recorded(
 ) -> pl.DataFrame:
     """`read(query_id)` of the query (kind, run, params): found in the catalog unless
     `recompute`, else `compute()`'s result tables recorded with its wall time."""
-    found = find_query(store, kind, run, params, recompute)
+    with store.reading():
+        found = find_query(store, kind, run, params, recompute)
     if found is not None:
         return read(found)
     started = time.perf_counter()

@@ -89,8 +89,9 @@ def check_spec(
     check("--component", component, COMPONENTS)
     check("--metric", metric, METRICS)
     check("--direction", direction, DIRECTIONS)
-    info = store.run(run)
-    rows = store.query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
+    with store.reading():
+        info = store.run(run)
+        rows = store.query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
     n_layers = int(rows.item()) if rows.height else int(info["params"].get("n_layers", 0))
     if not 1 <= window <= n_layers:
         raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")

@@ -101,8 +101,9 @@ def subspace(
         check_output_path(save_direction, "--save-direction")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
-    info = store.run(run)
-    prompts = store.prompts(run)
+    with store.reading():
+        info = store.run(run)
+        prompts = store.prompts(run)
     pos = check_pos(str(pos), prompts["seq_len"].to_numpy())
     learned = direction in SOURCES
     params = {
