@@ -3,9 +3,9 @@
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
 a time and refuses read-only openers while it is open). A burst of small reads shares one
-connection (`Catalog.reading`): each open builds a DuckDB instance, 25-40 ms. A lock conflict is retried for a few
-seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
-read (truncated, overwritten) is a one-line error, never a traceback.
+connection (`Catalog.reading`): each open builds a DuckDB instance, 25-40 ms. A lock conflict is
+retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
+that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
