@@ -166,3 +166,32 @@ def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
     assert row["raw_bytes"] == 20 * seq * 4 * 16 * 4
     assert 0 < row["stored_bytes"] < row["raw_bytes"] * 1.2
     assert row["codec"] == zarrays.CODEC_NAME
+
+
+def test_reads_in_a_reading_block_share_one_connection(ioi_copy, monkeypatch):
+    """A burst of reads opens the catalog once; the block refuses a write; after it, another
+    process can open the file for writing (the connection is closed)."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from actstore.store import Store
+
+    store = Store(ioi_copy)
+    opened = []
+    real = duckdb.connect
+    monkeypatch.setattr(duckdb, "connect", lambda *a, **k: opened.append(a) or real(*a, **k))
+    store.run(1), store.prompts(1)
+    assert len(opened) == 2
+    with store.reading():
+        run, prompts, hooks = store.run(1), store.prompts(1), store.hooks(1, "corrupted")
+        with store.reading():
+            assert store.runs().height == 1
+    assert len(opened) == 3
+    assert run["n_prompts"] == prompts.height == 20 and "tokens" in hooks
+    with store.writer(), store.reading(), pytest.raises(RuntimeError, match="inside a reading"):
+        with store.transaction():
+            pass
+    code = f"import duckdb; duckdb.connect({str(store.catalog.path)!r}).close()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
