@@ -17,12 +17,10 @@ command resumes at the batches the ledger lacks (like any interrupted ingest).
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,10 +39,8 @@ if TYPE_CHECKING:
     from ingest.prompts import Prepared
 
 CONNECT_TIMEOUT_S = 10
-# What a LocalCluster's forkserver imports once, so that each worker forks with the model stack
-# loaded instead of importing it again (seconds of CPU per worker on a small machine).
-WORKER_PRELOAD = ["distributed", "numpy", "zarr", "torch", "transformer_lens.model_bridge",
-                  "actstore.models", "ingest.batches"]  # fmt: skip
+# What a LocalCluster's workers import beside actstore.cluster.PRELOAD before they fork.
+WORKER_MODULES = ["ingest.batches"]
 TASK_RETRIES = 1  # an exception (a transient object-store error) reruns a task once
 Manifest = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # prompt rows, ledger rows
 
@@ -161,7 +157,9 @@ def _connect(
     local = None
     try:
         if scheduler is None:
-            local = _local_cluster(workers or 1)
+            from actstore.cluster import local_cluster
+
+            local = local_cluster(workers or 1, WORKER_MODULES)
             client = Client(local)
         else:
             client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
@@ -180,35 +178,12 @@ def _connect(
 
 
 def start_forkserver(workers: int | None, scheduler: str | None) -> None:
-    """Start the process a LocalCluster's workers fork from, now: it imports the model stack
-    while this process imports its own and loads the model, instead of after this process has
-    imported Dask and started the scheduler (tens of seconds on a loaded machine)."""
-    if workers is None or scheduler is not None:
-        return
-    import multiprocessing
-    from multiprocessing import forkserver
+    """Start the process a LocalCluster's workers fork from, now (actstore/cluster.py): it
+    imports the model stack while this process imports its own and loads the model."""
+    if workers is not None and scheduler is None:
+        from actstore.cluster import start_forkserver as start
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()
-
-
-def _local_cluster(workers: int) -> Any:
-    """A LocalCluster of single-threaded worker processes, forked from a server that has
-    imported the model stack once (later restarts of a killed worker spawn afresh)."""
-    import dask
-    from distributed import LocalCluster
-    from distributed.utils import get_mp_context
-
-    with (
-        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}),
-        warnings.catch_warnings(),
-    ):
-        warnings.filterwarnings("ignore", "Port .* is already in use")  # any free port serves
-        get_mp_context().set_forkserver_preload(WORKER_PRELOAD)
-        return LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.CRITICAL,
-        )  # fmt: skip
+        start(WORKER_MODULES)
 
 
 def _check_workers_see(client: Any, directory: Path) -> None:

@@ -1,25 +1,28 @@
 """Sums over a run's prompt batches, in this process or as tasks on dask.distributed.
 
 Patching effects, attribution scores and a circuit's faithfulness are sums over prompts. With
-`workers` (a LocalCluster of that many single-threaded processes) or `scheduler` (a running cluster
-whose workers see STORE at the same path) each batch of prompts becomes a Dask task, run on one
-torch thread, returning its partial sums. The caller adds the partial sums in the batches' order,
-whatever order the tasks finish in, so the result does not depend on the number of workers or on
-scheduling; against a single process it differs only by the float32 rounding of forwards (and
-backwards) run on one thread instead of several: patching effects within 1e-6, attribution scores
-within 1e-5 of the set's largest |score|, faithfulness within 1e-5 and the circuit's metric within
-1e-5 relative (tested in tests/test_sweeps.py). The parameters recorded with the query do not
-include the cluster, so a query asked with any number of workers is found again by any other.
+`workers` (a LocalCluster of that many single-threaded processes, actstore/cluster.py) or
+`scheduler` (a running cluster whose workers see STORE at the same path) each batch of prompts
+becomes a Dask task, run on one torch thread, returning its partial sums. The caller adds the
+partial sums in the batches' order, whatever order the tasks finish in, so the result does not
+depend on the number of workers or on scheduling; against a single process it differs only by the
+float32 rounding of forwards (and backwards) run on one thread instead of several: patching effects
+within 1e-6, attribution scores within 1e-5 of the set's largest |score|, faithfulness within 1e-5
+and the circuit's metric within 1e-5 relative (tested in tests/test_sweeps.py). The parameters
+recorded with the query do not include the cluster, so a query asked with any number of workers is
+found again by any other.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from actstore.errors import ActstoreError, UsageError
+
+# What a LocalCluster's workers import beside actstore.cluster.PRELOAD before they fork.
+WORKER_MODULES = ["queries.core.engine", "queries.core.reader"]
 
 
 def check_cluster(workers: int | None, scheduler: str | None) -> None:
@@ -33,15 +36,14 @@ def cluster(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     if workers is None and scheduler is None:
         yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from actstore.cluster import local_cluster
 
     local = None
     try:
         if scheduler is None:
-            local = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR,
-            )  # fmt: skip
+            local = local_cluster(workers, WORKER_MODULES)
             client = Client(local)
         else:
             client = Client(scheduler, timeout="10s")
