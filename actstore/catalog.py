@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 
 from actstore.errors import ActstoreError
-from actstore.views import create_views
+from actstore.views import create_views, views_hash
 
 SCHEMA_VERSION = 3
 
@@ -277,12 +277,14 @@ class Catalog:
             "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
         ).fetchall()
         last = -1
-        for (table,) in tables:
-            name = table.replace("'", "''")
-            found = con.execute(
-                f"SELECT max(block_id) FROM pragma_storage_info('{name}') WHERE block_id >= 0"
-            ).fetchall()[0][0]
-            last = max(last, -1 if found is None else int(found))
+        if tables:  # one statement: a round trip per table costs more than the check itself
+            blocks = " UNION ALL ".join(
+                "SELECT max(block_id) AS b FROM pragma_storage_info('{}') WHERE block_id >= 0"
+                .format(table.replace("'", "''"))
+                for (table,) in tables
+            )  # fmt: skip
+            found = con.execute(f"SELECT max(b) FROM ({blocks})").fetchall()[0][0]
+            last = -1 if found is None else int(found)
         need = FILE_HEADER_BYTES + (last + 1) * int(block_size)
         size = self.path.stat().st_size
         if size < need:
@@ -298,8 +300,13 @@ class Catalog:
         con.execute("CHECKPOINT")
 
     def version(self, con: duckdb.DuckDBPyConnection) -> int:
-        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-        return int(rows[0][0]) if rows else 0
+        value = self._meta(con, "schema_version")
+        return 0 if value is None else int(value)
+
+    @staticmethod
+    def _meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+        rows = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchall()
+        return rows[0][0] if rows else None
 
     def migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION (and its views up to date) in a transaction of its
@@ -319,14 +326,17 @@ class Catalog:
                 f"catalog schema version {current} is newer than this actstore supports "
                 f"({SCHEMA_VERSION}); upgrade actstore"
             )
+        views = views_hash()
+        if current == SCHEMA_VERSION and self._meta(con, "views_hash") == views:
+            return  # nothing to change: the command's transaction writes only its own rows
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 con.execute(statement)
-        con.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-            [str(SCHEMA_VERSION)],
-        )
         create_views(con)
+        con.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [["schema_version", str(SCHEMA_VERSION)], ["views_hash", views]],
+        )
 
     def is_empty(self) -> bool:
         """True for a catalog file without tables: a store whose creation was interrupted."""

@@ -128,6 +128,15 @@ VIEWS: dict[str, str] = {
 }
 
 
+def views_hash() -> str:
+    """What the catalog records of the views it holds: a command's first write recreates them
+    only when this version of actstore defines them differently."""
+    import hashlib
+
+    text = "\n".join(f"{name} AS {body}" for name, body in VIEWS.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def create_views(con: Any) -> None:
     """Create or replace every view; idempotent, called inside the migration transaction."""
     for name, body in VIEWS.items():

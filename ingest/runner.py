@@ -117,14 +117,15 @@ def ingest(
             seq = max(len(adapter.tokenize(p.clean)) for p in sample)
             if local_arrays:
                 n_guess = n or DEFAULT_N
-                _check_space(store_path, adapter, hook_names, dtype, corruption, n_guess, seq)
+                _check_space(store_path, store, adapter, hook_names, dtype, corruption, n_guess,
+                             seq)  # fmt: skip
         task_name, pairs, source = load_pairs(adapter, task, dataset, n, seed)
         if not pairs:
             raise UsageError("the dataset holds no prompt pairs")
         prepared = prepare(adapter, pairs, corruption)
         n_pairs, seq = prepared.clean.shape
         if local_arrays:  # object storage is not this disk
-            _check_space(store_path, adapter, hook_names, dtype, corruption, n_pairs, seq)
+            _check_space(store_path, store, adapter, hook_names, dtype, corruption, n_pairs, seq)
         params = {
             "model": adapter.spec,
             "fingerprint": adapter.fingerprint,
@@ -152,6 +153,7 @@ def ingest(
 
 def _check_space(
     store_path: Path,
+    store: Store | None,
     model: ModelAdapter,
     hooks: list[str],
     dtype: str,
@@ -165,7 +167,7 @@ def _check_space(
     shapes = array_shapes(model, params, n, seq)
     need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in shapes.values())
     where = next(p for p in [store_path, *store_path.absolute().parents] if p.exists())
-    free = shutil.disk_usage(where).free + _resumable_bytes(store_path)
+    free = shutil.disk_usage(where).free + _resumable_bytes(store)
     if need > 2 * free:
         raise ActstoreError(
             f"--n {n}: the activations need about {_size(need)} uncompressed ({len(shapes)} arrays "
@@ -174,15 +176,15 @@ def _check_space(
         )
 
 
-def _resumable_bytes(store_path: Path) -> int:
+def _resumable_bytes(store: Store | None) -> int:
     """Bytes held by the arrays of interrupted runs (a resume reuses them)."""
-    if not (store_path / CATALOG).exists():
+    if store is None:
         return 0
-    runs = Store(store_path).query("SELECT run_id FROM runs WHERE status <> 'complete'")
+    runs = store.query("SELECT run_id FROM runs WHERE status <> 'complete'")
     return sum(
         p.stat().st_size
         for rid in runs["run_id"].to_list()
-        for p in zarrays.run_dir(store_path, rid).rglob("*")
+        for p in zarrays.run_dir(store.path, rid).rglob("*")
         if p.is_file()
     )
 

@@ -80,15 +80,20 @@ def ioi_store(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _session_store_records_nothing(request):
-    """Fails the test that records a query in the shared `ioi_store` (it needs `ioi_copy`): a
-    later test on the same worker would otherwise find rows it did not write."""
-    yield
-    if "ioi_store" in request.fixturenames:
-        import actstore
+def _session_store_unchanged(request):
+    """Fails the test that writes to the shared `ioi_store` (it needs `ioi_copy`): a later test
+    on the same worker would otherwise find rows it did not write. Every catalog transaction
+    ends in a checkpoint into the file, so its bytes tell (reading them opens no connection)."""
+    if "ioi_store" not in request.fixturenames:
+        yield
+        return
+    import hashlib
 
-        n = actstore.open(request.getfixturevalue("ioi_store")).sql("select count(*) from queries")
-        assert n.item() == 0, f"{request.node.nodeid} recorded queries in ioi_store: use ioi_copy"
+    catalog = request.getfixturevalue("ioi_store") / "catalog.duckdb"
+    before = hashlib.sha256(catalog.read_bytes()).digest()
+    yield
+    after = hashlib.sha256(catalog.read_bytes()).digest()
+    assert after == before, f"{request.node.nodeid} wrote to ioi_store: use ioi_copy"
 
 
 @pytest.fixture
