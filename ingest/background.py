@@ -36,42 +36,31 @@ class BatchWriter:
         self.thread.start()
 
     def _loop(self) -> None:
-        pending: list[Any] = []
+        pending: list[Any] = []  # written, not yet recorded
         last = time.monotonic()
-        while True:
+        done = False
+        while not done:
             wait = max(0.0, last + RECORD_EVERY_S - time.monotonic()) if pending else None
             try:
                 job = self.jobs.get(timeout=wait)
             except queue.Empty:  # no batch came in time: record the written ones now
                 job = _NO_BATCH
-            if job is None:
-                break
+            done = job is None
             if self.error is not None:
                 continue  # a failed write stops the run: later batches are not written
-            try:
-                if job is not _NO_BATCH:
-                    try:
-                        pending.append(self.write(job))
-                    except BaseException:
-                        self._record(pending)  # the batches written before the failed one
-                        pending = []
-                        raise
-                if pending and time.monotonic() - last >= RECORD_EVERY_S:
-                    self._record(pending)
-                    pending, last = [], time.monotonic()
-            except BaseException as exc:  # handed to the caller's thread by submit / close
-                self.error = exc
-                pending = []
-        if pending and self.error is None:
-            try:
-                self._record(pending)
-            except BaseException as exc:
-                self.error = exc
-
-    def _record(self, done: list[Any]) -> None:
-        if done:
-            self.record(done)
-            self.recorded += len(done)
+            if job is not None and job is not _NO_BATCH:
+                try:
+                    pending.append(self.write(job))
+                except BaseException as exc:  # handed to the caller's thread by submit / close
+                    self.error = exc
+            due = time.monotonic() - last >= RECORD_EVERY_S
+            if pending and (done or due or self.error is not None):
+                try:  # after a failed write, the batches written before it are still recorded
+                    self.record(pending)
+                    self.recorded += len(pending)
+                except BaseException as exc:
+                    self.error = self.error or exc
+                pending, last = [], time.monotonic()
 
     def submit(self, job: Any) -> None:
         """Queue a batch (waiting while one is queued); raises an earlier write's error."""
