@@ -88,7 +88,15 @@ def assert_matches_transformer_lens(
     store, model, component: str, direction: str, positions: list[int] | None, spread: float
 ) -> None:
     """Our effects of run 1 equal `transformer_lens.patching`'s for every metric (1e-4), and
-    the logit differences vary by more than `spread` (the patches really change the run)."""
+    the logit differences vary by more than `spread` (the patches really change the run).
+    Nothing here writes: the reads share one catalog connection."""
+    with store.reading():
+        _assert_matches(store, model, component, direction, positions, spread)
+
+
+def _assert_matches(
+    store, model, component: str, direction: str, positions: list[int] | None, spread: float
+) -> None:
     import pandas as pd
 
     from queries.choices import METRICS

@@ -18,8 +18,8 @@ def read_hook(
     from queries.core.model import model_for_run
     from queries.core.reader import Reader, Span
 
-    run = store.run(run_id)
-    model = model_for_run(run, "cpu", model)
-    reader = Reader(store, run, "cpu", Engine.from_adapter(model))
-    with torch.no_grad():
+    with store.reading(), torch.no_grad():
+        run = store.run(run_id)
+        model = model_for_run(run, "cpu", model)
+        reader = Reader(store, run, "cpu", Engine.from_adapter(model))
         return reader.tensor(side, hook, Span(0, reader.n))
