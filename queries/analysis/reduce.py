@@ -52,18 +52,13 @@ def reduce(
         by = by or "grp"
     elif by is not None:
         raise UsageError(f"--by is for --op class-mean, not {op}")
-    if _derived(store, run, side, hook):
-        if op == "head-norm":
-            raise UsageError(
-                f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} is not one"
-            )
-    else:
-        arr = store.array(run, side, hook)
-        if op == "head-norm" and arr.ndim != 4:
-            raise UsageError(
-                f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} has shape "
-                f"{tuple(arr.shape)}"
-            )
+    derived = _derived(store, run, side, hook)
+    shape = None if derived else tuple(store.array(run, side, hook).shape)
+    if op == "head-norm" and (shape is None or len(shape) != 4):
+        held = "derived, one vector per position" if derived else f"of shape {shape}"
+        raise UsageError(
+            f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} is {held}"
+        )
     params = {"hook": hook, "op": op, "by": by, "side": side}
 
     def compute() -> dict[str, pl.DataFrame]:
