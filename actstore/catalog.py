@@ -2,8 +2,9 @@
 
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
-a time and refuses read-only openers while it is open). A burst of small reads shares one
-connection (`Catalog.reading`): each open builds a DuckDB instance, 25-40 ms. A lock conflict is
+a time and refuses read-only openers while it is open). An open attaches the file to the
+process's one DuckDB instance (actstore.attachments), about 3 ms; a burst of small reads still
+shares one connection (`Catalog.reading`). A lock conflict is
 retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
 that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 
+from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
@@ -160,19 +162,21 @@ class Catalog:
         self.holder = holder
         self._held: dict[int, duckdb.DuckDBPyConnection] = {}  # by thread: see reading()
 
-    def _connect(self, read_only: bool, wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
-        """Open the file, retrying while another process has it open.
+    def _connect(self, read_only: bool, own_instance: bool = False) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying while another process has it open: attached to the process's
+        instance, or in an instance of its own (for settings that hold instance-wide).
 
         A reader waits up to READ_WAIT_S for the writer's current transaction; the writer waits
         up to WRITE_WAIT_S for readers (a long export), so that a reader never fails an ingest.
         """
-        if wait_s is None:
-            wait_s = READ_WAIT_S if read_only else WRITE_WAIT_S
+        wait_s = READ_WAIT_S if read_only else WRITE_WAIT_S
         deadline = time.monotonic() + wait_s
         delay = 0.02
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                if own_instance:
+                    return duckdb.connect(str(self.path), read_only=read_only)
+                return ATTACHMENTS.open(self.path, read_only)
             except duckdb.Error as exc:
                 if not _is_lock_conflict(exc):
                     if isinstance(exc, FILE_ERRORS):
@@ -197,8 +201,8 @@ class Catalog:
     def reading(self) -> Iterator[None]:
         """Serve every read of this thread inside the block from one connection.
 
-        Opening a connection costs 25-40 ms (DuckDB builds a database instance each time), which
-        a burst of small reads (a query's setup reads a run, its prompts and its hooks) would
+        Each open attaches the file (about 3 ms, and a lock other processes wait on), which a
+        burst of small reads (a query's setup reads a run, its prompts and its hooks) would
         otherwise pay per statement. Hold it around reads only, never around a computation or a
         write: while it is open, a writer in another process waits for it."""
         me = threading.get_ident()
@@ -225,7 +229,9 @@ class Catalog:
 
     @contextmanager
     def _opened(self, read_only: bool, *settings: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._connect(read_only=read_only)
+        """A connection closed on exit; `settings` are instance-wide, so they get an instance of
+        their own."""
+        con = self._connect(read_only=read_only, own_instance=bool(settings))
         try:
             for setting in settings:
                 con.execute(setting)
@@ -233,7 +239,10 @@ class Catalog:
         except FILE_ERRORS as exc:
             raise file_error(self.path, exc) from None
         finally:
-            con.close()
+            if settings:
+                con.close()
+            else:
+                ATTACHMENTS.close(con)
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -262,7 +271,7 @@ class Catalog:
         except FILE_ERRORS as exc:
             raise file_error(self.path, exc) from None
         finally:
-            con.close()
+            ATTACHMENTS.close(con)
 
     def check_intact(self) -> None:
         """Refuse a catalog file that ends before the last block its tables use (truncated)."""
@@ -272,9 +281,12 @@ class Catalog:
     def _check_intact(self, con: duckdb.DuckDBPyConnection) -> None:
         """Writing into a truncated file would make the damage worse: checked from the tables'
         storage metadata (no data is read) before a command's first write."""
-        block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()[0][0]
+        block_size = con.execute(
+            "SELECT block_size FROM pragma_database_size() WHERE database_name = current_database()"
+        ).fetchall()[0][0]
         tables = con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+            "AND table_catalog = current_database()"
         ).fetchall()
         last = -1
         if tables:  # one statement: a round trip per table costs more than the check itself
@@ -318,7 +330,8 @@ class Catalog:
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         self._check_intact(con)
         exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta' "
+            "AND table_catalog = current_database()"
         ).fetchall()[0][0]
         current = self.version(con) if exists else 0
         if current > SCHEMA_VERSION:
@@ -341,9 +354,10 @@ class Catalog:
     def is_empty(self) -> bool:
         """True for a catalog file without tables: a store whose creation was interrupted."""
         with self.read() as con:
-            return not con.execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][
-                0
-            ]
+            return not con.execute(
+                "SELECT count(*) FROM information_schema.tables "
+                "WHERE table_catalog = current_database()"
+            ).fetchall()[0][0]
 
     def check_version(self) -> int:
         """The catalog's schema version; refuse one that this version cannot interpret."""

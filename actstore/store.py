@@ -304,6 +304,7 @@ def table_names(store: Store) -> list[str]:
     """Tables and views of the catalog that export and sql can read."""
     df = store.query(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+        "AND table_catalog = current_database() "
         "ORDER BY table_name"
     )
     return df["table_name"].to_list()

@@ -262,8 +262,9 @@ class Writes:
         id_marks = ", ".join("?" for _ in ids)
         tables = self.con.execute(
             "SELECT c.table_name, c.column_name FROM information_schema.columns c "
-            "JOIN information_schema.tables t USING (table_schema, table_name) "
+            "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
             "WHERE t.table_type = 'BASE TABLE' AND c.table_name <> 'queries' "
+            "AND t.table_catalog = current_database() "
             f"AND c.column_name IN ({', '.join(repr(c) for c in QUERY_ID_COLUMNS)})"
         ).fetchall()
         for table, column in tables:

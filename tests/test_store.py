@@ -174,14 +174,13 @@ def test_reads_in_a_reading_block_share_one_connection(ioi_copy, monkeypatch):
     import subprocess
     import sys
 
-    import duckdb
-
+    from actstore.attachments import ATTACHMENTS
     from actstore.store import Store
 
     store = Store(ioi_copy)
     opened = []
-    real = duckdb.connect
-    monkeypatch.setattr(duckdb, "connect", lambda *a, **k: opened.append(a) or real(*a, **k))
+    real = ATTACHMENTS.open
+    monkeypatch.setattr(ATTACHMENTS, "open", lambda *a, **k: opened.append(a) or real(*a, **k))
     store.run(1), store.prompts(1)
     assert len(opened) == 2
     with store.reading():

@@ -1,0 +1,121 @@
+"""One DuckDB instance per process; catalog files are attached to it for the length of a read
+or a write.
+
+Building a DuckDB instance costs 20-40 ms (it registers every built-in function), attaching a
+file to a live one about 3 ms. Catalog connections are short-lived so that other processes can
+open the file between them, so a command opens the catalog tens of times: it attaches, never
+builds. Attaching takes the same file lock as opening, and detaching releases it, so other
+processes see exactly the locking of one connection per open.
+
+A file is attached once per process however many connections use it: detaching a second
+attachment of the same file would close its descriptor, and POSIX drops every lock the process
+holds on a file when any descriptor of it closes. Readers and the writer of one process share
+one mode (read-only, or read-write in the writer); asking for the other while the file is held
+is refused, as DuckDB refuses two configurations of one file. The instance runs one thread, so
+that a process forked while it exists finds no thread missing; a forked child builds its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+
+@dataclass
+class _Held:
+    alias: str
+    read_only: bool
+    users: set[int] = field(default_factory=set)
+
+
+class Attachments:
+    """The attached catalog files of this process and the instance they are attached to."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names = itertools.count()
+        self._pid = -1
+        self._base: duckdb.DuckDBPyConnection | None = None
+        self._held: dict[str, _Held] = {}
+        self._of: dict[int, str] = {}  # connection id -> key of the file it uses
+        self._orphans: list[duckdb.DuckDBPyConnection] = []
+
+    def _instance(self) -> duckdb.DuckDBPyConnection:
+        if self._base is None or self._pid != os.getpid():
+            if self._base is not None:
+                # The parent's instance: never closed here (its locks and state are the
+                # parent's), only kept from the garbage collector.
+                self._orphans.append(self._base)
+                self._held.clear()
+                self._of.clear()
+            self._base = duckdb.connect(config={"threads": 1})
+            self._pid = os.getpid()
+        return self._base
+
+    def open(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection whose default database is the catalog file at `path`.
+
+        Raises duckdb.Error as DuckDB's own open would: a lock held by another process, a file
+        that cannot be read, or a mode this process does not hold the file in."""
+        key = str(Path(path).absolute())
+        with self._lock:
+            base = self._instance()
+            held = self._held.get(key)
+            if held is not None and held.read_only != read_only:
+                mode = "read-only" if held.read_only else "read-write"
+                raise duckdb.ConnectionException(
+                    f"this process holds the file {mode}; it cannot be opened in the other "
+                    "mode until that connection closes"
+                )
+            con = base.cursor()
+            try:
+                if held is None:
+                    held = _Held(f"catalog_{next(self._names)}", read_only)
+                    quoted = key.replace("'", "''")
+                    option = " (READ_ONLY)" if read_only else ""
+                    con.execute(f"ATTACH '{quoted}' AS {held.alias}{option}")
+                    self._held[key] = held
+                con.execute(f"USE {held.alias}")
+            except BaseException:
+                con.close()
+                self._recover(base)
+                raise
+            held.users.add(id(con))
+            self._of[id(con)] = key
+            return con
+
+    def close(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Close a connection from `open`; the last one of a file detaches it."""
+        with self._lock:
+            key = self._of.pop(id(con), None)
+            con.close()
+            held = self._held.get(key) if key is not None else None
+            if held is None:
+                return
+            held.users.discard(id(con))
+            if not held.users:
+                del self._held[key]
+                base = self._instance()
+                try:
+                    base.execute(f"DETACH {held.alias}")
+                except duckdb.Error:
+                    self._recover(base)
+
+    def _recover(self, base: duckdb.DuckDBPyConnection) -> None:
+        """After a failure: a damaged file can invalidate the whole instance (DuckDB's fatal
+        errors); then the next open builds a new one."""
+        try:
+            base.execute("SELECT 1")
+        except duckdb.Error:
+            self._orphans.append(base)
+            self._base = None
+            self._held.clear()
+            self._of.clear()
+
+
+ATTACHMENTS = Attachments()
