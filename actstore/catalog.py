@@ -280,10 +280,15 @@ class Catalog:
 
     def _check_intact(self, con: duckdb.DuckDBPyConnection) -> None:
         """Writing into a truncated file would make the damage worse: checked from the tables'
-        storage metadata (no data is read) before a command's first write."""
-        block_size = con.execute(
-            "SELECT block_size FROM pragma_database_size() WHERE database_name = current_database()"
-        ).fetchall()[0][0]
+        storage metadata (no data is read) before a command's first write. A file that holds
+        every block DuckDB allocated holds those too: the common case costs one pragma."""
+        block_size, total_blocks = con.execute(
+            "SELECT block_size, total_blocks FROM pragma_database_size() "
+            "WHERE database_name = current_database()"
+        ).fetchall()[0]
+        size = self.path.stat().st_size
+        if size >= FILE_HEADER_BYTES + int(total_blocks) * int(block_size):
+            return
         tables = con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
             "AND table_catalog = current_database()"
@@ -298,7 +303,6 @@ class Catalog:
             found = con.execute(f"SELECT max(b) FROM ({blocks})").fetchall()[0][0]
             last = -1 if found is None else int(found)
         need = FILE_HEADER_BYTES + (last + 1) * int(block_size)
-        size = self.path.stat().st_size
         if size < need:
             raise ActstoreError(
                 f"catalog {self.path} is damaged and cannot be read (truncated: {size} bytes, its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -33,9 +34,38 @@ def pytest_xdist_make_scheduler(config, log):
     return ByFile(config, log)
 
 
+def _combinations(item, strength: int) -> set[tuple]:
+    params = sorted((name, repr(value)) for name, value in item.callspec.params.items())
+    return set(itertools.combinations(params, min(strength, len(params))))
+
+
+def cover(items: list) -> None:
+    """Mark slow all but a covering subset of each test marked `cover(n)`: every n values of
+    different parameters appear together in at least one quick test (n=1: every value once),
+    chosen greedily, the same on every pytest-xdist worker; `make test` runs the whole matrix."""
+    groups: dict = {}
+    for item in items:
+        if item.get_closest_marker("cover") and not item.get_closest_marker("slow"):
+            groups.setdefault((item.path, item.originalname), []).append(item)
+    for group in groups.values():
+        strength = group[0].get_closest_marker("cover").args[0]
+        combos = {id(item): _combinations(item, strength) for item in group}
+        left = set().union(*combos.values())
+        keep = set()
+        while left:
+            best = max(group, key=lambda item: len(combos[id(item)] & left))
+            keep.add(id(best))
+            left -= combos[id(best)]
+        for item in group:
+            if id(item) not in keep:
+                item.add_marker(pytest.mark.slow)
+
+
 def pytest_collection_modifyitems(config, items):
-    """On a pytest-xdist worker, the files that hold slow tests go first (the workers take files
-    in this order), so that no long file starts last while the other worker idles."""
+    """The covering subsets of parameter matrices (`cover`). On a pytest-xdist worker, the files
+    that hold slow tests go first (the workers take files in this order), so that no long file
+    starts last while the other worker idles."""
+    cover(items)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         slow = {item.path for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: item.path not in slow)  # stable: file order otherwise

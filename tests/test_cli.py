@@ -93,6 +93,7 @@ def test_read_only_commands_do_not_import_torch(ioi_store):
     assert out.stdout.strip() == "False", out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -130,6 +131,7 @@ def assert_one_line(res: subprocess.CompletedProcess, code: int, message: str) -
     assert len(lines) == 1 and message in lines[0], res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["info", "verify", "ingest"])
 def test_not_a_store(tmp_path, command):
     (tmp_path / "notes.txt").write_text("not a store")
@@ -141,6 +143,7 @@ def test_not_a_store(tmp_path, command):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["info", "ingest"])
 def test_catalog_from_a_newer_version_is_refused_unchanged(ioi_store, tmp_path, command):
     import shutil

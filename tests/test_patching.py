@@ -68,6 +68,7 @@ def parity_store(request, tmp_path_factory):
     return _equal_store(tmp_path_factory, random_norms(request.param))
 
 
+@pytest.mark.cover(2)
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("component", list(TL_FUNCTIONS))
 def test_matches_transformer_lens(parity_store, component, direction):
@@ -234,6 +235,7 @@ def test_cli_repeat_is_fast_without_torch(ioi_copy):
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [

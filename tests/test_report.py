@@ -102,6 +102,7 @@ def test_report_errors_leave_store_unchanged(hand_store, tmp_path):
         actstore.open(str(path)).report(str(tmp_path))  # a directory
 
 
+@pytest.mark.slow
 def test_cli_report_prints_contents_without_torch(hand_store, tmp_path):
     path, ids = hand_store
     out = tmp_path / "r.html"

@@ -35,6 +35,7 @@ def store(ioi_copy):
     return ioi_copy
 
 
+@pytest.mark.cover(1)
 @pytest.mark.parametrize("command", ["info", "verify", "ingest"])
 @pytest.mark.parametrize("keep", [0.5, 0.01])
 def test_a_truncated_catalog_is_one_line(store, command, keep):
@@ -68,6 +69,7 @@ def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(
     assert (path / "arrays.zarr" / "zarr.json").exists()
 
 
+@pytest.mark.slow
 def test_an_uncached_query_during_an_ingest_fails_at_once(held_store):  # noqa: F811
     path, pid = held_store
     before = snapshot(path)
@@ -110,6 +112,7 @@ def read_only(ioi_store, tmp_path_factory, toy_random):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [["patch", "{s}", *PATCH, "--metric", "kl"], ["ingest", "{s}", *INGEST],
@@ -123,6 +126,7 @@ def test_a_read_only_store_refuses_writers_before_they_compute(read_only, args):
     assert snapshot(read_only) == before
 
 
+@pytest.mark.slow
 def test_a_read_only_store_still_answers_reads_and_cached_queries(read_only):
     for args in (["info", str(read_only)], ["sql", str(read_only), "select 1"],
                  ["patch", str(read_only), *PATCH], ["verify", str(read_only)]):  # fmt: skip

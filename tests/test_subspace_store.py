@@ -81,6 +81,7 @@ def _site_map(hook: str, reader: str | None) -> np.ndarray:
     return reading_map(Engine.from_adapter(model), parse_site(model, hook, None), reader).numpy()
 
 
+@pytest.mark.cover(1)
 @pytest.mark.parametrize(
     "hook, reader",
     [("blocks.2.mlp.hook_post", None), ("blocks.2.hook_resid_mid", "unembed")],

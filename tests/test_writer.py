@@ -38,6 +38,7 @@ def held_store(ioi_store, tmp_path):
     holder.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [["ingest", "{s}", "--model", "toy-random", "--task", "ioi", "--n", "4"],
@@ -56,6 +57,7 @@ def test_second_writer_gets_one_line_naming_the_holder(held_store, args):
     assert snapshot(path) == before
 
 
+@pytest.mark.slow
 def test_readers_work_while_the_writer_lock_is_held(held_store, tmp_path):
     path, _ = held_store
     res = run_cli("sql", str(path), "select count(*) as n from prompts", "--format", "csv")
