@@ -9,17 +9,15 @@ must verify clean and equal an uninterrupted ingest bit for bit.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+from ingest_forker import Forker
 
 import actstore
 from actstore import arrays as zarrays
@@ -29,55 +27,10 @@ from actstore.verify import failures, verify
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 8
 KILLS = 12
 N_ARRAYS = 2 * (2 + 4)  # sides x (tokens, logits, z of 4 layers); batches of 2 prompts
 LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum", "nbytes"]
-
-
-class Forker:
-    def __init__(self) -> None:
-        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "ingest_forker.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-        assert self._read().get("ready")
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        assert line, "the forker process died"
-        return json.loads(line)
-
-    def start(self, store: Path, restart: bool = False, **options) -> int:
-        request = {"store": str(store), "restart": restart, **options}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self._read()["pid"]
-
-    def wait(self) -> tuple[int, float]:
-        done = self._read()
-        return done["status"], done["wall_s"]
-
-    def run(self, store: Path, restart: bool = False, **options) -> float:
-        self.start(store, restart, **options)
-        status, wall = self.wait()
-        assert status == 0, f"ingest exited with {status}"
-        return wall
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def forker():
-    f = Forker()
-    yield f
-    f.close()
 
 
 def contents(path: Path) -> dict:
