@@ -3,6 +3,7 @@ reductions through Dask against numpy, one of them under an address-space limit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -62,11 +63,22 @@ def _verify_ledger(path: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_shards", [2, 4])
-def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards):
+def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards, forker):
+    """The shards run at the same time, each in a process of its own forked from the session's
+    forker (which has imported torch once), and so do the merges: `actstore` commands all."""
     path = tmp_path / "store"
     location = f"file://{path}" if n_shards == 2 else str(path)
-    procs = [_cli("ingest", location, *ARGS, "--shard", f"{i}/{n_shards}") for i in range(n_shards)]
-    results = [_finish(p) for p in procs]
+    calls = itertools.count()
+
+    def cli(*argv: str) -> tuple[int, Path]:
+        output = tmp_path / f"cli{next(calls)}"
+        return forker.spawn(list(argv), output), output
+
+    def finish(call: tuple[int, Path]) -> tuple[int, str, str]:
+        return forker.finish(*call)
+
+    procs = [cli("ingest", location, *ARGS, "--shard", f"{i}/{n_shards}") for i in range(n_shards)]
+    results = [finish(p) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
     manifests = sorted((path / "manifests").glob("run-*/shard-*.json"))
     assert [Path(out.strip()) for _, out, _ in results] == manifests
@@ -76,7 +88,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     last = manifests[-1]
     aside = tmp_path / last.name
     shutil.move(last, aside)
-    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    rc, out, err = finish(cli("merge", location, "--format", "json"))
     assert rc == 1 and f"{n_shards - 1}" in err
     partial = json.loads(out)
     assert partial[0]["status"] == "ingesting" and partial[0]["missing"] == str(n_shards - 1)
@@ -88,7 +100,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     leftover = next(staged.rglob("c")) / "0.deadbeef.partial"
     leftover.write_bytes(b"half a chunk")
 
-    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    rc, out, err = finish(cli("merge", location, "--format", "json"))
     assert rc == 0, err
     assert not list(path.rglob("*.partial"))
     assert json.loads(out)[0] == {
@@ -104,7 +116,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     assert not (path / "arrays.zarr" / "staged" / merged["runs"]["params_hash"][0]).exists()
 
     # Merging again is a no-op success that reports the merged run again.
-    again = _finish(_cli("merge", location, "--format", "json"))
+    again = finish(cli("merge", location, "--format", "json"))
     assert again[0] == 0 and json.loads(again[1]) == json.loads(out), again[2]
     assert all(tables(path)[t].equals(f) for t, f in merged.items())
 
