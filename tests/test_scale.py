@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from same_store import assert_same_store, tables
+from same_store import assert_same_store, single_process_store, tables
 
 import actstore
 from actstore import arrays as zarrays
@@ -41,13 +41,9 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    from ingest.runner import ingest
-
-    path = tmp_path_factory.mktemp("single") / "store"
-    ingest(path, model="toy-random", task="ioi", n=22, batch_size=4, hooks="resid_pre",
-           progress=False)  # fmt: skip
-    return path
+def single(tmp_path_factory, toy_random) -> Path:
+    return single_process_store(tmp_path_factory, toy_random, "single", task="ioi", n=22,
+                                batch_size=4, hooks="resid_pre", progress=False)  # fmt: skip
 
 
 def _verify_ledger(path: Path) -> int:
@@ -195,14 +191,15 @@ def test_distributed_scheduler_matches_threads(ioi_copy):
 
 
 @pytest.mark.slow
-def test_mean_reduction_under_a_memory_limit(tmp_path):
+def test_mean_reduction_under_a_memory_limit(tmp_path, toy_random):
     """The reduction runs with 64 MiB of address space over the warmed-up interpreter on an
-    array of 93 MB, where loading the array with numpy fails."""
+    array of 93 MB, where loading the array with numpy fails. Both ingests use the session's
+    model (the 9,600 forward passes are most of this test's time; loading is not needed)."""
     from ingest.runner import ingest
 
     path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
-    ingest(path, model="toy-random", task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
-    ingest(path, model="toy-random", task="ioi", n=4800, batch_size=96, hooks=hook,
+    ingest(path, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
+    ingest(path, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook,
            progress=False)  # fmt: skip
     store = actstore.open(path)
     nbytes = store.array(2, "clean", hook).nbytes
