@@ -175,6 +175,18 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def forker():
+    """One helper process (tests/ingest_forker.py) for the session's kill, shard and
+    coordinator tests: it imports torch and loads `toy-random` once, then forks a real ingest
+    (or `actstore` command) per request, so that none of them pays for that import again."""
+    from ingest_forker import Forker
+
+    f = Forker()
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto's server mode) on 127.0.0.1 at a free port, with an
     empty bucket `acts`; the standard AWS variables point this process, its subprocesses and

@@ -10,9 +10,15 @@ Protocol on stdin/stdout, one JSON object per line:
      write transaction (counted from 1), or ["print", 0] just before the CLI prints the run id;
      "record_each": true records every batch in its own transaction (as a model whose batches
      take longer than ingest.background.RECORD_EVERY_S is recorded)
+  -> {"argv": [...], "stdout": FILE, "stderr": FILE, "detach": true}
+                                            fork a child that runs `actstore ARGV` (its output
+                                            in the two files); detached, the forker reads the
+                                            next request at once, so that several run together
+  -> {"wait": PID}                          wait for that detached child
   <- {"pid": PID}                           as soon as the child exists (the test kills it)
   <- {"pid": PID, "status": S, "wall_s": T} when it ends: 0 ok, 1 error, -9 killed
-Runs with OMP_NUM_THREADS=1 so that forking after torch's first use is safe.
+Runs with OMP_NUM_THREADS=1 so that forking after torch's first use is safe. The `Forker` class
+below is the tests' end of the protocol (tests/conftest.py's `forker` fixture).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 KWARGS = {"model": "toy-random", "task": "ioi", "n": 16, "batch_size": 2,
           "hooks": "z", "progress": False}  # fmt: skip
@@ -64,7 +72,22 @@ def arm(when: str, k: int) -> None:
     Catalog.commit = commit_and_maybe_die
 
 
+def command(request: dict) -> int:
+    """`actstore ARGV` as the CLI runs it, stdout and stderr into the request's files."""
+    from actstore.cli import main
+
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    try:
+        main(request["argv"])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def run(request: dict, runner) -> int:
+    if "argv" in request:
+        return command(request)
     kwargs = {**KWARGS, "n": request.get("n", KWARGS["n"])}
     if request.get("kill"):
         arm(*request["kill"])
@@ -93,6 +116,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    import zarr.codecs  # noqa: F401  (the ingest imports Zarr lazily: ~0.3 s in every child)
+    import zarr.storage  # noqa: F401
+
     import actstore.cli  # noqa: F401  (imported once here, not in every child)
     import ingest.runner as runner
     from actstore.models import load_model
@@ -106,9 +132,20 @@ def main() -> None:
 
     runner.load_model = cached  # the model is loaded once; everything else runs per child
     print(json.dumps({"ready": True}), flush=True)
+    started: dict[int, float] = {}
+
+    def report(pid: int) -> None:
+        _, raw = os.waitpid(pid, 0)
+        status = -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+        wall = time.monotonic() - started.pop(pid)
+        print(json.dumps({"pid": pid, "status": status, "wall_s": wall}), flush=True)
+
     for line in sys.stdin:
         request = json.loads(line)
-        started = time.monotonic()
+        if "wait" in request:
+            report(request["wait"])
+            continue
+        start = time.monotonic()
         pid = os.fork()
         if pid == 0:
             try:
@@ -117,12 +154,75 @@ def main() -> None:
                 print(f"child error: {exc!r}", file=sys.stderr, flush=True)
                 code = 1
             sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
+        started[pid] = start
         print(json.dumps({"pid": pid}), flush=True)
-        _, raw = os.waitpid(pid, 0)
-        status = -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
-        wall = time.monotonic() - started
-        print(json.dumps({"pid": pid, "status": status, "wall_s": wall}), flush=True)
+        if not request.get("detach"):
+            report(pid)
+
+
+class Forker:
+    """The tests' end: starts this file as a process and speaks its protocol."""
+
+    def __init__(self) -> None:
+        root = Path(__file__).resolve().parent.parent
+        path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root,
+        )  # fmt: skip
+        assert self._read().get("ready")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, "the forker process died"
+        return json.loads(line)
+
+    def _send(self, request: dict) -> None:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def start(self, store: Path, restart: bool = False, **options) -> int:
+        self._send({"store": str(store), "restart": restart, **options})
+        return self._read()["pid"]
+
+    def wait(self) -> tuple[int, float]:
+        done = self._read()
+        return done["status"], done["wall_s"]
+
+    def run(self, store: Path, restart: bool = False, **options) -> float:
+        self.start(store, restart, **options)
+        status, wall = self.wait()
+        assert status == 0, f"ingest exited with {status}"
+        return wall
+
+    def spawn(self, argv: list[str], output: Path) -> int:
+        """Start `actstore ARGV` in a child and return at once (stdout, stderr: OUTPUT.out,
+        OUTPUT.err); several spawned children run at the same time, each a process of its own."""
+        out, err = output.with_suffix(".out"), output.with_suffix(".err")
+        self._send({"argv": argv, "stdout": str(out), "stderr": str(err), "detach": True})
+        return self._read()["pid"]
+
+    @staticmethod
+    def running(pid: int) -> bool:
+        """Whether a spawned child still runs (one that ended is a zombie until finished)."""
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+
+    def finish(self, pid: int, output: Path) -> tuple[int, str, str]:
+        """Wait for a spawned child: its exit status (-9: killed), stdout and stderr."""
+        self._send({"wait": pid})
+        done = self._read()
+        assert done["pid"] == pid, done
+        out, err = output.with_suffix(".out"), output.with_suffix(".err")
+        return done["status"], out.read_text(), err.read_text()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,19 @@ import actstore
 
 
 def tables(path: Path) -> dict[str, pl.DataFrame]:
-    """Every catalog row an ingest writes, less the columns that record when and how long."""
+    """Every catalog row an ingest writes, less the columns that record when and how long (read
+    over one catalog connection: DuckDB takes tens of milliseconds to open one)."""
     store = actstore.open(path)
-    return {
-        "runs": store.query(
-            "SELECT * EXCLUDE (created_at, completed_at, wall_s) FROM runs ORDER BY run_id"
-        ),
-        "prompts": store.query("SELECT * FROM prompts ORDER BY run_id, prompt_idx"),
-        "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
-        "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
-        "models": store.query("SELECT * EXCLUDE (created_at) FROM models ORDER BY model"),
-    }
+    with store.reading():
+        return {
+            "runs": store.query(
+                "SELECT * EXCLUDE (created_at, completed_at, wall_s) FROM runs ORDER BY run_id"
+            ),
+            "prompts": store.query("SELECT * FROM prompts ORDER BY run_id, prompt_idx"),
+            "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
+            "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
+            "models": store.query("SELECT * EXCLUDE (created_at) FROM models ORDER BY model"),
+        }
 
 
 def assert_same_store(path: Path, reference: Path) -> None:
@@ -31,10 +33,11 @@ def assert_same_store(path: Path, reference: Path) -> None:
     for table, frame in theirs.items():
         assert ours[table].equals(frame), table
     a, b = actstore.open(path), actstore.open(reference)
-    for row in theirs["arrays"].iter_rows(named=True):
-        x = a.read(row["run_id"], row["side"], row["hook"])
-        y = b.read(row["run_id"], row["side"], row["hook"])
-        assert x.dtype == y.dtype and np.array_equal(x, y), row["hook"]
+    with a.reading(), b.reading():  # each read looks its array up in the catalog
+        for row in theirs["arrays"].iter_rows(named=True):
+            x = a.read(row["run_id"], row["side"], row["hook"])
+            y = b.read(row["run_id"], row["side"], row["hook"])
+            assert x.dtype == y.dtype and np.array_equal(x, y), row["hook"]
 
 
 def single_process_store(factory: Any, model: Any, name: str, **params: Any) -> Path:

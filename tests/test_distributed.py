@@ -90,27 +90,23 @@ def test_killed_worker_is_retried(single_long, tmp_path, toy_random, dask_cluste
     assert_same_store(path, single_long)
 
 
-def _ingest_cli(path: Path, address: str) -> subprocess.Popen:
-    args = ["ingest", str(path), "--model", "toy-random", "--task", "ioi", "--n", "40",
+def _ingest_argv(path: Path, address: str) -> list[str]:
+    return ["ingest", str(path), "--model", "toy-random", "--task", "ioi", "--n", "40",
             "--batch-size", "2", "--hooks", "resid_pre", "--scheduler", address]  # fmt: skip
-    return subprocess.Popen(
-        [sys.executable, "-m", "actstore.cli", *args],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
-def test_killed_coordinator_resumes(single_long, tmp_path, dask_cluster):
-    path = tmp_path / "store"
-    proc = _ingest_cli(path, dask_cluster)
+def test_killed_coordinator_resumes(single_long, tmp_path, dask_cluster, forker):
+    """`actstore ingest` runs in processes forked from the session's forker (which has imported
+    torch once); the first is SIGKILLed once 4 batches are written, the second resumes it."""
+    path, killed, rerun = tmp_path / "store", tmp_path / "killed", tmp_path / "rerun"
+    pid = forker.spawn(_ingest_argv(path, dask_cluster), killed)
     deadline = time.monotonic() + 300
-    while _chunks_written(path) < 4 and proc.poll() is None and time.monotonic() < deadline:
+    while _chunks_written(path) < 4 and forker.running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the ingest ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    rerun = _ingest_cli(path, dask_cluster)
-    out, err = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, err
+    os.kill(pid, signal.SIGKILL)
+    assert forker.finish(pid, killed)[0] == -signal.SIGKILL, "the ingest ended before the kill"
+    rc, out, err = forker.finish(forker.spawn(_ingest_argv(path, dask_cluster), rerun), rerun)
+    assert rc == 0, err
     assert out.strip() == "1" and "resumed, complete" in err
     assert_same_store(path, single_long)
 

@@ -9,17 +9,15 @@ must verify clean and equal an uninterrupted ingest bit for bit.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+from ingest_forker import Forker
 
 import actstore
 from actstore import arrays as zarrays
@@ -29,68 +27,27 @@ from actstore.verify import failures, verify
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 8
 KILLS = 12
 N_ARRAYS = 2 * (2 + 4)  # sides x (tokens, logits, z of 4 layers); batches of 2 prompts
 LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum", "nbytes"]
 
 
-class Forker:
-    def __init__(self) -> None:
-        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "ingest_forker.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-        assert self._read().get("ready")
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        assert line, "the forker process died"
-        return json.loads(line)
-
-    def start(self, store: Path, restart: bool = False, **options) -> int:
-        request = {"store": str(store), "restart": restart, **options}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self._read()["pid"]
-
-    def wait(self) -> tuple[int, float]:
-        done = self._read()
-        return done["status"], done["wall_s"]
-
-    def run(self, store: Path, restart: bool = False, **options) -> float:
-        self.start(store, restart, **options)
-        status, wall = self.wait()
-        assert status == 0, f"ingest exited with {status}"
-        return wall
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def forker():
-    f = Forker()
-    yield f
-    f.close()
-
-
 def contents(path: Path) -> dict:
-    """Everything an uninterrupted ingest determines: arrays' bytes, ledger, prompts, run."""
+    """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts, run) of a
+    store that must verify clean. The reads share one catalog connection (`Store.reading`):
+    opening one costs DuckDB tens of milliseconds, more on a loaded machine, per read."""
     store = Store(path)
-    out = {
-        "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
-        "prompts": store.prompts(1),
-        "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
-    }
-    for row in store.arrays(1).iter_rows(named=True):
-        arr = store.read(1, row["side"], row["hook"])
-        out[(row["side"], row["hook"])] = (arr.dtype.str, arr.shape, arr.tobytes())
+    with store.reading():
+        assert failures(verify(store)).is_empty()
+        out = {
+            "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
+            "prompts": store.prompts(1),
+            "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
+        }
+        for row in store.arrays(1).iter_rows(named=True):
+            arr = store.read(1, row["side"], row["hook"])
+            out[(row["side"], row["hook"])] = (arr.dtype.str, arr.shape, arr.tobytes())
     return out
 
 
@@ -103,32 +60,28 @@ def assert_same(a: dict, b: dict) -> None:
             assert a[key] == b[key], key
 
 
-def assert_consistent_after_kill(path: Path) -> int:
-    """What a killed ingest left: recorded chunks sound, prompts for exactly the whole batches."""
+def assert_consistent_after_kill(path: Path) -> tuple[int, bool]:
+    """What a killed ingest left: recorded chunks sound, prompts for exactly the whole batches.
+    Returns the batches recorded and whether the run is complete (the kill landed after it was
+    recorded complete: rerunning would start a second run). One catalog connection for all."""
     if not (path / "catalog.duckdb").exists():
-        return 0
+        return 0, False
     try:
         store = Store(path)
     except ActstoreError as exc:  # killed while the store itself was being created
         assert "interrupted" in str(exc), exc
-        return 0
-    if store.runs().is_empty():
-        return 0
-    assert failures(verify(store)).is_empty()
-    per_chunk = store.query("SELECT chunk_idx, count(*) AS n FROM chunks GROUP BY 1 ORDER BY 1")
+        return 0, False
+    with store.reading():
+        runs = store.runs()
+        if runs.is_empty():
+            return 0, False
+        assert failures(verify(store)).is_empty()
+        per_chunk = store.query("SELECT chunk_idx, count(*) AS n FROM chunks GROUP BY 1 ORDER BY 1")
+        prompts = store.query("SELECT prompt_idx FROM prompts ORDER BY 1")["prompt_idx"].to_list()
     assert set(per_chunk["n"]) <= {N_ARRAYS}, "a batch was recorded for only some arrays"
     recorded = {i for c in per_chunk["chunk_idx"] for i in range(2 * c, 2 * c + 2)}
-    prompts = store.query("SELECT prompt_idx FROM prompts ORDER BY 1")["prompt_idx"].to_list()
     assert prompts == sorted(recorded), "prompt rows differ from the recorded batches"
-    return per_chunk.height
-
-
-def completed(path: Path) -> bool:
-    """True once the chain's run is complete: rerunning it would start a second run."""
-    try:
-        return Store(path).runs()["status"].to_list() == ["complete"]
-    except ActstoreError:
-        return False
+    return per_chunk.height, runs["status"].to_list() == ["complete"]
 
 
 def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
@@ -156,11 +109,11 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
                 break
             assert status == -signal.SIGKILL, f"ingest failed with exit {status}"
             kills += 1
-            batches_seen.add(assert_consistent_after_kill(store))
-            if completed(store):  # the kill landed after the run was recorded complete
+            batches, complete = assert_consistent_after_kill(store)
+            batches_seen.add(batches)
+            if complete:  # the kill landed after the run was recorded complete
                 break
-        assert failures(verify(Store(store))).is_empty()
-        assert_same(contents(store), reference)
+        assert_same(contents(store), reference)  # which verifies it
     # the kills landed at different stages: before the store, mid-run, and late
     assert len(batches_seen) >= 3, batches_seen
 
@@ -191,10 +144,9 @@ def test_kill_at_every_catalog_transaction_boundary_leaves_one_bit_identical_run
         assert out.read_text() == "", "a killed ingest printed a run id"
         forker.run(store, **cli, stdout=str(out))
         assert out.read_text().strip() == "1", (when, k)
-        runs = Store(store).runs()
-        assert runs.select("run_id", "status").rows() == [(1, "complete")], (when, k)
-        assert failures(verify(Store(store))).is_empty()
-        assert_same(contents(store), reference)
+        after = contents(store)  # which verifies it
+        assert after["runs"].select("run_id", "status").rows() == [(1, "complete")], (when, k)
+        assert_same(after, reference)
     # and those are all the boundaries: an ingest has no commit after the last one killed
     forker.run(tmp_path / "beyond", **cli, stdout=str(tmp_path / "beyond.out"),
                kill=["before-commit", COMMITS + 1])  # fmt: skip
@@ -231,8 +183,7 @@ def test_restart_discards_the_partial_run_and_keeps_its_id(forker, tmp_path):
     assert not failures(verify(partial)).is_empty()
     forker.run(store, restart=True)
     assert Store(store).runs()["run_id"].to_list() == [1]
-    assert failures(verify(Store(store))).is_empty()
-    assert_same(contents(store), contents(tmp_path / "reference"))
+    assert_same(contents(store), contents(tmp_path / "reference"))  # which verifies both
 
 
 READERS_N = 48

@@ -3,6 +3,7 @@ reductions through Dask against numpy, one of them under an address-space limit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from same_store import assert_same_store, tables
+from same_store import assert_same_store, single_process_store, tables
 
 import actstore
 from actstore import arrays as zarrays
@@ -40,33 +41,42 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    from ingest.runner import ingest
-
-    path = tmp_path_factory.mktemp("single") / "store"
-    ingest(path, model="toy-random", task="ioi", n=22, batch_size=4, hooks="resid_pre",
-           progress=False)  # fmt: skip
-    return path
+def single(tmp_path_factory, toy_random) -> Path:
+    return single_process_store(tmp_path_factory, toy_random, "single", task="ioi", n=22,
+                                batch_size=4, hooks="resid_pre", progress=False)  # fmt: skip
 
 
 def _verify_ledger(path: Path) -> int:
-    """Checksum every ledger chunk against the stored values; returns the number checked."""
+    """Checksum every ledger chunk against the stored values; returns the number checked. One
+    catalog connection serves every chunk's read (a connection costs tens of milliseconds)."""
     store = actstore.open(path)
-    rows = store.query("SELECT * FROM chunks ORDER BY run_id, side, hook, chunk_idx").to_dicts()
-    for row in rows:
-        values = store.read(row["run_id"], row["side"], row["hook"],
-                            row["prompt_start"], row["prompt_stop"])  # fmt: skip
-        assert zarrays.checksum(values) == row["checksum"], row
+    with store.reading():
+        rows = store.query("SELECT * FROM chunks ORDER BY run_id, side, hook, chunk_idx").to_dicts()
+        for row in rows:
+            values = store.read(row["run_id"], row["side"], row["hook"],
+                                row["prompt_start"], row["prompt_stop"])  # fmt: skip
+            assert zarrays.checksum(values) == row["checksum"], row
     return len(rows)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_shards", [2, 4])
-def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards):
+def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_shards, forker):
+    """The shards run at the same time, each in a process of its own forked from the session's
+    forker (which has imported torch once), and so do the merges: `actstore` commands all."""
     path = tmp_path / "store"
     location = f"file://{path}" if n_shards == 2 else str(path)
-    procs = [_cli("ingest", location, *ARGS, "--shard", f"{i}/{n_shards}") for i in range(n_shards)]
-    results = [_finish(p) for p in procs]
+    calls = itertools.count()
+
+    def cli(*argv: str) -> tuple[int, Path]:
+        output = tmp_path / f"cli{next(calls)}"
+        return forker.spawn(list(argv), output), output
+
+    def finish(call: tuple[int, Path]) -> tuple[int, str, str]:
+        return forker.finish(*call)
+
+    procs = [cli("ingest", location, *ARGS, "--shard", f"{i}/{n_shards}") for i in range(n_shards)]
+    results = [finish(p) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
     manifests = sorted((path / "manifests").glob("run-*/shard-*.json"))
     assert [Path(out.strip()) for _, out, _ in results] == manifests
@@ -76,7 +86,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     last = manifests[-1]
     aside = tmp_path / last.name
     shutil.move(last, aside)
-    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    rc, out, err = finish(cli("merge", location, "--format", "json"))
     assert rc == 1 and f"{n_shards - 1}" in err
     partial = json.loads(out)
     assert partial[0]["status"] == "ingesting" and partial[0]["missing"] == str(n_shards - 1)
@@ -88,7 +98,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     leftover = next(staged.rglob("c")) / "0.deadbeef.partial"
     leftover.write_bytes(b"half a chunk")
 
-    rc, out, err = _finish(_cli("merge", location, "--format", "json"))
+    rc, out, err = finish(cli("merge", location, "--format", "json"))
     assert rc == 0, err
     assert not list(path.rglob("*.partial"))
     assert json.loads(out)[0] == {
@@ -104,7 +114,7 @@ def test_parallel_shards_merge_to_the_single_process_store(single, tmp_path, n_s
     assert not (path / "arrays.zarr" / "staged" / merged["runs"]["params_hash"][0]).exists()
 
     # Merging again is a no-op success that reports the merged run again.
-    again = _finish(_cli("merge", location, "--format", "json"))
+    again = finish(cli("merge", location, "--format", "json"))
     assert again[0] == 0 and json.loads(again[1]) == json.loads(out), again[2]
     assert all(tables(path)[t].equals(f) for t, f in merged.items())
 
@@ -181,14 +191,15 @@ def test_distributed_scheduler_matches_threads(ioi_copy):
 
 
 @pytest.mark.slow
-def test_mean_reduction_under_a_memory_limit(tmp_path):
+def test_mean_reduction_under_a_memory_limit(tmp_path, toy_random):
     """The reduction runs with 64 MiB of address space over the warmed-up interpreter on an
-    array of 93 MB, where loading the array with numpy fails."""
+    array of 93 MB, where loading the array with numpy fails. Both ingests use the session's
+    model (the 9,600 forward passes are most of this test's time; loading is not needed)."""
     from ingest.runner import ingest
 
     path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
-    ingest(path, model="toy-random", task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
-    ingest(path, model="toy-random", task="ioi", n=4800, batch_size=96, hooks=hook,
+    ingest(path, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
+    ingest(path, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook,
            progress=False)  # fmt: skip
     store = actstore.open(path)
     nbytes = store.array(2, "clean", hook).nbytes
