@@ -11,8 +11,11 @@ A file is attached once per process however many connections use it: detaching a
 attachment of the same file would close its descriptor, and POSIX drops every lock the process
 holds on a file when any descriptor of it closes. Readers and the writer of one process share
 one mode (read-only, or read-write in the writer); asking for the other while the file is held
-is refused, as DuckDB refuses two configurations of one file. The instance runs one thread, so
-that a process forked while it exists finds no thread missing; a forked child builds its own.
+is refused, as DuckDB refuses two configurations of one file. A connection that needs an
+instance of its own (the SQL sandbox: its settings hold instance-wide) waits until no connection
+of the process uses the file, and holds the others off while it is open, for the same reason.
+The instance runs one thread, so that a process forked while it exists finds no thread missing;
+a forked child builds its own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +35,15 @@ import duckdb
 class _Held:
     alias: str
     read_only: bool
-    users: set[int] = field(default_factory=set)
+    users: dict[int, int] = field(default_factory=dict)  # connection id -> its thread
 
 
 class Attachments:
     """The attached catalog files of this process and the instance they are attached to."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._apart: dict[str, int] = {}  # file -> thread with it open in an instance of its own
         self._names = itertools.count()
         self._pid = -1
         self._base: duckdb.DuckDBPyConnection | None = None
@@ -53,6 +59,7 @@ class Attachments:
                 self._orphans.append(self._base)
                 self._held.clear()
                 self._of.clear()
+                self._apart.clear()
             self._base = duckdb.connect(config={"threads": 1})
             self._pid = os.getpid()
         return self._base
@@ -64,6 +71,9 @@ class Attachments:
         that cannot be read, or a mode this process does not hold the file in."""
         key = str(Path(path).absolute())
         with self._lock:
+            if self._apart.get(key) == threading.get_ident():
+                raise RuntimeError(f"catalog {key} opened inside its own sandboxed connection")
+            self._lock.wait_for(lambda: key not in self._apart)
             base = self._instance()
             held = self._held.get(key)
             if held is not None and held.read_only != read_only:
@@ -85,9 +95,29 @@ class Attachments:
                 con.close()
                 self._recover(base)
                 raise
-            held.users.add(id(con))
+            held.users[id(con)] = threading.get_ident()
             self._of[id(con)] = key
             return con
+
+    @contextmanager
+    def apart(self, path: Path) -> Iterator[None]:
+        """Keep the file free of this process's other connections while a connection in an
+        instance of its own uses it: closing that instance's descriptor would drop the lock
+        they rely on (and theirs, the lock it relies on)."""
+        key = str(Path(path).absolute())
+        me = threading.get_ident()
+        with self._lock:
+            held = self._held.get(key)
+            if self._apart.get(key) == me or (held is not None and me in held.users.values()):
+                raise RuntimeError(f"sandboxed SQL on {key} while this thread has it open")
+            self._lock.wait_for(lambda: key not in self._held and key not in self._apart)
+            self._apart[key] = me
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._apart[key]
+                self._lock.notify_all()
 
     def close(self, con: duckdb.DuckDBPyConnection) -> None:
         """Close a connection from `open`; the last one of a file detaches it."""
@@ -97,9 +127,10 @@ class Attachments:
             held = self._held.get(key) if key is not None else None
             if held is None:
                 return
-            held.users.discard(id(con))
+            held.users.pop(id(con), None)
             if not held.users:
                 del self._held[key]
+                self._lock.notify_all()
                 base = self._instance()
                 try:
                     base.execute(f"DETACH {held.alias}")
@@ -116,6 +147,7 @@ class Attachments:
             self._base = None
             self._held.clear()
             self._of.clear()
+            self._lock.notify_all()
 
 
 ATTACHMENTS = Attachments()

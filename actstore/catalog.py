@@ -231,18 +231,19 @@ class Catalog:
     def _opened(self, read_only: bool, *settings: str) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection closed on exit; `settings` are instance-wide, so they get an instance of
         their own."""
-        con = self._connect(read_only=read_only, own_instance=bool(settings))
-        try:
-            for setting in settings:
-                con.execute(setting)
-            yield con
-        except FILE_ERRORS as exc:
-            raise file_error(self.path, exc) from None
-        finally:
-            if settings:
-                con.close()
-            else:
-                ATTACHMENTS.close(con)
+        with ATTACHMENTS.apart(self.path) if settings else nullcontext():
+            con = self._connect(read_only=read_only, own_instance=bool(settings))
+            try:
+                for setting in settings:
+                    con.execute(setting)
+                yield con
+            except FILE_ERRORS as exc:
+                raise file_error(self.path, exc) from None
+            finally:
+                if settings:
+                    con.close()
+                else:
+                    ATTACHMENTS.close(con)
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -80,3 +80,40 @@ def test_a_forked_child_reads_through_an_instance_of_its_own(tmp_path):
     child.start()
     child.join(60)
     assert child.exitcode == 0 and queue.get(timeout=5) == [(10,)]
+
+
+def test_a_sandbox_waits_for_other_threads_and_refuses_inside_a_read(tmp_path):
+    """The sandbox's instance of its own never shares the file with this process's attachment:
+    it waits for another thread's read to end, and a read inside it (or it inside a read on the
+    same thread) is refused rather than left to drop the other's lock."""
+    import threading
+    import time
+
+    from actstore.catalog import Catalog
+
+    path = _catalog(tmp_path / "c.duckdb")
+    catalog = Catalog(path)
+    reading = threading.Event()
+    order: list[str] = []
+
+    def read() -> None:
+        with catalog.read() as con:
+            reading.set()
+            time.sleep(0.3)
+            order.append("read done")
+            con.execute("SELECT 1").fetchall()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reading.wait(10)
+    with catalog.sandbox() as con:
+        order.append("sandbox")
+        assert con.execute("SELECT s FROM v").fetchall() == [(10,)]
+        with pytest.raises(RuntimeError, match="inside its own sandboxed connection"):
+            catalog.check_intact()
+    reader.join(10)
+    assert order == ["read done", "sandbox"]
+    with catalog.read(), pytest.raises(RuntimeError, match="while this thread has it open"):
+        with catalog.sandbox():
+            pass
+    assert _other_process_can_write(path)
