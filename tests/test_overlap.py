@@ -184,6 +184,23 @@ def test_like_with_like_corruption_and_window(mixed_store):
         ov.overlap(store, [1, 2], ov.choose(by="edge", top_k=3), window=2)
 
 
+def test_a_window_sweep_is_drawn_from_its_full_windows(mixed_store):
+    """Window 2 over 3 layers scores starts 0 and 1 only: the universe is those 8 heads, not the
+    model's 12, so the p-value is not made smaller by heads no set could contain."""
+    store, ids = mixed_store
+    params = {"component": "head", "metric": "logit-diff", "direction": "denoise", "window": 2}
+    for run in (1, 2):
+        effects = handbuilt.head_effects(run).filter(pl.col("layer") < 2)
+        ids[f"window{run}"] = record_query(store, "patch", run, params, 0.1, {"effects": effects})
+    row = pair(ov.overlap(store, [1, 2], ov.choose(top_k=3), window=2), 1, 2)
+    assert (row["source_a"], row["source_b"]) == (ids["window1"], ids["window2"])
+    assert row["universe"] == 8 and row["expected"] == pytest.approx(9 / 8)
+    k = row["intersection"]
+    assert row["p_value"] == pytest.approx(exact_p(k, 8, 3, 3), rel=1e-12)
+    whole = pair(ov.overlap(store, [1, 2], ov.choose(top_k=3), window=1), 1, 2)
+    assert whole["universe"] == 12 and whole["source_a"] == ids["patch1"]
+
+
 def test_a_sweep_over_some_layers_is_never_compared(mixed_store):
     """A head query restricted to some layers (`layers=`) ranks only those layers' heads: the
     run's newest query, yet not chosen; named explicitly, refused in one line."""

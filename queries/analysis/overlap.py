@@ -87,13 +87,19 @@ class Selection:
         return f"SELECT {key} AS source_id, {item} AS item FROM {view} WHERE {cut}", [value]
 
     def universe_sql(self) -> str:
-        """SQL yielding (source_id, universe): all heads of the model, or all scored edges."""
+        """SQL yielding (source_id, universe): the heads a patch query scored (a window of K
+        layers scores n_layers - K + 1 starts), a circuit's model's heads, or all scored edges:
+        a set is drawn from what could have been in it."""
+        if self.by == "head" and not self.circuits:
+            return """
+                SELECT query_id AS source_id, any_value(n_heads)::BIGINT AS universe
+                FROM top_heads GROUP BY query_id
+                """
         if self.by == "head":
-            source = "circuit_id" if self.circuits else "query_id"
-            table = "circuits_v" if self.circuits else "queries"
-            return f"""
-                SELECT s.{source} AS source_id, (m.n_layers * m.n_heads)::BIGINT AS universe
-                FROM {table} s JOIN runs r ON r.run_id = s.run_id JOIN models m ON m.model = r.model
+            return """
+                SELECT s.circuit_id AS source_id, (m.n_layers * m.n_heads)::BIGINT AS universe
+                FROM circuits_v s JOIN runs r ON r.run_id = s.run_id
+                JOIN models m ON m.model = r.model
                 """
         scored = "SELECT score_id, count(*) AS universe FROM edge_scores GROUP BY score_id"
         if self.circuits:
