@@ -217,14 +217,20 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def dask_cluster(s3_server):
-    """One LocalCluster of 2 single-threaded worker processes for the session (its workers see
-    the S3 server's variables); yields the scheduler's address."""
-    import logging
+    """One LocalCluster of 2 single-threaded worker processes for the session; yields the
+    scheduler's address. The workers fork from actstore.cluster's forkserver, which has imported
+    torch and TransformerLens once (a spawned worker imports them afresh, seconds of CPU each),
+    and get the S3 server's variables through the nanny (a forkserver started before the S3
+    server would not pass them on)."""
+    import dask
+    import distributed  # noqa: F401  (loads its config first: setting a key would hide it)
 
-    from distributed import LocalCluster
+    from actstore.cluster import local_cluster, start_forkserver
+    from ingest.distributed import WORKER_MODULES as INGEST
+    from queries.core.sweep import WORKER_MODULES as QUERIES
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster:  # fmt: skip
+    start_forkserver([*INGEST, *QUERIES])  # a no-op where a `--workers` test started it first
+    with dask.config.set({"distributed.nanny.environ": s3_server}):
+        cluster = local_cluster(2)
+    with cluster:
         yield cluster.scheduler_address

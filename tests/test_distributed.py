@@ -59,6 +59,7 @@ def _chunks_written(path: Path) -> int:
 
 
 def test_killed_worker_is_retried(single_long, tmp_path, toy_random, dask_cluster):
+    import dask
     from distributed import Client
 
     from ingest.runner import ingest
@@ -81,9 +82,12 @@ def test_killed_worker_is_retried(single_long, tmp_path, toy_random, dask_cluste
             time.sleep(0.05)
         assert thread.is_alive(), "the ingest ended before a worker could be killed"
         victim = sorted(pids.values())[0]
-        os.kill(victim, signal.SIGKILL)
-        thread.join(600)
-        client.wait_for_workers(2, timeout=120)  # the nanny restarts it for later tests
+        # the nanny restarts it for later tests, forked like the others (spawned, it would
+        # import torch afresh while this test waits)
+        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            os.kill(victim, signal.SIGKILL)
+            thread.join(600)
+            client.wait_for_workers(2, timeout=120)
         assert victim not in client.run(os.getpid).values()
     assert "error" not in result, result.get("error")
     assert result["row"]["status"].item() == "complete"
