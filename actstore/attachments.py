@@ -24,7 +24,7 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,24 +45,27 @@ class Attachments:
         self._lock = threading.Condition()
         self._apart: dict[str, int] = {}  # file -> thread with it open in an instance of its own
         self._names = itertools.count()
-        self._pid = -1
         self._base: duckdb.DuckDBPyConnection | None = None
         self._held: dict[str, _Held] = {}
         self._of: dict[int, str] = {}  # connection id -> key of the file it uses
         self._orphans: list[duckdb.DuckDBPyConnection] = []
 
     def _instance(self) -> duckdb.DuckDBPyConnection:
-        if self._base is None or self._pid != os.getpid():
-            if self._base is not None:
-                # The parent's instance: never closed here (its locks and state are the
-                # parent's), only kept from the garbage collector.
-                self._orphans.append(self._base)
-                self._held.clear()
-                self._of.clear()
-                self._apart.clear()
+        if self._base is None:
             self._base = duckdb.connect(config={"threads": 1})
-            self._pid = os.getpid()
         return self._base
+
+    def forget(self) -> None:
+        """In a forked child: start afresh. The parent's instance is never closed here (its
+        locks and state are the parent's), only kept from the garbage collector; the lock may
+        have been held by a parent thread that does not exist here."""
+        self._lock = threading.Condition()
+        if self._base is not None:
+            self._orphans.append(self._base)
+        self._base = None
+        self._held.clear()
+        self._of.clear()
+        self._apart.clear()
 
     def open(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         """A connection whose default database is the catalog file at `path`.
@@ -83,18 +86,23 @@ class Attachments:
                     "mode until that connection closes"
                 )
             con = base.cursor()
+            attached = held is None
+            if held is None:
+                held = _Held(f"catalog_{next(self._names)}", read_only)
             try:
-                if held is None:
-                    held = _Held(f"catalog_{next(self._names)}", read_only)
+                if attached:
                     quoted = key.replace("'", "''")
                     option = " (READ_ONLY)" if read_only else ""
                     con.execute(f"ATTACH '{quoted}' AS {held.alias}{option}")
-                    self._held[key] = held
                 con.execute(f"USE {held.alias}")
             except BaseException:
                 con.close()
+                if attached:
+                    with suppress(duckdb.Error):  # attached, then refused its USE
+                        base.execute(f"DETACH DATABASE IF EXISTS {held.alias}")
                 self._recover(base)
                 raise
+            self._held[key] = held
             held.users[id(con)] = threading.get_ident()
             self._of[id(con)] = key
             return con
@@ -151,3 +159,4 @@ class Attachments:
 
 
 ATTACHMENTS = Attachments()
+os.register_at_fork(after_in_child=ATTACHMENTS.forget)

@@ -175,7 +175,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def forker():
+def forker_process():
     """One helper process (tests/ingest_forker.py) for the session's kill, shard and
     coordinator tests: it imports torch and loads `toy-random` once, then forks a real ingest
     (or `actstore` command) per request, so that none of them pays for that import again."""
@@ -184,6 +184,14 @@ def forker():
     f = Forker()
     yield f
     f.close()
+
+
+@pytest.fixture
+def forker(forker_process):
+    """The session's forker, settled after each test (a failed test's child never answers the
+    next test's requests)."""
+    yield forker_process
+    forker_process.settle()
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ below is the tests' end of the protocol (tests/conftest.py's `forker` fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -175,6 +176,8 @@ class Forker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root,
         )  # fmt: skip
         assert self._read().get("ready")
+        self.pending: int | None = None  # a started child whose end is still to be read
+        self.spawned: set[int] = set()  # spawned children not finished yet
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -187,11 +190,27 @@ class Forker:
 
     def start(self, store: Path, restart: bool = False, **options) -> int:
         self._send({"store": str(store), "restart": restart, **options})
-        return self._read()["pid"]
+        self.pending = self._read()["pid"]
+        return self.pending
 
     def wait(self) -> tuple[int, float]:
         done = self._read()
+        assert done["pid"] == self.pending, done
+        self.pending = None
         return done["status"], done["wall_s"]
+
+    def settle(self) -> None:
+        """After a test: children whose end was not read (the test failed first) are killed
+        and their ends read, so that the next test's replies are its own."""
+        for pid in [*self.spawned, *([self.pending] if self.pending is not None else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.pending is not None:
+            self.wait()
+        for pid in list(self.spawned):
+            self._send({"wait": pid})
+            self._read()
+            self.spawned.discard(pid)
 
     def run(self, store: Path, restart: bool = False, **options) -> float:
         self.start(store, restart, **options)
@@ -204,7 +223,9 @@ class Forker:
         OUTPUT.err); several spawned children run at the same time, each a process of its own."""
         out, err = output.with_suffix(".out"), output.with_suffix(".err")
         self._send({"argv": argv, "stdout": str(out), "stderr": str(err), "detach": True})
-        return self._read()["pid"]
+        pid = self._read()["pid"]
+        self.spawned.add(pid)
+        return pid
 
     @staticmethod
     def running(pid: int) -> bool:
@@ -217,6 +238,7 @@ class Forker:
         self._send({"wait": pid})
         done = self._read()
         assert done["pid"] == pid, done
+        self.spawned.discard(pid)
         out, err = output.with_suffix(".out"), output.with_suffix(".err")
         return done["status"], out.read_text(), err.read_text()
 
