@@ -208,9 +208,7 @@ class Forker:
         if self.pending is not None:
             self.wait()
         for pid in list(self.spawned):
-            self._send({"wait": pid})
-            self._read()
-            self.spawned.discard(pid)
+            self._reap(pid)
 
     def run(self, store: Path, restart: bool = False, **options) -> float:
         self.start(store, restart, **options)
@@ -235,12 +233,16 @@ class Forker:
 
     def finish(self, pid: int, output: Path) -> tuple[int, str, str]:
         """Wait for a spawned child: its exit status (-9: killed), stdout and stderr."""
+        status = self._reap(pid)
+        out, err = output.with_suffix(".out"), output.with_suffix(".err")
+        return status, out.read_text(), err.read_text()
+
+    def _reap(self, pid: int) -> int:
         self._send({"wait": pid})
         done = self._read()
         assert done["pid"] == pid, done
         self.spawned.discard(pid)
-        out, err = output.with_suffix(".out"), output.with_suffix(".err")
-        return done["status"], out.read_text(), err.read_text()
+        return done["status"]
 
     def close(self) -> None:
         self.proc.stdin.close()

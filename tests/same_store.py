@@ -14,7 +14,7 @@ import actstore
 
 def tables(path: Path) -> dict[str, pl.DataFrame]:
     """Every catalog row an ingest writes, less the columns that record when and how long (read
-    over one catalog connection: DuckDB takes tens of milliseconds to open one)."""
+    over one catalog connection)."""
     store = actstore.open(path)
     with store.reading():
         return {

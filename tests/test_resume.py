@@ -35,8 +35,7 @@ LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum"
 
 def contents(path: Path) -> dict:
     """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts, run) of a
-    store that must verify clean. The reads share one catalog connection (`Store.reading`):
-    opening one costs DuckDB tens of milliseconds, more on a loaded machine, per read."""
+    store that must verify clean. The reads share one catalog connection (`Store.reading`)."""
     store = Store(path)
     with store.reading():
         assert failures(verify(store)).is_empty()
