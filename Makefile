@@ -1,17 +1,33 @@
-# One environment (.venv) for everything; created on first use. Torch is pinned to the CPU
-# build through constraints.txt so that setup never downloads a CUDA wheel.
+# One environment (.venv) for everything, created on first use and installed only from
+# requirements.lock, which pins every distribution (torch's CPU build included) to the set that
+# `make lock` resolved and the tests passed with. Ranges live in pyproject.toml.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+PIP := pip install -qq --disable-pip-version-check
 
-.PHONY: setup demo test check lint format bench readme clean browser
+.PHONY: setup demo test check lint format bench readme clean browser lock
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -qq --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -qq --disable-pip-version-check -c constraints.txt -e '.[dev,distributed]'
+	$(BIN)/$(PIP) -c $(LOCK) torch
+	$(BIN)/$(PIP) -c $(LOCK) -e '.[dev,distributed,s3]'
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges (newest releases that satisfy them, CPU torch) in a scratch
+# environment, check it with `pip check`, and write every installed distribution to the lock.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/$(PIP) torch==2.13.0
+	$(LOCK_VENV)/bin/$(PIP) -e '.[dev,distributed,s3]'
+	$(LOCK_VENV)/bin/pip check
+	{ echo "# Every distribution \`make setup\` installs, resolved by \`make lock\` from pyproject.toml's"; \
+	  echo "# ranges on Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())') ($$(date -u +%F)). Do not edit: rerun \`make lock\`."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 setup: $(STAMP)
 
@@ -61,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/patching.py
 
 clean:
-	rm -rf $(VENV) demo-store .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) demo-store .pytest_cache

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError, UsageError
+from actstore.extras import FIX, PURPOSE, check_engine
 
 # botocore's client settings: fail fast on a dead endpoint, retry throttling a few times.
 CLIENT_CONFIG = {
@@ -24,14 +25,13 @@ CLIENT_CONFIG = {
     "retries": {"max_attempts": 3, "mode": "standard"},
 }
 DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403 Forbidden")
-NEED_S3FS = "object storage needs s3fs: pip install 'actstore[s3]'"
+NEED_S3FS = f"{PURPOSE['s3']}, and s3fs is not installed; {FIX.format(extra='s3')}"
 
 
 def _s3fs() -> Any:
-    try:
-        import s3fs
-    except ImportError:
-        raise ActstoreError(NEED_S3FS) from None
+    check_engine("s3")
+    import s3fs
+
     return s3fs
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError, UsageError
+from actstore.extras import check_engine
 from actstore.location import ArraysRoot, arrays_root, check_arrays_url, local_dir
 from ingest.background import RECORD_EVERY_S
 
@@ -56,6 +57,8 @@ def check_scale_options(
     counts, scheduler addresses nobody answers at, unusable or unreachable arrays URLs."""
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: need at least 1 worker")
+    if workers is not None or scheduler is not None:
+        check_engine("distributed")
     if shard is not None and (workers is not None or scheduler is not None):
         raise UsageError(
             "--shard runs one shard by hand; --workers/--scheduler run every batch as a Dask "

@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 
 from actstore.errors import UsageError
+from actstore.extras import check_engine
 from actstore.store import Store
 from queries.choices import OPS, SCHEDULERS, check
 from queries.core.recorded import recorded
@@ -48,6 +49,8 @@ def reduce(
     check("--scheduler", scheduler, SCHEDULERS)
     if scheduler == "distributed" and not address:
         raise UsageError("--scheduler distributed needs --address tcp://HOST:8786 (a scheduler)")
+    if scheduler == "distributed":
+        check_engine("distributed")
     if op == "class-mean":
         by = by or "grp"
     elif by is not None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from actstore.errors import ActstoreError, UsageError
+from actstore.extras import check_engine
 
 # What a LocalCluster's workers import beside actstore.cluster.PRELOAD before they fork.
 WORKER_MODULES = ["queries.core.engine", "queries.core.reader"]
@@ -28,6 +29,8 @@ WORKER_MODULES = ["queries.core.engine", "queries.core.reader"]
 def check_cluster(workers: int | None, scheduler: str | None) -> None:
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: need at least 1 worker")
+    if workers is not None or scheduler is not None:
+        check_engine("distributed")
 
 
 @contextmanager
