@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
 
 CORRUPTIONS = ("str", "gaussian")
 NOISE_SIGMAS = 3.0

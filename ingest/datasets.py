@@ -20,7 +20,7 @@ import csv
 import json
 from pathlib import Path
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest.tasks.base import PromptPair, Tokenizes, clip, validate_pairs
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
 from ingest.corruptions import subject_positions
 from ingest.tasks import PromptPair, get_task, validate_pairs
 

@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.derivable import derivable
-from actstore.errors import ActstoreError, UsageError
-from actstore.location import (
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.location import (
     ArraysRoot,
     arrays_root,
     local_dir,
     normal_url,
     record_arrays_url,
 )
-from actstore.models import ModelAdapter, load_model
-from actstore.store import CATALOG, Store
-from actstore.writes import array_records, model_record
+from actstore.core.store import CATALOG, Store
+from actstore.core.writes import array_records
+from actstore.model.adapter import ModelAdapter, load_model, model_record
+from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,

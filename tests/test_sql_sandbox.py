@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from test_cli import snapshot
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 SECRET = "TOPSECRET-4f1c"
 

@@ -1,6 +1,7 @@
 """Train the built-in toy model: a small GPT-2 that really solves actstore's five tasks.
 
-    python -m ingest.train_toy --out actstore/builtin/toy [--arch gpt2|llama] [--steps N] [--seed S]
+    python -m tools.train_toy --out actstore/model/builtin/toy [--arch gpt2|llama] [--steps N]
+        [--seed S]
 
 Seeded and reproducible on CPU. The training data are the clean prompts of every task's toy
 phrasing (word-level tokenizer over the union vocabulary, BOS first as `ModelAdapter.tokenize`
@@ -78,7 +79,7 @@ def is_held_out(text: str) -> bool:
 
 
 def toy_tokenizer():
-    from actstore.tokenizer import word_level_tokenizer
+    from actstore.model.tokenizer import word_level_tokenizer
     from ingest.tasks import toy_vocabulary
 
     return word_level_tokenizer(toy_vocabulary(), name="toy")
@@ -202,8 +203,8 @@ def train(
     """Train, write the model files into `out`, return the final held-out accuracies."""
     import torch
 
-    from actstore.models import toy_model
-    from actstore.tokenizer import SPECIAL_TOKENS
+    from actstore.model.adapter import toy_model
+    from actstore.model.tokenizer import SPECIAL_TOKENS
     from ingest.tasks import toy_vocabulary
     from ingest.tasks.base import TokenizerView
 
@@ -347,7 +348,7 @@ def passes(acc: dict) -> bool:
 def _write(out: Path, model, config, words, tokenizer, acc, run):
     from safetensors.torch import save_file
 
-    from actstore.tokenizer import SPECIAL_TOKENS
+    from actstore.model.tokenizer import SPECIAL_TOKENS
 
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
@@ -363,15 +364,15 @@ def card(config, acc, run) -> str:
         f"| {k} | {v['accuracy'] * 100:.1f}% | {v['logit_diff']:.2f} | {THRESHOLDS[k] * 100:.0f}% |"
         for k, v in acc.items()
     )
-    from actstore.architecture import from_hf_config
-    from actstore.models import toy_config
+    from actstore.model.adapter import toy_config
+    from actstore.model.architecture import from_hf_config
 
     name = Path(run["out"]).name
     llama = config["model_type"] == "llama"
     a = from_hf_config(toy_config(config).to_dict())
     d_model, n_heads, kv, base = a.d_model, a.n_heads, a.n_kv_heads, a.rotary_base
     cmd = (
-        f"python -m ingest.train_toy --out {run['out']} --arch {config['model_type']} "
+        f"python -m tools.train_toy --out {run['out']} --arch {config['model_type']} "
         f"--steps {run['steps']} --seed {run['seed']} --lr {run['lr']:g} "
         f"--warmup {run['warmup']} --lm-weight {run['lm_weight']:g} --d-model {d_model} "
         f"--n-heads {n_heads}"
@@ -419,7 +420,7 @@ positions), SwiGLU MLP (d_mlp {a.d_mlp}), {bias},
 {a.d_head}), d_mlp {a.d_mlp}, {a.n_ctx} positions"""
     return f"""# Model card: `{name}`
 
-An actstore built-in model: {kind} trained by `ingest/train_toy.py` on the clean
+An actstore built-in model: {kind} trained by `tools/train_toy.py` on the clean
 prompts of actstore's five tasks in their toy (word-level) phrasing, so that it really solves them
 and has real circuits to find. Not a language model: it knows only the task vocabulary.
 
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="actstore/builtin/toy")
+    parser.add_argument("--out", default="actstore/model/builtin/toy")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)

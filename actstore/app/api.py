@@ -11,7 +11,7 @@ from typing import Any
 
 import polars as pl
 
-from actstore.store import Store
+from actstore.core.store import Store
 
 
 class ActStore(Store):
@@ -30,8 +30,8 @@ class ActStore(Store):
         return subspace(self, run, hook, direction, **kwargs)
 
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
-        """Out-of-core mean / class-mean / head-norm over prompts (`queries.analysis.reduce`)."""
-        from queries.analysis.reduce import reduce
+        """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
+        from queries.reduction.reduce import reduce
 
         return reduce(self, run, hook, op, **kwargs)
 
@@ -72,7 +72,7 @@ class ActStore(Store):
 
     def verify(self, run: int | None = None) -> pl.DataFrame:
         """Damaged or missing chunks and prompts, by run, side, hook and chunk (see verify.py)."""
-        from actstore.verify import verify
+        from actstore.core.verify import verify
 
         return verify(self, run)
 

@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.output import FILE_FORMATS, PRINT_FORMATS, check_output_path, write_rows
-from queries import choices
+from actstore.core import choices
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.output import FILE_FORMATS, PRINT_FORMATS, check_output_path, write_rows
 
 FORMAT = click.option(
     "--format",
@@ -76,7 +76,7 @@ class Group(click.Group):
             click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # an object store's errors, from wherever they surface
-            from actstore.object_store import object_store_error
+            from actstore.core.object_store import object_store_error
 
             mapped = object_store_error(exc)
             if mapped is None:
@@ -557,10 +557,10 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | Non
       actstore demo demo-mine --model ./my-model
     """
     if model:
-        from actstore.models import check_model_spec
+        from actstore.model.adapter import check_model_spec
 
         check_model_spec(model)  # before the demo directory is made
-    from actstore.demo import demo as run_demo
+    from actstore.app.demo import demo as run_demo
 
     run_demo(directory, tasks=tasks.split(","), n=n, top_k=top_k, model=model)
 
@@ -584,7 +584,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
       actstore verify /tmp/s
       actstore verify /tmp/s --run 2 --repair
     """
-    from actstore.verify import chunks_checked, failures
+    from actstore.core.verify import chunks_checked, failures
 
     s = _open(store)
     if repair:

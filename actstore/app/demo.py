@@ -23,10 +23,10 @@ from typing import IO, Any
 import polars as pl
 
 import actstore
-from actstore.errors import UsageError
-from actstore.models import BUILTIN_DIR
-from actstore.output import render_table
-from actstore.store import CATALOG
+from actstore.core.errors import UsageError
+from actstore.core.output import render_table
+from actstore.core.store import CATALOG
+from actstore.model.adapter import BUILTIN_DIR
 from queries.analysis import lookups, plot
 from queries.analysis import overlap as ov
 from queries.analysis.report import report

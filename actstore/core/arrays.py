@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actstore.location import ARRAYS as ARRAYS  # where a store's local arrays are
-from actstore.location import ArraysRoot, as_root
+from actstore.core.location import ARRAYS as ARRAYS  # where a store's local arrays are
+from actstore.core.location import ArraysRoot, as_root
 
 if TYPE_CHECKING:
     import zarr
@@ -76,7 +76,7 @@ def create_array(
         if have[:2] == want[:2] and (replace or have == want):
             return arr.with_config(WRITE_CONFIG)
         if not replace:
-            from actstore.errors import ActstoreError
+            from actstore.core.errors import ActstoreError
 
             raise ActstoreError(
                 f"array {name} has shape/chunks/dtype {have}, this ingest needs {want}; "

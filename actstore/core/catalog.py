@@ -3,7 +3,7 @@
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
 a time and refuses read-only openers while it is open). An open attaches the file to the
-process's one DuckDB instance (actstore.attachments), about 3 ms; a burst of small reads still
+process's one DuckDB instance (actstore.core.attachments), about 3 ms; a burst of small reads still
 shares one connection (`Catalog.reading`). A lock conflict is
 retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
 that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import duckdb
 
-from actstore.attachments import ATTACHMENTS
-from actstore.errors import ActstoreError
-from actstore.views import create_views, views_hash
+from actstore.core.attachments import ATTACHMENTS
+from actstore.core.errors import ActstoreError
+from actstore.core.views import create_views, views_hash
 
 SCHEMA_VERSION = 3
 
@@ -85,7 +85,7 @@ MIGRATIONS: list[list[str]] = [
             normalized DOUBLE, effect DOUBLE, illusion BOOLEAN)""",
         """CREATE TABLE subspace_directions (
             query_id INTEGER, idx INTEGER, vector DOUBLE[])""",
-        # Out-of-core reductions over prompts (queries/analysis/reduce.py): per group, position
+        # Out-of-core reductions over prompts (queries/reduction/reduce.py): per group, position
         # and flat feature index (head for head-norm), the mean and the number of prompts behind it.
         """CREATE TABLE reductions (
             query_id INTEGER, hook VARCHAR, grp VARCHAR, pos INTEGER, idx INTEGER,
@@ -103,7 +103,7 @@ MIGRATIONS: list[list[str]] = [
         """UPDATE prompts SET answers = [answer], wrong_answers = [wrong_answer],
                answer_tokens = [answer_token], wrong_answer_tokens = [wrong_answer_token]""",
     ],
-    # Version 3: the model's architecture description (actstore.architecture.Architecture as
+    # Version 3: the model's architecture description (actstore.model.architecture.Architecture as
     # JSON); NULL for models recorded before it existed, all of them GPT-2.
     ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
 ]

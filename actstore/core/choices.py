@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 
 METRICS = ("logit-diff", "prob", "kl", "prob-diff")
 # Which run is patched into which: denoise patches clean into corrupted, noise the reverse.

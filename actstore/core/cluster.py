@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 PRELOAD = ["distributed", "numpy", "zarr", "torch", "transformer_lens.model_bridge",
-           "actstore.models"]  # fmt: skip
+           "actstore.model.adapter"]  # fmt: skip
 
 
 def start_forkserver(modules: Sequence[str] = ()) -> None:

@@ -15,7 +15,7 @@ import importlib
 from functools import cache
 from importlib import metadata
 
-from actstore.errors import ActstoreError
+from actstore.core.errors import ActstoreError
 
 FIX = "install the tested set: pip install -c requirements.lock -e '.[{extra}]'"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 
 ARRAYS = "arrays.zarr"
 RECORD = "arrays-location.json"
@@ -66,14 +66,14 @@ class ArraysRoot:
             from fsspec.implementations.local import LocalFileSystem
 
             return LocalFileSystem()
-        from actstore.object_store import filesystem
+        from actstore.core.object_store import filesystem
 
         return filesystem(self.url)
 
     def exists(self, name: str = "") -> bool:
         if self.is_local:
             return os.path.exists(self.key(name))
-        from actstore.object_store import errors_as_actstore
+        from actstore.core.object_store import errors_as_actstore
 
         with errors_as_actstore(self.url):
             return bool(self.filesystem().exists(self.key(name)))
@@ -82,7 +82,7 @@ class ArraysRoot:
         """What `zarr.open_group`/`open_array` take as `store`: a path, or an fsspec store."""
         if self.is_local:
             return self.url
-        from actstore.object_store import zarr_store
+        from actstore.core.object_store import zarr_store
 
         return zarr_store(self.url, read_only)
 
@@ -106,7 +106,7 @@ def recorded_url(store_dir: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        from actstore.errors import ActstoreError
+        from actstore.core.errors import ActstoreError
 
         raise ActstoreError(
             f"{store_dir / RECORD} is unreadable; write it again as "

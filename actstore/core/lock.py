@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from actstore.errors import ActstoreError, LockedError
+from actstore.core.errors import ActstoreError, LockedError
 
 
 def describe_holder(lock_path: Path) -> str:

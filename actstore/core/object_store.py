@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.extras import FIX, PURPOSE, check_engine
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.extras import FIX, PURPOSE, check_engine
 
 # botocore's client settings: fail fast on a dead endpoint, retry throttling a few times.
 CLIENT_CONFIG = {

@@ -11,7 +11,7 @@ from typing import IO
 
 import polars as pl
 
-from actstore.errors import ActstoreError, UsageError
+from actstore.core.errors import ActstoreError, UsageError
 
 PRINT_FORMATS = ("table", "csv", "json", "jsonl")
 FILE_FORMATS = ("csv", "parquet", "json", "jsonl")

@@ -1,7 +1,7 @@
 """Recorded queries: every computation over a run is a `queries` row plus its result rows.
 
 Result tables carry the query's id in a column of their own (`effects.query_id`,
-`edge_scores.score_id`, `circuits.circuit_id`, …; actstore.writes.RESULT_ID). A query asked
+`edge_scores.score_id`, `circuits.circuit_id`, …; actstore.core.writes.RESULT_ID). A query asked
 again with equal parameters is answered from the catalog without loading a model or importing
 torch.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from actstore.store import Store
+from actstore.core.store import Store
 
 
 def params_hash(kind: str, run_id: int | None, params: dict[str, Any]) -> str:
@@ -71,7 +71,7 @@ def query_params(store: Store, query_id: int) -> dict[str, Any]:
     """A recorded query's row, parameters decoded."""
     rows = store.query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
     if not rows:
-        from actstore.errors import UsageError
+        from actstore.core.errors import UsageError
 
         raise UsageError(f"query {query_id} is not in {store.path}; see: select * from queries")
     row = rows[0]

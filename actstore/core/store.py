@@ -3,7 +3,7 @@ sharded ingests until they are merged).
 
 `Store` reads everything (runs, prompts, arrays, SQL, exports) without importing torch. Writing
 commands take the writer lock with `store.writer()` for their whole duration, and write catalog
-rows only through `store.transaction()` (actstore.writes). Arrays are read
+rows only through `store.transaction()` (actstore.core.writes). Arrays are read
 through `VerifiedArray`, so damaged data is an error, never numbers; user SQL runs in DuckDB's
 sandbox, so it can neither change the store nor reach other files.
 """
@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.arrays import ARRAYS
-from actstore.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
-from actstore.errors import ActstoreError, DamagedError, UsageError
-from actstore.location import RECORD, arrays_root, local_dir
-from actstore.lock import WriterLock, describe_holder
-from actstore.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
-from actstore.writes import Writes
+from actstore.core import arrays as zarrays
+from actstore.core.arrays import ARRAYS
+from actstore.core.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
+from actstore.core.errors import ActstoreError, DamagedError, UsageError
+from actstore.core.location import RECORD, arrays_root, local_dir
+from actstore.core.lock import WriterLock, describe_holder
+from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
+from actstore.core.writes import Writes
 
 CATALOG = "catalog.duckdb"
 MANIFESTS = "manifests"
@@ -267,7 +267,7 @@ class Store:
         self, table: str | None = None, sql: str | None = None, fmt: str = "csv", out: str = "-"
     ) -> pl.DataFrame:
         """Write a table, a view or a read-only query's rows to a file or stdout ('-')."""
-        from actstore.output import export_frame
+        from actstore.core.output import export_frame
 
         if (table is None) == (sql is None):
             raise UsageError("give a TABLE or --sql QUERY (exactly one)")

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from actstore import arrays as zarrays
-from actstore.arrays import open_array
-from actstore.errors import DamagedError
-from actstore.location import ArraysRoot, as_root
+from actstore.core import arrays as zarrays
+from actstore.core.arrays import open_array
+from actstore.core.errors import DamagedError
+from actstore.core.location import ArraysRoot, as_root
 
 FIX = "run actstore verify --repair"
 

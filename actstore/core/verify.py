@@ -19,10 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.arrays import open_array
-from actstore.store import Store
-from actstore.verified import ChunkProblem, LedgerEntry, first_line, read_checked
+from actstore.core import arrays as zarrays
+from actstore.core.arrays import open_array
+from actstore.core.store import Store
+from actstore.core.verified import ChunkProblem, LedgerEntry, first_line, read_checked
 
 # Where a finding is: shared by verify's findings and repair's results.
 PIECE = {

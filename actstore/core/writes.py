@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.errors import ActstoreError
-from actstore.location import ArraysRoot
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError
+from actstore.core.location import ArraysRoot
 
 if TYPE_CHECKING:
     import duckdb
 
-    from actstore.models import ModelAdapter
 
 # The tables holding a run's data rows (its `runs` row aside).
 RUN_TABLES = ("prompts", "chunks", "arrays")
@@ -46,17 +45,6 @@ QUERY_ID_COLUMNS = ("query_id", "score_id", "circuit_id")
 FORGOTTEN = "forgotten_query_id"
 
 Rows = pl.DataFrame | Sequence[Mapping[str, Any]]
-
-
-def model_record(model: ModelAdapter) -> dict[str, Any]:
-    """The `models` row of a model, by column name."""
-    s = model.shape
-    return {
-        "model": model.spec, "fingerprint": model.fingerprint, "source": model.source,
-        "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model, "d_head": s.d_head,
-        "d_mlp": s.d_mlp, "d_vocab": s.d_vocab, "n_ctx": s.n_ctx,
-        "architecture": model.architecture.to_json(),
-    }  # fmt: skip
 
 
 def array_records(
@@ -165,7 +153,7 @@ class Writes:
         )
 
     def add_model(self, record: Mapping[str, Any]) -> None:
-        """Record a model's row (`model_record`) unless the store has it."""
+        """Record a model's row (actstore.model.adapter.model_record) unless the store has it."""
         self.insert("models", [record], conflict="OR IGNORE", now="created_at")
 
     def recorded_chunks(self, run_id: int) -> set[tuple[str, str, int]]:

@@ -1,15 +1,15 @@
 """The model adapter: one interface over TransformerLens' TransformerBridge for every model source.
 
 A model comes from one of three places:
-- a built-in toy model shipped in `actstore/builtin/<name>/` (`toy`, `toy-...`), or `toy-random`,
-  the toy architecture with seeded random weights;
+- a built-in toy model shipped in `actstore/model/builtin/<name>/` (`toy`, `toy-...`), or
+  `toy-random`, the toy architecture with seeded random weights;
 - a Hugging Face model directory (`config.json`, weights, tokenizer files), given as a path;
 - a Hugging Face hub name that TransformerLens supports (`gpt2`, `pythia-160m`, ...).
 
 The adapter is the only code that touches the bridge and the Hugging Face model: queries compute
 with the engine (queries/core) from `architecture` and `weights()`; ingest and the tests' exact
 references use the bridge's hooked forward through `run_with_cache` and `hooked_logits`.
-Families outside actstore.architecture.FAMILIES are refused before their weights are read.
+Families outside actstore.model.architecture.FAMILIES are refused before their weights are read.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actstore import hub
-from actstore.architecture import (
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.model import hub
+from actstore.model.architecture import (
     Architecture,
     LayerWeights,
     Norm,
@@ -31,7 +32,6 @@ from actstore.architecture import (
     check_family,
     from_hf_config,
 )
-from actstore.errors import ActstoreError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -368,7 +368,7 @@ def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, An
     when absent), its weights and its word vocabulary."""
     import torch
 
-    from actstore.tokenizer import read_vocab, word_level_tokenizer
+    from actstore.model.tokenizer import read_vocab, word_level_tokenizer
 
     settings = json.loads((directory / "config.json").read_text())
     words = read_vocab(directory / "vocab.json")
@@ -381,7 +381,7 @@ def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, An
         if not weights.exists():
             raise ActstoreError(
                 f"built-in model {directory.name!r} has no trained weights at {weights}; "
-                f"train it (python -m ingest.train_toy) or use {directory.name}{RANDOM_SUFFIX}"
+                f"train it (python -m tools.train_toy) or use {directory.name}{RANDOM_SUFFIX}"
             )
         from safetensors.torch import load_file
 
@@ -485,3 +485,14 @@ def _directory_tokenizer(path: Path) -> Any:
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def model_record(model: ModelAdapter) -> dict[str, Any]:
+    """The `models` row of a model, by column name."""
+    s = model.shape
+    return {
+        "model": model.spec, "fingerprint": model.fingerprint, "source": model.source,
+        "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model, "d_head": s.d_head,
+        "d_mlp": s.d_mlp, "d_vocab": s.d_vocab, "n_ctx": s.n_ctx,
+        "architecture": model.architecture.to_json(),
+    }  # fmt: skip

@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 
 FAMILIES = {
     "gpt2": "GPT-2",

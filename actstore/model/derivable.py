@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import partial
 
-from actstore.hooks import hook_name
+from actstore.model.hooks import hook_name
 
 LOGITS = "logits"
 TOKENS = "tokens"

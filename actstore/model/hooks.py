@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
+    from actstore.model.adapter import ModelAdapter
 
 PER_LAYER = {
     "resid_pre": "blocks.{l}.hook_resid_pre",

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from actstore.errors import ActstoreError
+from actstore.core.errors import ActstoreError
 
 PROBE_S = 3.0
 TRUE = ("1", "true", "yes", "on")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -28,7 +28,13 @@ if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from queries.core.engine import Engine
+
+class Unembedding(Protocol):
+    """What `from_resid` needs of a model (the queries' engine has both)."""
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor: ...
+
+    def unembed_columns(self, resid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -146,7 +152,7 @@ def endpoints(metric: str, t: Targets, corrupted_logits: torch.Tensor) -> tuple[
     return float(clean.sum()), float(from_logits(metric, corrupted_logits, t).sum())
 
 
-def from_resid(e: Engine, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
+def from_resid(e: Unembedding, metric: str, resid: torch.Tensor, t: Targets) -> torch.Tensor:
     """Per-prompt metric of final-position residuals (…, B, d_model), unembedding only what the
     metric needs: the answer sets' columns for a logit difference, the full vocabulary
     otherwise."""

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
-from queries.choices import SETS
+from actstore.core.choices import SETS
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 
 DEFAULT_TOP_FRAC = 0.02  # Merullo et al.'s in-circuit heads: the top 2% by effect
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.store import Store
+from actstore.core.choices import PLOTS
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
-from queries.choices import PLOTS
 
 SIZE = (960, 720)
 DPI = 100

@@ -8,7 +8,7 @@ array, so each chunk is checked against the ledger) and sums in float64, so memo
 by a few chunks whatever the number of prompts; `scheduler="distributed"` hands the same graph
 to a Dask cluster whose workers see the store directory at the same path.
 
-A hook the run derives on read rather than stores (the default layout: actstore.derivable) is
+A hook the run derives on read rather than stores (the default layout: actstore.model.derivable) is
 reduced the same way, each chunk of prompts derived by the queries' one reader with the run's
 model (queries.core.reader.DerivedArray): only then are torch and the model loaded, so a
 reduction of a stored hook stays torch-free.
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.extras import check_engine
-from actstore.store import Store
-from queries.choices import OPS, SCHEDULERS, check
+from actstore.core.choices import OPS, SCHEDULERS, check
+from actstore.core.errors import UsageError
+from actstore.core.extras import check_engine
+from actstore.core.store import Store
 from queries.core.recorded import recorded
 
 KIND = "reduce"

@@ -22,7 +22,7 @@ D_MODEL, N_HEADS, N_LAYERS, D_MLP = 32, 4, 3, 48
 
 
 def tokenizer():
-    from actstore.tokenizer import word_level_tokenizer
+    from actstore.model.tokenizer import word_level_tokenizer
     from ingest.tasks import toy_vocabulary
 
     return word_level_tokenizer(toy_vocabulary(), name="family")

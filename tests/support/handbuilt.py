@@ -15,8 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from actstore.results import record_query
-from actstore.store import Store
+from actstore.core.results import record_query
+from actstore.core.store import Store
 
 N_LAYERS, N_HEADS = 3, 4
 EFFECTS = {

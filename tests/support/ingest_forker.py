@@ -54,7 +54,7 @@ def arm(when: str, k: int) -> None:
 
         click.echo = echo_then_die
         return
-    from actstore.catalog import Catalog
+    from actstore.core.catalog import Catalog
 
     commit = Catalog.commit
     count = [0]
@@ -75,7 +75,7 @@ def arm(when: str, k: int) -> None:
 
 def command(request: dict) -> int:
     """`actstore ARGV` as the CLI runs it, stdout and stderr into the request's files."""
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
@@ -99,7 +99,7 @@ def run(request: dict, runner) -> int:
     if not request.get("cli"):
         runner.ingest(request["store"], restart=request.get("restart", False), **kwargs)
         return 0
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
@@ -120,9 +120,9 @@ def main() -> None:
     import zarr.codecs  # noqa: F401  (the ingest imports Zarr lazily: ~0.3 s in every child)
     import zarr.storage  # noqa: F401
 
-    import actstore.cli  # noqa: F401  (imported once here, not in every child)
+    import actstore.app.cli  # noqa: F401  (imported once here, not in every child)
     import ingest.runner as runner
-    from actstore.models import load_model
+    from actstore.model.adapter import load_model
 
     model = load_model(KWARGS["model"])
     _ = model.fingerprint
@@ -167,7 +167,7 @@ class Forker:
     """The tests' end: starts this file as a process and speaks its protocol."""
 
     def __init__(self) -> None:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}  # fmt: skip

@@ -99,8 +99,8 @@ def _assert_matches(
 ) -> None:
     import pandas as pd
 
-    from queries.choices import METRICS
-    from queries.core import metrics
+    from actstore.core.choices import METRICS
+    from actstore.model import metrics
     from queries.patching import check_spec, compute_effects
 
     pr = store.prompts(1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from actstore.models import ModelAdapter
-from actstore.store import Store
+from actstore.core.store import Store
+from actstore.model.adapter import ModelAdapter
 
 
 def read_hook(

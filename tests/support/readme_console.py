@@ -44,7 +44,7 @@ def run(command: str, cwd: Path) -> Step:
     subprocess per command would pay it each time), the pipeline after it by bash."""
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     flat = command.replace("\\\n", " ")
     cut = _first_pipe(flat)
@@ -140,7 +140,7 @@ def demo_block() -> None:
     """The output of `actstore demo demo-store` (what `make demo` runs), as a ```text block."""
     import cog
 
-    from actstore.demo import demo
+    from actstore.app.demo import demo
 
     root = Path(tempfile.mkdtemp(prefix="readme-demo-")) / "demo-store"
     out = io.StringIO()

@@ -1,6 +1,6 @@
 """Run a mean reduction with the address space capped (a helper the tests run as a subprocess).
 
-Usage: python tests/reduce_limited.py STORE BIG_RUN SMALL_RUN HOOK BUDGET_BYTES
+Usage: python tests/support/reduce_limited.py STORE BIG_RUN SMALL_RUN HOOK BUDGET_BYTES
 
 Warms every code path up on SMALL_RUN (imports, catalog, Dask's thread pool), then caps the
 address space at the warmed-up size plus BUDGET_BYTES and reduces BIG_RUN. Prints one JSON line:

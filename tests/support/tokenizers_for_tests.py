@@ -11,7 +11,7 @@ EXTRA_NATURAL_WORDS = ["What", "color", "Answer", "lasted", "year"]
 
 @lru_cache(maxsize=1)
 def toy_view() -> TokenizerView:
-    from ingest.train_toy import toy_tokenizer
+    from tools.train_toy import toy_tokenizer
 
     return TokenizerView(toy_tokenizer())
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import polars as pl
 
-from actstore.errors import ActstoreError
-from actstore.output import write_atomically
-from actstore.store import Store
+from actstore.core.errors import ActstoreError
+from actstore.core.output import write_atomically
+from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
 from queries.analysis.report import charts, data
