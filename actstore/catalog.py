@@ -23,7 +23,7 @@ from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -106,6 +106,14 @@ MIGRATIONS: list[list[str]] = [
     # Version 3: the model's architecture description (actstore.architecture.Architecture as
     # JSON); NULL for models recorded before it existed, all of them GPT-2.
     ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
+    # Version 4: token roles (actstore.roles). A prompt's named positions in the model's input
+    # (BOS = 0): IOI's IO, S1, S2, ... and END, its final token. Runs recorded before have no
+    # rows and read as END only.
+    [
+        """CREATE TABLE prompt_roles (
+            run_id INTEGER, prompt_idx INTEGER, role VARCHAR, pos INTEGER,
+            PRIMARY KEY (run_id, prompt_idx, role))""",
+    ],
 ]
 
 
