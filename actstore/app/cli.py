@@ -411,7 +411,8 @@ def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
 SET_OPTIONS = [
     click.option("--by", type=click.Choice(choices.SETS), default="head", show_default=True,
                  help="Compare head sets (patching) or edge sets (attribution)."),
-    click.option("--top-frac", type=float, help="Top fraction by importance (default 0.02)."),
+    click.option("--top-frac", type=float,
+                 help="Top fraction by importance (default 0.02, at least 4 heads or 20 edges)."),
     click.option("--top-k", type=int, help="Top K by importance instead of a fraction."),
     click.option("--circuits", is_flag=True, help="Each run's circuit instead."),
     click.option("--queries", help="Comma-separated patch query, score set or circuit ids to "
@@ -464,10 +465,14 @@ def overlap(store: str, runs: str | None, queries: str | None, fmt: str, **optio
     """
     if runs is None and queries is None:
         raise UsageError("give --runs R1,R2,... or --queries Q1,Q2,...")
-    from queries.analysis.overlap import compared
+    from queries.analysis.overlap import choose, compared, few_items, sizes
 
     df = _open(store).overlap(_ids(runs, "--runs"), queries=_ids(queries, "--queries"), **options)
-    click.echo(compared(df), err=True)
+    selection = choose(options["by"], options["top_k"], options["top_frac"], options["circuits"])
+    click.echo(f"{compared(df)}; {sizes(df, selection)}", err=True)
+    warning = few_items(df, selection)
+    if warning:
+        click.echo(warning, err=True)
     write_rows(df, fmt)
 
 
@@ -501,9 +506,17 @@ def plot(store: str, kind: str, ident: str, output: str, queries: str | None, **
 @click.option("-o", "--output", required=True, help="HTML file to write.")
 @click.option("--runs", help="Comma-separated run ids to cover (default: every run).")
 @click.option("--top-k", type=int, help="Overlap head sets: top K heads by importance.")
-@click.option("--top-frac", type=float, help="Overlap head sets: top fraction (default 0.02).")
+@click.option(
+    "--top-frac",
+    type=float,
+    help="Overlap head sets: top fraction (default 0.02, at least 4 heads).",
+)
 @click.option("--edge-top-k", type=int, help="Overlap edge sets: top K edges by |score|.")
-@click.option("--edge-top-frac", type=float, help="Overlap edge sets: top fraction (default 0.02).")
+@click.option(
+    "--edge-top-frac",
+    type=float,
+    help="Overlap edge sets: top fraction (default 0.02, at least 20 edges).",
+)
 @FORMAT
 def report(store: str, output: str, runs: str | None, fmt: str, **options) -> None:
     """Write one self-contained interactive HTML page about the store.
