@@ -74,6 +74,27 @@ def test_greater_than_sets_are_years_above_and_at_or_below(gt):
         assert len(row["answer_tokens"]) + len(row["wrong_answer_tokens"]) == 100
 
 
+def test_prompt_figures_are_the_metric_the_queries_use(gt):
+    """Ingest's per-prompt figures are the queries' metrics: `clean_logit_diff` is the mean
+    logit of the correct set − of the incorrect set (the patch query's clean endpoint), not the
+    difference of the two representative answers; `clean_prob` the representative answer's
+    probability, as the `prob` metric."""
+    store, model, data = gt
+    prompts = store.prompts(1)
+    rows = torch.arange(N)
+    for side in ("clean", "corrupted"):
+        final = model.hooked_logits(data[side])[rows, data["last"]].float()
+        sets = [direct("logit-diff", final[i : i + 1], {k: data[k][i : i + 1]
+                for k in ("correct", "incorrect")}) for i in range(N)]  # fmt: skip
+        pair = final[rows, data["answer"]] - final[rows, data["wrong"]]
+        got = torch.as_tensor(prompts[f"{side}_logit_diff"].to_numpy())
+        assert torch.allclose(got, torch.stack(sets).double(), atol=1e-4)
+        assert (got - pair.double()).abs().max() > 1e-3  # the sets, not the pair
+        prob = final.softmax(-1)[rows, data["answer"]]
+        assert torch.allclose(torch.as_tensor(prompts[f"{side}_prob"].to_numpy()), prob.double(),
+                              atol=1e-5)  # fmt: skip
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("metric", ["prob-diff", "logit-diff"])
 def test_patching_over_sets_matches_transformer_lens_with_a_direct_metric(gt, metric, direction):
