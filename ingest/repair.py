@@ -19,12 +19,12 @@ from typing import Any
 
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.arrays import open_array
-from actstore.errors import ActstoreError
-from actstore.models import load_model
-from actstore.store import Store
-from actstore.verify import PIECE, REPAIRABLE, verify
+from actstore.core import arrays as zarrays
+from actstore.core.arrays import open_array
+from actstore.core.errors import ActstoreError
+from actstore.core.store import Store
+from actstore.core.verify import PIECE, REPAIRABLE, verify
+from actstore.model.adapter import load_model
 
 COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 

@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.derivable import derivable
-from actstore.errors import ActstoreError, UsageError
-from actstore.location import (
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.location import (
     ArraysRoot,
     arrays_root,
     local_dir,
     normal_url,
     record_arrays_url,
 )
-from actstore.models import ModelAdapter, load_model
-from actstore.store import CATALOG, Store
-from actstore.writes import array_records, model_record
+from actstore.core.store import CATALOG, Store
+from actstore.core.writes import array_records
+from actstore.model.adapter import ModelAdapter, load_model, model_record
+from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
@@ -52,7 +52,14 @@ from ingest.distributed import (
 )
 from ingest.hooks import resolve_hooks
 from ingest.preflight import check_ingest
-from ingest.prompts import DEFAULT_N, Prepared, load_pairs, prepare, prompt_records
+from ingest.prompts import (
+    DEFAULT_N,
+    Prepared,
+    load_pairs,
+    prepare,
+    prompt_records,
+    role_summary,
+)
 from ingest.shards import ingest_shard, parse_shard
 from ingest.tasks import get_task
 
@@ -138,6 +145,7 @@ def ingest(
             "batch_size": min(batch_size, n_pairs),  # a chunk never pads beyond the prompts
             "seed": seed,
             "seq_len": int(seq),
+            "roles": role_summary(prepared),
             **source,
         }
         if corruption == "gaussian":

@@ -26,14 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.errors import ActstoreError, UsageError
-from actstore.location import ArraysRoot, arrays_root, local_dir
-from actstore.store import MANIFESTS, Store
-from actstore.writes import array_records, model_record
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.location import ArraysRoot, arrays_root, local_dir
+from actstore.core.store import MANIFESTS, Store
+from actstore.core.writes import array_records
+from actstore.model.adapter import model_record
 
 if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
+    from actstore.model.adapter import ModelAdapter
     from ingest.prompts import Prepared
 
 MERGED = "merged"

@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from actstore.attachments import ATTACHMENTS
+from actstore.core.attachments import ATTACHMENTS
 
 
 def _catalog(path: Path) -> Path:
@@ -89,7 +89,7 @@ def test_a_sandbox_waits_for_other_threads_and_refuses_inside_a_read(tmp_path):
     import threading
     import time
 
-    from actstore.catalog import Catalog
+    from actstore.core.catalog import Catalog
 
     path = _catalog(tmp_path / "c.duckdb")
     catalog = Catalog(path)

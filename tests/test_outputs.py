@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from test_cli import snapshot
 
 import actstore
-from actstore.cli import main
-from actstore.errors import UsageError
+from actstore.app.cli import main
+from actstore.core.errors import UsageError
 
 HOOK = "blocks.2.hook_resid_pre"
 
@@ -82,7 +82,7 @@ def test_the_python_api_refuses_the_same_paths(ioi_copy, tmp_path):
 def test_a_store_whose_catalog_is_gone_still_counts(ioi_copy, tmp_path):
     """The arrays of a store that lost its catalog are still its rows' only copy."""
     (ioi_copy / "catalog.duckdb").unlink()
-    from actstore.location import store_containing
+    from actstore.core.location import store_containing
 
     assert store_containing(ioi_copy / "arrays.zarr" / "zarr.json") == ioi_copy.resolve()
     assert store_containing(tmp_path / "elsewhere.csv") is None

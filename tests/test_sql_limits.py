@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from actstore import sandbox
-from actstore.cli import main
-from actstore.errors import ActstoreError, UsageError
-from actstore.store import Store
+from actstore.app.cli import main
+from actstore.core import sandbox
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.store import Store
 
 
 def refusal(res, code: int) -> str:
@@ -65,7 +65,7 @@ def test_the_timeout_covers_a_statement_that_holds_the_catalog_from_another_proc
     """A writer in this process waits (up to its 120 s) for a runaway reader in another process,
     which the default limits stop long before: here --timeout 2 in a real `actstore sql`."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "actstore.cli", "sql", str(empty_store),
+        [sys.executable, "-m", "actstore.app.cli", "sql", str(empty_store),
          "select count(*) from range(1e13::BIGINT)", "--timeout", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -83,7 +83,7 @@ def test_the_timeout_covers_a_statement_that_holds_the_catalog_from_another_proc
 # unlike ru_maxrss) to the file named first.
 MEASURED = """
 import atexit, sys
-from actstore.cli import main
+from actstore.app.cli import main
 path = sys.argv.pop(1)
 status = lambda: next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
 atexit.register(lambda: open(path, "w").write(status()))

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from test_cli import snapshot
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 SECRET = "TOPSECRET-4f1c"
 
@@ -142,8 +142,8 @@ def test_the_sandbox_has_a_private_temp_directory_outside_the_store(empty_store)
     when it closes; a later statement cannot reach the one an earlier statement had."""
     import stat
 
-    from actstore.errors import UsageError
-    from actstore.store import Store
+    from actstore.core.errors import UsageError
+    from actstore.core.store import Store
 
     store = Store(empty_store)
     with store.catalog.sandbox(memory_mb=64) as con:
@@ -164,7 +164,7 @@ def _spilling(store: Path, tmpdir: Path) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     big = ("select count(*) from (select md5(i::varchar) m, count(*) from range(30000000) t(i) "
            "group by m)")  # fmt: skip
-    args = [sys.executable, "-m", "actstore.cli", "sql", str(store), big, "--max-mb", "32"]
+    args = [sys.executable, "-m", "actstore.app.cli", "sql", str(store), big, "--max-mb", "32"]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -175,8 +175,8 @@ def test_another_statements_spill_files_are_out_of_reach_while_it_runs_and_after
     """While one `actstore sql` spills to disk, a second cannot list or read its spill files;
     killed with SIGKILL, it leaves them outside the store, still out of reach, and the store as
     it was."""
-    from actstore.errors import UsageError
-    from actstore.store import Store
+    from actstore.core.errors import UsageError
+    from actstore.core.store import Store
 
     before = snapshot(empty_store)
     spills = tmp_path / "spills"
@@ -213,7 +213,7 @@ def test_store_query_is_sandboxed(empty_store, tmp_path):
     """`Store.query` (the Python API) runs user SQL in the sandbox like `actstore sql`; actstore's
     own SQL goes through the private `_trusted_query`."""
     import actstore
-    from actstore.errors import UsageError
+    from actstore.core.errors import UsageError
 
     store = actstore.open(str(empty_store))
     out = tmp_path / "elsewhere"

@@ -1,5 +1,5 @@
-"""Query helpers over the catalog views (actstore/views.py): a query's provenance and its ranked
-heads or edges.
+"""Query helpers over the catalog views (actstore/core/views.py): a query's provenance and its
+ranked heads or edges.
 
 Every function reads SQL and returns plain values or a polars DataFrame; nothing here loads a
 model.
@@ -12,8 +12,8 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 
 ILLUSION_VERDICTS = {
     None: "not assessed (no reading map; give --reader for a residual hook)",

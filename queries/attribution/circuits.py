@@ -24,10 +24,10 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from actstore.architecture import Architecture
-from actstore.errors import ActstoreError, UsageError
-from actstore.results import query_params
-from actstore.store import Store
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.results import query_params
+from actstore.core.store import Store
+from actstore.model.architecture import Architecture
 from queries.attribution.graph import Graph
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster

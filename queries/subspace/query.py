@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.output import check_output_path
-from actstore.store import Store
-from queries.choices import DIRECTIONS, METRICS, SOURCES, check
+from actstore.core.choices import DIRECTIONS, METRICS, SOURCES, check
+from actstore.core.errors import UsageError
+from actstore.core.output import check_output_path
+from actstore.core.store import Store
 from queries.core.recorded import recorded
 
 REPORT_COLUMNS = [

@@ -13,8 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 
@@ -97,10 +97,14 @@ class OverlapGroup:
     and their pairwise statistics with the shared items; `note` says why they could not be
     compared."""
 
-    by: str
+    selection: ov.Selection
     title: str
     pairs: pl.DataFrame = field(default_factory=pl.DataFrame)
     note: str | None = None
+
+    @property
+    def by(self) -> str:
+        return self.selection.by
 
 
 def overlap_groups(
@@ -117,7 +121,7 @@ def overlap_groups(
                 setting = ov.setting_of(kind, row)
                 newest.setdefault(setting, {})[row["run_id"]] = row["source_id"]
         for setting, per_run in newest.items():
-            group = OverlapGroup(selection.by, f"{setting}; {selection.describe()}")
+            group = OverlapGroup(selection, f"{setting}; {selection.describe()}")
             if len(per_run) < 2:
                 (run,) = per_run
                 group.note = f"only run {run} has such a set: nothing to compare it with"
@@ -154,6 +158,7 @@ def circuits(store: Store, runs: list[int]) -> pl.DataFrame:
         """
         SELECT c.circuit_id, c.score_id, c.run_id, c.model, c.task, c.corruption, c.method,
                c.n_edges_stored AS n_edges, c.n_heads, c.faithfulness, k.top_n, k.metric,
+               k.clean_metric, k.corrupted_metric,
                c.params, m.n_layers, m.n_heads AS heads_per_layer,
                (SELECT count(*) FROM edge_scores s WHERE s.score_id = c.score_id) AS n_scored
         FROM circuits_v c JOIN circuits k USING (circuit_id)
