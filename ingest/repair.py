@@ -119,7 +119,7 @@ def _repair_run(
         values, _ = compute_batch(model, prep, params, int(lo), int(hi))
         recorded = {
             (r["side"], r["hook"]): r["checksum"]
-            for r in store.query(
+            for r in store._trusted_query(
                 "SELECT side, hook, checksum FROM chunks WHERE run_id = ? AND chunk_idx = ?",
                 [run_id, int(chunk_idx)],
             ).iter_rows(named=True)

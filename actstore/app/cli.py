@@ -48,6 +48,23 @@ SCHEDULER = click.option(
 )
 
 
+def sql_limits(fn):
+    """What one user SQL statement may cost (actstore.sandbox): `sql` and `export` take these."""
+    from actstore.core import sandbox
+
+    options = [
+        click.option("--timeout", type=float, default=sandbox.TIMEOUT_S,
+                     show_default=True, help="Stop the statement after this many seconds."),
+        click.option("--max-rows", type=int, default=sandbox.MAX_ROWS, show_default=True,
+                     help="Refuse a result of more rows."),
+        click.option("--max-mb", type=int, default=sandbox.MAX_MB, show_default=True,
+                     help="Memory for the statement, and for its result, in MB."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 class Group(click.Group):
     """Turns expected errors into one line on stderr and the documented exit code: actstore's
     own errors (exit 1, or 2 for usage) and click's usage errors (exit 2)."""
@@ -240,14 +257,18 @@ def info(store: str, fmt: str) -> None:
 @click.argument("store")
 @click.argument("query")
 @FORMAT
-def sql(store: str, query: str, fmt: str) -> None:
+@sql_limits
+def sql(store: str, query: str, fmt: str, **limits) -> None:
     """Run one read-only SQL statement against the catalog.
+
+    It reads only the catalog's tables and views, and stops at --timeout, --max-rows or
+    --max-mb with one line saying which.
 
     \b
     Example:
       actstore sql /tmp/s "select run_id, avg(clean_logit_diff) from prompts group by 1"
     """
-    write_rows(_open(store).sql(query), fmt)
+    write_rows(_open(store).sql(query, **limits), fmt)
 
 
 @main.command()
@@ -256,7 +277,10 @@ def sql(store: str, query: str, fmt: str) -> None:
 @click.option("--sql", "query", help="A read-only query instead of a table or view.")
 @click.option("--format", "fmt", type=click.Choice(FILE_FORMATS), default="csv", show_default=True)
 @click.option("-o", "--output", default="-", show_default=True, help="File, or - for stdout.")
-def export(store: str, table: str | None, query: str | None, fmt: str, output: str) -> None:
+@sql_limits
+def export(
+    store: str, table: str | None, query: str | None, fmt: str, output: str, **limits
+) -> None:
     """Write a table, view or query to CSV, Parquet, JSON or JSON lines.
 
     \b
@@ -264,7 +288,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
       actstore export /tmp/s prompts --format parquet -o prompts.parquet
       actstore export /tmp/s --sql "select * from effects where query_id = 1" -o -
     """
-    df = _open(store).export(table=table, sql=query, fmt=fmt, out=output)
+    df = _open(store).export(table=table, sql=query, fmt=fmt, out=output, **limits)
     if output != "-":
         click.echo(f"wrote {df.height} rows to {output}", err=True)
 

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from actstore.core.errors import UsageError
 
+CATALOG = "catalog.duckdb"
 ARRAYS = "arrays.zarr"
 RECORD = "arrays-location.json"
 OBJECT_SCHEMES = ("s3",)
@@ -34,6 +35,21 @@ def local_dir(location: str | Path) -> Path:
         f"store {location}: STORE is a local directory (it holds the catalog); to keep the "
         "arrays in object storage give --arrays-url s3://bucket/prefix to the first ingest"
     )
+
+
+def store_containing(path: str | Path) -> Path | None:
+    """The store directory that `path` resolves into (symlinks followed, the path itself
+    included), or None. A store is known by its catalog, its local arrays or the record of its
+    arrays' URL, so one whose catalog was lost still counts."""
+    resolved = Path(path).expanduser().resolve()
+    for place in [resolved, *resolved.parents]:
+        if (
+            (place / CATALOG).is_file()
+            or (place / ARRAYS / "zarr.json").is_file()
+            or (place / RECORD).is_file()
+        ):
+            return place
+    return None
 
 
 @dataclass(frozen=True)

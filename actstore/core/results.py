@@ -38,7 +38,7 @@ def find_query(
     the computation.
     """
     if not recompute:
-        rows = store.query(
+        rows = store._trusted_query(
             "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
             [params_hash(kind, run_id, params)],
         )
@@ -69,7 +69,7 @@ def record_query(
 
 def query_params(store: Store, query_id: int) -> dict[str, Any]:
     """A recorded query's row, parameters decoded."""
-    rows = store.query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
+    rows = store._trusted_query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
     if not rows:
         from actstore.core.errors import UsageError
 

@@ -21,19 +21,18 @@ import numpy as np
 import polars as pl
 
 from actstore.core import arrays as zarrays
+from actstore.core import sandbox
 from actstore.core.arrays import ARRAYS
-from actstore.core.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
+from actstore.core.catalog import SCHEMA_VERSION, Catalog
 from actstore.core.errors import ActstoreError, DamagedError, UsageError
-from actstore.core.location import RECORD, arrays_root, local_dir
+from actstore.core.location import CATALOG, RECORD, arrays_root, local_dir
 from actstore.core.lock import WriterLock, describe_holder
 from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
 from actstore.core.writes import Writes
 
-CATALOG = "catalog.duckdb"
 MANIFESTS = "manifests"
 # What a directory holds before its catalog exists: shards write arrays and manifests first.
 BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS, RECORD}
-READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
 class Store:
@@ -127,54 +126,51 @@ class Store:
         burst of small reads, never around a computation or a write."""
         return self.catalog.reading()
 
-    def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run one SQL statement against the catalog and return its rows."""
+    def query(
+        self,
+        sql: str,
+        params: list[Any] | None = None,
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
+    ) -> pl.DataFrame:
+        """Run one read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN) against the catalog
+        in DuckDB's sandbox, stopped after `timeout` seconds, refused past `max_rows` rows or
+        `max_mb` MB of memory (see docs/reliability.md).
+
+        The sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
+        statement-type check only gives writes a clearer message."""
+        limits = sandbox.Limits(timeout, max_rows, max_mb)
+        with self.catalog.sandbox(limits.max_mb) as con:
+            return sandbox.run(con, self.catalog.path, sql, params, limits)
+
+    def sql(
+        self,
+        sql: str,
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
+    ) -> pl.DataFrame:
+        """`query` without parameters: what `actstore sql` runs."""
+        return self.query(sql, None, timeout, max_rows, max_mb)
+
+    def _trusted_query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+        """actstore's own SQL against the catalog, outside the sandbox and without limits:
+        never pass it text a user wrote (that goes through `query`)."""
         with self.catalog.read() as con:
             rel = con.sql(sql, params=params or None)
             return rel.pl() if rel is not None else pl.DataFrame()
 
-    def sql(self, sql: str) -> pl.DataFrame:
-        """Run one read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN) in the sandbox.
-
-        DuckDB's sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
-        statement-type check only gives writes a clearer message.
-        """
-        import duckdb
-
-        with self.catalog.sandbox() as con:
-            try:
-                statements = con.extract_statements(sql)
-            except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {first_line(exc)}") from None
-            if len(statements) != 1:
-                raise UsageError(f"give exactly one SQL statement (got {len(statements)})")
-            kind = statements[0].type.name
-            if kind not in READ_ONLY_STATEMENTS:
-                raise UsageError(
-                    f"actstore sql is read-only: {kind} statements are refused; "
-                    "use SELECT (write results with actstore export)"
-                )
-            try:
-                rel = con.sql(sql)
-                return rel.pl() if rel is not None else pl.DataFrame()
-            except duckdb.PermissionException as exc:
-                raise UsageError(
-                    f"actstore sql reads only the catalog: {first_line(exc)}; write results "
-                    "with actstore export"
-                ) from None
-            except FILE_ERRORS:
-                raise
-            except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {first_line(exc)}") from None
-
     def runs(self) -> pl.DataFrame:
-        return self.query("SELECT * FROM runs ORDER BY run_id")
+        return self._trusted_query("SELECT * FROM runs ORDER BY run_id")
 
     def run(self, run_id: int, complete: bool = True) -> dict[str, Any]:
         """One run's catalog row as a dict; a missing or unfinished run is an error."""
-        rows = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_dicts()
+        rows = self._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_dicts()
         if not rows:
-            known = self.query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
+            known = self._trusted_query("SELECT run_id FROM runs ORDER BY run_id")[
+                "run_id"
+            ].to_list()
             raise UsageError(
                 f"run {run_id} is not in {self.path} (runs: {known or 'none'}); see actstore info"
             )
@@ -189,16 +185,18 @@ class Store:
         return row
 
     def prompts(self, run_id: int) -> pl.DataFrame:
-        return self.query("SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run_id])
+        return self._trusted_query(
+            "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run_id]
+        )
 
     def arrays(self, run_id: int | None = None) -> pl.DataFrame:
         where = "" if run_id is None else f"WHERE run_id = {int(run_id)}"
-        return self.query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
+        return self._trusted_query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
 
     def info(self) -> pl.DataFrame:
         """One row per run: what it holds, bytes raw vs stored, compression ratio, stored bytes
         per prompt, how many hooks it derives on read rather than stores, status."""
-        return self.query(
+        return self._trusted_query(
             """
             SELECT r.run_id, r.model, r.task, r.corruption, r.n_prompts, r.status, r.dtype,
                    count(a.hook) AS n_arrays,
@@ -215,7 +213,7 @@ class Store:
         )
 
     def hooks(self, run_id: int, side: str = "clean") -> list[str]:
-        df = self.query(
+        df = self._trusted_query(
             "SELECT hook FROM arrays WHERE run_id = ? AND side = ? ORDER BY hook", [run_id, side]
         )
         return df["hook"].to_list()
@@ -224,7 +222,7 @@ class Store:
         """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
         run; `reload` reads the run's rows again (an ingest may have recorded more)."""
         if reload or run_id not in self._ledgers:
-            rows = self.query(
+            rows = self._trusted_query(
                 "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum FROM chunks "
                 "WHERE run_id = ?",
                 [run_id],
@@ -272,11 +270,21 @@ class Store:
         return self.array(run_id, side, hook)[start:stop]
 
     def export(
-        self, table: str | None = None, sql: str | None = None, fmt: str = "csv", out: str = "-"
+        self,
+        table: str | None = None,
+        sql: str | None = None,
+        fmt: str = "csv",
+        out: str = "-",
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
     ) -> pl.DataFrame:
-        """Write a table, a view or a read-only query's rows to a file or stdout ('-')."""
-        from actstore.core.output import export_frame
+        """Write a table, a view or a read-only query's rows to a file or stdout ('-'); the
+        statement runs as `query` does, under the same limits."""
+        from actstore.core.output import export_frame, refuse_inside_store
 
+        if out != "-":
+            refuse_inside_store(out, "-o")
         if (table is None) == (sql is None):
             raise UsageError("give a TABLE or --sql QUERY (exactly one)")
         if table is not None:
@@ -284,7 +292,7 @@ class Store:
             if table not in names:
                 raise UsageError(f"no table or view {table!r}; choose one of: {', '.join(names)}")
             sql = f'SELECT * FROM "{table}"'
-        df = self.sql(sql)
+        df = self.sql(sql, timeout, max_rows, max_mb)
         export_frame(df, fmt, out)
         return df
 
@@ -310,7 +318,7 @@ def check_location(path: Path, create: bool = False) -> None:
 
 def table_names(store: Store) -> list[str]:
     """Tables and views of the catalog that export and sql can read."""
-    df = store.query(
+    df = store._trusted_query(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
         "AND table_catalog = current_database() "
         "ORDER BY table_name"

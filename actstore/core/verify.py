@@ -53,7 +53,7 @@ def verify(store: Store, run_id: int | None = None) -> pl.DataFrame:
     opened: dict[str, Any] = {}
     for run in runs.iter_rows(named=True):
         rid = int(run["run_id"])
-        ledger = store.query(
+        ledger = store._trusted_query(
             "SELECT * FROM chunks WHERE run_id = ? ORDER BY side, hook, chunk_idx", [rid]
         )
         for row in ledger.iter_rows(named=True):
@@ -81,7 +81,7 @@ def failures(findings: pl.DataFrame) -> pl.DataFrame:
 
 def chunks_checked(store: Store, run_id: int | None = None) -> int:
     where = "" if run_id is None else f"WHERE run_id = {int(run_id)}"
-    return int(store.query(f"SELECT count(*) AS n FROM chunks {where}")["n"].item())
+    return int(store._trusted_query(f"SELECT count(*) AS n FROM chunks {where}")["n"].item())
 
 
 def _where(row: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +121,9 @@ def _check_complete(store: Store, run: dict[str, Any], ledger: pl.DataFrame) -> 
                      "prompt_start": b * batch, "prompt_stop": min(n, (b + 1) * batch),
                      "problem": "unrecorded", "detail": "the chunk ledger lacks this chunk"}
                 )  # fmt: skip
-    have = set(store.query("SELECT prompt_idx FROM prompts WHERE run_id = ?", [rid])["prompt_idx"])
+    have = set(
+        store._trusted_query("SELECT prompt_idx FROM prompts WHERE run_id = ?", [rid])["prompt_idx"]
+    )
     for lo, hi in _gaps(have, n):
         out.append(
             {"run_id": rid, "side": None, "hook": None, "chunk_idx": None, "prompt_start": lo,

@@ -99,7 +99,7 @@ def attribute(
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT * FROM edge_scores WHERE score_id = ? ORDER BY abs(score) DESC, src, dst, qkv",
         [score_id],
     )

@@ -71,7 +71,7 @@ def reduce(
 
 
 def _rows(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT * FROM reductions WHERE query_id = ? ORDER BY grp, pos, idx", [query_id]
     )
 
@@ -98,7 +98,7 @@ def _groups(store: Store, run_id: int, by: str | None) -> tuple[np.ndarray, np.n
     if by is not None and by not in columns:
         raise UsageError(f"--by {by}: not a prompts column; choose one of {', '.join(columns)}")
     key = f'CAST("{by}" AS VARCHAR)' if by is not None else "'all'"
-    df = store.query(
+    df = store._trusted_query(
         f"SELECT seq_len, {key} AS grp FROM prompts WHERE run_id = ? ORDER BY prompt_idx",
         [run_id],
     )

@@ -60,7 +60,7 @@ def check_pos(pos: str, lengths: np.ndarray) -> str:
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
         "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
         [query_id],
@@ -69,7 +69,7 @@ def stored_report(store: Store, query_id: int) -> pl.DataFrame:
 
 def stored_basis(store: Store, query_id: int) -> np.ndarray:
     """The (d, k) basis a query patched along."""
-    rows = store.query(
+    rows = store._trusted_query(
         "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
     )
     return np.array(rows["vector"].to_list(), dtype=np.float64).T
