@@ -23,11 +23,11 @@ class ActStore(Store):
 
         return ingest(self.path, **kwargs)
 
-    def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
+    def subspace(self, run: int, hook: str, basis: str, **kwargs: Any) -> pl.DataFrame:
         """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""
         from queries.subspace import subspace
 
-        return subspace(self, run, hook, direction, **kwargs)
+        return subspace(self, run, hook, basis, **kwargs)
 
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""

@@ -293,6 +293,17 @@ def export(
         click.echo(f"wrote {df.height} rows to {output}", err=True)
 
 
+def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """subspace's --direction is the patching direction, as on every verb; the subspace itself
+    was once given there: point a basis to --basis."""
+    if value not in choices.DIRECTIONS:
+        raise click.BadParameter(
+            f"{value!r}: --direction is {'|'.join(choices.DIRECTIONS)} (which run is patched "
+            "into which); give the subspace to patch as --basis FILE|mean-diff|das"
+        )
+    return value
+
+
 @main.command()
 @click.argument("store")
 @RUN
@@ -300,7 +311,7 @@ def export(
     "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
 )
 @click.option(
-    "--direction",
+    "--basis",
     required=True,
     help="Subspace to patch: a .npy file (d,) or (k, d), mean-diff or das.",
 )
@@ -315,8 +326,8 @@ def export(
     show_default=True,
 )
 @click.option(
-    "--patch-direction", "mode", type=click.Choice(choices.DIRECTIONS), default="denoise",
-    show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
+    "--direction", default="denoise", show_default=True, callback=_patch_direction,
+    help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
 @click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
@@ -334,7 +345,7 @@ def export(
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
 @DEVICE
 @FORMAT
-def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
 
     Reports the effect of patching v, of its rowspace and nullspace parts under the map that
@@ -343,12 +354,12 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
 
     \b
     Example:
-      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
-      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
+      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --basis das --pos final
+      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --basis v.npy
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run, hook, direction, **kwargs)
+    rows = _open(store).subspace(run, hook, basis, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
     from queries.analysis.lookups import illusion_verdict

@@ -319,7 +319,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "direction does not stand for.",
         cards,
         "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
-        "--direction mean-diff.",
+        "--basis mean-diff.",
     )  # fmt: skip
 
 
