@@ -95,6 +95,7 @@ class ActStore(Store):
         progress: bool | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending; with
         `workers` (a local Dask cluster) or `scheduler` (a running one's address) the prompt
@@ -102,7 +103,7 @@ class ActStore(Store):
         from queries.attribution import attribute
 
         return attribute(self, run, method, steps, level, metric, device, progress, workers,
-                         scheduler)  # fmt: skip
+                         scheduler, recompute)  # fmt: skip
 
     def circuit(
         self,
@@ -113,12 +114,14 @@ class ActStore(Store):
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """A circuit from an edge score set (top-N or smallest reaching a faithfulness); with
         `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
-        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
+        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
+                       recompute)  # fmt: skip
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

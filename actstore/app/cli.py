@@ -46,6 +46,14 @@ WORKERS = click.option(
 SCHEDULER = click.option(
     "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
 )
+# One --recompute for every query verb: asked again, the query is computed and recorded
+# afresh, and the views and the report show the newest per setting (view current_queries).
+RECOMPUTE = click.option(
+    "--recompute", is_flag=True,
+    help="Compute again even if asked before; the new query supersedes the old.",
+)  # fmt: skip
+# One --top for the verbs that print ranked rows: the K most important, all of them stored.
+TOP = click.option("--top", type=int, help="Print only the K most important rows (all are stored).")
 
 
 def sql_limits(fn):
@@ -343,6 +351,7 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@RECOMPUTE
 @DEVICE
 @FORMAT
 def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
@@ -384,7 +393,8 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
+@TOP
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -423,6 +433,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
     show_default=True, help="Dask's local threads, or a cluster at --address.",
 )  # fmt: skip
 @click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@RECOMPUTE
 @FORMAT
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
@@ -660,6 +671,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -701,13 +713,14 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
-@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@RECOMPUTE
+@TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @WORKERS
 @SCHEDULER
 @FORMAT
-def patch(store: str, run: int, fmt: str, **kwargs) -> None:
+def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
     Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
@@ -720,8 +733,12 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
+      actstore patch /tmp/s --run 1 --component head --top 5
     """
-    write_rows(_open(store).patch(run, **kwargs), fmt)
+    rows = _open(store).patch(run, **kwargs)
+    if top is not None:
+        rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
+    write_rows(rows.head(top) if top is not None else rows, fmt)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def subspace(
     lr: float = 0.05,
     device: str | None = None,
     save_direction: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Patch the subspace `basis` (a .npy file, mean-diff or das) at a hook in `direction`
     (denoise or noise) and report the illusion diagnostics (see module doc)."""
@@ -132,7 +133,7 @@ def subspace(
         return stored_report(store, query_id)
 
     return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
-                    read)  # fmt: skip
+                    read, recompute)  # fmt: skip
 
 
 def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[str, pl.DataFrame]:
