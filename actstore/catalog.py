@@ -23,7 +23,7 @@ from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -106,6 +106,10 @@ MIGRATIONS: list[list[str]] = [
     # Version 3: the model's architecture description (actstore.architecture.Architecture as
     # JSON); NULL for models recorded before it existed, all of them GPT-2.
     ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
+    # Version 4: each array's metadata document (its `zarr.json`, actstore.arrays), so that an
+    # edited one is refused on read and restored by repair; older rows get theirs from their
+    # shape, chunks and dtype as the migration runs (`fill_array_metadata`).
+    ["ALTER TABLE arrays ADD COLUMN metadata VARCHAR"],
 ]
 
 
@@ -350,6 +354,8 @@ class Catalog:
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 con.execute(statement)
+        if 0 < current < 4:
+            fill_array_metadata(con)
         create_views(con)
         con.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -384,3 +390,22 @@ class Catalog:
                 f"({SCHEMA_VERSION}); upgrade actstore"
             )
         return current
+
+
+def fill_array_metadata(con: duckdb.DuckDBPyConnection) -> None:
+    """Record the metadata document of every array recorded before version 4, from the shape,
+    chunks and dtype its row holds (never from the file, which may have been edited since)."""
+    from actstore import arrays as zarrays
+
+    rows = con.execute(
+        "SELECT run_id, side, hook, shape, chunks, dtype, codec FROM arrays WHERE metadata IS NULL"
+    ).fetchall()
+    names = ("run_id", "side", "hook", "shape", "chunks", "dtype", "codec")
+    for values in rows:
+        row = dict(zip(names, values, strict=True))
+        document = zarrays.expected_metadata(row)
+        if document is not None:
+            con.execute(
+                "UPDATE arrays SET metadata = ? WHERE run_id = ? AND side = ? AND hook = ?",
+                [document, row["run_id"], row["side"], row["hook"]],
+            )

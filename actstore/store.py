@@ -46,6 +46,7 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
+        self._metadata: dict[int, dict[tuple[str, str], str | None]] = {}
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -216,16 +217,34 @@ class Store:
         """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
         run; `reload` reads the run's rows again (an ingest may have recorded more)."""
         if reload or run_id not in self._ledgers:
-            rows = self.query(
-                "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum FROM chunks "
-                "WHERE run_id = ?",
-                [run_id],
-            )
+            with self.reading():
+                rows = self.query(
+                    "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum "
+                    "FROM chunks WHERE run_id = ?",
+                    [run_id],
+                )
+                arrays = self.arrays(run_id)
             per_array: dict[tuple[str, str], Ledger] = {}
             for sd, hk, idx, lo, hi, checksum in rows.iter_rows():
                 per_array.setdefault((sd, hk), {})[int(idx)] = LedgerEntry(lo, hi, checksum)
             self._ledgers[run_id] = per_array
+            self._metadata[run_id] = {
+                (row["side"], row["hook"]): zarrays.expected_metadata(row)
+                for row in arrays.iter_rows(named=True)
+            }
+            if per_array:
+                self.check_arrays_root()
         return self._ledgers[run_id].get((side, hook), {})
+
+    def check_arrays_root(self) -> None:
+        """Refuse to read arrays under a root group whose metadata is gone or garbage (zarr
+        would open the arrays below it regardless): one line naming the repair."""
+        problem = zarrays.root_problem(self.arrays_root)
+        if problem is not None:
+            raise DamagedError(
+                f"the arrays' root group metadata {self.arrays_root.show('zarr.json')} "
+                f"{problem}; {FIX}"
+            )
 
     def array(self, run_id: int, side: str, hook: str) -> VerifiedArray:
         """The array of (run, side, hook), every chunk read checked against the ledger; a clear
@@ -235,7 +254,10 @@ class Store:
             return VerifiedArray(
                 self.arrays_root, run_id, side, hook, ledger,
                 refresh=lambda: self.ledger(run_id, side, hook, reload=True),
+                metadata=self._metadata[run_id].get((side, hook)),
             )  # fmt: skip
+        except DamagedError:
+            raise
         except Exception as exc:  # no metadata, or metadata zarr cannot read
             missing = exc
         name = zarrays.array_name(run_id, side, hook)

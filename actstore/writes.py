@@ -74,7 +74,8 @@ def array_records(
              "dtype": str(arr.dtype), "chunks": json.dumps(list(arr.chunks)),
              "codec": zarrays.CODEC_NAME, "raw_bytes": int(arr.nbytes),
              "stored_bytes": zarrays.stored_bytes(store_dir, name), "path": name,
-             "n_chunks": n_chunks}
+             "n_chunks": n_chunks, "metadata": zarrays.metadata_document(
+                 tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))}
         )  # fmt: skip
     return rows
 
