@@ -171,7 +171,7 @@ def ingest(store: str, **kwargs) -> None:
     from ingest.preflight import check_ingest
 
     checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks")  # fmt: skip
+               "hooks", "restart", "again")  # fmt: skip
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     scale = ("workers", "scheduler", "arrays_url", "shard")
     check_scale_options(store, **{k: kwargs[k] for k in scale})
@@ -349,7 +349,10 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
+@click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K largest |score| rows (all are stored).",
+)  # fmt: skip
 @DEVICE
 @WORKERS
 @SCHEDULER
