@@ -23,7 +23,7 @@ from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -106,7 +106,15 @@ MIGRATIONS: list[list[str]] = [
     # Version 3: the model's architecture description (actstore.architecture.Architecture as
     # JSON); NULL for models recorded before it existed, all of them GPT-2.
     ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
-    # Version 4: each array's metadata document (its `zarr.json`, actstore.arrays), so that an
+    # Version 4: token roles (actstore.roles). A prompt's named positions in the model's input
+    # (BOS = 0): IOI's IO, S1, S2, ... and END, its final token. Runs recorded before have no
+    # rows and read as END only.
+    [
+        """CREATE TABLE prompt_roles (
+            run_id INTEGER, prompt_idx INTEGER, role VARCHAR, pos INTEGER,
+            PRIMARY KEY (run_id, prompt_idx, role))""",
+    ],
+    # Version 5: each array's metadata document (its `zarr.json`, actstore.arrays), so that an
     # edited one is refused on read and restored by repair; older rows get theirs from their
     # shape, chunks and dtype as the migration runs (`fill_array_metadata`).
     ["ALTER TABLE arrays ADD COLUMN metadata VARCHAR"],
@@ -354,7 +362,7 @@ class Catalog:
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 con.execute(statement)
-        if 0 < current < 4:
+        if 0 < current < 5:
             fill_array_metadata(con)
         create_views(con)
         con.executemany(
@@ -393,7 +401,7 @@ class Catalog:
 
 
 def fill_array_metadata(con: duckdb.DuckDBPyConnection) -> None:
-    """Record the metadata document of every array recorded before version 4, from the shape,
+    """Record the metadata document of every array recorded before version 5, from the shape,
     chunks and dtype its row holds (never from the file, which may have been edited since)."""
     from actstore import arrays as zarrays
 

@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from actstore.models import ModelAdapter
 
 # The tables holding a run's data rows (its `runs` row aside).
-RUN_TABLES = ("prompts", "chunks", "arrays")
+RUN_TABLES = ("prompts", "prompt_roles", "chunks", "arrays")
 # The prompts columns that hold lists of token ids.
 TOKEN_LISTS = ("clean_tokens", "corrupted_tokens", "answer_tokens", "wrong_answer_tokens")
+# A `prompt_roles` row without its run id.
+ROLE_SCHEMA = {"prompt_idx": pl.Int32, "role": pl.String, "pos": pl.Int32}
 # The column by which each result table names the query that owns its rows.
 RESULT_ID = {
     "effects": "query_id",
@@ -180,19 +182,28 @@ class Writes:
         self, run_id: int, prompts: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
     ) -> None:
         """Whole batches' prompt rows (replacing the rows at their prompt indices) and their
-        chunks' ledger rows, neither carrying the run id. One statement per table whatever the
-        number of batches, so that recording many batches in one transaction costs about as
-        much as recording one."""
+        chunks' ledger rows, neither carrying the run id. A prompt row's `roles` ({role: pos})
+        become its `prompt_roles` rows. One statement per table whatever the number of batches,
+        so that recording many batches in one transaction costs about as much as recording one."""
         if prompts:
-            frame = pl.DataFrame(list(prompts)).with_columns(
+            roles = [
+                {"prompt_idx": p["prompt_idx"], "role": name, "pos": pos}
+                for p in prompts
+                for name, pos in (p.get("roles") or {}).items()
+            ]
+            frame = pl.DataFrame([{k: v for k, v in p.items() if k != "roles"} for p in prompts])
+            frame = frame.with_columns(
                 pl.lit(run_id, dtype=pl.Int32).alias("run_id"),
                 pl.col(*TOKEN_LISTS).cast(pl.List(pl.Int32)),
             )
-            self.con.execute(
-                "DELETE FROM prompts WHERE run_id = ? AND list_contains(?, prompt_idx)",
-                [run_id, frame["prompt_idx"].to_list()],
-            )
+            for table in ("prompts", "prompt_roles"):
+                self.con.execute(
+                    f"DELETE FROM {table} WHERE run_id = ? AND list_contains(?, prompt_idx)",
+                    [run_id, frame["prompt_idx"].to_list()],
+                )
             self.insert("prompts", frame)
+            role_rows = pl.DataFrame(roles, schema=ROLE_SCHEMA)
+            self.insert("prompt_roles", role_rows.with_columns(pl.lit(run_id).alias("run_id")))
         rows = pl.DataFrame(list(ledger)).with_columns(pl.lit(run_id).alias("run_id"))
         self.insert("chunks", rows, conflict="OR REPLACE", now="written_at")
 

@@ -52,7 +52,14 @@ from ingest.distributed import (
 )
 from ingest.hooks import resolve_hooks
 from ingest.preflight import check_ingest
-from ingest.prompts import DEFAULT_N, Prepared, load_pairs, prepare, prompt_records
+from ingest.prompts import (
+    DEFAULT_N,
+    Prepared,
+    load_pairs,
+    prepare,
+    prompt_records,
+    role_summary,
+)
 from ingest.shards import ingest_shard, parse_shard
 from ingest.tasks import get_task
 
@@ -138,6 +145,7 @@ def ingest(
             "batch_size": min(batch_size, n_pairs),  # a chunk never pads beyond the prompts
             "seed": seed,
             "seq_len": int(seq),
+            "roles": role_summary(prepared),
             **source,
         }
         if corruption == "gaussian":

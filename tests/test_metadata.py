@@ -150,10 +150,10 @@ def test_root_metadata_lost_or_garbage_stops_reads_and_is_restored(store, how):
 
 
 def older_catalog(store) -> None:
-    """Make the store's catalog a version-3 one: no metadata documents recorded."""
+    """Make the store's catalog a version-4 one: no metadata documents recorded."""
     con = duckdb.connect(str(store / "catalog.duckdb"))
     con.execute("ALTER TABLE arrays DROP COLUMN metadata")
-    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     con.close()
 
 

@@ -137,10 +137,13 @@ def test_report_of_empty_store_says_what_to_run(tmp_path):
 
 def chromium_or_skip() -> str:
     """Debian's chromium and Playwright for Python, or a skip saying which is missing."""
+    from actstore.errors import ActstoreError
+    from actstore.extras import check_engine
+
     try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+        check_engine("dev")
+    except ActstoreError as exc:
+        pytest.skip(str(exc))
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip(

@@ -34,14 +34,16 @@ LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum"
 
 
 def contents(path: Path) -> dict:
-    """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts, run) of a
-    store that must verify clean. The reads share one catalog connection (`Store.reading`)."""
+    """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts and their
+    roles, run) of a store that must verify clean. The reads share one catalog connection
+    (`Store.reading`)."""
     store = Store(path)
     with store.reading():
         assert failures(verify(store)).is_empty()
         out = {
             "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
             "prompts": store.prompts(1),
+            "roles": store.query("SELECT * FROM prompt_roles ORDER BY ALL"),
             "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
         }
         for row in store.arrays(1).iter_rows(named=True):

@@ -29,6 +29,7 @@ FIXED_COLUMNS = {
     "effects": ["query_id", "layer", "head", "pos", "metric", "value", "normalized"],
     "edge_scores": ["score_id", "run_id", "method", "src", "dst", "qkv", "score"],
     "circuits": ["circuit_id", "score_id", "n_edges", "faithfulness"],
+    "prompt_roles": ["run_id", "prompt_idx", "role", "pos"],
 }  # fmt: skip
 
 
