@@ -51,7 +51,20 @@ class WriterLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, command: str | None = None) -> None:
+    def acquire(self, command: str | None = None, wait_s: float = 0.0) -> None:
+        """Take the lock, or raise LockedError naming the holder; with `wait_s`, first wait
+        that long for another process's writer to finish (a short write, such as a query's
+        recording, waits for another's)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire(command)
+            except LockedError:
+                if time.monotonic() >= deadline or _holder_pid(self.path) == os.getpid():
+                    raise
+            time.sleep(0.05)
+
+    def _acquire(self, command: str | None) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:

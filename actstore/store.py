@@ -34,6 +34,9 @@ MANIFESTS = "manifests"
 # What a directory holds before its catalog exists: shards write arrays and manifests first.
 BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS, RECORD}
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+# A transaction of a command that does not hold the writer (a query recording its result) waits
+# this long for another process's writer: two queries finishing together both record.
+TRANSACTION_WAIT_S = 30.0
 
 
 class Store:
@@ -77,14 +80,15 @@ class Store:
         return f"Store({str(self.path)!r})"
 
     @contextmanager
-    def writer(self, command: str | None = None) -> Iterator[Store]:
+    def writer(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
         the one way any command takes it. Nested uses share the outermost one. Nothing is
-        written here; the command's first transaction migrates the schema."""
+        written here; the command's first transaction migrates the schema. `wait_s`: how long
+        to wait for another process's writer first."""
         if self.lock.held:
             yield self
             return
-        self.lock.acquire(command)
+        self.lock.acquire(command, wait_s)
         self.catalog.writing, self.catalog.current = True, False
         try:
             yield self
@@ -95,8 +99,9 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Writes]:
         """One catalog transaction under the writer lock (taken here when the command does not
-        hold it yet): every row written through the `Writes` lands, or none of them."""
-        with self.writer(), self.catalog.write() as con:
+        hold it yet, after waiting up to TRANSACTION_WAIT_S for another process's short write):
+        every row written through the `Writes` lands, or none of them."""
+        with self.writer(wait_s=TRANSACTION_WAIT_S), self.catalog.write() as con:
             yield Writes(con)
 
     def check_writable(self) -> None:

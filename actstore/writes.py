@@ -259,6 +259,14 @@ class Writes:
             self.insert(table, frame.with_columns(pl.lit(query_id).alias(RESULT_ID[table])))
         return query_id
 
+    def same_query_since(self, params_hash: str, after: int) -> int | None:
+        """The first query with these parameters recorded after query `after`, if any."""
+        rows = self.con.execute(
+            "SELECT min(query_id) FROM queries WHERE params_hash = ? AND query_id > ?",
+            [params_hash, after],
+        ).fetchall()
+        return None if rows[0][0] is None else int(rows[0][0])
+
     def forget_queries(self, run_ids: Sequence[int]) -> int:
         """Delete the recorded queries of runs and every result row they own (a repair: results
         computed from damaged data must not be served again). Every table with a query-id column

@@ -46,8 +46,9 @@ def n_queries(store) -> int:
     return actstore.open(store).sql("select count(*) from queries").item()
 
 
-def one_line_error(res, *words: str) -> str:
-    assert res.exit_code == 1, res.output
+def one_line(res, code: int, *words: str) -> str:
+    """The one stderr line of a refused command (exit `code`, no traceback), holding `words`."""
+    assert res.exit_code == code, (res.exit_code, res.output)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     for word in words:
@@ -78,7 +79,7 @@ def test_every_array_saying_fewer_prompts_is_refused_by_every_reader(store):
         "circuit": ["circuit", str(store), "--scores", "1", "--edges", "5", "--format", "csv"],
     }
     for name, args in commands.items():
-        line = one_line_error(cli(*args), "zarr.json says shape [16,", "where the catalog "
+        line = one_line(cli(*args), 1, "zarr.json says shape [16,", "where the catalog "
                               "records [20,", "run actstore verify --repair")  # fmt: skip
         assert line.startswith("error: run 1 "), (name, line)
     assert n_queries(store) == before
@@ -99,7 +100,7 @@ def test_dtype_edited_is_refused_and_repair_restores_the_file_exactly(store):
     with pytest.raises(DamagedError, match='says data_type "int32" where the catalog records'):
         actstore.open(store).read(1, "clean", HOOK)
     res = cli("patch", str(store), "--run", "1", "--component", "head", "--recompute")
-    one_line_error(res, f"run 1 clean {HOOK}: the array's metadata", "verify --repair")
+    one_line(res, 1, f"run 1 clean {HOOK}: the array's metadata", "verify --repair")
     assert n_queries(store) == 0
     res = cli("verify", str(store), "--format", "csv")
     assert res.exit_code == 1 and res.stdout.count("data_type") == 1, res.output
@@ -138,7 +139,7 @@ def test_root_metadata_lost_or_garbage_stops_reads_and_is_restored(store, how):
     with pytest.raises(DamagedError, match=f"arrays.zarr/zarr.json {said}"):
         actstore.open(store).read(1, "clean", HOOK)
     res = cli("patch", str(store), "--run", "1", "--component", "head")
-    one_line_error(res, "the arrays' root group metadata", said, "verify --repair")
+    one_line(res, 1, "the arrays' root group metadata", said, "verify --repair")
     assert n_queries(store) == 0
     res = cli("verify", str(store), "--format", "csv")
     assert res.exit_code == 1 and "no damage" not in res.stderr, res.output
