@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASK = """
 import sys
 from click.testing import CliRunner
-from actstore.cli import main
+from actstore.app.cli import main
 import queries.patching.patch, queries.core.model  # noqa: F401
 print("ready", flush=True)
 sys.stdin.readline()

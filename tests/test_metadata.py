@@ -14,10 +14,10 @@ from test_cli import snapshot
 from test_verify import chunk_path, session_model  # noqa: F401 (a fixture)
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.cli import main
-from actstore.errors import DamagedError
-from actstore.store import Store
+from actstore.app.cli import main
+from actstore.core import arrays as zarrays
+from actstore.core.errors import DamagedError
+from actstore.core.store import Store
 
 HOOK = "blocks.1.attn.hook_z"
 RESID = "blocks.2.hook_resid_pre"

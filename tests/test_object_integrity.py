@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from test_cli import snapshot
 from test_metadata import one_line
 
-from actstore.cli import main
-from actstore.errors import ActstoreError, UsageError
+from actstore.app.cli import main
+from actstore.core.errors import ActstoreError, UsageError
 
 PARAMS = {"task": "ioi", "n": 8, "batch_size": 4, "progress": False}
 INGEST = ["--model", "toy-random", "--task", "ioi", "--n", "4"]
@@ -134,7 +134,7 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
 
     import actstore
     import ingest.runner
-    from actstore.object_store import object_store_error
+    from actstore.core.object_store import object_store_error
     from ingest.runner import ingest as run_ingest
 
     params = {**PARAMS, "n": 16}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from test_bad_input import assert_refused
 from test_cli import snapshot
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 INGEST = ["--model", "toy-random", "--task", "ioi", "--n", "4"]
 
@@ -61,7 +61,7 @@ def test_ingest_options_out_of_range_are_refused_before_torch(tmp_path, model_di
     code = (
         "import json, sys\n"
         "from click.testing import CliRunner\n"
-        "from actstore.cli import main\n"
+        "from actstore.app.cli import main\n"
         "out = []\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    r = CliRunner().invoke(main, ['ingest', sys.argv[2], *args])\n"
@@ -81,7 +81,7 @@ def test_ingest_options_out_of_range_are_refused_before_torch(tmp_path, model_di
 
 
 def test_a_sound_model_directory_passes_the_weight_check(model_dirs):
-    from actstore.models import check_model_spec
+    from actstore.model.adapter import check_model_spec
 
     assert check_model_spec(str(model_dirs["good"])) == "path"
 
