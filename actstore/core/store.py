@@ -45,6 +45,8 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
+        # An older catalog is read as it is and migrated by the first writer (`writer()`).
+        self.outdated = False
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -59,9 +61,8 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        elif self.catalog.check_version() < SCHEMA_VERSION:
-            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
-                self.catalog.migrate()
+        else:
+            self.outdated = self.catalog.check_version() < SCHEMA_VERSION
 
     def _create(self) -> None:
         with self.writer("create store"):
@@ -77,14 +78,18 @@ class Store:
     @contextmanager
     def writer(self, command: str | None = None) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
-        the one way any command takes it. Nested uses share the outermost one. Nothing is
-        written here; the command's first transaction migrates the schema."""
+        the one way any command takes it. Nested uses share the outermost one. An older catalog
+        migrates here, so that the command reads the current schema; otherwise nothing is
+        written here, and the command's first transaction brings the views up to date."""
         if self.lock.held:
             yield self
             return
         self.lock.acquire(command)
         self.catalog.writing, self.catalog.current = True, False
         try:
+            if self.outdated:
+                self.catalog.migrate()
+                self.outdated = False
             yield self
         finally:
             self.catalog.writing = self.catalog.current = False
@@ -110,6 +115,9 @@ class Store:
                 f"catalog {self.catalog.path} is not writable; this command records its results "
                 "in the store (work on a writable copy: cp -r STORE COPY)"
             )
+        if self.outdated:  # the query reads the current schema before it records
+            with self.writer("migrate catalog"):
+                pass
 
     # ---- reading -------------------------------------------------------------------------
 
