@@ -154,7 +154,7 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     monkeypatch.setattr(ingest.runner, "write_chunks", stopping)
     store = tmp_path / "store"
     with pytest.raises(Exception) as failed:  # the CLI words it with object_store_error
-        run_ingest(store, model=toy_random, arrays_url="s3://acts/restarted", **params)
+        run_ingest(store, model=toy_random, arrays_url=f"s3://acts/restarted-{data}", **params)
     assert "cannot reach the object store" in str(object_store_error(failed.value))
     monkeypatch.setattr(ingest.runner, "write_chunks", real)
     kept = actstore.open(store).runs().to_dicts()[0]
@@ -166,7 +166,7 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
             import s3fs
 
             s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").rm(
-                "acts/restarted", recursive=True
+                f"acts/restarted-{data}", recursive=True
             )
         row = run_ingest(store, model=toy_random, restart=data == "lost", **params)
         outcome = "resumed" if data == "kept" else "restarted"

@@ -157,6 +157,11 @@ def test_the_sandbox_has_a_private_temp_directory_outside_the_store(empty_store)
     for text in [f"SELECT * FROM glob('{named}/*')", f"SELECT * FROM read_text('{named}/x')"]:
         with pytest.raises(UsageError, match="reads only the catalog"):
             store.sql(text)
+    # A statement's own (private) directory is reachable while it runs; a missing file there is
+    # the statement's error, never damage of the catalog.
+    with pytest.raises(UsageError, match="SQL error: IO Error: No files found") as refused:
+        store.sql("SELECT * FROM read_csv(current_setting('temp_directory') || '/nope.csv')")
+    assert "damaged" not in str(refused.value)
 
 
 def _spilling(store: Path, tmpdir: Path) -> subprocess.Popen:

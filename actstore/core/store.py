@@ -49,6 +49,8 @@ class Store:
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
         self._metadata: dict[int, dict[tuple[str, str], str | None]] = {}
+        # An older catalog is read as it is and migrated by the first writer (`writer()`).
+        self.outdated = False
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -63,9 +65,8 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        elif self.catalog.check_version() < SCHEMA_VERSION:
-            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
-                self.catalog.migrate()
+        else:
+            self.outdated = self.catalog.check_version() < SCHEMA_VERSION
 
     def _create(self) -> None:
         with self.writer("create store"):
@@ -81,15 +82,19 @@ class Store:
     @contextmanager
     def writer(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
-        the one way any command takes it. Nested uses share the outermost one. Nothing is
-        written here; the command's first transaction migrates the schema. `wait_s`: how long
-        to wait for another process's writer first."""
+        the one way any command takes it. Nested uses share the outermost one. An older catalog
+        migrates here, so that the command reads the current schema; otherwise nothing is
+        written here, and the command's first transaction brings the views up to date.
+        `wait_s`: how long to wait for another process's writer first."""
         if self.lock.held:
             yield self
             return
         self.lock.acquire(command, wait_s)
         self.catalog.writing, self.catalog.current = True, False
         try:
+            if self.outdated:
+                self.catalog.migrate()
+                self.outdated = False
             yield self
         finally:
             self.catalog.writing = self.catalog.current = False
@@ -116,6 +121,9 @@ class Store:
                 f"catalog {self.catalog.path} is not writable; this command records its results "
                 "in the store (work on a writable copy: cp -r STORE COPY)"
             )
+        if self.outdated:  # the query reads the current schema before it records
+            with self.writer("migrate catalog"):
+                pass
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Reads only the store (no model, no torch). Each finding is one row naming the run, side, hook,
 chunk and prompt range; `problem` is one of:
 
-- `damaged`: the chunk's decoded values do not match the ledger checksum, or do not decode;
+- `damaged`: the chunk's decoded values do not match the ledger checksum, or do not decode; or
+  an array's metadata (`zarr.json`) says other than the document the catalog records (its
+  chunks are then not read), or the arrays' root group metadata is not a Zarr group's;
 - `missing`: the ledger records a chunk whose file (or whole array) is gone, or the arrays'
   root group metadata (`arrays.zarr/zarr.json`) is gone;
 - `unrecorded`: a complete run whose ledger lacks a chunk of one of its arrays;
