@@ -19,16 +19,13 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from actstore.core import choices
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.verified import first_line
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
-# Defaults of `--timeout`, `--max-rows` and `--max-mb` (documented in docs/reliability.md). The
-# timeout stays under the writer's wait for readers (catalog.WRITE_WAIT_S, 120 s), so that a
-# statement left running never makes a concurrent ingest fail.
-TIMEOUT_S = 60.0
-MAX_ROWS = 5_000_000
-MAX_MB = 2048
+# Defaults of `--timeout`, `--max-rows` and `--max-mb` (documented in docs/reliability.md).
+TIMEOUT_S, MAX_ROWS, MAX_MB = choices.SQL_TIMEOUT_S, choices.SQL_MAX_ROWS, choices.SQL_MAX_MB
 LONGEST_TIMEOUT_S = 7 * 24 * 3600  # a timer beyond the platform's time_t fails in its thread
 BATCH_ROWS = 1 << 17
 
