@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from scipy.stats import hypergeom
 
 import actstore
-from actstore.cli import main
-from actstore.errors import UsageError
-from actstore.results import record_query
-from actstore.store import Store
+from actstore.app.cli import main
+from actstore.core.errors import UsageError
+from actstore.core.results import record_query
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 import actstore
-from actstore.cli import main
-from actstore.errors import ActstoreError, UsageError
-from actstore.results import record_query
+from actstore.app.cli import main
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.results import record_query
 from queries.analysis import plot as plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

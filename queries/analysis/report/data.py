@@ -13,14 +13,14 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 
 def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
     """The runs the report covers (all by default); an unknown id is a usage error."""
-    known = store.query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
+    known = store._trusted_query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
     if runs is None:
         return known
     missing = [r for r in runs if r not in known]
@@ -37,7 +37,7 @@ def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
 def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
     """Each run's provenance: what was ingested, how, its prompts' token lengths (`tokens`:
     "15–19" when they differ) and the bytes it holds (`info`)."""
-    extra = store.query(
+    extra = store._trusted_query(
         """
         SELECT r.run_id, r.seed, r.dataset, r.seq_len,
                CASE WHEN p.shortest < p.longest THEN p.shortest || '–' || p.longest
@@ -65,7 +65,7 @@ def params_text(params: str | None) -> str:
 
 def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     """One row per patching query of the runs, with its provenance and parameters."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT q.query_id, q.run_id, r.model, r.task, r.corruption, r.n_prompts,
                json_extract_string(q.params, '$.component') AS component,
@@ -87,7 +87,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
 
 def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]:
     """Every effect row of the patching queries, with its importance, by query id."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT p.query_id, p.layer, p.head, p.pos, p.node, p.metric, p.value, p.normalized,
                p.importance
@@ -149,7 +149,7 @@ def overlap_groups(
 def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame]:
     """Per score set, every evaluated circuit size (n_edges after pruning, top_n before) and
     its faithfulness, from all of the set's circuit queries."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT DISTINCT f.score_id, f.top_n, f.n_edges, f.faithfulness
         FROM faithfulness_curve f JOIN queries a ON a.query_id = f.score_id
@@ -163,7 +163,7 @@ def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame
 
 def circuits(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every stored circuit of the runs with its score set's provenance."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT c.circuit_id, c.score_id, c.run_id, c.model, c.task, c.corruption, c.method,
                c.n_edges_stored AS n_edges, c.n_heads, c.faithfulness, k.top_n, k.metric,
@@ -193,7 +193,7 @@ NODE_PARTS = """
 def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score); an edge's
     score is the one its score set gave it."""
-    edges = store.query(
+    edges = store._trusted_query(
         """
         SELECT ce.src, ce.dst, ce.qkv,
                ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge,
@@ -206,7 +206,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
         """,
         [circuit_id],
     ).with_columns(pl.col("score").fill_nan(None))
-    nodes = store.query(
+    nodes = store._trusted_query(
         f"""
         SELECT node, {NODE_PARTS.format(node="node")}
         FROM (SELECT src AS node FROM circuit_edges WHERE circuit_id = ?
@@ -220,7 +220,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
 
 def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every subspace query's report rows (v, row, null, full) with its source parameters."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT s.*, r.task, r.model, q.params,
                json_extract_string(q.params, '$.direction') AS source,

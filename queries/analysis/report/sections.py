@@ -13,9 +13,9 @@ from pathlib import Path
 
 import polars as pl
 
-from actstore.errors import ActstoreError
-from actstore.output import write_atomically
-from actstore.store import Store
+from actstore.core.errors import ActstoreError
+from actstore.core.output import refuse_inside_store, write_atomically
+from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
 from queries.analysis.report import charts, data
@@ -180,7 +180,7 @@ def faithfulness_section(
     for score_id, curve in data.faithfulness_curves(store, runs).items():
         chosen = circuits.filter(pl.col("score_id") == score_id)
         prov = lookups.provenance(store, score_id)
-        n_scored = store.query(
+        n_scored = store._trusted_query(
             "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
         ).item()
         heading = f"score set {score_id} · run {prov['run_id']} {prov['task']}"
@@ -350,13 +350,14 @@ def report(
     edges = ov.choose("edge", edge_top_k, edge_top_frac)
     chosen = data.chosen_runs(store, runs)
     path = Path(out)
+    refuse_inside_store(path, "-o")
     if not path.parent.is_dir():
         raise ActstoreError(f"cannot write {out}: no directory {path.parent}; create it first")
-    models = store.query(
+    models = store._trusted_query(
         "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1", [chosen]
     )["model"].to_list()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    tasks = store.query(
+    tasks = store._trusted_query(
         "SELECT task FROM runs WHERE run_id IN (SELECT unnest(?)) GROUP BY task "
         "ORDER BY min(run_id)",
         [chosen],
