@@ -49,15 +49,14 @@ SCHEDULER = click.option(
 
 
 def sql_limits(fn):
-    """What one user SQL statement may cost (actstore.sandbox): `sql` and `export` take these."""
-    from actstore.core import sandbox
-
+    """What one user SQL statement may cost (actstore.core.sandbox): `sql` and `export` take
+    these."""
     options = [
-        click.option("--timeout", type=float, default=sandbox.TIMEOUT_S,
+        click.option("--timeout", type=float, default=choices.SQL_TIMEOUT_S,
                      show_default=True, help="Stop the statement after this many seconds."),
-        click.option("--max-rows", type=int, default=sandbox.MAX_ROWS, show_default=True,
+        click.option("--max-rows", type=int, default=choices.SQL_MAX_ROWS, show_default=True,
                      help="Refuse a result of more rows."),
-        click.option("--max-mb", type=int, default=sandbox.MAX_MB, show_default=True,
+        click.option("--max-mb", type=int, default=choices.SQL_MAX_MB, show_default=True,
                      help="Memory for the statement, and for its result, in MB."),
     ]  # fmt: skip
     for option in reversed(options):

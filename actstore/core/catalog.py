@@ -23,6 +23,7 @@ import duckdb
 
 from actstore.core.attachments import ATTACHMENTS
 from actstore.core.errors import ActstoreError
+from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
 SCHEMA_VERSION = 4
@@ -243,6 +244,12 @@ class Catalog:
         scratch = Path(tempfile.mkdtemp(prefix="actstore-sql-"))
         config = {"temp_directory": str(scratch), "memory_limit": f"{int(memory_mb)}MB"}
         try:
+            inside = store_containing(scratch)
+            if inside is not None:
+                raise ActstoreError(
+                    f"the temporary directory {scratch.parent} is inside the store {inside}, "
+                    "where user SQL may not write; point TMPDIR outside it"
+                )
             with ATTACHMENTS.apart(self.path), self._opened_alone(config) as con:
                 yield con
         finally:
