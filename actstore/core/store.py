@@ -280,15 +280,22 @@ class Store:
         stored = self.hooks(run_id, side)
         if not stored:
             raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
-        if hook in self.run(run_id, complete=False)["params"].get("derived", []):
+        if self.derives(run_id, side, hook):
             raise UsageError(
                 f"hook {hook!r} of run {run_id} is derived on read from the hooks it stores, not "
-                f"stored: the queries compute it; to read it here, re-ingest with --hooks {hook}"
+                f"stored: compute it with the run's model by actstore.open(path).read({run_id}, "
+                f"{side!r}, {hook!r}, derive=True), or store it too by ingesting again with "
+                f"--hooks default,{hook} --again"
             )
         raise UsageError(
             f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
             f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
         )
+
+    def derives(self, run_id: int, side: str, hook: str) -> bool:
+        """Whether the run derives the hook on read (actstore.derivable) rather than stores it."""
+        derived = self.run(run_id, complete=False)["params"].get("derived", [])
+        return hook in derived and hook not in self.hooks(run_id, side)
 
     def read(
         self, run_id: int, side: str, hook: str, start: int = 0, stop: int | None = None
