@@ -53,19 +53,21 @@ RECOMPUTE = click.option(
     help="Compute again even if asked before; the new query supersedes the old.",
 )  # fmt: skip
 # One --top for the verbs that print ranked rows: the K most important, all of them stored.
-TOP = click.option("--top", type=int, help="Print only the K most important rows (all are stored).")
+TOP = click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K most important rows (all are stored).",
+)  # fmt: skip
 
 
 def sql_limits(fn):
-    """What one user SQL statement may cost (actstore.sandbox): `sql` and `export` take these."""
-    from actstore.core import sandbox
-
+    """What one user SQL statement may cost (actstore.core.sandbox): `sql` and `export` take
+    these."""
     options = [
-        click.option("--timeout", type=float, default=sandbox.TIMEOUT_S,
+        click.option("--timeout", type=float, default=choices.SQL_TIMEOUT_S,
                      show_default=True, help="Stop the statement after this many seconds."),
-        click.option("--max-rows", type=int, default=sandbox.MAX_ROWS, show_default=True,
+        click.option("--max-rows", type=int, default=choices.SQL_MAX_ROWS, show_default=True,
                      help="Refuse a result of more rows."),
-        click.option("--max-mb", type=int, default=sandbox.MAX_MB, show_default=True,
+        click.option("--max-mb", type=int, default=choices.SQL_MAX_MB, show_default=True,
                      help="Memory for the statement, and for its result, in MB."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -196,7 +198,7 @@ def ingest(store: str, **kwargs) -> None:
     from ingest.preflight import check_ingest
 
     checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks")  # fmt: skip
+               "hooks", "restart", "again")  # fmt: skip
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     scale = ("workers", "scheduler", "arrays_url", "shard")
     check_scale_options(store, **{k: kwargs[k] for k in scale})
