@@ -91,6 +91,7 @@ def circuit(
     device: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
@@ -102,6 +103,11 @@ def circuit(
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None and edges < 0:
         raise UsageError(f"--edges {edges}: need 0 or more")
+    if faithfulness is not None and not 0 < faithfulness <= 1:
+        raise UsageError(
+            f"--faithfulness {faithfulness}: give a fraction of the model's metric above 0 and at "
+            "most 1 (e.g. 0.85)"
+        )
     query, graph, values = score_graph(store, scores)
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
@@ -130,7 +136,7 @@ def circuit(
         return _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
 
     return recorded(store, "circuit", run, params, compute,
-                    lambda circuit_id: stored_circuit(store, circuit_id))  # fmt: skip
+                    lambda circuit_id: stored_circuit(store, circuit_id), recompute)  # fmt: skip
 
 
 def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:

@@ -328,7 +328,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "m_corrupted); effect the normalized value minus the unpatched run's.",
         cards,
         "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
-        "--direction mean-diff.",
+        "--basis mean-diff.",
     )  # fmt: skip
 
 
