@@ -21,7 +21,7 @@ from actstore.app.cli import main
 from actstore.core.store import Store
 from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
-from queries.attribution.batches import iter_batches
+from queries.attribution.batches import edge_reader, read_batch
 from queries.attribution.model import EdgeModel
 
 
@@ -81,7 +81,8 @@ def test_edge_forward_reproduces_model_and_corrupted_run(setup):
     with torch.no_grad():
         full = adapter.hooked_logits(data["clean"])
     rows = torch.arange(full.shape[0])
-    for batch in iter_batches(store, store.run(1), model):
+    reader = edge_reader(store, store.run(1), model)
+    for batch in (read_batch(reader, span, model) for span in reader.spans()):
         with torch.no_grad():
             kept = model.run(batch.clean[:, :, 0], batch.last)
             none = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted,
