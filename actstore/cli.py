@@ -339,7 +339,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--method",
     type=click.Choice(choices.METHODS),
     required=True,
-    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input.",
+    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input; "
+    "exact: every edge patched alone (what eap estimates).",
 )
 @click.option("--steps", type=int, help="Integration steps of eap-ig methods (default 5).")
 @click.option(
@@ -364,8 +365,10 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
       actstore attribute /tmp/s --run 1 --method eap-ig --steps 5 --top 20
       actstore attribute /tmp/s --run 1 --method atp --format csv
       actstore attribute /tmp/s --run 1 --method eap-ig --workers 2
+      actstore attribute /tmp/s --run 1 --method exact --top 20
       actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
                            order by abs(score) desc limit 100"
+      actstore sql /tmp/s "select method_a, method_b, spearman from score_agreement"
     """
     df = _open(store).attribute(run, **kwargs)
     if df.height:
