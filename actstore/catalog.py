@@ -23,7 +23,7 @@ from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -106,6 +106,13 @@ MIGRATIONS: list[list[str]] = [
     # Version 3: the model's architecture description (actstore.architecture.Architecture as
     # JSON); NULL for models recorded before it existed, all of them GPT-2.
     ["ALTER TABLE models ADD COLUMN architecture VARCHAR"],
+    # Version 4: path patching (queries/paths): one row per sender, receiver (its input letter
+    # in qkv for heads) and role (NULL: the sender changed at every position).
+    [
+        """CREATE TABLE path_effects (
+            query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
+            metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
+    ],
 ]
 
 

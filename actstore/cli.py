@@ -679,5 +679,46 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     write_rows(_open(store).patch(run, **kwargs), fmt)
 
 
+@main.command()
+@click.argument("store")
+@RUN
+@click.option("--senders", required=True,
+              help="a{L}.h{H}, a{L}.*, m{L} or all, comma-separated.")  # fmt: skip
+@click.option(
+    "--receivers", required=True,
+    help="a{L}.h{H}:q|k|v, a{L}.*:q, a*.*:q (every head after the sender), m{L} or logits, "
+    "comma-separated, each patched alone; join with + to patch receivers together.",
+)  # fmt: skip
+@click.option("--positions", help="Token roles (e.g. END, S2), comma-separated: the sender "
+              "changes only there, one row per role. Default: every position.")  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
+    help="denoise: clean senders into the corrupted run; noise: corrupted into the clean run.",
+)  # fmt: skip
+@DEVICE
+@FORMAT
+def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> None:
+    """Path patching: each sender's changed output reaches the receivers only by the direct
+    path; everything downstream of them computes freely (Wang et al.).
+
+    Prints path_effects(query_id, sender, receiver, qkv, role, metric, value, normalized),
+    importance and each sender's rank within its receiver and role. One receiver per row is
+    TransformerLens' get_act_patch_direct_path. A repeated query is read from the store.
+
+    \b
+    Example:
+      actstore path /tmp/s --run 1 --senders all --receivers logits --positions END
+      actstore path /tmp/s --run 1 --senders a0.h1 --receivers 'a*.*:q'
+      actstore path /tmp/s --run 1 --senders all --receivers a3.h0:q+a3.h2:q
+      actstore sql /tmp/s "select * from top_senders where rank <= 5"
+    """
+    roles = None if positions is None else positions.split(",")
+    write_rows(_open(store).path(run, positions=roles, **kwargs), fmt)
+
+
 if __name__ == "__main__":
     main()

@@ -79,6 +79,38 @@ VIEWS: dict[str, str] = {
         )
         SELECT *, (rank - 1) / n_heads AS frac_rank FROM ranked ORDER BY query_id, rank
         """,
+    # Path patching (queries/paths): importance as for patch effects; senders ranked within each
+    # query, receiver and role.
+    "path_effects_v": f"""
+        WITH scored AS (
+            SELECT p.query_id, q.run_id, r.model, r.task, r.corruption,
+                   {_param("q.params", "direction")} AS direction,
+                   p.sender, p.receiver, p.qkv, p.role, p.metric, p.value, p.normalized,
+                   {
+        IMPORTANCE.format(direction=_param("q.params", "direction"), normalized="p.normalized")
+    } AS importance
+            FROM path_effects p JOIN queries q USING (query_id)
+                 LEFT JOIN runs r ON r.run_id = q.run_id
+        )
+        SELECT *, row_number() OVER (PARTITION BY query_id, receiver, qkv, role
+                                     ORDER BY importance DESC NULLS LAST, sender) AS rank,
+               count(*) OVER (PARTITION BY query_id, receiver, qkv, role) AS n_senders
+        FROM scored ORDER BY query_id, receiver, qkv NULLS FIRST, role NULLS FIRST, rank
+        """,
+    # Senders by importance over a whole path query: the largest importance a sender reaches at
+    # any receiver and role, where it reaches it, and its rank among the query's senders.
+    "top_senders": """
+        WITH best AS (
+            SELECT query_id, run_id, model, task, corruption, direction, metric, sender,
+                   arg_max(receiver, importance) AS receiver, arg_max(qkv, importance) AS qkv,
+                   arg_max(role, importance) AS role, arg_max(value, importance) AS value,
+                   arg_max(normalized, importance) AS normalized, max(importance) AS importance
+            FROM path_effects_v GROUP BY ALL
+        )
+        SELECT *, row_number() OVER (PARTITION BY query_id
+                                     ORDER BY importance DESC NULLS LAST, sender) AS rank
+        FROM best ORDER BY query_id, rank
+        """,
     "top_edges": f"""
         WITH ranked AS (
             SELECT s.score_id, s.run_id, r.model, r.task, r.corruption, s.method,
