@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from actstore import arrays as zarrays
-from actstore.derivable import LOGITS, resid_pre
-from actstore.hooks import hook_shape
-from actstore.location import ArraysRoot, as_root
-from actstore.models import ModelAdapter
+from actstore.core import arrays as zarrays
+from actstore.core.location import ArraysRoot, as_root
+from actstore.model.adapter import ModelAdapter
+from actstore.model.derivable import LOGITS, resid_pre
+from actstore.model.hooks import hook_shape
 from ingest.corruptions import gaussian_noise
 from ingest.prompts import Prepared
 

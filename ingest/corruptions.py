@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
+from ingest.tasks.base import span_tokens, word_starts
 
 CORRUPTIONS = ("str", "gaussian")
 NOISE_SIGMAS = 3.0
@@ -33,20 +34,8 @@ def embedding_sigma(model: ModelAdapter) -> float:
 
 def subject_positions(model: ModelAdapter, text: str, words: Sequence[str]) -> list[int]:
     """Token positions (BOS = 0) of every token overlapping an occurrence of a subject word."""
-    spans = []
-    for word in set(words):
-        start = text.find(word)
-        while start != -1:
-            end = start + len(word)
-            before_ok = start == 0 or not text[start - 1].isalnum()
-            after_ok = end == len(text) or not text[end].isalnum()
-            if before_ok and after_ok:
-                spans.append((start, end))
-            start = text.find(word, start + 1)
-    positions = []
-    for i, (a, b) in enumerate(model.token_offsets(text)):
-        if any(a < e and b > s for s, e in spans):
-            positions.append(i + 1)
+    spans = [(s, s + len(word)) for word in set(words) for s in word_starts(text, word)]
+    positions = span_tokens(model.token_offsets(text), spans)
     if not positions:
         raise UsageError(
             f"gaussian corruption: no subject tokens found in {text!r} for {list(words)}; "

@@ -8,6 +8,11 @@
   answers as lists of strings: the correct and incorrect answer sets, the first of each its
   representative (`answer`, `wrong_answer`).
 
+Both may name token roles (optional: a `roles` column of the CSV, a `roles` key of a JSON
+prompt): a JSON object from role name to either a token position in the model's input (BOS = 0)
+or a word of the clean prompt (its first whole-word occurrence; a multi-token word's role is its
+last token), e.g. `{"IO": 2, "S1": "John", "S2": 10}`. END, the final token, is always added.
+
 `load_dataset(path, model)` picks the format by extension (.csv, .json), and every malformed
 row is a one-line `UsageError` naming the file, the row and the problem. Every pair is checked
 against the model's tokenizer (equal token length, single-token answers), never dropped.
@@ -20,8 +25,15 @@ import csv
 import json
 from pathlib import Path
 
-from actstore.errors import UsageError
-from ingest.tasks.base import PromptPair, Tokenizes, clip, validate_pairs
+from actstore.core.errors import UsageError
+from ingest.tasks.base import (
+    PromptPair,
+    RoleSpan,
+    Tokenizes,
+    clip,
+    validate_pairs,
+    word_starts,
+)
 
 
 def load_dataset(path: str | Path, model: Tokenizes) -> list[PromptPair]:
@@ -133,6 +145,7 @@ def _eap_row(row: dict, where: str, model: Tokenizes | None) -> PromptPair:
         meta=meta,
         answers=answers,
         wrong_answers=wrong_answers,
+        roles=_roles(row.get("roles"), where, clean),
     )
 
 
@@ -223,6 +236,7 @@ def _read_autocircuit_json(path: Path) -> tuple[list[PromptPair], list[str]]:
                 meta={"source_format": "autocircuit-json"},
                 answers=tuple(dict.fromkeys(answers)),
                 wrong_answers=tuple(dict.fromkeys(wrong)),
+                roles=_roles(item.get("roles"), where, clean),
             )
         )
         labels.append(f"prompt {n}")
@@ -238,3 +252,45 @@ def _answers(value: object, where: str, key: str) -> list[str]:
         if not isinstance(a, str) or not a:
             raise UsageError(f"{where}: {key!r} holds {clip(repr(a))}, not a non-empty string")
     return list(value)
+
+
+def _roles(value: object, where: str, clean: str) -> tuple[RoleSpan, ...]:
+    """A row's roles: absent or empty is none; else a JSON object (text, in a CSV cell) from
+    role name to a token position or a word of the clean prompt."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            value = None
+    if not isinstance(value, dict):
+        raise UsageError(
+            f'{where}: roles must be a JSON object like {{"IO": 2, "S1": "John"}} (role name to '
+            "token position or word of the clean prompt)"
+        )
+    spans = []
+    for name, at in value.items():
+        if not name or not name.strip() or "," in name or name.strip().isdigit():
+            raise UsageError(
+                f"{where}: role name {clip(repr(name))} must be non-empty text, not a number, "
+                "without commas"
+            )
+        if isinstance(at, bool) or not isinstance(at, (int, str)) or at == "":
+            raise UsageError(
+                f"{where}: role {name!r} is {clip(repr(at))}; give a token position (BOS = 0) "
+                "or a word of the clean prompt"
+            )
+        if isinstance(at, int):
+            if not 0 <= at < 1_000_000:
+                raise UsageError(f"{where}: role {name!r} position {at} is not a token position")
+            spans.append(RoleSpan(name, pos=at))
+            continue
+        starts = word_starts(clean, at)
+        if not starts:
+            raise UsageError(
+                f"{where}: role {name!r} names {clip(repr(at))}, which is not a word of the "
+                f"clean prompt {clip(clean)!r}"
+            )
+        spans.append(RoleSpan(name, starts[0], starts[0] + len(at)))
+    return tuple(spans)

@@ -1,7 +1,7 @@
 """Which activations an ingest stores: short names over layers, or TransformerLens hook names.
 
-The default set, `lean`, stores only what cannot be recomputed (actstore.derivable): z of every
-layer, the residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final
+The default set, `lean`, stores only what cannot be recomputed (actstore.model.derivable): z of
+every layer, the residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final
 residual; the rest (layer 0's residual from the tokens, the other residuals, resid_mid,
 attn_out, mlp_out, logits) is derived on read, exactly. `full` stores verbatim, besides, what
 patching and attribution read: resid_pre, resid_mid and mlp_out of every layer and the final
@@ -15,10 +15,10 @@ logits, which any set without the final residual stores (it cannot derive them).
 
 from __future__ import annotations
 
-from actstore.derivable import LOGITS
-from actstore.errors import UsageError
-from actstore.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
+from actstore.model.derivable import LOGITS
+from actstore.model.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
 
 # The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
 # whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actstore.errors import UsageError
-from actstore.location import local_dir
-from actstore.models import check_device_name, check_model_spec
-from actstore.store import CATALOG, Store, check_location
+from actstore.core.errors import UsageError
+from actstore.core.location import local_dir
+from actstore.core.store import CATALOG, Store, check_location
+from actstore.model.adapter import check_device_name, check_model_spec
 from ingest.hooks import check_hooks
 
 INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER

@@ -6,16 +6,20 @@ run's prompts from its recorded parameters).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
 from ingest.corruptions import subject_positions
 from ingest.tasks import PromptPair, get_task, validate_pairs
+from ingest.tasks.base import Tokenizes, clip, span_tokens
+
+END = "END"
 
 DEFAULT_N = 64
 
@@ -33,6 +37,7 @@ class Prepared:
     answer_sets: list[list[int]]  # per prompt, the correct answer set's token ids
     wrong_sets: list[list[int]]
     subjects: list[list[int]]  # per prompt, positions Gaussian noising touches
+    roles: list[dict[str, int]]  # per prompt, each role's input position (END included)
 
 
 def load_pairs(
@@ -92,8 +97,50 @@ def prepare(model: ModelAdapter, pairs: list[PromptPair], corruption: str) -> Pr
         if corruption == "gaussian"
         else [[] for _ in pairs]
     )
+    roles = [role_positions(model, p, int(k)) for p, k in zip(pairs, lengths, strict=True)]
     return Prepared(pairs, clean, corrupted, lengths, answers, wrong, answer_sets, wrong_sets,
-                    subjects)  # fmt: skip
+                    subjects, roles)  # fmt: skip
+
+
+def role_positions(model: Tokenizes, pair: PromptPair, length: int) -> dict[str, int]:
+    """Each role's position in the model's input (BOS = 0) for a prompt of `length` tokens:
+    a span's last token, plus its shift; END, the final token, always."""
+    found: dict[str, int] = {}
+    offsets = model.token_offsets(pair.clean) if any(r.pos is None for r in pair.roles) else []
+    for r in pair.roles:
+        if r.pos is not None:
+            pos = r.pos
+        else:
+            tokens = span_tokens(offsets, [(r.start, r.end)])
+            if not tokens:
+                raise UsageError(
+                    f"role {r.name}: no token of {clip(pair.clean)!r} covers characters "
+                    f"{r.start}..{r.end}; give the role a word of the prompt"
+                )
+            pos = tokens[-1] + r.shift
+        if not 0 <= pos < length:
+            raise UsageError(
+                f"role {r.name} is at position {pos}, outside the prompt's {length} tokens "
+                f"(BOS = 0): {clip(pair.clean)!r}; give a position below {length}"
+            )
+        found[r.name] = pos
+    if found.get(END, length - 1) != length - 1:
+        raise UsageError(
+            f"role END is the final token ({length - 1}) of {clip(pair.clean)!r}, not "
+            f"{found[END]}; leave END out (it is always added)"
+        )
+    found[END] = length - 1
+    return found
+
+
+def role_summary(prep: Prepared) -> dict[str, Any]:
+    """What a run's parameters record of its roles: their names in the task's order (END last)
+    and a digest of every prompt's positions, so that runs whose roles differ never share an id."""
+    names = list(dict.fromkeys(r for roles in prep.roles for r in roles if r != END)) + [END]
+    digest = hashlib.sha256(
+        json.dumps([sorted(roles.items()) for roles in prep.roles]).encode()
+    ).hexdigest()[:16]
+    return {"names": names, "sha256": digest}
 
 
 def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict[str, Any]]:
@@ -120,6 +167,7 @@ def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict
                 "wrong_answers": list(pair.incorrect()),
                 "answer_tokens": prep.answer_sets[i],
                 "wrong_answer_tokens": prep.wrong_sets[i],
+                "roles": prep.roles[i],
             }
         )
     return records

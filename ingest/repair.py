@@ -19,12 +19,12 @@ from typing import Any
 
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.arrays import open_array
-from actstore.errors import ActstoreError
-from actstore.models import load_model
-from actstore.store import Store
-from actstore.verify import PIECE, REPAIRABLE, verify
+from actstore.core import arrays as zarrays
+from actstore.core.arrays import open_array
+from actstore.core.errors import ActstoreError
+from actstore.core.store import Store
+from actstore.core.verify import PIECE, REPAIRABLE, verify
+from actstore.model.adapter import load_model
 
 COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
@@ -119,7 +119,7 @@ def _repair_run(
         values, _ = compute_batch(model, prep, params, int(lo), int(hi))
         recorded = {
             (r["side"], r["hook"]): r["checksum"]
-            for r in store.query(
+            for r in store._trusted_query(
                 "SELECT side, hook, checksum FROM chunks WHERE run_id = ? AND chunk_idx = ?",
                 [run_id, int(chunk_idx)],
             ).iter_rows(named=True)

@@ -2,7 +2,7 @@
 sets of one, and patching, attribution and faithfulness over sets against direct computations.
 
 The direct metrics below loop over prompts with plain tensor indexing; they share no code with
-queries.core.metrics.
+actstore.model.metrics.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from edge_reference import hooked_circuit_metric, hooked_input_grads, node_outpu
 from reading import read_hook
 from test_attribution import run_tensors
 
-from actstore.catalog import MIGRATIONS, SCHEMA_VERSION
-from actstore.models import load_model
-from actstore.store import Store
+from actstore.core.catalog import MIGRATIONS, SCHEMA_VERSION
+from actstore.core.store import Store
+from actstore.model.adapter import load_model
+from actstore.model.metrics import answer_arrays
 from queries.attribution import attribute, circuit, score_graph, top_edges
-from queries.core.metrics import answer_arrays
 from queries.patching import check_spec, compute_effects
 
 N = 6
@@ -114,7 +114,7 @@ def test_sets_of_one_reduce_to_the_single_answer_metrics():
     """A prompt with one answer and one wrong answer: prob-diff = p(answer) − p(wrong)."""
     import polars as pl
 
-    from queries.core.metrics import AnswerSets, Targets, from_logits
+    from actstore.model.metrics import AnswerSets, Targets, from_logits
 
     logits = torch.randn(2, 3, 11)  # (variants, prompts, vocab)
     prompts = pl.DataFrame(

@@ -11,8 +11,8 @@ from test_cli import snapshot
 from test_verify import chunk_path, flip_byte
 
 import actstore
-from actstore.cli import main
-from actstore.errors import DamagedError
+from actstore.app.cli import main
+from actstore.core.errors import DamagedError
 
 HOOK = "blocks.1.attn.hook_z"
 PATCH = ["--run", "1", "--component", "head", "--format", "csv"]

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 import actstore
-from actstore.cli import main
-from actstore.errors import ActstoreError, UsageError
+from actstore.app.cli import main
+from actstore.core.errors import ActstoreError, UsageError
 from queries.analysis.report.charts import number
 
 MAX_BYTES = 10_000_000
@@ -108,7 +108,7 @@ def test_cli_report_prints_contents_without_torch(hand_store, tmp_path):
     out = tmp_path / "r.html"
     args = ["report", str(path), "-o", str(out), "--runs", "1,2", "--format", "csv"]
     code = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        "import sys; from click.testing import CliRunner; from actstore.app.cli import main; "
         f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
         "print(r.stdout, end=''); print(r.stderr, end='', file=sys.stderr); "
         "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
@@ -137,10 +137,13 @@ def test_report_of_empty_store_says_what_to_run(tmp_path):
 
 def chromium_or_skip() -> str:
     """Debian's chromium and Playwright for Python, or a skip saying which is missing."""
+    from actstore.core.errors import ActstoreError
+    from actstore.core.extras import check_engine
+
     try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+        check_engine("dev")
+    except ActstoreError as exc:
+        pytest.skip(str(exc))
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip(

@@ -1,6 +1,6 @@
 """Crash safety: ingests killed with SIGKILL at random points resume to the same bits.
 
-A helper process (tests/ingest_forker.py) loads the model once and forks one real ingest
+A helper process (tests/support/ingest_forker.py) loads the model once and forks one real ingest
 process per attempt; the test SIGKILLs it after a seeded random delay, checks that what the
 killed process left is consistent (every recorded chunk matches its checksum, prompts exactly
 for the recorded batches), and reruns the same ingest until one attempt completes. The result
@@ -20,10 +20,10 @@ import pytest
 from ingest_forker import Forker
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.errors import ActstoreError
-from actstore.store import Store
-from actstore.verify import failures, verify
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError
+from actstore.core.store import Store
+from actstore.core.verify import failures, verify
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,16 @@ LEDGER = ["side", "hook", "chunk_idx", "prompt_start", "prompt_stop", "checksum"
 
 
 def contents(path: Path) -> dict:
-    """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts, run) of a
-    store that must verify clean. The reads share one catalog connection (`Store.reading`)."""
+    """Everything an uninterrupted ingest determines (arrays' bytes, ledger, prompts and their
+    roles, run) of a store that must verify clean. The reads share one catalog connection
+    (`Store.reading`)."""
     store = Store(path)
     with store.reading():
         assert failures(verify(store)).is_empty()
         out = {
             "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
             "prompts": store.prompts(1),
+            "roles": store.query("SELECT * FROM prompt_roles ORDER BY ALL"),
             "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
         }
         for row in store.arrays(1).iter_rows(named=True):

@@ -10,9 +10,9 @@ import torch
 from reading import read_hook
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.catalog import SCHEMA_VERSION
-from actstore.errors import ActstoreError, UsageError
+from actstore.core import arrays as zarrays
+from actstore.core.catalog import SCHEMA_VERSION
+from actstore.core.errors import ActstoreError, UsageError
 
 FIXED_COLUMNS = {
     "runs": [
@@ -29,6 +29,7 @@ FIXED_COLUMNS = {
     "effects": ["query_id", "layer", "head", "pos", "metric", "value", "normalized"],
     "edge_scores": ["score_id", "run_id", "method", "src", "dst", "qkv", "score"],
     "circuits": ["circuit_id", "score_id", "n_edges", "faithfulness"],
+    "prompt_roles": ["run_id", "prompt_idx", "role", "pos"],
 }  # fmt: skip
 
 
@@ -174,8 +175,8 @@ def test_reads_in_a_reading_block_share_one_connection(ioi_copy, monkeypatch):
     import subprocess
     import sys
 
-    from actstore.attachments import ATTACHMENTS
-    from actstore.store import Store
+    from actstore.core.attachments import ATTACHMENTS
+    from actstore.core.store import Store
 
     store = Store(ioi_copy)
     opened = []

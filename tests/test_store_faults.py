@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from test_cli import run_cli, snapshot
 from test_writer import held_store  # noqa: F401  (a fixture: another process holds the lock)
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_CAPBSET_DROP = 24
@@ -52,7 +52,7 @@ def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(
     tmp_path, session_ingest
 ):
     """Killed between creating the catalog and the arrays: nothing to verify, no run to patch."""
-    from actstore.catalog import Catalog
+    from actstore.core.catalog import Catalog
 
     path = tmp_path / "s"
     path.mkdir()
@@ -92,7 +92,7 @@ def drop_root_override() -> None:
 
 def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "actstore.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actstore.app.cli", *args], capture_output=True,
                           text=True, env=env, preexec_fn=drop_root_override)  # fmt: skip
 
 

@@ -10,8 +10,8 @@ from patching_helpers import hooked_full_patch
 from reading import read_hook
 
 import actstore
-from actstore.errors import UsageError
-from actstore.models import builtin_names, load_model
+from actstore.core.errors import UsageError
+from actstore.model.adapter import builtin_names, load_model
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
     final-position residual stream entering layer 2, which the toy's name movers read to choose
     the name to copy, moves the held-out logit difference by at least half of what patching the
     full activation does. (A 1-d direction recovers 0.14-0.21 of it on this model.)"""
-    from actstore.models import BUILTIN_DIR
+    from actstore.model.adapter import BUILTIN_DIR
 
     if not (BUILTIN_DIR / name / "model.safetensors").exists():
         pytest.skip(f"{name}: trained weights are not in this checkout (they land from 'tasks')")

@@ -14,7 +14,7 @@ from test_cli import run_cli, snapshot
 ROOT = Path(__file__).resolve().parent.parent
 HOLD = """
 import sys
-from actstore.store import Store
+from actstore.core.store import Store
 with Store(sys.argv[1]).writer("actstore ingest (test holder)"):
     print("held", flush=True)
     sys.stdin.read()
@@ -72,8 +72,8 @@ def test_readers_work_while_the_writer_lock_is_held(held_store, tmp_path):
 
 
 def test_second_store_object_in_the_same_process_is_told_so(ioi_store, tmp_path):
-    from actstore.errors import LockedError
-    from actstore.store import Store
+    from actstore.core.errors import LockedError
+    from actstore.core.store import Store
 
     copy = tmp_path / "store"
     shutil.copytree(ioi_store, copy)
@@ -139,8 +139,8 @@ def test_background_writer_records_batches_together_while_it_is_behind():
 def test_a_failed_background_write_keeps_the_batches_before_it(tmp_path, monkeypatch, toy_random):
     """A write that fails on the writer thread fails the run with the batches written before it
     recorded; rerunning resumes, and the result equals an ingest that never failed."""
-    from actstore.errors import ActstoreError
-    from actstore.store import Store
+    from actstore.core.errors import ActstoreError
+    from actstore.core.store import Store
     from ingest import runner
 
     real = runner.write_chunks

@@ -7,7 +7,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RoleSpan:
+    """Where a role sits in the clean prompt: a character span (its token is the last one the
+    span touches, so a multi-token word's role is its last token) `shift` tokens on (IOI's S1+1),
+    or a token position given as it is (`pos`, BOS = 0; dataset files)."""
+
+    name: str
+    start: int = 0
+    end: int = 0
+    shift: int = 0
+    pos: int | None = None
 
 
 @dataclass(frozen=True)
@@ -20,7 +33,8 @@ class PromptPair:
     every year above the start year, and every year at or below it), holding `answer` and
     `wrong_answer`; empty means the set of that one answer. `subject_words` are the
     words of the clean prompt whose tokens Gaussian noising corrupts. `group` labels the pair
-    (template, class) for per-group analysis such as class means.
+    (template, class) for per-group analysis such as class means. `roles` name token positions
+    of the clean prompt (IOI's IO, S1, S2; END is always added by ingest), in the task's order.
     """
 
     clean: str
@@ -32,6 +46,7 @@ class PromptPair:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     answers: tuple[str, ...] = ()
     wrong_answers: tuple[str, ...] = ()
+    roles: tuple[RoleSpan, ...] = ()
 
     def correct(self) -> tuple[str, ...]:
         """The correct answer set."""
@@ -181,6 +196,51 @@ def single_token(words: Sequence[str], model: Tokenizes, task: str, least: int =
             f"for this tokenizer (need {least}); use a model whose tokenizer fits the task"
         )
     return kept
+
+
+def fill(template: str, **values: str) -> tuple[str, dict[str, list[tuple[int, int]]]]:
+    """`template.format(**values)` and the character span of every placeholder it filled, per
+    placeholder name in order of appearance: where a task's role words are, found by
+    construction rather than by searching the text (a year "17 17" has two equal words)."""
+    import string
+
+    parts: list[str] = []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    at = 0
+    for literal, name, _spec, _conv in string.Formatter().parse(template):
+        parts.append(literal)
+        at += len(literal)
+        if name is not None:
+            value = str(values[name])
+            spans.setdefault(name, []).append((at, at + len(value)))
+            parts.append(value)
+            at += len(value)
+    return "".join(parts), spans
+
+
+def role(name: str, span: tuple[int, int], shift: int = 0) -> RoleSpan:
+    """A role at a character span of the clean prompt (`fill`'s spans)."""
+    return RoleSpan(name, span[0], span[1], shift)
+
+
+def span_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Input positions (BOS = 0, so token i of the text is position i + 1) of every token whose
+    character offsets overlap one of `spans`."""
+    return [i + 1 for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
+
+
+def word_starts(text: str, word: str) -> list[int]:
+    """Where `word` occurs in `text` as a whole word (not inside a longer one)."""
+    found = []
+    start = text.find(word)
+    while start != -1:
+        end = start + len(word)
+        before_ok = start == 0 or not text[start - 1].isalnum()
+        after_ok = end == len(text) or not text[end].isalnum()
+        if before_ok and after_ok:
+            found.append(start)
+        start = text.find(word, start + 1)
+    return found
 
 
 def template_words(*templates: str) -> list[str]:

@@ -5,6 +5,7 @@ Corrupted: "The capital of Japan is"  -> " Tokyo", the wrong answer
 The corrupting country has the clean country's token length. Several context templates carry the
 same facts; the toy models learn the facts, so held-out prompts differ from training prompts in
 template (and pairing), never in the facts themselves.
+Roles: COUNTRY (its last token).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from ingest.tasks.base import (
     TaskValidationError,
     Tokenizes,
     answer_text,
+    fill,
     n_tokens,
     rng_for,
+    role,
     template_words,
 )
 
@@ -62,15 +65,17 @@ class CapitalCountry:
         for _ in range(n):
             t = rng.randrange(len(templates))
             (country, capital), (other, other_capital) = rng.sample(facts, 2)
+            clean, spans = fill(templates[t], C=country)
             pairs.append(
                 PromptPair(
-                    clean=templates[t].format(C=country),
+                    clean=clean,
                     corrupted=templates[t].format(C=other),
                     answer=answer_text(capital, model),
                     wrong_answer=answer_text(other_capital, model),
                     subject_words=(country,),
                     group=f"t{t}",
                     meta={"country": country, "corrupt_country": other, "template": t},
+                    roles=(role("COUNTRY", spans["C"][0]),),
                 )
             )
         return pairs

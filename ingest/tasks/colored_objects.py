@@ -10,6 +10,9 @@ copy the word after it). A 4-layer toy stayed at chance in 7 minutes on the BIG-
     "On the table I see pen red , book blue and cup green . The book" -> "blue"
 STR corruption asks about another object of the same list ("... The cup" -> "green"), which is
 the wrong answer. Same list, one word swapped for another from the list: equal token length.
+Roles: OBJECT (the queried object in the list), COLOR (its colour), OTHER1 and OTHER2 (the other
+colours, in list order), QUERY (the object named by the question; the toy's final token, so
+QUERY = END there).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from ingest.tasks.base import (
     PromptPair,
     Tokenizes,
     answer_text,
+    fill,
     is_word_level,
     n_tokens,
     rng_for,
+    role,
     single_token,
     template_words,
 )
@@ -61,11 +66,12 @@ class ColoredObjects:
             os_ = rng.sample(objects, N_ITEMS)
             q, r = rng.sample(range(N_ITEMS), 2)
             place = rng.choice(PLACES)
-            fill = {f"C{i}": cs[i] for i in range(N_ITEMS)} | {
+            words = {f"C{i}": cs[i] for i in range(N_ITEMS)} | {
                 f"O{i}": os_[i] for i in range(N_ITEMS)
             }
-            clean = template.format(P=place, Q=os_[q], **fill)
-            corrupted = template.format(P=place, Q=os_[r], **fill)
+            clean, spans = fill(template, P=place, Q=os_[q], **words)
+            corrupted = template.format(P=place, Q=os_[r], **words)
+            others = [i for i in range(N_ITEMS) if i != q]
             pairs.append(
                 PromptPair(
                     clean=clean,
@@ -75,6 +81,12 @@ class ColoredObjects:
                     subject_words=(os_[q],),
                     group=f"q{q}",
                     meta={"object": os_[q], "color": cs[q], "corrupt_object": os_[r]},
+                    roles=(
+                        role("OBJECT", spans[f"O{q}"][0]),
+                        role("COLOR", spans[f"C{q}"][0]),
+                        *(role(f"OTHER{k}", spans[f"C{i}"][0]) for k, i in enumerate(others, 1)),
+                        role("QUERY", spans["Q"][0]),
+                    ),
                 )
             )
         return pairs

@@ -9,6 +9,7 @@ Toy phrasing: the word-level tokenizer has two-digit tokens, so the years are wr
 words: "The war lasted from the year 17 32 to the year 17" -> "33".
 STR corruption, as in Hanna et al.: the start year becomes "01" ("1701"), after which every
 year is greater, so the logit difference of the clean answers falls to about 0.
+Roles: XX and YY, the start year's century and its two digits (GPT-2: the "32" of "1732").
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from ingest.tasks.base import (
     PromptPair,
     TaskValidationError,
     Tokenizes,
+    fill,
     is_word_level,
     rng_for,
+    role,
     template_words,
 )
 
@@ -80,7 +83,7 @@ class GreaterThan:
                 years[xx] = self._start_years(model, xx)
             yy = rng.choice(years[xx])
             answer = f"{rng.randrange(int(yy) + 1, 100):02d}"
-            clean = template.format(N=noun, XX=xx, YY=yy)
+            clean, spans = fill(template, N=noun, XX=xx, YY=yy)
             corrupted = template.format(N=noun, XX=xx, YY=CORRUPT_YY)
             pairs.append(
                 PromptPair(
@@ -93,6 +96,7 @@ class GreaterThan:
                     meta={"start_year": int(xx + yy), "yy": int(yy), "noun": noun},
                     answers=tuple(y for y in tokens if int(y) > int(yy)),
                     wrong_answers=tuple(y for y in tokens if int(y) <= int(yy)),
+                    roles=(role("XX", spans["XX"][0]), role("YY", spans["YY"][0])),
                 )
             )
         return pairs

@@ -3,11 +3,21 @@
 Clean:     "When Mary and John went to the store, John gave a drink to" -> " Mary" (IO), not " John"
 Corrupted: "When Alice and Bob went to the store, Carol gave a drink to" (three unrelated names)
 ABBA and BABA orders are both generated.
+Roles (Wang et al.): IO and S1, the first mentions of the indirect object and the subject, S1+1
+the token after S1, S2 the subject's second mention (END added by ingest).
 """
 
 from __future__ import annotations
 
-from ingest.tasks.base import PromptPair, Tokenizes, answer_text, rng_for, template_words
+from ingest.tasks.base import (
+    PromptPair,
+    Tokenizes,
+    answer_text,
+    fill,
+    rng_for,
+    role,
+    template_words,
+)
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "David", "Emma", "Paul",
@@ -43,9 +53,11 @@ class IOI:
             place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
             order = "ABBA" if i % 2 == 0 else "BABA"
             first, second = (io, s) if order == "ABBA" else (s, io)
-            fill = {"PLACE": place, "OBJECT": obj}
-            clean = templates[t].format(A=first, B=second, C=s, **fill)
-            corrupted = templates[t].format(A=a, B=b, C=c, **fill)
+            words = {"PLACE": place, "OBJECT": obj}
+            clean, spans = fill(templates[t], A=first, B=second, C=s, **words)
+            corrupted = templates[t].format(A=a, B=b, C=c, **words)
+            a_at, b_at = spans["A"][0], spans["B"][0]
+            io_at, s_at = (a_at, b_at) if order == "ABBA" else (b_at, a_at)
             pairs.append(
                 PromptPair(
                     clean=clean,
@@ -55,6 +67,12 @@ class IOI:
                     subject_words=(first, second, s),
                     group=f"{order}:t{t}",
                     meta={"io": io, "s": s, "template": t, "order": order},
+                    roles=(
+                        role("IO", io_at),
+                        role("S1", s_at),
+                        role("S1+1", s_at, shift=1),
+                        role("S2", spans["C"][0]),
+                    ),
                 )
             )
         return pairs

@@ -5,6 +5,8 @@ Corrupted: "The key near the cabinet"  -> " is" (the subject's number flipped, s
 The attractor noun has a number drawn independently of the subject's, so that a model must find
 the subject, not the nearest noun. The phrasing has no punctuation: toy and natural are the same
 words; only the answer's leading space differs.
+Roles: SUBJECT (the subject noun) and ATTRACTOR (the intervening noun); the verb is what the
+model predicts at END, the prompt's final token.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from ingest.tasks.base import (
     TaskValidationError,
     Tokenizes,
     answer_text,
+    fill,
     n_tokens,
     rng_for,
+    role,
     template_words,
 )
 
@@ -61,15 +65,17 @@ class SVA:
             attractor = a_plur if rng.random() < 0.5 else a_sing
             subj, flipped = (s_plur, s_sing) if plural else (s_sing, s_plur)
             verb, wrong = (VERBS[1], VERBS[0]) if plural else (VERBS[0], VERBS[1])
+            clean, spans = fill(TEMPLATES[t], S=subj, A=attractor)
             pairs.append(
                 PromptPair(
-                    clean=TEMPLATES[t].format(S=subj, A=attractor),
+                    clean=clean,
                     corrupted=TEMPLATES[t].format(S=flipped, A=attractor),
                     answer=answer_text(verb, model),
                     wrong_answer=answer_text(wrong, model),
                     subject_words=(subj,),
                     group=f"{'plural' if plural else 'singular'}:t{t}",
                     meta={"plural": plural, "attractor": attractor, "template": t},
+                    roles=(role("SUBJECT", spans["S"][0]), role("ATTRACTOR", spans["A"][0])),
                 )
             )
         return pairs

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
-from queries.choices import LEVELS, METHODS, METRICS, check
+from actstore.core.choices import LEVELS, METHODS, METRICS, check
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
@@ -107,7 +107,7 @@ def attribute(
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT * FROM edge_scores WHERE score_id = ? ORDER BY abs(score) DESC, src, dst, qkv",
         [score_id],
     )

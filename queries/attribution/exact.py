@@ -25,10 +25,10 @@ from collections.abc import Iterator
 
 import torch
 
+from actstore.model.metrics import Targets, from_resid
 from queries.attribution.batches import EdgeBatch
 from queries.attribution.model import EdgeModel
 from queries.core.engine import Engine
-from queries.core.metrics import Targets, from_resid
 
 # The most activation elements (variants × prompts × positions × width) one chunk of variants
 # holds in a block: 2^25 float32 values, 128 MiB.

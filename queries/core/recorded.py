@@ -13,8 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from actstore.results import find_query, record_query
-from actstore.store import Store
+from actstore.core.results import find_query, record_query
+from actstore.core.store import Store
 
 
 def recorded(

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from actstore.hooks import final_hook, hook_name
+from actstore.model.hooks import final_hook, hook_name
+from actstore.model.metrics import from_resid
 from queries.core.engine import Engine
-from queries.core.metrics import from_resid
 from queries.core.reader import Reader, Span, sides
 from queries.paths.spec import Node, Receiver
 

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore.architecture import Architecture
-from actstore.errors import UsageError
-from actstore.store import Store
-from queries.choices import DIRECTIONS, METRICS, check
-from queries.core.metrics import normalized
+from actstore.core.choices import DIRECTIONS, METRICS, check
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
+from actstore.model.architecture import Architecture
+from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
 from queries.paths.spec import Shape, pairs, parse_receivers, parse_senders
 
@@ -45,7 +45,7 @@ def check_path(
     check("--direction", direction, DIRECTIONS)
     with store.reading():
         info = store.run(run)
-        rows = store.query(
+        rows = store._trusted_query(
             "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [info["model"]]
         )
     if not rows.height:
@@ -67,7 +67,7 @@ def check_path(
 
 
 def _check_roles(store: Store, run: int, roles: list[str]) -> list[str]:
-    from actstore.roles import positions
+    from actstore.core.roles import positions
 
     roles = list(dict.fromkeys(r.strip() for r in roles if r.strip()))
     if not roles:
@@ -77,7 +77,7 @@ def _check_roles(store: Store, run: int, roles: list[str]) -> list[str]:
 
 
 def stored_paths(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(COLUMNS)}, importance, rank FROM path_effects_v WHERE query_id = ? "
         "ORDER BY receiver, qkv NULLS FIRST, role NULLS FIRST, rank",
         [query_id],
@@ -116,8 +116,8 @@ def compute_paths(
     import torch
     from tqdm import tqdm
 
+    from actstore.model.metrics import endpoints
     from queries.core.engine import Engine
-    from queries.core.metrics import endpoints
     from queries.core.model import model_for_run
     from queries.core.reader import Reader
     from queries.paths.compute import span_sums
@@ -133,7 +133,7 @@ def compute_paths(
     roles = params["positions"]
     at = None
     if roles is not None:
-        from actstore.roles import positions
+        from actstore.core.roles import positions
 
         at = positions(store, run, roles)
     reader = Reader(store, info, model.device, e)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 
 QKV = ("q", "k", "v")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.output import check_output_path
-from actstore.store import Store
-from queries.choices import DIRECTIONS, METRICS, SOURCES, check
+from actstore.core.choices import DIRECTIONS, METRICS, SOURCES, check
+from actstore.core.errors import UsageError
+from actstore.core.output import check_output_path
+from actstore.core.store import Store
 from queries.core.recorded import recorded
 
 REPORT_COLUMNS = [
@@ -60,7 +60,7 @@ def check_pos(pos: str, lengths: np.ndarray) -> str:
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
         "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
         [query_id],
@@ -69,7 +69,7 @@ def stored_report(store: Store, query_id: int) -> pl.DataFrame:
 
 def stored_basis(store: Store, query_id: int) -> np.ndarray:
     """The (d, k) basis a query patched along."""
-    rows = store.query(
+    rows = store._trusted_query(
         "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
     )
     return np.array(rows["vector"].to_list(), dtype=np.float64).T

@@ -1,0 +1,261 @@
+"""Token roles: every task names its positions as the model's input holds them (BOS = 0), dataset
+files may carry them, ingest records them as `prompt_roles` rows (part of the run's parameters),
+and `actstore.core.roles` reads them back; stores from before roles read as END only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+from tokenizers_for_tests import bpe_view, toy_view
+
+from actstore.core.errors import UsageError
+from actstore.core.roles import END, positions, role_names, run_roles
+from actstore.core.store import Store
+from ingest.batches import params_hash
+from ingest.datasets import load_dataset
+from ingest.prompts import role_positions
+from ingest.tasks import get_task
+
+VIEWS = {"toy": toy_view, "bpe": bpe_view}
+ROLES = {
+    "ioi": ["IO", "S1", "S1+1", "S2"],
+    "colored-objects": ["OBJECT", "COLOR", "OTHER1", "OTHER2", "QUERY"],
+    "greater-than": ["XX", "YY"],
+    "sva": ["SUBJECT", "ATTRACTOR"],
+    "capital-country": ["COUNTRY"],
+}
+
+
+def _input(view, text: str) -> list[int]:
+    """The model's input: BOS, then the text's tokens."""
+    return [0, *view.token_ids(text)]
+
+
+def _last_token(view, word: str) -> int:
+    """The last token of `word` where it follows a space in the prompt (BPE: " word")."""
+    ids = view.token_ids(word if view is toy_view() else " " + word)
+    return ids[-1]
+
+
+@pytest.mark.parametrize("view", sorted(VIEWS))
+@pytest.mark.parametrize("name", sorted(ROLES))
+def test_task_roles_are_the_tokens_they_name(name, view):
+    model = VIEWS[view]()
+    for p in get_task(name).generate(40, seed=3, model=model):
+        ids = _input(model, p.clean)
+        at = role_positions(model, p, len(ids))
+        assert list(at) == [*ROLES[name], END]
+        assert at[END] == len(ids) - 1
+        token = {r: ids[pos] for r, pos in at.items()}
+        meta = p.meta
+        if name == "ioi":
+            assert token["IO"] == model.token_ids(p.answer)[0]
+            assert token["S1"] == token["S2"] == model.token_ids(p.wrong_answer)[0]
+            assert at["S1+1"] == at["S1"] + 1 and at["S1"] < at["S2"] and at["IO"] < at["S2"]
+            assert (at["IO"] < at["S1"]) == (meta["order"] == "ABBA")
+        elif name == "colored-objects":
+            assert token["COLOR"] == model.token_ids(p.answer)[0]
+            others = {token["OTHER1"], token["OTHER2"]}
+            assert model.token_ids(p.wrong_answer)[0] in others
+            assert token["COLOR"] not in others and at["OTHER1"] < at["OTHER2"]
+            assert token["OBJECT"] == token["QUERY"] == _last_token(model, meta["object"])
+            assert at["OBJECT"] < at["QUERY"] and (at["QUERY"] == at[END]) == (view == "toy")
+        elif name == "greater-than":
+            assert token["YY"] == model.token_ids(p.wrong_answer)[0]  # the start year's "32"
+            assert at["YY"] == at["XX"] + 1
+        elif name == "sva":
+            subject = p.subject_words[0]
+            assert token["SUBJECT"] == _last_token(model, subject)
+            assert token["ATTRACTOR"] == _last_token(model, meta["attractor"])
+            assert at["SUBJECT"] < at["ATTRACTOR"]
+        else:
+            assert token["COUNTRY"] == _last_token(model, meta["country"])
+
+
+def test_a_multi_token_word_is_its_last_token():
+    """GPT-2-style BPE splits words outside its pool; the role is the word's last piece."""
+    from ingest.tasks.base import PromptPair, RoleSpan
+
+    model = bpe_view()
+    text = "The capital of Zqxw is"
+    pieces = model.token_ids(" Zqxw")
+    assert len(pieces) > 1
+    pair = PromptPair(text, text, " Paris", " Rome", roles=(RoleSpan("COUNTRY", 15, 19),))
+    ids = _input(model, text)
+    at = role_positions(model, pair, len(ids))
+    assert at["COUNTRY"] == 3 + len(pieces)  # BOS, The, capital, of, then the pieces
+    assert ids[at["COUNTRY"]] == pieces[-1]
+
+
+def _csv(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["clean", "corrupted", "answer", "wrong_answer", "roles"])
+        w.writerows(rows)
+    return path
+
+
+def test_dataset_files_carry_roles_as_positions_or_words(tmp_path):
+    model = toy_view()
+    pairs = get_task("ioi").generate(3, 0, model)
+    rows = []
+    for p in pairs:
+        at = role_positions(model, p, len(_input(model, p.clean)))
+        spec = {"IO": p.meta["io"], "S1": at["S1"], "S2": at["S2"]}  # a word, and positions
+        rows.append((p.clean, p.corrupted, p.answer, p.wrong_answer, json.dumps(spec)))
+    rows.append((pairs[0].clean, pairs[0].corrupted, pairs[0].answer, pairs[0].wrong_answer, ""))
+    loaded = load_dataset(_csv(tmp_path / "ioi.csv", rows), model)
+    for p, got in zip(pairs, loaded, strict=False):
+        want = role_positions(model, p, len(_input(model, p.clean)))
+        have = role_positions(model, got, len(_input(model, got.clean)))
+        assert have == {r: want[r] for r in ("IO", "S1", "S2", END)}
+    assert role_positions(model, loaded[3], 5) == {END: 4}  # an empty cell: END only
+    prompts = [
+        {"clean": p.clean, "corrupt": p.corrupted, "answers": [p.answer],
+         "wrong_answers": [p.wrong_answer], "roles": {"IO": p.meta["io"]}}
+        for p in pairs
+    ]  # fmt: skip
+    path = tmp_path / "ioi.json"
+    path.write_text(json.dumps({"prompts": prompts}))
+    for p, got in zip(pairs, load_dataset(path, model), strict=True):
+        have = role_positions(model, got, len(_input(model, got.clean)))
+        assert have["IO"] == role_positions(model, p, len(_input(model, p.clean)))["IO"]
+
+
+@pytest.mark.parametrize(
+    ("roles", "expect"),
+    [
+        ("[1, 2]", "roles must be a JSON object"),
+        ("{not json", "roles must be a JSON object"),
+        ('{"IO": "Zed"}', "'Zed', which is not a word of the clean prompt"),
+        ('{"7": 3}', "role name '7' must be non-empty text, not a number"),
+        ('{"IO": 2.5}', "give a token position"),
+        ('{"IO": true}', "give a token position"),
+        ('{"IO": -1}', "position -1 is not a token position"),
+    ],
+)
+def test_malformed_roles_name_the_row(tmp_path, roles, expect):
+    p = get_task("ioi").generate(1, 0, toy_view())[0]
+    path = _csv(tmp_path / "bad.csv", [(p.clean, p.corrupted, p.answer, p.wrong_answer, roles)])
+    with pytest.raises(UsageError, match="row 1") as err:
+        load_dataset(path, toy_view())
+    assert expect in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("roles", "expect"),
+    [
+        ('{"IO": 99}', "role IO is at position 99, outside the prompt's 16 tokens"),
+        ('{"END": 3}', "role END is the final token (15)"),
+    ],
+)
+def test_roles_outside_the_prompt_are_refused(tmp_path, roles, expect, toy_random):
+    from ingest.prompts import prepare
+
+    p = get_task("ioi").generate(1, 0, toy_random)[0]
+    path = _csv(tmp_path / "bad.csv", [(p.clean, p.corrupted, p.answer, p.wrong_answer, roles)])
+    pairs = load_dataset(path, toy_random)
+    assert len(toy_random.tokenize(p.clean)) == 16
+    with pytest.raises(UsageError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        prepare(toy_random, pairs, "str")
+
+
+def test_ingested_roles_are_catalog_rows(ioi_store):
+    store = Store(ioi_store)
+    assert role_names(store, 1) == ["IO", "S1", "S1+1", "S2", END]
+    prompts = store.prompts(1)
+    at = positions(store, 1, ["IO", "S1", "S2", END])
+    assert at.shape == (20, 4)
+    for row, (io, s1, s2, end) in zip(prompts.iter_rows(named=True), at, strict=True):
+        tokens = row["clean_tokens"]
+        assert tokens[io] == row["answer_token"]
+        assert tokens[s1] == tokens[s2] == row["wrong_answer_token"]
+        assert end == row["seq_len"] - 1
+    lengths = sorted(set(prompts["seq_len"].to_list()))
+    assert len(lengths) > 1  # END is not one position: the reason roles exist
+    rows = store.sql("SELECT count(*) AS n, count(DISTINCT role) AS roles FROM prompt_roles")
+    assert rows.row(0) == (100, 5)
+    frame = run_roles(store, 1)
+    assert frame.columns == ["prompt_idx", "role", "pos"] and frame.height == 100
+    assert frame.filter(frame["prompt_idx"] == 0)["role"].to_list() == role_names(store, 1)
+    params = store.run(1)["params"]
+    assert params["roles"]["names"] == role_names(store, 1) and len(params["roles"]["sha256"]) == 16
+    with pytest.raises(UsageError, match="run 1 has no role 'XX'; its roles: IO, S1, S1\\+1"):
+        positions(store, 1, ["XX"])
+
+
+def _as_before_roles(path, version: int = 3) -> None:
+    """Make a store look as an actstore before roles wrote it: no prompt_roles table, no roles
+    in the run's parameters, schema `version`."""
+    con = duckdb.connect(str(path / "catalog.duckdb"))
+    con.execute("DROP TABLE prompt_roles")
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+    (params,) = con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0]
+    old = json.loads(params)
+    del old["roles"]
+    con.execute(
+        "UPDATE runs SET params = ?, params_hash = ? WHERE run_id = 1",
+        [json.dumps(old, sort_keys=True), params_hash(old)],
+    )
+    con.close()
+
+
+def test_a_store_from_before_roles_reads_as_end_only(ioi_store, tmp_path):
+    from actstore.core.catalog import SCHEMA_VERSION
+
+    path = shutil.copytree(ioi_store, tmp_path / "old")
+    _as_before_roles(path, version=SCHEMA_VERSION)  # no table, and nothing to migrate
+    before = (path / "catalog.duckdb").read_bytes()
+    store = Store(path)
+    assert role_names(store, 1) == [END]
+    ends = store.prompts(1)["seq_len"].to_numpy() - 1
+    assert np.array_equal(positions(store, 1, [END])[:, 0], ends)
+    assert run_roles(store, 1)["role"].unique().to_list() == [END]
+    with pytest.raises(UsageError, match="run 1 has no role 'IO'; its roles: END"):
+        positions(store, 1, ["IO"])
+    assert (path / "catalog.duckdb").read_bytes() == before  # reading wrote nothing
+
+    shutil.rmtree(path)
+    path = shutil.copytree(ioi_store, tmp_path / "v3")
+    _as_before_roles(path)
+    store = Store(path)  # an older catalog migrates on open; its run has no rows: END only
+    tables = store.sql("SELECT table_name FROM information_schema.tables")["table_name"]
+    assert "prompt_roles" in tables.to_list()
+    assert store.sql("SELECT count(*) FROM prompt_roles").item() == 0
+    assert role_names(store, 1) == [END]
+    assert run_roles(store, 1)["pos"].to_list() == ends.tolist()
+
+
+def test_roles_are_part_of_the_run_parameters(ioi_store, tmp_path, session_ingest):
+    """A run recorded without roles is not the same run as today's ingest of the same command:
+    the ingest makes a new run that has them, rather than returning the old one."""
+    from ingest.runner import ingest
+
+    path = shutil.copytree(ioi_store, tmp_path / "old")
+    _as_before_roles(path)
+    row = ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
+    assert row["outcome"].to_list() == ["new"] and row["run_id"].to_list() == [2]
+    store = Store(path)
+    assert role_names(store, 1) == [END]
+    assert role_names(store, 2) == ["IO", "S1", "S1+1", "S2", END]
+    assert np.array_equal(
+        positions(store, 2, ["IO", "S2", END]),
+        positions(Store(ioi_store), 1, ["IO", "S2", END]),
+    )
+
+
+def test_sharded_ingest_records_the_same_roles(ioi_store, tmp_path, session_ingest):
+    from ingest.runner import ingest
+    from ingest.shards import merge
+
+    path = tmp_path / "sharded"
+    for i in range(2):
+        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False,
+               shard=f"{i}/2")  # fmt: skip
+    merge(path)
+    assert run_roles(Store(path), 1).equals(run_roles(Store(ioi_store), 1))
