@@ -120,12 +120,6 @@ class ActStore(Store):
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
 
-    def path(self, run: int, senders: str, receivers: str, **kwargs: Any) -> pl.DataFrame:
-        """Path patching of senders into receivers (see `queries.paths.path`)."""
-        from queries.paths import path
-
-        return path(self, run, senders, receivers, **kwargs)
-
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""
         from queries.patching import patch

@@ -753,8 +753,10 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
       actstore path /tmp/s --run 1 --senders all --receivers a3.h0:q+a3.h2:q
       actstore sql /tmp/s "select * from top_senders where rank <= 5"
     """
+    from queries.paths import path as path_patching  # Store.path is the store's directory
+
     roles = None if positions is None else positions.split(",")
-    write_rows(_open(store).path(run, positions=roles, **kwargs), fmt)
+    write_rows(path_patching(_open(store), run, positions=roles, **kwargs), fmt)
 
 
 if __name__ == "__main__":

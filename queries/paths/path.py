@@ -127,9 +127,9 @@ def compute_paths(
     e = Engine.from_adapter(model)
     a = e.arch
     shape = Shape(a.n_layers, a.n_heads, a.parallel)
-    sent, explicit = parse_senders(",".join(params["senders"]), shape)
-    chosen = pairs(sent, explicit, parse_receivers(",".join(params["receivers"]), shape),
-                   a.parallel)  # fmt: skip
+    # the recorded senders and receivers were checked: every pair of them that reaches
+    sent, _ = parse_senders(",".join(params["senders"]), shape)
+    chosen = pairs(sent, False, parse_receivers(",".join(params["receivers"]), shape), a.parallel)
     roles = params["positions"]
     at = None
     if roles is not None:
