@@ -97,7 +97,7 @@ def ingest(
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
     check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
-                 batch_size, device, seed, shard, hooks)  # fmt: skip
+                 batch_size, device, seed, shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)

@@ -137,6 +137,7 @@ def test_the_caps_let_through_what_fits_and_refuse_what_does_not(empty_store, tm
         ("--timeout", "0", "--timeout must be a positive number of seconds"),
         ("--timeout", "nan", "--timeout must be a positive number of seconds"),
         ("--timeout", "-1", "--timeout must be a positive number of seconds"),
+        ("--timeout", "1e300", "--timeout must be at most 604800 seconds"),
         ("--max-rows", "0", "--max-rows must be a positive number of rows"),
         ("--max-mb", "8", "--max-mb must be at least 16"),
         ("--max-mb", "-5", "--max-mb must be a positive number of megabytes"),
@@ -216,6 +217,23 @@ def test_infinite_timestamps_keep_the_finite_ones_beside_them(empty_store):
     assert df["v"].to_list() == ["infinity", "2020-01-02 03:04:05.000000", "-infinity", None]
     finite = Store(empty_store).query("select '2020-01-02'::TIMESTAMP as v, '2020-01-02'::DATE d")
     assert finite.schema == {"v": pl.Datetime("us"), "d": pl.Date}
+
+
+def test_128_bit_integers_are_exact_or_refused(empty_store):
+    """sum() of BIGINT is a HUGEINT: exact as a 38-digit decimal, and a 39-digit value (which the
+    conversion would round) refused in one line naming the cast, never shown rounded."""
+    store = Store(empty_store)
+    big = "99999999999999999999999999999999999999"
+    df = store.query(f"select {big}::HUGEINT as v, sum(i) as s from range(10) t(i)")
+    assert str(df["v"].item()) == big and int(df["s"].item()) == 45
+    res = CliRunner().invoke(
+        main, ["sql", str(empty_store), "select 170141183460469231731687303715884105727::HUGEINT"]
+    )
+    line = refusal(res, 2)
+    assert "Could not cast value 170141183460469231731687303715884105727" in line
+    assert "::VARCHAR" in line
+    shown = store.query("select 170141183460469231731687303715884105727::HUGEINT::VARCHAR v")
+    assert shown["v"].item() == "170141183460469231731687303715884105727"
 
 
 def test_plain_types_keep_their_types(empty_store):

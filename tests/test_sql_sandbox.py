@@ -157,6 +157,26 @@ def test_the_sandbox_has_a_private_temp_directory_outside_the_store(empty_store)
     for text in [f"SELECT * FROM glob('{named}/*')", f"SELECT * FROM read_text('{named}/x')"]:
         with pytest.raises(UsageError, match="reads only the catalog"):
             store.sql(text)
+    # A statement's own (private) directory is reachable while it runs; a missing file there is
+    # the statement's error, never damage of the catalog.
+    with pytest.raises(UsageError, match="SQL error: IO Error: No files found") as refused:
+        store.sql("SELECT * FROM read_csv(current_setting('temp_directory') || '/nope.csv')")
+    assert "damaged" not in str(refused.value)
+
+
+def test_a_temp_directory_inside_the_store_is_refused(empty_store, monkeypatch):
+    """TMPDIR pointing into the store would put the sandbox's directory there: refused, and
+    nothing is left behind in the store."""
+    import tempfile
+
+    from actstore.core.errors import ActstoreError
+    from actstore.core.store import Store
+
+    before = snapshot(empty_store)
+    monkeypatch.setattr(tempfile, "tempdir", str(empty_store))
+    with pytest.raises(ActstoreError, match="inside the store .*point TMPDIR outside it"):
+        Store(empty_store).sql("SELECT 1")
+    assert snapshot(empty_store) == before and not list(empty_store.glob("actstore-sql-*"))
 
 
 def _spilling(store: Path, tmpdir: Path) -> subprocess.Popen:

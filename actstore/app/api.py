@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from actstore.core.store import Store
@@ -22,6 +23,24 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self.path, **kwargs)
+
+    def read(
+        self,
+        run_id: int,
+        side: str,
+        hook: str,
+        start: int = 0,
+        stop: int | None = None,
+        derive: bool = False,
+    ) -> np.ndarray:
+        """Activations of prompts [start, stop), every chunk verified; with `derive`, a hook the
+        run derives on read (the default hooks store a lean set) is computed from the stored
+        ones with the run's model, as the queries do (float32)."""
+        if derive and self.derives(run_id, side, hook):
+            from queries.core.reader import DerivedArray
+
+            return DerivedArray(self, run_id, side, hook)[start:stop]
+        return super().read(run_id, side, hook, start, stop)
 
     def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
         """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""

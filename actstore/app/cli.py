@@ -49,15 +49,14 @@ SCHEDULER = click.option(
 
 
 def sql_limits(fn):
-    """What one user SQL statement may cost (actstore.sandbox): `sql` and `export` take these."""
-    from actstore.core import sandbox
-
+    """What one user SQL statement may cost (actstore.core.sandbox): `sql` and `export` take
+    these."""
     options = [
-        click.option("--timeout", type=float, default=sandbox.TIMEOUT_S,
+        click.option("--timeout", type=float, default=choices.SQL_TIMEOUT_S,
                      show_default=True, help="Stop the statement after this many seconds."),
-        click.option("--max-rows", type=int, default=sandbox.MAX_ROWS, show_default=True,
+        click.option("--max-rows", type=int, default=choices.SQL_MAX_ROWS, show_default=True,
                      help="Refuse a result of more rows."),
-        click.option("--max-mb", type=int, default=sandbox.MAX_MB, show_default=True,
+        click.option("--max-mb", type=int, default=choices.SQL_MAX_MB, show_default=True,
                      help="Memory for the statement, and for its result, in MB."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -188,7 +187,7 @@ def ingest(store: str, **kwargs) -> None:
     from ingest.preflight import check_ingest
 
     checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks")  # fmt: skip
+               "hooks", "restart", "again")  # fmt: skip
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     scale = ("workers", "scheduler", "arrays_url", "shard")
     check_scale_options(store, **{k: kwargs[k] for k in scale})
@@ -374,7 +373,10 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
+@click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K largest |score| rows (all are stored).",
+)  # fmt: skip
 @DEVICE
 @WORKERS
 @SCHEDULER

@@ -23,9 +23,10 @@ import duckdb
 
 from actstore.core.attachments import ATTACHMENTS
 from actstore.core.errors import ActstoreError
+from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -116,7 +117,11 @@ MIGRATIONS: list[list[str]] = [
             run_id INTEGER, prompt_idx INTEGER, role VARCHAR, pos INTEGER,
             PRIMARY KEY (run_id, prompt_idx, role))""",
     ],
-    # Version 5: path patching (queries/paths): one row per sender, receiver (its input letter
+    # Version 5: each array's metadata document (its `zarr.json`, actstore.core.arrays), so that an
+    # edited one is refused on read and restored by repair; older rows get theirs from their
+    # shape, chunks and dtype as the migration runs (`fill_array_metadata`).
+    ["ALTER TABLE arrays ADD COLUMN metadata VARCHAR"],
+    # Version 6: path patching (queries/paths): one row per sender, receiver (its input letter
     # in qkv for heads) and role (NULL: the sender changed at every position).
     [
         """CREATE TABLE path_effects (
@@ -250,6 +255,12 @@ class Catalog:
         scratch = Path(tempfile.mkdtemp(prefix="actstore-sql-"))
         config = {"temp_directory": str(scratch), "memory_limit": f"{int(memory_mb)}MB"}
         try:
+            inside = store_containing(scratch)
+            if inside is not None:
+                raise ActstoreError(
+                    f"the temporary directory {scratch.parent} is inside the store {inside}, "
+                    "where user SQL may not write; point TMPDIR outside it"
+                )
             with ATTACHMENTS.apart(self.path), self._opened_alone(config) as con:
                 yield con
         finally:
@@ -385,6 +396,8 @@ class Catalog:
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 con.execute(statement)
+        if 0 < current < 5:
+            fill_array_metadata(con)
         create_views(con)
         con.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -419,3 +432,22 @@ class Catalog:
                 f"({SCHEMA_VERSION}); upgrade actstore"
             )
         return current
+
+
+def fill_array_metadata(con: duckdb.DuckDBPyConnection) -> None:
+    """Record the metadata document of every array recorded before version 5, from the shape,
+    chunks and dtype its row holds (never from the file, which may have been edited since)."""
+    from actstore.core import arrays as zarrays
+
+    rows = con.execute(
+        "SELECT run_id, side, hook, shape, chunks, dtype, codec FROM arrays WHERE metadata IS NULL"
+    ).fetchall()
+    names = ("run_id", "side", "hook", "shape", "chunks", "dtype", "codec")
+    for values in rows:
+        row = dict(zip(names, values, strict=True))
+        document = zarrays.expected_metadata(row)
+        if document is not None:
+            con.execute(
+                "UPDATE arrays SET metadata = ? WHERE run_id = ? AND side = ? AND hook = ?",
+                [document, row["run_id"], row["side"], row["hook"]],
+            )

@@ -19,25 +19,27 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from actstore.core import choices
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.verified import first_line
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
-# Defaults of `--timeout`, `--max-rows` and `--max-mb` (documented in docs/reliability.md). The
-# timeout stays under the writer's wait for readers (catalog.WRITE_WAIT_S, 120 s), so that a
-# statement left running never makes a concurrent ingest fail.
-TIMEOUT_S = 60.0
-MAX_ROWS = 5_000_000
-MAX_MB = 2048
+# Defaults of `--timeout`, `--max-rows` and `--max-mb` (documented in docs/reliability.md).
+TIMEOUT_S, MAX_ROWS, MAX_MB = choices.SQL_TIMEOUT_S, choices.SQL_MAX_ROWS, choices.SQL_MAX_MB
+LONGEST_TIMEOUT_S = 7 * 24 * 3600  # a timer beyond the platform's time_t fails in its thread
 BATCH_ROWS = 1 << 17
 
 # DuckDB types that polars holds and every output format writes as they are. The rest (INTERVAL,
 # BLOB, BIT, BIGNUM, UNION, MAP, TIME WITH TIME ZONE, GEOMETRY, VARIANT, …) come out as DuckDB's
 # own text for them; nested types keep their shape only when all they hold is plain.
 PLAIN = {
-    "boolean", "tinyint", "smallint", "integer", "bigint", "hugeint", "utinyint", "usmallint",
-    "uinteger", "ubigint", "uhugeint", "float", "double", "decimal", "varchar", "uuid", "enum",
+    "boolean", "tinyint", "smallint", "integer", "bigint", "utinyint", "usmallint", "uinteger",
+    "ubigint", "float", "double", "decimal", "varchar", "uuid", "enum",
 }  # fmt: skip
+# 128-bit integers (what sum() of BIGINT gives) reach polars as DECIMAL(38,0), which silently
+# rounds a 39-digit value: cast so that one is refused in one line instead.
+HUGE = {"hugeint", "uhugeint"}
+TOO_HUGE = "to DECIMAL(38,0)"
 # Dates and timestamps stay typed; their infinities, which polars cannot hold, become text.
 TEMPORAL = {"date", "time", "timestamp", "timestamp_ms", "timestamp_ns", "timestamp with time zone"}
 NESTED = {"list", "array", "struct"}
@@ -65,11 +67,13 @@ class Limits:
                 raise UsageError(f"{flag} must be a number of {unit}, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise UsageError(f"{flag} must be a positive number of {unit}, got {value}")
+        if self.timeout_s > LONGEST_TIMEOUT_S:
+            raise UsageError(
+                f"--timeout must be at most {LONGEST_TIMEOUT_S} seconds (a week), got "
+                f"{self.timeout_s:g}"
+            )
         if self.max_mb < 16:
             raise UsageError(f"--max-mb must be at least 16 (DuckDB needs it), got {self.max_mb}")
-
-    def duckdb_config(self) -> dict[str, str]:
-        return {"memory_limit": f"{int(self.max_mb)}MB"}
 
 
 def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -139,7 +143,8 @@ def run(
     except (duckdb.InternalException, duckdb.SerializationException, duckdb.FatalException):
         raise
     except duckdb.Error as exc:
-        raise UsageError(f"SQL error: {first_line(exc)}") from None
+        hint = "; cast the column to text (column::VARCHAR)" if TOO_HUGE in str(exc) else ""
+        raise UsageError(f"SQL error: {first_line(exc)}{hint}") from None
     finally:
         timer.cancel()
         # A relation keeps its DuckDB instance alive, and an exception's traceback keeps this
@@ -205,12 +210,15 @@ def _plain(t: duckdb.typing.DuckDBPyType, temporal: bool) -> bool:
 
 def _renderable(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
     """Columns of types polars cannot hold (or would alter) as DuckDB's text for them; seconds
-    timestamps as microseconds (Arrow's seconds unit loses their infinities)."""
+    timestamps as microseconds (Arrow's seconds unit loses their infinities); 128-bit integers
+    as the 38-digit decimals polars holds, refused beyond them."""
     exprs, changed = [], False
     for i, (name, t) in enumerate(zip(rel.columns, rel.types, strict=True), start=1):
         alias = '"' + name.replace('"', '""') + '"'
         if t.id == "timestamp_s":
             exprs.append(f"#{i}::TIMESTAMP AS {alias}")
+        elif t.id in HUGE:
+            exprs.append(f"#{i}::DECIMAL(38,0) AS {alias}")
         elif _plain(t, temporal=True):
             exprs.append(f"#{i} AS {alias}")
             continue

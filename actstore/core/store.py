@@ -33,6 +33,9 @@ from actstore.core.writes import Writes
 MANIFESTS = "manifests"
 # What a directory holds before its catalog exists: shards write arrays and manifests first.
 BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS, RECORD}
+# A transaction of a command that does not hold the writer (a query recording its result) waits
+# this long for another process's writer: two queries finishing together both record.
+TRANSACTION_WAIT_S = 30.0
 
 
 class Store:
@@ -45,6 +48,9 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
+        self._metadata: dict[int, dict[tuple[str, str], str | None]] = {}
+        # An older catalog is read as it is and migrated by the first writer (`writer()`).
+        self.outdated = False
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -59,9 +65,8 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        elif self.catalog.check_version() < SCHEMA_VERSION:
-            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
-                self.catalog.migrate()
+        else:
+            self.outdated = self.catalog.check_version() < SCHEMA_VERSION
 
     def _create(self) -> None:
         with self.writer("create store"):
@@ -75,16 +80,21 @@ class Store:
         return f"Store({str(self.path)!r})"
 
     @contextmanager
-    def writer(self, command: str | None = None) -> Iterator[Store]:
+    def writer(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
-        the one way any command takes it. Nested uses share the outermost one. Nothing is
-        written here; the command's first transaction migrates the schema."""
+        the one way any command takes it. Nested uses share the outermost one. An older catalog
+        migrates here, so that the command reads the current schema; otherwise nothing is
+        written here, and the command's first transaction brings the views up to date.
+        `wait_s`: how long to wait for another process's writer first."""
         if self.lock.held:
             yield self
             return
-        self.lock.acquire(command)
+        self.lock.acquire(command, wait_s)
         self.catalog.writing, self.catalog.current = True, False
         try:
+            if self.outdated:
+                self.catalog.migrate()
+                self.outdated = False
             yield self
         finally:
             self.catalog.writing = self.catalog.current = False
@@ -93,8 +103,9 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Writes]:
         """One catalog transaction under the writer lock (taken here when the command does not
-        hold it yet): every row written through the `Writes` lands, or none of them."""
-        with self.writer(), self.catalog.write() as con:
+        hold it yet, after waiting up to TRANSACTION_WAIT_S for another process's short write):
+        every row written through the `Writes` lands, or none of them."""
+        with self.writer(wait_s=TRANSACTION_WAIT_S), self.catalog.write() as con:
             yield Writes(con)
 
     def check_writable(self) -> None:
@@ -110,6 +121,9 @@ class Store:
                 f"catalog {self.catalog.path} is not writable; this command records its results "
                 "in the store (work on a writable copy: cp -r STORE COPY)"
             )
+        if self.outdated:  # the query reads the current schema before it records
+            with self.writer("migrate catalog"):
+                pass
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -214,16 +228,34 @@ class Store:
         """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
         run; `reload` reads the run's rows again (an ingest may have recorded more)."""
         if reload or run_id not in self._ledgers:
-            rows = self._trusted_query(
-                "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum FROM chunks "
-                "WHERE run_id = ?",
-                [run_id],
-            )
+            with self.reading():
+                rows = self._trusted_query(
+                    "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum "
+                    "FROM chunks WHERE run_id = ?",
+                    [run_id],
+                )
+                arrays = self.arrays(run_id)
             per_array: dict[tuple[str, str], Ledger] = {}
             for sd, hk, idx, lo, hi, checksum in rows.iter_rows():
                 per_array.setdefault((sd, hk), {})[int(idx)] = LedgerEntry(lo, hi, checksum)
             self._ledgers[run_id] = per_array
+            self._metadata[run_id] = {
+                (row["side"], row["hook"]): zarrays.expected_metadata(row)
+                for row in arrays.iter_rows(named=True)
+            }
+            if per_array:
+                self.check_arrays_root()
         return self._ledgers[run_id].get((side, hook), {})
+
+    def check_arrays_root(self) -> None:
+        """Refuse to read arrays under a root group whose metadata is gone or garbage (zarr
+        would open the arrays below it regardless): one line naming the repair."""
+        problem = zarrays.root_problem(self.arrays_root)
+        if problem is not None:
+            raise DamagedError(
+                f"the arrays' root group metadata {self.arrays_root.show('zarr.json')} "
+                f"{problem}; {FIX}"
+            )
 
     def array(self, run_id: int, side: str, hook: str) -> VerifiedArray:
         """The array of (run, side, hook), every chunk read checked against the ledger; a clear
@@ -233,7 +265,10 @@ class Store:
             return VerifiedArray(
                 self.arrays_root, run_id, side, hook, ledger,
                 refresh=lambda: self.ledger(run_id, side, hook, reload=True),
+                metadata=self._metadata[run_id].get((side, hook)),
             )  # fmt: skip
+        except DamagedError:
+            raise
         except Exception as exc:  # no metadata, or metadata zarr cannot read
             missing = exc
         name = zarrays.array_name(run_id, side, hook)
@@ -245,15 +280,22 @@ class Store:
         stored = self.hooks(run_id, side)
         if not stored:
             raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
-        if hook in self.run(run_id, complete=False)["params"].get("derived", []):
+        if self.derives(run_id, side, hook):
             raise UsageError(
                 f"hook {hook!r} of run {run_id} is derived on read from the hooks it stores, not "
-                f"stored: the queries compute it; to read it here, re-ingest with --hooks {hook}"
+                f"stored: compute it with the run's model by actstore.open(path).read({run_id}, "
+                f"{side!r}, {hook!r}, derive=True), or store it too by ingesting again with "
+                f"--hooks default,{hook} --again"
             )
         raise UsageError(
             f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
             f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
         )
+
+    def derives(self, run_id: int, side: str, hook: str) -> bool:
+        """Whether the run derives the hook on read (actstore.derivable) rather than stores it."""
+        derived = self.run(run_id, complete=False)["params"].get("derived", [])
+        return hook in derived and hook not in self.hooks(run_id, side)
 
     def read(
         self, run_id: int, side: str, hook: str, start: int = 0, stop: int | None = None

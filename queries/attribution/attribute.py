@@ -33,6 +33,7 @@ from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5
+MAX_STEPS = 1000
 
 
 def resolve_params(
@@ -44,8 +45,11 @@ def resolve_params(
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps {steps}: need at least 1")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UsageError(
+            f"--steps {steps}: give 1 to {MAX_STEPS} integration steps (EAP-IG converges in tens; "
+            "each step is a forward and backward pass of every batch)"
+        )
     level = level or ("node" if method == "atp" else "edge")
     check("--level", level, LEVELS)
     if method == "exact" and level != "edge":

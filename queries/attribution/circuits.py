@@ -102,6 +102,11 @@ def circuit(
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None and edges < 0:
         raise UsageError(f"--edges {edges}: need 0 or more")
+    if faithfulness is not None and not 0 < faithfulness <= 1:
+        raise UsageError(
+            f"--faithfulness {faithfulness}: give a fraction of the model's metric above 0 and at "
+            "most 1 (e.g. 0.85)"
+        )
     query, graph, values = score_graph(store, scores)
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")

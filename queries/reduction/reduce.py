@@ -55,7 +55,7 @@ def reduce(
         by = by or "grp"
     elif by is not None:
         raise UsageError(f"--by is for --op class-mean, not {op}")
-    derived = _derived(store, run, side, hook)
+    derived = store.derives(run, side, hook)
     shape = None if derived else tuple(store.array(run, side, hook).shape)
     if op == "head-norm" and (shape is None or len(shape) != 4):
         held = "derived, one vector per position" if derived else f"of shape {shape}"
@@ -76,16 +76,10 @@ def _rows(store: Store, query_id: int) -> pl.DataFrame:
     )
 
 
-def _derived(store: Store, run_id: int, side: str, hook: str) -> bool:
-    """Whether the run derives the hook on read rather than stores it."""
-    derived = store.run(run_id)["params"].get("derived", [])
-    return hook in derived and hook not in store.hooks(run_id, side)
-
-
 def _source(store: Store, run_id: int, side: str, hook: str) -> Any:
     """What Dask reads: the stored array, every chunk checked against the ledger, or the
     derived values (reading the stored chunks they come from checked the same way)."""
-    if not _derived(store, run_id, side, hook):
+    if not store.derives(run_id, side, hook):
         return store.array(run_id, side, hook)
     from queries.core.reader import DerivedArray
 

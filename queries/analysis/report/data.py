@@ -35,11 +35,20 @@ def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
 
 
 def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
-    """Each run's provenance: what was ingested, how, and the bytes it holds (`info`)."""
+    """Each run's provenance: what was ingested, how, its prompts' token lengths (`tokens`:
+    "15–19" when they differ) and the bytes it holds (`info`)."""
     extra = store._trusted_query(
-        "SELECT run_id, seed, dataset, seq_len, strftime(created_at, '%Y-%m-%d %H:%M:%S') "
-        "AS created_at FROM runs WHERE run_id IN "
-        "(SELECT unnest(?))",
+        """
+        SELECT r.run_id, r.seed, r.dataset, r.seq_len,
+               CASE WHEN p.shortest < p.longest THEN p.shortest || '–' || p.longest
+                    ELSE coalesce(p.longest, r.seq_len)::VARCHAR END AS tokens,
+               strftime(r.created_at, '%Y-%m-%d %H:%M:%S') AS created_at
+        FROM runs r LEFT JOIN (
+            SELECT run_id, min(seq_len) AS shortest, max(seq_len) AS longest
+            FROM prompts GROUP BY run_id
+        ) p USING (run_id)
+        WHERE r.run_id IN (SELECT unnest(?))
+        """,
         [runs],
     )
     return store.info().filter(pl.col("run_id").is_in(runs)).join(extra, on="run_id", how="left")
