@@ -124,7 +124,7 @@ MIGRATIONS: list[list[str]] = [
     # Version 6: path patching (queries/paths): one row per sender, receiver (its input letter
     # in qkv for heads) and role (NULL: the sender changed at every position).
     [
-        """CREATE TABLE path_effects (
+        """CREATE TABLE IF NOT EXISTS path_effects (
             query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
             metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
     ],
