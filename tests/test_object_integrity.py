@@ -129,6 +129,7 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     rerunning the failed ingest resumes it; with its data lost (the prefix emptied), rerunning
     with --restart redoes it. Either way the run completes, verifies, and equals an
     uninterrupted ingest."""
+    import s3fs
     from moto.server import ThreadedMotoServer
     from same_store import assert_same_store, single_process_store
 
@@ -163,8 +164,6 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     again.start()
     try:
         if data == "lost":
-            import s3fs
-
             s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").rm(
                 f"acts/restarted-{data}", recursive=True
             )
@@ -172,6 +171,8 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
         outcome = "resumed" if data == "kept" else "restarted"
         assert row["outcome"].item() == outcome and row["status"].item() == "complete"
         assert actstore.open(store).verify().is_empty()
+        marker = f"acts/restarted-{data}/actstore-store.json"  # written again when lost
+        assert s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").exists(marker)
         reference = single_process_store(tmp_path_factory, toy_random, "restart-ref", **params)
         assert_same_store(store, reference)
     finally:

@@ -42,6 +42,31 @@ def model_dirs(tmp_path_factory, toy_random):
     return dirs
 
 
+# Runs each command line in one fresh process, noting whether torch was imported by then.
+REFUSE = """
+import json, sys
+from click.testing import CliRunner
+from actstore.app.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(main, args)
+    out.append([r.exit_code, r.stderr, 'torch' in sys.modules])
+print(json.dumps(out))
+"""
+
+
+def refused_before_torch(commands: list[list[str]], messages: list[str]) -> None:
+    """Each command exits 2 with one line holding its message, torch never imported."""
+    res = subprocess.run([sys.executable, "-c", REFUSE, json.dumps(commands)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    results = json.loads(res.stdout)
+    for args, message, (code, stderr, torch_loaded) in zip(commands, messages, results,
+                                                           strict=True):  # fmt: skip
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, stderr)
+        assert not torch_loaded, args
+
+
 def test_ingest_options_out_of_range_are_refused_before_torch(tmp_path, model_dirs):
     """--hooks '', a resid_pre stride beyond any model, --restart with --again, a model
     directory whose weights are cut short or disagree with its config: exit 2, one line, torch
@@ -58,25 +83,8 @@ def test_ingest_options_out_of_range_are_refused_before_torch(tmp_path, model_di
         (["--model", str(model_dirs["width"]), "--task", "ioi"], "width 64, but the weights' "
          "token embedding is"),
     ]  # fmt: skip
-    code = (
-        "import json, sys\n"
-        "from click.testing import CliRunner\n"
-        "from actstore.app.cli import main\n"
-        "out = []\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    r = CliRunner().invoke(main, ['ingest', sys.argv[2], *args])\n"
-        "    out.append([r.exit_code, r.stderr, 'torch' in sys.modules])\n"
-        "print(json.dumps(out))\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([c[0] for c in cases]), str(store)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    results = json.loads(res.stdout)
-    for (args, message), (exit_code, stderr, torch_loaded) in zip(cases, results, strict=True):
-        lines = stderr.strip().splitlines()
-        assert exit_code == 2 and len(lines) == 1 and message in lines[0], (args, stderr)
-        assert not torch_loaded, args
+    refused_before_torch([["ingest", str(store), *args] for args, _ in cases],
+                         [message for _, message in cases])  # fmt: skip
     assert not store.exists()
 
 
@@ -92,24 +100,25 @@ def test_a_stride_as_long_as_the_model_is_refused_once_it_loads(tmp_path, sessio
     assert_refused(res, 2, "toy-random has 4 layers, so resid_pre/4 names none; give K from 1 to 3")
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["attribute", "--run", "1", "--method", "eap", "--top", "-1"], "-1 is not in the range"),
-        (["attribute", "--run", "1", "--method", "eap-ig", "--steps", "1000000000"],
-         "--steps 1000000000: give 1 to 1000"),
-        (["circuit", "--scores", "1", "--faithfulness", "-0.5"], "--faithfulness -0.5: give"),
-        (["circuit", "--scores", "1", "--faithfulness", "1.5"], "--faithfulness 1.5: give"),
-        (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--direction", "das",
-          "--lr", "nan"], "--lr nan: give a positive learning rate"),
-        (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--direction",
-          "mean-diff", "--k", "1000"], "--k 1000: blocks.1.hook_resid_pre has 64 dimensions"),
-        (["subspace", "--run", "1", "--hook", "blocks.1.attn.hook_z", "--head", "0",
-          "--direction", "das", "--k", "17"], "blocks.1.attn.hook_z has 16 dimensions"),
-    ],
-)  # fmt: skip
-def test_query_options_out_of_range_are_refused_before_any_work(ioi_store, args, message):
+QUERY_CASES = [
+    (["attribute", "--run", "1", "--method", "eap", "--top", "-1"], "-1 is not in the range"),
+    (["attribute", "--run", "1", "--method", "eap-ig", "--steps", "1000000000"],
+     "--steps 1000000000: give 1 to 1000"),
+    (["circuit", "--scores", "1", "--faithfulness", "-0.5"], "--faithfulness -0.5: give"),
+    (["circuit", "--scores", "1", "--faithfulness", "1.5"], "--faithfulness 1.5: give"),
+    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--basis", "das",
+      "--lr", "nan"], "--lr nan: give a positive learning rate"),
+    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--basis",
+      "mean-diff", "--k", "1000"], "--k 1000: blocks.1.hook_resid_pre has 64 dimensions"),
+    (["subspace", "--run", "1", "--hook", "blocks.1.attn.hook_z", "--head", "0",
+      "--basis", "das", "--k", "17"], "blocks.1.attn.hook_z has 16 dimensions"),
+]  # fmt: skip
+
+
+def test_query_options_out_of_range_are_refused_before_torch(ioi_store):
+    """attribute, circuit and subspace refuse these before the model loads (torch not
+    imported), in one line, the store as it was."""
     before = snapshot(ioi_store)
-    res = CliRunner().invoke(main, [args[0], str(ioi_store), *args[1:]])
-    assert_refused(res, 2, message)
+    refused_before_torch([[args[0], str(ioi_store), *args[1:]] for args, _ in QUERY_CASES],
+                         [message for _, message in QUERY_CASES])  # fmt: skip
     assert snapshot(ioi_store) == before

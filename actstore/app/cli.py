@@ -46,6 +46,17 @@ WORKERS = click.option(
 SCHEDULER = click.option(
     "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
 )
+# One --recompute for every query verb: asked again, the query is computed and recorded
+# afresh, and the views and the report show the newest per setting (view current_queries).
+RECOMPUTE = click.option(
+    "--recompute", is_flag=True,
+    help="Compute again even if asked before; the new query supersedes the old.",
+)  # fmt: skip
+# One --top for the verbs that print ranked rows: the K most important, all of them stored.
+TOP = click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K most important rows (all are stored).",
+)  # fmt: skip
 
 
 def sql_limits(fn):
@@ -292,6 +303,17 @@ def export(
         click.echo(f"wrote {df.height} rows to {output}", err=True)
 
 
+def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """subspace's --direction is the patching direction, as on every verb; the subspace itself
+    was once given there: point a basis to --basis."""
+    if value not in choices.DIRECTIONS:
+        raise click.BadParameter(
+            f"{value!r}: --direction is {'|'.join(choices.DIRECTIONS)} (which run is patched "
+            "into which); give the subspace to patch as --basis FILE|mean-diff|das"
+        )
+    return value
+
+
 @main.command()
 @click.argument("store")
 @RUN
@@ -299,7 +321,7 @@ def export(
     "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
 )
 @click.option(
-    "--direction",
+    "--basis",
     required=True,
     help="Subspace to patch: a .npy file (d,) or (k, d), mean-diff or das.",
 )
@@ -314,8 +336,8 @@ def export(
     show_default=True,
 )
 @click.option(
-    "--patch-direction", "mode", type=click.Choice(choices.DIRECTIONS), default="denoise",
-    show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
+    "--direction", default="denoise", show_default=True, callback=_patch_direction,
+    help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
 @click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
@@ -331,9 +353,10 @@ def export(
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@RECOMPUTE
 @DEVICE
 @FORMAT
-def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
 
     Reports the effect of patching v, of its rowspace and nullspace parts under the map that
@@ -342,12 +365,12 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
 
     \b
     Example:
-      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
-      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
+      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --basis das --pos final
+      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --basis v.npy
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run, hook, direction, **kwargs)
+    rows = _open(store).subspace(run, hook, basis, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
     from queries.analysis.lookups import illusion_verdict
@@ -373,10 +396,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option(
-    "--top", type=click.IntRange(min=0),
-    help="Print only the K largest |score| rows (all are stored).",
-)  # fmt: skip
+@TOP
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -417,6 +438,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
     show_default=True, help="Dask's local threads, or a cluster at --address.",
 )  # fmt: skip
 @click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@RECOMPUTE
 @FORMAT
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
@@ -654,6 +676,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -695,13 +718,14 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
-@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@RECOMPUTE
+@TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @WORKERS
 @SCHEDULER
 @FORMAT
-def patch(store: str, run: int, fmt: str, **kwargs) -> None:
+def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
     Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
@@ -714,8 +738,12 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
+      actstore patch /tmp/s --run 1 --component head --top 5
     """
-    write_rows(_open(store).patch(run, **kwargs), fmt)
+    rows = _open(store).patch(run, **kwargs)
+    if top is not None:
+        rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
+    write_rows(rows.head(top) if top is not None else rows, fmt)
 
 
 @main.command()

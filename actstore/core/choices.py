@@ -17,7 +17,7 @@ ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 # Edge scores: gradient estimates, and `exact`, every edge patched alone (what they estimate).
 METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations", "exact")
 LEVELS = ("node", "edge")
-SOURCES = ("mean-diff", "das")  # subspace directions learned from the run (else a file)
+SOURCES = ("mean-diff", "das")  # subspace bases learned from the run (else a file)
 SETS = ("head", "edge")  # what an overlap compares
 PLOTS = ("effects", "overlap", "faithfulness")
 OPS = ("mean", "class-mean", "head-norm")

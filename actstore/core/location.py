@@ -173,10 +173,11 @@ def normal_url(url: str) -> str:
 
 def record_arrays_url(store_dir: Path, url: str | None) -> None:
     """Record where a new store's arrays go, before anything is written there, and claim the
-    prefix for this store (`claim_prefix`). The record is created once, whoever else (a
-    concurrent shard) tries; a record from before claims gets its claim now."""
+    prefix for this store (`claim_prefix`; a lost marker is written again). The record is
+    created once, whoever else (a concurrent shard) tries; a record from before claims gets its
+    claim now."""
     record = _record(store_dir)
-    if url is None and (record is None or "claim" in record):
+    if url is None and record is None:
         return
     if record is None:
         store_dir.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,7 @@ def attribute(
     progress: bool | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc.
 
@@ -107,7 +108,7 @@ def attribute(
         return {"edge_scores": frame}
 
     return recorded(store, "attribute", run, params, compute,
-                    lambda score_id: stored_scores(store, score_id))  # fmt: skip
+                    lambda score_id: stored_scores(store, score_id), recompute)  # fmt: skip
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:
