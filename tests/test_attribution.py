@@ -258,7 +258,7 @@ def test_cli_attribute_and_circuit(setup):
 
 def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):
     """Every edge patched alone by the engine's downstream-only batches equals one hooked
-    TransformerLens forward per edge (tests/edge_reference.py), on two edges into every
+    TransformerLens forward per edge (tests/support/edge_reference.py), on two edges into every
     destination input."""
     store, adapter, data = setup
     sid = int(attribute(store, 1, "exact")["score_id"][0])
