@@ -173,7 +173,8 @@ def test_heatmaps_share_one_signed_scale_per_metric_and_direction(hand_store, tm
               if k.startswith("patch-")}  # fmt: skip
     top = store.sql(
         "select max(abs(normalized)) from patch_effects join queries using (query_id) "
-        "where queries.run_id in (1, 2, 3) and json_extract_string(params, '$.direction') = 'denoise' "
+        "where queries.run_id in (1, 2, 3) "
+        "and json_extract_string(params, '$.direction') = 'denoise' "
         "and json_extract_string(params, '$.metric') = 'logit-diff'"
     ).item()
     assert top == pytest.approx(0.95)
