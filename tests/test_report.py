@@ -150,6 +150,23 @@ def test_report_runs_table_and_title(tmp_path):
     assert cells[3][7] == "pairs.csv" and cells[1][7] == "task generator"
 
 
+def test_report_warns_of_sets_too_small_to_compare(hand_store, tmp_path):
+    """Sets of 2 heads are compared, with the warning above the table; sets of 3 are not
+    warned about; every matrix's title states k and the universe."""
+    path, _ = hand_store
+    store = actstore.open(str(path))
+    small, enough = tmp_path / "small.html", tmp_path / "enough.html"
+    store.report(str(small), runs=[1, 2], top_k=2, edge_top_k=4)
+    store.report(str(enough), runs=[1, 2], top_k=3, edge_top_k=4)
+    html = small.read_text()
+    assert "warning: sets of fewer than 3 heads (run 1 has 2, run 2 has 2)" in html
+    assert "warning: sets of fewer than" not in enough.read_text()
+    titles = [spec["title"]["text"] for key, spec in page_charts(html).items()
+              if key.startswith("overlap-")]  # fmt: skip
+    assert titles == ["top 2 heads: sets of k = 2 heads of 12",
+                      "top 4 edges: sets of k = 4 edges of 10"]  # fmt: skip
+
+
 def page_charts(html: str) -> dict[str, dict]:
     """The Vega-Lite specifications the page draws, by element id."""
     found = re.search(r"const charts = (\{.*?\});\nconst options", html, re.S)
