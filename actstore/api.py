@@ -113,12 +113,15 @@ class ActStore(Store):
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        metric: str | None = None,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N or smallest reaching a faithfulness); with
-        `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
+        """A circuit from an edge score set (top-N or smallest reaching a faithfulness), its
+        faithfulness in the scores' metric or `metric`; with `workers` or `scheduler` its
+        faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
-        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
+        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
+                       metric)  # fmt: skip
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

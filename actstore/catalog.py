@@ -23,7 +23,7 @@ from actstore.attachments import ATTACHMENTS
 from actstore.errors import ActstoreError
 from actstore.views import create_views, views_hash
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -114,6 +114,9 @@ MIGRATIONS: list[list[str]] = [
             run_id INTEGER, prompt_idx INTEGER, role VARCHAR, pos INTEGER,
             PRIMARY KEY (run_id, prompt_idx, role))""",
     ],
+    # Version 5: a position-resolved effect patched by role names the role (its `pos` is the
+    # role's one position where every prompt has it there, else NULL).
+    ["ALTER TABLE effects ADD COLUMN role VARCHAR"],
 ]
 
 

@@ -283,7 +283,11 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 @click.option(
     "--head", type=int, help="Head of an attn.hook_z site (default: all heads' z concatenated)."
 )
-@click.option("--pos", default="all", show_default=True, help="all (real positions), final, or N.")
+@click.option(
+    "--pos", default="all", show_default=True,
+    help="all (real positions), final, roles (IO,S2: each prompt's own positions), or N "
+    "where every prompt has one length.",
+)  # fmt: skip
 @click.option(
     "--metric",
     type=click.Choice(choices.METRICS),
@@ -612,6 +616,10 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS),
+    help="Measure faithfulness in this metric (e.g. accuracy) [default: the scores' metric].",
+)  # fmt: skip
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -627,6 +635,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
       actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
+      actstore circuit /tmp/s --scores 1 --edges 200 --metric accuracy
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
     """
     write_rows(_open(store).circuit(**kwargs), fmt)
@@ -653,6 +662,11 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
+@click.option(
+    "--positions",
+    help="Roles (IO,S2,END) or, where every prompt has one length, position numbers "
+    "[default: every role; every position of a one-length run].",
+)
 @click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
@@ -662,7 +676,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 def patch(store: str, run: int, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
-    Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
+    Prints effects(query_id, layer, head, pos, role, metric, value, normalized) and importance:
     value is the patched run's metric averaged over prompts, normalized is
     (value - m_corrupted) / (m_clean - m_corrupted), importance is |normalized| (denoise) or
     |1 - normalized| (noise), what rankings use. A repeated query is read from the store.
@@ -672,6 +686,7 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
+      actstore patch /tmp/s --run 1 --component resid --positions IO,S1,S2,END
     """
     write_rows(_open(store).patch(run, **kwargs), fmt)
 

@@ -45,7 +45,7 @@ VIEWS: dict[str, str] = {
                {_param("q.params", "component")} AS component, e.metric,
                {_param("q.params", "direction")} AS direction,
                TRY_CAST({_param("q.params", "window")} AS INTEGER) AS window_size,
-               e.layer, e.head, e.pos,
+               e.layer, e.head, e.pos, e.role,
                CASE WHEN e.head IS NOT NULL THEN {HEAD_NODE.format(layer="e.layer", head="e.head")}
                     WHEN {_param("q.params", "component")} = 'mlp-out' THEN 'm' || e.layer
                END AS node,
@@ -64,6 +64,7 @@ VIEWS: dict[str, str] = {
             SELECT query_id, run_id, model, task, corruption, component, metric, direction,
                    window_size, layer, head, node,
                    arg_max(pos, importance) AS pos,
+                   arg_max(role, importance) AS role,
                    arg_max(value, importance) AS value,
                    arg_max(normalized, importance) AS normalized,
                    max(importance) AS importance

@@ -21,7 +21,7 @@ import pytest
 import torch
 from edge_reference import eap_scores, hooked_circuit_metric
 from families import FAMILIES, random_model, save, split_input_twin
-from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
+from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
 
 import actstore
 from actstore.architecture import Architecture
@@ -31,7 +31,7 @@ from actstore.store import Store
 from ingest.hooks import resolve_hooks
 from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
-from queries.patching import check_spec, compute_effects
+from queries.patching import compute_effects
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,7 @@ def test_fast_paths_equal_full_forward(fam):
     shortest = int(store.prompts(1)["seq_len"].min())
     for component in ("head", "head-pos", "resid", "attn-out", "mlp-out"):
         positions = None if component == "head" else [1, shortest - 1, seq - 1]
-        spec = check_spec(store, 1, component, "kl", "denoise", 2, positions)
+        spec = absolute_spec(component, "kl", "denoise", 2, positions)
         frames = {e: compute_effects(store, 1, spec, fam.model, engine=e, batch_size=4)[0]
                   for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
         ref = frames["full-forward"]["value"].to_numpy()

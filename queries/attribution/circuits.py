@@ -29,6 +29,7 @@ from actstore.errors import ActstoreError, UsageError
 from actstore.results import query_params
 from actstore.store import Store
 from queries.attribution.graph import Graph
+from queries.choices import METRICS, check
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
@@ -91,8 +92,12 @@ def circuit(
     device: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    metric: str | None = None,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
+
+    Faithfulness is measured in the score set's metric, or in `metric` (e.g. accuracy, which
+    attribution cannot score by, being without gradients).
 
     With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
     Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
@@ -106,12 +111,16 @@ def circuit(
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
+    if metric is not None:
+        check("--metric", metric, METRICS)
+        if metric != query["params"]["metric"]:  # the scores' own metric keeps the old identity
+            params["metric"] = metric
+    metric = metric or query["params"]["metric"]
     run = query["run_id"]
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.evaluate import Evaluator
 
-        metric = query["params"]["metric"]
         with cluster(workers, scheduler) as client:
             ev = Evaluator(store, store.run(run), metric, device, client)
             curve: dict[int, tuple[np.ndarray, float]] = {}
