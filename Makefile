@@ -71,7 +71,7 @@ format: $(STAMP)
 
 # Rerun the README's console blocks and rewrite their output in place (cog).
 readme: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cog -r -I tests README.md
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cog -r -I tests/support README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/patching.py

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from actstore.api import ActStore
+    from actstore.app.api import ActStore
 
 __version__ = "0.1.0"
 
 
 def open(path: str, create: bool = False) -> ActStore:  # noqa: A001 - mirrors the builtin
     """Open the store at `path` (create it with `create=True`)."""
-    from actstore.api import ActStore
+    from actstore.app.api import ActStore
 
     return ActStore(path, create=create)

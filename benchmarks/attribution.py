@@ -15,13 +15,13 @@ import time
 import torch
 from ioi_store import parser, temporary_ioi_store
 
-from actstore.store import Store
+from actstore.core.store import Store
 from queries.attribution import attribute
 
 
 def forward_backward_seconds(store: Store, model_name: str, device: str | None) -> float:
     """One full forward+backward over the run's clean prompts, through the bridge."""
-    from actstore.models import load_model
+    from actstore.model.adapter import load_model
 
     adapter = load_model(model_name, device)
     tokens = torch.as_tensor(store.read(1, "clean", "tokens"), dtype=torch.long)
@@ -35,7 +35,7 @@ def forward_backward_seconds(store: Store, model_name: str, device: str | None) 
 
 def compute_seconds(store: Store, model_name: str, steps: int, device: str | None) -> float:
     """EAP-IG over every edge with the model already loaded (what a warm session pays)."""
-    from actstore.models import load_model
+    from actstore.model.adapter import load_model
     from queries.attribution import resolve_params
     from queries.attribution.gradients import compute_scores
     from queries.attribution.model import EdgeModel

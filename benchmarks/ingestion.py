@@ -35,13 +35,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actstore.models import ModelAdapter  # noqa: E402
-from actstore.store import Store  # noqa: E402
+from actstore.core.store import Store  # noqa: E402
+from actstore.model.adapter import ModelAdapter  # noqa: E402
 from ingest.prompts import load_pairs, prepare  # noqa: E402
 from ingest.runner import ingest  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from actstore.store import Store
+from actstore.core.store import Store
 from ingest.runner import ingest
 
 

@@ -39,14 +39,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actstore.models import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
-from actstore.store import Store  # noqa: E402
-from queries.core import metrics  # noqa: E402
+from actstore.core.store import Store  # noqa: E402
+from actstore.model import metrics  # noqa: E402
+from actstore.model.adapter import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.core.reader import Reader, Span  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
@@ -86,7 +86,7 @@ def shaped_model(name: str) -> ModelAdapter:
     task's words plus made-up ones), so that it runs offline."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from actstore.tokenizer import SPECIAL_TOKENS, read_vocab, word_level_tokenizer
+    from actstore.model.tokenizer import SPECIAL_TOKENS, read_vocab, word_level_tokenizer
 
     settings = dict(SHAPES[name], **SPECIAL)
     words = [w for w in read_vocab(BUILTIN_DIR / "toy" / "vocab.json") if w not in SPECIAL_TOKENS]
@@ -109,9 +109,9 @@ class VerifyClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        import actstore.arrays
+        import actstore.core.arrays
 
-        for owner, name in ((actstore.arrays, "checksum"), (Store, "ledger")):
+        for owner, name in ((actstore.core.arrays, "checksum"), (Store, "ledger")):
             setattr(owner, name, self._timed(getattr(owner, name)))
 
     def _timed(self, fn):

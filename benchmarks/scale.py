@@ -28,7 +28,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 PEAK = """
 import json, resource, sys
-import actstore, dask.array, queries.analysis.reduce
+import actstore, dask.array, queries.reduction.reduce
 store = actstore.open(sys.argv[1]); hook = sys.argv[2]
 store.prompts(1)
 base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
@@ -53,9 +53,9 @@ print(json.dumps({"verify_s": verify_s, "sweep_s": sweep_s, "problems": bad.heig
 
 def _ingest(store: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     """One `actstore ingest` process, timed, and its phases from the ledger's commit times."""
-    command = [sys.executable, "-m", "actstore.cli", "ingest", str(store), "--model", args.model,
-               "--task", "ioi", "--n", str(args.n), "--batch-size", str(args.batch_size),
-               "--hooks", args.hooks, *extra]  # fmt: skip
+    command = [sys.executable, "-m", "actstore.app.cli", "ingest", str(store),
+               "--model", args.model, "--task", "ioi", "--n", str(args.n),
+               "--batch-size", str(args.batch_size), "--hooks", args.hooks, *extra]  # fmt: skip
     began = time.time()
     subprocess.run(command, env=ENV, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - began
@@ -111,7 +111,7 @@ def scaling(tmp: Path, args: argparse.Namespace) -> None:
 
 def _sweep(store: Path, extra: list[str]) -> float:
     """One `actstore patch` process computing a head-by-position sweep afresh, timed."""
-    command = [sys.executable, "-m", "actstore.cli", "patch", str(store), "--run", "1",
+    command = [sys.executable, "-m", "actstore.app.cli", "patch", str(store), "--run", "1",
                "--component", "head-pos", "--recompute", "--batch-size", "16", *extra]  # fmt: skip
     began = time.time()
     subprocess.run(command, env=ENV, check=True, stdout=subprocess.DEVNULL)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
 from ingest.tasks.base import span_tokens, word_starts
 
 CORRUPTIONS = ("str", "gaussian")

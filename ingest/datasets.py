@@ -25,7 +25,7 @@ import csv
 import json
 from pathlib import Path
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest.tasks.base import (
     PromptPair,
     RoleSpan,

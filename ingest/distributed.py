@@ -29,18 +29,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.extras import check_engine
-from actstore.location import ArraysRoot, arrays_root, check_arrays_url, local_dir
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.extras import check_engine
+from actstore.core.location import (
+    ArraysRoot,
+    arrays_root,
+    check_arrays_url,
+    check_claim,
+    check_no_lost_catalog,
+    local_dir,
+    normal_url,
+)
 from ingest.background import RECORD_EVERY_S
 
 if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
+    from actstore.model.adapter import ModelAdapter
     from ingest.batches import Shapes
     from ingest.prompts import Prepared
 
 CONNECT_TIMEOUT_S = 10
-# What a LocalCluster's workers import beside actstore.cluster.PRELOAD before they fork.
+# What a LocalCluster's workers import beside actstore.core.cluster.PRELOAD before they fork.
 WORKER_MODULES = ["ingest.batches"]
 TASK_RETRIES = 1  # an exception (a transient object-store error) reruns a task once
 Manifest = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # prompt rows, ledger rows
@@ -70,9 +78,12 @@ def check_scale_options(
     check_arrays_url(store_dir, arrays_url)
     url = arrays_url or arrays_root(store_dir).url
     if "://" in url:
-        from actstore.object_store import probe
+        from actstore.core.object_store import probe
 
         probe(url)
+        check_claim(store_dir, url)
+    if shard is None:
+        check_no_lost_catalog(store_dir, ArraysRoot(normal_url(url)))
 
 
 def check_scheduler(address: str) -> None:
@@ -160,7 +171,7 @@ def _connect(
     local = None
     try:
         if scheduler is None:
-            from actstore.cluster import local_cluster
+            from actstore.core.cluster import local_cluster
 
             local = local_cluster(workers or 1, WORKER_MODULES)
             client = Client(local)
@@ -181,10 +192,10 @@ def _connect(
 
 
 def start_forkserver(workers: int | None, scheduler: str | None) -> None:
-    """Start the process a LocalCluster's workers fork from, now (actstore/cluster.py): it
+    """Start the process a LocalCluster's workers fork from, now (actstore/core/cluster.py): it
     imports the model stack while this process imports its own and loads the model."""
     if workers is not None and scheduler is None:
-        from actstore.cluster import start_forkserver as start
+        from actstore.core.cluster import start_forkserver as start
 
         start(WORKER_MODULES)
 
@@ -255,7 +266,7 @@ def _model(spec: str, device: str | None) -> Any:
     if (spec, device) not in _MODELS:
         import torch
 
-        from actstore.models import load_model
+        from actstore.model.adapter import load_model
 
         torch.set_num_threads(1)
         _MODELS[(spec, device)] = load_model(spec, device)
@@ -268,7 +279,7 @@ def _warm(spec: str, device: str | None) -> None:
 
 def _write_batch(spec: tuple, prep: Prepared, b: int) -> Manifest:
     """Compute batch `b` of a run, write its chunks, return its prompt and ledger rows."""
-    from actstore import arrays as zarrays
+    from actstore.core import arrays as zarrays
     from ingest.batches import compute_batch, create_arrays, write_chunks
     from ingest.prompts import prompt_records
 

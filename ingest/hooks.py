@@ -1,7 +1,7 @@
 """Which activations an ingest stores: short names over layers, or TransformerLens hook names.
 
-The default set, `lean`, stores only what cannot be recomputed (actstore.derivable): z of every
-layer, the residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final
+The default set, `lean`, stores only what cannot be recomputed (actstore.model.derivable): z of
+every layer, the residual entering every RESID_EVERY-th layer from RESID_EVERY on, and the final
 residual; the rest (layer 0's residual from the tokens, the other residuals, resid_mid,
 attn_out, mlp_out, logits) is derived on read, exactly. `full` stores verbatim, besides, what
 patching and attribution read: resid_pre, resid_mid and mlp_out of every layer and the final
@@ -15,10 +15,10 @@ logits, which any set without the final residual stores (it cannot derive them).
 
 from __future__ import annotations
 
-from actstore.derivable import LOGITS
-from actstore.errors import UsageError
-from actstore.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
+from actstore.model.derivable import LOGITS
+from actstore.model.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
 
 # The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
 # whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt
@@ -29,6 +29,10 @@ LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 DEFAULT = "lean"
 # The names --hooks takes besides short names, strides and hook names.
 KEYWORDS = ("default", "lean", "full", FINAL, LOGITS)
+
+
+# More layers than any model has: a larger resid_pre/K is refused before the model loads.
+MAX_LAYERS = 10_000
 
 
 def full_hooks(model: ModelAdapter) -> tuple[str, ...]:
@@ -66,6 +70,11 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
             expanded = [LOGITS]
         elif item.startswith("resid_pre/"):
             every, n = _stride(item), model.shape.n_layers
+            if every >= n:
+                raise UsageError(
+                    f"hook {item!r}: {model.spec} has {n} layers, so resid_pre/{every} names "
+                    f"none; give K from 1 to {n - 1}"
+                )
             expanded = [hook_name("resid_pre", i) for i in range(every, n, every)]
         elif item in PER_LAYER:
             expanded = layer_hooks(item, model.shape.n_layers)
@@ -95,7 +104,7 @@ def check_hooks(spec: str | None) -> None:
 
 
 def _items(spec: str | None) -> list[str]:
-    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
+    items = [s.strip() for s in ("default" if spec is None else spec).split(",") if s.strip()]
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
     return items
@@ -116,6 +125,9 @@ def _unknown(item: str) -> UsageError:
 
 def _stride(item: str) -> int:
     every = item.split("/", 1)[1]
-    if not every.isdigit() or int(every) < 1:
-        raise UsageError(f"hook {item!r}: give resid_pre/K with K a positive integer")
+    if not every.isdigit() or len(every) > 6 or not 1 <= int(every) <= MAX_LAYERS:
+        raise UsageError(
+            f"hook {item[:40]!r}: give resid_pre/K with K a positive integer below the model's "
+            f"number of layers (at most {MAX_LAYERS})"
+        )
     return int(every)

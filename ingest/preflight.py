@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actstore.errors import UsageError
-from actstore.location import local_dir
-from actstore.models import check_device_name, check_model_spec
-from actstore.store import CATALOG, Store, check_location
+from actstore.core.errors import UsageError
+from actstore.core.location import local_dir
+from actstore.core.store import CATALOG, Store, check_location
+from actstore.model.adapter import check_device_name, check_model_spec
 from ingest.hooks import check_hooks
 
 INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER
@@ -33,9 +33,16 @@ def check_ingest(
     seed: int,
     shard: str | None,
     hooks: str | None = None,
+    restart: bool = False,
+    again: bool = False,
 ) -> None:
     """Raise a one-line error for the first argument that cannot work; `model` None skips the
     model check (an already loaded model)."""
+    if restart and again:
+        raise UsageError(
+            "give --restart or --again, not both: --restart redoes an interrupted run, --again "
+            "makes a new run beside a complete one"
+        )
     if n is not None and not 1 <= n <= INT32_MAX:
         raise UsageError(f"--n {n}: need at least one prompt (and at most {INT32_MAX})")
     if not 1 <= batch_size <= INT32_MAX:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
 from ingest.corruptions import subject_positions
 from ingest.tasks import PromptPair, get_task, validate_pairs
 from ingest.tasks.base import Tokenizes, clip, span_tokens

@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore import arrays as zarrays
-from actstore.derivable import derivable
-from actstore.errors import ActstoreError, UsageError
-from actstore.location import (
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.location import (
     ArraysRoot,
     arrays_root,
     local_dir,
     normal_url,
     record_arrays_url,
 )
-from actstore.models import ModelAdapter, load_model
-from actstore.store import CATALOG, Store
-from actstore.writes import array_records, model_record
+from actstore.core.store import CATALOG, Store
+from actstore.core.writes import array_records
+from actstore.model.adapter import ModelAdapter, load_model, model_record
+from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
@@ -97,7 +97,7 @@ def ingest(
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
     check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
-                 batch_size, device, seed, shard, hooks)  # fmt: skip
+                 batch_size, device, seed, shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
@@ -188,7 +188,7 @@ def _resumable_bytes(store: Store | None) -> int:
     """Bytes held by the arrays of interrupted runs (a resume reuses them)."""
     if store is None:
         return 0
-    runs = store.query("SELECT run_id FROM runs WHERE status <> 'complete'")
+    runs = store._trusted_query("SELECT run_id FROM runs WHERE status <> 'complete'")
     return sum(
         p.stat().st_size
         for rid in runs["run_id"].to_list()
@@ -206,7 +206,7 @@ def _size(nbytes: float) -> str:
 
 
 def _check_same_model(store: Store, adapter: ModelAdapter) -> None:
-    rows = store.query("SELECT model, fingerprint FROM models").to_dicts()
+    rows = store._trusted_query("SELECT model, fingerprint FROM models").to_dicts()
     for row in rows:
         if row["fingerprint"] != adapter.fingerprint:
             raise UsageError(
@@ -313,7 +313,7 @@ def _write_batch(
 
 def _row(store: Store, run_id: int, outcome: str) -> pl.DataFrame:
     """The run's `runs` row and what this ingest did to it."""
-    row = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    row = store._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run_id])
     return row.with_columns(pl.lit(outcome).alias("outcome"))
 
 

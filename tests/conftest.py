@@ -74,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def toy_random():
     """The toy architecture with seeded random weights."""
-    from actstore.models import load_model
+    from actstore.model.adapter import load_model
 
     return load_model("toy-random")
 
@@ -135,9 +135,19 @@ def ioi_copy(ioi_store, tmp_path):
     return shutil.copytree(ioi_store, tmp_path / "store")
 
 
+@pytest.fixture
+def empty_store(tmp_path):
+    """A store with a catalog and no runs: enough for SQL and output checks, built without a
+    model (well under a second)."""
+    from actstore.core.store import Store
+
+    return Store(tmp_path / "s", create=True).path
+
+
 @pytest.fixture(scope="session")
 def hand_store(tmp_path_factory):
-    """A store of hand-built result rows (tests/handbuilt.py): (path, ids by name). Read only."""
+    """A store of hand-built result rows (tests/support/handbuilt.py): (path, ids by name).
+    Read only."""
     import handbuilt
 
     path = tmp_path_factory.mktemp("hand") / "store"
@@ -165,7 +175,7 @@ def demo_run(tmp_path_factory):
     import io
     import time
 
-    from actstore import demo as demo_module
+    from actstore.app import demo as demo_module
 
     directory = tmp_path_factory.mktemp("demo") / "d"
     out = io.StringIO()
@@ -176,7 +186,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def forker_process():
-    """One helper process (tests/ingest_forker.py) for the session's kill, shard and
+    """One helper process (tests/support/ingest_forker.py) for the session's kill, shard and
     coordinator tests: it imports torch and loads `toy-random` once, then forks a real ingest
     (or `actstore` command) per request, so that none of them pays for that import again."""
     from ingest_forker import Forker
@@ -226,14 +236,14 @@ def s3_server():
 @pytest.fixture(scope="session")
 def dask_cluster(s3_server):
     """One LocalCluster of 2 single-threaded worker processes for the session; yields the
-    scheduler's address. The workers fork from actstore.cluster's forkserver, which has imported
-    torch and TransformerLens once (a spawned worker imports them afresh, seconds of CPU each),
-    and get the S3 server's variables through the nanny (a forkserver started before the S3
-    server would not pass them on)."""
+    scheduler's address. The workers fork from actstore.core.cluster's forkserver, which has
+    imported torch and TransformerLens once (a spawned worker imports them afresh, seconds of CPU
+    each), and get the S3 server's variables through the nanny (a forkserver started before the
+    S3 server would not pass them on)."""
     import dask
     import distributed  # noqa: F401  (loads its config first: setting a key would hide it)
 
-    from actstore.cluster import local_cluster, start_forkserver
+    from actstore.core.cluster import local_cluster, start_forkserver
     from ingest.distributed import WORKER_MODULES as INGEST
     from queries.core.sweep import WORKER_MODULES as QUERIES
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from actstore.errors import UsageError
-from actstore.roles import positions
-from actstore.store import Store
-from queries.core.metrics import AnswerSets, Targets, from_logits
+from actstore.core.errors import UsageError
+from actstore.core.roles import positions
+from actstore.core.store import Store
+from actstore.model.metrics import AnswerSets, Targets, from_logits
 
 
 def test_accuracy_compares_the_sets_probability_mass():

@@ -1,8 +1,8 @@
 """Attribution (AtP, EAP, EAP-IG) and circuits, checked against independent hooked TL forwards.
 
-The references (tests/edge_reference.py) use TransformerLens' own modules through the bridge's
-hooks (hook_z, hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in), not actstore's
-EdgeModel.
+The references (tests/support/edge_reference.py) use TransformerLens' own modules through the
+bridge's hooks (hook_z, hook_mlp_out, hook_q/k/v_input, hook_mlp_in, ln_final.hook_in), not
+actstore's EdgeModel.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 from edge_reference import eap_scores, hooked_circuit_metric, logit_diff
 
-from actstore.cli import main
-from actstore.models import BUILTIN_DIR, load_model
-from actstore.store import Store
+from actstore.app.cli import main
+from actstore.core.store import Store
+from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
 from queries.attribution.batches import iter_batches
 from queries.attribution.model import EdgeModel

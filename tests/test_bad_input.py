@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from test_cli import snapshot
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.cli import main
-from actstore.verify import failures
+from actstore.app.cli import main
+from actstore.core import arrays as zarrays
+from actstore.core.verify import failures
 
 
 def catalog_rows(path) -> dict[str, list]:
@@ -273,7 +273,7 @@ def test_cheap_checks_refuse_before_torch_is_imported(store, tmp_path):
     code = (
         "import json, sys, time\n"
         "from click.testing import CliRunner\n"
-        "from actstore.cli import main\n"
+        "from actstore.app.cli import main\n"
         "out = []\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    t = time.perf_counter()\n"
@@ -371,7 +371,7 @@ def test_the_chunk_size_is_clamped_to_the_prompts_ingested(store):
 def test_disk_full_with_the_catalog_full_too_says_the_run_stays_ingesting(store, monkeypatch):
     """The status the message names is the one recorded: when not even the rollback can be
     written, the run is left ingesting (resumable), and the message says so."""
-    from actstore.catalog import Catalog
+    from actstore.core.catalog import Catalog
 
     full = {"disk": False}
 

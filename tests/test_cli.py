@@ -11,13 +11,13 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "actstore.cli", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "actstore.app.cli", *args], capture_output=True, text=True, env=env
     )
 
 
@@ -83,7 +83,7 @@ def test_export_round_trips_through_polars(ioi_store, tmp_path, fmt):
 
 def test_read_only_commands_do_not_import_torch(ioi_store):
     code = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        "import sys; from click.testing import CliRunner; from actstore.app.cli import main; "
         f"r = CliRunner().invoke(main, ['info', {str(ioi_store)!r}]); assert r.exit_code == 0; "
         f"r = CliRunner().invoke(main, ['sql', {str(ioi_store)!r}, 'select 1']); "
         f"r = CliRunner().invoke(main, ['export', {str(ioi_store)!r}, 'runs', '-o', '-']); "

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest import datasets
 
 SETTINGS = settings(max_examples=25, deadline=None,

@@ -8,7 +8,7 @@ import json
 import pytest
 from tokenizers_for_tests import bpe_view, toy_view
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest.datasets import load_dataset
 from ingest.tasks import TaskValidationError, get_task
 

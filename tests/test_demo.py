@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from reading import read_hook
 
-from actstore import demo as demo_module
-from actstore.store import Store
+from actstore.app import demo as demo_module
+from actstore.core.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_demo_refuses_foreign_directory(tmp_path):
 def test_demo_model_option_refuses_an_unknown_model_before_any_work(tmp_path):
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     result = CliRunner().invoke(main, ["demo", str(tmp_path / "d"), "--model", "toy-nope"])
     assert result.exit_code == 2, result.output
@@ -160,7 +160,7 @@ def test_demo_runs_on_toy_llama(tmp_path):
     85% faithfulness as the stored circuit row says."""
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     directory = tmp_path / "d"
     args = ["demo", str(directory), "--model", "toy-llama", "--n", "8"]

@@ -1,8 +1,8 @@
 """Derived activations equal what the model's own forward produced, on every family.
 
 The reference is the bridge's hooked forward (`run_with_cache`) of tiny random models of every
-supported family (tests/families.py) and the toy GPT-2: a Derivation that reads only the lean
-set (z of every layer, every other residual, the final residual, tokens) must reproduce every
+supported family (tests/support/families.py) and the toy GPT-2: a Derivation that reads only the
+lean set (z of every layer, every other residual, the final residual, tokens) must reproduce every
 residual, resid_mid, attn_out, mlp_out and the final-position logits within 1e-5.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from families import FAMILIES, random_model
 
-from actstore import derivable as names
-from actstore.models import ModelAdapter, adapter_from_hf, load_model
+from actstore.model import derivable as names
+from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
 
@@ -123,7 +123,7 @@ def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
     every 2nd residual (so a derived one costs one MLP) and determines the rest; `full` stores
     them all, logits included; a set without the final residual stores the logits (it cannot
     derive them)."""
-    from actstore.hooks import layer_hooks
+    from actstore.model.hooks import layer_hooks
     from ingest.hooks import resolve_hooks
 
     n = toy_random.shape.n_layers
@@ -152,7 +152,7 @@ def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
 def _ingest(path, toy_random, hooks: str | None, dtype: str):
     """The module's Gaussian-noise IOI prompts (the same in every call) ingested with `hooks`
     in `dtype`; returns the Store."""
-    from actstore.store import Store
+    from actstore.core.store import Store
     from ingest.runner import ingest
 
     ingest(path, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
@@ -211,7 +211,7 @@ def _largest_error(lean, full, model) -> float:
 def test_lean_run_stores_less_and_derives_the_full_run(pair, toy_random):
     """Every hook of a full run (and its logits, and the noised side's input embeddings) is
     derived from a lean run of the same prompts within 1e-5; the catalog says what is derived."""
-    from actstore.errors import UsageError
+    from actstore.core.errors import UsageError
 
     _, lean, full = pair
     n = toy_random.shape.n_layers
@@ -230,6 +230,28 @@ def test_lean_run_stores_less_and_derives_the_full_run(pair, toy_random):
     with pytest.raises(UsageError, match="derived on read") as err:
         lean.read(1, "clean", names.resid_mid(1))
     assert "\n" not in str(err.value)
+
+
+def test_read_derives_a_derived_hook_when_asked(pair):
+    """`read(..., derive=True)` computes a derived hook with the run's model, equal to the full
+    run's stored one; without it the error names that call and the --hooks spelling that keeps
+    the default set (a bare hook name would store only that hook)."""
+    import actstore
+    from actstore.core.errors import UsageError
+
+    root, _, full = pair
+    lean = actstore.open(str(root / "lean"))
+    hook = names.resid_mid(1)
+    with pytest.raises(UsageError) as err:
+        lean.read(1, "clean", hook)
+    assert f"actstore.open(path).read(1, 'clean', {hook!r}, derive=True)" in str(err.value)
+    assert f"--hooks default,{hook} --again" in str(err.value)
+    got = lean.read(1, "clean", hook, 1, 5, derive=True)
+    want = full.read(1, "clean", hook, 1, 5).astype("float32")
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() / np.abs(want).max() <= TOL
+    stored = names.z(0)  # a stored hook is read as stored, derive or not
+    assert np.array_equal(lean.read(1, "clean", stored, derive=True), lean.read(1, "clean", stored))
 
 
 def test_float16_lean_run_error_against_float32(pair, tmp_path, toy_random):
@@ -272,7 +294,7 @@ def test_reduce_on_a_lean_run_equals_the_full_run(pair_copy):
     import pickle
 
     import actstore
-    from actstore.errors import UsageError
+    from actstore.core.errors import UsageError
     from queries.core.reader import DerivedArray
 
     lean, full = actstore.open(pair_copy / "lean"), actstore.open(pair_copy / "full")

@@ -128,7 +128,7 @@ def test_bad_cluster_options_are_one_line(tmp_path, options, code, message):
     store = tmp_path / "store"
     started = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "actstore.cli", "ingest", str(store), "--model", "toy-random",
+        [sys.executable, "-m", "actstore.app.cli", "ingest", str(store), "--model", "toy-random",
          "--task", "ioi", "--n", "4", *options],
         env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -18,14 +18,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from actstore.api import ActStore
-from actstore.cli import main
+from actstore.app.api import ActStore
+from actstore.app.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)
 
 # Commands with no ActStore method of their own: the documented function each one calls.
-FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.demo.demo"]}
+FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.app.demo.demo"]}
 # --repair runs ActStore.repair before ActStore.verify.
 EXTRA_METHODS = {"verify": ["repair"]}
 
@@ -148,7 +148,7 @@ OUTSIDE = re.compile(
 def test_no_notes_point_outside_the_repository():
     root = README.parent
     files = [README, root / "Makefile", root / "pyproject.toml", *root.glob("docs/*.md")]
-    for package in ("actstore", "ingest", "queries", "tests", "benchmarks"):
+    for package in ("actstore", "ingest", "queries", "tools", "tests", "benchmarks"):
         files += (root / package).rglob("*.py")
     found = [
         f"{path.relative_to(root)}:{n}: {line.strip()}"

@@ -37,7 +37,7 @@ def run_cli(path_first: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(path_first)}  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-m", "actstore.cli", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "actstore.app.cli", *args], capture_output=True, text=True, env=env
     )
 
 

@@ -6,11 +6,11 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from actstore.cli import main
-from actstore.errors import UsageError
-from actstore.output import FILE_FORMATS
-from actstore.store import Store
-from actstore.views import VIEWS
+from actstore.app.cli import main
+from actstore.core.errors import UsageError
+from actstore.core.output import FILE_FORMATS
+from actstore.core.store import Store
+from actstore.core.views import VIEWS
 
 READERS = {
     "csv": pl.read_csv,

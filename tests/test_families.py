@@ -1,12 +1,12 @@
 """Every query on every supported family, on tiny random Hugging Face directories
-(tests/families.py).
+(tests/support/families.py).
 
 References, none of them actstore's engine: Hugging Face's logits; TransformerLens' `patching`
 and the bridge's hooked forward; hook-and-gradient edge scores and hooked edge patching
-(tests/edge_reference.py), run on a twin with per-head q/k/v input hooks: under grouped-query
-attention the same model with its key/value heads repeated one per query head (whose per-head
-key and value inputs are the engine's per-query-head copies, docs/attribution.md), for GPT-J the
-same function as a GPT-NeoX model.
+(tests/support/edge_reference.py), run on a twin with per-head q/k/v input hooks: under
+grouped-query attention the same model with its key/value heads repeated one per query head
+(whose per-head key and value inputs are the engine's per-query-head copies,
+docs/attribution.md), for GPT-J the same function as a GPT-NeoX model.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
 
 import actstore
-from actstore.architecture import Architecture
-from actstore.errors import UsageError
-from actstore.models import ModelAdapter, adapter_from_hf, load_model
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
+from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
+from actstore.model.architecture import Architecture
 from ingest.hooks import resolve_hooks
 from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
@@ -138,7 +138,7 @@ def test_unsupported_family_is_refused_before_any_work(tmp_path):
         load_model(str(model))
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     store = tmp_path / "store"
     result = CliRunner().invoke(

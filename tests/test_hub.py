@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from actstore import hub
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
+from actstore.model import hub
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
     "import json, sys, time\n"
     "from click.testing import CliRunner\n"
-    "from actstore.cli import main\n"
+    "from actstore.app.cli import main\n"
     "t = time.perf_counter()\n"
     "r = CliRunner().invoke(main, ['ingest', sys.argv[1], '--model', 'gpt2', '--task', 'ioi'])\n"
     "print(json.dumps([r.exit_code, r.stderr, time.perf_counter() - t, 'torch' in sys.modules]))\n"
@@ -65,7 +65,7 @@ def test_a_cached_model_loads_offline_when_the_hub_is_unreachable(tmp_path, monk
 
 
 def test_device_names_are_checked():
-    from actstore.models import check_device_name, resolve_device
+    from actstore.model.adapter import check_device_name, resolve_device
 
     for good in (None, "cpu", "cuda", "cuda:1", "auto", "mps"):
         check_device_name(good)

@@ -10,7 +10,7 @@ from test_bad_input import catalog_rows
 from test_cli import snapshot
 
 import actstore
-from actstore.cli import main
+from actstore.app.cli import main
 
 SAME = ["--model", "toy-random", "--task", "ioi", "--n", "20", "--batch-size", "8"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actstore.errors import UsageError
-from actstore.models import load_model
+from actstore.core.errors import UsageError
+from actstore.model.adapter import load_model
 
 
 def test_engine_pieces_compose_to_the_full_forward(toy_random):

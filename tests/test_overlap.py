@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from scipy.stats import hypergeom
 
 import actstore
-from actstore.cli import main
-from actstore.errors import UsageError
-from actstore.results import record_query
-from actstore.store import Store
+from actstore.app.cli import main
+from actstore.core.errors import UsageError
+from actstore.core.results import record_query
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 
@@ -116,6 +116,28 @@ def test_bad_selections():
         with pytest.raises(UsageError):
             ov.choose(**kwargs)
     assert ov.choose().top_frac == 0.02
+
+
+def test_default_sets_have_a_floor_and_say_k_and_the_universe(hand_store):
+    """2% of the hand model's 12 heads is one head, whose IoU is 0 or 1 by chance: the default
+    takes at least 4 heads (the top 4 here), and the CLI states k and the universe."""
+    path, _ = hand_store
+    store = Store(path)
+    default = ov.overlap(store, [1, 2], ov.choose())
+    top4 = ov.overlap(store, [1, 2], ov.choose(top_k=4))
+    assert default.drop("setting").equals(top4.drop("setting"))
+    assert pair(default, 1, 2)["n_a"] == 4 and pair(default, 1, 2)["universe"] == 12
+    assert ov.choose().describe() == "top 2% of heads (at least 4)"
+    assert ov.choose(by="edge").floor == 20 and ov.choose(top_frac=0.02).floor is None
+    res = CliRunner().invoke(main, ["overlap", str(path), "--runs", "1,2"])
+    assert res.exit_code == 0, res.output
+    assert "; top 2% of heads (at least 4): sets of k = 4 heads of 12" in res.stderr
+    assert "warning" not in res.stderr
+    # an explicit fraction is taken as given, and its one-head sets are flagged
+    res = CliRunner().invoke(main, ["overlap", str(path), "--runs", "1,2", "--top-frac", "0.02"])
+    assert res.exit_code == 0, res.output
+    assert "sets of k = 1 heads of 12" in res.stderr
+    assert "warning: sets of fewer than 3 heads (run 1 has 1, run 2 has 1)" in res.stderr
 
 
 def test_filter_by_metric_names_the_fix(hand_store):
@@ -259,7 +281,8 @@ def test_cli_overlap(hand_store):
     rows = json.loads(res.stdout)
     assert (
         res.stderr == "compared patch queries with component head, metric logit-diff, "
-        "direction denoise, window 1, corruption str: run 1 patch query 1, run 2 patch query 2\n"
+        "direction denoise, window 1, corruption str: run 1 patch query 1, run 2 patch query 2; "
+        "top 3 heads: sets of k = 3 heads of 12\n"
     )
     assert [(r["run_a"], r["run_b"], r["intersection"]) for r in rows] == [
         (1, 1, 3), (1, 2, 2), (2, 1, 2), (2, 2, 3),

@@ -20,9 +20,9 @@ from patching_helpers import (
     ingest_pairs_task,
 )
 
-from actstore.errors import UsageError
-from actstore.models import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names, load_model
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
+from actstore.model.adapter import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names, load_model
 from queries.patching import check_spec, compute_effects, patch
 
 N_PROMPTS = 5
@@ -173,7 +173,7 @@ def test_query_recorded_once_and_recompute(ioi_copy, toy_random):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter that logs every module it imports (-X importtime)."""
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "actstore.cli", *args],
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "actstore.app.cli", *args],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
@@ -197,7 +197,7 @@ def _without_torch(args: list[str]) -> subprocess.CompletedProcess:
     """The CLI run in process in a fresh interpreter, which fails if torch was imported; its
     stdout is the command's."""
     probe = (
-        "import sys; from click.testing import CliRunner; from actstore.cli import main; "
+        "import sys; from click.testing import CliRunner; from actstore.app.cli import main; "
         f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
         "assert 'torch' not in sys.modules, 'torch imported'; sys.stdout.write(r.stdout)"
     )
@@ -207,7 +207,7 @@ def _without_torch(args: list[str]) -> subprocess.CompletedProcess:
 def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
     """A patch query recorded once is answered by the CLI, in a fresh interpreter, from the
     store: the same rows, no torch imported."""
-    from actstore.output import write_rows
+    from actstore.core.output import write_rows
 
     frame = patch(Store(ioi_copy), 1, "mlp-out", model=toy_random)
     args = ["patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv"]

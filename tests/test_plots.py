@@ -6,13 +6,14 @@ import struct
 
 import handbuilt
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
 import actstore
-from actstore.cli import main
-from actstore.errors import ActstoreError, UsageError
-from actstore.results import record_query
+from actstore.app.cli import main
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.results import record_query
 from queries.analysis import plot as plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +76,12 @@ def test_overlap_heatmap_masks_the_diagonal_and_lists_shared_heads(hand_store, t
     labels, grid, bounds = plots.overlap_grid(df)
     assert labels == ["run 1 ioi", "run 2 colored-objects"]
     assert np.isnan(np.diag(grid)).all() and grid[0, 1] == grid[1, 0] == 0.5
-    assert bounds == (0.0, 0.5)  # the off-diagonal cells set the scale, not the diagonal's 1.0
+    assert bounds == (0.0, 1.0)
+    # what the PNG was drawn with: the IoU axes' colour limits are 0–1 whatever the largest IoU
+    # (so 0.5 is mid-scale, not the brightest colour), and the title states k and the universe
+    (matrix, *_) = plots.rendered_axes(tmp_path / "o.png")
+    assert matrix["clim"] == [0.0, 1.0]
+    assert matrix["title"].endswith("top 3 heads:\nsets of k = 3 heads of 12")
     pair = df.filter(df["run_a"] == 1, df["run_b"] == 2).row(0, named=True)
     assert pair["shared"] == ["a0.h1", "a2.h3"] and pair["intersection"] == 2
     assert "a0.h1, a2.h3" in plots._shared_text(df, labels)
@@ -128,3 +134,22 @@ def test_plot_faithfulness_without_a_curve_names_the_circuit_command(tmp_path):
     assert f"run actstore circuit {tmp_path / 'store'} --scores {fresh} --faithfulness 0.85" in str(
         exc.value
     )
+
+
+def test_faithfulness_axis_is_symlog_from_zero_with_the_empty_circuit(tmp_path):
+    """The curve's x-axis starts at 0 edges (linear up to 1, log beyond), so the 0-edge point is
+    drawn and no negative half is left empty; the limits are read back from the PNG."""
+    ids = handbuilt.build(tmp_path / "store")
+    store = actstore.open(str(tmp_path / "store"))
+    handbuilt.insert_by_name(store, "faithfulness_curve", pl.DataFrame(
+        {"score_id": [ids["scores1"]], "n_edges": [0], "faithfulness": [0.0]},
+        schema_overrides={"score_id": pl.Int32, "n_edges": pl.Int32},
+    ))  # fmt: skip
+    out = tmp_path / "f.png"
+    rows = store.plot("faithfulness", str(ids["scores1"]), str(out))
+    curve = rows.filter(rows["source"] == "curve")
+    assert curve["n_edges"].to_list() == [0, *(n for n, _ in handbuilt.CURVE)]
+    (ax,) = plots.rendered_axes(out)
+    n_scored = len(handbuilt.EDGES)
+    assert (ax["xscale"], ax["xlim"]) == ("symlog", [0.0, float(n_scored)])
+    assert ax["ylim"][0] <= 0.0 and ax["ylim"][1] >= 1.0

@@ -1,6 +1,6 @@
 """Crash safety: ingests killed with SIGKILL at random points resume to the same bits.
 
-A helper process (tests/ingest_forker.py) loads the model once and forks one real ingest
+A helper process (tests/support/ingest_forker.py) loads the model once and forks one real ingest
 process per attempt; the test SIGKILLs it after a seeded random delay, checks that what the
 killed process left is consistent (every recorded chunk matches its checksum, prompts exactly
 for the recorded batches), and reruns the same ingest until one attempt completes. The result
@@ -20,10 +20,10 @@ import pytest
 from ingest_forker import Forker
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.errors import ActstoreError
-from actstore.store import Store
-from actstore.verify import failures, verify
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError
+from actstore.core.store import Store
+from actstore.core.verify import failures, verify
 
 pytestmark = pytest.mark.slow
 

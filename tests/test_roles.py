@@ -1,6 +1,6 @@
 """Token roles: every task names its positions as the model's input holds them (BOS = 0), dataset
 files may carry them, ingest records them as `prompt_roles` rows (part of the run's parameters),
-and `actstore.roles` reads them back; stores from before roles read as END only."""
+and `actstore.core.roles` reads them back; stores from before roles read as END only."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from tokenizers_for_tests import bpe_view, toy_view
 
-from actstore.errors import UsageError
-from actstore.roles import END, positions, role_names, run_roles
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.roles import END, positions, role_names, run_roles
+from actstore.core.store import Store
 from ingest.batches import params_hash
 from ingest.datasets import load_dataset
 from ingest.prompts import role_positions
@@ -206,7 +206,7 @@ def _as_before_roles(path, version: int = 3) -> None:
 
 
 def test_a_store_from_before_roles_reads_as_end_only(ioi_store, tmp_path):
-    from actstore.catalog import SCHEMA_VERSION
+    from actstore.core.catalog import SCHEMA_VERSION
 
     path = shutil.copytree(ioi_store, tmp_path / "old")
     _as_before_roles(path, version=SCHEMA_VERSION)  # no table, and nothing to migrate
@@ -348,7 +348,7 @@ def test_role_patch_is_each_prompt_patched_at_its_own_position(ioi_store, toy_ra
 def test_role_patch_recorded_once_and_cli(ioi_copy, toy_random):
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
     from queries.patching import patch
 
     store = Store(ioi_copy)

@@ -14,8 +14,8 @@ import pytest
 from same_store import assert_same_store, single_process_store
 
 import actstore
-from actstore.errors import DamagedError
-from actstore.location import RECORD
+from actstore.core.errors import DamagedError
+from actstore.core.location import RECORD
 
 # An S3 server and Dask workers: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_ingest_to_object_storage_equals_the_local_store(s3_store, local_store, 
     assert info["stored_bytes"] > 0 and info["ratio"] > 1
 
     # rerunning is idempotent; --arrays-url may be repeated, a different one is refused
-    from actstore.errors import UsageError
+    from actstore.core.errors import UsageError
     from ingest.runner import ingest
 
     again = ingest(s3_store, model=toy_random, arrays_url="s3://acts/main", **PARAMS)
@@ -124,7 +124,7 @@ def test_verify_repair_patch_and_export_on_object_storage(
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "actstore.cli", *args],
+        [sys.executable, "-m", "actstore.app.cli", *args],
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -17,10 +17,10 @@ import pytest
 from same_store import assert_same_store, single_process_store, tables
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.errors import ActstoreError, UsageError
+from actstore.core import arrays as zarrays
+from actstore.core.errors import ActstoreError, UsageError
 from ingest.shards import parse_shard
-from queries.analysis.reduce import as_array
+from queries.reduction.reduce import as_array
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "toy-random", "--task", "ioi", "--n", "22", "--batch-size", "4",
@@ -30,7 +30,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 def _cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "actstore.cli", *args],
+        [sys.executable, "-m", "actstore.app.cli", *args],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -184,7 +184,7 @@ def test_distributed_scheduler_matches_threads(ioi_copy):
                       dashboard_address=None) as cluster:  # fmt: skip
         rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",
                             address=cluster.scheduler_address)  # fmt: skip
-    from queries.analysis.reduce import _compute
+    from queries.reduction.reduce import _compute
 
     threads = _compute(store, 1, hook, "corrupted", "class-mean", "grp", "threads", None)
     assert rows.drop("query_id").equals(threads.sort("grp", "pos", "idx"))
@@ -206,8 +206,8 @@ def test_mean_reduction_under_a_memory_limit(tmp_path, toy_random):
     assert nbytes > budget * 1.3
     env = {**ENV, "MALLOC_ARENA_MAX": "2", "POLARS_MAX_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "reduce_limited.py"), str(path), "2", "1", hook,
-         str(budget)],
+        [sys.executable, str(ROOT / "tests" / "support" / "reduce_limited.py"), str(path), "2", "1",
+         hook, str(budget)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

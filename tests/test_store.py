@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from handbuilt import version_one_store
 from reading import read_hook
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.catalog import SCHEMA_VERSION
-from actstore.errors import ActstoreError, UsageError
+from actstore.core import arrays as zarrays
+from actstore.core.catalog import SCHEMA_VERSION
+from actstore.core.errors import ActstoreError, UsageError
 
 FIXED_COLUMNS = {
     "runs": [
@@ -155,6 +156,27 @@ def test_not_a_store_and_newer_schema_are_refused(tmp_path, ioi_store):
         actstore.open(copy)
 
 
+def test_opening_an_older_store_to_read_writes_nothing(tmp_path):
+    """Reading a store an older actstore wrote leaves every byte as it was (no migration, no
+    lock file): migration waits for the writer lock of a writing command."""
+    from test_cli import snapshot
+
+    path = version_one_store(tmp_path / "old")
+    before = snapshot(path)
+    names = sorted(p.name for p in path.iterdir())
+    store = actstore.open(path)
+    assert store.info()["n_prompts"].to_list() == [2]
+    assert store.sql("select value from meta where key = 'schema_version'").item() == "1"
+    assert store.sql("select count(*) from prompts").item() == 2
+    assert snapshot(path) == before
+    assert sorted(p.name for p in path.iterdir()) == names
+    with store.writer("a writing command"):
+        assert store.prompts(1)["answers"].to_list() == [["Mary"], ["are"]]
+    assert store.sql("select value from meta where key = 'schema_version'").item() == str(
+        SCHEMA_VERSION
+    )
+
+
 def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
     store = actstore.open(ioi_store)
     row = store.sql(
@@ -175,8 +197,8 @@ def test_reads_in_a_reading_block_share_one_connection(ioi_copy, monkeypatch):
     import subprocess
     import sys
 
-    from actstore.attachments import ATTACHMENTS
-    from actstore.store import Store
+    from actstore.core.attachments import ATTACHMENTS
+    from actstore.core.store import Store
 
     store = Store(ioi_copy)
     opened = []

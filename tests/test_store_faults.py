@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from test_cli import run_cli, snapshot
 from test_writer import held_store  # noqa: F401  (a fixture: another process holds the lock)
 
-from actstore.cli import main
+from actstore.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_CAPBSET_DROP = 24
@@ -52,7 +52,7 @@ def test_verify_and_patch_on_a_store_whose_creation_stopped_before_its_arrays(
     tmp_path, session_ingest
 ):
     """Killed between creating the catalog and the arrays: nothing to verify, no run to patch."""
-    from actstore.catalog import Catalog
+    from actstore.core.catalog import Catalog
 
     path = tmp_path / "s"
     path.mkdir()
@@ -92,7 +92,7 @@ def drop_root_override() -> None:
 
 def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "actstore.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actstore.app.cli", *args], capture_output=True,
                           text=True, env=env, preexec_fn=drop_root_override)  # fmt: skip
 
 
@@ -132,3 +132,24 @@ def test_a_read_only_store_still_answers_reads_and_cached_queries(read_only):
                  ["patch", str(read_only), *PATCH], ["verify", str(read_only)]):  # fmt: skip
         res = run_unprivileged(*args)
         assert res.returncode == 0, (args, res.stderr)
+
+
+@pytest.mark.slow
+def test_an_older_store_on_a_read_only_mount_answers_info_and_sql(tmp_path):
+    """No migration on open: `info` and `sql` read a version-1 catalog that no one may write."""
+    from handbuilt import version_one_store
+
+    store = version_one_store(tmp_path / "old")
+    before = snapshot(store)
+    for p in [store, *store.rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    try:
+        info = run_unprivileged("info", str(store), "--format", "csv")
+        sql = run_unprivileged("sql", str(store), "select count(*) AS n from prompts", "--format",
+                               "csv")  # fmt: skip
+    finally:
+        for p in [store, *store.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert info.returncode == 0 and info.stdout.splitlines()[1].startswith("1,toy,ioi"), info
+    assert sql.returncode == 0 and sql.stdout.split() == ["n", "2"], sql
+    assert snapshot(store) == before

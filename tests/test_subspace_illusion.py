@@ -154,7 +154,7 @@ def test_das_learns_a_direction_that_restores_the_output():
 def test_cli_prints_the_report_and_errors_in_one_line(ioi_copy, tmp_path):
     from click.testing import CliRunner
 
-    from actstore.cli import main
+    from actstore.app.cli import main
 
     np.save(tmp_path / "v.npy", np.eye(64)[:2])
     v = str(tmp_path / "v.npy")

@@ -10,8 +10,8 @@ from patching_helpers import hooked_full_patch
 from reading import read_hook
 
 import actstore
-from actstore.errors import UsageError
-from actstore.models import builtin_names, load_model
+from actstore.core.errors import UsageError
+from actstore.model.adapter import builtin_names, load_model
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_whole_space_at_roles_patches_each_prompts_own_positions(store, toy_rand
     hooked full forward with the clean residual put in at exactly those positions."""
     import torch
 
-    from actstore.roles import positions
+    from actstore.core.roles import positions
 
     hook = "blocks.1.hook_resid_pre"
     np.save(tmp_path / "eye.npy", np.eye(toy_random.shape.d_model))
@@ -193,7 +193,7 @@ def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
     final-position residual stream entering layer 2, which the toy's name movers read to choose
     the name to copy, moves the held-out logit difference by at least half of what patching the
     full activation does. (A 1-d direction recovers 0.14-0.21 of it on this model.)"""
-    from actstore.models import BUILTIN_DIR
+    from actstore.model.adapter import BUILTIN_DIR
 
     if not (BUILTIN_DIR / name / "model.safetensors").exists():
         pytest.skip(f"{name}: trained weights are not in this checkout (they land from 'tasks')")

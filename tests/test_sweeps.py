@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import actstore
-from actstore.cli import main
-from actstore.errors import UsageError
+from actstore.app.cli import main
+from actstore.core.errors import UsageError
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow

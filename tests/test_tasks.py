@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers_for_tests import bpe_view, toy_view
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest.tasks import TASKS, TaskValidationError, get_task, toy_vocabulary, validate_pairs
 from ingest.tasks.base import is_word_level
 
@@ -115,8 +115,8 @@ def test_out_of_vocabulary_word_is_reported():
 
 
 def test_shipped_toy_vocabulary_is_the_tasks_vocabulary():
-    shipped = json.loads((ROOT / "actstore/builtin/toy/vocab.json").read_text())
-    config = json.loads((ROOT / "actstore/builtin/toy/config.json").read_text())
+    shipped = json.loads((ROOT / "actstore/model/builtin/toy/vocab.json").read_text())
+    config = json.loads((ROOT / "actstore/model/builtin/toy/config.json").read_text())
     assert shipped[:3] == ["<|bos|>", "<|pad|>", "<|unk|>"]
     assert shipped[3:] == toy_vocabulary()
     assert config["vocab_size"] == len(shipped)

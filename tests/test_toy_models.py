@@ -9,8 +9,8 @@ import pytest
 import torch
 from tokenizers_for_tests import toy_view
 
-from actstore.models import load_model
-from ingest.train_toy import THRESHOLDS, accuracy, held_out_pairs, is_held_out, train
+from actstore.model.adapter import load_model
+from tools.train_toy import THRESHOLDS, accuracy, held_out_pairs, is_held_out, train
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_training_first_steps_write_a_loadable_model(tmp_path, arch):
     assert set(acc) == set(THRESHOLDS)
     for f in ("config.json", "vocab.json", "model.safetensors", "CARD.md"):
         assert (tmp_path / f).exists(), f
-    from actstore.models import _builtin_from_dir
+    from actstore.model.adapter import _builtin_from_dir
 
     hf, tokenizer = _builtin_from_dir(tmp_path, random_seed=None)
     assert len(tokenizer.get_vocab()) == hf.config.vocab_size
@@ -94,7 +94,7 @@ def test_training_first_steps_write_a_loadable_model(tmp_path, arch):
 
 
 def test_recall_rows_score_the_word_after_the_earlier_occurrence():
-    from ingest.train_toy import RECALL_QUERIES, recall_rows
+    from tools.train_toy import RECALL_QUERIES, recall_rows
 
     words = torch.arange(3, 100)
     tokens, targets = recall_rows(64, words, 0, 1, torch.Generator().manual_seed(0))

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from test_cli import snapshot
 
 import actstore
-from actstore import arrays as zarrays
-from actstore.cli import main
+from actstore.app.cli import main
+from actstore.core import arrays as zarrays
 
 HOOK = "blocks.1.attn.hook_z"
 FINAL = "blocks.3.hook_resid_post"  # the toy's final residual, stored by every run

@@ -8,8 +8,8 @@ from pathlib import Path
 import handbuilt
 import pytest
 
-from actstore.store import Store
-from actstore.views import VIEWS
+from actstore.core.store import Store
+from actstore.core.views import VIEWS
 from queries.analysis import lookups as views
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "analysis.md"
@@ -33,7 +33,7 @@ def test_view_columns_are_documented(hand_store, view):
 
 
 def test_views_are_exported_names(hand_store):
-    from actstore.store import table_names
+    from actstore.core.store import table_names
 
     assert set(VIEWS) <= set(table_names(Store(hand_store[0])))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from ingest.tasks.base import PromptPair, Task, TaskValidationError, validate_pairs
 from ingest.tasks.capital_country import CapitalCountry
 from ingest.tasks.colored_objects import ColoredObjects

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 
 
 @dataclass(frozen=True)

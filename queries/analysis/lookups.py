@@ -1,5 +1,5 @@
-"""Query helpers over the catalog views (actstore/views.py): a query's provenance and its ranked
-heads or edges.
+"""Query helpers over the catalog views (actstore/core/views.py): a query's provenance and its
+ranked heads or edges.
 
 Every function reads SQL and returns plain values or a polars DataFrame; nothing here loads a
 model.
@@ -12,8 +12,8 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 
 ILLUSION_VERDICTS = {
     None: "not assessed (no reading map; give --reader for a residual hook)",
@@ -29,7 +29,7 @@ def illusion_verdict(flag: bool | None) -> str:
 
 def provenance(store: Store, query_id: int) -> dict[str, Any]:
     """A query's row joined with its run and model: where a number came from."""
-    rows = store.query(
+    rows = store._trusted_query(
         """
         SELECT q.query_id, q.kind, q.run_id, q.params, q.created_at, r.model, r.task,
                r.corruption, r.n_prompts, m.n_layers, m.n_heads
@@ -67,7 +67,7 @@ def top_heads(
     """A patching query's heads ranked by importance (the view's direction-independent column),
     cut to top-k or top-fraction."""
     where, params = _cut(k, frac)
-    return store.query(
+    return store._trusted_query(
         f"SELECT * FROM top_heads WHERE query_id = ? {where} ORDER BY rank", [query_id, *params]
     )
 
@@ -78,7 +78,7 @@ def top_edges(
     """An attribution score set's edges ranked by importance (|score|), cut to top-k or
     top-fraction."""
     where, params = _cut(k, frac)
-    return store.query(
+    return store._trusted_query(
         f"SELECT * FROM top_edges WHERE score_id = ? {where} ORDER BY rank", [score_id, *params]
     )
 

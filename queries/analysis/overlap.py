@@ -25,11 +25,16 @@ from dataclasses import dataclass, replace
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
-from queries.choices import SETS
+from actstore.core.choices import SETS
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 
 DEFAULT_TOP_FRAC = 0.02  # Merullo et al.'s in-circuit heads: the top 2% by effect
+# The default's smallest set: 2% of a small model's heads is one head, and the IoU of two
+# one-item sets is 0 or 1 whatever the circuits share.
+DEFAULT_FLOOR = {"head": 4, "edge": 20}
+# Below this many items a set's overlap says little; every output that shows one warns.
+FEW_ITEMS = 3
 
 
 def parse_ids(text: str, option: str = "--runs") -> list[int]:
@@ -45,12 +50,14 @@ def parse_ids(text: str, option: str = "--runs") -> list[int]:
 
 @dataclass(frozen=True)
 class Selection:
-    """How each run's set is chosen: top-k, top-fraction, or its latest circuit."""
+    """How each run's set is chosen: top-k, top-fraction (with at least `floor` items), or
+    its latest circuit."""
 
     by: str = "head"
     top_k: int | None = None
     top_frac: float | None = None
     circuits: bool = False
+    floor: int | None = None
 
     def __post_init__(self) -> None:
         if self.by not in SETS:
@@ -62,14 +69,20 @@ class Selection:
             raise UsageError(f"--top-k {self.top_k}: give a positive number of items")
         if self.top_frac is not None and not 0 < self.top_frac <= 1:
             raise UsageError(f"--top-frac {self.top_frac}: give a fraction in (0, 1], e.g. 0.02")
+        if self.floor is not None and self.top_frac is None:
+            raise UsageError("a floor on the set size applies to top-fraction sets only")
+
+    @property
+    def items(self) -> str:
+        return "heads" if self.by == "head" else "edges"
 
     def describe(self) -> str:
-        items = "heads" if self.by == "head" else "edges"
         if self.circuits:
-            return f"circuit {items}"
+            return f"circuit {self.items}"
         if self.top_k is not None:
-            return f"top {self.top_k} {items}"
-        return f"top {100 * self.top_frac:.4g}% of {items}"
+            return f"top {self.top_k} {self.items}"
+        floor = f" (at least {self.floor})" if self.floor else ""
+        return f"top {100 * self.top_frac:.4g}% of {self.items}{floor}"
 
     def members_sql(self) -> tuple[str, list]:
         """SQL yielding (source_id, item) for every source; parameters in order."""
@@ -82,9 +95,11 @@ class Selection:
             if self.by == "head"
             else ("top_edges", "score_id", "edge")
         )
-        cut, value = ("rank <= ?", self.top_k) if self.top_k is not None else (
-            "frac_rank < ?", self.top_frac)  # fmt: skip
-        return f"SELECT {key} AS source_id, {item} AS item FROM {view} WHERE {cut}", [value]
+        if self.top_k is not None:
+            cut, values = "rank <= ?", [self.top_k]
+        else:
+            cut, values = "(frac_rank < ? OR rank <= ?)", [self.top_frac, self.floor or 0]
+        return f"SELECT {key} AS source_id, {item} AS item FROM {view} WHERE {cut}", values
 
     def universe_sql(self) -> str:
         """SQL yielding (source_id, universe): the heads a patch query scored (a window of K
@@ -116,10 +131,13 @@ def choose(
     top_frac: float | None = None,
     circuits: bool = False,
 ) -> Selection:
-    """A Selection from CLI-style options; neither top-k, top-frac nor circuits: top 2%."""
+    """A Selection from CLI-style options; neither top-k, top-frac nor circuits: the top 2%,
+    and at least DEFAULT_FLOOR items (4 heads, 20 edges), so that the default never compares
+    sets too small to mean anything."""
+    floor = None
     if top_k is None and top_frac is None and not circuits:
-        top_frac = DEFAULT_TOP_FRAC
-    return Selection(by=by, top_k=top_k, top_frac=top_frac, circuits=circuits)
+        top_frac, floor = DEFAULT_TOP_FRAC, DEFAULT_FLOOR.get(by)
+    return Selection(by=by, top_k=top_k, top_frac=top_frac, circuits=circuits, floor=floor)
 
 
 # What must be identical for two sets to be compared, per kind of source, besides the run's
@@ -187,7 +205,9 @@ def _check_filters(kind: str, filters: Filters) -> None:
 
 def candidates(store: Store, kind: str, filters: Filters) -> list[dict]:
     """Every source of this kind in the store matching the filters, newest first."""
-    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC").to_dicts()
+    rows = store._trusted_query(
+        f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC"
+    ).to_dicts()
     given = filters.given()
     return [r for r in rows if all(r.get(k) == v for k, v in given.items()) and not partial(r)]
 
@@ -246,7 +266,7 @@ def _explicit(
         raise UsageError(f"--queries names the sets itself; leave out {flags}")
     if len(queries) < 2:
         raise UsageError("give at least two ids to compare, e.g. --queries 1,2")
-    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]})").to_dicts()
+    rows = store._trusted_query(f"SELECT * FROM ({SOURCES_SQL[kind]})").to_dicts()
     by_id = {r["source_id"]: r for r in rows}
     for q in queries:
         if q in by_id and partial(by_id[q]):
@@ -376,6 +396,28 @@ def overlap(
     return _pair_statistics(store, sets, selection).with_columns(pl.lit(setting).alias("setting"))
 
 
+def sizes(df: pl.DataFrame, selection: Selection) -> str:
+    """The sets' size k and their universe, shown beside every IoU: `top 4 heads: sets of
+    k = 4 heads of 16`."""
+    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
+    counts = sorted(set(diagonal["n_a"].to_list()))
+    k = str(counts[0]) if len(counts) == 1 else "–".join(map(str, (counts[0], counts[-1])))
+    return f"{selection.describe()}: sets of k = {k} {selection.items} of {df['universe'][0]}"
+
+
+def few_items(df: pl.DataFrame, selection: Selection) -> str | None:
+    """A warning when a set holds fewer than FEW_ITEMS items (its IoU is nearly all chance)."""
+    diagonal = df.filter(pl.col("run_a") == pl.col("run_b"), pl.col("n_a") < FEW_ITEMS)
+    if diagonal.is_empty():
+        return None
+    small = ", ".join(f"run {r} has {n}" for r, n in diagonal.select("run_a", "n_a").rows())
+    return (
+        f"warning: sets of fewer than {FEW_ITEMS} {selection.items} ({small}): one item more or "
+        f"less moves their IoU between 0 and 1; choose larger sets, e.g. top "
+        f"{DEFAULT_FLOOR[selection.by]} {selection.items}"
+    )
+
+
 def compared(df: pl.DataFrame) -> str:
     """One line naming the setting compared and each run's source: what the CLI prints."""
     setting = df["setting"][0]
@@ -441,7 +483,7 @@ def _pair_statistics(
 ) -> pl.DataFrame:
     """Overlap of (run_id, source_id) sets, computed in one statement."""
     ctes, params = _sets_sql(sets, selection)
-    df = store.query(f"WITH {ctes}, {PAIRS_SQL}", params)
+    df = store._trusted_query(f"WITH {ctes}, {PAIRS_SQL}", params)
     _check_universe(df, selection)
     return with_p_values(df.drop("universe_b").rename({"universe_a": "universe"}))
 
@@ -451,7 +493,7 @@ def with_shared(store: Store, df: pl.DataFrame, selection: Selection) -> pl.Data
     diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
     sets = list(diagonal.select("run_a", "source_a").iter_rows())
     ctes, params = _sets_sql(sets, selection)
-    shared = store.query(
+    shared = store._trusted_query(
         f"""
         WITH {ctes}
         SELECT sa.run_id AS run_a, sb.run_id AS run_b, list(a.item ORDER BY a.item) AS shared

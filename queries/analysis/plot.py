@@ -9,6 +9,7 @@ cropped, so that a caller (and a test) knows the image's dimensions.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.store import Store
+from actstore.core.choices import PLOTS
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.output import refuse_inside_store, write_atomically
+from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
-from queries.choices import PLOTS
 
 SIZE = (960, 720)
 DPI = 100
@@ -41,20 +43,45 @@ def _figure(size: tuple[int, int]):
     return plt, fig, ax
 
 
+AXES_KEY = "actstore:axes"  # the PNG text chunk holding the rendered axes (rendered_axes)
+
+
+def _axes_record(fig: Any) -> str:
+    """Every axes of the drawn figure as JSON: title, labels, scales, limits and the colour
+    limits of its images, so that a reader (and a test) can check what the PNG shows."""
+    fig.canvas.draw()
+    record = []
+    for ax in fig.axes:
+        images = [im.get_clim() for im in ax.get_images()]
+        record.append({
+            "title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+            "xscale": ax.get_xscale(), "yscale": ax.get_yscale(),
+            "xlim": [float(v) for v in ax.get_xlim()], "ylim": [float(v) for v in ax.get_ylim()],
+            "clim": [float(v) for v in images[0]] if images else None,
+        })  # fmt: skip
+    return json.dumps(record)
+
+
+def rendered_axes(path: str | Path) -> list[dict[str, Any]]:
+    """The axes a plot PNG was drawn with (titles, scales, limits, colour limits)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text[AXES_KEY])
+
+
 def _save(plt: Any, fig: Any, note: str, out: str | Path) -> None:
-    """Caption at the bottom, layout fitted inside the fixed canvas, written atomically."""
+    """Caption at the bottom, layout fitted inside the fixed canvas, the axes recorded in the
+    PNG (`rendered_axes`), written atomically."""
     fig.text(0.5, 0.015, note, ha="center", va="bottom", fontsize=8, wrap=True, color="0.25")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(out)
-    tmp = path.with_name(f".{path.name}.partial.png")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ActstoreError(
-            f"cannot write {out}: {exc.strerror or exc}; choose a writable path"
-        ) from None
+        write_atomically(
+            out,
+            lambda tmp: fig.savefig(
+                tmp, dpi=DPI, format="png", metadata={AXES_KEY: _axes_record(fig)}
+            ),
+        )
     finally:
         plt.close(fig)
 
@@ -113,7 +140,7 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
             f"query {query_id} is a {prov['kind']!r} query, not a patch query; plot effects "
             "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
-    df = store.query(
+    df = store._trusted_query(
         "SELECT layer, head, pos, role, metric, value, normalized, importance FROM patch_effects "
         "WHERE query_id = ? ORDER BY layer, head, pos",
         [query_id],
@@ -195,13 +222,16 @@ def plot_effects(
     return df
 
 
+IOU_BOUNDS = (0.0, 1.0)  # IoU's whole range: one colour means one IoU in every plot
+
+
 def overlap_grid(df: pl.DataFrame) -> tuple[list[str], np.ndarray, tuple[float, float]]:
-    """Labels, the IoU matrix with its trivial diagonal masked (NaN), and the colour bounds
-    that the off-diagonal cells set."""
+    """Labels, the IoU matrix with its trivial diagonal masked (NaN), and the colour bounds:
+    always 0 to 1, so that 0.3 and 0.6 never share a colour."""
     labels, iou = ov.matrix(df, "iou")
     grid = np.array([[np.nan if v is None else v for v in row] for row in iou], dtype=float)
     np.fill_diagonal(grid, np.nan)
-    return labels, grid, _bounds(grid, symmetric=False)
+    return labels, grid, IOU_BOUNDS
 
 
 def plot_overlap(
@@ -239,12 +269,13 @@ def plot_overlap(
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("set B")
     ax.set_ylabel("set A")
-    ax.set_title(f"Overlap of {selection.describe()} (IoU)")
+    what, size = ov.sizes(df, selection).split(": ", 1)
+    ax.set_title(f"Overlap (IoU) of the {what}:\n{size}")
     side.axis("off")
     side.set_title(f"shared {selection.by}s", loc="left")
     side.text(0, 1, _shared_text(df, labels), va="top", ha="left", fontsize=8, wrap=True,
               transform=side.transAxes, family="monospace")  # fmt: skip
-    models = store.query(
+    models = store._trusted_query(
         "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1",
         [df["run_a"].unique().to_list()],
     )["model"].to_list()
@@ -252,6 +283,9 @@ def plot_overlap(
         f"model {', '.join(models)} · universe {df['universe'][0]} {selection.by}s · "
         f"{ov.compared(df)}"
     )
+    warning = ov.few_items(df, selection)
+    if warning:
+        note = f"{warning}\n{note}"
     _save(plt, fig, note, out)
     return df
 
@@ -283,12 +317,12 @@ def plot_faithfulness(
     """Faithfulness against circuit size for one score set, with its stored circuits marked."""
     prov = lookups.provenance(store, score_id)
     _check_faithfulness_id(store, prov)
-    curve = store.query(
-        "SELECT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? AND n_edges > 0 "
+    curve = store._trusted_query(
+        "SELECT DISTINCT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? "
         "ORDER BY n_edges",
         [score_id],
     )
-    circuits = store.query(
+    circuits = store._trusted_query(
         "SELECT circuit_id, n_edges_stored AS n_edges, faithfulness FROM circuits_v "
         "WHERE score_id = ? ORDER BY n_edges",
         [score_id],
@@ -298,7 +332,9 @@ def plot_faithfulness(
             f"score set {score_id} has no faithfulness curve or circuits yet; run actstore "
             f"circuit {store.path} --scores {score_id} --faithfulness 0.85, then plot again"
         )
-    total = store.query("SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]).item()
+    total = store._trusted_query(
+        "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
+    ).item()
     plt, fig, ax = _figure(size)
     if not curve.is_empty():
         ax.plot(curve["n_edges"], curve["faithfulness"], marker="o", ms=3, label="top-n edges")
@@ -307,7 +343,9 @@ def plot_faithfulness(
                    label="stored circuits")  # fmt: skip
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--", label="full model (1.0)")
     ax.axhline(0.85, color="0.7", lw=0.8, ls=":", label="0.85")
+    # symlog: linear up to 1 edge so that the empty circuit (0 edges) has its place, log beyond
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(total, 1))
     ax.set_xlabel(f"edges in circuit (of {total} scored)")
     ax.set_ylabel("faithfulness  (m(C) − m(corr)) / (m(model) − m(corr))")
     ax.set_title(f"{prov['task']}: faithfulness of top-scoring edge circuits")
@@ -342,7 +380,7 @@ def _check_faithfulness_id(store: Store, prov: dict[str, Any]) -> None:
 def _edge_curve_hint(store: Store, run_id: int) -> str:
     """The next command toward a faithfulness curve of the run: plot one it has, make one
     from its newest edge score set, or score its edges."""
-    sets = store.query(
+    sets = store._trusted_query(
         """
         SELECT q.query_id, EXISTS (SELECT 1 FROM faithfulness_curve c
                                    WHERE c.score_id = q.query_id) AS has_curve
@@ -375,6 +413,7 @@ def plot(
 ) -> pl.DataFrame:
     """The `actstore plot` dispatcher: ID is a patch query id (effects), a comma-separated run
     list (overlap; sets chosen as in `actstore overlap`) or a score id (faithfulness)."""
+    refuse_inside_store(out, "-o")
     if kind == "overlap":
         runs = ov.parse_ids(ident, "ID")
         selection = ov.choose(by, top_k, top_frac, circuits)

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
-from queries.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, check
+from actstore.core.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, check
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5
+MAX_STEPS = 1000
 
 
 def resolve_params(
@@ -47,8 +48,11 @@ def resolve_params(
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps {steps}: need at least 1")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UsageError(
+            f"--steps {steps}: give 1 to {MAX_STEPS} integration steps (EAP-IG converges in tens; "
+            "each step is a forward and backward pass of every batch)"
+        )
     level = level or ("node" if method == "atp" else "edge")
     check("--level", level, LEVELS)
     return {
@@ -105,7 +109,7 @@ def attribute(
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT * FROM edge_scores WHERE score_id = ? ORDER BY abs(score) DESC, src, dst, qkv",
         [score_id],
     )

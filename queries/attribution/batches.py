@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from actstore.hooks import hook_name
-from actstore.models import ModelAdapter
-from actstore.store import Store
+from actstore.core.store import Store
+from actstore.model.adapter import ModelAdapter
+from actstore.model.hooks import hook_name
+from actstore.model.metrics import AnswerSets, Targets
 from queries.attribution.model import EdgeModel
-from queries.core.metrics import AnswerSets, Targets
 from queries.core.model import model_for_run
 from queries.core.reader import Reader, Span
 

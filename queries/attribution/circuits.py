@@ -24,12 +24,12 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from actstore.architecture import Architecture
-from actstore.errors import ActstoreError, UsageError
-from actstore.results import query_params
-from actstore.store import Store
+from actstore.core.choices import METRICS, check
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.results import query_params
+from actstore.core.store import Store
+from actstore.model.architecture import Architecture
 from queries.attribution.graph import Graph
-from queries.choices import METRICS, check
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
@@ -46,10 +46,10 @@ def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
         )
     with store.reading():
         run = store.run(query["run_id"])
-        shape = store.query(
+        shape = store._trusted_query(
             "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [run["model"]]
         )
-        rows = store.query(
+        rows = store._trusted_query(
             "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
         )
     arch = shape["architecture"][0]
@@ -107,6 +107,11 @@ def circuit(
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None and edges < 0:
         raise UsageError(f"--edges {edges}: need 0 or more")
+    if faithfulness is not None and not 0 < faithfulness <= 1:
+        raise UsageError(
+            f"--faithfulness {faithfulness}: give a fraction of the model's metric above 0 and at "
+            "most 1 (e.g. 0.85)"
+        )
     query, graph, values = score_graph(store, scores)
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
@@ -208,7 +213,7 @@ def _result_frames(
 
 
 def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT circuit_id, score_id, top_n, n_edges, faithfulness, metric, metric_value, "
         "clean_metric, corrupted_metric FROM circuits WHERE circuit_id = ?",
         [circuit_id],
@@ -216,7 +221,7 @@ def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
 
 
 def stored_curve(store: Store, circuit_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT top_n, n_edges, faithfulness, metric_value FROM faithfulness_curve "
         "WHERE circuit_id = ? ORDER BY top_n",
         [circuit_id],

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.errors import ActstoreError
-from actstore.store import Store
+from actstore.core.errors import ActstoreError
+from actstore.core.store import Store
+from actstore.model.metrics import endpoints, from_logits, normalized
 from queries.attribution.batches import check_run, edge_reader, open_run, read_batch
 from queries.attribution.model import EdgeModel
-from queries.core.metrics import endpoints, from_logits, normalized
 from queries.core.model import model_for_run
 from queries.core.reader import Reader, Span
 from queries.core.sweep import in_order

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.store import Store
+from actstore.core.store import Store
+from actstore.model.metrics import from_logits
 from queries.attribution.batches import EdgeBatch, edge_reader, open_run, read_batch
 from queries.attribution.model import EdgeModel
-from queries.core.metrics import from_logits
 from queries.core.reader import Reader, Span
 from queries.core.sweep import in_order
 

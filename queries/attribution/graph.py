@@ -38,7 +38,7 @@ class Graph:
 
     @classmethod
     def of(cls, arch: Any) -> Graph:
-        """The graph of an `actstore.architecture.Architecture`."""
+        """The graph of an `actstore.model.architecture.Architecture`."""
         return cls(arch.n_layers, arch.n_heads, arch.parallel)
 
     @classmethod

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actstore.models import ModelAdapter
+from actstore.model.adapter import ModelAdapter
 from queries.attribution.graph import Graph
 from queries.core.engine import Engine
 

@@ -2,7 +2,7 @@
 own block pieces (so every family's norms, parallel blocks and post-norms are the model's).
 
 `Derivation` holds one side of one batch: `get(hook)` returns the stored values when the run
-holds the hook and otherwise derives them (actstore.derivable has the rules), computing each
+holds the hook and otherwise derives them (actstore.model.derivable has the rules), computing each
 intermediate once:
 - the residual entering layer 0 is the embedding of the tokens (a Gaussian-noise corrupted side
   reads its stored input embeddings instead);
@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from actstore import derivable as names
-from actstore.hooks import parse_hook
+from actstore.model import derivable as names
+from actstore.model.hooks import parse_hook
 from queries.core.engine import Engine
 
 Read = Callable[[str], "torch.Tensor | None"]

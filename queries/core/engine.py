@@ -4,7 +4,7 @@ Every query computes with this engine: patching's downstream recompute
 (queries/patching/recompute.py), the edge-patchable forward of attribution and circuits
 (queries/attribution/model.py) and subspace patching's downstream runs (queries/subspace/sites.py).
 It is driven by the architecture description and the canonical weights that the model adapter
-reads (actstore.architecture), so one code path serves every supported family.
+reads (actstore.model.architecture), so one code path serves every supported family.
 
 The pieces are position-wise functions of any leading shape, plus `attend`, which takes keys and
 values at absolute positions: a recompute that starts at position s reuses the base run's keys and
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from actstore.architecture import Architecture, Norm, Weights
-from actstore.models import ModelAdapter
+from actstore.model.adapter import ModelAdapter
+from actstore.model.architecture import Architecture, Norm, Weights
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 
-from actstore.errors import ActstoreError
-from actstore.models import ModelAdapter, load_model
+from actstore.core.errors import ActstoreError
+from actstore.model.adapter import ModelAdapter, load_model
 
 
 @functools.lru_cache(maxsize=1)

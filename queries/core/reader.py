@@ -3,9 +3,9 @@
 Patching, attribution, circuits and subspace patching all read through a `Reader`: it walks the
 run's prompts in spans (the run's ingest batches by default, so memory is bounded by one span),
 and `tensor` is the single place where a stored array becomes a tensor. A hook the run stores is
-read as stored; one it does not store (a lean run: actstore.derivable) is derived from the stored
-ones with the query's engine (queries/core/derive.py), each intermediate once per span and side.
-What a query needs beyond the arrays (final positions, answers, the clean logits a metric
+read as stored; one it does not store (a lean run: actstore.model.derivable) is derived from the
+stored ones with the query's engine (queries/core/derive.py), each intermediate once per span and
+side. What a query needs beyond the arrays (final positions, answers, the clean logits a metric
 compares with) comes from the run's prompts table, read once.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.derivable import TOKENS
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
+from actstore.model.derivable import TOKENS
+from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
-from queries.core.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.model import model_for_run
 
 SIDES = ("clean", "corrupted")

@@ -1,7 +1,7 @@
 """Sums over a run's prompt batches, in this process or as tasks on dask.distributed.
 
 Patching effects, attribution scores and a circuit's faithfulness are sums over prompts. With
-`workers` (a LocalCluster of that many single-threaded processes, actstore/cluster.py) or
+`workers` (a LocalCluster of that many single-threaded processes, actstore/core/cluster.py) or
 `scheduler` (a running cluster whose workers see STORE at the same path) each batch of prompts
 becomes a Dask task, run on one torch thread, returning its partial sums. The caller adds the
 partial sums in the batches' order, whatever order the tasks finish in, so the result does not
@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from actstore.errors import ActstoreError, UsageError
-from actstore.extras import check_engine
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.extras import check_engine
 
-# What a LocalCluster's workers import beside actstore.cluster.PRELOAD before they fork.
+# What a LocalCluster's workers import beside actstore.core.cluster.PRELOAD before they fork.
 WORKER_MODULES = ["queries.core.engine", "queries.core.reader"]
 
 
@@ -41,7 +41,7 @@ def cluster(workers: int | None, scheduler: str | None) -> Iterator[Any]:
         return
     from distributed import Client
 
-    from actstore.cluster import local_cluster
+    from actstore.core.cluster import local_cluster
 
     local = None
     try:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actstore.hooks import final_hook, layer_hooks
-from queries.core.metrics import AnswerSets, Targets
+from actstore.model.hooks import final_hook, layer_hooks
+from actstore.model.metrics import AnswerSets, Targets
 from queries.core.reader import Reader, Span, sides
 
 

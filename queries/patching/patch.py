@@ -9,7 +9,7 @@ Components (rows of `effects`):
 row at l (Zhang & Nanda's sliding window); only full windows, so l runs over 0..n_layers−K.
 `layers` restricts the rows to those layers l (what TransformerLens' patching does with an
 index_df): on a large model a sweep over a few layers costs a fraction of the whole.
-Positions are roles (actstore.roles: IOI's IO, S1, S2, END, …), each patched in every prompt
+Positions are roles (actstore.core.roles: IOI's IO, S1, S2, END, …), each patched in every prompt
 wherever that prompt has it, or absolute numbers on a run whose prompts share one length
 (elsewhere a number is a different token in each prompt, and is refused). By default a run of
 one length sweeps every position, a run of several lengths every role. A role's rows carry
@@ -20,7 +20,7 @@ Directions: denoise patches the clean run's activation into the corrupted run, n
 corrupted run's into the clean run; both runs are read from the store, never recomputed.
 `value` is the metric of the patched run averaged over prompts (what TransformerLens' patching
 returns with a mean metric); `normalized` is (value − m_corrupted) / (m_clean − m_corrupted)
-for both directions, so 1 is clean-like (see queries/core/metrics.py).
+for both directions, so 1 is clean-like (see actstore/model/metrics.py).
 
 A query is recorded once (`queries` row + `effects` rows); asking it again reads the stored rows
 before torch is imported. Computation: queries/patching/recompute.py (downstream only, cached
@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.roles import choose
-from actstore.roles import positions as role_positions
-from actstore.store import Store
-from queries.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
-from queries.core.metrics import normalized
+from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
+from actstore.core.errors import UsageError
+from actstore.core.roles import choose
+from actstore.core.roles import positions as role_positions
+from actstore.core.store import Store
+from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster, in_order
 
 if TYPE_CHECKING:
-    from actstore.models import ModelAdapter
+    from actstore.model.adapter import ModelAdapter
 
 KIND = "patch"
 EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "role", "metric", "value", "normalized"]
@@ -99,7 +99,7 @@ def check_spec(
     check("--direction", direction, DIRECTIONS)
     with store.reading():
         info = store.run(run)
-        rows = store.query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
+        rows = store._trusted_query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
     n_layers = int(rows.item()) if rows.height else int(info["params"].get("n_layers", 0))
     if not 1 <= window <= n_layers:
         raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")
@@ -125,7 +125,7 @@ def check_spec(
 
 def stored_effects(store: Store, query_id: int, roles: Sequence[str] = ()) -> pl.DataFrame:
     """A recorded query's rows, roles in the order asked."""
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
         "ORDER BY layer, head NULLS FIRST, list_position(?, role), pos NULLS FIRST",
         [query_id, list(roles)],
@@ -232,7 +232,7 @@ class _Setup:
         clean and corrupted endpoints summed over the span."""
         import torch
 
-        from queries.core import metrics
+        from actstore.model import metrics
         from queries.patching.batch import read_batch
         from queries.patching.recompute import PrefixKV
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from actstore.hooks import hook_name
-from actstore.models import ModelAdapter
+from actstore.model.adapter import ModelAdapter
+from actstore.model.hooks import hook_name
 from queries.patching.batch import Batch
 from queries.patching.recompute import Group, Variant
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from actstore.errors import UsageError
-from queries.core.metrics import from_logits
+from actstore.core.errors import UsageError
+from actstore.model.metrics import from_logits
 from queries.subspace.diagnostics import PatchBatch, patch
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore.errors import UsageError
-from queries.core.metrics import AnswerSets, Targets, endpoints, from_logits, normalized
+from actstore.core.errors import UsageError
+from actstore.model.metrics import AnswerSets, Targets, endpoints, from_logits, normalized
 
 # Illusion thresholds. An effect is the shift of the normalised metric away from the unpatched
 # run (1.0 = the whole clean–corrupted gap). v is flagged when it moves the metric by at least

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore.errors import UsageError
+from actstore.core.errors import UsageError
 from queries.subspace.diagnostics import PatchBatch, orthonormal_basis
 
 

@@ -11,18 +11,20 @@ basis to `subspace_directions`.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.output import check_output_path
-from actstore.roles import choose
-from actstore.roles import positions as role_positions
-from actstore.store import Store
-from queries.choices import DIRECTIONS, GRADIENT_METRICS, METRICS, SOURCES, check
+from actstore.core.choices import DIRECTIONS, GRADIENT_METRICS, METRICS, SOURCES, check
+from actstore.core.errors import UsageError
+from actstore.core.output import check_output_path
+from actstore.core.roles import choose
+from actstore.core.roles import positions as role_positions
+from actstore.core.store import Store
+from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
 
 REPORT_COLUMNS = [
@@ -65,7 +67,7 @@ def pos_roles(pos: str) -> list[str]:
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
         "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
         [query_id],
@@ -74,7 +76,7 @@ def stored_report(store: Store, query_id: int) -> pl.DataFrame:
 
 def stored_basis(store: Store, query_id: int) -> np.ndarray:
     """The (d, k) basis a query patched along."""
-    rows = store.query(
+    rows = store._trusted_query(
         "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
     )
     return np.array(rows["vector"].to_list(), dtype=np.float64).T
@@ -106,6 +108,10 @@ def subspace(
         check_output_path(save_direction, "--save-direction")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr {lr}: give a positive learning rate (default 0.05)")
+    if epochs < 1:
+        raise UsageError(f"--epochs {epochs}: need at least one pass")
     info = store.run(run)
     pos = check_pos(store, run, str(pos))
     if direction == "das" and metric not in GRADIENT_METRICS:
@@ -127,6 +133,7 @@ def subspace(
         params["direction"] = str(path.resolve())
         params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:
+        _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
         if direction == "mean-diff":
             params["group_by"] = group_by
@@ -140,6 +147,20 @@ def subspace(
 
     return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
                     read)  # fmt: skip
+
+
+def _check_k(store: Store, run: dict, hook: str, head: int | None, k: int) -> None:
+    """Refuse, before the model loads, more dimensions than the hook's vectors have (the
+    model's widths are in the catalog); a hook the model lacks is named once it loads."""
+    parsed = parse_hook(hook)
+    rows = store._trusted_query("SELECT * FROM models WHERE model = ?", [run["model"]]).to_dicts()
+    if parsed is None or not rows:
+        return
+    m = rows[0]
+    z = m["d_head"] if head is not None else m["n_heads"] * m["d_head"]
+    width = {"mlp_post": m["d_mlp"], "z": z}.get(parsed[1], m["d_model"])
+    if k > width:
+        raise UsageError(f"--k {k}: {hook} has {width} dimensions; give --k from 1 to {width}")
 
 
 def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[str, pl.DataFrame]:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actstore.errors import UsageError
-from actstore.hooks import hook_name, parse_hook
-from actstore.models import ModelAdapter
+from actstore.core.errors import UsageError
+from actstore.model.adapter import ModelAdapter
+from actstore.model.hooks import hook_name, parse_hook
 from queries.core.engine import Engine
 from queries.core.reader import Reader, sides
 from queries.subspace.diagnostics import PatchBatch

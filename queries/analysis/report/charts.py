@@ -8,6 +8,7 @@ exactly what the catalog holds to that precision, in every browser locale.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import altair as alt
@@ -46,9 +47,42 @@ def _step(n: int, largest: int = 36, smallest: int = 12, budget: int = 640) -> i
     return max(smallest, min(largest, budget // max(n, 1)))
 
 
-def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
-    """One patching query as a grid coloured by importance: layer × head for `head`,
-    (layer, head) × position for `head-pos`, layer × position otherwise."""
+# What the colour of a patching cell is, per direction: a signed effect that is 0 where
+# patching changes nothing (denoising: the normalized effect; noising: normalized − 1), and
+# what its sign means. Importance (|signed|) ranks; the sign says which way the cell pushes.
+SIGNED = {
+    "denoise": ("normalized effect",
+                "blue (+): patching the clean activation in restores the clean behaviour "
+                "(+1: all of it); red (−): it pushes the output further from clean"),
+    "noise": ("normalized − 1",
+              "red (−): patching the corrupted activation in removes the clean behaviour "
+              "(−1: all of it); blue (+): it strengthens the clean behaviour"),
+}  # fmt: skip
+
+
+def signed_meaning(direction: str | None) -> tuple[str, str]:
+    """The signed effect's name and what its sign means, for a query's direction."""
+    return SIGNED["noise" if direction == "noise" else "denoise"]
+
+
+def signed_effect(direction: str | None) -> pl.Expr:
+    """The cell colour's value: 0 when patching changes nothing, in either direction."""
+    return pl.col("normalized") - 1 if direction == "noise" else pl.col("normalized")
+
+
+def signed_extent(effects: list[pl.DataFrame], direction: str | None) -> float:
+    """The largest |signed effect| over the charts that share one colour scale (1 if none)."""
+    tops = [e.select(signed_effect(direction).abs().max()).item() for e in effects]
+    return max((t for t in tops if t is not None), default=0.0) or 1.0
+
+
+def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict[str, Any]:
+    """One patching query as a grid coloured by the signed effect on a diverging scale
+    centred at 0 and spanning ±extent (shared by every chart of the metric and direction):
+    layer × head for `head`, (layer, head) × position for `head-pos`, layer × position
+    otherwise. Importance, the ranking, is on hover."""
+    direction = query["direction"]
+    effects = effects.with_columns(signed_effect(direction).alias("signed"))
     has_head = effects["head"].null_count() < effects.height
     has_pos = effects["pos"].null_count() < effects.height
     rows = effects.with_columns(
@@ -61,7 +95,8 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
         row["value_text"] = number(row["value"])
         row["normalized_text"] = number(row["normalized"])
         row["importance_text"] = number(row["importance"])
-        row["importance_label"] = "" if row["importance"] is None else f"{row['importance']:.2f}"
+        row["signed_text"] = number(row["signed"])
+        row["signed_label"] = "" if row["signed"] is None else f"{row['signed']:+.2f}"
         row["query"] = params
     if has_head and not has_pos:
         x, y, x_title, y_title = "head:O", "layer:O", "head", "layer"
@@ -81,32 +116,34 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
     else:
         x_encoding = alt.X(x, title=x_title)
     n_y = len({r["row_label"] for r in rows})
-    tooltip = _tooltips({
+    fields = {
         "layer:O": "layer", "head_label:N": "head", "position:N": "position",
         "value_text:N": "value", "normalized_text:N": "normalized",
-        "importance_text:N": "importance", "query:N": "query",
-    })  # fmt: skip
+    }  # fmt: skip
+    if direction == "noise":  # denoising's signed effect is the normalized effect itself
+        fields["signed_text:N"] = signed_meaning(direction)[0]
+    tooltip = _tooltips({**fields, "importance_text:N": "importance", "query:N": "query"})
     base = alt.Chart(alt.Data(values=rows)).encode(
         x_encoding.axis(labelAngle=0),
         alt.Y(y, title=y_title, sort=y_sort),
     )
     cells = base.mark_rect(invalid="show", stroke="white", strokeWidth=0.5).encode(
         color=alt.Color(
-            "importance:Q",
-            title="importance",
-            scale=alt.Scale(scheme="viridis", domainMin=0),
+            "signed:Q",
+            title=signed_meaning(direction)[0],
+            scale=alt.Scale(scheme="redblue", domain=[-extent, extent], domainMid=0),
+            legend=alt.Legend(gradientLength=min(160, 12 * n_y + 40)),
         ),
         tooltip=tooltip,
     )
     chart = cells
     if len(rows) <= 100:
-        top = max((r["importance"] for r in rows if r["importance"] is not None), default=0.0)
         labels = base.mark_text(fontSize=10).encode(
-            text=alt.Text("importance_label:N"),
+            text=alt.Text("signed_label:N"),
             color=alt.condition(
-                f"datum.importance !== null && datum.importance > {0.6 * top}",
-                alt.value("black"),
+                f"datum.signed !== null && abs(datum.signed) > {0.55 * extent}",
                 alt.value("white"),
+                alt.value("black"),
             ),
         )
         chart = cells + labels
@@ -114,8 +151,9 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame) -> dict[str, Any]:
     return _finish(chart)
 
 
-def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
-    """IoU of every ordered pair of sets; the diagonal (a set with itself) is masked."""
+def overlap_matrix(pairs: pl.DataFrame, items: str, sizes: str) -> dict[str, Any]:
+    """IoU of every ordered pair of sets on a fixed 0–1 scale; the diagonal (a set with
+    itself) is masked; `sizes` (k and the universe) is the chart's title, beside every IoU."""
     labels = {
         (run, source): f"run {run} {task} ({source})"
         for run, task, source in pairs.select("run_a", "task_a", "source_a").iter_rows()
@@ -128,9 +166,10 @@ def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
                 "set_a": labels[(r["run_a"], r["source_a"])],
                 "set_b": labels[(r["run_b"], r["source_b"])],
                 "iou": None if diagonal else r["iou"],
-                "label": "—" if diagonal else f"{r['iou']:.2f} ({r['intersection']})",
+                "label": "—" if diagonal else f"{r['iou']:.2f} ({r['intersection']} of {r['n_a']})",
                 "n_a": r["n_a"],
                 "n_b": r["n_b"],
+                "universe": r["universe"],
                 "intersection": r["intersection"],
                 "iou_text": "same set" if diagonal else number(r["iou"]),
                 "p_text": "—" if diagonal else number(r["p_value"]),
@@ -140,7 +179,8 @@ def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
     order = list(labels.values())
     tooltip = _tooltips({
         "set_a:N": "set A", "set_b:N": "set B", "n_a:Q": "|A|", "n_b:Q": "|B|",
-        "intersection:Q": "|A∩B|", "iou_text:N": "IoU", "p_text:N": "hypergeometric p",
+        "universe:Q": "universe", "intersection:Q": "|A∩B|", "iou_text:N": "IoU",
+        "p_text:N": "hypergeometric p",
         "shared:N": f"shared {items}",
     })  # fmt: skip
     base = alt.Chart(alt.Data(values=rows)).encode(
@@ -158,7 +198,10 @@ def overlap_matrix(pairs: pl.DataFrame, items: str) -> dict[str, Any]:
         ),
     )
     step = _step(len(order), largest=110, smallest=40, budget=560)
-    return _finish((cells + text).properties(width={"step": step}, height={"step": step}))
+    chart = (cells + text).properties(
+        width={"step": step}, height={"step": step}, title=alt.Title(sizes, fontSize=12)
+    )
+    return _finish(chart)
 
 
 def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> dict[str, Any]:
@@ -206,7 +249,8 @@ def faithfulness(curve: pl.DataFrame, circuits: pl.DataFrame, n_scored: int) -> 
 
 
 def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataFrame:
-    """Columns input, attn 0, mlp 0, …, logits left to right; heads stacked by index."""
+    """Columns input, attn 0, mlp 0, …, logits left to right; heads stacked by index, the MLPs
+    on a row of their own below them, input and logits level with the heads' middle."""
     middle = (n_heads - 1) / 2
     return nodes.with_columns(
         pl.when(pl.col("kind") == "input").then(0)
@@ -214,34 +258,76 @@ def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataF
         .when(pl.col("kind") == "mlp").then(2 * pl.col("layer") + 2)
         .otherwise(2 * n_layers + 1).alias("x"),
         pl.when(pl.col("kind") == "head").then(pl.col("head").cast(pl.Float64))
+        .when(pl.col("kind") == "mlp").then(float(n_heads))
         .otherwise(middle).alias("y"),
     )  # fmt: skip
 
 
 QKV_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
-SIGN = {True: "positive", False: "negative", None: "no score"}
-SIGN_COLOUR = {"positive": POSITIVE, "negative": NEGATIVE, "no score": INVALID_COLOUR}
+BOW = 0.3  # rows an edge spanning two columns bows away from the straight line; grows with span
+TOP_EDGES = 15  # edges listed in the table beside a circuit's graph
+
+
+def edge_path(
+    start: tuple[float, float], end: tuple[float, float], middle: float
+) -> list[tuple[float, float]]:
+    """An edge's three spline points. An edge between neighbouring columns is straight (it can
+    pass no other node); a longer one bows away from the graph's middle row by its span, so
+    that it never runs over the nodes it skips nor along a shorter edge."""
+    (x1, y1), (x2, y2) = start, end
+    span = x2 - x1
+    if span <= 1:
+        return [start, ((x1 + x2) / 2, (y1 + y2) / 2), end]
+    away = 1.0 if (y1 + y2) / 2 >= middle else -1.0
+    return [start, ((x1 + x2) / 2, (y1 + y2) / 2 + away * BOW * math.sqrt(span - 1)), end]
+
+
+def edge_roles(clean: float | None, corrupted: float | None) -> dict[bool | None, tuple[str, str]]:
+    """Per score sign (score ≥ 0, or None for no score), its legend label and colour. EAP's
+    score approximates m(clean run with the edge corrupted) − m(clean run), so an edge carries
+    the behaviour (blue, as a heatmap cell that restores it) when its score points from the
+    clean metric toward the corrupted one, and works against it (red) otherwise."""
+    none = ("no score", INVALID_COLOUR)
+    if clean is None or corrupted is None or clean == corrupted:
+        return {False: ("score < 0", NEGATIVE), True: ("score ≥ 0", POSITIVE), None: none}
+    carries = ("carries the behaviour", POSITIVE)
+    opposes = ("works against it", NEGATIVE)
+    negative, positive = (carries, opposes) if corrupted < clean else (opposes, carries)
+    return {
+        False: (f"score < 0: {negative[0]}", negative[1]),
+        True: (f"score ≥ 0: {positive[0]}", positive[1]),
+        None: none,
+    }
 
 
 def circuit_graph(
-    nodes: pl.DataFrame, edges: pl.DataFrame, n_layers: int, n_heads: int
+    nodes: pl.DataFrame,
+    edges: pl.DataFrame,
+    n_layers: int,
+    n_heads: int,
+    roles: dict[bool | None, tuple[str, str]],
 ) -> dict[str, Any]:
-    """A circuit as a layered graph: one node per component, one line per edge, its width
-    by |score| and colour by sign; edges into a head meet it at q, k or v (top to bottom)."""
+    """A circuit as a layered graph: one node per component, one curve per edge, its width by
+    |score| and colour by what its sign means (`roles`); edges into a head meet it at q, k or
+    v (top to bottom). Hovering a node fades every edge but its own."""
     placed = node_positions(nodes, n_layers, n_heads)
     where = {n: (x, y) for n, x, y in placed.select("node", "x", "y").iter_rows()}
-    lines = []
+    middle = (n_heads - 1) / 2
+    colour = dict(roles.values())
+    points, lowest, highest = [], -0.5, n_heads + 0.5
     for e in edges.to_dicts():
         (x1, y1), (x2, y2) = where[e["src"]], where[e["dst"]]
-        lines.append(
-            {
-                "x": x1, "y": y1, "x2": x2, "y2": y2 + QKV_OFFSET.get(e["qkv"] or "", 0.0),
-                "edge": e["edge"], "score": e["score"], "score_text": number(e["score"]),
+        end = (x2, y2 + QKV_OFFSET.get(e["qkv"] or "", 0.0))
+        sign = None if e["score"] is None else e["score"] >= 0
+        for i, (x, y) in enumerate(edge_path((x1, y1), end, middle)):
+            lowest, highest = min(lowest, y - 0.3), max(highest, y + 0.3)
+            points.append({
+                "x": x, "y": y, "i": i, "edge": e["edge"], "src": e["src"], "dst": e["dst"],
+                "score": e["score"], "score_text": number(e["score"]),
                 "magnitude": None if e["score"] is None else abs(e["score"]),
-                "sign": SIGN[None if e["score"] is None else e["score"] >= 0],
-            }
-        )  # fmt: skip
-    signs = [s for s in SIGN_COLOUR if any(line["sign"] == s for line in lines)]
+                "role": roles[sign][0],
+            })  # fmt: skip
+    shown = [r for r in colour if any(p["role"] == r for p in points)]
     columns = ["input"] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", "mlp")]
     columns.append("logits")
     label_expr = f"{columns!r}[datum.value]"
@@ -252,15 +338,29 @@ def circuit_graph(
     )  # fmt: skip
     y = alt.Y(
         "y:Q", title=None, axis=None,
-        scale=alt.Scale(domain=[n_heads - 0.5, -0.5], nice=False, zero=False),
+        scale=alt.Scale(domain=[highest, lowest], nice=False, zero=False),
     )  # fmt: skip
-    edge_marks = alt.Chart(alt.Data(values=lines)).mark_rule(opacity=0.75, invalid="show").encode(
-        x, y, x2="x2:Q", y2="y2:Q",
-        strokeWidth=alt.StrokeWidth("magnitude:Q", title="|score|",
-                                    scale=alt.Scale(type="sqrt", range=[0.75, 9])),
-        color=alt.Color("sign:N", title="score",
-                        scale=alt.Scale(domain=signs, range=[SIGN_COLOUR[s] for s in signs])),
-        tooltip=_tooltips({"edge:N": None, "score_text:N": "score"}),
+    focus = alt.selection_point(
+        name="focus", fields=["node"], on="pointerover", clear="pointerout", empty=False
+    )
+    width = alt.StrokeWidth(
+        "magnitude:Q", title="|score|", scale=alt.Scale(type="sqrt", range=[0.75, 9])
+    )
+    role = alt.Color(
+        "role:N", title="edge (EAP sign)",
+        scale=alt.Scale(domain=shown, range=[colour[r] for r in shown]),
+        legend=alt.Legend(labelLimit=320),
+    )  # fmt: skip
+    tooltip = _tooltips({"edge:N": None, "score_text:N": "score", "role:N": "sign"})
+    edge_data = alt.Data(values=points)
+    edge_marks = alt.Chart(edge_data).mark_line(interpolate="basis").encode(
+        x, y, detail="edge:N", order="i:Q", strokeWidth=width, color=role, tooltip=tooltip,
+        opacity=alt.condition("length(data('focus_store'))", alt.value(0.12), alt.value(0.7)),
+    ).properties(name="edges")  # fmt: skip
+    touching = alt.Chart(edge_data).mark_line(interpolate="basis", opacity=1).encode(
+        x, y, detail="edge:N", order="i:Q", strokeWidth=width, color=role, tooltip=tooltip,
+    ).transform_fold(["src", "dst"], as_=["end", "node"]).transform_filter(focus).properties(
+        name="focused"
     )  # fmt: skip
     node_data = alt.Data(values=placed.to_dicts())
     node_marks = alt.Chart(node_data).mark_point(
@@ -272,12 +372,12 @@ def circuit_graph(
                                         range=["triangle-right", "circle", "square", "diamond"])),
         fill=alt.value("#444"),
         tooltip=_tooltips({"node:N": None}),
-    )  # fmt: skip
+    ).add_params(focus).properties(name="nodes")  # fmt: skip
     labels = alt.Chart(node_data).mark_text(dy=-14, fontSize=10).encode(x, y, text="node:N")
-    width = max(360, 84 * len(columns))
-    height = max(180, 56 * n_heads)
-    chart = alt.layer(edge_marks, node_marks, labels).properties(width=width, height=height)
-    return _finish(chart.resolve_scale(color="independent"))
+    chart = alt.layer(edge_marks, touching, node_marks, labels).properties(
+        width=max(360, 72 * len(columns)), height=max(200, 52 * (highest - lowest))
+    )
+    return _finish(chart.configure_legend(orient="bottom", direction="horizontal"))
 
 
 def subspace_bars(report: pl.DataFrame) -> dict[str, Any]:

@@ -13,14 +13,14 @@ from typing import Any
 
 import polars as pl
 
-from actstore.errors import UsageError
-from actstore.store import Store
+from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
 
 def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
     """The runs the report covers (all by default); an unknown id is a usage error."""
-    known = store.query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
+    known = store._trusted_query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
     if runs is None:
         return known
     missing = [r for r in runs if r not in known]
@@ -35,11 +35,20 @@ def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
 
 
 def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
-    """Each run's provenance: what was ingested, how, and the bytes it holds (`info`)."""
-    extra = store.query(
-        "SELECT run_id, seed, dataset, seq_len, strftime(created_at, '%Y-%m-%d %H:%M:%S') "
-        "AS created_at FROM runs WHERE run_id IN "
-        "(SELECT unnest(?))",
+    """Each run's provenance: what was ingested, how, its prompts' token lengths (`tokens`:
+    "15–19" when they differ) and the bytes it holds (`info`)."""
+    extra = store._trusted_query(
+        """
+        SELECT r.run_id, r.seed, r.dataset, r.seq_len,
+               CASE WHEN p.shortest < p.longest THEN p.shortest || '–' || p.longest
+                    ELSE coalesce(p.longest, r.seq_len)::VARCHAR END AS tokens,
+               strftime(r.created_at, '%Y-%m-%d %H:%M:%S') AS created_at
+        FROM runs r LEFT JOIN (
+            SELECT run_id, min(seq_len) AS shortest, max(seq_len) AS longest
+            FROM prompts GROUP BY run_id
+        ) p USING (run_id)
+        WHERE r.run_id IN (SELECT unnest(?))
+        """,
         [runs],
     )
     return store.info().filter(pl.col("run_id").is_in(runs)).join(extra, on="run_id", how="left")
@@ -56,7 +65,7 @@ def params_text(params: str | None) -> str:
 
 def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     """One row per patching query of the runs, with its provenance and parameters."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT q.query_id, q.run_id, r.model, r.task, r.corruption, r.n_prompts,
                json_extract_string(q.params, '$.component') AS component,
@@ -78,7 +87,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
 
 def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]:
     """Every effect row of the patching queries, with its importance, by query id."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT p.query_id, p.layer, p.head, p.pos, p.node, p.metric, p.value, p.normalized,
                p.importance
@@ -97,10 +106,14 @@ class OverlapGroup:
     and their pairwise statistics with the shared items; `note` says why they could not be
     compared."""
 
-    by: str
+    selection: ov.Selection
     title: str
     pairs: pl.DataFrame = field(default_factory=pl.DataFrame)
     note: str | None = None
+
+    @property
+    def by(self) -> str:
+        return self.selection.by
 
 
 def overlap_groups(
@@ -117,7 +130,7 @@ def overlap_groups(
                 setting = ov.setting_of(kind, row)
                 newest.setdefault(setting, {})[row["run_id"]] = row["source_id"]
         for setting, per_run in newest.items():
-            group = OverlapGroup(selection.by, f"{setting}; {selection.describe()}")
+            group = OverlapGroup(selection, f"{setting}; {selection.describe()}")
             if len(per_run) < 2:
                 (run,) = per_run
                 group.note = f"only run {run} has such a set: nothing to compare it with"
@@ -136,7 +149,7 @@ def overlap_groups(
 def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame]:
     """Per score set, every evaluated circuit size (n_edges after pruning, top_n before) and
     its faithfulness, from all of the set's circuit queries."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT DISTINCT f.score_id, f.top_n, f.n_edges, f.faithfulness
         FROM faithfulness_curve f JOIN queries a ON a.query_id = f.score_id
@@ -150,10 +163,11 @@ def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame
 
 def circuits(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every stored circuit of the runs with its score set's provenance."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT c.circuit_id, c.score_id, c.run_id, c.model, c.task, c.corruption, c.method,
                c.n_edges_stored AS n_edges, c.n_heads, c.faithfulness, k.top_n, k.metric,
+               k.clean_metric, k.corrupted_metric,
                c.params, m.n_layers, m.n_heads AS heads_per_layer,
                (SELECT count(*) FROM edge_scores s WHERE s.score_id = c.score_id) AS n_scored
         FROM circuits_v c JOIN circuits k USING (circuit_id)
@@ -179,7 +193,7 @@ NODE_PARTS = """
 def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score); an edge's
     score is the one its score set gave it."""
-    edges = store.query(
+    edges = store._trusted_query(
         """
         SELECT ce.src, ce.dst, ce.qkv,
                ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge,
@@ -192,7 +206,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
         """,
         [circuit_id],
     ).with_columns(pl.col("score").fill_nan(None))
-    nodes = store.query(
+    nodes = store._trusted_query(
         f"""
         SELECT node, {NODE_PARTS.format(node="node")}
         FROM (SELECT src AS node FROM circuit_edges WHERE circuit_id = ?
@@ -206,7 +220,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
 
 def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every subspace query's report rows (v, row, null, full) with its source parameters."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT s.*, r.task, r.model, q.params,
                json_extract_string(q.params, '$.direction') AS source,

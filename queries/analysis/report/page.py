@@ -35,6 +35,12 @@ p.explain { margin: 0 0 12px; color: var(--muted); max-width: 980px; }
 .card h3 { margin: 0 0 4px; font-size: 15px; }
 .card p.meta { margin: 0 0 10px; color: var(--muted); font-size: 12.5px; }
 .note { color: #8a4b00; }
+.row { display: flex; gap: 18px; align-items: flex-start; }
+.row > * { flex: 0 0 auto; }
+.beside table { font-size: 12px; }
+.beside p.legend { margin: 0; }
+p.legend { margin: 4px 0 0; color: var(--muted); font-size: 12.5px; max-width: 980px; }
+.note.warning { background: #fff4e0; border-left: 3px solid #d98300; padding: 4px 8px; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--rule); text-align: left;
          vertical-align: top; }

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import polars as pl
 
-from actstore.errors import ActstoreError
-from actstore.output import write_atomically
-from actstore.store import Store
+from actstore.core.errors import ActstoreError
+from actstore.core.output import refuse_inside_store, write_atomically
+from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
 from queries.analysis.report import charts, data
@@ -53,20 +53,25 @@ def runs_section(page: Page, store: Store, runs: list[int]) -> None:
     df = data.runs_table(store, runs).with_columns(
         pl.col("raw_bytes").map_elements(_bytes, return_dtype=pl.String).alias("raw"),
         pl.col("stored_bytes").map_elements(_bytes, return_dtype=pl.String).alias("stored"),
+        # a dataset file supplies its own corrupted prompts: no STR replacement was made
+        pl.when(pl.col("dataset").is_not_null() & (pl.col("corruption") == "str"))
+        .then(pl.lit("the file's corrupted prompts"))
+        .otherwise(pl.col("corruption")).alias("corruption"),
         pl.col("dataset").fill_null("task generator"),
-    )
+    )  # fmt: skip
     columns = {
         "run_id": "run", "model": "model", "task": "task", "corruption": "corruption",
-        "n_prompts": "prompts", "seq_len": "tokens", "dtype": "dtype", "seed": "seed",
+        "n_prompts": "prompts", "tokens": "tokens", "dtype": "dtype", "seed": "seed",
         "dataset": "source", "status": "status", "n_arrays": "arrays", "raw": "raw bytes",
         "stored": "stored bytes", "ratio": "ratio", "created_at": "ingested",
     }  # fmt: skip
-    body = table(df, columns, numbers=("run_id", "n_prompts", "seq_len", "seed", "n_arrays",
+    body = table(df, columns, numbers=("run_id", "n_prompts", "tokens", "seed", "n_arrays",
                                        "raw", "stored", "ratio"))  # fmt: skip
     page.section(
         "runs", "Runs",
         "One run is one ingest of a task on a model: clean and corrupted prompts run once, their "
-        "activations stored. Every result below names the run it came from.",
+        "activations stored. Every result below names the run it came from. Tokens is the "
+        "prompts' length in tokens, shortest–longest where they differ.",
         [body],
     )  # fmt: skip
 
@@ -74,6 +79,12 @@ def runs_section(page: Page, store: Store, runs: list[int]) -> None:
 def patching_section(page: Page, store: Store, runs: list[int], contents: list[dict]) -> None:
     queries = data.patch_queries(store, runs)
     effects = data.patch_effects(store, queries["query_id"].to_list())
+    extents = {
+        (metric, direction): charts.signed_extent(
+            [effects[q] for q in same["query_id"] if q in effects], direction
+        )
+        for (metric, direction), same in queries.group_by("metric", "direction")
+    }
     cards = []
     for query in queries.to_dicts():
         rows = effects.get(query["query_id"])
@@ -89,17 +100,26 @@ def patching_section(page: Page, store: Store, runs: list[int], contents: list[d
             cards.append(card(heading, meta, '<p class="note">no effect rows stored</p>'))
             continue
         element = f"patch-{query['query_id']}"
-        chart = page.chart(element, charts.heatmap(query, rows), "heatmap", query["query_id"])
-        cards.append(card(heading, meta, chart))
+        extent = extents[(query["metric"], query["direction"])]
+        spec = charts.heatmap(query, rows, extent)
+        chart = page.chart(element, spec, "heatmap", query["query_id"])
+        what, sign = charts.signed_meaning(query["direction"])
+        legend = (
+            f'<p class="legend">Colour: {esc(what)} on a scale of ±{extent:.3g} shared by every '
+            f"{esc(query['metric'])} {esc(query['direction'])} chart; {esc(sign)}.</p>"
+        )
+        cards.append(card(heading, meta, chart + legend))
         contents.append(entry("patching", query["query_id"], element, heading, rows.height))
     page.section(
         "patching", "Patching effects",
         "Each cell is one patched component (a head, or a layer at one position). Colour is its "
-        "importance: |normalized| when denoising, |1 − normalized| when noising, so 1 means the "
-        "component alone carries the whole clean–corrupted difference. Hover a cell for the "
-        "patched run's metric (value), the normalized effect (m − m_corrupted) / (m_clean − "
-        "m_corrupted), the importance and the query's parameters. Grey cells have no defined "
-        "normalized effect (n/a).",
+        "signed effect, 0 (white) where patching changes nothing: the normalized effect (m − "
+        "m_corrupted) / (m_clean − m_corrupted) when denoising, normalized − 1 when noising, "
+        "so ±1 means the component alone carries the whole clean–corrupted difference. Charts "
+        "of one metric and direction share one scale, so equal colours are equal effects. "
+        "Importance (|normalized| denoising, |1 − normalized| noising) ranks the components; "
+        "hover a cell for it, the patched run's metric (value), the normalized effect and the "
+        "query's parameters. Grey cells have no defined normalized effect (n/a).",
         cards,
         "No patching queries for these runs; run actstore patch STORE --run R --component "
         "head.",
@@ -117,20 +137,25 @@ def overlap_section(
             cards.append(card(group.title, "", f'<p class="note">{esc(group.note)}</p>'))
             continue
         element = f"overlap-{i + 1}"
-        spec = charts.overlap_matrix(group.pairs, items)
+        sizes = ov.sizes(group.pairs, group.selection)
+        spec = charts.overlap_matrix(group.pairs, items, sizes)
         chart = page.chart(element, spec, "overlap", i + 1)
         pairs = group.pairs.filter(pl.col("source_a") < pl.col("source_b"))
         listing = table(
             pairs,
             {"run_a": "run A", "task_a": "task A", "source_a": "source A", "run_b": "run B",
              "task_b": "task B", "source_b": "source B", "n_a": "|A|", "n_b": "|B|",
-             "intersection": "|A∩B|", "iou": "IoU", "frac_of_a": "|A∩B|/|A|",
-             "frac_of_b": "|A∩B|/|B|", "expected": "expected by chance",
-             "p_value": "hypergeometric p", "shared": f"shared {items}"},
+             "intersection": "|A∩B|", "iou": "IoU", "universe": "universe",
+             "frac_of_a": "|A∩B|/|A|", "frac_of_b": "|A∩B|/|B|",
+             "expected": "expected by chance", "p_value": "hypergeometric p",
+             "shared": f"shared {items}"},
             numbers=("run_a", "run_b", "source_a", "source_b", "n_a", "n_b", "intersection",
-                     "iou", "frac_of_a", "frac_of_b", "expected", "p_value"),
+                     "iou", "universe", "frac_of_a", "frac_of_b", "expected", "p_value"),
         )  # fmt: skip
-        meta = esc(f"{ov.compared(group.pairs)}; universe {group.pairs['universe'][0]} {items}")
+        meta = esc(ov.compared(group.pairs))
+        warning = ov.few_items(group.pairs, group.selection)
+        if warning:
+            listing = f'<p class="note warning">{esc(warning)}</p>' + listing
         cards.append(card(group.title, meta, chart + listing))
         contents.append(entry("overlap", i + 1, element, group.title, group.pairs.height))
     page.section(
@@ -139,7 +164,8 @@ def overlap_section(
         "patching queries of one component, metric, direction and window, edge sets only "
         "between score sets of one method, metric and steps, and only across runs of one "
         "corruption; each run contributes its newest set of the setting. Cells show IoU "
-        "|A∩B|/|A∪B| with |A∩B| in brackets; the diagonal (a set with itself) is masked. p is "
+        "|A∩B|/|A∪B| with |A∩B| of |A| in brackets, the title the sets' size k and the "
+        "universe they were drawn from; the diagonal (a set with itself) is masked. p is "
         "P(X ≥ |A∩B|) for X ~ Hypergeometric(N, |A|, |B|), N all heads of the model or all "
         "scored edges.",
         cards,
@@ -154,7 +180,7 @@ def faithfulness_section(
     for score_id, curve in data.faithfulness_curves(store, runs).items():
         chosen = circuits.filter(pl.col("score_id") == score_id)
         prov = lookups.provenance(store, score_id)
-        n_scored = store.query(
+        n_scored = store._trusted_query(
             "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
         ).item()
         heading = f"score set {score_id} · run {prov['run_id']} {prov['task']}"
@@ -192,20 +218,61 @@ def circuits_section(page: Page, store: Store, circuits: pl.DataFrame, contents:
             f"{c['params_text']}"
         )
         element = f"circuit-{c['circuit_id']}"
-        spec = charts.circuit_graph(nodes, edges, c["n_layers"], c["heads_per_layer"])
-        cards.append(card(heading, meta, page.chart(element, spec, "circuit", c["circuit_id"])))
+        roles = charts.edge_roles(c["clean_metric"], c["corrupted_metric"])
+        spec = charts.circuit_graph(nodes, edges, c["n_layers"], c["heads_per_layer"], roles)
+        chart = page.chart(element, spec, "circuit", c["circuit_id"])
+        top = edges.head(charts.TOP_EDGES).with_columns(
+            pl.int_range(1, pl.len() + 1).alias("rank"),
+            pl.when(pl.col("score") >= 0).then(pl.lit(roles[True][0]))
+            .when(pl.col("score") < 0).then(pl.lit(roles[False][0]))
+            .otherwise(pl.lit(roles[None][0])).alias("role"),
+        )  # fmt: skip
+        listing = (
+            f'<div class="beside"><p class="legend">top {top.height} of {edges.height} edges by '
+            "|score|</p>"
+            + table(top, {"rank": "#", "edge": "edge", "score": "score", "role": "sign"},
+                    numbers=("rank", "score"))
+            + "</div>"
+        )  # fmt: skip
+        legend = (
+            f'<p class="legend">{esc(sign_convention(c))} Hover a node to show only its edges.</p>'
+        )
+        cards.append(card(heading, meta, f'<div class="row">{chart}{listing}</div>{legend}'))
         contents.append(
             entry("circuit", c["circuit_id"], element, heading, edges.height, nodes.height)
         )
     page.section(
         "circuits", "Circuits",
-        "Each circuit as a layered graph: input, then each layer's attention heads and MLP, then "
-        "the logits. Line width is |score|, colour its sign; an edge into a head meets it at "
-        "its query (above), key (middle) or value (below) input. Hover a node or an edge for "
-        "its name and score.",
+        "Each circuit as a layered graph: input, then each layer's attention heads (stacked) "
+        "and MLP (the bottom row), then the logits. Line width is |score|; colour says what the "
+        "score's sign means (under EAP's convention a score is the metric's change when the "
+        "edge alone is corrupted, so the sign that carries the behaviour depends on the "
+        "metric). An edge into a head meets it at its query (above), key (middle) or value "
+        "(below) input; an edge that skips columns bows away from the middle, so no two share "
+        "a path. Hover a node to show only its edges, an edge for its name and score; the "
+        "table lists the strongest edges.",
         cards,
         "No circuits for these runs; run actstore circuit STORE --scores ID --edges N.",
     )  # fmt: skip
+
+
+def sign_convention(c: dict) -> str:
+    """What an edge's score sign means for this circuit, with the numbers that decide it."""
+    rule = (
+        "An edge's score is EAP's estimate of m(clean run with only that edge corrupted) − "
+        "m(clean run)"
+    )
+    clean, corrupted = c["clean_metric"], c["corrupted_metric"]
+    if clean is None or corrupted is None or clean == corrupted:
+        return f"{rule}."
+    lower = corrupted < clean
+    return (
+        f"{rule}: {c['metric']} is {'lower' if lower else 'higher'} on the corrupted run "
+        f"({charts.number(clean)} clean, {charts.number(corrupted)} corrupted), so a "
+        f"{'negative' if lower else 'positive'} score (blue) means the edge carries the "
+        f"behaviour and a {'positive' if lower else 'negative'} one (red) that it works "
+        "against it. Line width is |score|."
+    )
 
 
 VERDICT_CLASS = {True: "illusion", False: "clear", None: "unknown"}
@@ -240,8 +307,8 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         listing = table(
             rows,
             {"component": "component", "dim": "dim", "norm_sq": "norm²",
-             "variance": "variance", "value": "value", "normalized": "normalized",
-             "effect": "effect"},
+             "variance": "variance", "value": "value (metric, patched)",
+             "normalized": "normalized", "effect": "effect"},
             numbers=("dim", "norm_sq", "variance", "value", "normalized", "effect"),
         )  # fmt: skip
         element = f"subspace-{query_id}"
@@ -254,7 +321,11 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "part (what it cannot see), and the whole activation for scale. v is flagged as an "
         "illusion when it moves the output, its rowspace part does at most half as much and "
         "that part is dormant (low variance): the effect then runs through a pathway the "
-        "direction does not stand for.",
+        "direction does not stand for. Columns: norm² is the part's share of ‖v‖²; variance "
+        "the activations' variance along the part (per dimension; low means dormant); value "
+        "the metric (e.g. logit difference) of the run with the part patched, mean over the "
+        "prompts; normalized that value normalised as (m − m_corrupted) / (m_clean − "
+        "m_corrupted); effect the normalized value minus the unpatched run's.",
         cards,
         "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
         "--direction mean-diff.",
@@ -279,14 +350,21 @@ def report(
     edges = ov.choose("edge", edge_top_k, edge_top_frac)
     chosen = data.chosen_runs(store, runs)
     path = Path(out)
+    refuse_inside_store(path, "-o")
     if not path.parent.is_dir():
         raise ActstoreError(f"cannot write {out}: no directory {path.parent}; create it first")
-    models = store.query(
+    models = store._trusted_query(
         "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1", [chosen]
     )["model"].to_list()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    tasks = store._trusted_query(
+        "SELECT task FROM runs WHERE run_id IN (SELECT unnest(?)) GROUP BY task "
+        "ORDER BY min(run_id)",
+        [chosen],
+    )["task"].to_list()
+    about = f"{', '.join(tasks)} on {', '.join(models)}" if tasks else "no runs yet"
     page = Page(
-        title=f"actstore report: {store.path.name}",
+        title=f"actstore report: {about}",
         subtitle=f"{store.path} · model {', '.join(models) or 'none'} · runs "
         f"{', '.join(map(str, chosen)) or 'none'} · written {now}",
     )

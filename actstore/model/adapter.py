@@ -1,0 +1,577 @@
+"""The model adapter: one interface over TransformerLens' TransformerBridge for every model source.
+
+A model comes from one of three places:
+- a built-in toy model shipped in `actstore/model/builtin/<name>/` (`toy`, `toy-...`), or
+  `toy-random`, the toy architecture with seeded random weights;
+- a Hugging Face model directory (`config.json`, weights, tokenizer files), given as a path;
+- a Hugging Face hub name that TransformerLens supports (`gpt2`, `pythia-160m`, ...).
+
+The adapter is the only code that touches the bridge and the Hugging Face model: queries compute
+with the engine (queries/core) from `architecture` and `weights()`; ingest and the tests' exact
+references use the bridge's hooked forward through `run_with_cache` and `hooked_logits`.
+Families outside actstore.model.architecture.FAMILIES are refused before their weights are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actstore.core.errors import ActstoreError, UsageError
+from actstore.model import hub
+from actstore.model.architecture import (
+    Architecture,
+    LayerWeights,
+    Norm,
+    Weights,
+    check_family,
+    from_hf_config,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+RANDOM_SUFFIX = "-random"
+
+Hook = tuple[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions every query needs, independent of the model's source."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in models: every shipped directory, plus its `-random` twin."""
+    names = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists())
+    return names + [n + RANDOM_SUFFIX for n in names]
+
+
+DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+
+
+def check_device_name(device: str | None) -> None:
+    """Refuse a device name torch would not know, without importing torch."""
+    if device not in (None, "") and not DEVICE_NAME.fullmatch(device):
+        raise UsageError(f"--device {device}: not a device; choose cpu, cuda, cuda:N or mps")
+
+
+def resolve_device(device: str | None) -> str:
+    """CUDA only when asked for and present; CPU otherwise."""
+    check_device_name(device)
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available here; use --device cpu")
+    return device
+
+
+def check_model_spec(spec: str) -> str:
+    """Where `spec` loads from ("builtin", "path" or "hub"), refusing without importing torch
+    what cannot load: an unknown built-in, a directory without config.json, a missing path, a
+    hub name while the hub cannot be reached and the Hugging Face cache lacks it."""
+    base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
+    if (BUILTIN_DIR / base / "config.json").exists() and "/" not in spec:
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UsageError(
+                f"--model {spec}: directory has no config.json; give a Hugging Face model "
+                "directory as save_pretrained writes it"
+            )
+        check_weight_files(path, spec)
+        return "path"
+    if spec.startswith("toy"):
+        raise UsageError(
+            f"unknown built-in model {spec!r}; built-in models: {', '.join(builtin_names())}"
+        )
+    if spec.startswith((".", "/", "~")) or path.exists():
+        raise UsageError(f"--model {spec}: no such model directory")
+    hub.check_reachable(spec)
+    return "hub"
+
+
+# Bytes per element of the safetensors dtypes a causal LM's weights use.
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+EMBEDDINGS = ("wte.weight", "embed_tokens.weight", "embed_in.weight", "word_embeddings.weight")
+LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
+
+
+def check_weight_files(path: Path, spec: str) -> None:
+    """Refuse, without torch, a model directory whose safetensors files are cut short or do not
+    fit its config.json (embedding shape, number of layers): transformers would fail later with
+    a traceback, or quietly start layers it finds no weights for from random values."""
+    files = sorted(path.glob("*.safetensors"))
+    header: dict[str, Any] = {}
+    for file in files:
+        header.update(_safetensors_header(file, spec))
+    if not header:
+        return  # PyTorch .bin weights: transformers checks those as it loads them
+    config = _json(path / "config.json")
+    hidden = next((config[k] for k in ("n_embd", "hidden_size", "d_model") if k in config), None)
+    vocab = config.get("vocab_size")
+    n_layers = config.get("n_layer", config.get("num_hidden_layers"))
+    embedding = next((v for k, v in header.items() if k.endswith(EMBEDDINGS)), None)
+    if embedding is not None and hidden is not None and vocab is not None:
+        if list(embedding["shape"]) != [vocab, hidden]:
+            raise UsageError(
+                f"--model {spec}: config.json says vocab_size {vocab} and width {hidden}, but the "
+                f"weights' token embedding is {embedding['shape']}; the config and the weights "
+                "are from different models (save both with save_pretrained)"
+            )
+    layers = {int(m.group(1)) for k in header if (m := LAYER_INDEX.search(k))}
+    if layers and n_layers is not None and max(layers) + 1 != n_layers:
+        raise UsageError(
+            f"--model {spec}: config.json says {n_layers} layers, the weights hold "
+            f"{max(layers) + 1}; the config and the weights are from different models (save "
+            "both with save_pretrained)"
+        )
+
+
+def _safetensors_header(file: Path, spec: str) -> dict[str, Any]:
+    """The tensors a safetensors file declares (name -> dtype, shape, offsets), each checked to
+    lie whole inside the file."""
+    size = file.stat().st_size
+
+    def cut(detail: str) -> UsageError:
+        return UsageError(
+            f"--model {spec}: {file.name} is damaged or cut short ({detail}); copy the model "
+            "directory again"
+        )
+
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise cut(f"{size} bytes")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise cut(f"its header needs {length} bytes, the file has {size}")
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise cut("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise cut("its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    data = size - 8 - length
+    for name, info in header.items():
+        try:
+            start, stop = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            width = SAFETENSORS_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise cut(f"tensor {name} is described wrongly") from None
+        if stop > data or start > stop or (width is not None and stop - start != count * width):
+            raise cut(f"tensor {name} needs bytes {start}..{stop}, the data holds {data}")
+    return header
+
+
+class ModelAdapter:
+    """A loaded model: tokenizer, shape, architecture, weights and the bridge's hooked forward."""
+
+    def __init__(self, spec: str, bridge: Any, tokenizer: Any, device: str, source: str):
+        self.spec = spec
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.device = device
+        self.source = source
+        self.architecture = from_hf_config(bridge.original_model.config.to_dict(), spec)
+        a = self.architecture
+        self.shape = ModelShape(**{f.name: getattr(a, f.name) for f in fields(ModelShape)})
+        self._fingerprint: str | None = None
+
+    @property
+    def bos_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return int(bos if bos is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.bos_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the shape and a sample of every weight: tells two models apart cheaply."""
+        if self._fingerprint is None:
+            import torch
+
+            h = hashlib.sha256(json.dumps(self.shape.to_dict(), sort_keys=True).encode())
+            with torch.no_grad():
+                for name, p in sorted(self.bridge.named_parameters()):
+                    flat = p.detach().reshape(-1)
+                    sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
+                    h.update(name.encode())
+                    h.update(sample.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` without BOS (how an answer continues a prompt)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt, BOS first, as the model sees it."""
+        return [self.bos_id] + self.token_ids(text)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token of `text` (BOS excluded), for locating words."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(o) for o in enc["offset_mapping"]]
+
+    def weights(self) -> Weights:
+        """Every weight in the canonical layout (float32, detached, on the model's device; views
+        of the parameters where the layout allows)."""
+        import torch
+
+        with torch.no_grad():
+            return _extract_weights(self.bridge.original_model, self.architecture)
+
+    def hook_names(self) -> set[str]:
+        """Every TransformerLens hook name the model has."""
+        return set(self.bridge.hook_dict)
+
+    def run_with_cache(
+        self, tokens: torch.Tensor, names: set[str] | None = None, hooks: Sequence[Hook] = ()
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """Logits and the activations named `names` (default: every hook) of a hooked forward
+        (what ingest stores)."""
+        with self.bridge.hooks(fwd_hooks=list(hooks)):
+            logits, cache = self.bridge.run_with_cache(
+                tokens, names_filter=None if names is None else lambda name: name in names
+            )
+        return logits, cache if names is None else {name: cache[name] for name in names}
+
+    def hooked_logits(
+        self, tokens: torch.Tensor, hooks: Sequence[Hook] = (), split_inputs: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, pos, vocab) of the bridge's own forward with TransformerLens hooks
+        (hook name, fn) applied: the slow exact path that the engine is checked against.
+        `split_inputs` adds TransformerLens' per-head hook_q/k/v_input and hook_mlp_in."""
+        if not split_inputs:
+            with self.bridge.hooks(fwd_hooks=list(hooks)):
+                return self.bridge(tokens)
+        self.bridge.set_use_split_qkv_input(True)
+        self.bridge.set_use_hook_mlp_in(True)
+        try:
+            return self.hooked_logits(tokens, hooks)
+        finally:
+            self.bridge.set_use_split_qkv_input(False)
+            self.bridge.set_use_hook_mlp_in(False)
+
+    def hooked_attention_out(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """TransformerLens' own W_O (heads, d_head, d_model) and b_O of a layer: references that
+        must not depend on the canonical weights read them here."""
+        attn = self.bridge.blocks[layer].attn
+        return attn.W_O, attn.b_O
+
+    def hooked_patching(
+        self, function: str, tokens: torch.Tensor, cache: Mapping, metric: Callable, **kwargs: Any
+    ) -> torch.Tensor:
+        """TransformerLens' activation patching `transformer_lens.patching.<function>` on this
+        model: the exact reference that patching from the store is checked against."""
+        import transformer_lens.patching as tlp
+
+        return getattr(tlp, function)(self.bridge, tokens, cache, metric, **kwargs)
+
+
+def _extract_weights(hf: Any, arch: Architecture) -> Weights:
+    """The one place that reads a Hugging Face model's parameters (see Weights for the layout)."""
+    import torch
+
+    def t(x: Any) -> Any:  # a view of the parameter where it is float32 already
+        return None if x is None else x.detach().to(torch.float32)
+
+    def bias(module: Any) -> Any:  # a parameter only: the bridge may attach a zero tensor
+        return t(dict(module.named_parameters(recurse=False)).get("bias"))
+
+    def norm(module: Any) -> Norm:
+        module = _raw(module)
+        return Norm(t(module.weight), bias(module))
+
+    def linear(module: Any) -> tuple[Any, Any]:
+        """(d_in, d_out) weight and bias of an nn.Linear (GPT-2's Conv1D is stored that way)."""
+        module = _raw(module)
+        return t(module.weight if arch.family == "gpt2" else module.weight.T), bias(module)
+
+    def heads_in(w: Any, n: int) -> Any:  # (d_model, n * d_head) -> (n, d_model, d_head)
+        return w.reshape(w.shape[0], n, arch.d_head).permute(1, 0, 2)
+
+    def heads_bias(b: Any, n: int) -> Any:
+        return None if b is None else b.reshape(n, arch.d_head)
+
+    def heads_out(w: Any) -> Any:  # (heads * d_head, d_model) -> (heads, d_head, d_model)
+        return w.reshape(arch.n_heads, arch.d_head, w.shape[-1])
+
+    H, G = arch.n_heads, arch.n_kv_heads
+    layers = []
+    for block in _blocks(hf, arch):
+        block = _raw(block)
+        attn, mlp = _raw(_attention_of(block, arch)), _raw(block.mlp)
+        if arch.family == "gpt2":
+            w, b = linear(attn.c_attn)
+            qkv = [(w[:, i * arch.d_model : (i + 1) * arch.d_model],
+                    b[i * arch.d_model : (i + 1) * arch.d_model]) for i in range(3)]  # fmt: skip
+            o = linear(attn.c_proj)
+        elif arch.family == "gpt_neox":  # per head [q, k, v] side by side
+            w, b = linear(attn.query_key_value)
+            w = w.reshape(arch.d_model, H, 3, arch.d_head)
+            b = None if b is None else b.reshape(H, 3, arch.d_head)
+            qkv = [(w[:, :, i].reshape(arch.d_model, -1),
+                    None if b is None else b[:, i].reshape(-1)) for i in range(3)]  # fmt: skip
+            o = linear(attn.dense)
+        else:
+            qkv = [linear(attn.q_proj), linear(attn.k_proj), linear(attn.v_proj)]
+            o = linear(attn.out_proj if arch.family == "gptj" else attn.o_proj)
+        (wq, bq), (wk, bk), (wv, bv) = qkv
+        ln1, ln2, ln1_post, ln2_post = _norms_of(block, arch)
+        if arch.gated_mlp:
+            (w_gate, b_gate), (w_in, b_in) = linear(mlp.gate_proj), linear(mlp.up_proj)
+            w_out, b_out = linear(mlp.down_proj)
+        else:
+            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"),
+                     "gpt_neox": ("dense_h_to_4h", "dense_4h_to_h")}[arch.family]  # fmt: skip
+            w_in, b_in = linear(getattr(mlp, names[0]))
+            w_out, b_out = linear(getattr(mlp, names[1]))
+            w_gate = b_gate = None
+        layers.append(
+            LayerWeights(
+                ln1=norm(ln1), ln2=norm(ln2),
+                ln1_post=None if ln1_post is None else norm(ln1_post),
+                ln2_post=None if ln2_post is None else norm(ln2_post),
+                W_Q=heads_in(wq, H), W_K=heads_in(wk, G), W_V=heads_in(wv, G),
+                b_Q=heads_bias(bq, H), b_K=heads_bias(bk, G), b_V=heads_bias(bv, G),
+                W_O=heads_out(o[0]), b_O=o[1], W_in=w_in, b_in=b_in, W_gate=w_gate,
+                b_gate=b_gate, W_out=w_out, b_out=b_out,
+            )
+        )  # fmt: skip
+    out = _raw(hf.get_output_embeddings())
+    positions = _raw(hf.transformer.wpe).weight if arch.family == "gpt2" else None
+    return Weights(
+        W_E=t(_raw(hf.get_input_embeddings()).weight),
+        W_pos=t(positions),
+        layers=layers,
+        ln_final=norm(_final_norm(hf, arch)),
+        W_U=t(out.weight.T),
+        b_U=bias(out),
+    )
+
+
+def _raw(module: Any) -> Any:
+    """The Hugging Face module itself: the bridge wraps the HF model's modules in place."""
+    return getattr(module, "original_component", None) or module
+
+
+def _blocks(hf: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return hf.transformer.h
+    if arch.family == "gpt_neox":
+        return hf.gpt_neox.layers
+    return hf.model.layers
+
+
+def _attention_of(block: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return block.attn
+    return block.attention if arch.family == "gpt_neox" else block.self_attn
+
+
+def _norms_of(block: Any, arch: Architecture) -> tuple[Any, Any, Any, Any]:
+    """(ln1, ln2, ln1_post, ln2_post) modules of a block."""
+    if arch.family == "gpt2":
+        return block.ln_1, block.ln_2, None, None
+    if arch.family == "gptj":
+        return block.ln_1, block.ln_1, None, None
+    if arch.post_norms:
+        return (block.input_layernorm, block.pre_feedforward_layernorm,
+                block.post_attention_layernorm, block.post_feedforward_layernorm)  # fmt: skip
+    return block.input_layernorm, block.post_attention_layernorm, None, None
+
+
+def _final_norm(hf: Any, arch: Architecture) -> Any:
+    if arch.family in ("gpt2", "gptj"):
+        return hf.transformer.ln_f
+    return hf.gpt_neox.final_layer_norm if arch.family == "gpt_neox" else hf.model.norm
+
+
+def toy_config(settings: Mapping[str, Any]) -> Any:
+    """The Hugging Face config of a toy model's config.json settings: the class its
+    `model_type` names (GPT-2 when absent), every other setting at the library's default."""
+    from transformers import AutoConfig
+
+    rest = dict(settings)
+    return AutoConfig.for_model(rest.pop("model_type", "gpt2"), **rest)
+
+
+def toy_model(settings: Mapping[str, Any]) -> Any:
+    """An untrained toy model of those settings, with torch's current seed: what training
+    starts from and what a built-in's weights load into."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(toy_config(settings), attn_implementation="eager")
+
+
+def _builtin_from_dir(directory: Path, random_seed: int | None) -> tuple[Any, Any]:
+    """A built-in toy model: the Hugging Face class its config.json's `model_type` names (GPT-2
+    when absent), its weights and its word vocabulary."""
+    import torch
+
+    from actstore.model.tokenizer import read_vocab, word_level_tokenizer
+
+    settings = json.loads((directory / "config.json").read_text())
+    words = read_vocab(directory / "vocab.json")
+    tokenizer = word_level_tokenizer(words, name=directory.name)
+    if random_seed is not None:
+        torch.manual_seed(random_seed)
+        hf = toy_model(settings)
+    else:
+        weights = directory / "model.safetensors"
+        if not weights.exists():
+            raise ActstoreError(
+                f"built-in model {directory.name!r} has no trained weights at {weights}; "
+                f"train it (python -m tools.train_toy) or use {directory.name}{RANDOM_SUFFIX}"
+            )
+        from safetensors.torch import load_file
+
+        hf = toy_model(settings)
+        state = load_file(str(weights))
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if hf.config.tie_word_embeddings else set()
+        buffers = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+        real_missing = [k for k in missing if not k.endswith(buffers) and k not in tied]
+        if real_missing or unexpected:
+            raise ActstoreError(
+                f"built-in model {directory.name!r}: weights do not fit the config "
+                f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}); retrain it"
+            )
+    hf.eval()
+    return hf, tokenizer
+
+
+def _silence_transformers() -> None:
+    """Quiet library logs; their progress bars ("Loading weights") only on a terminal."""
+    import logging
+    import sys
+
+    for name in ("transformers", "transformer_lens", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def load_model(spec: str, device: str | None = None) -> ModelAdapter:
+    """Load a model by built-in name, local Hugging Face directory, or hub name."""
+    source = check_model_spec(spec)
+    dev = resolve_device(device)
+    _silence_transformers()
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if source == "builtin":
+        base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
+        seed = 0 if spec.endswith(RANDOM_SUFFIX) else None
+        hf, tokenizer = _builtin_from_dir(BUILTIN_DIR / base, seed)
+        return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
+    elif source == "path":
+        path = Path(spec).expanduser().resolve()
+        check_family(_json(path / "config.json").get("model_type"), spec)
+        from transformers import AutoModelForCausalLM
+
+        try:
+            tokenizer = _directory_tokenizer(path)
+            hf = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ActstoreError(f"--model {spec}: cannot load the directory: {first}") from None
+        return adapter_from_hf(str(path), hf, tokenizer, dev, source="path")
+    else:
+        try:
+            bridge = TransformerBridge.boot_transformers(spec, device=dev)
+        except Exception as exc:  # the hub and TL raise many kinds; all mean "cannot load"
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ActstoreError(
+                f"unknown model {spec!r} (not built-in, not a directory, not loadable from the "
+                f"hub: {msg[:160]}); built-in models: {', '.join(builtin_names())}"
+            ) from None
+        return _adapter(spec, bridge, bridge.tokenizer, dev, "hub")
+
+
+def adapter_from_hf(
+    spec: str, hf: Any, tokenizer: Any, device: str | None = None, source: str = "memory"
+) -> ModelAdapter:
+    """Wrap an in-memory Hugging Face causal LM and its tokenizer (how every non-hub model is
+    loaded; also for models built in code, e.g. a randomly initialised GPT-2 shape)."""
+    _silence_transformers()
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    bridge = TransformerBridge.boot_transformers(spec, hf_model=hf, tokenizer=tokenizer, device=dev)
+    return _adapter(spec, bridge, tokenizer, dev, source)
+
+
+def _adapter(spec: str, bridge: Any, tokenizer: Any, device: str, source: str) -> ModelAdapter:
+    bridge.eval()
+    return ModelAdapter(spec, bridge, tokenizer, device, source)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ActstoreError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    """The directory's tokenizer. A generic fast tokenizer (what a tokenizer built in code saves
+    as) loads as itself: AutoTokenizer would swap in the family's own class for some families
+    (Qwen2), which re-tokenizes the saved vocabulary differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    declared = _json(config).get("tokenizer_class") if config.exists() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def model_record(model: ModelAdapter) -> dict[str, Any]:
+    """The `models` row of a model, by column name."""
+    s = model.shape
+    return {
+        "model": model.spec, "fingerprint": model.fingerprint, "source": model.source,
+        "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model, "d_head": s.d_head,
+        "d_mlp": s.d_mlp, "d_vocab": s.d_vocab, "n_ctx": s.n_ctx,
+        "architecture": model.architecture.to_json(),
+    }  # fmt: skip
