@@ -141,10 +141,11 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
             "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
     df = store._trusted_query(
-        "SELECT layer, head, pos, role, metric, value, normalized, importance FROM patch_effects "
-        "WHERE query_id = ? ORDER BY layer, head, pos",
-        [query_id],
+        "SELECT * FROM patch_effects WHERE query_id = ? ORDER BY layer, head, pos", [query_id]
     )
+    if "role" not in df.columns:  # a catalog from before roles, read as it is
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("role"))
+    df = df.select("layer", "head", "pos", "role", "metric", "value", "normalized", "importance")
     if df.is_empty():
         raise ActstoreError(f"patch query {query_id} has no effect rows; rerun actstore patch")
     params = prov["params"]

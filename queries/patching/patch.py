@@ -124,12 +124,25 @@ def check_spec(
 
 
 def stored_effects(store: Store, query_id: int, roles: Sequence[str] = ()) -> pl.DataFrame:
-    """A recorded query's rows, roles in the order asked."""
-    return store._trusted_query(
-        f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
-        "ORDER BY layer, head NULLS FIRST, list_position(?, role), pos NULLS FIRST",
-        [query_id, list(roles)],
-    )
+    """A recorded query's rows, roles in the order asked. A catalog not yet migrated (read-only,
+    from before roles) has no role column: its rows have none."""
+    rows = with_role(store._trusted_query(
+        "SELECT * FROM patch_effects WHERE query_id = ? "
+        "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
+        [query_id],
+    ))  # fmt: skip
+    if roles:
+        order = pl.col("role").replace_strict(list(roles), list(range(len(roles))), default=None)
+        rows = rows.sort(pl.col("layer"), pl.col("head"), order, nulls_last=False,
+                         maintain_order=True)  # fmt: skip
+    return rows.select(RESULT_COLUMNS)
+
+
+def with_role(rows: pl.DataFrame) -> pl.DataFrame:
+    """Effect rows with a `role` column (NULL where the catalog predates it)."""
+    if "role" in rows.columns:
+        return rows
+    return rows.with_columns(pl.lit(None, dtype=pl.String).alias("role"))
 
 
 def patch(
