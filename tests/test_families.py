@@ -292,3 +292,25 @@ def test_reduce_head_norm_over_key_value_heads(fam):
     lengths = fam.store.prompts(1)["seq_len"].to_numpy()
     at0 = rows.filter((pl.col("pos") == 0) & (pl.col("idx") == 0))["value"][0]
     assert at0 == pytest.approx(float(np.linalg.norm(k[lengths > 0, 0, 0], axis=-1).mean()))
+
+
+def test_attention_patterns_equal_the_bridge(fam):
+    """`actstore attention`'s patterns, recomputed from the stored (or derived) residual stream
+    through the engine, equal the bridge's hook_pattern at every real position of every
+    prompt, layer and head, on both sides (rotary, GQA, soft caps, sliding windows, norms)."""
+    from queries.attention import attention_patterns
+
+    store, model = fam.store, fam.model
+    lengths = store.prompts(1)["seq_len"].to_numpy()
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.shape.n_layers)}
+    for side in ("clean", "corrupted"):
+        tokens = torch.as_tensor(store.read(1, side, "tokens")).long()
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names)
+        for span, patterns in attention_patterns(store, 1, side, model, batch_size=4):
+            for layer, pattern in enumerate(patterns):
+                ref = cache[f"blocks.{layer}.attn.hook_pattern"][torch.as_tensor(span.index)]
+                for i, b in enumerate(span.index):
+                    n = int(lengths[b])
+                    diff = (pattern[i, :, :n, :n] - ref[i, :, :n, :n].float()).abs().max()
+                    assert float(diff) < 1e-5, (fam.name, side, layer, int(b), float(diff))

@@ -48,6 +48,12 @@ class ActStore(Store):
 
         return subspace(self, run, hook, direction, **kwargs)
 
+    def attention(self, run: int, **kwargs: Any) -> pl.DataFrame:
+        """Per head, mean attention from one role to others (see `queries.attention.query`)."""
+        from queries.attention import attention
+
+        return attention(self, run, **kwargs)
+
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
         from queries.reduction.reduce import reduce

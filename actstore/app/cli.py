@@ -406,6 +406,30 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @main.command()
 @click.argument("store")
 @RUN
+@click.option("--from", "source", default="END", show_default=True, help="The role attended from.")
+@click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
+@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@DEVICE
+@FORMAT
+def attention(store: str, run: int, fmt: str, **kwargs) -> None:
+    """Per head, the mean attention probability from one role's token to others'.
+
+    Recomputed from the stored residual stream through the engine every query uses (each
+    prompt read at its own positions of the roles); rows land in the attention table.
+
+    \b
+    Example:
+      actstore attention /tmp/s --run 1 --from END --to IO,S1,S2
+      actstore attention /tmp/s --run 1 --to IO --side corrupted --format csv
+    """
+    write_rows(_open(store).attention(run, **kwargs), fmt)
+
+
+@main.command()
+@click.argument("store")
+@RUN
 @click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
 @click.option(
     "--op", type=click.Choice(choices.OPS), default="mean",
