@@ -72,3 +72,21 @@ def test_bad_attention_input_is_one_line_and_writes_nothing(ioi_store, kwargs, m
     with pytest.raises(UsageError) as err:
         attention(store, 1, **kwargs)
     assert str(err.value) == message
+
+
+def test_report_has_an_attention_section(ioi_copy, toy_random, tmp_path):
+    from queries.analysis.report import report
+    from queries.attention import attention
+
+    store = Store(ioi_copy)
+    empty = tmp_path / "empty.html"
+    report(store, empty)
+    assert "No attention queries for these runs" in empty.read_text()
+    rows = attention(store, 1, "END", "IO,S2", model=toy_random)
+    out = tmp_path / "report.html"
+    report(store, out)
+    html = out.read_text()
+    assert "Attention by role" in html and "END → IO" in html and "END → S2" in html
+    top = rows.filter(rows["to_role"] == "IO").sort("value", descending=True).row(0, named=True)
+    first = html.index("attention query")
+    assert f"a{top['layer']}.h{top['head']}" in html[first:]

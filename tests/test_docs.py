@@ -36,6 +36,7 @@ RENAMED = {
     ("plot", "output"): "out",
     ("report", "output"): "out",
     ("subspace", "patch_direction"): "mode",  # subspace's --direction names the source
+    ("attention", "from"): "source",  # `from` is a keyword
 }
 # Options of the command line only: how many rows to print, and in what format.
 CLI_ONLY = {("attribute", "top")} | {(c, "format") for c in COMMANDS if c != "export"}

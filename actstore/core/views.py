@@ -126,6 +126,16 @@ VIEWS: dict[str, str] = {
              LEFT JOIN runs r ON r.run_id = a.run_id
         ORDER BY c.circuit_id
         """,
+    "attention_heads": f"""
+        SELECT a.query_id AS attention_id, q.run_id, r.task, a.layer, a.head,
+               {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node,
+               a.from_role, a.to_role, a.side, a.value AS attention,
+               t.query_id AS patch_id, t.component, t.metric, t.direction, t.importance, t.rank
+        FROM attention a JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+             LEFT JOIN top_heads t
+                  ON t.run_id = q.run_id AND t.layer = a.layer AND t.head = a.head
+        ORDER BY a.query_id, a.layer, a.head, t.query_id
+        """,
 }
 
 

@@ -281,7 +281,7 @@ class _Setup:
         """The metric of every variant of a group at one position, summed over the batch."""
         import torch
 
-        from queries.core import metrics
+        from actstore.model import metrics
         from queries.patching.recompute import final_resid
         from queries.patching.reference import final_logits
 
