@@ -25,7 +25,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)
 
 # Commands with no ActStore method of their own: the documented function each one calls.
-FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.app.demo.demo"]}
+FUNCTIONS = {
+    "merge": ["ingest.shards.merge"],
+    "demo": ["actstore.app.demo.demo"],
+    "path": ["queries.paths.path"],  # ActStore.path is the store's directory
+}
 # --repair runs ActStore.repair before ActStore.verify.
 EXTRA_METHODS = {"verify": ["repair"]}
 
@@ -35,11 +39,12 @@ RENAMED = {
     ("export", "output"): "out",
     ("plot", "output"): "out",
     ("report", "output"): "out",
-    ("subspace", "patch_direction"): "mode",  # subspace's --direction names the source
     ("attention", "from"): "source",  # `from` is a keyword
 }
 # Options of the command line only: how many rows to print, and in what format.
-CLI_ONLY = {("attribute", "top")} | {(c, "format") for c in COMMANDS if c != "export"}
+CLI_ONLY = {("attribute", "top"), ("patch", "top")} | {
+    (c, "format") for c in COMMANDS if c != "export"
+}
 
 
 def _function(path: str) -> Callable[..., Any] | None:

@@ -74,7 +74,7 @@ def test_every_array_saying_fewer_prompts_is_refused_by_every_reader(store):
     commands = {
         "patch": ["patch", str(store), *run, "--component", "head", "--recompute"],
         "attribute": ["attribute", str(store), *run, "--method", "atp"],
-        "subspace": ["subspace", str(store), *run, "--hook", RESID, "--direction", "mean-diff"],
+        "subspace": ["subspace", str(store), *run, "--hook", RESID, "--basis", "mean-diff"],
         "reduce": ["reduce", str(store), *run, "--hook", HOOK],
         "circuit": ["circuit", str(store), "--scores", "1", "--edges", "5", "--format", "csv"],
     }

@@ -41,7 +41,7 @@ def _commands(store, target):
         "export --sql": ["export", s, "--sql", "select 1 as x", "--format", "parquet", "-o", t],
         "report": ["report", s, "-o", t],
         "plot": ["plot", s, "effects", "1", "-o", t],
-        "subspace --save-direction": ["subspace", s, "--run", "1", "--hook", HOOK, "--direction",
+        "subspace --save-direction": ["subspace", s, "--run", "1", "--hook", HOOK, "--basis",
                                       "mean-diff", "--save-direction", t],
         "demo": ["demo", t],
     }  # fmt: skip

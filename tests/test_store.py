@@ -130,6 +130,8 @@ def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
     after = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
     assert before.equals(after)
     np.testing.assert_array_equal(first, store.read(1, "clean", "blocks.0.attn.hook_z"))
+    second = store.read(run=2, side="clean", hook="blocks.0.attn.hook_z", stop=3)  # as every verb
+    assert second.shape[0] == 3 and store.prompts(run=2).height == 6
 
 
 def test_missing_run_and_hook_are_clear_errors(ioi_store):

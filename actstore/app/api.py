@@ -26,7 +26,7 @@ class ActStore(Store):
 
     def read(
         self,
-        run_id: int,
+        run: int,
         side: str,
         hook: str,
         start: int = 0,
@@ -36,17 +36,17 @@ class ActStore(Store):
         """Activations of prompts [start, stop), every chunk verified; with `derive`, a hook the
         run derives on read (the default hooks store a lean set) is computed from the stored
         ones with the run's model, as the queries do (float32)."""
-        if derive and self.derives(run_id, side, hook):
+        if derive and self.derives(run, side, hook):
             from queries.core.reader import DerivedArray
 
-            return DerivedArray(self, run_id, side, hook)[start:stop]
-        return super().read(run_id, side, hook, start, stop)
+            return DerivedArray(self, run, side, hook)[start:stop]
+        return super().read(run, side, hook, start, stop)
 
-    def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
+    def subspace(self, run: int, hook: str, basis: str, **kwargs: Any) -> pl.DataFrame:
         """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""
         from queries.subspace import subspace
 
-        return subspace(self, run, hook, direction, **kwargs)
+        return subspace(self, run, hook, basis, **kwargs)
 
     def attention(self, run: int, **kwargs: Any) -> pl.DataFrame:
         """Per head, mean attention from one role to others (see `queries.attention.query`)."""
@@ -120,6 +120,7 @@ class ActStore(Store):
         progress: bool | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending; with
         `workers` (a local Dask cluster) or `scheduler` (a running one's address) the prompt
@@ -127,7 +128,7 @@ class ActStore(Store):
         from queries.attribution import attribute
 
         return attribute(self, run, method, steps, level, metric, device, progress, workers,
-                         scheduler)  # fmt: skip
+                         scheduler, recompute)  # fmt: skip
 
     def circuit(
         self,
@@ -139,6 +140,7 @@ class ActStore(Store):
         workers: int | None = None,
         scheduler: str | None = None,
         metric: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """A circuit from an edge score set (top-N or smallest reaching a faithfulness), its
         faithfulness in the scores' metric or `metric`; with `workers` or `scheduler` its
@@ -146,7 +148,7 @@ class ActStore(Store):
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
-                       metric)  # fmt: skip
+                       metric, recompute)  # fmt: skip
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

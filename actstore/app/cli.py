@@ -46,6 +46,17 @@ WORKERS = click.option(
 SCHEDULER = click.option(
     "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
 )
+# One --recompute for every query verb: asked again, the query is computed and recorded
+# afresh, and the views and the report show the newest per setting (view current_queries).
+RECOMPUTE = click.option(
+    "--recompute", is_flag=True,
+    help="Compute again even if asked before; the new query supersedes the old.",
+)  # fmt: skip
+# One --top for the verbs that print ranked rows: the K most important, all of them stored.
+TOP = click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K most important rows (all are stored).",
+)  # fmt: skip
 
 
 def sql_limits(fn):
@@ -292,6 +303,17 @@ def export(
         click.echo(f"wrote {df.height} rows to {output}", err=True)
 
 
+def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """subspace's --direction is the patching direction, as on every verb; the subspace itself
+    was once given there: point a basis to --basis."""
+    if value not in choices.DIRECTIONS:
+        raise click.BadParameter(
+            f"{value!r}: --direction is {'|'.join(choices.DIRECTIONS)} (which run is patched "
+            "into which); give the subspace to patch as --basis FILE|mean-diff|das"
+        )
+    return value
+
+
 @main.command()
 @click.argument("store")
 @RUN
@@ -299,7 +321,7 @@ def export(
     "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
 )
 @click.option(
-    "--direction",
+    "--basis",
     required=True,
     help="Subspace to patch: a .npy file (d,) or (k, d), mean-diff or das.",
 )
@@ -318,8 +340,8 @@ def export(
     show_default=True,
 )
 @click.option(
-    "--patch-direction", "mode", type=click.Choice(choices.DIRECTIONS), default="denoise",
-    show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
+    "--direction", default="denoise", show_default=True, callback=_patch_direction,
+    help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
 @click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
@@ -335,9 +357,10 @@ def export(
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@RECOMPUTE
 @DEVICE
 @FORMAT
-def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
 
     Reports the effect of patching v, of its rowspace and nullspace parts under the map that
@@ -346,12 +369,12 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
 
     \b
     Example:
-      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
-      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
+      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --basis das --pos final
+      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --basis v.npy
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run, hook, direction, **kwargs)
+    rows = _open(store).subspace(run, hook, basis, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
     from queries.analysis.lookups import illusion_verdict
@@ -366,7 +389,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--method",
     type=click.Choice(choices.METHODS),
     required=True,
-    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input.",
+    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input; "
+    "exact: every edge patched alone (what eap estimates).",
 )
 @click.option("--steps", type=int, help="Integration steps of eap-ig methods (default 5).")
 @click.option(
@@ -376,10 +400,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option(
-    "--top", type=click.IntRange(min=0),
-    help="Print only the K largest |score| rows (all are stored).",
-)  # fmt: skip
+@TOP
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -394,8 +416,10 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
       actstore attribute /tmp/s --run 1 --method eap-ig --steps 5 --top 20
       actstore attribute /tmp/s --run 1 --method atp --format csv
       actstore attribute /tmp/s --run 1 --method eap-ig --workers 2
+      actstore attribute /tmp/s --run 1 --method exact --top 20
       actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
                            order by abs(score) desc limit 100"
+      actstore sql /tmp/s "select method_a, method_b, spearman from score_agreement"
     """
     df = _open(store).attribute(run, **kwargs)
     if df.height:
@@ -409,7 +433,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @click.option("--from", "source", default="END", show_default=True, help="The role attended from.")
 @click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
-@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@RECOMPUTE
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @FORMAT
@@ -442,6 +466,7 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
     show_default=True, help="Dask's local threads, or a cluster at --address.",
 )  # fmt: skip
 @click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@RECOMPUTE
 @FORMAT
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
@@ -683,6 +708,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--metric", type=click.Choice(choices.METRICS),
     help="Measure faithfulness in this metric (e.g. accuracy) [default: the scores' metric].",
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -730,13 +756,14 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     help="Roles (IO,S2,END) or, where every prompt has one length, position numbers "
     "[default: every role; every position of a one-length run].",
 )
-@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@RECOMPUTE
+@TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @WORKERS
 @SCHEDULER
 @FORMAT
-def patch(store: str, run: int, fmt: str, **kwargs) -> None:
+def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
     Prints effects(query_id, layer, head, pos, role, metric, value, normalized) and importance:
@@ -749,9 +776,56 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
+      actstore patch /tmp/s --run 1 --component head --top 5
       actstore patch /tmp/s --run 1 --component resid --positions IO,S1,S2,END
     """
-    write_rows(_open(store).patch(run, **kwargs), fmt)
+    rows = _open(store).patch(run, **kwargs)
+    if top is not None:
+        rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
+    write_rows(rows.head(top) if top is not None else rows, fmt)
+
+
+@main.command()
+@click.argument("store")
+@RUN
+@click.option("--senders", required=True,
+              help="a{L}.h{H}, a{L}.*, m{L} or all, comma-separated.")  # fmt: skip
+@click.option(
+    "--receivers", required=True,
+    help="a{L}.h{H}:q|k|v, a{L}.*:q, a*.*:q (every head after the sender), m{L} or logits, "
+    "comma-separated, each patched alone; join with + to patch receivers together.",
+)  # fmt: skip
+@click.option("--positions", help="Token roles (e.g. END, S2), comma-separated: the sender "
+              "changes only there, one row per role. Default: every position.")  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
+    help="denoise: clean senders into the corrupted run; noise: corrupted into the clean run.",
+)  # fmt: skip
+@DEVICE
+@FORMAT
+def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> None:
+    """Path patching: each sender's changed output reaches the receivers only by the direct
+    path; everything downstream of them computes freely (Wang et al.).
+
+    Prints path_effects(query_id, sender, receiver, qkv, role, metric, value, normalized),
+    importance and each sender's rank within its receiver and role. One receiver per row is
+    TransformerLens' get_act_patch_direct_path. A repeated query is read from the store.
+
+    \b
+    Example:
+      actstore path /tmp/s --run 1 --senders all --receivers logits --positions END
+      actstore path /tmp/s --run 1 --senders a0.h1 --receivers 'a*.*:q'
+      actstore path /tmp/s --run 1 --senders all --receivers a3.h0:q+a3.h2:q
+      actstore sql /tmp/s "select * from top_senders where rank <= 5"
+    """
+    from queries.paths import path as path_patching  # Store.path is the store's directory
+
+    roles = None if positions is None else positions.split(",")
+    write_rows(path_patching(_open(store), run, positions=roles, **kwargs), fmt)
 
 
 if __name__ == "__main__":

@@ -170,33 +170,32 @@ class Store:
     def runs(self) -> pl.DataFrame:
         return self._trusted_query("SELECT * FROM runs ORDER BY run_id")
 
-    def run(self, run_id: int, complete: bool = True) -> dict[str, Any]:
+    def run(self, run: int, complete: bool = True) -> dict[str, Any]:
         """One run's catalog row as a dict; a missing or unfinished run is an error."""
-        rows = self._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_dicts()
+        rows = self._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run]).to_dicts()
         if not rows:
             known = self._trusted_query("SELECT run_id FROM runs ORDER BY run_id")[
                 "run_id"
             ].to_list()
             raise UsageError(
-                f"run {run_id} is not in {self.path} (runs: {known or 'none'}); see actstore info"
+                f"run {run} is not in {self.path} (runs: {known or 'none'}); see actstore info"
             )
         row = rows[0]
         row["params"] = json.loads(row["params"])
         row["hooks"] = json.loads(row["hooks"])
         if complete and row["status"] != "complete":
             raise ActstoreError(
-                f"run {run_id} is {row['status']}, not complete; rerun its ingest command "
-                "to resume it"
+                f"run {run} is {row['status']}, not complete; rerun its ingest command to resume it"
             )
         return row
 
-    def prompts(self, run_id: int) -> pl.DataFrame:
+    def prompts(self, run: int) -> pl.DataFrame:
         return self._trusted_query(
-            "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run_id]
+            "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run]
         )
 
-    def arrays(self, run_id: int | None = None) -> pl.DataFrame:
-        where = "" if run_id is None else f"WHERE run_id = {int(run_id)}"
+    def arrays(self, run: int | None = None) -> pl.DataFrame:
+        where = "" if run is None else f"WHERE run_id = {int(run)}"
         return self._trusted_query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
 
     def info(self) -> pl.DataFrame:
@@ -218,34 +217,34 @@ class Store:
             """
         )
 
-    def hooks(self, run_id: int, side: str = "clean") -> list[str]:
+    def hooks(self, run: int, side: str = "clean") -> list[str]:
         df = self._trusted_query(
-            "SELECT hook FROM arrays WHERE run_id = ? AND side = ? ORDER BY hook", [run_id, side]
+            "SELECT hook FROM arrays WHERE run_id = ? AND side = ? ORDER BY hook", [run, side]
         )
         return df["hook"].to_list()
 
-    def ledger(self, run_id: int, side: str, hook: str, reload: bool = False) -> Ledger:
+    def ledger(self, run: int, side: str, hook: str, reload: bool = False) -> Ledger:
         """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
         run; `reload` reads the run's rows again (an ingest may have recorded more)."""
-        if reload or run_id not in self._ledgers:
+        if reload or run not in self._ledgers:
             with self.reading():
                 rows = self._trusted_query(
                     "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum "
                     "FROM chunks WHERE run_id = ?",
-                    [run_id],
+                    [run],
                 )
-                arrays = self.arrays(run_id)
+                arrays = self.arrays(run)
             per_array: dict[tuple[str, str], Ledger] = {}
             for sd, hk, idx, lo, hi, checksum in rows.iter_rows():
                 per_array.setdefault((sd, hk), {})[int(idx)] = LedgerEntry(lo, hi, checksum)
-            self._ledgers[run_id] = per_array
-            self._metadata[run_id] = {
+            self._ledgers[run] = per_array
+            self._metadata[run] = {
                 (row["side"], row["hook"]): zarrays.expected_metadata(row)
                 for row in arrays.iter_rows(named=True)
             }
             if per_array:
                 self.check_arrays_root()
-        return self._ledgers[run_id].get((side, hook), {})
+        return self._ledgers[run].get((side, hook), {})
 
     def check_arrays_root(self) -> None:
         """Refuse to read arrays under a root group whose metadata is gone or garbage (zarr
@@ -257,51 +256,53 @@ class Store:
                 f"{problem}; {FIX}"
             )
 
-    def array(self, run_id: int, side: str, hook: str) -> VerifiedArray:
+    def array(self, run: int, side: str, hook: str) -> VerifiedArray:
         """The array of (run, side, hook), every chunk read checked against the ledger; a clear
         error naming what is stored otherwise."""
-        ledger = self.ledger(run_id, side, hook)
+        ledger = self.ledger(run, side, hook)
         try:
             return VerifiedArray(
-                self.arrays_root, run_id, side, hook, ledger,
-                refresh=lambda: self.ledger(run_id, side, hook, reload=True),
-                metadata=self._metadata[run_id].get((side, hook)),
+                self.arrays_root, run, side, hook, ledger,
+                refresh=lambda: self.ledger(run, side, hook, reload=True),
+                metadata=self._metadata[run].get((side, hook)),
             )  # fmt: skip
         except DamagedError:
             raise
         except Exception as exc:  # no metadata, or metadata zarr cannot read
             missing = exc
-        name = zarrays.array_name(run_id, side, hook)
+        name = zarrays.array_name(run, side, hook)
         if ledger:
             raise DamagedError(
-                f"run {run_id} {side} {hook}: the array {self.arrays_root.show(name)} cannot be "
+                f"run {run} {side} {hook}: the array {self.arrays_root.show(name)} cannot be "
                 f"opened ({first_line(missing)}); {FIX}"
             )
-        stored = self.hooks(run_id, side)
+        stored = self.hooks(run, side)
         if not stored:
-            raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
-        if self.derives(run_id, side, hook):
+            raise UsageError(f"run {run} has no {side!r} side in {self.path}")
+        if self.derives(run, side, hook):
             raise UsageError(
-                f"hook {hook!r} of run {run_id} is derived on read from the hooks it stores, not "
-                f"stored: compute it with the run's model by actstore.open(path).read({run_id}, "
+                f"hook {hook!r} of run {run} is derived on read from the hooks it stores, not "
+                f"stored: compute it with the run's model by actstore.open(path).read({run}, "
                 f"{side!r}, {hook!r}, derive=True), or store it too by ingesting again with "
-                f"--hooks default,{hook} --again"
+                f"--hooks default,{hook}"
             )
         raise UsageError(
-            f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
+            f"hook {hook!r} is not stored for run {run} ({side}); stored hooks include "
             f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
         )
 
-    def derives(self, run_id: int, side: str, hook: str) -> bool:
-        """Whether the run derives the hook on read (actstore.derivable) rather than stores it."""
-        derived = self.run(run_id, complete=False)["params"].get("derived", [])
-        return hook in derived and hook not in self.hooks(run_id, side)
+    def derives(self, run: int, side: str, hook: str) -> bool:
+        """Whether the run derives the hook on read (actstore.model.derivable) rather than
+        stores it."""
+        derived = self.run(run, complete=False)["params"].get("derived", [])
+        return hook in derived and hook not in self.hooks(run, side)
 
     def read(
-        self, run_id: int, side: str, hook: str, start: int = 0, stop: int | None = None
+        self, run: int, side: str, hook: str, start: int = 0, stop: int | None = None
     ) -> np.ndarray:
-        """Activations of prompts [start, stop) as a numpy array, every chunk verified."""
-        return self.array(run_id, side, hook)[start:stop]
+        """Activations of run `run`'s prompts [start, stop) as a numpy array, every chunk
+        verified; `run` as every verb names it."""
+        return self.array(run, side, hook)[start:stop]
 
     def export(
         self,

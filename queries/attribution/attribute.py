@@ -13,6 +13,9 @@ taken in forwards that `EdgeModel` runs (one forward+backward per gradient point
   corrupted) in the clean forward, and the gradients of those S passes score that group's edges.
 - `atp`: Δ = clean − corrupted, gradient at the corrupted run: the denoising estimate of
   m(corrupted with a clean) − m(corrupted), the direction of `actstore patch`'s default.
+- `exact`: no estimate: m(clean run with that one edge carrying its corrupted value) − m(clean),
+  every edge patched alone (queries/attribution/exact.py), the quantity eap and eap-ig
+  approximate; the view `score_agreement` compares any two score sets of a run.
 
 Level `node` sums a node's outgoing edge scores, which equals Δ_s · ∂m/∂out_s (its output feeds
 every downstream input additively): node AtP for heads and MLPs. Node rows have dst NULL.
@@ -55,6 +58,11 @@ def resolve_params(
         )
     level = level or ("node" if method == "atp" else "edge")
     check("--level", level, LEVELS)
+    if method == "exact" and level != "edge":
+        raise UsageError(
+            "--method exact scores edges only (a node's outgoing edges patched one at a time do "
+            "not sum to patching the node); drop --level node or use actstore patch"
+        )
     return {
         "method": method,
         "steps": (steps or DEFAULT_STEPS) if integrated else None,
@@ -74,6 +82,7 @@ def attribute(
     progress: bool | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc.
 
@@ -105,7 +114,7 @@ def attribute(
         return {"edge_scores": frame}
 
     return recorded(store, "attribute", run, params, compute,
-                    lambda score_id: stored_scores(store, score_id))  # fmt: skip
+                    lambda score_id: stored_scores(store, score_id), recompute)  # fmt: skip
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:

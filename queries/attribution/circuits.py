@@ -93,6 +93,7 @@ def circuit(
     workers: int | None = None,
     scheduler: str | None = None,
     metric: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
@@ -144,7 +145,7 @@ def circuit(
         return _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
 
     return recorded(store, "circuit", run, params, compute,
-                    lambda circuit_id: stored_circuit(store, circuit_id))  # fmt: skip
+                    lambda circuit_id: stored_circuit(store, circuit_id), recompute)  # fmt: skip
 
 
 def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:

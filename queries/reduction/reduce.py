@@ -43,6 +43,7 @@ def reduce(
     side: str = "clean",
     scheduler: str = "threads",
     address: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Reduce a stored hook over the run's prompts; cached by parameters like every query."""
     check("--op", op, OPS)
@@ -67,7 +68,9 @@ def reduce(
     def compute() -> dict[str, pl.DataFrame]:
         return {"reductions": _compute(store, run, hook, side, op, by, scheduler, address)}
 
-    return recorded(store, KIND, run, params, compute, lambda query_id: _rows(store, query_id))
+    return recorded(
+        store, KIND, run, params, compute, lambda query_id: _rows(store, query_id), recompute
+    )
 
 
 def _rows(store: Store, query_id: int) -> pl.DataFrame:

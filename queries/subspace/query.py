@@ -86,11 +86,11 @@ def subspace(
     store: Store,
     run: int,
     hook: str,
-    direction: str,
+    basis: str,
     head: int | None = None,
     pos: str = "all",
     metric: str = "logit-diff",
-    mode: str = "denoise",
+    direction: str = "denoise",
     reader: str | None = None,
     k: int = 1,
     group_by: str = "side",
@@ -100,10 +100,12 @@ def subspace(
     lr: float = 0.05,
     device: str | None = None,
     save_direction: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
-    """Patch along a direction at a hook and report the illusion diagnostics (see module doc)."""
+    """Patch the subspace `basis` (a .npy file, mean-diff or das) at a hook in `direction`
+    (denoise or noise) and report the illusion diagnostics (see module doc)."""
     check("--metric", metric, METRICS)
-    check("--patch-direction", mode, DIRECTIONS)
+    check("--direction", direction, DIRECTIONS)
     if save_direction is not None:
         check_output_path(save_direction, "--save-direction")
     if k < 1:
@@ -114,28 +116,28 @@ def subspace(
         raise UsageError(f"--epochs {epochs}: need at least one pass")
     info = store.run(run)
     pos = check_pos(store, run, str(pos))
-    if direction == "das" and metric not in GRADIENT_METRICS:
+    if basis == "das" and metric not in GRADIENT_METRICS:
         raise UsageError(
-            f"--metric {metric}: DAS learns its direction by the metric's gradient and {metric} "
-            f"has none; use {', '.join(GRADIENT_METRICS)}, or --direction mean-diff"
+            f"--metric {metric}: DAS learns its basis by the metric's gradient and {metric} "
+            f"has none; use {', '.join(GRADIENT_METRICS)}, or --basis mean-diff"
         )
-    learned = direction in SOURCES
+    learned = basis in SOURCES
+    # Recorded under the keys of earlier versions (mode: the patching direction, direction: the
+    # basis), so that their recorded queries are found.
     params = {
-        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": mode,
-        "reader": reader, "direction": direction,
+        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": direction,
+        "reader": reader, "direction": basis,
     }  # fmt: skip
     if not learned:
-        path = Path(direction)
+        path = Path(basis)
         if not path.is_file():
-            raise UsageError(
-                f"--direction {direction}: no such file; give a .npy file, mean-diff or das"
-            )
+            raise UsageError(f"--basis {basis}: no such file; give a .npy file, mean-diff or das")
         params["direction"] = str(path.resolve())
         params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:
         _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
-        if direction == "mean-diff":
+        if basis == "mean-diff":
             params["group_by"] = group_by
         else:
             params.update(epochs=epochs, lr=lr)
@@ -146,7 +148,7 @@ def subspace(
         return stored_report(store, query_id)
 
     return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
-                    read)  # fmt: skip
+                    read, recompute)  # fmt: skip
 
 
 def _check_k(store: Store, run: dict, hook: str, head: int | None, k: int) -> None:

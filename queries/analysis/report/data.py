@@ -74,7 +74,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
                json_extract_string(q.params, '$.window') AS window_size,
                q.params, q.created_at, q.wall_s,
                (SELECT count(*) FROM effects e WHERE e.query_id = q.query_id) AS n_effects
-        FROM queries q LEFT JOIN runs r USING (run_id)
+        FROM current_queries q LEFT JOIN runs r USING (run_id)
         WHERE q.kind = 'patch' AND q.run_id IN (SELECT unnest(?))
         ORDER BY q.query_id
         """,
@@ -165,7 +165,7 @@ def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame
     df = store._trusted_query(
         """
         SELECT DISTINCT f.score_id, f.top_n, f.n_edges, f.faithfulness
-        FROM faithfulness_curve f JOIN queries a ON a.query_id = f.score_id
+        FROM faithfulness_curve f JOIN current_queries a ON a.query_id = f.score_id
         WHERE a.run_id IN (SELECT unnest(?))
         ORDER BY f.score_id, f.top_n, f.n_edges
         """,
@@ -238,7 +238,7 @@ def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
         SELECT s.*, r.task, r.model, q.params,
                json_extract_string(q.params, '$.direction') AS source,
                json_extract_string(q.params, '$.reader') AS reader
-        FROM subspace_reports s JOIN queries q USING (query_id) LEFT JOIN runs r
+        FROM subspace_reports s JOIN current_queries q USING (query_id) LEFT JOIN runs r
              ON r.run_id = s.run_id
         WHERE s.run_id IN (SELECT unnest(?))
         ORDER BY s.query_id, list_position(['v', 'row', 'null', 'full'], s.component)

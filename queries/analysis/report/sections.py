@@ -224,14 +224,14 @@ def circuits_section(page: Page, store: Store, circuits: pl.DataFrame, contents:
         chart = page.chart(element, spec, "circuit", c["circuit_id"])
         top = edges.head(charts.TOP_EDGES).with_columns(
             pl.int_range(1, pl.len() + 1).alias("rank"),
-            pl.when(pl.col("score") >= 0).then(pl.lit(roles[True][0]))
-            .when(pl.col("score") < 0).then(pl.lit(roles[False][0]))
+            pl.when(pl.col("score") >= 0).then(pl.lit(charts.role_meaning(roles[True][0])))
+            .when(pl.col("score") < 0).then(pl.lit(charts.role_meaning(roles[False][0])))
             .otherwise(pl.lit(roles[None][0])).alias("role"),
         )  # fmt: skip
         listing = (
             f'<div class="beside"><p class="legend">top {top.height} of {edges.height} edges by '
             "|score|</p>"
-            + table(top, {"rank": "#", "edge": "edge", "score": "score", "role": "sign"},
+            + table(top, {"rank": "#", "edge": "edge", "score": "score", "role": "the edge"},
                     numbers=("rank", "score"))
             + "</div>"
         )  # fmt: skip
@@ -329,7 +329,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "m_corrupted); effect the normalized value minus the unpatched run's.",
         cards,
         "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
-        "--direction mean-diff.",
+        "--basis mean-diff.",
     )  # fmt: skip
 
 
