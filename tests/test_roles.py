@@ -194,9 +194,11 @@ def _as_before_roles(path, version: int = 3) -> None:
     in the run's parameters, schema `version`."""
     con = duckdb.connect(str(path / "catalog.duckdb"))
     con.execute("DROP TABLE prompt_roles")
-    if version == 3:  # the columns later versions added
+    if version == 3:  # the columns and tables later versions added
         con.execute("ALTER TABLE arrays DROP COLUMN metadata")
         con.execute("ALTER TABLE effects DROP COLUMN role")
+        con.execute("DROP TABLE path_effects")
+        con.execute("DROP TABLE attention")
     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
     (params,) = con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0]
     old = json.loads(params)
