@@ -28,7 +28,7 @@ from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from actstore.model.architecture import Architecture
-from ingest.hooks import resolve_hooks
+from ingest.layout import resolve_hooks
 from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
 from queries.patching import compute_effects

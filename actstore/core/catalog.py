@@ -3,10 +3,10 @@
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
 a time and refuses read-only openers while it is open). An open attaches the file to the
-process's one DuckDB instance (actstore.core.attachments), about 3 ms; a burst of small reads still
-shares one connection (`Catalog.reading`). A lock conflict is
-retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
-that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
+process's one DuckDB instance (actstore.core.attachments), which is cheap; a burst of small
+reads still shares one connection (`Catalog.reading`). A lock conflict is retried for a few
+seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
+read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Catalog:
     def reading(self) -> Iterator[None]:
         """Serve every read of this thread inside the block from one connection.
 
-        Each open attaches the file (about 3 ms, and a lock other processes wait on), which a
+        Each open attaches the file (a cost, and a lock other processes wait on), which a
         burst of small reads (a query's setup reads a run, its prompts and its hooks) would
         otherwise pay per statement. Hold it around reads only, never around a computation or a
         write: while it is open, a writer in another process waits for it."""

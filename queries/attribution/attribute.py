@@ -93,10 +93,10 @@ def attribute(
     check_cluster(workers, scheduler)
 
     def compute() -> dict[str, pl.DataFrame]:
-        from queries.attribution.batches import check_run
+        from queries.attribution.edge_batches import check_run
+        from queries.attribution.edge_model import EdgeModel
         from queries.attribution.gradients import compute_scores
-        from queries.attribution.model import EdgeModel
-        from queries.core.model import model_for_run
+        from queries.core.run_model import model_for_run
 
         info = store.run(run)
         model = EdgeModel(model_for_run(info, device))

@@ -2,9 +2,10 @@
 
 Every query computes with this engine: patching's downstream recompute
 (queries/patching/recompute.py), the edge-patchable forward of attribution and circuits
-(queries/attribution/model.py) and subspace patching's downstream runs (queries/subspace/sites.py).
-It is driven by the architecture description and the canonical weights that the model adapter
-reads (actstore.model.architecture), so one code path serves every supported family.
+(queries/attribution/edge_model.py) and subspace patching's downstream runs
+(queries/subspace/sites.py). It is driven by the architecture description and the canonical
+weights that the model adapter reads (actstore.model.architecture), so one code path serves
+every supported family.
 
 The pieces are position-wise functions of any leading shape, plus `attend`, which takes keys and
 values at absolute positions: a recompute that starts at position s reuses the base run's keys and

@@ -176,7 +176,7 @@ def patch(
     spec = check_spec(store, run, component, metric, direction, window, positions, layers)
 
     def compute() -> dict[str, pl.DataFrame]:
-        from queries.core.model import model_for_run
+        from queries.core.run_model import model_for_run
 
         adapter = model_for_run(store.run(run), device, model)
         frame, _ = compute_effects(store, run, spec, adapter, batch_size=batch_size,
@@ -300,7 +300,7 @@ def _span_task(
     span: Any, location: str, run: int, spec: PatchSpec, engine: str, device: str | None
 ) -> tuple[list[np.ndarray], float, float]:
     """One prompt batch's partial sums, on a Dask worker (model loaded once per process)."""
-    from queries.core.model import model_for_run
+    from queries.core.run_model import model_for_run
 
     store = Store(location)
     model = model_for_run(store.run(run), device)

@@ -170,8 +170,8 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     import torch
 
     from queries.core.engine import Engine
-    from queries.core.model import model_for_run
     from queries.core.reader import Reader
+    from queries.core.run_model import model_for_run
     from queries.subspace.diagnostics import components_of, evaluate, report
     from queries.subspace.directions import from_file, mean_diff
     from queries.subspace.sites import parse_site, reading_map, site_batches
