@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -127,6 +127,16 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE IF NOT EXISTS path_effects (
             query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
             metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
+    ],
+    # Version 7: a position-resolved effect patched by role names the role (its `pos` is the
+    # role's one position where every prompt has it there, else NULL).
+    ["ALTER TABLE effects ADD COLUMN role VARCHAR"],
+    # Version 8: attention by role (queries/attention): per head, the mean over prompts of the
+    # attention probability from one role's position to another's, on one side.
+    [
+        """CREATE TABLE attention (
+            query_id INTEGER, layer INTEGER, head INTEGER, from_role VARCHAR, to_role VARCHAR,
+            side VARCHAR, value DOUBLE)""",
     ],
 ]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from actstore.core.choices import LEVELS, METHODS, METRICS, check
+from actstore.core.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, check
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from queries.core.recorded import recorded
@@ -42,6 +42,12 @@ def resolve_params(
     """Validated parameters as recorded in `queries.params` (what determines the scores)."""
     check("--method", method, METHODS)
     check("--metric", metric, METRICS)
+    if metric not in GRADIENT_METRICS:
+        raise UsageError(
+            f"--metric {metric}: attribution follows the metric's gradient and {metric} has none "
+            f"(it is a step function); use {', '.join(GRADIENT_METRICS)}, or patch / circuit "
+            f"--metric {metric} for exact effects"
+        )
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
