@@ -7,6 +7,7 @@ Every verb names its run `run`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
@@ -107,15 +108,16 @@ class ActStore(Store):
     def circuit(
         self,
         scores: int,
-        edges: int | None = None,
+        edges: int | Sequence[int] | None = None,
         faithfulness: float | None = None,
         prune: bool = True,
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N or smallest reaching a faithfulness); with
-        `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
+        """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
+        smallest reaching a faithfulness); with `workers` or `scheduler` its faithfulness
+        measurements run as Dask tasks."""
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
