@@ -2,8 +2,8 @@
 faithfulness (`actstore circuit`).
 
 `graph` names the nodes and edges, `model` runs the edge-patchable forward, `batches` reads node
-outputs, `gradients` scores, `attribute` records score sets, `evaluate` measures a circuit's
-metric, `circuits` builds and records circuits.
+outputs, `gradients` scores, `attribute` records score sets, `tree` is the fast exact forward of
+circuits, `evaluate` measures circuits' metrics, `circuits` builds and records circuits.
 """
 
 from queries.attribution.attribute import attribute, resolve_params, stored_scores
