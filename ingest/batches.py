@@ -19,6 +19,7 @@ from actstore.core.location import ArraysRoot, as_root
 from actstore.model.adapter import ModelAdapter
 from actstore.model.derivable import LOGITS, resid_pre
 from actstore.model.hooks import hook_shape
+from actstore.model.metrics import AnswerSets, answer_prob, logit_diff, padded_sets
 from ingest.corruptions import gaussian_noise
 from ingest.prompts import Prepared
 
@@ -103,7 +104,8 @@ def compute_batch(
     act_dtype = np.float16 if params["dtype"] == "float16" else np.float32
     last = torch.as_tensor(prep.lengths[lo:hi] - 1, dtype=torch.long)
     ans = torch.as_tensor(prep.answers[lo:hi], dtype=torch.long)
-    wrong = torch.as_tensor(prep.wrong[lo:hi], dtype=torch.long)
+    sets = padded_sets(prep.answer_sets[lo:hi], prep.wrong_sets[lo:hi])
+    answer_sets = AnswerSets.from_arrays(sets, 0, hi - lo, "cpu")
     values: dict[tuple[str, str], np.ndarray] = {}
     metrics: dict[str, np.ndarray] = {}
     for side in SIDES:
@@ -136,6 +138,7 @@ def compute_batch(
             values[(side, hook)] = act.astype(act_dtype)
         if side == "corrupted" and params["corruption"] == "gaussian":
             values[(side, "input_embeds")] = cache[EMBEDDED].detach().float().cpu().numpy()
-        metrics[f"{side}_logit_diff"] = (final[rows, ans] - final[rows, wrong]).numpy()
-        metrics[f"{side}_prob"] = final.softmax(-1)[rows, ans].numpy()
+        # The queries' metrics: the set logit difference is the patch query's clean endpoint.
+        metrics[f"{side}_logit_diff"] = logit_diff(final, answer_sets).numpy()
+        metrics[f"{side}_prob"] = answer_prob(final, ans).numpy()
     return values, metrics

@@ -31,7 +31,15 @@ from urllib.parse import urlparse
 
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.extras import check_engine
-from actstore.core.location import ArraysRoot, arrays_root, check_arrays_url, local_dir
+from actstore.core.location import (
+    ArraysRoot,
+    arrays_root,
+    check_arrays_url,
+    check_claim,
+    check_no_lost_catalog,
+    local_dir,
+    normal_url,
+)
 from ingest.background import RECORD_EVERY_S
 
 if TYPE_CHECKING:
@@ -73,6 +81,9 @@ def check_scale_options(
         from actstore.core.object_store import probe
 
         probe(url)
+        check_claim(store_dir, url)
+    if shard is None:
+        check_no_lost_catalog(store_dir, ArraysRoot(normal_url(url)))
 
 
 def check_scheduler(address: str) -> None:

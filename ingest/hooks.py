@@ -31,6 +31,10 @@ DEFAULT = "lean"
 KEYWORDS = ("default", "lean", "full", FINAL, LOGITS)
 
 
+# More layers than any model has: a larger resid_pre/K is refused before the model loads.
+MAX_LAYERS = 10_000
+
+
 def full_hooks(model: ModelAdapter) -> tuple[str, ...]:
     """The short names of the full set (everything the queries read, stored) for the family."""
     attn = "attn_out" if model.architecture.parallel else "resid_mid"
@@ -66,6 +70,11 @@ def _expand(model: ModelAdapter, items: list[str]) -> list[str]:
             expanded = [LOGITS]
         elif item.startswith("resid_pre/"):
             every, n = _stride(item), model.shape.n_layers
+            if every >= n:
+                raise UsageError(
+                    f"hook {item!r}: {model.spec} has {n} layers, so resid_pre/{every} names "
+                    f"none; give K from 1 to {n - 1}"
+                )
             expanded = [hook_name("resid_pre", i) for i in range(every, n, every)]
         elif item in PER_LAYER:
             expanded = layer_hooks(item, model.shape.n_layers)
@@ -95,7 +104,7 @@ def check_hooks(spec: str | None) -> None:
 
 
 def _items(spec: str | None) -> list[str]:
-    items = [s.strip() for s in (spec or "default").split(",") if s.strip()]
+    items = [s.strip() for s in ("default" if spec is None else spec).split(",") if s.strip()]
     if not items:
         raise UsageError("--hooks is empty; give short names such as default,mlp_post")
     return items
@@ -116,6 +125,9 @@ def _unknown(item: str) -> UsageError:
 
 def _stride(item: str) -> int:
     every = item.split("/", 1)[1]
-    if not every.isdigit() or int(every) < 1:
-        raise UsageError(f"hook {item!r}: give resid_pre/K with K a positive integer")
+    if not every.isdigit() or len(every) > 6 or not 1 <= int(every) <= MAX_LAYERS:
+        raise UsageError(
+            f"hook {item[:40]!r}: give resid_pre/K with K a positive integer below the model's "
+            f"number of layers (at most {MAX_LAYERS})"
+        )
     return int(every)

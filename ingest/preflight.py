@@ -33,9 +33,16 @@ def check_ingest(
     seed: int,
     shard: str | None,
     hooks: str | None = None,
+    restart: bool = False,
+    again: bool = False,
 ) -> None:
     """Raise a one-line error for the first argument that cannot work; `model` None skips the
     model check (an already loaded model)."""
+    if restart and again:
+        raise UsageError(
+            "give --restart or --again, not both: --restart redoes an interrupted run, --again "
+            "makes a new run beside a complete one"
+        )
     if n is not None and not 1 <= n <= INT32_MAX:
         raise UsageError(f"--n {n}: need at least one prompt (and at most {INT32_MAX})")
     if not 1 <= batch_size <= INT32_MAX:

@@ -98,7 +98,7 @@ def ingest(
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
     check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
-                 batch_size, device, seed, shard, hooks)  # fmt: skip
+                 batch_size, device, seed, shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
@@ -190,7 +190,7 @@ def _resumable_bytes(store: Store | None) -> int:
     """Bytes held by the arrays of interrupted runs (a resume reuses them)."""
     if store is None:
         return 0
-    runs = store.query("SELECT run_id FROM runs WHERE status <> 'complete'")
+    runs = store._trusted_query("SELECT run_id FROM runs WHERE status <> 'complete'")
     return sum(
         p.stat().st_size
         for rid in runs["run_id"].to_list()
@@ -208,7 +208,7 @@ def _size(nbytes: float) -> str:
 
 
 def _check_same_model(store: Store, adapter: ModelAdapter) -> None:
-    rows = store.query("SELECT model, fingerprint FROM models").to_dicts()
+    rows = store._trusted_query("SELECT model, fingerprint FROM models").to_dicts()
     for row in rows:
         if row["fingerprint"] != adapter.fingerprint:
             raise UsageError(
@@ -315,7 +315,7 @@ def _write_batch(
 
 def _row(store: Store, run_id: int, outcome: str) -> pl.DataFrame:
     """The run's `runs` row and what this ingest did to it."""
-    row = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    row = store._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run_id])
     return row.with_columns(pl.lit(outcome).alias("outcome"))
 
 

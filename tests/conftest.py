@@ -144,6 +144,15 @@ def ioi_copy(ioi_store, tmp_path):
     return shutil.copytree(ioi_store, tmp_path / "store")
 
 
+@pytest.fixture
+def empty_store(tmp_path):
+    """A store with a catalog and no runs: enough for SQL and output checks, built without a
+    model (well under a second)."""
+    from actstore.core.store import Store
+
+    return Store(tmp_path / "s", create=True).path
+
+
 @pytest.fixture(scope="session")
 def hand_store(tmp_path_factory):
     """A store of hand-built result rows (tests/support/handbuilt.py): (path, ids by name).

@@ -7,15 +7,15 @@ actstore.model.metrics.
 
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pytest
 import torch
 from edge_reference import hooked_circuit_metric, hooked_input_grads, node_outputs
+from handbuilt import version_one_store
 from reading import read_hook
 from test_attribution import run_tensors
 
-from actstore.core.catalog import MIGRATIONS, SCHEMA_VERSION
+from actstore.core.catalog import SCHEMA_VERSION
 from actstore.core.store import Store
 from actstore.model.adapter import load_model
 from actstore.model.metrics import answer_arrays
@@ -72,6 +72,27 @@ def test_greater_than_sets_are_years_above_and_at_or_below(gt):
         tokens = [adapter.token_ids(a)[0] for a in row["answers"]]
         assert row["answer_tokens"] == tokens
         assert len(row["answer_tokens"]) + len(row["wrong_answer_tokens"]) == 100
+
+
+def test_prompt_figures_are_the_metric_the_queries_use(gt):
+    """Ingest's per-prompt figures are the queries' metrics: `clean_logit_diff` is the mean
+    logit of the correct set − of the incorrect set (the patch query's clean endpoint), not the
+    difference of the two representative answers; `clean_prob` the representative answer's
+    probability, as the `prob` metric."""
+    store, model, data = gt
+    prompts = store.prompts(1)
+    rows = torch.arange(N)
+    for side in ("clean", "corrupted"):
+        final = model.hooked_logits(data[side])[rows, data["last"]].float()
+        sets = [direct("logit-diff", final[i : i + 1], {k: data[k][i : i + 1]
+                for k in ("correct", "incorrect")}) for i in range(N)]  # fmt: skip
+        pair = final[rows, data["answer"]] - final[rows, data["wrong"]]
+        got = torch.as_tensor(prompts[f"{side}_logit_diff"].to_numpy())
+        assert torch.allclose(got, torch.stack(sets).double(), atol=1e-4)
+        assert (got - pair.double()).abs().max() > 1e-3  # the sets, not the pair
+        prob = final.softmax(-1)[rows, data["answer"]]
+        assert torch.allclose(torch.as_tensor(prompts[f"{side}_prob"].to_numpy()), prob.double(),
+                              atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -164,19 +185,11 @@ def test_faithfulness_over_prob_diff_equals_hooked_edge_patching(gt):
 
 
 def test_version_one_catalog_migrates_to_sets_of_one(tmp_path):
-    """A catalog written before answer sets migrates when it is first opened (the writer lock
-    taken briefly); every prompt's sets are then its answer and its wrong answer."""
-    (tmp_path / "old").mkdir()
-    con = duckdb.connect(str(tmp_path / "old" / "catalog.duckdb"))
-    for statement in MIGRATIONS[0]:
-        con.execute(statement)
-    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-    con.execute(
-        "INSERT INTO prompts (run_id, prompt_idx, answer, wrong_answer, answer_token, "
-        "wrong_answer_token) VALUES (1, 0, 'Mary', 'John', 7, 9), (1, 1, 'are', 'is', 4, 5)"
-    )
-    con.close()
-    store = Store(tmp_path / "old")
+    """A catalog written before answer sets migrates when a writing command first takes the
+    writer lock (here: a query checking that it can record); every prompt's sets are then its
+    answer and its wrong answer."""
+    store = Store(version_one_store(tmp_path / "old"))
+    store.check_writable()
     version = store.sql("select value from meta where key = 'schema_version'").item()
     assert version == str(SCHEMA_VERSION)
     assert "importance" in store.sql("select * from top_heads limit 0").columns

@@ -106,7 +106,7 @@ def test_a_sandbox_waits_for_other_threads_and_refuses_inside_a_read(tmp_path):
     reader = threading.Thread(target=read)
     reader.start()
     reading.wait(10)
-    with catalog.sandbox() as con:
+    with catalog.sandbox(memory_mb=256) as con:
         order.append("sandbox")
         assert con.execute("SELECT s FROM v").fetchall() == [(10,)]
         with pytest.raises(RuntimeError, match="inside its own sandboxed connection"):
@@ -114,6 +114,6 @@ def test_a_sandbox_waits_for_other_threads_and_refuses_inside_a_read(tmp_path):
     reader.join(10)
     assert order == ["read done", "sandbox"]
     with catalog.read(), pytest.raises(RuntimeError, match="while this thread has it open"):
-        with catalog.sandbox():
+        with catalog.sandbox(memory_mb=256):
             pass
     assert _other_process_can_write(path)

@@ -312,7 +312,7 @@ def test_a_store_path_that_is_a_file_is_refused(tmp_path, command):
 def test_save_direction_into_a_missing_directory_is_refused_before_computing(store, tmp_path):
     before = snapshot(store)
     res = invoke("subspace", store, "--run", "1", "--hook", "blocks.1.hook_resid_pre",
-                 "--direction", "das", "--save-direction", tmp_path / "nope" / "v.npy")  # fmt: skip
+                 "--basis", "das", "--save-direction", tmp_path / "nope" / "v.npy")  # fmt: skip
     assert_refused(res, 2, f"--save-direction {tmp_path / 'nope' / 'v.npy'}: directory")
     assert snapshot(store) == before
 

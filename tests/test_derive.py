@@ -232,6 +232,28 @@ def test_lean_run_stores_less_and_derives_the_full_run(pair, toy_random):
     assert "\n" not in str(err.value)
 
 
+def test_read_derives_a_derived_hook_when_asked(pair):
+    """`read(..., derive=True)` computes a derived hook with the run's model, equal to the full
+    run's stored one; without it the error names that call and the --hooks spelling that keeps
+    the default set (a bare hook name would store only that hook)."""
+    import actstore
+    from actstore.core.errors import UsageError
+
+    root, _, full = pair
+    lean = actstore.open(str(root / "lean"))
+    hook = names.resid_mid(1)
+    with pytest.raises(UsageError) as err:
+        lean.read(1, "clean", hook)
+    assert f"actstore.open(path).read(1, 'clean', {hook!r}, derive=True)" in str(err.value)
+    assert f"--hooks default,{hook} --again" in str(err.value)
+    got = lean.read(1, "clean", hook, 1, 5, derive=True)
+    want = full.read(1, "clean", hook, 1, 5).astype("float32")
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() / np.abs(want).max() <= TOL
+    stored = names.z(0)  # a stored hook is read as stored, derive or not
+    assert np.array_equal(lean.read(1, "clean", stored, derive=True), lean.read(1, "clean", stored))
+
+
 def test_float16_lean_run_error_against_float32(pair, tmp_path, toy_random):
     """float16 storage: derived activations stay within 1e-2 of the float32 run's, relative to
     each hook's magnitude (the README states the measured figure)."""

@@ -35,10 +35,11 @@ RENAMED = {
     ("export", "output"): "out",
     ("plot", "output"): "out",
     ("report", "output"): "out",
-    ("subspace", "patch_direction"): "mode",  # subspace's --direction names the source
 }
 # Options of the command line only: how many rows to print, and in what format.
-CLI_ONLY = {("attribute", "top")} | {(c, "format") for c in COMMANDS if c != "export"}
+CLI_ONLY = {("attribute", "top"), ("patch", "top")} | {
+    (c, "format") for c in COMMANDS if c != "export"
+}
 
 
 def _function(path: str) -> Callable[..., Any] | None:

@@ -47,3 +47,49 @@ def test_again_makes_a_new_run_and_other_parameters_make_their_own(store):
         assert np.array_equal(s.read(1, "clean", hook), s.read(2, "clean", hook))
     assert ingest(store).stdout.strip() == "2"  # the latest complete run with these arguments
     assert ingest(store, "--seed", "1").stdout.strip() == "3"
+
+
+@pytest.mark.slow  # five query verbs computed twice or more: over a minute on 2 cores
+def test_every_query_verb_recomputes_on_request_and_the_newest_supersedes(store, tmp_path):
+    """Asked again, each query verb answers from the catalog; with --recompute it records a
+    new query, which the views show instead of the old one."""
+    np.save(tmp_path / "v.npy", np.eye(64)[:1])
+    hook = "blocks.1.hook_resid_pre"
+    verbs = {
+        "patch": ["--run", "1", "--component", "head", "--top", "3"],
+        "attribute": ["--run", "1", "--method", "eap", "--top", "3"],
+        "subspace": ["--run", "1", "--hook", hook, "--basis", str(tmp_path / "v.npy"),
+                     "--pos", "final"],
+        "reduce": ["--run", "1", "--hook", hook],
+    }  # fmt: skip
+    ids = {}
+    for verb, args in verbs.items():
+        first, same, again = (
+            CliRunner().invoke(main, [verb, str(store), *args, *extra, "--format", "csv"])
+            for extra in ([], [], ["--recompute"])
+        )
+        for res in (first, same, again):
+            assert res.exit_code == 0, (verb, res.output)
+        assert first.stdout == same.stdout, verb
+        column = "score_id" if verb == "attribute" else "query_id"
+        new, old = ({int(line.split(",")[0]) for line in res.stdout.splitlines()[1:]}
+                    for res in (again, first))  # fmt: skip
+        assert first.stdout.splitlines()[0].split(",")[0] == column
+        assert len(new) == len(old) == 1 and new != old, verb
+        ids[verb] = (old.pop(), new.pop())
+    patched = CliRunner().invoke(main, ["patch", str(store), *verbs["patch"], "--format", "csv"])
+    rows = patched.stdout.splitlines()[1:]
+    importance = [float(line.split(",")[-1]) for line in rows]
+    assert len(rows) == 3 and importance == sorted(importance, reverse=True)
+    circuit = ["circuit", str(store), "--scores", str(ids["attribute"][1]), "--edges", "5",
+               "--format", "csv"]  # fmt: skip
+    first, again = (CliRunner().invoke(main, circuit + extra) for extra in ([], ["--recompute"]))
+    assert first.exit_code == 0 and again.exit_code == 0, (first.output, again.output)
+    ids["circuit"] = tuple(int(r.stdout.splitlines()[1].split(",")[0]) for r in (first, again))
+    assert ids["circuit"][0] != ids["circuit"][1]
+    s = actstore.open(store)
+    current = set(s.sql("select query_id from current_queries")["query_id"])
+    for verb, (old, new) in ids.items():
+        assert new in current and old not in current, verb
+    shown = set(s.sql("select distinct query_id from patch_effects")["query_id"])
+    assert ids["patch"][1] in shown and ids["patch"][0] not in shown

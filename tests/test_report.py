@@ -9,6 +9,7 @@ heatmap cell and per circuit node and edge, hover tooltips showing the stored nu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -124,6 +125,36 @@ def test_cli_report_prints_contents_without_torch(hand_store, tmp_path):
     assert out.exists()
 
 
+def test_report_runs_table_and_title(tmp_path):
+    """The title names the tasks and models, not the folder; a run of prompts of different
+    lengths shows their range; a dataset file's run says its corrupted prompts are the file's."""
+    import handbuilt
+    import polars as pl
+
+    handbuilt.build(tmp_path / "store")
+    store = actstore.open(str(tmp_path / "store"))
+    handbuilt.insert_by_name(store, "prompts", pl.DataFrame(
+        {"run_id": [1, 1, 1, 2], "prompt_idx": [0, 1, 2, 0], "seq_len": [15, 19, 17, 12]},
+        schema_overrides={"run_id": pl.Int32, "prompt_idx": pl.Int32, "seq_len": pl.Int32},
+    ))  # fmt: skip
+    with store.writer(), store.catalog.write() as con:
+        con.execute("UPDATE runs SET dataset = 'pairs.csv' WHERE run_id = 3")
+    out = tmp_path / "r.html"
+    store.report(str(out), runs=[1, 2, 3], top_k=3, edge_top_k=4)
+    html = out.read_text()
+    assert "<title>actstore report: ioi, colored-objects on hand</title>" in html
+    rows = re.findall(r"<tr><td class=\"num\">(\d)</td>(.*?)</tr>", runs_html(html))
+    cells = {int(run): re.findall(r"<td[^>]*>(.*?)</td>", rest) for run, rest in rows}
+    assert cells[1][3:5] == ["20", "15–19"] and cells[2][3:5] == ["20", "12"]
+    assert cells[1][2] == "str" and cells[3][2] == "the file&#x27;s corrupted prompts"
+    assert cells[3][7] == "pairs.csv" and cells[1][7] == "task generator"
+
+
+def runs_html(html: str) -> str:
+    """The runs section's table."""
+    return html.split('<section id="runs">')[1].split("</table>")[0]
+
+
 def test_report_of_empty_store_says_what_to_run(tmp_path):
     store = actstore.open(str(tmp_path / "s"), create=True)
     contents = store.report(str(tmp_path / "empty.html"))
@@ -155,29 +186,36 @@ def chromium_or_skip() -> str:
 
 @pytest.fixture(scope="module")
 def demo_report(demo_run):
-    """The demo's store (the session's, shared with test_demo.py), with a circuit and a
-    subspace query added where the demo made none, and its report."""
+    """The demo's store (the session's, shared with test_demo.py), with a noising head query
+    (strongly negative signed effects), a circuit and a subspace query added where the demo
+    made none, and its report with the default set sizes."""
     directory = demo_run[0]
     store = actstore.open(str(directory / "store"))
     assert (directory / "report.html").exists()  # the demo writes one beside the store
+    store.patch(1, "head", direction="noise")
     if store.sql("select count(*) from circuits").item() == 0:
         score_id = store.sql("select min(score_id) from edge_scores").item()
         store.circuit(score_id, edges=30)
     if store.sql("select count(*) from subspace_reports").item() == 0:
         store.subspace(1, "blocks.2.hook_resid_mid", "mean-diff", pos="final", reader="unembed")
     out = directory / "full-report.html"
-    contents = store.report(str(out), top_k=4, edge_top_frac=0.05)
+    contents = store.report(str(out))
     return store, out, contents
 
 
 def cell_tooltip(page, element: str, layer: int, head: int) -> dict[str, str]:
     """Hover the heatmap cell of (layer, head); the tooltip's rows as {title: text}."""
+    cell = heatmap_cell(page, element, layer, head)
+    cell.scroll_into_view_if_needed()
+    cell.hover()
+    return tooltip(page)
+
+
+def heatmap_cell(page, element: str, layer: int, head: int):
     cells = page.locator(f"#{element} g.mark-rect.role-mark path")
     labels = [cells.nth(i).get_attribute("aria-label") for i in range(cells.count())]
     index = next(i for i, a in enumerate(labels) if a.startswith(f"head: {head}; layer: {layer};"))
-    cells.nth(index).scroll_into_view_if_needed()
-    cells.nth(index).hover()
-    return tooltip(page)
+    return cells.nth(index)
 
 
 def tooltip(page) -> dict[str, str]:
@@ -192,8 +230,38 @@ def tooltip(page) -> dict[str, str]:
     }
 
 
+def rgb(fill: str) -> tuple[int, int, int]:
+    """An SVG fill (#rrggbb or rgb(r, g, b)) as integers."""
+    if fill.startswith("#"):
+        return tuple(int(fill[i : i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(float(v)) for v in re.findall(r"[\d.]+", fill)[:3])
+
+
+def overlapping(boxes: list[dict]) -> list[tuple[int, int]]:
+    """Pairs of bounding boxes that intersect."""
+
+    def meet(a: dict, b: dict) -> bool:
+        return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+                and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])  # fmt: skip
+
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if meet(boxes[i], boxes[j])]  # fmt: skip
+
+
+def table_rows(page, selector: str) -> list[dict[str, str]]:
+    """An HTML table's body rows as {heading: text}."""
+    table_el = page.locator(selector)
+    heads = [h.strip() for h in table_el.locator("thead th").all_inner_texts()]
+    rows = table_el.locator("tbody tr")
+    return [
+        dict(zip(heads, [c.strip() for c in rows.nth(i).locator("td").all_inner_texts()],
+                 strict=True))
+        for i in range(rows.count())
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_demo_report_in_chromium(demo_report, tmp_path):
+def test_demo_report_in_chromium(demo_run, demo_report, tmp_path):
     from playwright.sync_api import sync_playwright
 
     executable = chromium_or_skip()
@@ -201,6 +269,11 @@ def test_demo_report_in_chromium(demo_report, tmp_path):
     html = out.read_text()
     assert_self_contained(html)
     assert out.stat().st_size < MAX_BYTES
+    # the title names what the store holds, not its folder; mixed prompt lengths are a range
+    lengths = store.sql("select min(seq_len), max(seq_len) from prompts where run_id = 1").row(0)
+    assert "<title>actstore report: ioi, greater-than on toy</title>" in html
+    if lengths[0] < lengths[1]:
+        assert f'<td class="num">{lengths[0]}–{lengths[1]}</td>' in html
     problems: list[str] = []
     requests: list[str] = []
     with sync_playwright() as p:
@@ -226,21 +299,30 @@ def test_demo_report_in_chromium(demo_report, tmp_path):
             n = store.sql(f"select count(*) from effects where query_id = {query_id}").item()
             assert page.locator(f"#patch-{query_id} g.mark-rect.role-mark path").count() == n
 
-        # circuits: one symbol per node, one line per edge
-        for circuit_id in store.sql("select circuit_id from circuits")["circuit_id"]:
-            edges = store.sql(
-                f"select src, dst, qkv, score from circuit_edges where circuit_id = {circuit_id}"
-            )
-            nodes = set(edges["src"]) | set(edges["dst"])
-            chart = f"#circuit-{circuit_id}"
-            assert page.locator(f"{chart} g.mark-rule.role-mark line").count() == edges.height
-            assert page.locator(f"{chart} g.mark-symbol.role-mark path").count() == len(nodes)
-
-        # hovering IOI's strongest head shows its stored numbers and the query's parameters
+        # the noising query's most negative signed effect (normalized − 1) is drawn red, its
+        # strongest positive denoising effect blue, and hover shows the stored numbers
+        noise = store.sql(
+            "select query_id, layer, head, value, normalized, importance from patch_effects "
+            "where query_id = (select max(query_id) from queries where kind = 'patch' and "
+            "json_extract_string(params, '$.direction') = 'noise') order by normalized limit 1"
+        ).row(0, named=True)
+        assert noise["normalized"] - 1 < -0.1
+        element = f"patch-{noise['query_id']}"
+        red = rgb(heatmap_cell(page, element, noise["layer"], noise["head"]).get_attribute("fill"))
+        assert red[0] > red[2] + 60, red
+        shown = cell_tooltip(page, element, noise["layer"], noise["head"])
+        assert shown["value"] == number(noise["value"])
+        assert shown["normalized"] == number(noise["normalized"])
+        assert shown["normalized − 1"] == number(noise["normalized"] - 1)
+        assert shown["importance"] == number(noise["importance"])
+        assert "direction=noise" in shown["query"]
         top = store.sql(
             "select query_id, layer, head, value, normalized, importance from top_heads "
-            "where run_id = 1 and component = 'head' and rank = 1"
+            "where run_id = 1 and component = 'head' and direction = 'denoise' and rank = 1"
         ).row(0, named=True)
+        blue = rgb(heatmap_cell(page, f"patch-{top['query_id']}", top["layer"], top["head"])
+                   .get_attribute("fill"))  # fmt: skip
+        assert top["normalized"] > 0 and blue[2] > blue[0] + 60, blue
         shown = cell_tooltip(page, f"patch-{top['query_id']}", top["layer"], top["head"])
         assert shown["value"] == number(top["value"])
         assert shown["normalized"] == number(top["normalized"])
@@ -248,18 +330,55 @@ def test_demo_report_in_chromium(demo_report, tmp_path):
         assert (shown["layer"], shown["head"]) == (str(top["layer"]), str(top["head"]))
         assert "direction=denoise" in shown["query"] and "metric=logit-diff" in shown["query"]
 
-        # hovering a circuit edge names it and shows its score
+        # the head overlap table says what the demo printed and what `actstore overlap` prints
+        # for the same k (the default: 2% of 16 heads, at least 4)
+        (listed,) = table_rows(page, "#overlap .card:first-of-type table")
+        res = CliRunner().invoke(
+            main, ["overlap", str(store.path), "--runs", "1,2", "--top-k", "4", "--format",
+                   "json"],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        cli = next(r for r in json.loads(res.stdout) if (r["run_a"], r["run_b"]) == (1, 2))
+        demo = demo_run[2].filter(demo_run[2]["run_a"] == 1, demo_run[2]["run_b"] == 2)
+        for heading, column in [("|A|", "n_a"), ("|B|", "n_b"), ("|A∩B|", "intersection"),
+                                ("IoU", "iou"), ("universe", "universe"),
+                                ("hypergeometric p", "p_value")]:  # fmt: skip
+            assert listed[heading] == page_number(cli[column]) == page_number(demo[column][0])
+        assert "sets of k = 4 heads of 16" in page.locator("#overlap-1").text_content()
+
+        # circuits: one symbol per node, none overlapping another, one curve per edge
+        for circuit_id in store.sql("select circuit_id from circuits")["circuit_id"]:
+            edges = store.sql(
+                f"select src, dst, qkv, score from circuit_edges where circuit_id = {circuit_id}"
+            )
+            nodes = set(edges["src"]) | set(edges["dst"])
+            chart = f"#circuit-{circuit_id}"
+            assert page.locator(f"{chart} g.mark-line.edges_marks path").count() == edges.height
+            symbols = page.locator(f"{chart} g.mark-symbol.role-mark path")
+            assert symbols.count() == len(nodes)
+            page.locator(chart).scroll_into_view_if_needed()
+            assert overlapping([symbols.nth(i).bounding_box() for i in range(len(nodes))]) == []
+
+        # hovering a node shows exactly its edges on top; hovering an edge names it and its score
         circuit_id = contents.filter(contents["section"] == "circuit")["source_id"][0]
-        line = page.locator(f"#circuit-{circuit_id} g.mark-rule.role-mark line").first
-        line.scroll_into_view_if_needed()
-        box = line.bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        shown = tooltip(page)
+        chart = f"#circuit-{circuit_id}"
         scores = store.sql(
-            f"select src || '->' || dst || coalesce('<' || qkv || '>', '') as edge, score "
-            f"from circuit_edges where circuit_id = {circuit_id}"
+            f"select src, dst, src || '->' || dst || coalesce('<' || qkv || '>', '') as edge, "
+            f"score from circuit_edges where circuit_id = {circuit_id}"
         )
-        by_name = dict(scores.iter_rows())
+        node = page.locator(f"{chart} g.mark-symbol.role-mark path").first
+        node.scroll_into_view_if_needed()
+        node.hover()
+        name = tooltip(page)["node"]
+        touching = scores.filter((scores["src"] == name) | (scores["dst"] == name)).height
+        page.wait_for_function(
+            f"document.querySelectorAll('{chart} g.mark-line.focused_marks path').length "
+            f"== {touching}",
+            timeout=5000,
+        )
+        page.mouse.move(0, 0)
+        shown = hover_an_edge(page, chart)
+        by_name = dict(scores.select("edge", "score").iter_rows())
         assert shown["score"] == number(by_name[shown["edge"]])
 
         page.mouse.move(0, 0)
@@ -270,3 +389,27 @@ def test_demo_report_in_chromium(demo_report, tmp_path):
     assert problems == []
     assert requests == []
     assert shot.stat().st_size > 50_000
+
+
+def hover_an_edge(page, chart: str) -> dict[str, str]:
+    """Hover the middle of the chart's edge curves in turn (an edge crossed there by one drawn
+    later shows that one) until a tooltip shows; its rows."""
+    paths = page.locator(f"{chart} g.mark-line.edges_marks path")
+    for i in range(min(paths.count(), 20)):
+        x, y = page.evaluate(
+            """(path) => {
+              const at = path.getPointAtLength(path.getTotalLength() / 2);
+              const p = new DOMPoint(at.x, at.y).matrixTransform(path.getScreenCTM());
+              return [p.x, p.y];
+            }""",
+            paths.nth(i).element_handle(),
+        )
+        page.mouse.move(x, y, steps=3)
+        if page.locator("#vg-tooltip-element.visible").count():
+            return tooltip(page)
+    raise AssertionError(f"no edge of {chart} showed a tooltip")
+
+
+def page_number(value: float | int) -> str:
+    """A number as the page's tables write it (`page.table`)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

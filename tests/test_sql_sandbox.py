@@ -3,6 +3,13 @@ by DuckDB's sandbox, write no file, read no file, and leave a store that verifie
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from test_cli import snapshot
@@ -87,3 +94,157 @@ def test_the_sandbox_still_answers_reads_and_exports_write_from_python(places, t
                                     "select prompt_idx from prompts order by 1 limit 3",
                                     "-o", str(target)])  # fmt: skip
     assert res.exit_code == 0 and target.read_text().split() == ["prompt_idx", "0", "1", "2"]
+
+
+# ---- the temporary directory: DuckDB lets a sandboxed connection use its own ------------------
+
+
+def _one_line_refusal(res, code: int = 2) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("leftover", [False, True], ids=["absent", "left-behind"])
+@pytest.mark.parametrize("how", ["sql", "export"])
+def test_the_catalogs_own_temp_directory_is_out_of_reach(empty_store, tmp_path, how, leftover):
+    """`STORE/catalog.duckdb.tmp/` is DuckDB's default temporary directory: absent, or left
+    behind by a killed statement with a file in it, no statement writes, reads or lists it, and
+    the refusal never calls the catalog damaged."""
+    tmp = empty_store / "catalog.duckdb.tmp"
+    if leftover:
+        tmp.mkdir()
+        (tmp / "spill.tmp").write_text(SECRET)
+    before = snapshot(empty_store)
+    attempts = [
+        f"EXPLAIN ANALYZE COPY (select 1) TO '{tmp}/evil.sh'",
+        f"EXPLAIN ANALYZE COPY (select '#!/bin/sh') TO '{tmp}/evil.sh' (FORMAT csv, HEADER false)",
+        f"SELECT * FROM read_text('{tmp}/spill.tmp')",
+        f"SELECT * FROM read_blob('{tmp}/spill.tmp')",
+        f"SELECT * FROM glob('{tmp}/*')",
+        f"SELECT * FROM glob('{empty_store}/*')",
+    ]
+    for text in attempts:
+        args = ["sql", str(empty_store), text]
+        if how == "export":
+            args = ["export", str(empty_store), "--sql", text, "-o", str(tmp_path / "x.csv")]
+        res = CliRunner().invoke(main, args)
+        line = _one_line_refusal(res)
+        assert "damaged" not in line and SECRET not in res.output, (text, line)
+        assert snapshot(empty_store) == before, f"{text} changed the store"
+        assert tmp.exists() == leftover
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_the_sandbox_has_a_private_temp_directory_outside_the_store(empty_store):
+    """Each sandboxed connection spills into a fresh 0700 directory outside the store, removed
+    when it closes; a later statement cannot reach the one an earlier statement had."""
+    import stat
+
+    from actstore.core.errors import UsageError
+    from actstore.core.store import Store
+
+    store = Store(empty_store)
+    with store.catalog.sandbox(memory_mb=64) as con:
+        scratch = Path(con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0])
+        assert scratch.is_dir() and stat.S_IMODE(scratch.stat().st_mode) == 0o700
+        assert empty_store.resolve() not in [scratch.resolve(), *scratch.resolve().parents]
+        assert len(list(scratch.iterdir())) == 0
+    assert not scratch.exists()
+    named = store.sql("SELECT current_setting('temp_directory') AS t")["t"].item()
+    assert named != str(scratch) and not Path(named).exists()
+    for text in [f"SELECT * FROM glob('{named}/*')", f"SELECT * FROM read_text('{named}/x')"]:
+        with pytest.raises(UsageError, match="reads only the catalog"):
+            store.sql(text)
+    # A statement's own (private) directory is reachable while it runs; a missing file there is
+    # the statement's error, never damage of the catalog.
+    with pytest.raises(UsageError, match="SQL error: IO Error: No files found") as refused:
+        store.sql("SELECT * FROM read_csv(current_setting('temp_directory') || '/nope.csv')")
+    assert "damaged" not in str(refused.value)
+
+
+def test_a_temp_directory_inside_the_store_is_refused(empty_store, monkeypatch):
+    """TMPDIR pointing into the store would put the sandbox's directory there: refused, and
+    nothing is left behind in the store."""
+    import tempfile
+
+    from actstore.core.errors import ActstoreError
+    from actstore.core.store import Store
+
+    before = snapshot(empty_store)
+    monkeypatch.setattr(tempfile, "tempdir", str(empty_store))
+    with pytest.raises(ActstoreError, match="inside the store .*point TMPDIR outside it"):
+        Store(empty_store).sql("SELECT 1")
+    assert snapshot(empty_store) == before and not list(empty_store.glob("actstore-sql-*"))
+
+
+def _spilling(store: Path, tmpdir: Path) -> subprocess.Popen:
+    """`actstore sql` running a GROUP BY too large for 32 MB, so DuckDB spills to disk."""
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    big = ("select count(*) from (select md5(i::varchar) m, count(*) from range(30000000) t(i) "
+           "group by m)")  # fmt: skip
+    args = [sys.executable, "-m", "actstore.app.cli", "sql", str(store), big, "--max-mb", "32"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_another_statements_spill_files_are_out_of_reach_while_it_runs_and_after_a_kill(
+    empty_store, tmp_path
+):
+    """While one `actstore sql` spills to disk, a second cannot list or read its spill files;
+    killed with SIGKILL, it leaves them outside the store, still out of reach, and the store as
+    it was."""
+    from actstore.core.errors import UsageError
+    from actstore.core.store import Store
+
+    before = snapshot(empty_store)
+    spills = tmp_path / "spills"
+    spills.mkdir()
+    proc = _spilling(empty_store, spills)
+    try:
+        deadline = time.monotonic() + 60
+        while not (files := [p for p in spills.rglob("*") if p.is_file()]):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the statement never spilled"
+            time.sleep(0.2)
+        scratch = files[0].parent
+        assert scratch.parent == spills and scratch.name.startswith("actstore-sql-")
+        store = Store(empty_store)
+        for text in [f"SELECT * FROM glob('{scratch}/*')",
+                     f"SELECT size FROM read_blob('{files[0]}')",
+                     f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{scratch}/evil.sh'"]:  # fmt: skip
+            with pytest.raises(UsageError):
+                store.sql(text)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert any(p.is_file() for p in scratch.rglob("*")), "the kill left nothing behind"
+    with pytest.raises(UsageError, match="reads only the catalog"):
+        Store(empty_store).sql(f"SELECT * FROM glob('{scratch}/*')")
+    assert snapshot(empty_store) == before and not (empty_store / "catalog.duckdb.tmp").exists()
+
+
+# ---- every public SQL entry point goes through the sandbox -----------------------------------
+
+
+def test_store_query_is_sandboxed(empty_store, tmp_path):
+    """`Store.query` (the Python API) runs user SQL in the sandbox like `actstore sql`; actstore's
+    own SQL goes through the private `_trusted_query`."""
+    import actstore
+    from actstore.core.errors import UsageError
+
+    store = actstore.open(str(empty_store))
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    before = snapshot(empty_store)
+    for text in [f"COPY runs TO '{out}/x.csv'",
+                 f"EXPLAIN ANALYZE COPY runs TO '{out}/x.csv'",
+                 "EXPLAIN ANALYZE DELETE FROM runs",
+                 f"ATTACH '{out}/o.duckdb' AS o"]:  # fmt: skip
+        with pytest.raises(UsageError):
+            store.query(text)
+    assert list(out.iterdir()) == [] and snapshot(empty_store) == before
+    assert store.query("SELECT ? + 1 AS x", [41])["x"].item() == 42
+    assert store._trusted_query("SELECT count(*) AS n FROM runs")["n"].item() == 0

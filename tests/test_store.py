@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from handbuilt import version_one_store
 from reading import read_hook
 
 import actstore
@@ -129,6 +130,8 @@ def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
     after = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
     assert before.equals(after)
     np.testing.assert_array_equal(first, store.read(1, "clean", "blocks.0.attn.hook_z"))
+    second = store.read(run=2, side="clean", hook="blocks.0.attn.hook_z", stop=3)  # as every verb
+    assert second.shape[0] == 3 and store.prompts(run=2).height == 6
 
 
 def test_missing_run_and_hook_are_clear_errors(ioi_store):
@@ -153,6 +156,27 @@ def test_not_a_store_and_newer_schema_are_refused(tmp_path, ioi_store):
     con.close()
     with pytest.raises(ActstoreError, match="schema version 99 is newer"):
         actstore.open(copy)
+
+
+def test_opening_an_older_store_to_read_writes_nothing(tmp_path):
+    """Reading a store an older actstore wrote leaves every byte as it was (no migration, no
+    lock file): migration waits for the writer lock of a writing command."""
+    from test_cli import snapshot
+
+    path = version_one_store(tmp_path / "old")
+    before = snapshot(path)
+    names = sorted(p.name for p in path.iterdir())
+    store = actstore.open(path)
+    assert store.info()["n_prompts"].to_list() == [2]
+    assert store.sql("select value from meta where key = 'schema_version'").item() == "1"
+    assert store.sql("select count(*) from prompts").item() == 2
+    assert snapshot(path) == before
+    assert sorted(p.name for p in path.iterdir()) == names
+    with store.writer("a writing command"):
+        assert store.prompts(1)["answers"].to_list() == [["Mary"], ["are"]]
+    assert store.sql("select value from meta where key = 'schema_version'").item() == str(
+        SCHEMA_VERSION
+    )
 
 
 def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):

@@ -132,3 +132,24 @@ def test_a_read_only_store_still_answers_reads_and_cached_queries(read_only):
                  ["patch", str(read_only), *PATCH], ["verify", str(read_only)]):  # fmt: skip
         res = run_unprivileged(*args)
         assert res.returncode == 0, (args, res.stderr)
+
+
+@pytest.mark.slow
+def test_an_older_store_on_a_read_only_mount_answers_info_and_sql(tmp_path):
+    """No migration on open: `info` and `sql` read a version-1 catalog that no one may write."""
+    from handbuilt import version_one_store
+
+    store = version_one_store(tmp_path / "old")
+    before = snapshot(store)
+    for p in [store, *store.rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    try:
+        info = run_unprivileged("info", str(store), "--format", "csv")
+        sql = run_unprivileged("sql", str(store), "select count(*) AS n from prompts", "--format",
+                               "csv")  # fmt: skip
+    finally:
+        for p in [store, *store.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert info.returncode == 0 and info.stdout.splitlines()[1].startswith("1,toy,ioi"), info
+    assert sql.returncode == 0 and sql.stdout.split() == ["n", "2"], sql
+    assert snapshot(store) == before

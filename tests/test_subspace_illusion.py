@@ -159,13 +159,22 @@ def test_cli_prints_the_report_and_errors_in_one_line(ioi_copy, tmp_path):
     np.save(tmp_path / "v.npy", np.eye(64)[:2])
     v = str(tmp_path / "v.npy")
     args = ["subspace", str(ioi_copy), "--run", "1", "--hook", "blocks.3.hook_resid_pre",
-            "--direction", v, "--pos", "final", "--format", "csv"]  # fmt: skip
+            "--basis", v, "--pos", "final", "--format", "csv"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("query_id,run_id,hook") and len(lines) == 3  # v, full
     assert "not assessed" in result.stderr
-    bad = CliRunner().invoke(main, args[:7] + ["--patch-direction", "sideways"])
+    bad = CliRunner().invoke(main, args[:7] + ["--direction", "sideways"])
     assert bad.exit_code == 2
-    bad = CliRunner().invoke(main, args[:5] + ["blocks.3.hook_q", "--direction", "das"])
+    # The basis's old spelling: one line pointing to --basis, before anything is read.
+    old = CliRunner().invoke(main, args[:6] + ["--direction", v])
+    assert old.exit_code == 2 and old.stderr.count("\n") == 1, old.output
+    assert (
+        "--direction is denoise|noise" in old.stderr and "--basis FILE|mean-diff|das" in old.stderr
+    )
+    noise = CliRunner().invoke(main, [*args, "--direction", "noise"])
+    assert noise.exit_code == 0, noise.output
+    assert noise.stdout.splitlines()[1].split(",")[6] == "noise"  # the report's mode column
+    bad = CliRunner().invoke(main, args[:5] + ["blocks.3.hook_q", "--basis", "das"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "error: --hook" in bad.stderr

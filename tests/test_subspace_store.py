@@ -53,7 +53,7 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
     v = np.random.default_rng(0).normal(size=256)
     np.save(tmp_path / "v.npy", v)
     rows = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
-                          metric="prob", mode="noise")  # fmt: skip
+                          metric="prob", direction="noise")  # fmt: skip
     qid = rows["query_id"][0]
     assert rows["component"].to_list() == ["v", "row", "null", "full"]
     # W_out maps 256 -> 64: a random direction is mostly (192/256) in its kernel.
@@ -68,7 +68,7 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
                                  [qid])["vector"].to_list()[0])  # fmt: skip
     assert np.allclose(basis, v / np.linalg.norm(v))
     again = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
-                           metric="prob", mode="noise")  # fmt: skip
+                           metric="prob", direction="noise")  # fmt: skip
     assert again["query_id"][0] == qid  # answered from the catalog
 
 
@@ -182,14 +182,15 @@ def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
 def test_bad_inputs_are_one_line_usage_errors(store, tmp_path):
     np.save(tmp_path / "bad.npy", np.ones(7))
     cases = [
-        (dict(hook="blocks.9.hook_resid_pre", direction="das"), "layers 0..3"),
-        (dict(hook="blocks.1.attn.hook_q", direction="das"), "give blocks.L.hook_resid_pre"),
-        (dict(hook="blocks.1.hook_resid_pre", direction=str(tmp_path / "bad.npy")), "(64,)"),
-        (dict(hook="blocks.1.hook_resid_pre", direction="nope.npy"), "no such file"),
-        (dict(hook="blocks.1.hook_resid_pre", direction="das", head=1), "--head applies"),
-        (dict(hook="blocks.1.hook_resid_pre", direction="das", pos="99"), "shortest prompt"),
-        (dict(hook="blocks.2.hook_resid_post", direction="das", reader="1.0.q"), "downstream"),
-        (dict(hook="blocks.2.hook_resid_pre", direction="das", metric="acc"), "--metric"),
+        (dict(hook="blocks.9.hook_resid_pre", basis="das"), "layers 0..3"),
+        (dict(hook="blocks.1.attn.hook_q", basis="das"), "give blocks.L.hook_resid_pre"),
+        (dict(hook="blocks.1.hook_resid_pre", basis=str(tmp_path / "bad.npy")), "(64,)"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="nope.npy"), "no such file"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="das", head=1), "--head applies"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="das", pos="99"), "shortest prompt"),
+        (dict(hook="blocks.2.hook_resid_post", basis="das", reader="1.0.q"), "downstream"),
+        (dict(hook="blocks.2.hook_resid_pre", basis="das", metric="acc"), "--metric"),
+        (dict(hook="blocks.2.hook_resid_pre", basis="das", direction="das"), "--direction das"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -144,3 +144,32 @@ def test_circuits_view(hand_store):
     # run 1's top-4 edges: a2.h3->logits, a1.h0->a2.h3<v>, m1->a2.h3<q>, a0.h1->m1
     assert heads == ["a0.h1", "a1.h0", "a2.h3"]
     assert df["n_heads"].to_list() == [3, 3]
+
+
+def test_a_recomputed_query_supersedes_the_old_one(tmp_path):
+    """The same setting asked again (`--recompute`) records a new query; the views and the
+    report's tables show the newest per setting, and the older rows stay in their tables."""
+    from actstore.core.results import record_query
+    from queries.analysis.report import data
+
+    path = tmp_path / "store"
+    ids = handbuilt.build(path)
+    store = Store(path)
+    params = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
+    again = record_query(store, "patch", 1, params, 0.1, {"effects": handbuilt.head_effects(2)})
+    attribute = {"method": "eap-ig", "steps": 5, "level": "edge", "metric": "logit-diff"}
+    scores = record_query(store, "attribute", 1, attribute, 0.2,
+                          {"edge_scores": handbuilt.edge_scores(2)})  # fmt: skip
+    shown = set(store.query("SELECT DISTINCT query_id FROM patch_effects")["query_id"])
+    assert again in shown and ids["patch1"] not in shown and ids["patch2"] in shown
+    top = store.query("SELECT node FROM top_heads WHERE run_id = 1 AND component = 'head' "
+                      "AND rank = 1")["node"].to_list()  # fmt: skip
+    assert top == ["a2.h3"]  # run 2's planted top head, recorded again for run 1
+    edges = set(store.query("SELECT DISTINCT score_id FROM top_edges")["score_id"])
+    assert edges == {scores, ids["scores2"]}
+    assert set(store.query("SELECT query_id FROM current_queries")["query_id"]).isdisjoint(
+        {ids["patch1"], ids["scores1"]}
+    )
+    assert set(data.patch_queries(store, [1])["query_id"]) == {ids["resid1"], again}
+    kept = store.query("SELECT count(*) AS n FROM effects WHERE query_id = ?", [ids["patch1"]])
+    assert kept["n"].item() == handbuilt.N_LAYERS * handbuilt.N_HEADS

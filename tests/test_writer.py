@@ -71,6 +71,26 @@ def test_readers_work_while_the_writer_lock_is_held(held_store, tmp_path):
     assert res.returncode == 0 and "no damage" in res.stderr, res.stderr
 
 
+@pytest.mark.slow
+def test_deleting_writer_lock_does_not_let_a_second_writer_in(held_store):
+    """The lock is the kernel's flock on the store directory, not writer.lock's existence: with
+    the file deleted (and made again by the refused writer) the holder still excludes others."""
+    from actstore.core.errors import LockedError
+    from actstore.core.store import Store
+
+    path, pid = held_store
+    (path / "writer.lock").unlink()
+    with pytest.raises(LockedError, match="is being written by another process"):
+        with Store(path).writer():
+            pass
+    (path / "writer.lock").unlink()
+    before = snapshot(path)
+    res = run_cli("verify", str(path), "--repair")
+    assert res.returncode == 1 and "one writer per store" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert snapshot(path) == before
+
+
 def test_second_store_object_in_the_same_process_is_told_so(ioi_store, tmp_path):
     from actstore.core.errors import LockedError
     from actstore.core.store import Store

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from actstore.core.store import Store
@@ -24,11 +25,29 @@ class ActStore(Store):
 
         return ingest(self.path, **kwargs)
 
-    def subspace(self, run: int, hook: str, direction: str, **kwargs: Any) -> pl.DataFrame:
+    def read(
+        self,
+        run: int,
+        side: str,
+        hook: str,
+        start: int = 0,
+        stop: int | None = None,
+        derive: bool = False,
+    ) -> np.ndarray:
+        """Activations of prompts [start, stop), every chunk verified; with `derive`, a hook the
+        run derives on read (the default hooks store a lean set) is computed from the stored
+        ones with the run's model, as the queries do (float32)."""
+        if derive and self.derives(run, side, hook):
+            from queries.core.reader import DerivedArray
+
+            return DerivedArray(self, run, side, hook)[start:stop]
+        return super().read(run, side, hook, start, stop)
+
+    def subspace(self, run: int, hook: str, basis: str, **kwargs: Any) -> pl.DataFrame:
         """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""
         from queries.subspace import subspace
 
-        return subspace(self, run, hook, direction, **kwargs)
+        return subspace(self, run, hook, basis, **kwargs)
 
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
@@ -96,6 +115,7 @@ class ActStore(Store):
         progress: bool | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending; with
         `workers` (a local Dask cluster) or `scheduler` (a running one's address) the prompt
@@ -103,7 +123,7 @@ class ActStore(Store):
         from queries.attribution import attribute
 
         return attribute(self, run, method, steps, level, metric, device, progress, workers,
-                         scheduler)  # fmt: skip
+                         scheduler, recompute)  # fmt: skip
 
     def circuit(
         self,
@@ -114,13 +134,15 @@ class ActStore(Store):
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        recompute: bool = False,
     ) -> pl.DataFrame:
         """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
         smallest reaching a faithfulness); with `workers` or `scheduler` its faithfulness
         measurements run as Dask tasks."""
         from queries.attribution import circuit
 
-        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler)
+        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
+                       recompute)  # fmt: skip
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

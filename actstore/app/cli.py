@@ -46,6 +46,33 @@ WORKERS = click.option(
 SCHEDULER = click.option(
     "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
 )
+# One --recompute for every query verb: asked again, the query is computed and recorded
+# afresh, and the views and the report show the newest per setting (view current_queries).
+RECOMPUTE = click.option(
+    "--recompute", is_flag=True,
+    help="Compute again even if asked before; the new query supersedes the old.",
+)  # fmt: skip
+# One --top for the verbs that print ranked rows: the K most important, all of them stored.
+TOP = click.option(
+    "--top", type=click.IntRange(min=0),
+    help="Print only the K most important rows (all are stored).",
+)  # fmt: skip
+
+
+def sql_limits(fn):
+    """What one user SQL statement may cost (actstore.core.sandbox): `sql` and `export` take
+    these."""
+    options = [
+        click.option("--timeout", type=float, default=choices.SQL_TIMEOUT_S,
+                     show_default=True, help="Stop the statement after this many seconds."),
+        click.option("--max-rows", type=int, default=choices.SQL_MAX_ROWS, show_default=True,
+                     help="Refuse a result of more rows."),
+        click.option("--max-mb", type=int, default=choices.SQL_MAX_MB, show_default=True,
+                     help="Memory for the statement, and for its result, in MB."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 class Group(click.Group):
@@ -171,7 +198,7 @@ def ingest(store: str, **kwargs) -> None:
     from ingest.preflight import check_ingest
 
     checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks")  # fmt: skip
+               "hooks", "restart", "again")  # fmt: skip
     check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
     scale = ("workers", "scheduler", "arrays_url", "shard")
     check_scale_options(store, **{k: kwargs[k] for k in scale})
@@ -240,14 +267,18 @@ def info(store: str, fmt: str) -> None:
 @click.argument("store")
 @click.argument("query")
 @FORMAT
-def sql(store: str, query: str, fmt: str) -> None:
+@sql_limits
+def sql(store: str, query: str, fmt: str, **limits) -> None:
     """Run one read-only SQL statement against the catalog.
+
+    It reads only the catalog's tables and views, and stops at --timeout, --max-rows or
+    --max-mb with one line saying which.
 
     \b
     Example:
       actstore sql /tmp/s "select run_id, avg(clean_logit_diff) from prompts group by 1"
     """
-    write_rows(_open(store).sql(query), fmt)
+    write_rows(_open(store).sql(query, **limits), fmt)
 
 
 @main.command()
@@ -256,7 +287,10 @@ def sql(store: str, query: str, fmt: str) -> None:
 @click.option("--sql", "query", help="A read-only query instead of a table or view.")
 @click.option("--format", "fmt", type=click.Choice(FILE_FORMATS), default="csv", show_default=True)
 @click.option("-o", "--output", default="-", show_default=True, help="File, or - for stdout.")
-def export(store: str, table: str | None, query: str | None, fmt: str, output: str) -> None:
+@sql_limits
+def export(
+    store: str, table: str | None, query: str | None, fmt: str, output: str, **limits
+) -> None:
     """Write a table, view or query to CSV, Parquet, JSON or JSON lines.
 
     \b
@@ -264,9 +298,20 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
       actstore export /tmp/s prompts --format parquet -o prompts.parquet
       actstore export /tmp/s --sql "select * from effects where query_id = 1" -o -
     """
-    df = _open(store).export(table=table, sql=query, fmt=fmt, out=output)
+    df = _open(store).export(table=table, sql=query, fmt=fmt, out=output, **limits)
     if output != "-":
         click.echo(f"wrote {df.height} rows to {output}", err=True)
+
+
+def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """subspace's --direction is the patching direction, as on every verb; the subspace itself
+    was once given there: point a basis to --basis."""
+    if value not in choices.DIRECTIONS:
+        raise click.BadParameter(
+            f"{value!r}: --direction is {'|'.join(choices.DIRECTIONS)} (which run is patched "
+            "into which); give the subspace to patch as --basis FILE|mean-diff|das"
+        )
+    return value
 
 
 @main.command()
@@ -276,7 +321,7 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
     "--hook", required=True, help="blocks.L.hook_resid_pre|mid|post, .mlp.hook_post, .attn.hook_z"
 )
 @click.option(
-    "--direction",
+    "--basis",
     required=True,
     help="Subspace to patch: a .npy file (d,) or (k, d), mean-diff or das.",
 )
@@ -291,8 +336,8 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
     show_default=True,
 )
 @click.option(
-    "--patch-direction", "mode", type=click.Choice(choices.DIRECTIONS), default="denoise",
-    show_default=True, help="denoise: clean into corrupted; noise: corrupted into clean.",
+    "--direction", default="denoise", show_default=True, callback=_patch_direction,
+    help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
 @click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
@@ -308,9 +353,10 @@ def export(store: str, table: str | None, query: str | None, fmt: str, output: s
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@RECOMPUTE
 @DEVICE
 @FORMAT
-def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs) -> None:
+def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
 
     Reports the effect of patching v, of its rowspace and nullspace parts under the map that
@@ -319,12 +365,12 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
 
     \b
     Example:
-      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --direction das --pos final
-      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --direction v.npy
+      actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --basis das --pos final
+      actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --basis v.npy
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run, hook, direction, **kwargs)
+    rows = _open(store).subspace(run, hook, basis, **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
     from queries.analysis.lookups import illusion_verdict
@@ -349,7 +395,8 @@ def subspace(store: str, run: int, hook: str, direction: str, fmt: str, **kwargs
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
-@click.option("--top", type=int, help="Print only the K largest |score| rows (all are stored).")
+@TOP
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -388,6 +435,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
     show_default=True, help="Dask's local threads, or a cluster at --address.",
 )  # fmt: skip
 @click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@RECOMPUTE
 @FORMAT
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
@@ -628,6 +676,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @WORKERS
 @SCHEDULER
@@ -675,13 +724,14 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
-@click.option("--recompute", is_flag=True, help="Compute again even if asked before.")
+@RECOMPUTE
+@TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @DEVICE
 @WORKERS
 @SCHEDULER
 @FORMAT
-def patch(store: str, run: int, fmt: str, **kwargs) -> None:
+def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
     Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
@@ -694,8 +744,12 @@ def patch(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --metric logit-diff
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
+      actstore patch /tmp/s --run 1 --component head --top 5
     """
-    write_rows(_open(store).patch(run, **kwargs), fmt)
+    rows = _open(store).patch(run, **kwargs)
+    if top is not None:
+        rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
+    write_rows(rows.head(top) if top is not None else rows, fmt)
 
 
 if __name__ == "__main__":

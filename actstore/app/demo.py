@@ -24,7 +24,7 @@ import polars as pl
 
 import actstore
 from actstore.core.errors import UsageError
-from actstore.core.output import render_table
+from actstore.core.output import refuse_inside_store, render_table
 from actstore.core.store import CATALOG
 from actstore.model.adapter import BUILTIN_DIR
 from queries.analysis import lookups, plot
@@ -57,6 +57,7 @@ def _directory(directory: str | Path | None) -> Path:
     if directory is None:
         return Path(tempfile.mkdtemp(prefix="actstore-demo-"))
     path = Path(directory)
+    refuse_inside_store(path, "DIRECTORY")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} is a file; give the demo a new or empty directory")
     if path.exists() and any(path.iterdir()) and not (path / "store" / CATALOG).exists():
@@ -69,7 +70,7 @@ def _directory(directory: str | Path | None) -> Path:
 
 def _ingest(store: Any, model: str, task: str, n: int, seed: int) -> int:
     """The run of (model, task, n, seed) already in the store, else a new ingest."""
-    found = store.query(
+    found = store._trusted_query(
         "SELECT max(run_id) FROM runs WHERE model = ? AND task = ? AND n_prompts = ? "
         "AND seed = ? AND corruption = 'str' AND status = 'complete'",
         [model, task, n, seed],
@@ -204,7 +205,7 @@ def _overlap(
 
 
 def _circuit_line(store: Any, row: dict) -> str:
-    total = store.query(
+    total = store._trusted_query(
         "SELECT count(*) FROM edge_scores WHERE score_id = ?", [row["score_id"]]
     ).item()
     return (

@@ -11,10 +11,12 @@ or a store directory whose recorded location is looked up.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -111,6 +113,135 @@ def _create(
         fill_value=0,
         overwrite=overwrite,
     )
+
+
+@lru_cache(maxsize=256)
+def metadata_document(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> str:
+    """The `zarr.json` that an array of ours with this shape, chunking and dtype has: written by
+    zarr itself, into memory, so that it is exactly what an ingest writes. The catalog records it
+    (`arrays.metadata`) so that a read can tell an edited `zarr.json` and a repair restore it."""
+    return _written_in_memory(
+        "a/zarr.json", lambda group: _create(group, "a", shape, chunks, dtype, overwrite=False)
+    )
+
+
+def _written_in_memory(key: str, make: Any) -> str:
+    """The text zarr writes at `key` when `make(group)` runs on an empty group in memory."""
+    import asyncio
+
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    memory = MemoryStore()
+    make(zarr.open_group(memory, mode="a"))
+    return asyncio.run(memory.get(key, default_buffer_prototype())).to_bytes().decode()
+
+
+def expected_metadata(row: dict) -> str | None:
+    """The metadata document an `arrays` row says its array has: the recorded one, else (a row
+    recorded before documents were) the one its shape, chunks and dtype give under our codec."""
+    if row.get("metadata"):
+        return row["metadata"]
+    if row.get("codec") != CODEC_NAME:
+        return None
+    return metadata_document(
+        tuple(json.loads(row["shape"])), tuple(json.loads(row["chunks"])), row["dtype"]
+    )
+
+
+# What a reader relies on in an array's metadata; attributes carry nothing a read uses.
+METADATA_FIELDS = ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value",
+                   "codecs", "node_type", "zarr_format", "storage_transformers")  # fmt: skip
+
+
+def metadata_difference(arr: zarr.Array, expected: str) -> str | None:
+    """How the opened array's metadata differs from the document the catalog records (the first
+    field that differs, both ways), or None when it says what the catalog says."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    have = json.loads(
+        arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    )
+    want = json.loads(expected)
+    for field in METADATA_FIELDS:
+        if have.get(field) != want.get(field):
+            return f"says {field} {_short(have.get(field))} where the catalog records " + _short(
+                want.get(field)
+            )
+    return None
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def write_metadata(where: Where, name: str, document: str) -> None:
+    """Write an array's `zarr.json` (the recorded document) in place, leaving its chunks alone;
+    whatever stands at that key (garbage, a directory) is replaced."""
+    put(where, f"{name}/zarr.json" if name else "zarr.json", document.encode())
+
+
+def put(where: Where, key: str, data: bytes) -> None:
+    """Replace the object at `key` by `data`: atomically by rename when local (a directory
+    standing there is removed first)."""
+    root = as_root(where)
+    if not root.is_local:
+        root.filesystem().pipe_file(root.key(key), data)
+        return
+    path = Path(root.key(key))
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path)
+
+
+@lru_cache(maxsize=1)
+def root_document() -> str:
+    """The `zarr.json` of the arrays' root group, as zarr writes it."""
+    return _written_in_memory("zarr.json", lambda group: None)
+
+
+def clear_chunk_key(where: Where, name: str, chunk_idx: int, ndim: int) -> None:
+    """Remove what is not a chunk file at a chunk's key (a directory put there), so that the
+    chunk can be written again; a file is left for the write to replace."""
+    root = as_root(where)
+    if root.is_local:
+        path = root.local / chunk_key(name, chunk_idx, ndim)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
+def root_problem(where: Where) -> str | None:
+    """What is wrong with the arrays' root group metadata (`zarr.json` at the root), or None:
+    gone, not JSON, or not a Zarr v3 group."""
+    root = as_root(where)
+    try:
+        if root.is_local:
+            data = Path(root.key("zarr.json")).read_bytes()
+        else:
+            from actstore.core.object_store import errors_as_actstore
+
+            with errors_as_actstore(root.url):
+                data = root.filesystem().cat_file(root.key("zarr.json"))
+    except FileNotFoundError:
+        return "is gone"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return "is not JSON"
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
+        return "is not a Zarr v3 group's metadata"
+    return None
 
 
 def open_array(where: Where, name: str, mode: str = "r") -> zarr.Array:

@@ -11,6 +11,8 @@ that DuckDB cannot read (truncated, overwritten) is a one-line error, never a tr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +23,10 @@ import duckdb
 
 from actstore.core.attachments import ATTACHMENTS
 from actstore.core.errors import ActstoreError
+from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -114,6 +117,10 @@ MIGRATIONS: list[list[str]] = [
             run_id INTEGER, prompt_idx INTEGER, role VARCHAR, pos INTEGER,
             PRIMARY KEY (run_id, prompt_idx, role))""",
     ],
+    # Version 5: each array's metadata document (its `zarr.json`, actstore.core.arrays), so that an
+    # edited one is refused on read and restored by repair; older rows get theirs from their
+    # shape, chunks and dtype as the migration runs (`fill_array_metadata`).
+    ["ALTER TABLE arrays ADD COLUMN metadata VARCHAR"],
 ]
 
 
@@ -170,9 +177,11 @@ class Catalog:
         self.holder = holder
         self._held: dict[int, duckdb.DuckDBPyConnection] = {}  # by thread: see reading()
 
-    def _connect(self, read_only: bool, own_instance: bool = False) -> duckdb.DuckDBPyConnection:
+    def _connect(
+        self, read_only: bool, config: dict[str, str] | None = None
+    ) -> duckdb.DuckDBPyConnection:
         """Open the file, retrying while another process has it open: attached to the process's
-        instance, or in an instance of its own (for settings that hold instance-wide).
+        instance, or with `config` in an instance of its own (settings that hold instance-wide).
 
         A reader waits up to READ_WAIT_S for the writer's current transaction; the writer waits
         up to WRITE_WAIT_S for readers (a long export), so that a reader never fails an ingest.
@@ -182,8 +191,8 @@ class Catalog:
         delay = 0.02
         while True:
             try:
-                if own_instance:
-                    return duckdb.connect(str(self.path), read_only=read_only)
+                if config is not None:
+                    return duckdb.connect(str(self.path), read_only=read_only, config=config)
                 return ATTACHMENTS.open(self.path, read_only)
             except duckdb.Error as exc:
                 if not _is_lock_conflict(exc):
@@ -224,34 +233,56 @@ class Catalog:
             finally:
                 del self._held[me]
 
-    def sandbox(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    @contextmanager
+    def sandbox(self, memory_mb: int) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection that cannot reach the file system or change its settings.
 
         For SQL written by users: DuckDB itself refuses file readers and writers (COPY, read_csv,
         glob, ATTACH, INSTALL/LOAD, EXPORT DATABASE, also when wrapped in EXPLAIN ANALYZE), every
-        write to the catalog (read-only) and any SET that would undo this.
+        write to the catalog (read-only) and any SET that would undo this. The one directory
+        DuckDB still lets it use is its temporary directory (by default `catalog.duckdb.tmp/`,
+        inside the store): here a fresh private one (0700) outside the store, removed on exit,
+        so a statement can write only where nothing reads and nothing stays. DuckDB's working
+        memory is capped at `memory_mb`; beyond it, it spills there.
         """
-        return self._opened(
-            True, "SET enable_external_access = false", "SET lock_configuration = true"
-        )
+        scratch = Path(tempfile.mkdtemp(prefix="actstore-sql-"))
+        config = {"temp_directory": str(scratch), "memory_limit": f"{int(memory_mb)}MB"}
+        try:
+            inside = store_containing(scratch)
+            if inside is not None:
+                raise ActstoreError(
+                    f"the temporary directory {scratch.parent} is inside the store {inside}, "
+                    "where user SQL may not write; point TMPDIR outside it"
+                )
+            with ATTACHMENTS.apart(self.path), self._opened_alone(config) as con:
+                yield con
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     @contextmanager
-    def _opened(self, read_only: bool, *settings: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection closed on exit; `settings` are instance-wide, so they get an instance of
-        their own."""
-        with ATTACHMENTS.apart(self.path) if settings else nullcontext():
-            con = self._connect(read_only=read_only, own_instance=bool(settings))
-            try:
-                for setting in settings:
-                    con.execute(setting)
-                yield con
-            except FILE_ERRORS as exc:
-                raise file_error(self.path, exc) from None
-            finally:
-                if settings:
-                    con.close()
-                else:
-                    ATTACHMENTS.close(con)
+    def _opened_alone(self, config: dict[str, str]) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Read-only in an instance of its own (its settings hold instance-wide), locked down
+        before any statement of the caller runs."""
+        con = self._connect(read_only=True, config=config)
+        try:
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            yield con
+        except FILE_ERRORS as exc:
+            raise file_error(self.path, exc) from None
+        finally:
+            con.close()
+
+    @contextmanager
+    def _opened(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection of the process's instance, closed on exit."""
+        con = self._connect(read_only=read_only)
+        try:
+            yield con
+        except FILE_ERRORS as exc:
+            raise file_error(self.path, exc) from None
+        finally:
+            ATTACHMENTS.close(con)
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -358,6 +389,8 @@ class Catalog:
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 con.execute(statement)
+        if 0 < current < 5:
+            fill_array_metadata(con)
         create_views(con)
         con.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -392,3 +425,22 @@ class Catalog:
                 f"({SCHEMA_VERSION}); upgrade actstore"
             )
         return current
+
+
+def fill_array_metadata(con: duckdb.DuckDBPyConnection) -> None:
+    """Record the metadata document of every array recorded before version 5, from the shape,
+    chunks and dtype its row holds (never from the file, which may have been edited since)."""
+    from actstore.core import arrays as zarrays
+
+    rows = con.execute(
+        "SELECT run_id, side, hook, shape, chunks, dtype, codec FROM arrays WHERE metadata IS NULL"
+    ).fetchall()
+    names = ("run_id", "side", "hook", "shape", "chunks", "dtype", "codec")
+    for values in rows:
+        row = dict(zip(names, values, strict=True))
+        document = zarrays.expected_metadata(row)
+        if document is not None:
+            con.execute(
+                "UPDATE arrays SET metadata = ? WHERE run_id = ? AND side = ? AND hook = ?",
+                [document, row["run_id"], row["side"], row["hook"]],
+            )

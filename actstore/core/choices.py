@@ -16,12 +16,18 @@ HEAD_COMPONENTS = ("head", "head-pos")  # the components whose effects rank head
 ENGINES = ("downstream", "downstream-no-kv", "full-forward")
 METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations")
 LEVELS = ("node", "edge")
-SOURCES = ("mean-diff", "das")  # subspace directions learned from the run (else a file)
+SOURCES = ("mean-diff", "das")  # subspace bases learned from the run (else a file)
 SETS = ("head", "edge")  # what an overlap compares
 PLOTS = ("effects", "overlap", "faithfulness")
 OPS = ("mean", "class-mean", "head-norm")
 SCHEDULERS = ("threads", "distributed")
 SIDES = ("clean", "corrupted")
+# What one user SQL statement may cost by default (actstore.core.sandbox; --timeout, --max-rows,
+# --max-mb). The timeout stays under the writer's wait for readers (catalog.WRITE_WAIT_S, 120 s),
+# so that a statement left running never makes a concurrent ingest fail.
+SQL_TIMEOUT_S = 60.0
+SQL_MAX_ROWS = 5_000_000
+SQL_MAX_MB = 2048
 
 
 def check(option: str, value: str, choices: Sequence[str]) -> None:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from actstore.core.errors import UsageError
+from actstore.core.errors import ActstoreError, UsageError
 
+CATALOG = "catalog.duckdb"
 ARRAYS = "arrays.zarr"
 RECORD = "arrays-location.json"
+# The object at an object-store prefix that names the store whose arrays it holds.
+MARKER = "actstore-store.json"
 OBJECT_SCHEMES = ("s3",)
 
 
@@ -34,6 +39,21 @@ def local_dir(location: str | Path) -> Path:
         f"store {location}: STORE is a local directory (it holds the catalog); to keep the "
         "arrays in object storage give --arrays-url s3://bucket/prefix to the first ingest"
     )
+
+
+def store_containing(path: str | Path) -> Path | None:
+    """The store directory that `path` resolves into (symlinks followed, the path itself
+    included), or None. A store is known by its catalog, its local arrays or the record of its
+    arrays' URL, so one whose catalog was lost still counts."""
+    resolved = Path(path).expanduser().resolve()
+    for place in [resolved, *resolved.parents]:
+        if (
+            (place / CATALOG).is_file()
+            or (place / ARRAYS / "zarr.json").is_file()
+            or (place / RECORD).is_file()
+        ):
+            return place
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,13 +121,19 @@ def as_root(where: Path | str | ArraysRoot) -> ArraysRoot:
 
 def recorded_url(store_dir: Path) -> str | None:
     """The object-store URL recorded for the store's arrays, if any."""
+    record = _record(store_dir)
+    return None if record is None else record["url"]
+
+
+def _record(store_dir: Path) -> dict[str, Any] | None:
+    """The store's location record ({"url", "claim"}), if any."""
     try:
-        return json.loads((store_dir / RECORD).read_text())["url"]
+        record = json.loads((store_dir / RECORD).read_text())
+        record["url"]
+        return record
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        from actstore.core.errors import ActstoreError
-
         raise ActstoreError(
             f"{store_dir / RECORD} is unreadable; write it again as "
             '{"url": "s3://bucket/prefix"} (the URL the store\'s arrays were ingested to)'
@@ -125,13 +151,16 @@ def check_arrays_url(store_dir: Path, url: str | None) -> None:
             f"--arrays-url {url}: give an object-store URL such as s3://bucket/prefix "
             f"(schemes: {', '.join(OBJECT_SCHEMES)})"
         )
+    from actstore.core.object_store import check_bucket
+
+    check_bucket(url)
     have = recorded_url(store_dir)
     if have is not None and have != normal_url(url):
         raise UsageError(
             f"--arrays-url {url}: store {store_dir} keeps its arrays at {have}; drop "
             "--arrays-url or give that URL (a store's arrays stay where its first ingest put them)"
         )
-    if have is None and (store_dir / "catalog.duckdb").exists():
+    if have is None and (store_dir / CATALOG).exists():
         raise UsageError(
             f"--arrays-url {url}: store {store_dir} keeps its arrays in {store_dir / ARRAYS}; "
             "drop --arrays-url, or ingest into a new store to use object storage"
@@ -143,13 +172,83 @@ def normal_url(url: str) -> str:
 
 
 def record_arrays_url(store_dir: Path, url: str | None) -> None:
-    """Record where a new store's arrays go, before anything is written there (atomically)."""
-    if url is None or recorded_url(store_dir) is not None:
+    """Record where a new store's arrays go, before anything is written there, and claim the
+    prefix for this store (`claim_prefix`). The record is created once, whoever else (a
+    concurrent shard) tries; a record from before claims gets its claim now."""
+    record = _record(store_dir)
+    if url is None and (record is None or "claim" in record):
         return
-    store_dir.mkdir(parents=True, exist_ok=True)
-    tmp = store_dir / f"{RECORD}.tmp"
-    tmp.write_text(json.dumps({"url": normal_url(url)}))
-    os.replace(tmp, store_dir / RECORD)
+    if record is None:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        _write_record(store_dir, {"url": normal_url(str(url)), "claim": uuid.uuid4().hex}, True)
+    elif "claim" not in record:
+        _write_record(store_dir, {**record, "claim": uuid.uuid4().hex}, False)
+    record = _record(store_dir)
+    assert record is not None
+    claim_prefix(store_dir, record["url"], record["claim"])
+
+
+def _write_record(store_dir: Path, record: dict[str, Any], exclusive: bool) -> None:
+    """Write the location record atomically; `exclusive`: only if there is none yet."""
+    tmp = store_dir / f"{RECORD}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    try:
+        if exclusive:
+            try:
+                os.link(tmp, store_dir / RECORD)
+            except FileExistsError:
+                pass  # a concurrent shard recorded it first: its record stands
+        else:
+            os.replace(tmp, store_dir / RECORD)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _marker(url: str) -> dict[str, Any] | None:
+    """The claim marker at an object-store prefix, if any."""
+    from actstore.core.object_store import errors_as_actstore, filesystem
+
+    fs = filesystem(url)
+    with errors_as_actstore(url):
+        try:
+            return json.loads(fs.cat_file(f"{normal_url(url)}/{MARKER}"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+
+def check_claim(store_dir: Path, url: str) -> None:
+    """Refuse an object-store prefix that another store claimed (its marker names that store):
+    two stores writing one prefix would overwrite each other's arrays."""
+    marker = _marker(url)
+    record = _record(store_dir)
+    if marker is None or (record is not None and marker.get("claim") == record.get("claim")):
+        return
+    if (
+        record is not None
+        and "claim" not in record
+        and marker.get("store") == str(store_dir.absolute())
+    ):
+        return  # a store from before claims, met again at its own path
+    owner = f"{marker.get('store', 'another store')} on {marker.get('host', 'another host')}"
+    raise UsageError(
+        f"--arrays-url {url}: that prefix holds the arrays of another store ({owner}; "
+        f"{normal_url(url)}/{MARKER}); give each store its own prefix"
+    )
+
+
+def claim_prefix(store_dir: Path, url: str, claim: str) -> None:
+    """Write the marker naming this store at its arrays' prefix, unless it is there already;
+    another store's marker is refused (`check_claim`)."""
+    from actstore.core.object_store import errors_as_actstore, filesystem
+
+    check_claim(store_dir, url)
+    if _marker(url) is None:
+        marker = {"claim": claim, "store": str(store_dir.absolute()),
+                  "host": socket.gethostname()}  # fmt: skip
+        with errors_as_actstore(url):
+            filesystem(url).pipe_file(f"{normal_url(url)}/{MARKER}", json.dumps(marker).encode())
 
 
 def arrays_url(location: str | Path) -> tuple[str, dict]:
@@ -160,3 +259,37 @@ def arrays_url(location: str | Path) -> tuple[str, dict]:
     if isinstance(location, str) and location.startswith("file://"):
         return f"file://{root.url}", {"auto_mkdir": True}
     return root.url, {}
+
+
+def run_groups(root: ArraysRoot) -> list[str]:
+    """The run groups (`run<id>`) under an arrays root, local or in object storage."""
+    if root.is_local:
+        names = (
+            [p.name for p in root.local.glob("run*") if p.is_dir()] if root.local.is_dir() else []
+        )
+    else:
+        from actstore.core.object_store import errors_as_actstore
+
+        with errors_as_actstore(root.url):
+            try:
+                keys = root.filesystem().ls(root.url, refresh=True)
+            except FileNotFoundError:  # nothing under the prefix yet
+                keys = []
+            names = [k.rstrip("/").rsplit("/", 1)[-1] for k in keys]
+    return sorted((n for n in names if n[3:].isdigit() and n.startswith("run")), key=len)
+
+
+def check_no_lost_catalog(store_dir: Path, root: ArraysRoot) -> None:
+    """Refuse an ingest that would create a catalog beside arrays of runs it does not know: the
+    catalog was deleted or lost, and its new run 1 would overwrite the old run 1's arrays."""
+    if (store_dir / CATALOG).exists():
+        return
+    runs = run_groups(root)
+    if runs:
+        where = store_dir / ARRAYS if root.is_local else root.url
+        raise ActstoreError(
+            f"store {store_dir} has no catalog.duckdb, but {where} holds the arrays of "
+            f"{', '.join(runs[:5])}{'…' if len(runs) > 5 else ''}: an ingest would overwrite "
+            "them; restore catalog.duckdb from a backup of the store, or move the arrays away "
+            "to start a new store there"
+        )

@@ -3,13 +3,16 @@
 Endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE, …), read by botocore as
 for any AWS tool. Timeouts and retries are kept short so that an unreachable endpoint fails in
-seconds, and `object_store_error` turns what the S3 client raises (no bucket, no credentials,
-access denied, no connection) into one line naming the problem and the fix.
+seconds and one that accepts and never answers in about ATTEMPTS x (connect + read timeout);
+ACTSTORE_S3_CONNECT_TIMEOUT, ACTSTORE_S3_READ_TIMEOUT (seconds) and ACTSTORE_S3_ATTEMPTS raise
+them. `object_store_error` turns what the S3 client raises (no bucket, no credentials, access
+denied, no connection, no answer) into one line naming the problem and the fix.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,12 +21,13 @@ from urllib.parse import urlparse
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.extras import FIX, PURPOSE, check_engine
 
-# botocore's client settings: fail fast on a dead endpoint, retry throttling a few times.
-CLIENT_CONFIG = {
-    "connect_timeout": 5,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 3, "mode": "standard"},
-}
+# Network bounds, each raised by its variable: seconds to connect, seconds to wait for an answer,
+# and attempts of a request (botocore's, which also retries throttling; s3fs adds none).
+TIMEOUTS = {"ACTSTORE_S3_CONNECT_TIMEOUT": 5.0, "ACTSTORE_S3_READ_TIMEOUT": 20.0,
+            "ACTSTORE_S3_ATTEMPTS": 3}  # fmt: skip
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, a letter or digit at
+# each end.
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403 Forbidden")
 NEED_S3FS = f"{PURPOSE['s3']}, and s3fs is not installed; {FIX.format(extra='s3')}"
 
@@ -35,17 +39,57 @@ def _s3fs() -> Any:
     return s3fs
 
 
+def network_bounds() -> dict[str, float]:
+    """The connect timeout, read timeout and attempts in force (TIMEOUTS, raised by the
+    environment); a value that is not a positive number is refused in one line."""
+    out = {}
+    for name, default in TIMEOUTS.items():
+        text = os.environ.get(name, "").strip()
+        try:
+            value = float(text) if text else float(default)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value < 1e6) or (name.endswith("ATTEMPTS") and value != int(value)):
+            kind = "whole number" if name.endswith("ATTEMPTS") else "number of seconds"
+            raise UsageError(f"{name}={text[:40]}: give a positive {kind} (default {default})")
+        out[name] = value
+    return out
+
+
+def endpoint() -> str | None:
+    """The S3 endpoint botocore would use, refused in one line when it has no scheme (botocore
+    would fail later with a traceback)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name)
+        if value:
+            parsed = urlparse(value)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise UsageError(
+                    f"{name}={value[:80]}: give a URL with its scheme, e.g. "
+                    "http://127.0.0.1:9000 or https://s3.example.com"
+                )
+            return value
+    return None
+
+
 def options() -> dict[str, Any]:
     """s3fs's options. The endpoint is named explicitly (it is what botocore would read) so that
     fsspec's cache of filesystems never answers for an endpoint the environment has left."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client = {"endpoint_url": endpoint} if endpoint else {}
-    return {"config_kwargs": CLIENT_CONFIG, "client_kwargs": client}
+    url = endpoint()
+    bounds = network_bounds()
+    config = {
+        "connect_timeout": bounds["ACTSTORE_S3_CONNECT_TIMEOUT"],
+        "read_timeout": bounds["ACTSTORE_S3_READ_TIMEOUT"],
+        "retries": {"max_attempts": int(bounds["ACTSTORE_S3_ATTEMPTS"]), "mode": "standard"},
+    }
+    return {"config_kwargs": config, "client_kwargs": {"endpoint_url": url} if url else {}}
 
 
 def filesystem(url: str) -> Any:
     """The (cached) synchronous s3fs filesystem for `url`."""
-    return _s3fs().S3FileSystem(**options())
+    fs = _s3fs().S3FileSystem(**options())
+    fs.retries = 1  # botocore's attempts are the only retries: a dead server fails in bounds
+    return fs
 
 
 def zarr_store(url: str, read_only: bool) -> Any:
@@ -53,7 +97,19 @@ def zarr_store(url: str, read_only: bool) -> Any:
     _s3fs()
     from zarr.storage import FsspecStore
 
-    return FsspecStore.from_url(url, storage_options=options(), read_only=read_only)
+    store = FsspecStore.from_url(url, storage_options=options(), read_only=read_only)
+    store.fs.retries = 1
+    return store
+
+
+def check_bucket(url: str, option: str = "--arrays-url") -> None:
+    """Refuse a bucket name S3 would refuse (upper case, `_`, `!`, …) before any request."""
+    bucket = urlparse(url).netloc
+    if not BUCKET.match(bucket):
+        raise UsageError(
+            f"{option} {url[:120]}: {bucket!r} is not a valid bucket name (3-63 lower-case "
+            "letters, digits, dots and hyphens); give s3://bucket-name/prefix"
+        )
 
 
 def probe(url: str) -> None:
@@ -97,6 +153,16 @@ def object_store_error(exc: BaseException, url: str | None = None) -> ActstoreEr
             return ActstoreError(
                 f"no credentials for the object store{where}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            )
+        if name in ("ReadTimeoutError", "ReadTimeout", "TimeoutError", "FSTimeoutError") or (
+            "Read timeout on endpoint" in text
+        ):
+            bounds = network_bounds()
+            return ActstoreError(
+                f"the object store{where} did not answer within "
+                f"{bounds['ACTSTORE_S3_READ_TIMEOUT']:g} s ({int(bounds['ACTSTORE_S3_ATTEMPTS'])} "
+                "attempts); check AWS_ENDPOINT_URL and the server, or raise "
+                "ACTSTORE_S3_READ_TIMEOUT for a slow one"
             )
         if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError") or (
             "Could not connect to the endpoint" in text

@@ -12,6 +12,7 @@ from typing import IO
 import polars as pl
 
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.location import store_containing
 
 PRINT_FORMATS = ("table", "csv", "json", "jsonl")
 FILE_FORMATS = ("csv", "parquet", "json", "jsonl")
@@ -70,13 +71,27 @@ def write_rows(df: pl.DataFrame, fmt: str, out: IO[str] | None = None) -> None:
         raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(PRINT_FORMATS)}")
 
 
-def check_output_path(target: str, flag: str) -> None:
-    """Refuse, before any work, an output file whose directory is missing or not writable."""
-    parent = Path(target).expanduser().absolute().parent
+def check_output_path(target: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file whose directory is missing or not writable, or
+    that is, or would land, inside a store: every command that writes a file calls this."""
+    path = Path(target).expanduser().absolute()
+    parent = path.parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {target}: directory {parent} does not exist; create it first")
+    refuse_inside_store(path, flag)
     if not os.access(parent, os.W_OK):
         raise ActstoreError(f"{flag} {target}: directory {parent} is not writable")
+
+
+def refuse_inside_store(target: str | Path, flag: str) -> None:
+    """A file written inside a store could overwrite its own files (catalog, chunks, metadata)
+    and would be taken for part of it."""
+    store = store_containing(target)
+    if store is not None:
+        raise UsageError(
+            f"{flag} {target} is inside the store {store}: writing there could overwrite the "
+            "store's own files; choose a path outside it"
+        )
 
 
 def export_frame(df: pl.DataFrame, fmt: str, target: str) -> None:
@@ -108,8 +123,10 @@ def export_frame(df: pl.DataFrame, fmt: str, target: str) -> None:
 
 def write_atomically(target: str | Path, write: Callable[[Path], None]) -> None:
     """Let `write` fill a hidden partial file beside `target`, then rename it into place: a
-    reader never sees half a file, a failure leaves none, and it is one line naming the fix."""
+    reader never sees half a file, a failure leaves none, and it is one line naming the fix.
+    A target inside a store is refused here too, whoever forgot to check it first."""
     path = Path(target)
+    refuse_inside_store(path, "output")
     tmp = path.with_name(f".{path.name}.partial")
     try:
         write(tmp)

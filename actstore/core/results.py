@@ -38,7 +38,7 @@ def find_query(
     the computation.
     """
     if not recompute:
-        rows = store.query(
+        rows = store._trusted_query(
             "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
             [params_hash(kind, run_id, params)],
         )
@@ -48,6 +48,13 @@ def find_query(
     return None
 
 
+def latest_query_id(store: Store) -> int:
+    """The largest query id recorded so far (0 for none): ids only grow, so a query recorded
+    after this call has a larger one."""
+    sql = "SELECT coalesce(max(query_id), 0) AS q FROM queries"
+    return int(store._trusted_query(sql)["q"].item())
+
+
 def record_query(
     store: Store,
     kind: str,
@@ -55,21 +62,27 @@ def record_query(
     params: dict[str, Any],
     wall_s: float,
     results: dict[str, pl.DataFrame],
+    after: int | None = None,
 ) -> int:
     """Insert the query row and its result rows in one transaction; returns the query id.
 
     `results` maps a result table to rows named by its columns, the query's id column left
-    out: it is filled in here.
+    out: it is filled in here. With `after` (the latest query id when this one was found
+    missing), an equal query recorded since then by another process is reused instead: the same
+    question asked twice at once is recorded once.
     """
+    digest = params_hash(kind, run_id, params)
     with store.transaction() as tx:
-        return tx.record_query(
-            kind, run_id, params, params_hash(kind, run_id, params), wall_s, results
-        )
+        if after is not None:
+            same = tx.same_query_since(digest, after)
+            if same is not None:
+                return same
+        return tx.record_query(kind, run_id, params, digest, wall_s, results)
 
 
 def query_params(store: Store, query_id: int) -> dict[str, Any]:
     """A recorded query's row, parameters decoded."""
-    rows = store.query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
+    rows = store._trusted_query("SELECT * FROM queries WHERE query_id = ?", [query_id]).to_dicts()
     if not rows:
         from actstore.core.errors import UsageError
 

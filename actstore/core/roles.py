@@ -29,12 +29,12 @@ def run_roles(store: Store, run_id: int) -> pl.DataFrame:
     """Every prompt's roles: `prompt_idx, role, pos`, END included, ordered by prompt and by
     `role_names` order."""
     with store.reading():
-        prompts = store.query(
+        prompts = store._trusted_query(
             "SELECT prompt_idx, seq_len FROM prompts WHERE run_id = ? ORDER BY prompt_idx",
             [run_id],
         )
         rows = (
-            store.query(
+            store._trusted_query(
                 "SELECT prompt_idx, role, pos FROM prompt_roles WHERE run_id = ? AND role <> ?",
                 [run_id, END],
             )
@@ -60,7 +60,7 @@ def role_names(store: Store, run_id: int) -> list[str]:
     """The run's role names in the task's order, END last (["END"] for a run without roles)."""
     with store.reading():
         rows = (
-            store.query(
+            store._trusted_query(
                 "SELECT DISTINCT role FROM prompt_roles WHERE run_id = ? AND role <> ?",
                 [run_id, END],
             )
@@ -95,7 +95,7 @@ def positions(store: Store, run_id: int, roles: Sequence[str]) -> np.ndarray:
 
 def _has_table(store: Store) -> bool:
     """False for a catalog from before roles (read, not migrated: readers never write)."""
-    found = store.query(
+    found = store._trusted_query(
         "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'prompt_roles' "
         "AND table_catalog = current_database()"
     )

@@ -21,19 +21,21 @@ import numpy as np
 import polars as pl
 
 from actstore.core import arrays as zarrays
+from actstore.core import sandbox
 from actstore.core.arrays import ARRAYS
-from actstore.core.catalog import FILE_ERRORS, SCHEMA_VERSION, Catalog
+from actstore.core.catalog import SCHEMA_VERSION, Catalog
 from actstore.core.errors import ActstoreError, DamagedError, UsageError
-from actstore.core.location import RECORD, arrays_root, local_dir
+from actstore.core.location import CATALOG, RECORD, arrays_root, local_dir
 from actstore.core.lock import WriterLock, describe_holder
 from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
 from actstore.core.writes import Writes
 
-CATALOG = "catalog.duckdb"
 MANIFESTS = "manifests"
 # What a directory holds before its catalog exists: shards write arrays and manifests first.
 BEFORE_CATALOG = {"writer.lock", ARRAYS, MANIFESTS, RECORD}
-READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+# A transaction of a command that does not hold the writer (a query recording its result) waits
+# this long for another process's writer: two queries finishing together both record.
+TRANSACTION_WAIT_S = 30.0
 
 
 class Store:
@@ -46,6 +48,9 @@ class Store:
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
         self._ledgers: dict[int, dict[tuple[str, str], Ledger]] = {}
+        self._metadata: dict[int, dict[tuple[str, str], str | None]] = {}
+        # An older catalog is read as it is and migrated by the first writer (`writer()`).
+        self.outdated = False
         check_location(self.path, create)
         if create and not (self.path / CATALOG).exists():
             try:
@@ -60,9 +65,8 @@ class Store:
             raise ActstoreError(
                 f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
             )
-        elif self.catalog.check_version() < SCHEMA_VERSION:
-            with self.writer("migrate catalog"):  # an older catalog migrates when first opened
-                self.catalog.migrate()
+        else:
+            self.outdated = self.catalog.check_version() < SCHEMA_VERSION
 
     def _create(self) -> None:
         with self.writer("create store"):
@@ -76,16 +80,21 @@ class Store:
         return f"Store({str(self.path)!r})"
 
     @contextmanager
-    def writer(self, command: str | None = None) -> Iterator[Store]:
+    def writer(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
-        the one way any command takes it. Nested uses share the outermost one. Nothing is
-        written here; the command's first transaction migrates the schema."""
+        the one way any command takes it. Nested uses share the outermost one. An older catalog
+        migrates here, so that the command reads the current schema; otherwise nothing is
+        written here, and the command's first transaction brings the views up to date.
+        `wait_s`: how long to wait for another process's writer first."""
         if self.lock.held:
             yield self
             return
-        self.lock.acquire(command)
+        self.lock.acquire(command, wait_s)
         self.catalog.writing, self.catalog.current = True, False
         try:
+            if self.outdated:
+                self.catalog.migrate()
+                self.outdated = False
             yield self
         finally:
             self.catalog.writing = self.catalog.current = False
@@ -94,8 +103,9 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Writes]:
         """One catalog transaction under the writer lock (taken here when the command does not
-        hold it yet): every row written through the `Writes` lands, or none of them."""
-        with self.writer(), self.catalog.write() as con:
+        hold it yet, after waiting up to TRANSACTION_WAIT_S for another process's short write):
+        every row written through the `Writes` lands, or none of them."""
+        with self.writer(wait_s=TRANSACTION_WAIT_S), self.catalog.write() as con:
             yield Writes(con)
 
     def check_writable(self) -> None:
@@ -111,6 +121,9 @@ class Store:
                 f"catalog {self.catalog.path} is not writable; this command records its results "
                 "in the store (work on a writable copy: cp -r STORE COPY)"
             )
+        if self.outdated:  # the query reads the current schema before it records
+            with self.writer("migrate catalog"):
+                pass
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -119,78 +132,76 @@ class Store:
         burst of small reads, never around a computation or a write."""
         return self.catalog.reading()
 
-    def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run one SQL statement against the catalog and return its rows."""
+    def query(
+        self,
+        sql: str,
+        params: list[Any] | None = None,
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
+    ) -> pl.DataFrame:
+        """Run one read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN) against the catalog
+        in DuckDB's sandbox, stopped after `timeout` seconds, refused past `max_rows` rows or
+        `max_mb` MB of memory (see docs/reliability.md).
+
+        The sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
+        statement-type check only gives writes a clearer message."""
+        limits = sandbox.Limits(timeout, max_rows, max_mb)
+        with self.catalog.sandbox(limits.max_mb) as con:
+            return sandbox.run(con, self.catalog.path, sql, params, limits)
+
+    def sql(
+        self,
+        sql: str,
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
+    ) -> pl.DataFrame:
+        """`query` without parameters: what `actstore sql` runs."""
+        return self.query(sql, None, timeout, max_rows, max_mb)
+
+    def _trusted_query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+        """actstore's own SQL against the catalog, outside the sandbox and without limits:
+        never pass it text a user wrote (that goes through `query`)."""
         with self.catalog.read() as con:
             rel = con.sql(sql, params=params or None)
             return rel.pl() if rel is not None else pl.DataFrame()
 
-    def sql(self, sql: str) -> pl.DataFrame:
-        """Run one read-only SQL statement (SELECT, WITH … SELECT, EXPLAIN) in the sandbox.
-
-        DuckDB's sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
-        statement-type check only gives writes a clearer message.
-        """
-        import duckdb
-
-        with self.catalog.sandbox() as con:
-            try:
-                statements = con.extract_statements(sql)
-            except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {first_line(exc)}") from None
-            if len(statements) != 1:
-                raise UsageError(f"give exactly one SQL statement (got {len(statements)})")
-            kind = statements[0].type.name
-            if kind not in READ_ONLY_STATEMENTS:
-                raise UsageError(
-                    f"actstore sql is read-only: {kind} statements are refused; "
-                    "use SELECT (write results with actstore export)"
-                )
-            try:
-                rel = con.sql(sql)
-                return rel.pl() if rel is not None else pl.DataFrame()
-            except duckdb.PermissionException as exc:
-                raise UsageError(
-                    f"actstore sql reads only the catalog: {first_line(exc)}; write results "
-                    "with actstore export"
-                ) from None
-            except FILE_ERRORS:
-                raise
-            except duckdb.Error as exc:
-                raise UsageError(f"SQL error: {first_line(exc)}") from None
-
     def runs(self) -> pl.DataFrame:
-        return self.query("SELECT * FROM runs ORDER BY run_id")
+        return self._trusted_query("SELECT * FROM runs ORDER BY run_id")
 
-    def run(self, run_id: int, complete: bool = True) -> dict[str, Any]:
+    def run(self, run: int, complete: bool = True) -> dict[str, Any]:
         """One run's catalog row as a dict; a missing or unfinished run is an error."""
-        rows = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_dicts()
+        rows = self._trusted_query("SELECT * FROM runs WHERE run_id = ?", [run]).to_dicts()
         if not rows:
-            known = self.query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
+            known = self._trusted_query("SELECT run_id FROM runs ORDER BY run_id")[
+                "run_id"
+            ].to_list()
             raise UsageError(
-                f"run {run_id} is not in {self.path} (runs: {known or 'none'}); see actstore info"
+                f"run {run} is not in {self.path} (runs: {known or 'none'}); see actstore info"
             )
         row = rows[0]
         row["params"] = json.loads(row["params"])
         row["hooks"] = json.loads(row["hooks"])
         if complete and row["status"] != "complete":
             raise ActstoreError(
-                f"run {run_id} is {row['status']}, not complete; rerun its ingest command "
-                "to resume it"
+                f"run {run} is {row['status']}, not complete; rerun its ingest command to resume it"
             )
         return row
 
-    def prompts(self, run_id: int) -> pl.DataFrame:
-        return self.query("SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run_id])
+    def prompts(self, run: int) -> pl.DataFrame:
+        return self._trusted_query(
+            "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run]
+        )
 
-    def arrays(self, run_id: int | None = None) -> pl.DataFrame:
-        where = "" if run_id is None else f"WHERE run_id = {int(run_id)}"
-        return self.query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
+    def arrays(self, run: int | None = None) -> pl.DataFrame:
+        where = "" if run is None else f"WHERE run_id = {int(run)}"
+        return self._trusted_query(f"SELECT * FROM arrays {where} ORDER BY run_id, side, hook")
 
     def info(self) -> pl.DataFrame:
         """One row per run: what it holds, bytes raw vs stored, compression ratio, stored bytes
         per prompt, how many hooks it derives on read rather than stores, status."""
-        return self.query(
+        return self._trusted_query(
             """
             SELECT r.run_id, r.model, r.task, r.corruption, r.n_prompts, r.status, r.dtype,
                    count(a.hook) AS n_arrays,
@@ -206,69 +217,109 @@ class Store:
             """
         )
 
-    def hooks(self, run_id: int, side: str = "clean") -> list[str]:
-        df = self.query(
-            "SELECT hook FROM arrays WHERE run_id = ? AND side = ? ORDER BY hook", [run_id, side]
+    def hooks(self, run: int, side: str = "clean") -> list[str]:
+        df = self._trusted_query(
+            "SELECT hook FROM arrays WHERE run_id = ? AND side = ? ORDER BY hook", [run, side]
         )
         return df["hook"].to_list()
 
-    def ledger(self, run_id: int, side: str, hook: str, reload: bool = False) -> Ledger:
+    def ledger(self, run: int, side: str, hook: str, reload: bool = False) -> Ledger:
         """The chunk ledger of one array (chunk index -> prompt range and checksum), cached per
         run; `reload` reads the run's rows again (an ingest may have recorded more)."""
-        if reload or run_id not in self._ledgers:
-            rows = self.query(
-                "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum FROM chunks "
-                "WHERE run_id = ?",
-                [run_id],
-            )
+        if reload or run not in self._ledgers:
+            with self.reading():
+                rows = self._trusted_query(
+                    "SELECT side, hook, chunk_idx, prompt_start, prompt_stop, checksum "
+                    "FROM chunks WHERE run_id = ?",
+                    [run],
+                )
+                arrays = self.arrays(run)
             per_array: dict[tuple[str, str], Ledger] = {}
             for sd, hk, idx, lo, hi, checksum in rows.iter_rows():
                 per_array.setdefault((sd, hk), {})[int(idx)] = LedgerEntry(lo, hi, checksum)
-            self._ledgers[run_id] = per_array
-        return self._ledgers[run_id].get((side, hook), {})
+            self._ledgers[run] = per_array
+            self._metadata[run] = {
+                (row["side"], row["hook"]): zarrays.expected_metadata(row)
+                for row in arrays.iter_rows(named=True)
+            }
+            if per_array:
+                self.check_arrays_root()
+        return self._ledgers[run].get((side, hook), {})
 
-    def array(self, run_id: int, side: str, hook: str) -> VerifiedArray:
+    def check_arrays_root(self) -> None:
+        """Refuse to read arrays under a root group whose metadata is gone or garbage (zarr
+        would open the arrays below it regardless): one line naming the repair."""
+        problem = zarrays.root_problem(self.arrays_root)
+        if problem is not None:
+            raise DamagedError(
+                f"the arrays' root group metadata {self.arrays_root.show('zarr.json')} "
+                f"{problem}; {FIX}"
+            )
+
+    def array(self, run: int, side: str, hook: str) -> VerifiedArray:
         """The array of (run, side, hook), every chunk read checked against the ledger; a clear
         error naming what is stored otherwise."""
-        ledger = self.ledger(run_id, side, hook)
+        ledger = self.ledger(run, side, hook)
         try:
             return VerifiedArray(
-                self.arrays_root, run_id, side, hook, ledger,
-                refresh=lambda: self.ledger(run_id, side, hook, reload=True),
+                self.arrays_root, run, side, hook, ledger,
+                refresh=lambda: self.ledger(run, side, hook, reload=True),
+                metadata=self._metadata[run].get((side, hook)),
             )  # fmt: skip
+        except DamagedError:
+            raise
         except Exception as exc:  # no metadata, or metadata zarr cannot read
             missing = exc
-        name = zarrays.array_name(run_id, side, hook)
+        name = zarrays.array_name(run, side, hook)
         if ledger:
             raise DamagedError(
-                f"run {run_id} {side} {hook}: the array {self.arrays_root.show(name)} cannot be "
+                f"run {run} {side} {hook}: the array {self.arrays_root.show(name)} cannot be "
                 f"opened ({first_line(missing)}); {FIX}"
             )
-        stored = self.hooks(run_id, side)
+        stored = self.hooks(run, side)
         if not stored:
-            raise UsageError(f"run {run_id} has no {side!r} side in {self.path}")
-        if hook in self.run(run_id, complete=False)["params"].get("derived", []):
+            raise UsageError(f"run {run} has no {side!r} side in {self.path}")
+        if self.derives(run, side, hook):
             raise UsageError(
-                f"hook {hook!r} of run {run_id} is derived on read from the hooks it stores, not "
-                f"stored: the queries compute it; to read it here, re-ingest with --hooks {hook}"
+                f"hook {hook!r} of run {run} is derived on read from the hooks it stores, not "
+                f"stored: compute it with the run's model by actstore.open(path).read({run}, "
+                f"{side!r}, {hook!r}, derive=True), or store it too by ingesting again with "
+                f"--hooks default,{hook} --again"
             )
         raise UsageError(
-            f"hook {hook!r} is not stored for run {run_id} ({side}); stored hooks include "
+            f"hook {hook!r} is not stored for run {run} ({side}); stored hooks include "
             f"{', '.join(stored[:6])}…; re-ingest with --hooks to add it"
         )
 
+    def derives(self, run: int, side: str, hook: str) -> bool:
+        """Whether the run derives the hook on read (actstore.model.derivable) rather than
+        stores it."""
+        derived = self.run(run, complete=False)["params"].get("derived", [])
+        return hook in derived and hook not in self.hooks(run, side)
+
     def read(
-        self, run_id: int, side: str, hook: str, start: int = 0, stop: int | None = None
+        self, run: int, side: str, hook: str, start: int = 0, stop: int | None = None
     ) -> np.ndarray:
-        """Activations of prompts [start, stop) as a numpy array, every chunk verified."""
-        return self.array(run_id, side, hook)[start:stop]
+        """Activations of run `run`'s prompts [start, stop) as a numpy array, every chunk
+        verified; `run` as every verb names it."""
+        return self.array(run, side, hook)[start:stop]
 
     def export(
-        self, table: str | None = None, sql: str | None = None, fmt: str = "csv", out: str = "-"
+        self,
+        table: str | None = None,
+        sql: str | None = None,
+        fmt: str = "csv",
+        out: str = "-",
+        timeout: float = sandbox.TIMEOUT_S,
+        max_rows: int = sandbox.MAX_ROWS,
+        max_mb: int = sandbox.MAX_MB,
     ) -> pl.DataFrame:
-        """Write a table, a view or a read-only query's rows to a file or stdout ('-')."""
-        from actstore.core.output import export_frame
+        """Write a table, a view or a read-only query's rows to a file or stdout ('-'); the
+        statement runs as `query` does, under the same limits."""
+        from actstore.core.output import export_frame, refuse_inside_store
 
+        if out != "-":
+            refuse_inside_store(out, "-o")
         if (table is None) == (sql is None):
             raise UsageError("give a TABLE or --sql QUERY (exactly one)")
         if table is not None:
@@ -276,7 +327,7 @@ class Store:
             if table not in names:
                 raise UsageError(f"no table or view {table!r}; choose one of: {', '.join(names)}")
             sql = f'SELECT * FROM "{table}"'
-        df = self.sql(sql)
+        df = self.sql(sql, timeout, max_rows, max_mb)
         export_frame(df, fmt, out)
         return df
 
@@ -302,7 +353,7 @@ def check_location(path: Path, create: bool = False) -> None:
 
 def table_names(store: Store) -> list[str]:
     """Tables and views of the catalog that export and sql can read."""
-    df = store.query(
+    df = store._trusted_query(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
         "AND table_catalog = current_database() "
         "ORDER BY table_name"

@@ -91,20 +91,35 @@ class VerifiedArray:
         hook: str,
         ledger: Ledger,
         refresh: Callable[[], Ledger] | None = None,
+        metadata: str | None = None,
     ):
         self.root = as_root(store_dir)
         self.run_id, self.side, self.hook = run_id, side, hook
         self.name = zarrays.array_name(run_id, side, hook)
         self.ledger = ledger
         self.refresh = refresh
-        self.zarr = open_array(self.root, self.name)
+        self.metadata = metadata
+        self.zarr = self._open()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "zarr": None, "refresh": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.zarr = open_array(self.root, self.name)
+        self.zarr = self._open()
+
+    def _open(self) -> Any:
+        """The zarr array, once its metadata says what the catalog records (shape, chunks,
+        dtype, codecs, fill value): an edited `zarr.json` would read other numbers, or fewer."""
+        arr = open_array(self.root, self.name)
+        if self.metadata is not None:
+            difference = zarrays.metadata_difference(arr, self.metadata)
+            if difference is not None:
+                raise DamagedError(
+                    f"run {self.run_id} {self.side} {self.hook}: the array's metadata "
+                    f"{self.root.show(self.name)}/zarr.json {difference}; {FIX}"
+                )
+        return arr
 
     @property
     def shape(self) -> tuple[int, ...]:

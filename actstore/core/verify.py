@@ -3,7 +3,9 @@
 Reads only the store (no model, no torch). Each finding is one row naming the run, side, hook,
 chunk and prompt range; `problem` is one of:
 
-- `damaged`: the chunk's decoded values do not match the ledger checksum, or do not decode;
+- `damaged`: the chunk's decoded values do not match the ledger checksum, or do not decode; or
+  an array's metadata (`zarr.json`) says other than the document the catalog records (its
+  chunks are then not read), or the arrays' root group metadata is not a Zarr group's;
 - `missing`: the ledger records a chunk whose file (or whole array) is gone, or the arrays'
   root group metadata (`arrays.zarr/zarr.json`) is gone;
 - `unrecorded`: a complete run whose ledger lacks a chunk of one of its arrays;
@@ -44,19 +46,25 @@ def verify(store: Store, run_id: int | None = None) -> pl.DataFrame:
     if run_id is not None and runs.is_empty():
         store.run(run_id)  # raises the usual "run R is not in STORE" usage error
     findings: list[dict[str, Any]] = []
-    if not runs.is_empty() and not store.arrays_root.exists("zarr.json"):
+    root_problem = zarrays.root_problem(store.arrays_root) if not runs.is_empty() else None
+    if root_problem is not None:
         findings.append(
             {"run_id": None, "side": None, "hook": None, "chunk_idx": None, "prompt_start": None,
-             "prompt_stop": None, "problem": "missing",
-             "detail": f"{store.arrays_root.show('zarr.json')} (the arrays' root group) is gone"}
+             "prompt_stop": None, "problem": "missing" if root_problem == "is gone" else "damaged",
+             "detail": f"{store.arrays_root.show('zarr.json')} (the arrays' root group) "
+             f"{root_problem}"}
         )  # fmt: skip
     opened: dict[str, Any] = {}
     for run in runs.iter_rows(named=True):
         rid = int(run["run_id"])
-        ledger = store.query(
+        ledger = store._trusted_query(
             "SELECT * FROM chunks WHERE run_id = ? ORDER BY side, hook, chunk_idx", [rid]
         )
+        bad_metadata = _check_metadata(store, opened, rid)
+        findings.extend(bad_metadata.values())
         for row in ledger.iter_rows(named=True):
+            if (row["side"], row["hook"]) in bad_metadata:
+                continue  # its chunks read as the wrong metadata says: repair that first
             problem = _check_chunk(store, opened, row)
             if problem is not None:
                 findings.append({**_where(row), "problem": problem[0], "detail": problem[1]})
@@ -81,12 +89,33 @@ def failures(findings: pl.DataFrame) -> pl.DataFrame:
 
 def chunks_checked(store: Store, run_id: int | None = None) -> int:
     where = "" if run_id is None else f"WHERE run_id = {int(run_id)}"
-    return int(store.query(f"SELECT count(*) AS n FROM chunks {where}")["n"].item())
+    return int(store._trusted_query(f"SELECT count(*) AS n FROM chunks {where}")["n"].item())
 
 
 def _where(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("run_id", "side", "hook", "chunk_idx", "prompt_start",
                                 "prompt_stop")}  # fmt: skip
+
+
+def _check_metadata(store: Store, opened: dict[str, Any], run_id: int) -> dict[tuple, dict]:
+    """A `damaged` finding per array of the run whose `zarr.json` says other than the document
+    the catalog records (shape, chunks, dtype, codecs, fill value), by (side, hook)."""
+    out = {}
+    for row in store.arrays(run_id).iter_rows(named=True):
+        expected = zarrays.expected_metadata(row)
+        name = zarrays.array_name(run_id, row["side"], row["hook"])
+        try:
+            arr = opened.setdefault(name, open_array(store.arrays_root, name))
+        except Exception:  # gone or unreadable: each of its chunks is reported missing
+            continue
+        difference = None if expected is None else zarrays.metadata_difference(arr, expected)
+        if difference is not None:
+            out[(row["side"], row["hook"])] = {
+                **{k: None for k in PIECE}, "run_id": run_id, "side": row["side"],
+                "hook": row["hook"], "problem": "damaged",
+                "detail": f"metadata {store.arrays_root.show(name)}/zarr.json {difference}",
+            }  # fmt: skip
+    return out
 
 
 def _check_chunk(store: Store, opened: dict[str, Any], row: dict[str, Any]) -> tuple | None:
@@ -96,7 +125,7 @@ def _check_chunk(store: Store, opened: dict[str, Any], row: dict[str, Any]) -> t
         if name not in opened:
             opened[name] = open_array(store.arrays_root, name)
         arr = opened[name]
-    except (KeyError, ValueError, OSError) as exc:
+    except Exception as exc:  # gone, or metadata zarr cannot read
         return "missing", f"array {name} cannot be opened: {first_line(exc)}"
     entry = LedgerEntry(row["prompt_start"], row["prompt_stop"], row["checksum"])
     try:
@@ -121,7 +150,9 @@ def _check_complete(store: Store, run: dict[str, Any], ledger: pl.DataFrame) -> 
                      "prompt_start": b * batch, "prompt_stop": min(n, (b + 1) * batch),
                      "problem": "unrecorded", "detail": "the chunk ledger lacks this chunk"}
                 )  # fmt: skip
-    have = set(store.query("SELECT prompt_idx FROM prompts WHERE run_id = ?", [rid])["prompt_idx"])
+    have = set(
+        store._trusted_query("SELECT prompt_idx FROM prompts WHERE run_id = ?", [rid])["prompt_idx"]
+    )
     for lo, hi in _gaps(have, n):
         out.append(
             {"run_id": rid, "side": None, "hook": None, "chunk_idx": None, "prompt_start": lo,

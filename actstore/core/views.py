@@ -38,8 +38,19 @@ EFFECT_IMPORTANCE = IMPORTANCE.format(
     direction=_param("q.params", "direction"), normalized="e.normalized"
 )
 
+# The queries that a later query of the same setting supersedes (view current_queries).
+SUPERSEDED = "(SELECT query_id FROM queries EXCEPT SELECT query_id FROM current_queries)"
+
 # In creation order: a view comes after the views it reads.
 VIEWS: dict[str, str] = {
+    # The newest query of each setting (kind, run, parameters: `params_hash`): a query asked
+    # again with --recompute supersedes the older one, whose rows stay in their tables.
+    "current_queries": """
+        SELECT * FROM queries q
+        WHERE NOT EXISTS (SELECT 1 FROM queries n
+                          WHERE n.params_hash = q.params_hash AND n.query_id > q.query_id)
+        ORDER BY q.query_id
+        """,
     "patch_effects": f"""
         SELECT e.query_id, q.run_id, r.model, r.task, r.corruption,
                {_param("q.params", "component")} AS component, e.metric,
@@ -51,7 +62,8 @@ VIEWS: dict[str, str] = {
                END AS node,
                e.value, e.normalized,
                {EFFECT_IMPORTANCE} AS importance
-        FROM effects e JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        FROM effects e JOIN current_queries q USING (query_id)
+             LEFT JOIN runs r ON r.run_id = q.run_id
         WHERE q.kind = 'patch'
         ORDER BY e.query_id, e.layer, e.head NULLS FIRST, e.pos NULLS FIRST
         """,
@@ -90,6 +102,7 @@ VIEWS: dict[str, str] = {
                        AS rank,
                    count(*) OVER (PARTITION BY s.score_id) AS n_edges
             FROM edge_scores s LEFT JOIN runs r ON r.run_id = s.run_id
+            WHERE s.score_id NOT IN {SUPERSEDED}
         )
         SELECT *, (rank - 1) / n_edges AS frac_rank FROM ranked ORDER BY score_id, rank
         """,
@@ -97,9 +110,10 @@ VIEWS: dict[str, str] = {
         SELECT ce.circuit_id, c.score_id, ce.src, ce.dst, ce.qkv,
                {EDGE_NAME.format(src="ce.src", dst="ce.dst", qkv="ce.qkv")} AS edge
         FROM circuit_edges ce LEFT JOIN circuits c USING (circuit_id)
+        WHERE ce.circuit_id NOT IN {SUPERSEDED}
         ORDER BY ce.circuit_id, edge
         """,
-    "circuit_heads": """
+    "circuit_heads": f"""
         SELECT DISTINCT n.circuit_id, c.score_id,
                CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 1) AS INTEGER) AS layer,
                CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 2) AS INTEGER) AS head,
@@ -108,6 +122,7 @@ VIEWS: dict[str, str] = {
               UNION ALL SELECT circuit_id, dst AS node FROM circuit_edges) n
              LEFT JOIN circuits c USING (circuit_id)
         WHERE regexp_full_match(n.node, 'a\\d+\\.h\\d+')
+              AND n.circuit_id NOT IN {SUPERSEDED}
         ORDER BY n.circuit_id, layer, head
         """,
     "circuits_v": f"""
@@ -123,6 +138,7 @@ VIEWS: dict[str, str] = {
                c.faithfulness, c.params, c.created_at
         FROM circuits c LEFT JOIN queries a ON a.query_id = c.score_id
              LEFT JOIN runs r ON r.run_id = a.run_id
+        WHERE c.circuit_id NOT IN {SUPERSEDED}
         ORDER BY c.circuit_id
         """,
 }

@@ -64,7 +64,8 @@ def array_records(
              "dtype": str(arr.dtype), "chunks": json.dumps(list(arr.chunks)),
              "codec": zarrays.CODEC_NAME, "raw_bytes": int(arr.nbytes),
              "stored_bytes": zarrays.stored_bytes(store_dir, name), "path": name,
-             "n_chunks": n_chunks}
+             "n_chunks": n_chunks, "metadata": zarrays.metadata_document(
+                 tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))}
         )  # fmt: skip
     return rows
 
@@ -245,6 +246,14 @@ class Writes:
         for table, frame in results.items():
             self.insert(table, frame.with_columns(pl.lit(query_id).alias(RESULT_ID[table])))
         return query_id
+
+    def same_query_since(self, params_hash: str, after: int) -> int | None:
+        """The first query with these parameters recorded after query `after`, if any."""
+        rows = self.con.execute(
+            "SELECT min(query_id) FROM queries WHERE params_hash = ? AND query_id > ?",
+            [params_hash, after],
+        ).fetchall()
+        return None if rows[0][0] is None else int(rows[0][0])
 
     def forget_queries(self, run_ids: Sequence[int]) -> int:
         """Delete the recorded queries of runs and every result row they own (a repair: results

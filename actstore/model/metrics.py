@@ -74,9 +74,13 @@ def normalized(value: float, clean: float, corrupted: float, tol: float = 0.0) -
 def answer_arrays(prompts: pl.DataFrame) -> dict[str, np.ndarray]:
     """A run's answer sets (`prompts.answer_tokens`, `wrong_answer_tokens`) as padded arrays
     `correct`, `correct_mask`, `incorrect`, `incorrect_mask`, one row per prompt."""
+    return padded_sets(prompts["answer_tokens"].to_list(), prompts["wrong_answer_tokens"].to_list())
+
+
+def padded_sets(correct: list[list[int]], incorrect: list[list[int]]) -> dict[str, np.ndarray]:
+    """Each prompt's correct and incorrect token sets as `answer_arrays` pads them."""
     out: dict[str, np.ndarray] = {}
-    for name, column in (("correct", "answer_tokens"), ("incorrect", "wrong_answer_tokens")):
-        sets = prompts[column].to_list()
+    for name, sets in (("correct", correct), ("incorrect", incorrect)):
         width = max((len(s) for s in sets), default=1)
         ids = np.zeros((len(sets), width), dtype=np.int64)
         mask = np.zeros((len(sets), width), dtype=np.float32)

@@ -29,7 +29,7 @@ def illusion_verdict(flag: bool | None) -> str:
 
 def provenance(store: Store, query_id: int) -> dict[str, Any]:
     """A query's row joined with its run and model: where a number came from."""
-    rows = store.query(
+    rows = store._trusted_query(
         """
         SELECT q.query_id, q.kind, q.run_id, q.params, q.created_at, r.model, r.task,
                r.corruption, r.n_prompts, m.n_layers, m.n_heads
@@ -67,7 +67,7 @@ def top_heads(
     """A patching query's heads ranked by importance (the view's direction-independent column),
     cut to top-k or top-fraction."""
     where, params = _cut(k, frac)
-    return store.query(
+    return store._trusted_query(
         f"SELECT * FROM top_heads WHERE query_id = ? {where} ORDER BY rank", [query_id, *params]
     )
 
@@ -78,7 +78,7 @@ def top_edges(
     """An attribution score set's edges ranked by importance (|score|), cut to top-k or
     top-fraction."""
     where, params = _cut(k, frac)
-    return store.query(
+    return store._trusted_query(
         f"SELECT * FROM top_edges WHERE score_id = ? {where} ORDER BY rank", [score_id, *params]
     )
 

@@ -205,7 +205,9 @@ def _check_filters(kind: str, filters: Filters) -> None:
 
 def candidates(store: Store, kind: str, filters: Filters) -> list[dict]:
     """Every source of this kind in the store matching the filters, newest first."""
-    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC").to_dicts()
+    rows = store._trusted_query(
+        f"SELECT * FROM ({SOURCES_SQL[kind]}) ORDER BY source_id DESC"
+    ).to_dicts()
     given = filters.given()
     return [r for r in rows if all(r.get(k) == v for k, v in given.items()) and not partial(r)]
 
@@ -264,7 +266,7 @@ def _explicit(
         raise UsageError(f"--queries names the sets itself; leave out {flags}")
     if len(queries) < 2:
         raise UsageError("give at least two ids to compare, e.g. --queries 1,2")
-    rows = store.query(f"SELECT * FROM ({SOURCES_SQL[kind]})").to_dicts()
+    rows = store._trusted_query(f"SELECT * FROM ({SOURCES_SQL[kind]})").to_dicts()
     by_id = {r["source_id"]: r for r in rows}
     for q in queries:
         if q in by_id and partial(by_id[q]):
@@ -481,7 +483,7 @@ def _pair_statistics(
 ) -> pl.DataFrame:
     """Overlap of (run_id, source_id) sets, computed in one statement."""
     ctes, params = _sets_sql(sets, selection)
-    df = store.query(f"WITH {ctes}, {PAIRS_SQL}", params)
+    df = store._trusted_query(f"WITH {ctes}, {PAIRS_SQL}", params)
     _check_universe(df, selection)
     return with_p_values(df.drop("universe_b").rename({"universe_a": "universe"}))
 
@@ -491,7 +493,7 @@ def with_shared(store: Store, df: pl.DataFrame, selection: Selection) -> pl.Data
     diagonal = df.filter(pl.col("run_a") == pl.col("run_b"))
     sets = list(diagonal.select("run_a", "source_a").iter_rows())
     ctes, params = _sets_sql(sets, selection)
-    shared = store.query(
+    shared = store._trusted_query(
         f"""
         WITH {ctes}
         SELECT sa.run_id AS run_a, sb.run_id AS run_b, list(a.item ORDER BY a.item) AS shared

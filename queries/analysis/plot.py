@@ -19,6 +19,7 @@ import polars as pl
 
 from actstore.core.choices import PLOTS
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.output import refuse_inside_store, write_atomically
 from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
@@ -74,16 +75,13 @@ def _save(plt: Any, fig: Any, note: str, out: str | Path) -> None:
     PNG (`rendered_axes`), written atomically."""
     fig.text(0.5, 0.015, note, ha="center", va="bottom", fontsize=8, wrap=True, color="0.25")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(out)
-    tmp = path.with_name(f".{path.name}.partial.png")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png", metadata={AXES_KEY: _axes_record(fig)})
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ActstoreError(
-            f"cannot write {out}: {exc.strerror or exc}; choose a writable path"
-        ) from None
+        write_atomically(
+            out,
+            lambda tmp: fig.savefig(
+                tmp, dpi=DPI, format="png", metadata={AXES_KEY: _axes_record(fig)}
+            ),
+        )
     finally:
         plt.close(fig)
 
@@ -142,7 +140,7 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
             f"query {query_id} is a {prov['kind']!r} query, not a patch query; plot effects "
             "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
-    df = store.query(
+    df = store._trusted_query(
         "SELECT layer, head, pos, metric, value, normalized, importance FROM patch_effects "
         "WHERE query_id = ? ORDER BY layer, head, pos",
         [query_id],
@@ -268,7 +266,7 @@ def plot_overlap(
     side.set_title(f"shared {selection.by}s", loc="left")
     side.text(0, 1, _shared_text(df, labels), va="top", ha="left", fontsize=8, wrap=True,
               transform=side.transAxes, family="monospace")  # fmt: skip
-    models = store.query(
+    models = store._trusted_query(
         "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1",
         [df["run_a"].unique().to_list()],
     )["model"].to_list()
@@ -310,12 +308,12 @@ def plot_faithfulness(
     """Faithfulness against circuit size for one score set, with its stored circuits marked."""
     prov = lookups.provenance(store, score_id)
     _check_faithfulness_id(store, prov)
-    curve = store.query(
+    curve = store._trusted_query(
         "SELECT DISTINCT n_edges, faithfulness FROM faithfulness_curve WHERE score_id = ? "
         "ORDER BY n_edges",
         [score_id],
     )
-    circuits = store.query(
+    circuits = store._trusted_query(
         "SELECT circuit_id, n_edges_stored AS n_edges, faithfulness FROM circuits_v "
         "WHERE score_id = ? ORDER BY n_edges",
         [score_id],
@@ -325,7 +323,9 @@ def plot_faithfulness(
             f"score set {score_id} has no faithfulness curve or circuits yet; run actstore "
             f"circuit {store.path} --scores {score_id} --faithfulness 0.85, then plot again"
         )
-    total = store.query("SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]).item()
+    total = store._trusted_query(
+        "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
+    ).item()
     plt, fig, ax = _figure(size)
     if not curve.is_empty():
         ax.plot(curve["n_edges"], curve["faithfulness"], marker="o", ms=3, label="top-n edges")
@@ -371,7 +371,7 @@ def _check_faithfulness_id(store: Store, prov: dict[str, Any]) -> None:
 def _edge_curve_hint(store: Store, run_id: int) -> str:
     """The next command toward a faithfulness curve of the run: plot one it has, make one
     from its newest edge score set, or score its edges."""
-    sets = store.query(
+    sets = store._trusted_query(
         """
         SELECT q.query_id, EXISTS (SELECT 1 FROM faithfulness_curve c
                                    WHERE c.score_id = q.query_id) AS has_curve
@@ -404,6 +404,7 @@ def plot(
 ) -> pl.DataFrame:
     """The `actstore plot` dispatcher: ID is a patch query id (effects), a comma-separated run
     list (overlap; sets chosen as in `actstore overlap`) or a score id (faithfulness)."""
+    refuse_inside_store(out, "-o")
     if kind == "overlap":
         runs = ov.parse_ids(ident, "ID")
         selection = ov.choose(by, top_k, top_frac, circuits)

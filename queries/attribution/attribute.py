@@ -30,6 +30,7 @@ from queries.core.recorded import recorded
 from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5
+MAX_STEPS = 1000
 
 
 def resolve_params(
@@ -41,8 +42,11 @@ def resolve_params(
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps {steps}: need at least 1")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UsageError(
+            f"--steps {steps}: give 1 to {MAX_STEPS} integration steps (EAP-IG converges in tens; "
+            "each step is a forward and backward pass of every batch)"
+        )
     level = level or ("node" if method == "atp" else "edge")
     check("--level", level, LEVELS)
     return {
@@ -64,6 +68,7 @@ def attribute(
     progress: bool | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc.
 
@@ -95,11 +100,11 @@ def attribute(
         return {"edge_scores": frame}
 
     return recorded(store, "attribute", run, params, compute,
-                    lambda score_id: stored_scores(store, score_id))  # fmt: skip
+                    lambda score_id: stored_scores(store, score_id), recompute)  # fmt: skip
 
 
 def stored_scores(store: Store, score_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT * FROM edge_scores WHERE score_id = ? ORDER BY abs(score) DESC, src, dst, qkv",
         [score_id],
     )

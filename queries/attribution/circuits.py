@@ -46,10 +46,10 @@ def score_graph(store: Store, score_id: int) -> tuple[dict, Graph, np.ndarray]:
         )
     with store.reading():
         run = store.run(query["run_id"])
-        shape = store.query(
+        shape = store._trusted_query(
             "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [run["model"]]
         )
-        rows = store.query(
+        rows = store._trusted_query(
             "SELECT src, dst, qkv, score FROM edge_scores WHERE score_id = ?", [score_id]
         )
     arch = shape["architecture"][0]
@@ -117,6 +117,7 @@ def circuit(
     device: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
@@ -131,6 +132,11 @@ def circuit(
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None:
         edges = check_sizes(edges)
+    if faithfulness is not None and not 0 < faithfulness <= 1:
+        raise UsageError(
+            f"--faithfulness {faithfulness}: give a fraction of the model's metric above 0 and at "
+            "most 1 (e.g. 0.85)"
+        )
     query, graph, values = score_graph(store, scores)
     sizes = [] if edges is None else [edges] if isinstance(edges, int) else edges
     if sizes and sizes[-1] > graph.n_edges:
@@ -164,7 +170,7 @@ def circuit(
             return stored_sizes(store, circuit_id)
         return stored_circuit(store, circuit_id)
 
-    return recorded(store, "circuit", run, params, compute, read)
+    return recorded(store, "circuit", run, params, compute, read, recompute)
 
 
 def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:
@@ -233,7 +239,7 @@ def _result_frames(
 
 
 def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT circuit_id, score_id, top_n, n_edges, faithfulness, metric, metric_value, "
         "clean_metric, corrupted_metric FROM circuits WHERE circuit_id = ?",
         [circuit_id],
@@ -242,7 +248,7 @@ def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
 
 def stored_sizes(store: Store, circuit_id: int) -> pl.DataFrame:
     """A curve query's rows: the circuit's columns for every size on its curve."""
-    return store.query(
+    return store._trusted_query(
         "SELECT c.circuit_id, c.score_id, f.top_n, f.n_edges, f.faithfulness, c.metric, "
         "f.metric_value, c.clean_metric, c.corrupted_metric FROM faithfulness_curve f "
         "JOIN circuits c USING (circuit_id) WHERE circuit_id = ? ORDER BY f.top_n",
@@ -251,7 +257,7 @@ def stored_sizes(store: Store, circuit_id: int) -> pl.DataFrame:
 
 
 def stored_curve(store: Store, circuit_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         "SELECT top_n, n_edges, faithfulness, metric_value FROM faithfulness_curve "
         "WHERE circuit_id = ? ORDER BY top_n",
         [circuit_id],

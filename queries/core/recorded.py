@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from actstore.core.results import find_query, record_query
+from actstore.core.results import find_query, latest_query_id, record_query
 from actstore.core.store import Store
 
 
@@ -29,10 +29,12 @@ def recorded(
     """`read(query_id)` of the query (kind, run, params): found in the catalog unless
     `recompute`, else `compute()`'s result tables recorded with its wall time."""
     with store.reading():
+        latest = latest_query_id(store)  # before the look: whatever is recorded later is newer
         found = find_query(store, kind, run, params, recompute)
     if found is not None:
         return read(found)
     started = time.perf_counter()
     results = compute()
-    query_id = record_query(store, kind, run, params, time.perf_counter() - started, results)
+    query_id = record_query(store, kind, run, params, time.perf_counter() - started, results,
+                            after=latest)  # fmt: skip
     return read(query_id)

@@ -91,7 +91,7 @@ def check_spec(
     check("--direction", direction, DIRECTIONS)
     with store.reading():
         info = store.run(run)
-        rows = store.query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
+        rows = store._trusted_query("SELECT n_layers FROM models WHERE model = ?", [info["model"]])
     n_layers = int(rows.item()) if rows.height else int(info["params"].get("n_layers", 0))
     if not 1 <= window <= n_layers:
         raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")
@@ -118,7 +118,7 @@ def check_spec(
 
 
 def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
         "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
         [query_id],

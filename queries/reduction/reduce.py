@@ -43,6 +43,7 @@ def reduce(
     side: str = "clean",
     scheduler: str = "threads",
     address: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Reduce a stored hook over the run's prompts; cached by parameters like every query."""
     check("--op", op, OPS)
@@ -55,7 +56,7 @@ def reduce(
         by = by or "grp"
     elif by is not None:
         raise UsageError(f"--by is for --op class-mean, not {op}")
-    derived = _derived(store, run, side, hook)
+    derived = store.derives(run, side, hook)
     shape = None if derived else tuple(store.array(run, side, hook).shape)
     if op == "head-norm" and (shape is None or len(shape) != 4):
         held = "derived, one vector per position" if derived else f"of shape {shape}"
@@ -67,25 +68,21 @@ def reduce(
     def compute() -> dict[str, pl.DataFrame]:
         return {"reductions": _compute(store, run, hook, side, op, by, scheduler, address)}
 
-    return recorded(store, KIND, run, params, compute, lambda query_id: _rows(store, query_id))
-
-
-def _rows(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
-        "SELECT * FROM reductions WHERE query_id = ? ORDER BY grp, pos, idx", [query_id]
+    return recorded(
+        store, KIND, run, params, compute, lambda query_id: _rows(store, query_id), recompute
     )
 
 
-def _derived(store: Store, run_id: int, side: str, hook: str) -> bool:
-    """Whether the run derives the hook on read rather than stores it."""
-    derived = store.run(run_id)["params"].get("derived", [])
-    return hook in derived and hook not in store.hooks(run_id, side)
+def _rows(store: Store, query_id: int) -> pl.DataFrame:
+    return store._trusted_query(
+        "SELECT * FROM reductions WHERE query_id = ? ORDER BY grp, pos, idx", [query_id]
+    )
 
 
 def _source(store: Store, run_id: int, side: str, hook: str) -> Any:
     """What Dask reads: the stored array, every chunk checked against the ledger, or the
     derived values (reading the stored chunks they come from checked the same way)."""
-    if not _derived(store, run_id, side, hook):
+    if not store.derives(run_id, side, hook):
         return store.array(run_id, side, hook)
     from queries.core.reader import DerivedArray
 
@@ -98,7 +95,7 @@ def _groups(store: Store, run_id: int, by: str | None) -> tuple[np.ndarray, np.n
     if by is not None and by not in columns:
         raise UsageError(f"--by {by}: not a prompts column; choose one of {', '.join(columns)}")
     key = f'CAST("{by}" AS VARCHAR)' if by is not None else "'all'"
-    df = store.query(
+    df = store._trusted_query(
         f"SELECT seq_len, {key} AS grp FROM prompts WHERE run_id = ? ORDER BY prompt_idx",
         [run_id],
     )

@@ -56,7 +56,7 @@ def mean_diff(
             total = diff if total is None else total + diff
             count += b.base.shape[0]
         if k != 1:
-            raise UsageError("--group-by side gives one direction; use --k 1 or --direction das")
+            raise UsageError("--group-by side gives one direction; use --k 1 or --basis das")
         return orthonormal_basis(total / max(count, 1), what="mean-diff (clean − corrupted)")
     if group_by not in prompts.columns:
         raise UsageError(

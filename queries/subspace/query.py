@@ -11,6 +11,7 @@ basis to `subspace_directions`.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from actstore.core.choices import DIRECTIONS, METRICS, SOURCES, check
 from actstore.core.errors import UsageError
 from actstore.core.output import check_output_path
 from actstore.core.store import Store
+from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
 
 REPORT_COLUMNS = [
@@ -60,7 +62,7 @@ def check_pos(pos: str, lengths: np.ndarray) -> str:
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
-    return store.query(
+    return store._trusted_query(
         f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
         "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
         [query_id],
@@ -69,7 +71,7 @@ def stored_report(store: Store, query_id: int) -> pl.DataFrame:
 
 def stored_basis(store: Store, query_id: int) -> np.ndarray:
     """The (d, k) basis a query patched along."""
-    rows = store.query(
+    rows = store._trusted_query(
         "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
     )
     return np.array(rows["vector"].to_list(), dtype=np.float64).T
@@ -79,11 +81,11 @@ def subspace(
     store: Store,
     run: int,
     hook: str,
-    direction: str,
+    basis: str,
     head: int | None = None,
     pos: str = "all",
     metric: str = "logit-diff",
-    mode: str = "denoise",
+    direction: str = "denoise",
     reader: str | None = None,
     k: int = 1,
     group_by: str = "side",
@@ -93,34 +95,41 @@ def subspace(
     lr: float = 0.05,
     device: str | None = None,
     save_direction: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
-    """Patch along a direction at a hook and report the illusion diagnostics (see module doc)."""
+    """Patch the subspace `basis` (a .npy file, mean-diff or das) at a hook in `direction`
+    (denoise or noise) and report the illusion diagnostics (see module doc)."""
     check("--metric", metric, METRICS)
-    check("--patch-direction", mode, DIRECTIONS)
+    check("--direction", direction, DIRECTIONS)
     if save_direction is not None:
         check_output_path(save_direction, "--save-direction")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr {lr}: give a positive learning rate (default 0.05)")
+    if epochs < 1:
+        raise UsageError(f"--epochs {epochs}: need at least one pass")
     with store.reading():
         info = store.run(run)
         prompts = store.prompts(run)
     pos = check_pos(str(pos), prompts["seq_len"].to_numpy())
-    learned = direction in SOURCES
+    learned = basis in SOURCES
+    # Recorded under the keys of earlier versions (mode: the patching direction, direction: the
+    # basis), so that their recorded queries are found.
     params = {
-        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": mode,
-        "reader": reader, "direction": direction,
+        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": direction,
+        "reader": reader, "direction": basis,
     }  # fmt: skip
     if not learned:
-        path = Path(direction)
+        path = Path(basis)
         if not path.is_file():
-            raise UsageError(
-                f"--direction {direction}: no such file; give a .npy file, mean-diff or das"
-            )
+            raise UsageError(f"--basis {basis}: no such file; give a .npy file, mean-diff or das")
         params["direction"] = str(path.resolve())
         params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:
+        _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
-        if direction == "mean-diff":
+        if basis == "mean-diff":
             params["group_by"] = group_by
         else:
             params.update(epochs=epochs, lr=lr)
@@ -131,7 +140,21 @@ def subspace(
         return stored_report(store, query_id)
 
     return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
-                    read)  # fmt: skip
+                    read, recompute)  # fmt: skip
+
+
+def _check_k(store: Store, run: dict, hook: str, head: int | None, k: int) -> None:
+    """Refuse, before the model loads, more dimensions than the hook's vectors have (the
+    model's widths are in the catalog); a hook the model lacks is named once it loads."""
+    parsed = parse_hook(hook)
+    rows = store._trusted_query("SELECT * FROM models WHERE model = ?", [run["model"]]).to_dicts()
+    if parsed is None or not rows:
+        return
+    m = rows[0]
+    z = m["d_head"] if head is not None else m["n_heads"] * m["d_head"]
+    width = {"mlp_post": m["d_mlp"], "z": z}.get(parsed[1], m["d_model"])
+    if k > width:
+        raise UsageError(f"--k {k}: {hook} has {width} dimensions; give --k from 1 to {width}")
 
 
 def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[str, pl.DataFrame]:

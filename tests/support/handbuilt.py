@@ -186,3 +186,27 @@ def build(path: Path) -> dict[str, int]:
             store, run, score, [EDGES[i] for i in top], 0.8 + 0.1 * run
         )
     return ids
+
+
+def version_one_store(path: Path) -> Path:
+    """A store whose catalog a version-1 actstore wrote (before answer sets, architectures and
+    roles): one complete run of two prompts, no arrays."""
+    import duckdb
+
+    from actstore.core.catalog import MIGRATIONS
+
+    path.mkdir(parents=True)
+    con = duckdb.connect(str(path / "catalog.duckdb"))
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute(
+        "INSERT INTO runs (run_id, model, task, corruption, n_prompts, status, params, hooks) "
+        "VALUES (1, 'toy', 'ioi', 'str', 2, 'complete', '{}', '[]')"
+    )
+    con.execute(
+        "INSERT INTO prompts (run_id, prompt_idx, answer, wrong_answer, answer_token, "
+        "wrong_answer_token) VALUES (1, 0, 'Mary', 'John', 7, 9), (1, 1, 'are', 'is', 4, 5)"
+    )
+    con.close()
+    return path

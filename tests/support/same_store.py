@@ -18,13 +18,17 @@ def tables(path: Path) -> dict[str, pl.DataFrame]:
     store = actstore.open(path)
     with store.reading():
         return {
-            "runs": store.query(
+            "runs": store._trusted_query(
                 "SELECT * EXCLUDE (created_at, completed_at, wall_s) FROM runs ORDER BY run_id"
             ),
-            "prompts": store.query("SELECT * FROM prompts ORDER BY run_id, prompt_idx"),
-            "chunks": store.query("SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"),
-            "arrays": store.query("SELECT * FROM arrays ORDER BY ALL"),
-            "models": store.query("SELECT * EXCLUDE (created_at) FROM models ORDER BY model"),
+            "prompts": store._trusted_query("SELECT * FROM prompts ORDER BY run_id, prompt_idx"),
+            "chunks": store._trusted_query(
+                "SELECT * EXCLUDE (written_at) FROM chunks ORDER BY ALL"
+            ),
+            "arrays": store._trusted_query("SELECT * FROM arrays ORDER BY ALL"),
+            "models": store._trusted_query(
+                "SELECT * EXCLUDE (created_at) FROM models ORDER BY model"
+            ),
         }
 
 

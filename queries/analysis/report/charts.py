@@ -300,6 +300,11 @@ def edge_roles(clean: float | None, corrupted: float | None) -> dict[bool | None
     }
 
 
+def role_meaning(label: str) -> str:
+    """A sign's legend label without its `score < 0: ` part: what the edge does."""
+    return label.split(": ", 1)[-1]
+
+
 def circuit_graph(
     nodes: pl.DataFrame,
     edges: pl.DataFrame,
@@ -344,7 +349,10 @@ def circuit_graph(
         name="focus", fields=["node"], on="pointerover", clear="pointerout", empty=False
     )
     width = alt.StrokeWidth(
-        "magnitude:Q", title="|score|", scale=alt.Scale(type="sqrt", range=[0.75, 9])
+        "magnitude:Q",
+        title="|score|",
+        scale=alt.Scale(type="sqrt", range=[0.75, 9]),
+        legend=alt.Legend(tickCount=3),
     )
     role = alt.Color(
         "role:N", title="edge (EAP sign)",

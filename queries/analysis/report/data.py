@@ -20,7 +20,7 @@ from queries.analysis import overlap as ov
 
 def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
     """The runs the report covers (all by default); an unknown id is a usage error."""
-    known = store.query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
+    known = store._trusted_query("SELECT run_id FROM runs ORDER BY run_id")["run_id"].to_list()
     if runs is None:
         return known
     missing = [r for r in runs if r not in known]
@@ -35,11 +35,20 @@ def chosen_runs(store: Store, runs: list[int] | None) -> list[int]:
 
 
 def runs_table(store: Store, runs: list[int]) -> pl.DataFrame:
-    """Each run's provenance: what was ingested, how, and the bytes it holds (`info`)."""
-    extra = store.query(
-        "SELECT run_id, seed, dataset, seq_len, strftime(created_at, '%Y-%m-%d %H:%M:%S') "
-        "AS created_at FROM runs WHERE run_id IN "
-        "(SELECT unnest(?))",
+    """Each run's provenance: what was ingested, how, its prompts' token lengths (`tokens`:
+    "15–19" when they differ) and the bytes it holds (`info`)."""
+    extra = store._trusted_query(
+        """
+        SELECT r.run_id, r.seed, r.dataset, r.seq_len,
+               CASE WHEN p.shortest < p.longest THEN p.shortest || '–' || p.longest
+                    ELSE coalesce(p.longest, r.seq_len)::VARCHAR END AS tokens,
+               strftime(r.created_at, '%Y-%m-%d %H:%M:%S') AS created_at
+        FROM runs r LEFT JOIN (
+            SELECT run_id, min(seq_len) AS shortest, max(seq_len) AS longest
+            FROM prompts GROUP BY run_id
+        ) p USING (run_id)
+        WHERE r.run_id IN (SELECT unnest(?))
+        """,
         [runs],
     )
     return store.info().filter(pl.col("run_id").is_in(runs)).join(extra, on="run_id", how="left")
@@ -56,7 +65,7 @@ def params_text(params: str | None) -> str:
 
 def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     """One row per patching query of the runs, with its provenance and parameters."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT q.query_id, q.run_id, r.model, r.task, r.corruption, r.n_prompts,
                json_extract_string(q.params, '$.component') AS component,
@@ -65,7 +74,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
                json_extract_string(q.params, '$.window') AS window_size,
                q.params, q.created_at, q.wall_s,
                (SELECT count(*) FROM effects e WHERE e.query_id = q.query_id) AS n_effects
-        FROM queries q LEFT JOIN runs r USING (run_id)
+        FROM current_queries q LEFT JOIN runs r USING (run_id)
         WHERE q.kind = 'patch' AND q.run_id IN (SELECT unnest(?))
         ORDER BY q.query_id
         """,
@@ -78,7 +87,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
 
 def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]:
     """Every effect row of the patching queries, with its importance, by query id."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT p.query_id, p.layer, p.head, p.pos, p.node, p.metric, p.value, p.normalized,
                p.importance
@@ -140,10 +149,10 @@ def overlap_groups(
 def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame]:
     """Per score set, every evaluated circuit size (n_edges after pruning, top_n before) and
     its faithfulness, from all of the set's circuit queries."""
-    df = store.query(
+    df = store._trusted_query(
         """
         SELECT DISTINCT f.score_id, f.top_n, f.n_edges, f.faithfulness
-        FROM faithfulness_curve f JOIN queries a ON a.query_id = f.score_id
+        FROM faithfulness_curve f JOIN current_queries a ON a.query_id = f.score_id
         WHERE a.run_id IN (SELECT unnest(?))
         ORDER BY f.score_id, f.top_n, f.n_edges
         """,
@@ -154,7 +163,7 @@ def faithfulness_curves(store: Store, runs: list[int]) -> dict[int, pl.DataFrame
 
 def circuits(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every stored circuit of the runs with its score set's provenance."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT c.circuit_id, c.score_id, c.run_id, c.model, c.task, c.corruption, c.method,
                c.n_edges_stored AS n_edges, c.n_heads, c.faithfulness, k.top_n, k.metric,
@@ -184,7 +193,7 @@ NODE_PARTS = """
 def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score); an edge's
     score is the one its score set gave it."""
-    edges = store.query(
+    edges = store._trusted_query(
         """
         SELECT ce.src, ce.dst, ce.qkv,
                ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge,
@@ -197,7 +206,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
         """,
         [circuit_id],
     ).with_columns(pl.col("score").fill_nan(None))
-    nodes = store.query(
+    nodes = store._trusted_query(
         f"""
         SELECT node, {NODE_PARTS.format(node="node")}
         FROM (SELECT src AS node FROM circuit_edges WHERE circuit_id = ?
@@ -211,12 +220,12 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
 
 def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every subspace query's report rows (v, row, null, full) with its source parameters."""
-    return store.query(
+    return store._trusted_query(
         """
         SELECT s.*, r.task, r.model, q.params,
                json_extract_string(q.params, '$.direction') AS source,
                json_extract_string(q.params, '$.reader') AS reader
-        FROM subspace_reports s JOIN queries q USING (query_id) LEFT JOIN runs r
+        FROM subspace_reports s JOIN current_queries q USING (query_id) LEFT JOIN runs r
              ON r.run_id = s.run_id
         WHERE s.run_id IN (SELECT unnest(?))
         ORDER BY s.query_id, list_position(['v', 'row', 'null', 'full'], s.component)

@@ -35,7 +35,8 @@ p.explain { margin: 0 0 12px; color: var(--muted); max-width: 980px; }
 .card h3 { margin: 0 0 4px; font-size: 15px; }
 .card p.meta { margin: 0 0 10px; color: var(--muted); font-size: 12.5px; }
 .note { color: #8a4b00; }
-.row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+.row { display: flex; gap: 18px; align-items: flex-start; }
+.row > * { flex: 0 0 auto; }
 .beside table { font-size: 12px; }
 .beside p.legend { margin: 0; }
 p.legend { margin: 4px 0 0; color: var(--muted); font-size: 12.5px; max-width: 980px; }

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from actstore.core.errors import ActstoreError
-from actstore.core.output import write_atomically
+from actstore.core.output import refuse_inside_store, write_atomically
 from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
@@ -53,20 +53,25 @@ def runs_section(page: Page, store: Store, runs: list[int]) -> None:
     df = data.runs_table(store, runs).with_columns(
         pl.col("raw_bytes").map_elements(_bytes, return_dtype=pl.String).alias("raw"),
         pl.col("stored_bytes").map_elements(_bytes, return_dtype=pl.String).alias("stored"),
+        # a dataset file supplies its own corrupted prompts: no STR replacement was made
+        pl.when(pl.col("dataset").is_not_null() & (pl.col("corruption") == "str"))
+        .then(pl.lit("the file's corrupted prompts"))
+        .otherwise(pl.col("corruption")).alias("corruption"),
         pl.col("dataset").fill_null("task generator"),
-    )
+    )  # fmt: skip
     columns = {
         "run_id": "run", "model": "model", "task": "task", "corruption": "corruption",
-        "n_prompts": "prompts", "seq_len": "tokens", "dtype": "dtype", "seed": "seed",
+        "n_prompts": "prompts", "tokens": "tokens", "dtype": "dtype", "seed": "seed",
         "dataset": "source", "status": "status", "n_arrays": "arrays", "raw": "raw bytes",
         "stored": "stored bytes", "ratio": "ratio", "created_at": "ingested",
     }  # fmt: skip
-    body = table(df, columns, numbers=("run_id", "n_prompts", "seq_len", "seed", "n_arrays",
+    body = table(df, columns, numbers=("run_id", "n_prompts", "tokens", "seed", "n_arrays",
                                        "raw", "stored", "ratio"))  # fmt: skip
     page.section(
         "runs", "Runs",
         "One run is one ingest of a task on a model: clean and corrupted prompts run once, their "
-        "activations stored. Every result below names the run it came from.",
+        "activations stored. Every result below names the run it came from. Tokens is the "
+        "prompts' length in tokens, shortest–longest where they differ.",
         [body],
     )  # fmt: skip
 
@@ -175,7 +180,7 @@ def faithfulness_section(
     for score_id, curve in data.faithfulness_curves(store, runs).items():
         chosen = circuits.filter(pl.col("score_id") == score_id)
         prov = lookups.provenance(store, score_id)
-        n_scored = store.query(
+        n_scored = store._trusted_query(
             "SELECT count(*) FROM edge_scores WHERE score_id = ?", [score_id]
         ).item()
         heading = f"score set {score_id} · run {prov['run_id']} {prov['task']}"
@@ -218,14 +223,14 @@ def circuits_section(page: Page, store: Store, circuits: pl.DataFrame, contents:
         chart = page.chart(element, spec, "circuit", c["circuit_id"])
         top = edges.head(charts.TOP_EDGES).with_columns(
             pl.int_range(1, pl.len() + 1).alias("rank"),
-            pl.when(pl.col("score") >= 0).then(pl.lit(roles[True][0]))
-            .when(pl.col("score") < 0).then(pl.lit(roles[False][0]))
+            pl.when(pl.col("score") >= 0).then(pl.lit(charts.role_meaning(roles[True][0])))
+            .when(pl.col("score") < 0).then(pl.lit(charts.role_meaning(roles[False][0])))
             .otherwise(pl.lit(roles[None][0])).alias("role"),
         )  # fmt: skip
         listing = (
             f'<div class="beside"><p class="legend">top {top.height} of {edges.height} edges by '
             "|score|</p>"
-            + table(top, {"rank": "#", "edge": "edge", "score": "score", "role": "sign"},
+            + table(top, {"rank": "#", "edge": "edge", "score": "score", "role": "the edge"},
                     numbers=("rank", "score"))
             + "</div>"
         )  # fmt: skip
@@ -302,8 +307,8 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         listing = table(
             rows,
             {"component": "component", "dim": "dim", "norm_sq": "norm²",
-             "variance": "variance", "value": "value", "normalized": "normalized",
-             "effect": "effect"},
+             "variance": "variance", "value": "value (metric, patched)",
+             "normalized": "normalized", "effect": "effect"},
             numbers=("dim", "norm_sq", "variance", "value", "normalized", "effect"),
         )  # fmt: skip
         element = f"subspace-{query_id}"
@@ -316,10 +321,14 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         "part (what it cannot see), and the whole activation for scale. v is flagged as an "
         "illusion when it moves the output, its rowspace part does at most half as much and "
         "that part is dormant (low variance): the effect then runs through a pathway the "
-        "direction does not stand for.",
+        "direction does not stand for. Columns: norm² is the part's share of ‖v‖²; variance "
+        "the activations' variance along the part (per dimension; low means dormant); value "
+        "the metric (e.g. logit difference) of the run with the part patched, mean over the "
+        "prompts; normalized that value normalised as (m − m_corrupted) / (m_clean − "
+        "m_corrupted); effect the normalized value minus the unpatched run's.",
         cards,
         "No subspace queries for these runs; run actstore subspace STORE --run R --hook H "
-        "--direction mean-diff.",
+        "--basis mean-diff.",
     )  # fmt: skip
 
 
@@ -341,14 +350,21 @@ def report(
     edges = ov.choose("edge", edge_top_k, edge_top_frac)
     chosen = data.chosen_runs(store, runs)
     path = Path(out)
+    refuse_inside_store(path, "-o")
     if not path.parent.is_dir():
         raise ActstoreError(f"cannot write {out}: no directory {path.parent}; create it first")
-    models = store.query(
+    models = store._trusted_query(
         "SELECT DISTINCT model FROM runs WHERE run_id IN (SELECT unnest(?)) ORDER BY 1", [chosen]
     )["model"].to_list()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    tasks = store._trusted_query(
+        "SELECT task FROM runs WHERE run_id IN (SELECT unnest(?)) GROUP BY task "
+        "ORDER BY min(run_id)",
+        [chosen],
+    )["task"].to_list()
+    about = f"{', '.join(tasks)} on {', '.join(models)}" if tasks else "no runs yet"
     page = Page(
-        title=f"actstore report: {store.path.name}",
+        title=f"actstore report: {about}",
         subtitle=f"{store.path} · model {', '.join(models) or 'none'} · runs "
         f"{', '.join(map(str, chosen)) or 'none'} · written {now}",
     )
