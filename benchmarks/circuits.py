@@ -27,7 +27,7 @@ from actstore.core.store import Store
 from actstore.model.adapter import load_model
 from ingest.runner import ingest
 from queries.attribution import attribute, circuit, score_graph, top_edges
-from queries.attribution.batches import iter_batches
+from queries.attribution.batches import edge_reader, read_batch
 from queries.attribution.model import EdgeModel
 from queries.attribution.tree import COMPUTED, TreePatcher
 
@@ -62,7 +62,8 @@ def main() -> None:
         dense_s = dict.fromkeys(sizes, 0.0)
         tree_s = dict.fromkeys(sizes, 0.0)
         worst = 0.0
-        for batch in iter_batches(store, store.run(1), model):
+        reader = edge_reader(store, store.run(1), model)
+        for batch in (read_batch(reader, span, model) for span in reader.spans()):
             tree = patcher.batch(batch.clean, batch.corrupted, batch.last)
             for k, kept in masks.items():
                 dropped = torch.as_tensor(graph.real & ~kept, dtype=torch.float32)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import torch
 
-from queries.attribution.batches import iter_batches
+from queries.attribution import tree
+from queries.attribution.batches import edge_reader, read_batch
 from queries.attribution.model import EdgeModel
 from queries.attribution.tree import CLEAN, COMPUTED, CORRUPTED, TreePatcher
 
@@ -44,7 +47,8 @@ def assert_tree_equals_dense(store, run: dict, model: EdgeModel, tol: float = 1e
     seen: set[int] = set()
     starts = []
     masks = masks_of_every_kind(model)
-    for batch in iter_batches(store, run, model):
+    reader = edge_reader(store, run, model)
+    for batch in (read_batch(reader, span, model) for span in reader.spans()):
         tb = patcher.batch(batch.clean, batch.corrupted, batch.last)
         starts.append(tb.start)
         for name, kept in masks.items():
@@ -52,8 +56,10 @@ def assert_tree_equals_dense(store, run: dict, model: EdgeModel, tol: float = 1e
             dropped = torch.as_tensor(g.real & ~kept, dtype=torch.float32)
             with torch.no_grad():
                 dense = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted, dropped)
-                fast = patcher.logits(tb, kept)
-            diff = float((fast - dense.logits).abs().max())
-            assert diff <= tol, f"{name}: tree patching differs from the dense forward by {diff}"
+            for cost in (tree.GATHER_COST, 0, 10**9):  # as chosen, always gathered, never
+                with patch.object(tree, "GATHER_COST", cost), torch.no_grad():
+                    fast = patcher.logits(tb, kept)
+                diff = float((fast - dense.logits).abs().max())
+                assert diff <= tol, f"{name}, gather cost {cost}: {diff} from the dense forward"
     assert seen == {CORRUPTED, CLEAN, COMPUTED}
     return starts
