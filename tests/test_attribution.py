@@ -15,14 +15,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from edge_reference import eap_scores, hooked_circuit_metric, logit_diff
+from edge_reference import (
+    eap_scores,
+    hooked_circuit_metric,
+    hooked_edge_effects,
+    logit_diff,
+    sample_edges,
+)
 from tree_check import assert_tree_equals_dense
 
 from actstore.app.cli import main
 from actstore.core.store import Store
 from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
-from queries.attribution.batches import iter_batches
+from queries.attribution.batches import edge_reader, read_batch
 from queries.attribution.model import EdgeModel
 
 
@@ -82,7 +88,8 @@ def test_edge_forward_reproduces_model_and_corrupted_run(setup):
     with torch.no_grad():
         full = adapter.hooked_logits(data["clean"])
     rows = torch.arange(full.shape[0])
-    for batch in iter_batches(store, store.run(1), model):
+    reader = edge_reader(store, store.run(1), model)
+    for batch in (read_batch(reader, span, model) for span in reader.spans()):
         with torch.no_grad():
             kept = model.run(batch.clean[:, :, 0], batch.last)
             none = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted,
@@ -295,3 +302,51 @@ def test_cli_curve_and_bad_lists_refused_before_compute(setup):
         assert bad.exit_code == 2, (edges, bad.output)
         assert says in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
     assert store.query("SELECT count(*) FROM queries").item() == before
+
+
+def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):
+    """Every edge patched alone by the engine's downstream-only batches equals one hooked
+    TransformerLens forward per edge (tests/support/edge_reference.py), on two edges into every
+    destination input."""
+    store, adapter, data = setup
+    sid = int(attribute(store, 1, "exact")["score_id"][0])
+    _, graph, values = score_graph(store, sid)
+    expected = hooked_edge_effects(adapter, data, sample_edges(graph))
+    got = np.array([values[cell] for cell in expected])
+    want = np.array(list(expected.values()))
+    scale = np.abs(want).max()
+    assert scale > 1e-3  # edges that matter, so agreement means something
+    np.testing.assert_allclose(got, want, atol=min(1e-4, 1e-3 * scale), rtol=0)
+    assert not values[~graph.real].any()
+
+
+def test_exact_scores_are_a_score_set_circuits_and_agreement_take(setup):
+    store, _, _ = setup
+    exact = attribute(store, 1, "exact")
+    sid = int(exact["score_id"][0])
+    eap = int(attribute(store, 1, "eap")["score_id"][0])
+    assert set(exact["method"]) == {"exact"} and exact["dst"].null_count() == 0
+    full = circuit(store, sid, edges=exact.height).row(0, named=True)
+    assert full["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    ids = [min(sid, eap), max(sid, eap)]
+    pairs = store.query("SELECT * FROM score_pairs WHERE score_a = ? AND score_b = ?", ids)
+    assert pairs.height == exact.height
+    a, b = pairs["value_a"].to_numpy(), pairs["value_b"].to_numpy()
+    row = store.query("SELECT * FROM score_agreement WHERE score_a = ? AND score_b = ?", ids).row(
+        0, named=True
+    )
+    assert row["n_edges"] == exact.height
+    assert row["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-9)
+    from scipy.stats import spearmanr
+
+    assert row["spearman"] == pytest.approx(spearmanr(a, b).statistic, abs=1e-9)
+    ranked = {
+        s: store.query("SELECT edge FROM top_edges WHERE score_id = ? AND rank <= 10", [s])[
+            "edge"
+        ].to_list()
+        for s in (sid, eap)
+    }
+    assert row["top10_overlap"] == pytest.approx(len(set(ranked[sid]) & set(ranked[eap])) / 10)
+    bad = CliRunner().invoke(main, ["attribute", str(store.path), "--run", "1", "--method",
+                                    "exact", "--level", "node"])  # fmt: skip
+    assert bad.exit_code == 2 and "--method exact" in bad.output

@@ -49,7 +49,7 @@ def test_demo_overlap_printed_equals_sql(demo_run):
         "select n_layers * n_heads from models join runs using (model) where run_id = 1"
     ).item()
     assert int(row["intersection"]) == shared
-    assert (int(row["n_a"]), int(row["n_b"])) == (4, 4)
+    assert (int(row["n_a"]), int(row["n_b"]), int(row["universe"])) == (4, 4, universe)
     assert float(row["iou"]) == pytest.approx(shared / (8 - shared), abs=1e-6)
     assert float(row["frac_of_a"]) == pytest.approx(shared / 4, abs=1e-6)
     exact = sum(math.comb(4, x) * math.comb(universe - 4, 4 - x) for x in range(shared, 5))

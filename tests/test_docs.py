@@ -25,7 +25,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)
 
 # Commands with no ActStore method of their own: the documented function each one calls.
-FUNCTIONS = {"merge": ["ingest.shards.merge"], "demo": ["actstore.app.demo.demo"]}
+FUNCTIONS = {
+    "merge": ["ingest.shards.merge"],
+    "demo": ["actstore.app.demo.demo"],
+    "path": ["queries.paths.path"],  # ActStore.path is the store's directory
+}
 # --repair runs ActStore.repair before ActStore.verify.
 EXTRA_METHODS = {"verify": ["repair"]}
 

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from edge_reference import eap_scores, hooked_circuit_metric
+from edge_reference import eap_scores, hooked_circuit_metric, hooked_edge_effects, sample_edges
 from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
 from tree_check import assert_tree_equals_dense
@@ -257,6 +257,17 @@ def test_faithfulness_matches_masked_forward(fam):
 
 def test_tree_patching_equals_dense_edge_forward(fam):
     assert_tree_equals_dense(fam.store, fam.store.run(1), EdgeModel(fam.model))
+
+
+def test_exact_edge_effects_match_hooked_forwards(fam):
+    """Every edge patched alone (`--method exact`) equals one hooked forward per edge through the
+    split-input reference, on two edges into every destination input."""
+    sid = int(attribute(fam.store, 1, "exact")["score_id"][0])
+    _, graph, values = score_graph(fam.store, sid)
+    expected = hooked_edge_effects(fam.reference, fam.data, sample_edges(graph))
+    want = np.array(list(expected.values()))
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose([values[c] for c in expected], want, atol=1e-4, rtol=0)
 
 
 # ---- subspace and reductions --------------------------------------------------------------

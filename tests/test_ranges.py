@@ -106,12 +106,12 @@ QUERY_CASES = [
      "--steps 1000000000: give 1 to 1000"),
     (["circuit", "--scores", "1", "--faithfulness", "-0.5"], "--faithfulness -0.5: give"),
     (["circuit", "--scores", "1", "--faithfulness", "1.5"], "--faithfulness 1.5: give"),
-    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--direction", "das",
+    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--basis", "das",
       "--lr", "nan"], "--lr nan: give a positive learning rate"),
-    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--direction",
+    (["subspace", "--run", "1", "--hook", "blocks.1.hook_resid_pre", "--basis",
       "mean-diff", "--k", "1000"], "--k 1000: blocks.1.hook_resid_pre has 64 dimensions"),
     (["subspace", "--run", "1", "--hook", "blocks.1.attn.hook_z", "--head", "0",
-      "--direction", "das", "--k", "17"], "blocks.1.attn.hook_z has 16 dimensions"),
+      "--basis", "das", "--k", "17"], "blocks.1.attn.hook_z has 16 dimensions"),
 ]  # fmt: skip
 
 

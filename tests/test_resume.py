@@ -41,10 +41,10 @@ def contents(path: Path) -> dict:
     with store.reading():
         assert failures(verify(store)).is_empty()
         out = {
-            "ledger": store.query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
+            "ledger": store._trusted_query(f"SELECT {', '.join(LEDGER)} FROM chunks ORDER BY ALL"),
             "prompts": store.prompts(1),
-            "roles": store.query("SELECT * FROM prompt_roles ORDER BY ALL"),
-            "runs": store.query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
+            "roles": store._trusted_query("SELECT * FROM prompt_roles ORDER BY ALL"),
+            "runs": store._trusted_query("SELECT run_id, n_prompts, status, params_hash FROM runs"),
         }
         for row in store.arrays(1).iter_rows(named=True):
             arr = store.read(1, row["side"], row["hook"])
@@ -77,8 +77,12 @@ def assert_consistent_after_kill(path: Path) -> tuple[int, bool]:
         if runs.is_empty():
             return 0, False
         assert failures(verify(store)).is_empty()
-        per_chunk = store.query("SELECT chunk_idx, count(*) AS n FROM chunks GROUP BY 1 ORDER BY 1")
-        prompts = store.query("SELECT prompt_idx FROM prompts ORDER BY 1")["prompt_idx"].to_list()
+        per_chunk = store._trusted_query(
+            "SELECT chunk_idx, count(*) AS n FROM chunks GROUP BY 1 ORDER BY 1"
+        )
+        prompts = store._trusted_query("SELECT prompt_idx FROM prompts ORDER BY 1")[
+            "prompt_idx"
+        ].to_list()
     assert set(per_chunk["n"]) <= {N_ARRAYS}, "a batch was recorded for only some arrays"
     recorded = {i for c in per_chunk["chunk_idx"] for i in range(2 * c, 2 * c + 2)}
     assert prompts == sorted(recorded), "prompt rows differ from the recorded batches"

@@ -51,7 +51,9 @@ def _verify_ledger(path: Path) -> int:
     catalog connection serves every chunk's read (a connection costs tens of milliseconds)."""
     store = actstore.open(path)
     with store.reading():
-        rows = store.query("SELECT * FROM chunks ORDER BY run_id, side, hook, chunk_idx").to_dicts()
+        rows = store._trusted_query(
+            "SELECT * FROM chunks ORDER BY run_id, side, hook, chunk_idx"
+        ).to_dicts()
         for row in rows:
             values = store.read(row["run_id"], row["side"], row["hook"],
                                 row["prompt_start"], row["prompt_stop"])  # fmt: skip

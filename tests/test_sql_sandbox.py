@@ -216,6 +216,9 @@ def test_another_statements_spill_files_are_out_of_reach_while_it_runs_and_after
                      f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{scratch}/evil.sh'"]:  # fmt: skip
             with pytest.raises(UsageError):
                 store.sql(text)
+            args = ["export", str(empty_store), "--sql", text, "-o", str(tmp_path / "x.csv")]
+            assert _one_line_refusal(CliRunner().invoke(main, args)).startswith("error: ")
+        assert not (tmp_path / "x.csv").exists() and not (scratch / "evil.sh").exists()
     finally:
         proc.kill()
         proc.wait(30)

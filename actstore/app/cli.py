@@ -385,7 +385,8 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
     "--method",
     type=click.Choice(choices.METHODS),
     required=True,
-    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input.",
+    help="atp: node AtP; eap: one gradient; eap-ig: integrated gradients over the input; "
+    "exact: every edge patched alone (what eap estimates).",
 )
 @click.option("--steps", type=int, help="Integration steps of eap-ig methods (default 5).")
 @click.option(
@@ -411,8 +412,10 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
       actstore attribute /tmp/s --run 1 --method eap-ig --steps 5 --top 20
       actstore attribute /tmp/s --run 1 --method atp --format csv
       actstore attribute /tmp/s --run 1 --method eap-ig --workers 2
+      actstore attribute /tmp/s --run 1 --method exact --top 20
       actstore sql /tmp/s "select src, dst, qkv, score from edge_scores where score_id = 1
                            order by abs(score) desc limit 100"
+      actstore sql /tmp/s "select method_a, method_b, spearman from score_agreement"
     """
     df = _open(store).attribute(run, **kwargs)
     if df.height:
@@ -750,6 +753,50 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     if top is not None:
         rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
     write_rows(rows.head(top) if top is not None else rows, fmt)
+
+
+@main.command()
+@click.argument("store")
+@RUN
+@click.option("--senders", required=True,
+              help="a{L}.h{H}, a{L}.*, m{L} or all, comma-separated.")  # fmt: skip
+@click.option(
+    "--receivers", required=True,
+    help="a{L}.h{H}:q|k|v, a{L}.*:q, a*.*:q (every head after the sender), m{L} or logits, "
+    "comma-separated, each patched alone; join with + to patch receivers together.",
+)  # fmt: skip
+@click.option("--positions", help="Token roles (e.g. END, S2), comma-separated: the sender "
+              "changes only there, one row per role. Default: every position.")  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
+    help="denoise: clean senders into the corrupted run; noise: corrupted into the clean run.",
+)  # fmt: skip
+@RECOMPUTE
+@DEVICE
+@FORMAT
+def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> None:
+    """Path patching: each sender's changed output reaches the receivers only by the direct
+    path; everything downstream of them computes freely (Wang et al.).
+
+    Prints path_effects(query_id, sender, receiver, qkv, role, metric, value, normalized),
+    importance and each sender's rank within its receiver and role. One receiver per row is
+    TransformerLens' get_act_patch_direct_path. A repeated query is read from the store.
+
+    \b
+    Example:
+      actstore path /tmp/s --run 1 --senders all --receivers logits --positions END
+      actstore path /tmp/s --run 1 --senders a0.h1 --receivers 'a*.*:q'
+      actstore path /tmp/s --run 1 --senders all --receivers a3.h0:q+a3.h2:q
+      actstore sql /tmp/s "select * from top_senders where rank <= 5"
+    """
+    from queries.paths import path as path_patching  # Store.path is the store's directory
+
+    roles = None if positions is None else positions.split(",")
+    write_rows(path_patching(_open(store), run, positions=roles, **kwargs), fmt)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,6 @@ def _pairs(df: pl.DataFrame) -> str:
     """Each unordered pair once, as an aligned table."""
     pairs = df.filter(pl.col("run_a") < pl.col("run_b")).select(
         "run_a", "run_b", "task_a", "task_b", "n_a", "n_b", "intersection", "iou",
-        "frac_of_a", "frac_of_b", "p_value",
+        "universe", "frac_of_a", "frac_of_b", "p_value",
     )  # fmt: skip
     return render_table(pairs)

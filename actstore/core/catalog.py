@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -121,6 +121,13 @@ MIGRATIONS: list[list[str]] = [
     # edited one is refused on read and restored by repair; older rows get theirs from their
     # shape, chunks and dtype as the migration runs (`fill_array_metadata`).
     ["ALTER TABLE arrays ADD COLUMN metadata VARCHAR"],
+    # Version 6: path patching (queries/paths): one row per sender, receiver (its input letter
+    # in qkv for heads) and role (NULL: the sender changed at every position).
+    [
+        """CREATE TABLE IF NOT EXISTS path_effects (
+            query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
+            metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
+    ],
 ]
 
 

@@ -14,7 +14,8 @@ COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")
 HEAD_COMPONENTS = ("head", "head-pos")  # the components whose effects rank heads
 # How patching recomputes: all three give the same numbers, the first the fastest.
 ENGINES = ("downstream", "downstream-no-kv", "full-forward")
-METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations")
+# Edge scores: gradient estimates, and `exact`, every edge patched alone (what they estimate).
+METHODS = ("atp", "eap", "eap-ig", "eap-ig-activations", "exact")
 LEVELS = ("node", "edge")
 SOURCES = ("mean-diff", "das")  # subspace bases learned from the run (else a file)
 SETS = ("head", "edge")  # what an overlap compares

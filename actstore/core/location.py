@@ -173,10 +173,11 @@ def normal_url(url: str) -> str:
 
 def record_arrays_url(store_dir: Path, url: str | None) -> None:
     """Record where a new store's arrays go, before anything is written there, and claim the
-    prefix for this store (`claim_prefix`). The record is created once, whoever else (a
-    concurrent shard) tries; a record from before claims gets its claim now."""
+    prefix for this store (`claim_prefix`; a lost marker is written again). The record is
+    created once, whoever else (a concurrent shard) tries; a record from before claims gets its
+    claim now."""
     record = _record(store_dir)
-    if url is None and (record is None or "claim" in record):
+    if url is None and record is None:
         return
     if record is None:
         store_dir.mkdir(parents=True, exist_ok=True)
@@ -249,16 +250,6 @@ def claim_prefix(store_dir: Path, url: str, claim: str) -> None:
                   "host": socket.gethostname()}  # fmt: skip
         with errors_as_actstore(url):
             filesystem(url).pipe_file(f"{normal_url(url)}/{MARKER}", json.dumps(marker).encode())
-
-
-def arrays_url(location: str | Path) -> tuple[str, dict]:
-    """URL of the store's Zarr root and the fsspec options zarr needs to open it."""
-    root = arrays_root(location)
-    if not root.is_local:
-        return root.url, {}
-    if isinstance(location, str) and location.startswith("file://"):
-        return f"file://{root.url}", {"auto_mkdir": True}
-    return root.url, {}
 
 
 def run_groups(root: ArraysRoot) -> list[str]:

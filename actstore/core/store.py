@@ -284,7 +284,7 @@ class Store:
                 f"hook {hook!r} of run {run} is derived on read from the hooks it stores, not "
                 f"stored: compute it with the run's model by actstore.open(path).read({run}, "
                 f"{side!r}, {hook!r}, derive=True), or store it too by ingesting again with "
-                f"--hooks default,{hook} --again"
+                f"--hooks default,{hook}"
             )
         raise UsageError(
             f"hook {hook!r} is not stored for run {run} ({side}); stored hooks include "

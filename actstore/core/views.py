@@ -91,6 +91,38 @@ VIEWS: dict[str, str] = {
         )
         SELECT *, (rank - 1) / n_heads AS frac_rank FROM ranked ORDER BY query_id, rank
         """,
+    # Path patching (queries/paths): importance as for patch effects; senders ranked within each
+    # query, receiver and role.
+    "path_effects_v": f"""
+        WITH scored AS (
+            SELECT p.query_id, q.run_id, r.model, r.task, r.corruption,
+                   {_param("q.params", "direction")} AS direction,
+                   p.sender, p.receiver, p.qkv, p.role, p.metric, p.value, p.normalized,
+                   {
+        IMPORTANCE.format(direction=_param("q.params", "direction"), normalized="p.normalized")
+    } AS importance
+            FROM path_effects p JOIN current_queries q USING (query_id)
+                 LEFT JOIN runs r ON r.run_id = q.run_id
+        )
+        SELECT *, row_number() OVER (PARTITION BY query_id, receiver, qkv, role
+                                     ORDER BY importance DESC NULLS LAST, sender) AS rank,
+               count(*) OVER (PARTITION BY query_id, receiver, qkv, role) AS n_senders
+        FROM scored ORDER BY query_id, receiver, qkv NULLS FIRST, role NULLS FIRST, rank
+        """,
+    # Senders by importance over a whole path query: the largest importance a sender reaches at
+    # any receiver and role, where it reaches it, and its rank among the query's senders.
+    "top_senders": """
+        WITH best AS (
+            SELECT query_id, run_id, model, task, corruption, direction, metric, sender,
+                   arg_max(receiver, importance) AS receiver, arg_max(qkv, importance) AS qkv,
+                   arg_max(role, importance) AS role, arg_max(value, importance) AS value,
+                   arg_max(normalized, importance) AS normalized, max(importance) AS importance
+            FROM path_effects_v GROUP BY ALL
+        )
+        SELECT *, row_number() OVER (PARTITION BY query_id
+                                     ORDER BY importance DESC NULLS LAST, sender) AS rank
+        FROM best ORDER BY query_id, rank
+        """,
     "top_edges": f"""
         WITH ranked AS (
             SELECT s.score_id, s.run_id, r.model, r.task, r.corruption, s.method,
@@ -105,6 +137,45 @@ VIEWS: dict[str, str] = {
             WHERE s.score_id NOT IN {SUPERSEDED}
         )
         SELECT *, (rank - 1) / n_edges AS frac_rank FROM ranked ORDER BY score_id, rank
+        """,
+    # Two edge score sets of one run side by side, per edge (edge rows only, score_a < score_b):
+    # signed scores, their average ranks (ties share the mean rank, for Spearman) and importance
+    # ranks as top_edges has them (|score|, ties by name, for top-k overlap).
+    "score_pairs": """
+        WITH edges AS (
+            SELECT score_id, run_id, method, src, dst, qkv, score, rank AS importance_rank,
+                   rank() OVER (PARTITION BY score_id ORDER BY score)
+                       + (count(*) OVER (PARTITION BY score_id, score) - 1) / 2 AS score_rank
+            FROM top_edges WHERE dst IS NOT NULL
+        )
+        SELECT a.run_id, a.score_id AS score_a, b.score_id AS score_b,
+               a.method AS method_a, b.method AS method_b, a.src, a.dst, a.qkv, a.edge,
+               a.score AS value_a, b.score AS value_b,
+               a.score_rank AS score_rank_a, b.score_rank AS score_rank_b,
+               a.importance_rank AS rank_a, b.importance_rank AS rank_b
+        FROM (SELECT e.*, t.edge FROM edges e JOIN top_edges t
+                  ON t.score_id = e.score_id AND t.src = e.src AND t.dst = e.dst
+                     AND t.qkv IS NOT DISTINCT FROM e.qkv) a
+             JOIN edges b ON b.run_id = a.run_id AND b.score_id > a.score_id AND b.src = a.src
+                             AND b.dst = a.dst AND b.qkv IS NOT DISTINCT FROM a.qkv
+        ORDER BY a.run_id, score_a, score_b, a.importance_rank
+        """,
+    # How far one score set is from another on the same edges (e.g. eap against exact): Pearson
+    # of the signed scores, Spearman (Pearson of the average ranks), and the share of each set's
+    # top-k edges by |score| that the other's top k holds, k = 10, 100 and 2% of the edges.
+    "score_agreement": """
+        SELECT run_id, score_a, score_b, method_a, method_b, count(*) AS n_edges,
+               corr(value_a, value_b) AS pearson,
+               corr(score_rank_a, score_rank_b) AS spearman,
+               count(*) FILTER (WHERE rank_a <= 10 AND rank_b <= 10) / least(10, count(*))
+                   AS top10_overlap,
+               count(*) FILTER (WHERE rank_a <= 100 AND rank_b <= 100) / least(100, count(*))
+                   AS top100_overlap,
+               count(*) FILTER (WHERE rank_a <= ceil(0.02 * n) AND rank_b <= ceil(0.02 * n))
+                   / ceil(0.02 * any_value(n)) AS top2pct_overlap
+        FROM (SELECT *, count(*) OVER (PARTITION BY score_a, score_b) AS n FROM score_pairs)
+        GROUP BY run_id, score_a, score_b, method_a, method_b
+        ORDER BY run_id, score_a, score_b
         """,
     "circuit_edges_v": f"""
         SELECT ce.circuit_id, c.score_id, ce.src, ce.dst, ce.qkv,

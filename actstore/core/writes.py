@@ -40,6 +40,7 @@ RESULT_ID = {
     "subspace_reports": "query_id",
     "subspace_directions": "query_id",
     "reductions": "query_id",
+    "path_effects": "query_id",
 }
 # Every column by which a result table refers to a query (a curve names its circuit and scores).
 QUERY_ID_COLUMNS = ("query_id", "score_id", "circuit_id")
@@ -246,6 +247,14 @@ class Writes:
         for table, frame in results.items():
             self.insert(table, frame.with_columns(pl.lit(query_id).alias(RESULT_ID[table])))
         return query_id
+
+    def set_stored_bytes(self, run_id: int, sizes: dict[tuple[str, str], int]) -> None:
+        """Record the bytes a run's arrays occupy again (a repair rewrote some of their
+        chunks), by (side, hook)."""
+        self.con.executemany(
+            "UPDATE arrays SET stored_bytes = ? WHERE run_id = ? AND side = ? AND hook = ?",
+            [[size, run_id, side, hook] for (side, hook), size in sizes.items()],
+        )
 
     def same_query_since(self, params_hash: str, after: int) -> int | None:
         """The first query with these parameters recorded after query `after`, if any."""

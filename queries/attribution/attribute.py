@@ -13,6 +13,9 @@ taken in forwards that `EdgeModel` runs (one forward+backward per gradient point
   corrupted) in the clean forward, and the gradients of those S passes score that group's edges.
 - `atp`: Δ = clean − corrupted, gradient at the corrupted run: the denoising estimate of
   m(corrupted with a clean) − m(corrupted), the direction of `actstore patch`'s default.
+- `exact`: no estimate: m(clean run with that one edge carrying its corrupted value) − m(clean),
+  every edge patched alone (queries/attribution/exact.py), the quantity eap and eap-ig
+  approximate; the view `score_agreement` compares any two score sets of a run.
 
 Level `node` sums a node's outgoing edge scores, which equals Δ_s · ∂m/∂out_s (its output feeds
 every downstream input additively): node AtP for heads and MLPs. Node rows have dst NULL.
@@ -49,6 +52,11 @@ def resolve_params(
         )
     level = level or ("node" if method == "atp" else "edge")
     check("--level", level, LEVELS)
+    if method == "exact" and level != "edge":
+        raise UsageError(
+            "--method exact scores edges only (a node's outgoing edges patched one at a time do "
+            "not sum to patching the node); drop --level node or use actstore patch"
+        )
     return {
         "method": method,
         "steps": (steps or DEFAULT_STEPS) if integrated else None,

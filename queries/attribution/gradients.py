@@ -1,4 +1,5 @@
-"""The gradient passes behind `queries.attribution.attribute` (see its docstring for the methods).
+"""The gradient passes behind `queries.attribution.attribute` (see its docstring for the methods),
+and the batch loop that the exact method (queries/attribution/exact.py) shares with them.
 
 Every score is Δ_s · ∂m/∂input_d summed over prompts and positions; the gradients come from
 `EdgeModel` forwards (one forward+backward per gradient point), the Δs from the store.
@@ -15,6 +16,7 @@ import torch
 from actstore.core.store import Store
 from actstore.model.metrics import from_logits
 from queries.attribution.batches import EdgeBatch, edge_reader, open_run, read_batch
+from queries.attribution.exact import exact_scores
 from queries.attribution.model import EdgeModel
 from queries.core.reader import Reader, Span
 from queries.core.sweep import in_order
@@ -67,8 +69,11 @@ def _span_task(
 
 
 def batch_scores(model: EdgeModel, batch: EdgeBatch, params: dict, n_total: int) -> torch.Tensor:
-    """One batch's contribution to the scores of `params['method']`."""
+    """One batch's contribution to the scores of `params['method']` (`exact`: the edges
+    patched one at a time, queries/attribution/exact.py)."""
     method, steps, metric = params["method"], params["steps"], params["metric"]
+    if method == "exact":
+        return exact_scores(model, batch, metric, n_total)
     clean_in, corrupted_in = batch.clean[:, :, 0], batch.corrupted[:, :, 0]
 
     def grads(inputs: torch.Tensor, replace: dict | None = None) -> list[torch.Tensor]:

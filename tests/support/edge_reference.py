@@ -28,7 +28,8 @@ def graph_of(adapter) -> Graph:
 
 def head_shares(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
     """Every head's output (batch, pos, heads, d_model) from its z, by the definition above."""
-    W_O, b_O = adapter.hooked_attention_out(layer)
+    attn = adapter.bridge.blocks[layer].attn  # TransformerLens' own W_O, not the canonical weights
+    W_O, b_O = attn.W_O, attn.b_O
     per = torch.einsum("bphe,hed->bphd", z, W_O)
     arch = adapter.architecture
     if not arch.post_norms:
@@ -141,3 +142,36 @@ def hooked_circuit_metric(adapter, data: dict, mask: np.ndarray, metric=None) ->
     hooks += [(name, patch(cols)) for name, cols in input_hooks(adapter)]
     with torch.no_grad():
         return float(metric(adapter.hooked_logits(data["clean"], hooks, split_inputs=True), data))
+
+
+def hooked_edge_effects(adapter, data: dict, cells, metric=None) -> dict[tuple[int, int], float]:
+    """m(clean run with edge (forward, backward) carrying its corrupted value) − m(clean), one
+    hooked TransformerLens forward per edge: the destination input's hook adds the source's
+    corrupted − clean output (everything upstream of the destination is clean)."""
+    metric = metric or logit_diff
+    delta = node_outputs(adapter, data["corrupted"]) - node_outputs(adapter, data["clean"])
+    with torch.no_grad():
+        clean = float(metric(adapter.hooked_logits(data["clean"], split_inputs=True), data))
+    out = {}
+    for f, b in cells:
+        name, cols = next((n, c) for n, c in input_hooks(adapter) if c.start <= b < c.stop)
+
+        def patch(act, hook, f=f, index=b - cols.start):
+            act = act.clone()
+            if act.ndim == 4:
+                act[:, :, index] += delta[:, :, f]
+            else:
+                act += delta[:, :, f]
+            return act
+
+        with torch.no_grad():
+            logits = adapter.hooked_logits(data["clean"], [(name, patch)], split_inputs=True)
+        out[(int(f), int(b))] = float(metric(logits, data)) - clean
+    return out
+
+
+def sample_edges(graph: Graph) -> list[tuple[int, int]]:
+    """Two edges into every destination input: from the input node and from its nearest
+    upstream node (a same-layer head for an MLP, the last MLP for logits)."""
+    return sorted({(s, b) for b in range(graph.n_backward)
+                   for s in (0, int(graph.n_upstream[b]) - 1)})  # fmt: skip

@@ -1,0 +1,187 @@
+"""Path patching (`actstore path`), checked against TransformerLens 4.3's direct path patching and
+independent hooked forwards through the bridge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from edge_reference import logit_diff, node_outputs
+
+from actstore.app.cli import main
+from actstore.core.store import Store
+from actstore.model.adapter import load_model
+from queries.attribution import Graph, attribute, score_graph
+from queries.paths import path
+
+
+@pytest.fixture(scope="module", params=["toy-random", pytest.param("toy", marks=pytest.mark.slow)])
+def run(request, tmp_path_factory):
+    """(store, adapter, data) of an IOI run of 8 prompts (several lengths) on each toy model
+    (toy-random's attention is near uniform, so q and k paths move its metric by ~1e-5; the
+    trained toy's by far more)."""
+    from ingest.runner import ingest
+
+    where = tmp_path_factory.mktemp("paths") / "store"
+    ingest(where, model=request.param, task="ioi", n=8, batch_size=4, progress=False)
+    store = Store(where)
+    prompts = store.prompts(1)
+
+    def ids(column: str) -> torch.Tensor:
+        return torch.as_tensor(prompts[column].to_numpy().copy(), dtype=torch.long)
+
+    data = {side: torch.as_tensor(store.read(1, side, "tokens"), dtype=torch.long)
+            for side in ("clean", "corrupted")}  # fmt: skip
+    data.update(last=ids("seq_len") - 1, answer=ids("answer_token"),
+                wrong=ids("wrong_answer_token"))  # fmt: skip
+    return store, load_model(request.param), data
+
+
+def _metric(adapter, data, tokens, hooks=()) -> float:
+    with torch.no_grad():
+        logits = adapter.hooked_logits(tokens, list(hooks), split_inputs=True)
+    return float(logit_diff(logits, data))
+
+
+@pytest.mark.parametrize("letter", ["q", "k", "v"])
+def test_one_receiver_per_row_equals_transformer_lens_direct_path(run, letter):
+    import transformer_lens.patching as tlp
+
+    store, adapter, data = run
+    rows = path(store, 1, "a0.h1", f"a*.*:{letter}")
+    assert rows.height == 3 * 4 and set(rows["qkv"]) == {letter}
+    _, clean_cache = adapter.run_with_cache(data["clean"])
+    _, corrupted_cache = adapter.run_with_cache(data["corrupted"])
+    rows_i = torch.arange(len(data["last"]))
+
+    def metric(logits):
+        final = logits[rows_i, data["last"]]
+        return (final[rows_i, data["answer"]] - final[rows_i, data["wrong"]]).mean()
+
+    with torch.no_grad():
+        tl = tlp.get_act_patch_direct_path(
+            adapter.bridge, data["corrupted"], clean_cache, corrupted_cache, metric, 0, 1, letter,
+            verbose=False,
+        )  # fmt: skip
+    got = {r["receiver"]: r["value"] for r in rows.iter_rows(named=True)}
+    want = {f"a{la}.h{h}": float(tl[la, h]) for la in range(1, 4) for h in range(4)}
+    assert got.keys() == want.keys()
+    names = list(want)
+    got_v, want_v = np.array([got[n] for n in names]), np.array([want[n] for n in names])
+    np.testing.assert_allclose(got_v, want_v, atol=1e-4, rtol=0)
+    # the change each path makes agrees to a thousandth of the largest one, or to float32's
+    # resolution of the metric (1e-7) where they are all tiny (toy-random's q and k paths)
+    base = _metric(adapter, data, data["corrupted"])
+    moved = np.abs(want_v - base).max()
+    assert moved > 1e-6
+    np.testing.assert_allclose(got_v - base, want_v - base, atol=max(1e-3 * moved, 1e-7), rtol=0)
+
+
+def test_noising_one_edge_is_its_exact_edge_effect(run):
+    """With one receiver, noising is the clean run with that edge corrupted: the exact score."""
+    store, _, _ = run
+    _, graph, exact = score_graph(store, int(attribute(store, 1, "exact")["score_id"][0]))
+    rows = path(store, 1, "all", "a3.h2:k,m2,logits", direction="noise")
+    clean = float(store.prompts(1)["clean_logit_diff"].mean())
+    assert rows.height == 15 + 14 + 20  # the senders each receiver reads
+    for r in rows.iter_rows(named=True):
+        f, b = graph.cell_of(r["sender"], r["receiver"], r["qkv"])
+        assert r["value"] - clean == pytest.approx(exact[f, b], abs=1e-4)
+
+
+def test_receivers_joined_by_plus_are_pinned_together(run):
+    """Two receivers in different layers patched together: each reads the base run's input plus
+    the sender's change (Wang et al.'s frozen run), everything else computes freely."""
+    store, adapter, data = run
+    row = path(store, 1, "a0.h1", "a1.h0:q+a3.h2:v").row(0, named=True)
+    assert row["receiver"] == "a1.h0+a3.h2" and row["qkv"] is None
+    g = Graph.of(adapter.architecture)
+    delta = (node_outputs(adapter, data["clean"]) - node_outputs(adapter, data["corrupted"]))[
+        :, :, g.head_index(0, 1)
+    ]
+    with torch.no_grad():
+        _, base = adapter.run_with_cache(data["corrupted"])
+
+    def pin(layer: int, head: int):
+        def fn(act, hook):
+            act = act.clone()
+            act[:, :, head] = base[f"blocks.{layer}.hook_resid_pre"] + delta
+            return act
+
+        return fn
+
+    hooks = [("blocks.1.hook_q_input", pin(1, 0)), ("blocks.3.hook_v_input", pin(3, 2))]
+    assert row["value"] == pytest.approx(_metric(adapter, data, data["corrupted"], hooks), abs=1e-4)
+    alone = path(store, 1, "a0.h1", "a1.h0:q").row(0, named=True)["value"]
+    assert abs(row["value"] - alone) > 1e-6  # the second receiver is patched too
+
+
+def test_positions_restrict_the_sender_to_a_role(run):
+    store, adapter, data = run
+    from actstore.core.roles import positions
+
+    rows = path(store, 1, "a0.h1,m1", "a2.h0:q", positions=["S2", "END"])
+    assert rows.height == 4 and set(rows["role"]) == {"S2", "END"}
+    at = positions(store, 1, ["S2"])[:, 0]
+    g = Graph.of(adapter.architecture)
+    delta = node_outputs(adapter, data["clean"]) - node_outputs(adapter, data["corrupted"])
+    mask = torch.zeros(delta.shape[:2])
+    mask[torch.arange(len(at)), torch.as_tensor(at)] = 1.0
+    for sender, f in (("a0.h1", g.head_index(0, 1)), ("m1", g.mlp_index(1))):
+
+        def add(act, hook, f=f):
+            act = act.clone()
+            act[:, :, 0] += delta[:, :, f] * mask[..., None]
+            return act
+
+        want = _metric(adapter, data, data["corrupted"], [("blocks.2.hook_q_input", add)])
+        got = rows.filter((rows["sender"] == sender) & (rows["role"] == "S2"))["value"].item()
+        assert got == pytest.approx(want, abs=1e-4)
+    # into the logits only the final position counts: END alone is every position
+    end = path(store, 1, "all", "logits", positions=["END"]).sort("sender")
+    every = path(store, 1, "all", "logits").sort("sender")
+    np.testing.assert_allclose(end["value"].to_numpy(), every["value"].to_numpy(), atol=1e-6)
+
+
+def test_name_mover_search_ranks_senders(run):
+    store, _, _ = run
+    rows = path(store, 1, "all", "logits", positions=["END"])
+    assert rows.height == 4 * 5 and rows["rank"].to_list() == list(range(1, 21))
+    top = store.query("SELECT * FROM top_senders WHERE query_id = ? ORDER BY rank",
+                      [int(rows["query_id"][0])])  # fmt: skip
+    assert top["sender"].to_list() == rows["sender"].to_list()
+    assert (np.diff(top["importance"].to_numpy()) <= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--senders", "a0.h7", "--receivers", "logits"], "no head 7"),
+        (["--senders", "a9.h0", "--receivers", "logits"], "no layer 9"),
+        (["--senders", "a2.h0", "--receivers", "a1.h0:q"], "comes before sender a2.h0"),
+        (["--senders", "m2", "--receivers", "m2"], "comes before sender m2"),
+        (["--senders", "a0.h0", "--receivers", "a1.h0:x"], "--receivers a1.h0:x"),
+        (["--senders", "a0.h0", "--receivers", "logits", "--positions", "XX"], "XX"),
+    ],
+)
+def test_bad_specs_are_refused_in_one_line_before_any_compute(run, args, expect):
+    store, _, _ = run
+    before = store.query("SELECT count(*) AS n FROM queries")["n"].item()
+    res = CliRunner().invoke(main, ["path", str(store.path), "--run", "1", *args])
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and len(res.output.strip().splitlines()) == 1
+    assert store.query("SELECT count(*) AS n FROM queries")["n"].item() == before
+
+
+def test_cli_prints_rows_and_repeats_from_the_store(run):
+    store, _, _ = run
+    args = ["path", str(store.path), "--run", "1", "--senders", "a0.*", "--receivers", "a1.*:q",
+            "--format", "csv"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("query_id,sender,receiver,qkv,role,metric,value,normalized")
+    assert len(lines) == 1 + 16
+    again = CliRunner().invoke(main, args)
+    assert again.stdout == res.stdout
