@@ -49,6 +49,12 @@ class ActStore(Store):
 
         return subspace(self, run, hook, basis, **kwargs)
 
+    def attention(self, run: int, **kwargs: Any) -> pl.DataFrame:
+        """Per head, mean attention from one role to others (see `queries.attention.query`)."""
+        from queries.attention import attention
+
+        return attention(self, run, **kwargs)
+
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
         from queries.reduction.reduce import reduce
@@ -134,15 +140,16 @@ class ActStore(Store):
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        metric: str | None = None,
         recompute: bool = False,
     ) -> pl.DataFrame:
         """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
-        smallest reaching a faithfulness); with `workers` or `scheduler` its faithfulness
-        measurements run as Dask tasks."""
+        smallest reaching a faithfulness), its faithfulness in the scores' metric or `metric`;
+        with `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
-                       recompute)  # fmt: skip
+                       metric, recompute)  # fmt: skip
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

@@ -3,10 +3,10 @@
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
 a time and refuses read-only openers while it is open). An open attaches the file to the
-process's one DuckDB instance (actstore.core.attachments), about 3 ms; a burst of small reads still
-shares one connection (`Catalog.reading`). A lock conflict is
-retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
-that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
+process's one DuckDB instance (actstore.core.attachments), which is cheap; a burst of small
+reads still shares one connection (`Catalog.reading`). A lock conflict is retried for a few
+seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
+read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 import duckdb
 
 from actstore.core.attachments import ATTACHMENTS
-from actstore.core.errors import ActstoreError
+from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -128,6 +128,16 @@ MIGRATIONS: list[list[str]] = [
             query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
             metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
     ],
+    # Version 7: a position-resolved effect patched by role names the role (its `pos` is the
+    # role's one position where every prompt has it there, else NULL).
+    ["ALTER TABLE effects ADD COLUMN role VARCHAR"],
+    # Version 8: attention by role (queries/attention): per head, the mean over prompts of the
+    # attention probability from one role's position to another's, on one side.
+    [
+        """CREATE TABLE attention (
+            query_id INTEGER, layer INTEGER, head INTEGER, from_role VARCHAR, to_role VARCHAR,
+            side VARCHAR, value DOUBLE)""",
+    ],
 ]
 
 
@@ -135,11 +145,6 @@ MIGRATIONS: list[list[str]] = [
 FILE_HEADER_BYTES = 3 * 4096
 READ_WAIT_S = 10.0
 WRITE_WAIT_S = 120.0
-
-
-def _first(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # What DuckDB raises for a file it cannot read or write as a database, as opposed to bad SQL.
@@ -153,7 +158,7 @@ FILE_ERRORS = (
 
 def file_error(path: Path, exc: Exception) -> ActstoreError:
     """The one-line error for a catalog file that cannot be read or written."""
-    text = _first(exc)
+    text = first_line(exc)
     if "No space left" in text:
         return ActstoreError(f"disk full writing catalog {path} ({text}); free space and rerun")
     if "Permission denied" in text or "Read-only file system" in text:
@@ -205,7 +210,9 @@ class Catalog:
                 if not _is_lock_conflict(exc):
                     if isinstance(exc, FILE_ERRORS):
                         raise file_error(self.path, exc) from None
-                    raise ActstoreError(f"cannot open catalog {self.path}: {_first(exc)}") from None
+                    raise ActstoreError(
+                        f"cannot open catalog {self.path}: {first_line(exc)}"
+                    ) from None
                 if time.monotonic() > deadline:
                     who = "a reader in another process" if self.writing else self.holder()
                     raise ActstoreError(
@@ -225,7 +232,7 @@ class Catalog:
     def reading(self) -> Iterator[None]:
         """Serve every read of this thread inside the block from one connection.
 
-        Each open attaches the file (about 3 ms, and a lock other processes wait on), which a
+        Each open attaches the file (a cost, and a lock other processes wait on), which a
         burst of small reads (a query's setup reads a run, its prompts and its hooks) would
         otherwise pay per statement. Hold it around reads only, never around a computation or a
         write: while it is open, a writer in another process waits for it."""

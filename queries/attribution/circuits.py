@@ -25,6 +25,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
+from actstore.core.choices import METRICS, check
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.results import query_params
 from actstore.core.store import Store
@@ -117,15 +118,19 @@ def circuit(
     device: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    metric: str | None = None,
     recompute: bool = False,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
     `edges` may be a list of sizes: every size is measured in one pass over the run (one model,
     each prompt batch read once), all of them land in `faithfulness_curve`, the largest is the
-    recorded circuit, and the frame has one row per size. With `workers` or `scheduler` every
-    faithfulness measurement runs its prompt batches as Dask tasks (queries/core/sweep.py); the
-    circuit is recorded the same, whatever the cluster.
+    recorded circuit, and the frame has one row per size. Faithfulness is measured in the score
+    set's metric, or in `metric` (e.g. accuracy, which attribution cannot score by, being
+    without gradients).
+
+    With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
+    Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
     """
     check_cluster(workers, scheduler)
     if (edges is None) == (faithfulness is None):
@@ -142,12 +147,16 @@ def circuit(
     if sizes and sizes[-1] > graph.n_edges:
         raise UsageError(f"--edges {sizes[-1]}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
+    if metric is not None:
+        check("--metric", metric, METRICS)
+        if metric != query["params"]["metric"]:  # the scores' own metric keeps the old identity
+            params["metric"] = metric
+    metric = metric or query["params"]["metric"]
     run = query["run_id"]
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.evaluate import Evaluator
 
-        metric = query["params"]["metric"]
         with cluster(workers, scheduler) as client:
             ev = Evaluator(store, store.run(run), metric, device, client)
             curve: dict[int, tuple[np.ndarray, float]] = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from queries.attribution.model import EdgeModel
+from queries.attribution.edge_model import EdgeModel
 
 CORRUPTED, CLEAN, COMPUTED = 0, 1, 2
 # A destination group's Δ terms are gathered and added one by one when they number fewer than

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.core.choices import SIDES
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from actstore.model.derivable import TOKENS
 from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
-from queries.core.model import model_for_run
-
-SIDES = ("clean", "corrupted")
+from queries.core.run_model import model_for_run
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from queries.attribution import tree
-from queries.attribution.batches import edge_reader, read_batch
-from queries.attribution.model import EdgeModel
+from queries.attribution.edge_batches import edge_reader, read_batch
+from queries.attribution.edge_model import EdgeModel
 from queries.attribution.tree import CLEAN, COMPUTED, CORRUPTED, TreePatcher
 
 

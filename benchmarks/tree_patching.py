@@ -1,6 +1,6 @@
 """Exact faithfulness of a circuit curve: tree patching against the dense edge forward.
 
-    PYTHONPATH=. python benchmarks/circuits.py [--shape gpt2-small] [--n 16] [--batch-size 16]
+    PYTHONPATH=. python benchmarks/tree_patching.py [--shape gpt2-small] [--n 16] [--batch-size 16]
 
 Builds a random-weight model of the shape (benchmarks/patching.py) as a Hugging Face directory,
 ingests n IOI prompts, scores every edge with EAP, then for the pruned top-K circuits at K = 0,
@@ -27,8 +27,8 @@ from actstore.core.store import Store
 from actstore.model.adapter import load_model
 from ingest.runner import ingest
 from queries.attribution import attribute, circuit, score_graph, top_edges
-from queries.attribution.batches import edge_reader, read_batch
-from queries.attribution.model import EdgeModel
+from queries.attribution.edge_batches import edge_reader, read_batch
+from queries.attribution.edge_model import EdgeModel
 from queries.attribution.tree import COMPUTED, TreePatcher
 
 SIZES = (0, 10, 50, 100, 500, 1000, 5000, 10000)
