@@ -32,6 +32,7 @@ from actstore.core.output import progress_bar
 from actstore.core.store import CATALOG, Store
 from actstore.core.writes import array_records
 from actstore.model.adapter import ModelAdapter, load_model, model_record
+from actstore.model.converted import save_converted
 from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
@@ -121,6 +122,7 @@ def ingest(
         if store is not None:
             _check_same_model(store, adapter)
         hook_names = resolve_hooks(adapter, hooks)
+        save_converted(adapter)  # queries of this run then load without the bridge
         if dataset is None:  # before generating maybe millions of prompts: a sample's length
             sample = get_task(task).generate(min(n or DEFAULT_N, 16), seed, adapter)
             seq = max(len(adapter.tokenize(p.clean)) for p in sample)
