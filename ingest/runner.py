@@ -98,8 +98,9 @@ def ingest(
     or `scheduler` the batches run as tasks on dask.distributed (see ingest.distributed);
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
-    check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
-                 batch_size, device, seed, shard, hooks, restart, again)  # fmt: skip
+    spec = model if isinstance(model, str) else None
+    source = check_ingest(store_path, spec, task, n, dataset, dtype, batch_size, device, seed,
+                          shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
@@ -117,7 +118,7 @@ def ingest(
         if workers is not None or scheduler is not None:  # workers load the model meanwhile
             spec = model if isinstance(model, str) else model.spec
             pool = held.enter_context(cluster(workers, scheduler, spec, device))
-        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
+        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device, source)
         if store is not None:
             _check_same_model(store, adapter)
         hook_names = resolve_hooks(adapter, hooks)

@@ -170,8 +170,8 @@ def session_ingest(monkeypatch, toy_random):
 
     real = ingest.runner.load_model
 
-    def load(spec, device=None):
-        return toy_random if spec == "toy-random" else real(spec, device)
+    def load(spec, device=None, source=None):
+        return toy_random if spec == "toy-random" else real(spec, device, source)
 
     monkeypatch.setattr(ingest.runner, "load_model", load)
 

@@ -194,16 +194,7 @@ def ingest(store: str, **kwargs) -> None:
       actstore ingest /tmp/s --model toy --task ioi --n 4096 --workers 2
       actstore ingest /tmp/s --model toy --task ioi --arrays-url s3://bucket/acts --workers 2
     """
-    from ingest.distributed import check_scale_options, start_forkserver
-    from ingest.preflight import check_ingest
-
-    checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks", "restart", "again")  # fmt: skip
-    check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
-    scale = ("workers", "scheduler", "arrays_url", "shard")
-    check_scale_options(store, **{k: kwargs[k] for k in scale})
-    start_forkserver(kwargs["workers"], kwargs["scheduler"])  # importing torch takes a while
-    from ingest.runner import ingest as run_ingest
+    from ingest.runner import ingest as run_ingest  # torch-free: it checks before it loads
 
     if kwargs["shard"] is not None:
         part = run_ingest(store, **kwargs).to_dicts()[0]
