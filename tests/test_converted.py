@@ -63,11 +63,15 @@ def test_uncached_queries_on_a_converted_store_import_no_bridge(tmp_path):
         [sys.executable, "-X", "importtime", "-c", QUERY, str(path), str(sid)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
-    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()
-                if line.startswith("import time:")}  # fmt: skip
+    imported = _imports(out.stderr)
     assert "torch" in imported and "safetensors" in imported
-    bridge = sorted(m for m in imported if m.split(".")[0] in ("transformers", "transformer_lens"))
-    assert bridge == []
+    assert _bridge_imports(out.stderr) == []
+    cli = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "from actstore.app.cli import main; main()",
+         "circuit", str(path), "--scores", str(sid), "--edges", "4,9", "--format", "csv"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert _bridge_imports(cli.stderr) == [] and len(cli.stdout.strip().splitlines()) == 3
     got = json.loads(out.stdout)
     np.testing.assert_allclose(got["patch"], expected_patch, atol=1e-6)
     _, graph, values = score_graph(store, sid)
@@ -84,3 +88,14 @@ def test_uncached_queries_on_a_converted_store_import_no_bridge(tmp_path):
     for n, value in zip((3, 7), got["circuit"], strict=True):
         mask = top_edges(graph, values, n, prune=True)
         assert value == pytest.approx(hooked_circuit_metric(adapter, data, mask), abs=1e-5)
+
+
+def _imports(importtime: str) -> set[str]:
+    """The modules a `python -X importtime` run imported, from its stderr."""
+    return {line.split("|")[-1].strip() for line in importtime.splitlines()
+            if line.startswith("import time:")}  # fmt: skip
+
+
+def _bridge_imports(importtime: str) -> list[str]:
+    return sorted(m for m in _imports(importtime)
+                  if m.split(".")[0] in ("transformers", "transformer_lens"))  # fmt: skip
