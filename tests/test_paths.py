@@ -257,3 +257,23 @@ def test_bad_interventions_are_refused_before_any_compute(run, args, expect):
     assert res.exit_code == 2, res.output
     assert expect in res.output and len(res.output.strip().splitlines()) == 1
     assert store.query("SELECT count(*) AS n FROM queries")["n"].item() == before
+
+
+def test_a_catalog_of_the_previous_schema_answers_a_new_query(run, tmp_path):
+    """An uncached query migrates an older catalog before it records (no write inside the
+    lookup's read)."""
+    import shutil
+
+    import duckdb
+
+    from actstore.core.catalog import SCHEMA_VERSION
+
+    store, _, _ = run
+    old = shutil.copytree(store.path, tmp_path / "old")
+    con = duckdb.connect(str(old / "catalog.duckdb"))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION - 1])
+    con.close()
+    rows = path(Store(old), 1, "m2", "logits", direction="noise")
+    assert rows.height == 1
+    version = Store(old).query("SELECT value FROM meta WHERE key = 'schema_version'").item()
+    assert version == str(SCHEMA_VERSION)
