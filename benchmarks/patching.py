@@ -43,9 +43,9 @@ sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from patching_helpers import hooked_patching, logits_metric_fn  # noqa: E402
 
 from actstore.core.store import Store  # noqa: E402
-from actstore.model import metrics  # noqa: E402
 from actstore.model.adapter import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.core.reader import Reader, Span  # noqa: E402
@@ -140,7 +140,7 @@ def tl_sweep(
     everyone = Span(0, reader.n)
     tokens = {s: torch.tensor(store.read(1, s, "tokens")).long() for s in ("clean", "corrupted")}
     targets = reader.targets(everyone)
-    fn = metrics.logits_metric_fn("logit-diff", reader.finals(everyone), targets)
+    fn = logits_metric_fn("logit-diff", reader.finals(everyone), targets)
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
     s = model.shape
     name, axes = TL[component]
@@ -156,8 +156,8 @@ def tl_sweep(
     started = time.perf_counter()
     with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
         _, cache = model.run_with_cache(tokens[src])
-        values = model.hooked_patching(
-            name, tokens[base], cache, fn, index_axis_names=None, index_df=index
+        values = hooked_patching(
+            model, name, tokens[base], cache, fn, index_axis_names=None, index_df=index
         )
     seconds = time.perf_counter() - started
 

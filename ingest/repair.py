@@ -119,7 +119,7 @@ def _repair_run(
     prep = prepare(model, pairs, params["corruption"])
     if prep.clean.shape[1] != params["seq_len"]:
         raise ActstoreError(f"cannot repair run {run_id}: its prompts no longer tokenize the same")
-    out = []
+    out, rewritten = [], set()
     for (chunk_idx, lo, hi), group in damaged.group_by(
         ["chunk_idx", "prompt_start", "prompt_stop"], maintain_order=True
     ):
@@ -151,4 +151,10 @@ def _repair_run(
                         "recomputed values differ from the ledger checksum (other hardware or "
                         "library versions?); chunk left as it was"})  # fmt: skip
         write_chunks(store.arrays_root, arrays, values, int(chunk_idx), int(lo), int(hi))
+        rewritten.update(arrays)
+    sizes = {key: zarrays.stored_bytes(store.arrays_root, zarrays.array_name(run_id, *key))
+             for key in rewritten}  # fmt: skip
+    if sizes:
+        with store.transaction() as tx:  # what `info` reports stored is what is there again
+            tx.set_stored_bytes(run_id, sizes)
     return out

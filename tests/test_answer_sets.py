@@ -12,6 +12,7 @@ import pytest
 import torch
 from edge_reference import hooked_circuit_metric, hooked_input_grads, node_outputs
 from handbuilt import version_one_store
+from patching_helpers import hooked_patching
 from reading import read_hook
 from test_attribution import run_tensors
 
@@ -109,7 +110,8 @@ def test_patching_over_sets_matches_transformer_lens_with_a_direct_metric(gt, me
         columns=["layer", "head_index"],
     )
     fn = full_sequence(metric)
-    expected = model.hooked_patching(
+    expected = hooked_patching(
+        model,
         "get_act_patch_attn_head_out_all_pos",
         data[base],
         cache,

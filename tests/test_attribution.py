@@ -27,7 +27,7 @@ from actstore.app.cli import main
 from actstore.core.store import Store
 from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
-from queries.attribution.batches import iter_batches
+from queries.attribution.batches import edge_reader, read_batch
 from queries.attribution.model import EdgeModel
 
 
@@ -87,7 +87,8 @@ def test_edge_forward_reproduces_model_and_corrupted_run(setup):
     with torch.no_grad():
         full = adapter.hooked_logits(data["clean"])
     rows = torch.arange(full.shape[0])
-    for batch in iter_batches(store, store.run(1), model):
+    reader = edge_reader(store, store.run(1), model)
+    for batch in (read_batch(reader, span, model) for span in reader.spans()):
         with torch.no_grad():
             kept = model.run(batch.clean[:, :, 0], batch.last)
             none = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted,
@@ -257,7 +258,7 @@ def test_cli_attribute_and_circuit(setup):
 
 def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):
     """Every edge patched alone by the engine's downstream-only batches equals one hooked
-    TransformerLens forward per edge (tests/edge_reference.py), on two edges into every
+    TransformerLens forward per edge (tests/support/edge_reference.py), on two edges into every
     destination input."""
     store, adapter, data = setup
     sid = int(attribute(store, 1, "exact")["score_id"][0])

@@ -61,6 +61,7 @@ def test_every_query_verb_recomputes_on_request_and_the_newest_supersedes(store,
         "subspace": ["--run", "1", "--hook", hook, "--basis", str(tmp_path / "v.npy"),
                      "--pos", "final"],
         "reduce": ["--run", "1", "--hook", hook],
+        "path": ["--run", "1", "--senders", "a0.h1", "--receivers", "logits"],
     }  # fmt: skip
     ids = {}
     for verb, args in verbs.items():

@@ -121,14 +121,15 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["kept", "lost"])
+@pytest.mark.parametrize("data", ["kept", "lost", "lost-repair"])
 def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     tmp_path, tmp_path_factory, toy_random, s3_server, monkeypatch, data
 ):
     """The server stops while the third batch is written and comes back: with its data kept,
     rerunning the failed ingest resumes it; with its data lost (the prefix emptied), rerunning
-    with --restart redoes it. Either way the run completes, verifies, and equals an
-    uninterrupted ingest."""
+    with --restart redoes it, or rerunning plainly completes it with its first batches missing,
+    which `verify` names and `verify --repair` recomputes. Every way the run ends complete,
+    verifies, and equals an uninterrupted ingest."""
     import s3fs
     from moto.server import ThreadedMotoServer
     from same_store import assert_same_store, single_process_store
@@ -163,13 +164,21 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     again.start()
     try:
-        if data == "lost":
+        if data.startswith("lost"):
             s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").rm(
                 f"acts/restarted-{data}", recursive=True
             )
         row = run_ingest(store, model=toy_random, restart=data == "lost", **params)
-        outcome = "resumed" if data == "kept" else "restarted"
+        outcome = "restarted" if data == "lost" else "resumed"
         assert row["outcome"].item() == outcome and row["status"].item() == "complete"
+        if data == "lost-repair":
+            import ingest.repair
+
+            missing = actstore.open(store).verify()
+            assert set(missing["problem"]) == {"missing"} and missing.height > 10, missing
+            monkeypatch.setattr(ingest.repair, "load_model", lambda spec, device=None: toy_random)
+            repaired = actstore.open(store).repair()
+            assert "repaired" in repaired["result"].to_list(), repaired
         assert actstore.open(store).verify().is_empty()
         marker = f"acts/restarted-{data}/actstore-store.json"  # written again when lost
         assert s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").exists(marker)

@@ -150,6 +150,99 @@ def test_report_runs_table_and_title(tmp_path):
     assert cells[3][7] == "pairs.csv" and cells[1][7] == "task generator"
 
 
+def test_report_warns_of_sets_too_small_to_compare(hand_store, tmp_path):
+    """Sets of 2 heads are compared, with the warning above the table; sets of 3 are not
+    warned about; every matrix's title states k and the universe."""
+    path, _ = hand_store
+    store = actstore.open(str(path))
+    small, enough = tmp_path / "small.html", tmp_path / "enough.html"
+    store.report(str(small), runs=[1, 2], top_k=2, edge_top_k=4)
+    store.report(str(enough), runs=[1, 2], top_k=3, edge_top_k=4)
+    html = small.read_text()
+    assert "warning: sets of fewer than 3 heads (run 1 has 2, run 2 has 2)" in html
+    assert "warning: sets of fewer than" not in enough.read_text()
+    titles = [spec["title"]["text"] for key, spec in page_charts(html).items()
+              if key.startswith("overlap-")]  # fmt: skip
+    assert titles == ["top 2 heads: sets of k = 2 heads of 12",
+                      "top 4 edges: sets of k = 4 edges of 10"]  # fmt: skip
+
+
+def page_charts(html: str) -> dict[str, dict]:
+    """The Vega-Lite specifications the page draws, by element id."""
+    found = re.search(r"const charts = (\{.*?\});\nconst options", html, re.S)
+    return json.loads(found.group(1))
+
+
+def test_heatmaps_share_one_signed_scale_per_metric_and_direction(hand_store, tmp_path):
+    """Colour is the signed effect on a scale centred at 0: both logit-diff denoising head
+    queries (planted effects up to 0.95 and down to -0.8) and the resid query share ±0.95; a
+    noising query gets its own scale of normalized − 1."""
+    import handbuilt
+
+    path = tmp_path / "store"
+    handbuilt.build(path)
+    store = actstore.open(str(path))
+    noise = handbuilt.record_noise(store, 1)
+    out = tmp_path / "r.html"
+    store.report(str(out), top_k=3, edge_top_k=4)
+    specs = page_charts(out.read_text())
+    colour = {k: v["layer"][0]["encoding"]["color"] for k, v in specs.items()
+              if k.startswith("patch-")}  # fmt: skip
+    top = store.sql(
+        "select max(abs(normalized)) from patch_effects join queries using (query_id) "
+        "where queries.run_id in (1, 2, 3) "
+        "and json_extract_string(params, '$.direction') = 'denoise' "
+        "and json_extract_string(params, '$.metric') = 'logit-diff'"
+    ).item()
+    assert top == pytest.approx(0.95)
+    for query in (1, 2, 3):
+        assert colour[f"patch-{query}"]["field"] == "signed"
+        assert colour[f"patch-{query}"]["scale"]["domain"] == [-top, top]
+        assert colour[f"patch-{query}"]["scale"]["domainMid"] == 0
+    lowest = store.sql(f"select min(normalized) - 1 from effects where query_id = {noise}").item()
+    assert colour[f"patch-{noise}"]["title"] == "normalized − 1"
+    assert colour[f"patch-{noise}"]["scale"]["domain"][0] == pytest.approx(-abs(lowest))
+
+
+def test_circuit_edges_never_share_a_path():
+    """Every edge of a whole 4-layer, 4-head graph drawn as the report draws it: no two edges
+    have the same spline, and no edge between non-neighbouring columns runs straight (it would
+    pass over the nodes between)."""
+    import itertools
+
+    import polars as pl
+
+    from queries.analysis.report import charts
+
+    n_layers, n_heads = 4, 4
+    heads = [f"a{layer}.h{h}" for layer in range(n_layers) for h in range(n_heads)]
+    nodes = ["input", *heads, *(f"m{layer}" for layer in range(n_layers)), "logits"]
+    frame = pl.DataFrame({"node": nodes}).with_columns(
+        pl.when(pl.col("node") == "input").then(pl.lit("input"))
+        .when(pl.col("node") == "logits").then(pl.lit("logits"))
+        .when(pl.col("node").str.starts_with("m")).then(pl.lit("mlp"))
+        .otherwise(pl.lit("head")).alias("kind"),
+        pl.col("node").str.extract(r"^[am](\d+)").cast(pl.Int64).alias("layer"),
+        pl.col("node").str.extract(r"\.h(\d+)$").cast(pl.Int64).alias("head"),
+    )  # fmt: skip
+    placed = charts.node_positions(frame, n_layers, n_heads)
+    where = {n: (x, y) for n, x, y in placed.select("node", "x", "y").iter_rows()}
+    paths = []
+    for src, dst in itertools.permutations(nodes, 2):
+        (x1, y1), (x2, y2) = where[src], where[dst]
+        if x2 <= x1:
+            continue
+        ends = [("q", -0.22), ("k", 0.0), ("v", 0.22)] if dst.startswith("a") else [(None, 0)]
+        for _, offset in ends:
+            path = charts.edge_path((x1, y1), (x2, y2 + offset), (n_heads - 1) / 2)
+            paths.append(tuple(path))
+            (sx, sy), (mx, my), (ex, ey) = path
+            if ex - sx > 1:
+                assert abs(my - (sy + ey) / 2) > 0.25, (src, dst)
+    assert len(paths) > 400 and len(set(paths)) == len(paths)
+    assert len({p[0] for p in paths}) == len(nodes) - 1  # every node but the logits sends
+
+
 def runs_html(html: str) -> str:
     """The runs section's table."""
     return html.split('<section id="runs">')[1].split("</table>")[0]

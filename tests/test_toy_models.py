@@ -4,6 +4,7 @@ script's first steps run for either architecture."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from tokenizers_for_tests import toy_view
 
 from actstore.model.adapter import load_model
 from tools.train_toy import THRESHOLDS, accuracy, held_out_pairs, is_held_out, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +117,18 @@ def test_training_with_recall_rows_records_them_in_the_card(tmp_path):
           recall_weight=1.0, log=lambda m: None)  # fmt: skip
     card = (tmp_path / "CARD.md").read_text()
     assert "--recall-weight 1 --recall-units 2" in card and "associative-recall rows" in card
+
+
+def test_the_training_commands_defaults_are_the_shipped_toys_command():
+    """`python -m tools.train_toy` with no options trains the shipped `toy`: every option its
+    card's command gives is the default."""
+    import shlex
+
+    from tools.train_toy import command_line
+
+    card = (ROOT / "actstore/model/builtin/toy/CARD.md").read_text()
+    line = next(x for x in card.splitlines() if "python -m tools.train_toy" in x)
+    argv = shlex.split(line.split("tools.train_toy", 1)[1])
+    given = vars(command_line().parse_args(argv))
+    defaults = vars(command_line().parse_args([]))
+    assert given == {**defaults, "until_pass": True}

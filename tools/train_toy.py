@@ -25,8 +25,11 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-TRAIN_SEED_OFFSET = 0
+if TYPE_CHECKING:
+    import argparse
+
 EVAL_SEED = 1_000_003
 HELD_OUT_MOD = 10
 ARCH = {
@@ -168,11 +171,7 @@ def _training_pool(view, seed: int, per_task: int) -> dict:
 
     pool = {}
     for name, task in TASKS.items():
-        pairs = [
-            p
-            for p in task.generate(per_task, seed + TRAIN_SEED_OFFSET, view)
-            if not is_held_out(p.clean)
-        ]
+        pairs = [p for p in task.generate(per_task, seed, view) if not is_held_out(p.clean)]
         pool[name] = _encode(pairs, view)
     return pool
 
@@ -182,14 +181,14 @@ def train(
     steps: int = 4000,
     seed: int = 0,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 0.002,
     per_task: int = 10000,
     eval_every: int = 500,
     eval_n: int = 200,
-    lm_weight: float = 0.5,
+    lm_weight: float = 1.0,
     until_pass: bool = False,
     checkpoint: bool = False,
-    d_model: int = 128,
+    d_model: int = 64,
     arch: str = "gpt2",
     n_heads: int = 4,
     n_kv_heads: int = 2,
@@ -471,40 +470,52 @@ repository root):
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line() -> argparse.ArgumentParser:
+    """The command's options; their defaults are train()'s, which the shipped toy's card
+    command repeats (tests check they agree)."""
     import argparse
+    import inspect
 
+    default = {k: v.default for k, v in inspect.signature(train).parameters.items()}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="actstore/model/builtin/toy")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=default["steps"])
+    parser.add_argument("--seed", type=int, default=default["seed"])
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-kv-heads", type=int, default=2, help="llama: key/value heads")
-    parser.add_argument("--rope-theta", type=float, default=10000.0, help="llama: rotary base")
-    parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    parser.add_argument("--lr", type=float, default=default["lr"])
+    parser.add_argument("--d-model", type=int, default=default["d_model"])
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default=default["arch"])
+    parser.add_argument("--n-heads", type=int, default=default["n_heads"])
+    parser.add_argument("--n-kv-heads", type=int, default=default["n_kv_heads"],
+                        help="llama: key/value heads")  # fmt: skip
+    parser.add_argument("--rope-theta", type=float, default=default["rope_theta"],
+                        help="llama: rotary base")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=default["warmup_steps"],
+                        help="linear warmup steps")  # fmt: skip
     parser.add_argument("--attention-bias", action="store_true", help="llama: q/k/v/o biases")
-    parser.add_argument("--lm-weight", type=float, default=0.5)
+    parser.add_argument("--lm-weight", type=float, default=default["lm_weight"])
     parser.add_argument(
         "--recall-weight",
         type=float,
-        default=0.0,
+        default=default["recall_weight"],
         help="weight of the associative-recall (induction) rows' loss; 0: none",
     )
     parser.add_argument(
-        "--recall-units", type=int, default=2, help="associative-recall rows, in batch units"
-    )
+        "--recall-units", type=int, default=default["recall_units"],
+        help="associative-recall rows, in batch units",
+    )  # fmt: skip
     parser.add_argument("--checkpoint", action="store_true", help="write the model at each eval")
     parser.add_argument(
         "--until-pass",
         action="store_true",
         help="stop at the first evaluation where every task meets its accuracy threshold",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -766,6 +766,7 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
     help="denoise: clean senders into the corrupted run; noise: corrupted into the clean run.",
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @FORMAT
 def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> None:

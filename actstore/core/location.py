@@ -252,16 +252,6 @@ def claim_prefix(store_dir: Path, url: str, claim: str) -> None:
             filesystem(url).pipe_file(f"{normal_url(url)}/{MARKER}", json.dumps(marker).encode())
 
 
-def arrays_url(location: str | Path) -> tuple[str, dict]:
-    """URL of the store's Zarr root and the fsspec options zarr needs to open it."""
-    root = arrays_root(location)
-    if not root.is_local:
-        return root.url, {}
-    if isinstance(location, str) and location.startswith("file://"):
-        return f"file://{root.url}", {"auto_mkdir": True}
-    return root.url, {}
-
-
 def run_groups(root: ArraysRoot) -> list[str]:
     """The run groups (`run<id>`) under an arrays root, local or in object storage."""
     if root.is_local:

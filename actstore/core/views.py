@@ -101,7 +101,7 @@ VIEWS: dict[str, str] = {
                    {
         IMPORTANCE.format(direction=_param("q.params", "direction"), normalized="p.normalized")
     } AS importance
-            FROM path_effects p JOIN queries q USING (query_id)
+            FROM path_effects p JOIN current_queries q USING (query_id)
                  LEFT JOIN runs r ON r.run_id = q.run_id
         )
         SELECT *, row_number() OVER (PARTITION BY query_id, receiver, qkv, role

@@ -249,6 +249,14 @@ class Writes:
             self.insert(table, frame.with_columns(pl.lit(query_id).alias(RESULT_ID[table])))
         return query_id
 
+    def set_stored_bytes(self, run_id: int, sizes: dict[tuple[str, str], int]) -> None:
+        """Record the bytes a run's arrays occupy again (a repair rewrote some of their
+        chunks), by (side, hook)."""
+        self.con.executemany(
+            "UPDATE arrays SET stored_bytes = ? WHERE run_id = ? AND side = ? AND hook = ?",
+            [[size, run_id, side, hook] for (side, hook), size in sizes.items()],
+        )
+
     def same_query_since(self, params_hash: str, after: int) -> int | None:
         """The first query with these parameters recorded after query `after`, if any."""
         rows = self.con.execute(

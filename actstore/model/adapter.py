@@ -290,21 +290,6 @@ class ModelAdapter:
             self.bridge.set_use_split_qkv_input(False)
             self.bridge.set_use_hook_mlp_in(False)
 
-    def hooked_attention_out(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """TransformerLens' own W_O (heads, d_head, d_model) and b_O of a layer: references that
-        must not depend on the canonical weights read them here."""
-        attn = self.bridge.blocks[layer].attn
-        return attn.W_O, attn.b_O
-
-    def hooked_patching(
-        self, function: str, tokens: torch.Tensor, cache: Mapping, metric: Callable, **kwargs: Any
-    ) -> torch.Tensor:
-        """TransformerLens' activation patching `transformer_lens.patching.<function>` on this
-        model: the exact reference that patching from the store is checked against."""
-        import transformer_lens.patching as tlp
-
-        return getattr(tlp, function)(self.bridge, tokens, cache, metric, **kwargs)
-
 
 def _extract_weights(hf: Any, arch: Architecture) -> Weights:
     """The one place that reads a Hugging Face model's parameters (see Weights for the layout)."""

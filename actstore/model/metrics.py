@@ -18,7 +18,6 @@ Importing this module does not import torch; the functions take and return tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -174,21 +173,6 @@ def set_logit_diff(columns: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
     a = sets.correct.shape[-1]
     return _mean(columns[..., :a], sets.correct_mask) - _mean(columns[..., a:],
                                                               sets.incorrect_mask)  # fmt: skip
-
-
-def logits_metric_fn(
-    metric: str, finals: torch.Tensor, t: Targets
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same metric as a function of full-sequence logits (B, seq, d_vocab) → mean over
-    prompts: the form TransformerLens' patching functions take."""
-    import torch
-
-    rows = torch.arange(finals.shape[0])
-
-    def fn(logits: torch.Tensor) -> torch.Tensor:
-        return from_logits(metric, logits[rows, finals], t).mean()
-
-    return fn
 
 
 def _pick(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

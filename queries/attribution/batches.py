@@ -10,7 +10,6 @@ MLP its stored `hook_mlp_out`. Batches follow the run's chunks, so memory is bou
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,10 +100,3 @@ def open_run(location: str, run_id: int, device: str | None) -> tuple[EdgeModel,
 @functools.lru_cache(maxsize=1)
 def _edge_model(adapter: ModelAdapter) -> EdgeModel:
     return EdgeModel(adapter)
-
-
-def iter_batches(store: Store, run: dict, model: EdgeModel) -> Iterator[EdgeBatch]:
-    """The run's prompts in its ingest batches, with everything an edge query reads."""
-    reader = edge_reader(store, run, model)
-    for span in reader.spans():
-        yield read_batch(reader, span, model)

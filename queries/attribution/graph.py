@@ -157,15 +157,3 @@ class Graph:
     @cached_property
     def _backward_lookup(self) -> dict[tuple[str, str | None], int]:
         return {n: i for i, n in enumerate(self.backward_names)}
-
-    def mask_from_frame(self, edges: pl.DataFrame) -> np.ndarray:
-        """(n_forward, n_backward) bool mask of the edges named in rows (src, dst, qkv)."""
-        mask = np.zeros((self.n_forward, self.n_backward), dtype=bool)
-        for src, dst, qkv in edges.select("src", "dst", "qkv").iter_rows():
-            mask[self.cell_of(src, dst, qkv)] = True
-        return mask
-
-
-def edge_name(src: str, dst: str, qkv: str | None) -> str:
-    """EAP-IG's edge naming: `a0.h1->a2.h3<q>`, `m1->logits`."""
-    return f"{src}->{dst}" + (f"<{qkv}>" if qkv else "")

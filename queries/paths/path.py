@@ -84,6 +84,7 @@ def path(
     direction: str = "denoise",
     device: str | None = None,
     progress: bool | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Path patching of a run's senders into its receivers, recorded as a `path` query; rows
     ranked by importance within each receiver and role."""
@@ -92,7 +93,7 @@ def path(
     def compute() -> dict[str, pl.DataFrame]:
         return {"path_effects": compute_paths(store, run, params, device, progress)}
 
-    return recorded(store, KIND, run, params, compute, lambda q: stored_paths(store, q))
+    return recorded(store, KIND, run, params, compute, lambda q: stored_paths(store, q), recompute)
 
 
 def compute_paths(

@@ -28,7 +28,8 @@ def graph_of(adapter) -> Graph:
 
 def head_shares(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
     """Every head's output (batch, pos, heads, d_model) from its z, by the definition above."""
-    W_O, b_O = adapter.hooked_attention_out(layer)
+    attn = adapter.bridge.blocks[layer].attn  # TransformerLens' own W_O, not the canonical weights
+    W_O, b_O = attn.W_O, attn.b_O
     per = torch.einsum("bphe,hed->bphd", z, W_O)
     arch = adapter.architecture
     if not arch.post_norms:

@@ -13,6 +13,28 @@ from ingest.tasks import TASKS
 from ingest.tasks.base import PromptPair
 from ingest.tasks.ioi import IOI
 
+
+def hooked_patching(model, function: str, tokens: torch.Tensor, cache, metric, **kwargs):
+    """TransformerLens' activation patching `transformer_lens.patching.<function>` on the
+    adapter's bridge: the exact reference that patching from the store is checked against."""
+    import transformer_lens.patching as tlp
+
+    return getattr(tlp, function)(model.bridge, tokens, cache, metric, **kwargs)
+
+
+def logits_metric_fn(metric: str, finals: torch.Tensor, t):
+    """A query metric as a function of full-sequence logits (B, seq, d_vocab) → mean over
+    prompts: the form TransformerLens' patching functions take."""
+    from actstore.model.metrics import from_logits
+
+    rows = torch.arange(finals.shape[0])
+
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        return from_logits(metric, logits[rows, finals], t).mean()
+
+    return fn
+
+
 # `transformer_lens.patching` function and index axes of each patching component
 TL_FUNCTIONS = {
     "head": ("get_act_patch_attn_head_out_all_pos", ("layer", "head_index")),
@@ -111,7 +133,7 @@ def _assert_matches(
         torch.tensor(pr["wrong_answer_token"].to_numpy()).long(),
         read_hook(store, 1, "clean", "logits", model),
     )
-    fns = {m: metrics.logits_metric_fn(m, finals, targets) for m in METRICS}
+    fns = {m: logits_metric_fn(m, finals, targets) for m in METRICS}
     src, base = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
     _, cache = model.run_with_cache(tokens[src])
     name, axes = TL_FUNCTIONS[component]
@@ -124,8 +146,8 @@ def _assert_matches(
         rest = [(p,) for p in positions]
     index = pd.DataFrame([(layer, *r) for layer in range(s.n_layers) for r in rest],
                          columns=list(axes))  # fmt: skip
-    result = model.hooked_patching(name, tokens[base], cache, fns, index_axis_names=None,
-                                   index_df=index)  # fmt: skip
+    result = hooked_patching(model, name, tokens[base], cache, fns, index_axis_names=None,
+                             index_df=index)  # fmt: skip
     key = {"layer": "layer", "head_index": "head", "pos": "pos"}
     for i, metric in enumerate(METRICS):
         spec = check_spec(store, 1, component, metric, direction, 1, positions)
