@@ -803,6 +803,7 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
     show_default=True,
 )  # fmt: skip
+@RECOMPUTE
 @DEVICE
 @FORMAT
 def intervene(store: str, run: int, fmt: str, **kwargs) -> None:

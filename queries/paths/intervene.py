@@ -70,6 +70,7 @@ def intervene(
     weight: float = 1.0,
     metric: str = "logit-diff",
     device: str | None = None,
+    recompute: bool = False,
 ) -> pl.DataFrame:
     """Metric and accuracy before and after an attention intervention, for the run (first row)
     and each prompt; recorded as an `intervene` query."""
@@ -78,7 +79,8 @@ def intervene(
     def compute() -> dict[str, pl.DataFrame]:
         return {"interventions": compute_intervention(store, run, params, device)}
 
-    return recorded(store, KIND, run, params, compute, lambda q: stored_interventions(store, q))
+    return recorded(store, KIND, run, params, compute, lambda q: stored_interventions(store, q),
+                    recompute)  # fmt: skip
 
 
 def compute_intervention(
