@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from actstore.core import arrays as zarrays
+from actstore.core.choices import SIDES
 from actstore.core.location import ArraysRoot, as_root
 from actstore.model.adapter import ModelAdapter
 from actstore.model.derivable import LOGITS, resid_pre
@@ -26,7 +27,6 @@ from ingest.prompts import Prepared
 if TYPE_CHECKING:
     import zarr
 
-SIDES = ("clean", "corrupted")
 WRITE_THREADS = 4
 # the residual entering layer 0: the (noised) token embedding a gaussian corruption records
 EMBEDDED = resid_pre(0)
@@ -94,6 +94,11 @@ def write_chunks(
 
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
         return list(pool.map(one, arrays.items()))
+
+
+def batch_bounds(b: int, batch: int, n: int) -> tuple[int, int]:
+    """Prompts [lo, hi) of batch `b`: a batch is a chunk of every array, the last one short."""
+    return b * batch, min(n, (b + 1) * batch)
 
 
 def compute_batch(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import math
 import shutil
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from actstore.core import arrays as zarrays
-from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.errors import ActstoreError, UsageError, first_line
 from actstore.core.location import (
     ArraysRoot,
     arrays_root,
@@ -29,6 +28,7 @@ from actstore.core.location import (
     normal_url,
     record_arrays_url,
 )
+from actstore.core.output import progress_bar
 from actstore.core.store import CATALOG, Store
 from actstore.core.writes import array_records
 from actstore.model.adapter import ModelAdapter, load_model, model_record
@@ -36,6 +36,7 @@ from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
+    batch_bounds,
     compute_batch,
     create_arrays,
     params_hash,
@@ -256,12 +257,9 @@ def _run(
     batch = params["batch_size"]
     n_batches = (n + batch - 1) // batch
     todo = [b for b in range(n_batches) if any((sd, hk, b) not in done for sd, hk in shapes)]
-    show = sys.stderr.isatty() if progress is None else progress
-    from tqdm import tqdm
-
     stored = [n_batches - len(todo)]  # batches recorded so far (the writer thread counts too)
-    bar = tqdm(total=n_batches, initial=stored[0], disable=not show, file=sys.stderr,
-               desc=f"ingest run {run_id}", unit="batch")  # fmt: skip
+    bar = progress_bar(progress, total=n_batches, initial=stored[0], desc=f"ingest run {run_id}",
+                       unit="batch")  # fmt: skip
 
     def record(done: list[Manifest]) -> None:  # whole batches, each with its prompts and ledger
         with store.transaction() as tx:
@@ -277,7 +275,7 @@ def _run(
         if pool is None:  # write and record each batch on a thread while the next computes
             writer = BatchWriter(lambda job: _write_batch(store, arrays, prep, job), record)
             for b in todo:
-                lo, hi = b * batch, min(n, (b + 1) * batch)
+                lo, hi = batch_bounds(b, batch, n)
                 values, metrics = compute_batch(model, prep, params, lo, hi)
                 writer.submit((b, lo, hi, values, metrics))
             writer.close()
@@ -347,7 +345,7 @@ def _fail(
         zarrays.remove_run(store.path, run_id)
     if not isinstance(exc, (OSError, ActstoreError)) and not _disk_full(exc):
         return exc
-    what = "disk full" if _disk_full(exc) else str(exc).strip().splitlines()[0]
+    what = "disk full" if _disk_full(exc) else first_line(exc)
     if rollback:
         return ActstoreError(
             f"{what} while writing run {run_id}; the run was rolled back and the store is "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import polars as pl
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.location import ArraysRoot, arrays_root, local_dir
+from actstore.core.output import progress_bar
 from actstore.core.store import MANIFESTS, Store
 from actstore.core.writes import array_records
 from actstore.model.adapter import model_record
@@ -90,16 +90,6 @@ def _creation_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    zarrays.fsync_path(path)
-
-
 def ingest_shard(
     location: str | Path,
     shard: Shard,
@@ -109,10 +99,15 @@ def ingest_shard(
     progress: bool | None,
 ) -> pl.DataFrame:
     """Write shard `shard`'s chunks into the staged arrays, then its manifest; no catalog write."""
-    from tqdm import tqdm
-
     # torch, needed only here: parse_shard and merge stay light
-    from ingest.batches import array_shapes, compute_batch, create_arrays, params_hash, write_chunks
+    from ingest.batches import (
+        array_shapes,
+        batch_bounds,
+        compute_batch,
+        create_arrays,
+        params_hash,
+        write_chunks,
+    )
     from ingest.prompts import prompt_records
 
     started = time.monotonic()
@@ -131,36 +126,33 @@ def ingest_shard(
         arrays = create_arrays(group, staged_name(phash), shapes, batch, replace=False)
     prompts: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
-    show = sys.stderr.isatty() if progress is None else progress
-    for b in tqdm(range(first, stop), disable=not show, file=sys.stderr, unit="batch",
-                  desc=f"ingest {shard.label}"):  # fmt: skip
-        lo, hi = b * batch, min(n, (b + 1) * batch)
+    for b in progress_bar(progress, iterable=range(first, stop), unit="batch",
+                          desc=f"ingest {shard.label}"):  # fmt: skip
+        lo, hi = batch_bounds(b, batch, n)
         values, metrics = compute_batch(model, prep, params, lo, hi)
         ledger.extend(write_chunks(root, arrays, values, b, lo, hi))
         prompts.extend(prompt_records(prep, lo, hi, metrics))
     path = mdir / f"{shard.label}.json"
-    _write_atomic(
-        path,
-        {
-            "format": MANIFEST_FORMAT,
-            "params_hash": phash,
-            "params": params,
-            "shard": shard.index,
-            "n_shards": shard.count,
-            "n_prompts": n,
-            "seq_len": seq,
-            "n_chunks": n_chunks,
-            "chunks": [first, stop],
-            "model": model_record(model),
-            "arrays": [
-                {"side": side, "hook": hook, "shape": list(shape), "dtype": dt}
-                for (side, hook), (shape, dt) in shapes.items()
-            ],
-            "prompts": prompts,
-            "ledger": ledger,
-            "wall_s": time.monotonic() - started,
-        },
-    )
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "params_hash": phash,
+        "params": params,
+        "shard": shard.index,
+        "n_shards": shard.count,
+        "n_prompts": n,
+        "seq_len": seq,
+        "n_chunks": n_chunks,
+        "chunks": [first, stop],
+        "model": model_record(model),
+        "arrays": [
+            {"side": side, "hook": hook, "shape": list(shape), "dtype": dt}
+            for (side, hook), (shape, dt) in shapes.items()
+        ],
+        "prompts": prompts,
+        "ledger": ledger,
+        "wall_s": time.monotonic() - started,
+    }
+    zarrays.write_durably(path, json.dumps(manifest).encode())
     return pl.DataFrame(
         [{"params_hash": phash, "shard": shard.index, "n_shards": shard.count,
           "prompt_start": min(n, first * batch), "prompt_stop": min(n, stop * batch),

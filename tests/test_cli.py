@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import polars as pl
 import pytest
+from cli_process import run_cli, snapshot
 from click.testing import CliRunner
 
 from actstore.app.cli import main
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "actstore.app.cli", *args], capture_output=True, text=True, env=env
-    )
-
-
-def snapshot(path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != "writer.lock"
-    }
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])

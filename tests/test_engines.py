@@ -8,13 +8,12 @@ or a distributed whose metadata pins a dask that is not the one installed."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from cli_process import run_cli
 
 pytestmark = pytest.mark.slow  # each case starts the CLI in a subprocess
 
@@ -33,12 +32,9 @@ def shadow(root: Path, name: str, version: str, requires: list[str], body: str) 
     return root
 
 
-def run_cli(path_first: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(path_first)}  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "actstore.app.cli", *args], capture_output=True, text=True, env=env
-    )
+def run_shadowed(path_first: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI with `path_first` (shadowing installs) first on the path."""
+    return run_cli(*args, env={"PYTHONPATH": str(path_first)})
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -78,7 +74,7 @@ def test_broken_distributed_is_one_line_and_the_store_is_unchanged(
     ioi_copy, old_distributed, command
 ):
     before = snapshot(ioi_copy)
-    res = run_cli(old_distributed, *[arg.format(store=ioi_copy) for arg in command])
+    res = run_shadowed(old_distributed, *[arg.format(store=ioi_copy) for arg in command])
     assert res.returncode == 1, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     dask = metadata.version("dask")
@@ -89,8 +85,8 @@ def test_broken_distributed_is_one_line_and_the_store_is_unchanged(
 
 def test_conflicting_metadata_names_the_requirement(ioi_copy, mismatched_distributed):
     before = snapshot(ioi_copy)
-    res = run_cli(mismatched_distributed, "patch", str(ioi_copy), "--run", "1", "--component",
-                  "head", "--workers", "2")  # fmt: skip
+    res = run_shadowed(mismatched_distributed, "patch", str(ioi_copy), "--run", "1", "--component",
+                       "head", "--workers", "2")  # fmt: skip
     assert res.returncode == 1, res.stderr
     dask = metadata.version("dask")
     assert f"distributed 2026.8.0 requires dask==2021.4.1, dask {dask} is installed" in res.stderr
@@ -103,8 +99,8 @@ def test_missing_s3fs_is_one_line_before_a_store_is_made(tmp_path):
     site.mkdir()
     (site / "s3fs.py").write_text("raise ModuleNotFoundError(\"No module named 's3fs'\")\n")
     store = tmp_path / "new"
-    res = run_cli(site, "ingest", str(store), "--model", "toy-random", "--task", "ioi", "--n", "8",
-                  "--arrays-url", "s3://bucket/acts")  # fmt: skip
+    res = run_shadowed(site, "ingest", str(store), "--model", "toy-random", "--task", "ioi",
+                       "--n", "8", "--arrays-url", "s3://bucket/acts")  # fmt: skip
     assert res.returncode == 1, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "needs s3fs" in res.stderr and "requirements.lock" in res.stderr

@@ -112,6 +112,22 @@ def test_dtype_edited_is_refused_and_repair_restores_the_file_exactly(store):
     assert np.array_equal(actstore.open(store).read(1, "clean", HOOK), values)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("fill_value", 7.0),
+        ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [4, 19, 4, 16]}}),
+        ("codecs", [{"name": "bytes", "configuration": {"endian": "big"}}]),
+    ],
+)
+def test_any_field_a_read_relies_on_is_checked(store, field, value):
+    """The fill value, the chunk grid and the codecs are checked like the shape and dtype."""
+    path = store / "arrays.zarr" / "run1" / "clean" / HOOK / "zarr.json"
+    edit(path, **{field: value})
+    with pytest.raises(DamagedError, match=f"zarr.json says {field} .* where the catalog records"):
+        actstore.open(store).read(1, "clean", HOOK)
+
+
 def test_chunk_replaced_by_a_directory_is_damage_and_repaired(store):
     path = chunk_path(store, "clean", HOOK, 1)
     original = path.read_bytes()

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from cli_process import run_cli
 from families import randomise_norms
 from patching_helpers import (
     TL_FUNCTIONS,
@@ -167,8 +168,7 @@ def test_query_recorded_once_and_recompute(ioi_copy, toy_random):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter that logs every module it imports (-X importtime)."""
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "actstore.app.cli", *args],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return run_cli(*args, python_args=["-X", "importtime"], timeout=300)
 
 
 def _children_cpu() -> float:

@@ -4,13 +4,12 @@ export all give what the same commands give on a local store."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+from cli_process import run_cli
 from same_store import assert_same_store, single_process_store
 
 import actstore
@@ -123,11 +122,7 @@ def test_verify_repair_patch_and_export_on_object_storage(
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "actstore.app.cli", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_cli(*args, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(

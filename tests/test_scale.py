@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from cli_process import start_cli
 from same_store import assert_same_store, single_process_store, tables
 
 import actstore
@@ -29,10 +30,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "actstore.app.cli", *args],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_cli(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:

@@ -7,7 +7,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,9 +90,7 @@ def drop_root_override() -> None:
 
 
 def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "actstore.app.cli", *args], capture_output=True,
-                          text=True, env=env, preexec_fn=drop_root_override)  # fmt: skip
+    return run_cli(*args, preexec_fn=drop_root_override)
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,12 @@ def put(where: Where, key: str, data: bytes) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(path, data)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace the file at `path` by `data` atomically and durably: a partial file beside it,
+    flushed, renamed into place, the rename flushed. A crash leaves the old file or the new."""
     tmp = path.with_name(path.name + ".partial")
     tmp.write_bytes(data)
     fsync_path(tmp)

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from actstore.core.attachments import ATTACHMENTS
-from actstore.core.errors import ActstoreError
+from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
@@ -144,11 +144,6 @@ READ_WAIT_S = 10.0
 WRITE_WAIT_S = 120.0
 
 
-def _first(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # What DuckDB raises for a file it cannot read or write as a database, as opposed to bad SQL.
 FILE_ERRORS = (
     duckdb.IOException,
@@ -160,7 +155,7 @@ FILE_ERRORS = (
 
 def file_error(path: Path, exc: Exception) -> ActstoreError:
     """The one-line error for a catalog file that cannot be read or written."""
-    text = _first(exc)
+    text = first_line(exc)
     if "No space left" in text:
         return ActstoreError(f"disk full writing catalog {path} ({text}); free space and rerun")
     if "Permission denied" in text or "Read-only file system" in text:
@@ -212,7 +207,9 @@ class Catalog:
                 if not _is_lock_conflict(exc):
                     if isinstance(exc, FILE_ERRORS):
                         raise file_error(self.path, exc) from None
-                    raise ActstoreError(f"cannot open catalog {self.path}: {_first(exc)}") from None
+                    raise ActstoreError(
+                        f"cannot open catalog {self.path}: {first_line(exc)}"
+                    ) from None
                 if time.monotonic() > deadline:
                     who = "a reader in another process" if self.writing else self.holder()
                     raise ActstoreError(

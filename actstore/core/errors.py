@@ -21,3 +21,13 @@ class LockedError(ActstoreError):
 
 class DamagedError(ActstoreError):
     """Stored data is missing, undecodable or altered: never read as numbers."""
+
+
+def first_line(error: BaseException | str, limit: int | None = None) -> str:
+    """The first line of an error's message (at most `limit` characters): what a one-line error
+    quotes of a library's message, which is often several lines long. An empty message gives
+    the exception's type name."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0][:limit]
+    return type(error).__name__ if isinstance(error, BaseException) else "no detail"

@@ -15,7 +15,7 @@ import importlib
 from functools import cache
 from importlib import metadata
 
-from actstore.core.errors import ActstoreError
+from actstore.core.errors import ActstoreError, first_line
 
 FIX = "install the tested set: pip install -c requirements.lock -e '.[{extra}]'"
 
@@ -81,9 +81,9 @@ def check_engine(extra: str) -> None:
             importlib.import_module(module)
         except Exception as exc:  # an engine that fails to import is refused, whatever the cause
             versions = ", ".join(f"{name} {_version(name)}" for name in names if _version(name))
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ActstoreError(
-                f"{PURPOSE[extra]}, but importing {module} failed ({versions}): {first}; {fix}"
+                f"{PURPOSE[extra]}, but importing {module} failed ({versions}): "
+                f"{first_line(exc)}; {fix}"
             ) from None
 
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
-from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.errors import ActstoreError, UsageError, first_line
 from actstore.core.extras import FIX, PURPOSE, check_engine
 
 # Network bounds, each raised by its variable: seconds to connect, seconds to wait for an answer,
@@ -168,8 +168,8 @@ def object_store_error(exc: BaseException, url: str | None = None) -> ActstoreEr
             "Could not connect to the endpoint" in text
         ):
             return ActstoreError(
-                f"cannot reach the object store{where}: {_first(text)}; check AWS_ENDPOINT_URL "
-                "and that the server is running"
+                f"cannot reach the object store{where}: {first_line(text, 200)}; check "
+                "AWS_ENDPOINT_URL and that the server is running"
             )
         if "NoSuchBucket" in text or "bucket does not exist" in text:
             bucket = urlparse(url).netloc if url else "the bucket"
@@ -179,14 +179,9 @@ def object_store_error(exc: BaseException, url: str | None = None) -> ActstoreEr
             )
         if any(code in text for code in DENIED):
             return ActstoreError(
-                f"the object store refused access{where}: {_first(text)}; check "
+                f"the object store refused access{where}: {first_line(text, 200)}; check "
                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket's permissions"
             )
         if name == "ModuleNotFoundError" and "s3fs" in text:
             return ActstoreError(NEED_S3FS)
     return None
-
-
-def _first(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "no detail"
-    return line[:200]

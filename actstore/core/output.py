@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import polars as pl
 
@@ -135,3 +135,13 @@ def write_atomically(target: str | Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
         raise ActstoreError(f"cannot write {target}: {reason}; choose a writable path") from None
+
+
+def progress_bar(progress: bool | None, **options: Any) -> Any:
+    """The one progress bar (tqdm) of every command: on stderr, never mixed with the results on
+    stdout, and shown when `progress` says so (None: when stderr is a terminal). `options` are
+    tqdm's (an iterable, total, desc, unit, initial)."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(disable=not show, file=sys.stderr, **options)

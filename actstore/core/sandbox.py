@@ -20,8 +20,7 @@ import duckdb
 import polars as pl
 
 from actstore.core import choices
-from actstore.core.errors import ActstoreError, UsageError
-from actstore.core.verified import first_line
+from actstore.core.errors import ActstoreError, UsageError, first_line
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 # Defaults of `--timeout`, `--max-rows` and `--max-mb` (documented in docs/reliability.md).

@@ -24,10 +24,10 @@ from actstore.core import arrays as zarrays
 from actstore.core import sandbox
 from actstore.core.arrays import ARRAYS
 from actstore.core.catalog import SCHEMA_VERSION, Catalog
-from actstore.core.errors import ActstoreError, DamagedError, UsageError
+from actstore.core.errors import ActstoreError, DamagedError, UsageError, first_line
 from actstore.core.location import CATALOG, RECORD, arrays_root, local_dir
 from actstore.core.lock import WriterLock, describe_holder
-from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray, first_line
+from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray
 from actstore.core.writes import Writes
 
 MANIFESTS = "manifests"

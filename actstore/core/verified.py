@@ -21,7 +21,7 @@ import numpy as np
 
 from actstore.core import arrays as zarrays
 from actstore.core.arrays import open_array
-from actstore.core.errors import DamagedError
+from actstore.core.errors import DamagedError, first_line
 from actstore.core.location import ArraysRoot, as_root
 
 FIX = "run actstore verify --repair"
@@ -46,11 +46,6 @@ class ChunkProblem(Exception):
         super().__init__(detail)
         self.problem = problem
         self.detail = detail
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
 def read_checked(arr: Any, root: ArraysRoot, name: str, entry: LedgerEntry) -> np.ndarray:

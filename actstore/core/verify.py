@@ -23,8 +23,9 @@ import polars as pl
 
 from actstore.core import arrays as zarrays
 from actstore.core.arrays import open_array
+from actstore.core.errors import first_line
 from actstore.core.store import Store
-from actstore.core.verified import ChunkProblem, LedgerEntry, first_line, read_checked
+from actstore.core.verified import ChunkProblem, LedgerEntry, read_checked
 
 # Where a finding is: shared by verify's findings and repair's results.
 PIECE = {

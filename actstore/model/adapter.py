@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.errors import ActstoreError, UsageError, first_line
 from actstore.model import hub
 from actstore.model.architecture import (
     Architecture,
@@ -498,14 +498,15 @@ def load_model(spec: str, device: str | None = None) -> ModelAdapter:
             tokenizer = _directory_tokenizer(path)
             hf = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ActstoreError(f"--model {spec}: cannot load the directory: {first}") from None
+            raise ActstoreError(
+                f"--model {spec}: cannot load the directory: {first_line(exc)}"
+            ) from None
         return adapter_from_hf(str(path), hf, tokenizer, dev, source="path")
     else:
         try:
             bridge = TransformerBridge.boot_transformers(spec, device=dev)
         except Exception as exc:  # the hub and TL raise many kinds; all mean "cannot load"
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise ActstoreError(
                 f"unknown model {spec!r} (not built-in, not a directory, not loadable from the "
                 f"hub: {msg[:160]}); built-in models: {', '.join(builtin_names())}"

@@ -7,12 +7,12 @@ Every score is Δ_s · ∂m/∂input_d summed over prompts and positions; the gr
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
 import torch
 
+from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import from_logits
 from queries.attribution.batches import EdgeBatch, edge_reader, open_run, read_batch
@@ -33,12 +33,9 @@ def compute_scores(
 ) -> np.ndarray:
     """(n_forward, n_backward) scores summed over the run's batches (zero off the edges), in
     batch order; with a Dask `client` each batch is a task (queries/core/sweep.py)."""
-    from tqdm import tqdm
-
     n = int(run["n_prompts"])
     g = model.graph
     total = np.zeros((g.n_forward, g.n_backward))
-    show = sys.stderr.isatty() if progress is None else progress
     reader = edge_reader(store, run, model)
     spans = list(reader.spans())
 
@@ -47,8 +44,8 @@ def compute_scores(
 
     parts = in_order(client, local, _span_task, spans, store.location, run["run_id"], params, n,
                      device)  # fmt: skip
-    for part in tqdm(parts, total=len(spans), disable=not show, file=sys.stderr,
-                     desc=f"{params['method']} run {run['run_id']}", unit="batch"):  # fmt: skip
+    for part in progress_bar(progress, iterable=parts, total=len(spans), unit="batch",
+                             desc=f"{params['method']} run {run['run_id']}"):  # fmt: skip
         total += part
     return total
 

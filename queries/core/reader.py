@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.core.choices import SIDES
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from actstore.model.derivable import TOKENS
@@ -26,8 +27,6 @@ from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
 from queries.core.model import model_for_run
-
-SIDES = ("clean", "corrupted")
 
 
 @dataclass(frozen=True)

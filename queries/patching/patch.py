@@ -28,7 +28,6 @@ tests compare against.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ import polars as pl
 
 from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
 from actstore.core.errors import UsageError
+from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
@@ -268,8 +268,6 @@ def compute_effects(
     give the same numbers, the first the fastest. With `workers` or `scheduler` each prompt
     batch is a Dask task and the partial sums are added in batch order (queries/core/sweep.py).
     """
-    from tqdm import tqdm
-
     check("engine", engine, ENGINES)
     setup = _Setup(store, run, spec, model, engine)
     reader, e, groups = setup.reader, setup.engine, setup.groups
@@ -277,9 +275,7 @@ def compute_effects(
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
     spans = list(reader.spans(batch_size))
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=len(spans), disable=not show, file=sys.stderr, desc=f"patch run {run}",
-               unit="batch")  # fmt: skip
+    bar = progress_bar(progress, total=len(spans), desc=f"patch run {run}", unit="batch")
     with cluster(workers, scheduler) as client:
         parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, spec,
                          engine, device)  # fmt: skip

@@ -12,7 +12,6 @@ every position and `role` is NULL. The computation is queries/paths/compute.py.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import polars as pl
 
 from actstore.core.choices import DIRECTIONS, METRICS, check
 from actstore.core.errors import UsageError
+from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
@@ -105,7 +105,6 @@ def compute_paths(
 ) -> pl.DataFrame:
     """path_effects rows (without query_id) of checked parameters, over the run's batches."""
     import torch
-    from tqdm import tqdm
 
     from actstore.model.metrics import endpoints
     from queries.core.engine import Engine
@@ -132,9 +131,7 @@ def compute_paths(
     metric = params["metric"]
     sums = np.zeros((len(chosen), 1 if roles is None else len(roles)))
     clean = corrupted = 0.0
-    show = sys.stderr.isatty() if progress is None else progress
-    for span in tqdm(spans, disable=not show, file=sys.stderr, desc=f"path run {run}",
-                     unit="batch"):  # fmt: skip
+    for span in progress_bar(progress, iterable=spans, desc=f"path run {run}", unit="batch"):
         sums += span_sums(e, reader, span, chosen, at, metric, params["direction"])
         with torch.no_grad():
             t = reader.targets(span)

@@ -357,7 +357,7 @@ def circuit_graph(
     role = alt.Color(
         "role:N", title="edge (EAP sign)",
         scale=alt.Scale(domain=shown, range=[colour[r] for r in shown]),
-        legend=alt.Legend(labelLimit=320),
+        legend=alt.Legend(labelLimit=320, symbolOpacity=1, symbolStrokeWidth=3),
     )  # fmt: skip
     tooltip = _tooltips({"edge:N": None, "score_text:N": "score", "role:N": "sign"})
     edge_data = alt.Data(values=points)
