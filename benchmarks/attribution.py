@@ -37,8 +37,8 @@ def compute_seconds(store: Store, model_name: str, steps: int, device: str | Non
     """EAP-IG over every edge with the model already loaded (what a warm session pays)."""
     from actstore.model.adapter import load_model
     from queries.attribution import resolve_params
+    from queries.attribution.edge_model import EdgeModel
     from queries.attribution.gradients import compute_scores
-    from queries.attribution.model import EdgeModel
 
     model = EdgeModel(load_model(model_name, device))
     params = resolve_params("eap-ig", steps, None, "logit-diff")

@@ -6,8 +6,8 @@ given, each exactly as without the thread (its chunks durable before its ledger 
 recorded), so a killed ingest leaves only whole batches recorded. At most one batch waits while
 one is written: memory stays at two batches.
 
-Recording is one catalog transaction (~0.1 s: open, commit, checkpoint, close), which for a small
-model costs more than computing a batch. So written batches are recorded together, at most
+Recording is one catalog transaction (open, commit, checkpoint, close), which for a small model
+costs more than computing a batch. So written batches are recorded together, at most
 RECORD_EVERY_S after the previous recording: each at once when batches take longer than that.
 """
 

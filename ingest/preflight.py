@@ -15,7 +15,7 @@ from actstore.core.errors import UsageError
 from actstore.core.location import local_dir
 from actstore.core.store import CATALOG, Store, check_location
 from actstore.model.adapter import check_device_name, check_model_spec
-from ingest.hooks import check_hooks
+from ingest.layout import check_hooks
 
 INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER
 DTYPES = ("float32", "float16")

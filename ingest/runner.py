@@ -51,7 +51,7 @@ from ingest.distributed import (
     run_batches,
     start_forkserver,
 )
-from ingest.hooks import resolve_hooks
+from ingest.layout import resolve_hooks
 from ingest.preflight import check_ingest
 from ingest.prompts import (
     DEFAULT_N,

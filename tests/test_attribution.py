@@ -27,8 +27,8 @@ from actstore.app.cli import main
 from actstore.core.store import Store
 from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
-from queries.attribution.batches import edge_reader, read_batch
-from queries.attribution.model import EdgeModel
+from queries.attribution.edge_batches import edge_reader, read_batch
+from queries.attribution.edge_model import EdgeModel
 
 
 def trained_or_random() -> list:

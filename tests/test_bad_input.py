@@ -291,7 +291,7 @@ def test_cheap_checks_refuse_before_torch_is_imported(store, tmp_path):
 def test_the_hook_check_before_the_model_accepts_every_hook_a_model_has(toy_random):
     """The check made without the model refuses only words no model has: it passes every
     TransformerLens hook name of the model and every word --hooks documents."""
-    from ingest.hooks import KEYWORDS, check_hooks
+    from ingest.layout import KEYWORDS, check_hooks
 
     for name in sorted(toy_random.hook_names()):
         check_hooks(name)

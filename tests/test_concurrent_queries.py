@@ -19,7 +19,7 @@ ASK = """
 import sys
 from click.testing import CliRunner
 from actstore.app.cli import main
-import queries.patching.patch, queries.core.model  # noqa: F401
+import queries.patching.patch, queries.core.run_model  # noqa: F401
 print("ready", flush=True)
 sys.stdin.readline()
 r = CliRunner().invoke(main, ["patch", sys.argv[1], "--run", "1", "--component", "head",

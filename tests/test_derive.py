@@ -124,7 +124,7 @@ def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
     them all, logits included; a set without the final residual stores the logits (it cannot
     derive them)."""
     from actstore.model.hooks import layer_hooks
-    from ingest.hooks import resolve_hooks
+    from ingest.layout import resolve_hooks
 
     n = toy_random.shape.n_layers
     default = resolve_hooks(toy_random, None)

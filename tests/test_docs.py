@@ -39,6 +39,7 @@ RENAMED = {
     ("export", "output"): "out",
     ("plot", "output"): "out",
     ("report", "output"): "out",
+    ("attention", "from"): "source",  # `from` is a keyword
 }
 # Options of the command line only: how many rows to print, and in what format.
 CLI_ONLY = {("attribute", "top"), ("patch", "top")} | {

@@ -27,17 +27,17 @@ from edge_reference import (
     sample_edges,
 )
 from families import FAMILIES, random_model, save, split_input_twin
-from patching_helpers import assert_matches_transformer_lens, hooked_full_patch
+from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
 
 import actstore
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from actstore.model.architecture import Architecture
-from ingest.hooks import resolve_hooks
+from ingest.layout import resolve_hooks
 from queries.attribution import Graph, attribute, circuit, score_graph, top_edges
 from queries.core.engine import Engine
-from queries.patching import check_spec, compute_effects
+from queries.patching import compute_effects
 
 pytestmark = pytest.mark.slow
 
@@ -206,7 +206,7 @@ def test_fast_paths_equal_full_forward(fam):
     shortest = int(store.prompts(1)["seq_len"].min())
     for component in ("head", "head-pos", "resid", "attn-out", "mlp-out"):
         positions = None if component == "head" else [1, shortest - 1, seq - 1]
-        spec = check_spec(store, 1, component, "kl", "denoise", 2, positions)
+        spec = absolute_spec(component, "kl", "denoise", 2, positions)
         frames = {e: compute_effects(store, 1, spec, fam.model, engine=e, batch_size=4)[0]
                   for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
         ref = frames["full-forward"]["value"].to_numpy()
@@ -347,3 +347,25 @@ def test_reduce_head_norm_over_key_value_heads(fam):
     lengths = fam.store.prompts(1)["seq_len"].to_numpy()
     at0 = rows.filter((pl.col("pos") == 0) & (pl.col("idx") == 0))["value"][0]
     assert at0 == pytest.approx(float(np.linalg.norm(k[lengths > 0, 0, 0], axis=-1).mean()))
+
+
+def test_attention_patterns_equal_the_bridge(fam):
+    """`actstore attention`'s patterns, recomputed from the stored (or derived) residual stream
+    through the engine, equal the bridge's hook_pattern at every real position of every
+    prompt, layer and head, on both sides (rotary, GQA, soft caps, sliding windows, norms)."""
+    from queries.attention import attention_patterns
+
+    store, model = fam.store, fam.model
+    lengths = store.prompts(1)["seq_len"].to_numpy()
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.shape.n_layers)}
+    for side in ("clean", "corrupted"):
+        tokens = torch.as_tensor(store.read(1, side, "tokens")).long()
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names)
+        for span, patterns in attention_patterns(store, 1, side, model, batch_size=4):
+            for layer, pattern in enumerate(patterns):
+                ref = cache[f"blocks.{layer}.attn.hook_pattern"][torch.as_tensor(span.index)]
+                for i, b in enumerate(span.index):
+                    n = int(lengths[b])
+                    diff = (pattern[i, :, :n, :n] - ref[i, :, :n, :n].float()).abs().max()
+                    assert float(diff) < 1e-5, (fam.name, side, layer, int(b), float(diff))

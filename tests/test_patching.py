@@ -16,6 +16,7 @@ from families import randomise_norms
 from patching_helpers import (
     TL_FUNCTIONS,
     OneTemplateIOI,
+    absolute_spec,
     assert_matches_transformer_lens,
     ingest_pairs_task,
 )
@@ -91,13 +92,17 @@ def test_fast_paths_equal_full_forward(ioi_store, toy_random, component, window)
     store = Store(ioi_store)
     seq = int(store.run(1)["seq_len"])
     positions = None if component == "head" else [0, 9, 14, seq - 1]
-    spec = check_spec(store, 1, component, "kl", "denoise", window, positions)
-    frames = {e: compute_effects(store, 1, spec, toy_random, engine=e, batch_size=8)[0]
-              for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
-    ref = frames["full-forward"]["value"].to_numpy()
-    assert np.ptp(ref) > 0
-    for engine in ("downstream", "downstream-no-kv"):
-        np.testing.assert_allclose(frames[engine]["value"].to_numpy(), ref, atol=1e-5, rtol=0)
+    specs = [absolute_spec(component, "kl", "denoise", window, positions)]
+    if component != "head":  # by role: each prompt patched at its own position of the role
+        specs.append(check_spec(store, 1, component, "kl", "denoise", window, "IO,S1+1,END"))
+    for spec in specs:
+        frames = {e: compute_effects(store, 1, spec, toy_random, engine=e, batch_size=8)[0]
+                  for e in ("downstream", "downstream-no-kv", "full-forward")}  # fmt: skip
+        ref = frames["full-forward"]["value"].to_numpy()
+        assert np.ptp(ref) > 0
+        for engine in ("downstream", "downstream-no-kv"):
+            values = frames[engine]["value"].to_numpy()
+            np.testing.assert_allclose(values, ref, atol=1e-5, rtol=0)
 
 
 def test_fast_path_does_less_work(ioi_store, toy_random):
@@ -114,7 +119,7 @@ def test_chosen_layers_are_rows_of_the_whole_sweep(ioi_store, toy_random, compon
     """`layers` keeps only those layers' rows, each equal to the whole sweep's, for less work;
     layers outside the model's full windows are refused before any work."""
     store = Store(ioi_store)
-    positions = None if component == "head" else [3, 9]
+    positions = None if component == "head" else ["IO", "S2"]
     whole, all_flops = compute_effects(
         store, 1, check_spec(store, 1, component, "kl", "noise", window, positions), toy_random
     )
@@ -124,7 +129,8 @@ def test_chosen_layers_are_rows_of_the_whole_sweep(ioi_store, toy_random, compon
     some, flops = compute_effects(store, 1, spec, toy_random)
     assert some["layer"].unique().sort().to_list() == [1, 2]
     expected = whole.filter(pl.col("layer").is_in([1, 2]))
-    assert some.select("layer", "head", "pos").equals(expected.select("layer", "head", "pos"))
+    keys = ("layer", "head", "pos", "role")
+    assert some.select(keys).equals(expected.select(keys))
     np.testing.assert_allclose(some["value"].to_numpy(), expected["value"].to_numpy(), atol=1e-6)
     assert flops < all_flops
     last = toy_random.shape.n_layers - window
@@ -154,7 +160,7 @@ def test_query_recorded_once_and_recompute(ioi_copy, toy_random):
     first = patch(store, 1, "head", metric="prob", model=toy_random)
     again = patch(store, 1, "head", metric="prob")
     assert first.equals(again)
-    assert list(first.columns) == ["query_id", "layer", "head", "pos", "metric", "value",
+    assert list(first.columns) == ["query_id", "layer", "head", "pos", "role", "metric", "value",
                                    "normalized", "importance"]  # fmt: skip
     assert first["importance"].to_list() == first["normalized"].abs().to_list()  # denoising
     s = toy_random.shape

@@ -194,6 +194,11 @@ def _as_before_roles(path, version: int = 3) -> None:
     in the run's parameters, schema `version`."""
     con = duckdb.connect(str(path / "catalog.duckdb"))
     con.execute("DROP TABLE prompt_roles")
+    if version == 3:  # the columns and tables later versions added
+        con.execute("ALTER TABLE arrays DROP COLUMN metadata")
+        con.execute("ALTER TABLE effects DROP COLUMN role")
+        con.execute("DROP TABLE path_effects")
+        con.execute("DROP TABLE attention")
     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
     (params,) = con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0]
     old = json.loads(params)
@@ -223,7 +228,10 @@ def test_a_store_from_before_roles_reads_as_end_only(ioi_store, tmp_path):
     shutil.rmtree(path)
     path = shutil.copytree(ioi_store, tmp_path / "v3")
     _as_before_roles(path)
-    store = Store(path)  # an older catalog migrates on open; its run has no rows: END only
+    store = Store(path)  # read as it is; the first writer migrates it: its run has no rows
+    assert role_names(store, 1) == [END]
+    with store.writer("migrate"):
+        pass
     tables = store.sql("SELECT table_name FROM information_schema.tables")["table_name"]
     assert "prompt_roles" in tables.to_list()
     assert store.sql("SELECT count(*) FROM prompt_roles").item() == 0
@@ -259,3 +267,133 @@ def test_sharded_ingest_records_the_same_roles(ioi_store, tmp_path, session_inge
                shard=f"{i}/2")  # fmt: skip
     merge(path)
     assert run_roles(Store(path), 1).equals(run_roles(Store(ioi_store), 1))
+
+
+# ---- position-resolved patching by role ---------------------------------------------------
+
+
+def test_absolute_positions_on_a_run_of_several_lengths_are_refused(ioi_store):
+    from queries.patching import check_spec
+
+    store = Store(ioi_store)
+    before = store.sql("SELECT count(*) FROM queries").item()
+    with pytest.raises(UsageError) as err:
+        check_spec(store, 1, "resid", "logit-diff", "denoise", 1, "14")
+    assert str(err.value) == (
+        "--positions 14: run 1's prompts have 15, 16 and 19 tokens, so a position number is a "
+        "different token in each; give roles: IO, S1, S1+1, S2, END"
+    )
+    default = check_spec(store, 1, "resid", "logit-diff", "denoise", 1, None)
+    assert default.roles == ("IO", "S1", "S1+1", "S2", END) and default.positions is None
+    assert default.params()["roles"] == list(default.roles)
+    refusals = [
+        ("IO,3", "give role names or position numbers, not both"),
+        ("IO,XX", "--positions IO,XX: run 1 has no role 'XX'; its roles: IO"),
+    ]
+    for bad, message in refusals:
+        with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+            check_spec(store, 1, "resid", "logit-diff", "denoise", 1, bad)
+    assert store.sql("SELECT count(*) FROM queries").item() == before
+
+
+def _logit_diff(model, prompts, tokens, hooks) -> float:
+    import torch
+
+    with torch.no_grad():
+        logits = model.hooked_logits(tokens, hooks)
+    rows = torch.arange(tokens.shape[0])
+    final = logits[rows, torch.as_tensor(prompts["seq_len"].to_numpy() - 1)]
+    answer = torch.tensor(prompts["answer_token"].to_list()).long()
+    wrong = torch.tensor(prompts["wrong_answer_token"].to_list()).long()
+    return float((final[rows, answer] - final[rows, wrong]).mean())
+
+
+@pytest.mark.parametrize("component", ["resid", "head-pos"])
+def test_role_patch_is_each_prompt_patched_at_its_own_position(ioi_store, toy_random, component):
+    """The effect of patching a role equals a hooked full forward of every corrupted prompt with
+    the clean activation put in at that prompt's position of the role (and nowhere else)."""
+    import torch
+    from reading import read_hook
+
+    from queries.patching import check_spec, compute_effects
+
+    store = Store(ioi_store)
+    roles = ["IO", "S2", END]
+    spec = check_spec(store, 1, component, "logit-diff", "denoise", 1, ",".join(roles))
+    ours = compute_effects(store, 1, spec, toy_random)[0]
+    at = torch.as_tensor(positions(store, 1, roles))
+    prompts = store.prompts(1)
+    tokens = torch.as_tensor(store.read(1, "corrupted", "tokens")).long()
+    rows = torch.arange(tokens.shape[0])
+    n_heads = toy_random.shape.n_heads if component == "head-pos" else 1
+    assert ours.height == toy_random.shape.n_layers * n_heads * len(roles)
+    kind = "attn.hook_z" if component == "head-pos" else "hook_resid_pre"
+    checked = 0
+    for layer in range(toy_random.shape.n_layers):
+        name = f"blocks.{layer}.{kind}"
+        clean = read_hook(store, 1, "clean", name, toy_random)
+        for j, role in enumerate(roles):
+            for head in range(n_heads) if component == "head-pos" else [None]:
+
+                def put(act, hook, j=j, head=head, clean=clean):
+                    act = act.clone()
+                    where = (rows, at[:, j]) if head is None else (rows, at[:, j], head)
+                    act[where] = clean[where].to(act.dtype)
+                    return act
+
+                want = _logit_diff(toy_random, prompts, tokens, [(name, put)])
+                row = ours.filter(
+                    (ours["layer"] == layer) & (ours["role"] == role)
+                    & (ours["head"].is_null() if head is None else ours["head"] == head)
+                )  # fmt: skip
+                assert row["value"].item() == pytest.approx(want, abs=1e-4), (layer, role, head)
+                checked += 1
+    assert checked == ours.height
+    assert ours["pos"].is_null().all()  # IO, S2 and END sit at different positions by prompt
+    assert ours["role"].to_list()[: len(roles)] == roles  # in the order asked, per head
+
+
+def test_role_patch_recorded_once_and_cli(ioi_copy, toy_random):
+    from click.testing import CliRunner
+
+    from actstore.app.cli import main
+    from queries.patching import patch
+
+    store = Store(ioi_copy)
+    first = patch(store, 1, "resid", positions="END,IO", model=toy_random)
+    assert first["role"].to_list()[:2] == [END, "IO"]
+    again = patch(store, 1, "resid", positions=[END, "IO"])
+    assert again.equals(first)
+    row = store.sql("SELECT params FROM queries").item()
+    assert json.loads(row)["roles"] == [END, "IO"]
+    result = CliRunner().invoke(
+        main, ["patch", str(ioi_copy), "--run", "1", "--component", "resid", "--positions",
+               "END,IO", "--format", "csv"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "query_id,layer,head,pos,role,metric,value,normalized,importance"
+    assert lines[1].startswith("1,0,,,END,logit-diff,") and lines[2].startswith("1,0,,,IO,")
+
+
+def test_role_heatmap_axis_names_the_roles(ioi_copy, toy_random, tmp_path, monkeypatch):
+    from queries.analysis import plot as plots
+    from queries.patching import patch
+
+    store = Store(ioi_copy)
+    query = patch(store, 1, "resid", positions="IO,S1,S2,END", model=toy_random)
+    seen = {}
+    real = plots._save
+
+    def save(plt, fig, note, out):
+        ax = fig.axes[0]
+        seen["x"] = ax.get_xlabel()
+        seen["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
+        seen["title"] = ax.get_title()
+        real(plt, fig, note, out)
+
+    monkeypatch.setattr(plots, "_save", save)
+    plots.plot_effects(store, int(query["query_id"][0]), tmp_path / "roles.png")
+    assert seen["x"] == "role" and seen["ticks"] == ["IO", "S1", "S2", END]
+    assert seen["title"] == "ioi: patching effect (role × layer)"
+    assert (tmp_path / "roles.png").stat().st_size > 0

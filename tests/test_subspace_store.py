@@ -49,6 +49,40 @@ def test_whole_space_equals_full_activation_patching(store, toy_random, tmp_path
     assert rows["n_prompts"][0] == 12 and rows["split"][0] == "all"
 
 
+def test_whole_space_at_roles_patches_each_prompts_own_positions(store, toy_random, tmp_path):
+    """--pos IO,END: the whole space patched at each prompt's own IO and END positions equals a
+    hooked full forward with the clean residual put in at exactly those positions."""
+    import torch
+
+    from actstore.core.roles import positions
+
+    hook = "blocks.1.hook_resid_pre"
+    np.save(tmp_path / "eye.npy", np.eye(toy_random.shape.d_model))
+    rows = store.subspace(1, hook, str(tmp_path / "eye.npy"), pos="IO,END")
+    at = torch.as_tensor(positions(store, 1, ["IO", "END"]))
+    clean = read_hook(store, 1, "clean", hook, toy_random)
+    prompts = store.prompts(1)
+    tokens = torch.as_tensor(store.read(1, "corrupted", "tokens")).long()
+    n = torch.arange(tokens.shape[0])[:, None]
+
+    def put(act, hook):
+        act = act.clone()
+        act[n, at] = clean[n, at].to(act.dtype)
+        return act
+
+    with torch.no_grad():
+        logits = toy_random.hooked_logits(tokens, [(hook, put)])
+    final = logits[n[:, 0], torch.tensor(prompts["seq_len"].to_list()) - 1]
+    answer = torch.tensor(prompts["answer_token"].to_list())
+    wrong = torch.tensor(prompts["wrong_answer_token"].to_list())
+    reference = float((final[n[:, 0], answer] - final[n[:, 0], wrong]).mean())
+    values = dict(zip(rows["component"], rows["value"], strict=True))
+    assert values["full"] == pytest.approx(reference, abs=1e-5)
+    assert rows["pos"][0] == "IO,END"
+    effect = store.sql("SELECT pos, role FROM effects ORDER BY query_id DESC LIMIT 1")
+    assert effect.row(0) == (None, "IO,END")
+
+
 def test_report_and_effect_are_in_the_catalog(store, tmp_path):
     v = np.random.default_rng(0).normal(size=256)
     np.save(tmp_path / "v.npy", v)
@@ -187,7 +221,9 @@ def test_bad_inputs_are_one_line_usage_errors(store, tmp_path):
         (dict(hook="blocks.1.hook_resid_pre", basis=str(tmp_path / "bad.npy")), "(64,)"),
         (dict(hook="blocks.1.hook_resid_pre", basis="nope.npy"), "no such file"),
         (dict(hook="blocks.1.hook_resid_pre", basis="das", head=1), "--head applies"),
-        (dict(hook="blocks.1.hook_resid_pre", basis="das", pos="99"), "shortest prompt"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="das", pos="9"), "give roles: IO, S1"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="das", pos="IO,XX"), "no role 'XX'"),
+        (dict(hook="blocks.1.hook_resid_pre", basis="das", metric="accuracy"), "gradient"),
         (dict(hook="blocks.2.hook_resid_post", basis="das", reader="1.0.q"), "downstream"),
         (dict(hook="blocks.2.hook_resid_pre", basis="das", metric="acc"), "--metric"),
         (dict(hook="blocks.2.hook_resid_pre", basis="das", direction="das"), "--direction das"),

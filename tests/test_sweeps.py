@@ -27,16 +27,17 @@ def copies(ioi_store, tmp_path_factory):
 
 def test_head_sweep_on_dask_equals_one_process(copies, toy_random, dask_cluster):
     single, dask = (actstore.open(p) for p in copies[:2])
-    ours = dask.patch(1, "head-pos", positions=[0, 5], batch_size=4, scheduler=dask_cluster)
-    theirs = single.patch(1, "head-pos", positions=[0, 5], batch_size=4, model=toy_random)
-    assert ours.height == theirs.height == 4 * 4 * 2  # layers × heads × positions
+    ours = dask.patch(1, "head-pos", positions="S1,END", batch_size=4, scheduler=dask_cluster)
+    theirs = single.patch(1, "head-pos", positions="S1,END", batch_size=4, model=toy_random)
+    assert ours.height == theirs.height == 4 * 4 * 2  # layers × heads × roles
     for column in ("value", "normalized"):
         np.testing.assert_allclose(ours[column], theirs[column], rtol=0, atol=1e-6)
-    assert ours.select("layer", "head", "pos").equals(theirs.select("layer", "head", "pos"))
+    keys = ("layer", "head", "pos", "role")
+    assert ours.select(keys).equals(theirs.select(keys))
     # recorded like any query: asked again, read from the catalog
-    assert dask.patch(1, "head-pos", positions=[0, 5], batch_size=4).equals(ours)
+    assert dask.patch(1, "head-pos", positions="S1,END", batch_size=4).equals(ours)
     # another batch count and scheduling: partial sums are added in batch order
-    again = dask.patch(1, "head-pos", positions=[0, 5], batch_size=4, recompute=True,
+    again = dask.patch(1, "head-pos", positions="S1,END", batch_size=4, recompute=True,
                        scheduler=dask_cluster)  # fmt: skip
     assert again.drop("query_id").equals(ours.drop("query_id"))
 

@@ -48,6 +48,12 @@ class ActStore(Store):
 
         return subspace(self, run, hook, basis, **kwargs)
 
+    def attention(self, run: int, **kwargs: Any) -> pl.DataFrame:
+        """Per head, mean attention from one role to others (see `queries.attention.query`)."""
+        from queries.attention import attention
+
+        return attention(self, run, **kwargs)
+
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
         from queries.reduction.reduce import reduce
@@ -133,14 +139,16 @@ class ActStore(Store):
         device: str | None = None,
         workers: int | None = None,
         scheduler: str | None = None,
+        metric: str | None = None,
         recompute: bool = False,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N or smallest reaching a faithfulness); with
-        `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
+        """A circuit from an edge score set (top-N or smallest reaching a faithfulness), its
+        faithfulness in the scores' metric or `metric`; with `workers` or `scheduler` its
+        faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
-                       recompute)  # fmt: skip
+                       metric, recompute)  # fmt: skip
 
     def intervene(self, run: int, heads: str, attend: str, **kwargs: Any) -> pl.DataFrame:
         """Metric and accuracy before and after an attention intervention (see

@@ -328,7 +328,11 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
 @click.option(
     "--head", type=int, help="Head of an attn.hook_z site (default: all heads' z concatenated)."
 )
-@click.option("--pos", default="all", show_default=True, help="all (real positions), final, or N.")
+@click.option(
+    "--pos", default="all", show_default=True,
+    help="all (real positions), final, roles (IO,S2: each prompt's own positions), or N "
+    "where every prompt has one length.",
+)  # fmt: skip
 @click.option(
     "--metric",
     type=click.Choice(choices.METRICS),
@@ -421,6 +425,30 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
     if df.height:
         click.echo(f"score set {df['score_id'][0]}: {df.height} rows", err=True)
     write_rows(df.head(top) if top is not None else df, fmt)
+
+
+@main.command()
+@click.argument("store")
+@RUN
+@click.option("--from", "source", default="END", show_default=True, help="The role attended from.")
+@click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
+@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@RECOMPUTE
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@DEVICE
+@FORMAT
+def attention(store: str, run: int, fmt: str, **kwargs) -> None:
+    """Per head, the mean attention probability from one role's token to others'.
+
+    Recomputed from the stored residual stream through the engine every query uses (each
+    prompt read at its own positions of the roles); rows land in the attention table.
+
+    \b
+    Example:
+      actstore attention /tmp/s --run 1 --from END --to IO,S1,S2
+      actstore attention /tmp/s --run 1 --to IO --side corrupted --format csv
+    """
+    write_rows(_open(store).attention(run, **kwargs), fmt)
 
 
 @main.command()
@@ -676,6 +704,10 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     "--prune/--no-prune", default=True, show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS),
+    help="Measure faithfulness in this metric (e.g. accuracy) [default: the scores' metric].",
+)  # fmt: skip
 @RECOMPUTE
 @DEVICE
 @WORKERS
@@ -692,6 +724,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
       actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
+      actstore circuit /tmp/s --scores 1 --edges 200 --metric accuracy
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
     """
     write_rows(_open(store).circuit(**kwargs), fmt)
@@ -718,6 +751,11 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
+@click.option(
+    "--positions",
+    help="Roles (IO,S2,END) or, where every prompt has one length, position numbers "
+    "[default: every role; every position of a one-length run].",
+)
 @RECOMPUTE
 @TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
@@ -728,7 +766,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
 
-    Prints effects(query_id, layer, head, pos, metric, value, normalized) and importance:
+    Prints effects(query_id, layer, head, pos, role, metric, value, normalized) and importance:
     value is the patched run's metric averaged over prompts, normalized is
     (value - m_corrupted) / (m_clean - m_corrupted), importance is |normalized| (denoise) or
     |1 - normalized| (noise), what rankings use. A repeated query is read from the store.
@@ -739,6 +777,7 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component resid --direction noise --format csv
       actstore patch /tmp/s --run 1 --component head-pos --workers 2
       actstore patch /tmp/s --run 1 --component head --top 5
+      actstore patch /tmp/s --run 1 --component resid --positions IO,S1,S2,END
     """
     rows = _open(store).patch(run, **kwargs)
     if top is not None:

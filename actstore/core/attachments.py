@@ -1,8 +1,9 @@
 """One DuckDB instance per process; catalog files are attached to it for the length of a read
 or a write.
 
-Building a DuckDB instance costs 20-40 ms (it registers every built-in function), attaching a
-file to a live one about 3 ms. Catalog connections are short-lived so that other processes can
+Building a DuckDB instance is costly (it registers every built-in function); attaching a file
+to a live one is cheap (both measured in docs/reliability.md). Catalog connections are
+short-lived so that other processes can
 open the file between them, so a command opens the catalog tens of times: it attaches, never
 builds. Attaching takes the same file lock as opening, and detaching releases it, so other
 processes see exactly the locking of one connection per open.

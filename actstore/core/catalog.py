@@ -3,10 +3,10 @@
 Connections are opened per transaction and closed right after, so that readers in other
 processes can open the file between an ingest's batches (DuckDB allows one read-write process at
 a time and refuses read-only openers while it is open). An open attaches the file to the
-process's one DuckDB instance (actstore.core.attachments), about 3 ms; a burst of small reads still
-shares one connection (`Catalog.reading`). A lock conflict is
-retried for a few seconds before it becomes a one-line error naming the writer. A catalog file
-that DuckDB cannot read (truncated, overwritten) is a one-line error, never a traceback.
+process's one DuckDB instance (actstore.core.attachments), which is cheap; a burst of small
+reads still shares one connection (`Catalog.reading`). A lock conflict is retried for a few
+seconds before it becomes a one-line error naming the writer. A catalog file that DuckDB cannot
+read (truncated, overwritten) is a one-line error, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 9
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -128,7 +128,17 @@ MIGRATIONS: list[list[str]] = [
             query_id INTEGER, sender VARCHAR, receiver VARCHAR, qkv VARCHAR, role VARCHAR,
             metric VARCHAR, value DOUBLE, normalized DOUBLE)""",
     ],
-    # Version 7: attention interventions (queries/paths/intervene.py): per prompt and, with
+    # Version 7: a position-resolved effect patched by role names the role (its `pos` is the
+    # role's one position where every prompt has it there, else NULL).
+    ["ALTER TABLE effects ADD COLUMN role VARCHAR"],
+    # Version 8: attention by role (queries/attention): per head, the mean over prompts of the
+    # attention probability from one role's position to another's, on one side.
+    [
+        """CREATE TABLE attention (
+            query_id INTEGER, layer INTEGER, head INTEGER, from_role VARCHAR, to_role VARCHAR,
+            side VARCHAR, value DOUBLE)""",
+    ],
+    # Version 9: attention interventions (queries/paths/intervene.py): per prompt and, with
     # prompt_idx NULL, for the run: the metric and accuracy before and after.
     [
         """CREATE TABLE IF NOT EXISTS interventions (
@@ -229,7 +239,7 @@ class Catalog:
     def reading(self) -> Iterator[None]:
         """Serve every read of this thread inside the block from one connection.
 
-        Each open attaches the file (about 3 ms, and a lock other processes wait on), which a
+        Each open attaches the file (a cost, and a lock other processes wait on), which a
         burst of small reads (a query's setup reads a run, its prompts and its hooks) would
         otherwise pay per statement. Hold it around reads only, never around a computation or a
         write: while it is open, a writer in another process waits for it."""

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from actstore.core.errors import UsageError
 
-METRICS = ("logit-diff", "prob", "kl", "prob-diff")
+METRICS = ("logit-diff", "prob", "kl", "prob-diff", "accuracy")
+# Attribution follows gradients: a metric without them (accuracy) is refused there.
+GRADIENT_METRICS = ("logit-diff", "prob", "kl", "prob-diff")
 # Which run is patched into which: denoise patches clean into corrupted, noise the reverse.
 DIRECTIONS = ("denoise", "noise")
 COMPONENTS = ("head", "head-pos", "resid", "attn-out", "mlp-out")

@@ -11,6 +11,7 @@ as END only. Torch-free.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -109,3 +110,92 @@ def _names(store: Store, run_id: int, rows: pl.DataFrame) -> list[str]:
     recorded = (params.get("roles") or {}).get("names", [])
     ordered = [r for r in recorded if r in present]
     return ordered + sorted(present - set(ordered)) + [END]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The positions a position-resolved query patches or reads: absolute `positions` (a run
+    whose prompts share one length), or `roles` (per prompt, wherever each role sits); both None
+    for every position of a same-length run."""
+
+    positions: tuple[int, ...] | None = None
+    roles: tuple[str, ...] | None = None
+
+
+def lengths(store: Store, run_id: int) -> list[int]:
+    """The distinct token lengths of the run's prompts (BOS included), ascending."""
+    rows = store._trusted_query(
+        "SELECT DISTINCT seq_len FROM prompts WHERE run_id = ? ORDER BY seq_len", [run_id]
+    )
+    return [int(n) for n in rows["seq_len"].to_list()]
+
+
+def choose(
+    store: Store,
+    run_id: int,
+    given: str | Sequence[int | str] | None,
+    option: str = "--positions",
+) -> Chosen:
+    """Validate a query's positions against the run: role names, or position numbers on a run
+    whose prompts share one length (on others a number is a different token in each prompt,
+    refused in one line naming the lengths and the roles). None: every role where lengths
+    differ, every position where they do not."""
+    items = _items(given, option)
+    with store.reading():
+        sizes = lengths(store, run_id)
+        names = role_names(store, run_id)
+    numbers = [i for i in items if isinstance(i, int)]
+    roles = [i for i in items if isinstance(i, str)]
+    if numbers and roles:
+        raise UsageError(
+            f"{option} {_text(items)}: give role names or position numbers, not both "
+            f"(roles: {', '.join(names)})"
+        )
+    if numbers:
+        if len(sizes) > 1:
+            raise UsageError(
+                f"{option} {_text(items)}: run {run_id}'s prompts have {_and(sizes)} tokens, so "
+                f"a position number is a different token in each; give roles: {', '.join(names)}"
+            )
+        bad = [p for p in numbers if not 0 <= p < sizes[0]]
+        if bad:
+            raise UsageError(f"{option} {_text(bad)}: give positions in 0..{sizes[0] - 1}")
+        return Chosen(positions=tuple(sorted(set(numbers))))
+    if not roles:
+        return Chosen(roles=tuple(names)) if len(sizes) > 1 else Chosen()
+    unknown = [r for r in roles if r not in names]
+    if unknown:
+        raise UsageError(
+            f"{option} {_text(items)}: run {run_id} has no role {unknown[0]!r}; its roles: "
+            f"{', '.join(names)}"
+        )
+    positions(store, run_id, roles)  # every role on every prompt, or a one-line error
+    return Chosen(roles=tuple(dict.fromkeys(roles)))
+
+
+def _items(given: str | Sequence[int | str] | None, option: str) -> list[int | str]:
+    """A comma-separated text or a sequence, numbers as ints; empty is refused."""
+    if given is None:
+        return []
+    raw = given.split(",") if isinstance(given, str) else list(given)
+    items: list[int | str] = []
+    for item in raw:
+        if isinstance(item, str):
+            text = item.strip()
+            if not text:
+                raise UsageError(f"{option} {given!r}: an empty entry; give roles like IO,S2,END")
+            item = int(text) if text.lstrip("-").isdigit() else text
+        items.append(item)
+    if not items:
+        raise UsageError(f"{option}: give at least one role or position")
+    return items
+
+
+def _text(items: Sequence[int | str]) -> str:
+    return ",".join(str(i) for i in items)
+
+
+def _and(numbers: list[int]) -> str:
+    """15, 16 and 19."""
+    words = [str(n) for n in numbers]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

@@ -56,7 +56,7 @@ VIEWS: dict[str, str] = {
                {_param("q.params", "component")} AS component, e.metric,
                {_param("q.params", "direction")} AS direction,
                TRY_CAST({_param("q.params", "window")} AS INTEGER) AS window_size,
-               e.layer, e.head, e.pos,
+               e.layer, e.head, e.pos, e.role,
                CASE WHEN e.head IS NOT NULL THEN {HEAD_NODE.format(layer="e.layer", head="e.head")}
                     WHEN {_param("q.params", "component")} = 'mlp-out' THEN 'm' || e.layer
                END AS node,
@@ -76,6 +76,7 @@ VIEWS: dict[str, str] = {
             SELECT query_id, run_id, model, task, corruption, component, metric, direction,
                    window_size, layer, head, node,
                    arg_max(pos, importance) AS pos,
+                   arg_max(role, importance) AS role,
                    arg_max(value, importance) AS value,
                    arg_max(normalized, importance) AS normalized,
                    max(importance) AS importance
@@ -211,6 +212,16 @@ VIEWS: dict[str, str] = {
              LEFT JOIN runs r ON r.run_id = a.run_id
         WHERE c.circuit_id NOT IN {SUPERSEDED}
         ORDER BY c.circuit_id
+        """,
+    "attention_heads": f"""
+        SELECT a.query_id AS attention_id, q.run_id, r.task, a.layer, a.head,
+               {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node,
+               a.from_role, a.to_role, a.side, a.value AS attention,
+               t.query_id AS patch_id, t.component, t.metric, t.direction, t.importance, t.rank
+        FROM attention a JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+             LEFT JOIN top_heads t
+                  ON t.run_id = q.run_id AND t.layer = a.layer AND t.head = a.head
+        ORDER BY a.query_id, a.layer, a.head, t.query_id
         """,
 }
 

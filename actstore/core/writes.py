@@ -40,6 +40,7 @@ RESULT_ID = {
     "subspace_reports": "query_id",
     "subspace_directions": "query_id",
     "reductions": "query_id",
+    "attention": "query_id",
     "path_effects": "query_id",
     "interventions": "query_id",
 }

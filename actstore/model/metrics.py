@@ -9,7 +9,11 @@ Every metric is per prompt at that prompt's final position and averaged over pro
 - kl: KL(clean ‖ patched) = Σ_v p_clean(v) (log p_clean(v) − log p_patched(v)) over the full
   vocabulary, with the clean logits read from the run's stored `logits` array;
 - prob-diff: Σ p(correct set) − Σ p(incorrect set) (Hanna et al.'s Greater-Than metric: the
-  years above the start year against those at or below it).
+  years above the start year against those at or below it);
+- accuracy: 1 where the correct answer (set) scores above the incorrect one, else 0, so its mean
+  is the share of prompts answered right (Merullo et al.); a set's score is Σ p over its members
+  (with one answer each: logit(answer) > logit(wrong answer)); needs only the sets' columns.
+  Not differentiable: attribution refuses it.
 The normalised effect is (m_patched − m_corrupted) / (m_clean − m_corrupted) for both directions,
 so 1 means clean-like and 0 corrupted-like whether clean was patched in or out.
 
@@ -22,6 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+# The metrics that need only the answer sets' unembedding columns.
+COLUMN_METRICS = ("logit-diff", "accuracy")
 
 if TYPE_CHECKING:
     import polars as pl
@@ -145,6 +152,9 @@ def from_logits(metric: str, logits: torch.Tensor, t: Targets) -> torch.Tensor:
         return kl_clean_patched(t.clean_logits, logits)
     if metric == "prob-diff":
         return prob_diff(logits, t.answer_sets())
+    if metric == "accuracy":
+        s = t.answer_sets()
+        return set_accuracy(set_columns(logits, s), s)
     raise ValueError(f"unknown metric {metric!r}")
 
 
@@ -161,10 +171,32 @@ def from_resid(e: Unembedding, metric: str, resid: torch.Tensor, t: Targets) -> 
     otherwise."""
     import torch
 
-    if metric == "logit-diff":
+    if metric in COLUMN_METRICS:
         s = t.answer_sets()
-        return set_logit_diff(e.unembed_columns(resid, torch.cat([s.correct, s.incorrect], -1)), s)
+        columns = e.unembed_columns(resid, torch.cat([s.correct, s.incorrect], -1))
+        return (set_logit_diff if metric == "logit-diff" else set_accuracy)(columns, s)
     return from_logits(metric, e.unembed(resid), t)
+
+
+def set_columns(logits: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
+    """The logits of the sets' columns (…, B, A + W), correct set first."""
+    import torch
+
+    return _columns(logits, torch.cat([sets.correct, sets.incorrect], -1))
+
+
+def set_accuracy(columns: torch.Tensor, sets: AnswerSets) -> torch.Tensor:
+    """1.0 where the correct set's probability mass exceeds the incorrect set's (compared as
+    log-sum-exp of their logits: the softmax normaliser cancels), else 0.0: (…, B, A + W) →
+    (…, B)."""
+    a = sets.correct.shape[-1]
+    return (_logsumexp(columns[..., :a], sets.correct_mask)
+            > _logsumexp(columns[..., a:], sets.incorrect_mask)).to(columns.dtype)  # fmt: skip
+
+
+def _logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over a set's members, padding left out."""
+    return values.float().masked_fill(mask == 0, float("-inf")).logsumexp(-1)
 
 
 def set_logit_diff(columns: torch.Tensor, sets: AnswerSets) -> torch.Tensor:

@@ -141,10 +141,11 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
             "takes a patch query id (see: select * from queries where kind = 'patch')"
         )
     df = store._trusted_query(
-        "SELECT layer, head, pos, metric, value, normalized, importance FROM patch_effects "
-        "WHERE query_id = ? ORDER BY layer, head, pos",
-        [query_id],
+        "SELECT * FROM patch_effects WHERE query_id = ? ORDER BY layer, head, pos", [query_id]
     )
+    if "role" not in df.columns:  # a catalog from before roles, read as it is
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("role"))
+    df = df.select("layer", "head", "pos", "role", "metric", "value", "normalized", "importance")
     if df.is_empty():
         raise ActstoreError(f"patch query {query_id} has no effect rows; rerun actstore patch")
     params = prov["params"]
@@ -171,8 +172,18 @@ def plot_effects(
     for per-position effects, (layer, head) × position when both."""
     df, prov = effects_frame(store, query_id)
     has_head = df["head"].null_count() < df.height
-    has_pos = df["pos"].null_count() < df.height
+    by_role = df["role"].null_count() < df.height
+    has_pos = by_role or df["pos"].null_count() < df.height
     layers = sorted(df["layer"].unique().to_list())
+    # a role query's columns are its roles, in the order asked (positions differ by prompt)
+    where = df["role"].to_list() if by_role else df["pos"].to_list()
+    if by_role:
+        asked = prov["params"].get("roles") or []
+        places = [r for r in asked if r in set(where)] + sorted(set(where) - set(asked))
+        col_label = "role"
+    else:
+        places = sorted(set(where), key=lambda p: (p is None, p))
+        col_label = "position"
     if has_head and not has_pos:
         rows, cols = layers, sorted(df["head"].unique().to_list())
         row_key, col_key = df["layer"].to_list(), df["head"].to_list()
@@ -181,17 +192,16 @@ def plot_effects(
     elif has_head:
         rows = sorted({(r["layer"], r["head"]) for r in df.select("layer", "head").to_dicts()})
         rows_dicts = df.select("layer", "head").to_dicts()
-        cols = sorted(df["pos"].unique().to_list())
+        cols, col_key = places, where
         row_key = [(r["layer"], r["head"]) for r in rows_dicts]
-        col_key = df["pos"].to_list()
-        row_label, col_label = "head", "position"
+        row_label = "head"
         row_names = [f"a{layer}.h{head}" for layer, head in rows]
-        what = "per-head, per-position patching effect"
+        what = f"per-head, per-{col_label} patching effect"
     else:
-        rows, cols = layers, sorted({p for p in df["pos"].to_list()}, key=lambda p: (p is None, p))
-        row_key, col_key = df["layer"].to_list(), df["pos"].to_list()
-        row_label, col_label, row_names = "layer", "position", [str(r) for r in rows]
-        what = "patching effect (position × layer)"
+        rows, cols = layers, places
+        row_key, col_key = df["layer"].to_list(), where
+        row_label, row_names = "layer", [str(r) for r in rows]
+        what = f"patching effect ({col_label} × layer)"
     grid = np.full((len(rows), len(cols)), np.nan)
     row_index = {r: i for i, r in enumerate(rows)}
     col_index = {c: j for j, c in enumerate(cols)}

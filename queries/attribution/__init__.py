@@ -1,9 +1,10 @@
 """Gradient attribution over the edge graph (`actstore attribute`) and circuits with their exact
 faithfulness (`actstore circuit`).
 
-`graph` names the nodes and edges, `model` runs the edge-patchable forward, `batches` reads node
-outputs, `gradients` scores, `attribute` records score sets, `evaluate` measures a circuit's
-metric, `circuits` builds and records circuits.
+`graph` names the nodes and edges, `edge_model` runs the edge-patchable forward,
+`edge_batches` reads node outputs, `gradients` scores, `attribute` records score sets, `exact`
+patches every edge alone, `evaluate` measures a circuit's metric, `circuits` builds and records
+circuits.
 """
 
 from queries.attribution.attribute import attribute, resolve_params, stored_scores

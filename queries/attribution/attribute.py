@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from actstore.core.choices import LEVELS, METHODS, METRICS, check
+from actstore.core.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, check
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from queries.core.recorded import recorded
@@ -42,6 +42,12 @@ def resolve_params(
     """Validated parameters as recorded in `queries.params` (what determines the scores)."""
     check("--method", method, METHODS)
     check("--metric", metric, METRICS)
+    if metric not in GRADIENT_METRICS:
+        raise UsageError(
+            f"--metric {metric}: attribution follows the metric's gradient and {metric} has none "
+            f"(it is a step function); use {', '.join(GRADIENT_METRICS)}, or patch / circuit "
+            f"--metric {metric} for exact effects"
+        )
     integrated = method.startswith("eap-ig")
     if steps is not None and not integrated:
         raise UsageError(f"--steps applies to eap-ig methods only, not {method}")
@@ -87,10 +93,10 @@ def attribute(
     check_cluster(workers, scheduler)
 
     def compute() -> dict[str, pl.DataFrame]:
-        from queries.attribution.batches import check_run
+        from queries.attribution.edge_batches import check_run
+        from queries.attribution.edge_model import EdgeModel
         from queries.attribution.gradients import compute_scores
-        from queries.attribution.model import EdgeModel
-        from queries.core.model import model_for_run
+        from queries.core.run_model import model_for_run
 
         info = store.run(run)
         model = EdgeModel(model_for_run(info, device))

@@ -24,6 +24,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
+from actstore.core.choices import METRICS, check
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.results import query_params
 from actstore.core.store import Store
@@ -91,9 +92,13 @@ def circuit(
     device: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    metric: str | None = None,
     recompute: bool = False,
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
+
+    Faithfulness is measured in the score set's metric, or in `metric` (e.g. accuracy, which
+    attribution cannot score by, being without gradients).
 
     With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
     Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
@@ -112,12 +117,16 @@ def circuit(
     if edges is not None and edges > graph.n_edges:
         raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
+    if metric is not None:
+        check("--metric", metric, METRICS)
+        if metric != query["params"]["metric"]:  # the scores' own metric keeps the old identity
+            params["metric"] = metric
+    metric = metric or query["params"]["metric"]
     run = query["run_id"]
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.evaluate import Evaluator
 
-        metric = query["params"]["metric"]
         with cluster(workers, scheduler) as client:
             ev = Evaluator(store, store.run(run), metric, device, client)
             curve: dict[int, tuple[np.ndarray, float]] = {}

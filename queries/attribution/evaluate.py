@@ -16,10 +16,10 @@ import torch
 from actstore.core.errors import ActstoreError
 from actstore.core.store import Store
 from actstore.model.metrics import endpoints, from_logits, normalized
-from queries.attribution.batches import check_run, edge_reader, open_run, read_batch
-from queries.attribution.model import EdgeModel
-from queries.core.model import model_for_run
+from queries.attribution.edge_batches import check_run, edge_reader, open_run, read_batch
+from queries.attribution.edge_model import EdgeModel
 from queries.core.reader import Reader, Span
+from queries.core.run_model import model_for_run
 from queries.core.sweep import in_order
 
 

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 
 from actstore.model.metrics import Targets, from_resid
-from queries.attribution.batches import EdgeBatch
-from queries.attribution.model import EdgeModel
+from queries.attribution.edge_batches import EdgeBatch
+from queries.attribution.edge_model import EdgeModel
 from queries.core.engine import Engine
 
 # The most activation elements (variants × prompts × positions × width) one chunk of variants

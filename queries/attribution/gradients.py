@@ -15,9 +15,9 @@ import torch
 from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import from_logits
-from queries.attribution.batches import EdgeBatch, edge_reader, open_run, read_batch
+from queries.attribution.edge_batches import EdgeBatch, edge_reader, open_run, read_batch
+from queries.attribution.edge_model import EdgeModel
 from queries.attribution.exact import exact_scores
-from queries.attribution.model import EdgeModel
 from queries.core.reader import Reader, Span
 from queries.core.sweep import in_order
 

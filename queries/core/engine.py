@@ -2,9 +2,10 @@
 
 Every query computes with this engine: patching's downstream recompute
 (queries/patching/recompute.py), the edge-patchable forward of attribution and circuits
-(queries/attribution/model.py) and subspace patching's downstream runs (queries/subspace/sites.py).
-It is driven by the architecture description and the canonical weights that the model adapter
-reads (actstore.model.architecture), so one code path serves every supported family.
+(queries/attribution/edge_model.py) and subspace patching's downstream runs
+(queries/subspace/sites.py). It is driven by the architecture description and the canonical
+weights that the model adapter reads (actstore.model.architecture), so one code path serves
+every supported family.
 
 The pieces are position-wise functions of any leading shape, plus `attend`, which takes keys and
 values at absolute positions: a recompute that starts at position s reuses the base run's keys and
@@ -281,15 +282,38 @@ class Engine:
         h // (heads / kv_heads). A query sees keys at positions ≤ its own and, on a layer with a
         sliding window W, > its own − W.
         """
+        n, B, Tq, H, dh = q.shape
+        P = 0 if prefix is None else prefix[0].shape[1]
+        pattern = self.pattern(layer, q, k, q_pos, start, None if prefix is None else prefix[0])
+        z = torch.einsum("nbgrqk,nbkgd->nbqgrd", pattern[..., P:], v)
+        if P:
+            z = z + torch.einsum("nbgrqk,bkgd->nbqgrd", pattern[..., :P], prefix[1])
+        return z.reshape(n, B, Tq, H, dh)
+
+    def pattern(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_pos: torch.Tensor,
+        start: int,
+        prefix_k: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention probabilities (n, B, kv_heads, heads / kv_heads, Tq, P + T) of queries q
+        (n, B, Tq, heads, d_head) at positions q_pos (B, Tq) over keys k (n, B, T, kv_heads,
+        d_head) at start..start+T-1 after an optional shared prefix (B, P, kv_heads, d_head) at
+        0..P-1: scaled scores, soft cap, causal mask and sliding window, softmax (what `attend`
+        weights the values by; query head h is (h // (heads / kv_heads), h % (heads /
+        kv_heads)))."""
         a = self.arch
         n, B, Tq, H, dh = q.shape
         G, T = k.shape[-2], k.shape[2]
         qg = q.reshape(n, B, Tq, G, H // G, dh)
         scores = torch.einsum("nbqgrd,nbkgd->nbgrqk", qg, k)
         key_pos = torch.arange(start, start + T, device=q.device)
-        P = 0 if prefix is None else prefix[0].shape[1]
+        P = 0 if prefix_k is None else prefix_k.shape[1]
         if P:
-            pre = torch.einsum("nbqgrd,bkgd->nbgrqk", qg, prefix[0])
+            pre = torch.einsum("nbqgrd,bkgd->nbgrqk", qg, prefix_k)
             scores = torch.cat([pre, scores], -1)
             key_pos = torch.cat([torch.arange(P, device=q.device), key_pos])
         self.flops += 4.0 * n * B * Tq * H * dh * (T + P)
@@ -300,11 +324,18 @@ class Engine:
         window = self.layers[layer].window
         if window is not None:
             hidden = hidden | (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1) - window)
-        pattern = scores.masked_fill(hidden[None, :, None, None], float("-inf")).softmax(-1)
-        z = torch.einsum("nbgrqk,nbkgd->nbqgrd", pattern[..., P:], v)
-        if P:
-            z = z + torch.einsum("nbgrqk,bkgd->nbqgrd", pattern[..., :P], prefix[1])
-        return z.reshape(n, B, Tq, H, dh)
+        return scores.masked_fill(hidden[None, :, None, None], float("-inf")).softmax(-1)
+
+    def attention_pattern(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (B, heads, T, T) of `layer` over the residual x (B, T, D)
+        entering it, at positions 0..T-1: TransformerLens' hook_pattern."""
+        normed = self.ln1(layer, x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        k, _ = self.kv(layer, normed, pos)
+        q = self.q(layer, normed, pos)
+        p = self.pattern(layer, q[None], k[None], pos.expand(x.shape[0], -1), 0)[0]
+        B, G, R, T, K = p.shape
+        return p.reshape(B, G * R, T, K)
 
     def attention_z(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """z (B, T, heads, d_head) of the attention of `layer` over the residual x (B, T, D)

@@ -26,7 +26,7 @@ from actstore.model.derivable import TOKENS
 from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
-from queries.core.model import model_for_run
+from queries.core.run_model import model_for_run
 
 
 @dataclass(frozen=True)

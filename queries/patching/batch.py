@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from actstore.model.hooks import final_hook, layer_hooks
-from actstore.model.metrics import Targets
+from actstore.model.metrics import AnswerSets, Targets
 from queries.core.reader import Reader, Span, sides
 
 
@@ -53,7 +53,29 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return self.hi - self.lo
+        return int(self.finals.shape[0])
+
+    def subset(self, rows: torch.Tensor) -> Batch:
+        """The batch of some of its prompts (`rows`: indices into this batch)."""
+
+        def pick(side: Side) -> Side:
+            return Side({k: [t[rows] for t in ts] for k, ts in side.acts.items()})
+
+        t = self.targets
+        sets = None if t.sets is None else AnswerSets(
+            t.sets.correct[rows], t.sets.correct_mask[rows], t.sets.incorrect[rows],
+            t.sets.incorrect_mask[rows])  # fmt: skip
+        return Batch(
+            lo=self.lo,
+            hi=self.hi,
+            finals=self.finals[rows],
+            targets=Targets(t.answer[rows], t.wrong[rows], t.clean_logits[rows], sets),
+            base=pick(self.base),
+            src=pick(self.src),
+            base_logits=self.base_logits[rows],
+            corrupted_logits=self.corrupted_logits[rows],
+            base_tokens=None if self.base_tokens is None else self.base_tokens[rows],
+        )
 
 
 def hooks_read(kinds: set[str], n_layers: int) -> list[str]:

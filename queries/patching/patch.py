@@ -9,9 +9,12 @@ Components (rows of `effects`):
 row at l (Zhang & Nanda's sliding window); only full windows, so l runs over 0..n_layers−K.
 `layers` restricts the rows to those layers l (what TransformerLens' patching does with an
 index_df): on a large model a sweep over a few layers costs a fraction of the whole.
-Positions are absolute, 0..seq_len−1 of the run's padded length; per-position effects are
-meaningful when the run's prompts share a template (equal lengths). A prompt whose final
-position precedes the patched one is unaffected by the patch.
+Positions are roles (actstore.core.roles: IOI's IO, S1, S2, END, …), each patched in every prompt
+wherever that prompt has it, or absolute numbers on a run whose prompts share one length
+(elsewhere a number is a different token in each prompt, and is refused). By default a run of
+one length sweeps every position, a run of several lengths every role. A role's rows carry
+`role` (and `pos` where every prompt has the role at one position). Within a batch, prompts
+with a role at the same position are patched together.
 
 Directions: denoise patches the clean run's activation into the corrupted run, noise the
 corrupted run's into the clean run; both runs are read from the store, never recomputed.
@@ -28,7 +31,8 @@ tests compare against.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +41,8 @@ import polars as pl
 from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
+from actstore.core.roles import choose
+from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
     from actstore.model.adapter import ModelAdapter
 
 KIND = "patch"
-EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "metric", "value", "normalized"]
+EFFECT_COLUMNS = ["query_id", "layer", "head", "pos", "role", "metric", "value", "normalized"]
 # What a patch query returns: the effects row and its importance, read from the catalog's
 # patch_effects view where importance is defined.
 RESULT_COLUMNS = [*EFFECT_COLUMNS, "importance"]
@@ -62,16 +68,18 @@ class PatchSpec:
     window: int
     positions: tuple[int, ...] | None  # None: every position (by-position components)
     layers: tuple[int, ...] | None = None  # None: every layer
+    roles: tuple[str, ...] | None = None  # patched by role, wherever each prompt has it
 
     def params(self) -> dict[str, Any]:
-        """The recorded parameters; `layers` only when given, so that a query over every layer
-        keeps the identity it had before layers could be chosen."""
+        """The recorded parameters; `layers` and `roles` only when given, so that a query
+        without them keeps the identity it had before they could be chosen."""
         d = asdict(self)
         d["positions"] = None if self.positions is None else list(self.positions)
-        if self.layers is None:
-            del d["layers"]
-        else:
-            d["layers"] = list(self.layers)
+        for key in ("layers", "roles"):
+            if d[key] is None:
+                del d[key]
+            else:
+                d[key] = list(d[key])
         return d
 
 
@@ -82,7 +90,7 @@ def check_spec(
     metric: str,
     direction: str,
     window: int,
-    positions: list[int] | None,
+    positions: str | Sequence[int | str] | None,
     layers: list[int] | None = None,
 ) -> PatchSpec:
     """Validate a query against the run (no torch): a UsageError naming the fix otherwise."""
@@ -95,15 +103,12 @@ def check_spec(
     n_layers = int(rows.item()) if rows.height else int(info["params"].get("n_layers", 0))
     if not 1 <= window <= n_layers:
         raise UsageError(f"--window {window}: must be between 1 and the model's {n_layers} layers")
-    if positions is not None:
-        if component == "head":
+    if component == "head":
+        if positions is not None:
             raise UsageError("positions apply to by-position components; use --component head-pos")
-        bad = [p for p in positions if not 0 <= p < int(info["seq_len"])]
-        if bad or not positions:
-            raise UsageError(
-                f"positions {bad or positions}: give positions in 0..{int(info['seq_len']) - 1}"
-            )
-        positions = sorted(set(positions))
+        chosen = None
+    else:
+        chosen = choose(store, run, positions)
     if layers is not None:
         last = n_layers - window
         bad = [la for la in layers if not 0 <= la <= last]
@@ -113,16 +118,31 @@ def check_spec(
             )
         layers = sorted(set(layers))
     return PatchSpec(component, metric, direction, window,
-                     None if positions is None else tuple(positions),
-                     None if layers is None else tuple(layers))  # fmt: skip
+                     None if chosen is None else chosen.positions,
+                     None if layers is None else tuple(layers),
+                     None if chosen is None else chosen.roles)  # fmt: skip
 
 
-def stored_effects(store: Store, query_id: int) -> pl.DataFrame:
-    return store._trusted_query(
-        f"SELECT {', '.join(RESULT_COLUMNS)} FROM patch_effects WHERE query_id = ? "
+def stored_effects(store: Store, query_id: int, roles: Sequence[str] = ()) -> pl.DataFrame:
+    """A recorded query's rows, roles in the order asked. A catalog not yet migrated (read-only,
+    from before roles) has no role column: its rows have none."""
+    rows = with_role(store._trusted_query(
+        "SELECT * FROM patch_effects WHERE query_id = ? "
         "ORDER BY layer, head NULLS FIRST, pos NULLS FIRST",
         [query_id],
-    )
+    ))  # fmt: skip
+    if roles:
+        order = pl.col("role").replace_strict(list(roles), list(range(len(roles))), default=None)
+        rows = rows.sort(pl.col("layer"), pl.col("head"), order, nulls_last=False,
+                         maintain_order=True)  # fmt: skip
+    return rows.select(RESULT_COLUMNS)
+
+
+def with_role(rows: pl.DataFrame) -> pl.DataFrame:
+    """Effect rows with a `role` column (NULL where the catalog predates it)."""
+    if "role" in rows.columns:
+        return rows
+    return rows.with_columns(pl.lit(None, dtype=pl.String).alias("role"))
 
 
 def patch(
@@ -132,7 +152,7 @@ def patch(
     metric: str = "logit-diff",
     direction: str = "denoise",
     window: int = 1,
-    positions: list[int] | None = None,
+    positions: str | Sequence[int | str] | None = None,
     layers: list[int] | None = None,
     recompute: bool = False,
     batch_size: int = 8,
@@ -144,9 +164,11 @@ def patch(
 ) -> pl.DataFrame:
     """Patching effects of a run, from the catalog when asked before, else computed and recorded.
 
-    Returns effects' columns (query_id, layer, head, pos, metric, value, normalized) and the
-    direction-independent importance that rankings use. With `workers` or `scheduler` the
-    prompt batches run as Dask tasks (queries/core/sweep.py); the result is recorded the same.
+    Returns effects' columns (query_id, layer, head, pos, role, metric, value, normalized) and
+    the direction-independent importance that rankings use. `positions`: role names or (on a
+    run of one prompt length) position numbers, as a list or comma-separated text. With
+    `workers` or `scheduler` the prompt batches run as Dask tasks (queries/core/sweep.py); the
+    result is recorded the same.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
@@ -154,7 +176,7 @@ def patch(
     spec = check_spec(store, run, component, metric, direction, window, positions, layers)
 
     def compute() -> dict[str, pl.DataFrame]:
-        from queries.core.model import model_for_run
+        from queries.core.run_model import model_for_run
 
         adapter = model_for_run(store.run(run), device, model)
         frame, _ = compute_effects(store, run, spec, adapter, batch_size=batch_size,
@@ -163,7 +185,8 @@ def patch(
         return {"effects": frame}
 
     return recorded(store, KIND, run, spec.params(), compute,
-                    lambda query_id: stored_effects(store, query_id), recompute)  # fmt: skip
+                    lambda query_id: stored_effects(store, query_id, spec.roles or ()),
+                    recompute)  # fmt: skip
 
 
 def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: str):
@@ -176,6 +199,8 @@ def _groups(spec: PatchSpec, n_layers: int, n_heads: int, seq_len: int, engine: 
     component = "head" if heads else spec.component
     if spec.component == "head":
         return [Group(component, None, 0, variants)]
+    if spec.roles is not None:  # a role's positions differ by prompt: placed per batch
+        return [Group(component, None, 0, variants, role) for role in spec.roles]
     positions = spec.positions if spec.positions is not None else range(seq_len)
     return [Group(component, p, p if engine == "downstream" else 0, variants) for p in positions]
 
@@ -206,6 +231,14 @@ class _Setup:
         self.groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
         self.kinds = _kinds(self.groups[0].component, engine, e.arch.parallel)
         self.reader.require(hooks_read(self.kinds[0] | self.kinds[1], e.n_layers), "patching")
+        # each prompt's position of each role (n_prompts, n_roles)
+        self.at = None if spec.roles is None else role_positions(store, run, spec.roles)
+
+    def role_pos(self) -> list[int | None]:
+        """Per group, its role's one position when every prompt has it there, else None."""
+        if self.at is None:
+            return [g.pos for g in self.groups]
+        return [int(c[0]) if (c == c[0]).all() else None for c in self.at.T]
 
     def span_sums(self, span: Any) -> tuple[list[np.ndarray], float, float]:
         """Per group, the metric summed over the span's prompts for every variant; and the
@@ -214,35 +247,60 @@ class _Setup:
 
         from actstore.model import metrics
         from queries.patching.batch import read_batch
-        from queries.patching.recompute import PrefixKV, final_resid
-        from queries.patching.reference import final_logits
+        from queries.patching.recompute import PrefixKV
 
-        e, spec, full = self.engine, self.spec, self.mode == "full-forward"
+        e, spec = self.engine, self.spec
+        at = None if self.at is None else self.at[span.index]
         with torch.inference_mode():
-            patched = None if self.groups[0].pos is None else tuple(g.pos for g in self.groups)
-            batch = read_batch(self.reader, spec.direction, *self.kinds, e.n_layers, span, full,
-                               patched)  # fmt: skip
-            t = batch.targets
-            clean, corrupted = metrics.endpoints(spec.metric, t, batch.corrupted_logits)
+            if at is not None:  # the source is read at every position a role takes here
+                patched = tuple(sorted({int(p) for p in at.ravel()}))
+            else:
+                patched = None if self.groups[0].pos is None else tuple(g.pos for g in self.groups)
+            batch = read_batch(self.reader, spec.direction, *self.kinds, e.n_layers, span,
+                               self.mode == "full-forward", patched)  # fmt: skip
+            clean, corrupted = metrics.endpoints(spec.metric, batch.targets, batch.corrupted_logits)
             prefix = PrefixKV(e, batch)
             out = []
-            for g in self.groups:
-                if full:
-                    values = torch.stack([
-                        metrics.from_logits(spec.metric, final_logits(self.model, batch, g, v), t)
-                        for v in g.variants
-                    ])  # fmt: skip
-                else:
-                    values = metrics.from_resid(e, spec.metric, final_resid(e, batch, g, prefix), t)
-                out.append(values.sum(-1).double().cpu().numpy())
+            for j, g in enumerate(self.groups):
+                if g.role is None:
+                    out.append(self._sums(batch, g, prefix))
+                    continue
+                total = np.zeros(len(g.variants))
+                for p in np.unique(at[:, j]):  # the prompts that have the role at p, together
+                    rows = torch.as_tensor(
+                        np.flatnonzero(at[:, j] == p), device=batch.finals.device
+                    )
+                    sub = batch.subset(rows)
+                    start = int(p) if self.mode == "downstream" else 0
+                    placed = replace(g, pos=int(p), start=start, role=None)
+                    total += self._sums(sub, placed, PrefixKV(e, sub))
+                out.append(total)
         return out, clean, corrupted
+
+    def _sums(self, batch: Any, g: Any, prefix: Any) -> np.ndarray:
+        """The metric of every variant of a group at one position, summed over the batch."""
+        import torch
+
+        from actstore.model import metrics
+        from queries.patching.recompute import final_resid
+        from queries.patching.reference import final_logits
+
+        e, spec, t = self.engine, self.spec, batch.targets
+        if self.mode == "full-forward":
+            values = torch.stack([
+                metrics.from_logits(spec.metric, final_logits(self.model, batch, g, v), t)
+                for v in g.variants
+            ])  # fmt: skip
+        else:
+            values = metrics.from_resid(e, spec.metric, final_resid(e, batch, g, prefix), t)
+        return values.sum(-1).double().cpu().numpy()
 
 
 def _span_task(
     span: Any, location: str, run: int, spec: PatchSpec, engine: str, device: str | None
 ) -> tuple[list[np.ndarray], float, float]:
     """One prompt batch's partial sums, on a Dask worker (model loaded once per process)."""
-    from queries.core.model import model_for_run
+    from queries.core.run_model import model_for_run
 
     store = Store(location)
     model = model_for_run(store.run(run), device)
@@ -288,15 +346,23 @@ def compute_effects(
     bar.close()
     m_clean, m_corrupted = baseline["clean"] / n, baseline["corrupted"] / n
     rows = []
-    for g, total in zip(groups, sums, strict=True):
+    for g, pos, total in zip(groups, setup.role_pos(), sums, strict=True):
         for v, s in zip(g.variants, total, strict=True):
             value = float(s / n)
             norm = normalized(value, m_clean, m_corrupted)
-            rows.append((v.layers[0], v.head, g.pos, spec.metric, value, norm))
+            rows.append((v.layers[0], v.head, pos, g.role, spec.metric, value, norm))
     frame = pl.DataFrame(
         rows,
-        schema={"layer": pl.Int32, "head": pl.Int32, "pos": pl.Int32, "metric": pl.String,
-                "value": pl.Float64, "normalized": pl.Float64},
+        schema={
+            "layer": pl.Int32,
+            "head": pl.Int32,
+            "pos": pl.Int32,
+            "role": pl.String,
+            "metric": pl.String,
+            "value": pl.Float64,
+            "normalized": pl.Float64,
+        },
         orient="row",
-    ).sort(["layer", "head", "pos"], nulls_last=False)  # fmt: skip
+    )  # groups are in position (or the roles') order: a stable sort keeps it within a head
+    frame = frame.sort(["layer", "head"], nulls_last=False, maintain_order=True)
     return frame, e.flops

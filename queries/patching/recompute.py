@@ -45,6 +45,7 @@ class Group:
     pos: int | None
     start: int  # first recomputed position: pos with KV reuse, 0 for a full-length suffix
     variants: list[Variant]
+    role: str | None = None  # patched by role: placed at each prompt's position per batch
 
 
 class PrefixKV:

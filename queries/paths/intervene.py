@@ -93,7 +93,7 @@ def compute_intervention(
     from actstore.model.hooks import final_hook, hook_name
     from actstore.model.metrics import from_resid
     from queries.core.engine import Engine
-    from queries.core.model import model_for_run
+    from queries.core.run_model import model_for_run
     from queries.core.reader import Reader
 
     info = store.run(run)

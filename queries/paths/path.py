@@ -108,8 +108,8 @@ def compute_paths(
 
     from actstore.model.metrics import endpoints
     from queries.core.engine import Engine
-    from queries.core.model import model_for_run
     from queries.core.reader import Reader
+    from queries.core.run_model import model_for_run
     from queries.paths.compute import span_sums
 
     info = store.run(run)

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from actstore.core.choices import DIRECTIONS, METRICS, SOURCES, check
+from actstore.core.choices import DIRECTIONS, GRADIENT_METRICS, METRICS, SOURCES, check
 from actstore.core.errors import UsageError
 from actstore.core.output import check_output_path
+from actstore.core.roles import choose
+from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
@@ -46,19 +48,22 @@ def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def check_pos(pos: str, lengths: np.ndarray) -> str:
-    """Validate --pos against the run's prompt lengths."""
+def check_pos(store: Store, run: int, pos: str) -> str:
+    """Validate --pos against the run: all, final, role names (IO,S2: each prompt's own
+    positions of them), or a position number where every prompt has one length."""
     if pos in ("all", "final"):
         return pos
-    if not pos.lstrip("-").isdigit():
-        raise UsageError(f"--pos {pos}: give all, final or a position number")
-    p, shortest = int(pos), int(lengths.min())
-    if not 0 <= p < shortest:
-        raise UsageError(
-            f"--pos {p}: the run's shortest prompt has {shortest} tokens; give 0..{shortest - 1} "
-            "or final"
-        )
-    return str(p)
+    chosen = choose(store, run, pos, "--pos")
+    if chosen.roles is not None:
+        return ",".join(chosen.roles)
+    return ",".join(str(p) for p in chosen.positions or ())
+
+
+def pos_roles(pos: str) -> list[str]:
+    """The roles a checked --pos names (none for all, final or numbers)."""
+    if pos in ("all", "final") or pos.split(",")[0].lstrip("-").isdigit():
+        return []
+    return pos.split(",")
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
@@ -109,10 +114,13 @@ def subspace(
         raise UsageError(f"--lr {lr}: give a positive learning rate (default 0.05)")
     if epochs < 1:
         raise UsageError(f"--epochs {epochs}: need at least one pass")
-    with store.reading():
-        info = store.run(run)
-        prompts = store.prompts(run)
-    pos = check_pos(str(pos), prompts["seq_len"].to_numpy())
+    info = store.run(run)
+    pos = check_pos(store, run, str(pos))
+    if basis == "das" and metric not in GRADIENT_METRICS:
+        raise UsageError(
+            f"--metric {metric}: DAS learns its basis by the metric's gradient and {metric} "
+            f"has none; use {', '.join(GRADIENT_METRICS)}, or --basis mean-diff"
+        )
     learned = basis in SOURCES
     # Recorded under the keys of earlier versions (mode: the patching direction, direction: the
     # basis), so that their recorded queries are found.
@@ -162,8 +170,8 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     import torch
 
     from queries.core.engine import Engine
-    from queries.core.model import model_for_run
     from queries.core.reader import Reader
+    from queries.core.run_model import model_for_run
     from queries.subspace.diagnostics import components_of, evaluate, report
     from queries.subspace.directions import from_file, mean_diff
     from queries.subspace.sites import parse_site, reading_map, site_batches
@@ -177,8 +185,11 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     n = int(run["n_prompts"])
     mode, metric, source = params["mode"], params["metric"], params["direction"]
 
+    roles = pos_roles(params["pos"])
+    at = role_positions(store, run_id, roles) if roles else None
+
     def batches(indices: np.ndarray, patch_mode: str = mode):
-        return site_batches(reader, model, engine, site, indices, patch_mode, params["pos"])
+        return site_batches(reader, model, engine, site, indices, patch_mode, params["pos"], at)
 
     if source in SOURCES:
         train, held_out = split_indices(n, params["train_frac"], params["seed"])
@@ -210,13 +221,15 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     ).select(REPORT_COLUMNS)  # fmt: skip
     v = rows.filter(pl.col("component") == "v").row(0, named=True)
     pos_int = {"all": None, "final": -1}.get(params["pos"], None)
-    if params["pos"] not in ("all", "final"):
-        pos_int = int(params["pos"])
+    if params["pos"] not in ("all", "final") and not roles:
+        pos_int = int(params["pos"].split(",")[0]) if "," not in params["pos"] else None
     effects = pl.DataFrame(
         {"query_id": [0], "layer": [site.layer], "head": [site.head], "pos": [pos_int],
+         "role": [params["pos"] if roles else None],
          "metric": [metric], "value": [v["value"]], "normalized": [v["normalized"]]},
         schema={"query_id": pl.Int64, "layer": pl.Int64, "head": pl.Int64, "pos": pl.Int64,
-                "metric": pl.Utf8, "value": pl.Float64, "normalized": pl.Float64},
+                "role": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64,
+                "normalized": pl.Float64},
     )  # fmt: skip
     vectors = pl.DataFrame(
         {"query_id": [0] * basis.shape[1], "idx": list(range(basis.shape[1])),

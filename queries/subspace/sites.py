@@ -136,15 +136,21 @@ def _check_reader(engine: Engine, site: Site, layer: int, head: int | None, read
         )
 
 
-def positions_mask(lengths: np.ndarray, seq: int, pos: str) -> torch.Tensor:
-    """(batch, seq, 1) mask: all real positions, each prompt's final one, or a fixed one."""
+def positions_mask(
+    lengths: np.ndarray, seq: int, pos: str, at: np.ndarray | None = None
+) -> torch.Tensor:
+    """(batch, seq, 1) mask: all real positions, each prompt's final one, fixed ones ("3,5"),
+    or (`at`: (batch, n_roles)) each prompt's own positions of roles."""
     idx = np.arange(seq)[None, :]
-    if pos == "all":
+    if at is not None:
+        mask = (idx[:, :, None] == at[:, None, :]).any(-1)
+    elif pos == "all":
         mask = idx < lengths[:, None]
     elif pos == "final":
         mask = idx == (lengths[:, None] - 1)
     else:
-        mask = np.broadcast_to(idx == int(pos), (len(lengths), seq))
+        fixed = np.isin(np.arange(seq), [int(p) for p in pos.split(",")])[None, :]
+        mask = np.broadcast_to(fixed, (len(lengths), seq))
     return torch.as_tensor(mask, dtype=torch.float32)[..., None]
 
 
@@ -156,8 +162,10 @@ def site_batches(
     indices: np.ndarray,
     mode: str,
     pos: str,
+    at: np.ndarray | None = None,
 ) -> Iterator[PatchBatch]:
-    """PatchBatches for the chosen prompts, one store chunk at a time (bounded memory)."""
+    """PatchBatches for the chosen prompts, one store chunk at a time (bounded memory); `at`:
+    every prompt's positions of the roles --pos names."""
     base_side, src_side = sides(mode)
     act_hook = _stored_activation(reader, site, model)
     for span in reader.spans(chosen=indices):
@@ -174,7 +182,9 @@ def site_batches(
         yield PatchBatch(
             base=base,
             source=source,
-            mask=positions_mask(lengths, base.shape[1], pos).to(reader.device),
+            mask=positions_mask(
+                lengths, base.shape[1], pos, None if at is None else at[span.index]
+            ).to(reader.device),
             run=_downstream(engine, site, start, lengths),
             answer=t.answer,
             wrong=t.wrong,

@@ -15,8 +15,8 @@ def read_hook(
     """Every prompt's (side, hook) of the run as float32, stored or derived with `model`
     (default: the run's own, loaded on the CPU)."""
     from queries.core.engine import Engine
-    from queries.core.model import model_for_run
     from queries.core.reader import Reader, Span
+    from queries.core.run_model import model_for_run
 
     with store.reading(), torch.no_grad():
         run = store.run(run_id)

@@ -8,6 +8,7 @@ exactly what the catalog holds to that precision, in every browser locale.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -84,9 +85,14 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict
     direction = query["direction"]
     effects = effects.with_columns(signed_effect(direction).alias("signed"))
     has_head = effects["head"].null_count() < effects.height
-    has_pos = effects["pos"].null_count() < effects.height
+    by_role = "role" in effects.columns and effects["role"].null_count() < effects.height
+    has_pos = by_role or effects["pos"].null_count() < effects.height
+    asked = json.loads(query.get("params") or "{}").get("roles") or []
+    roles = [r for r in asked if r in set(effects["role"])] if by_role else []
     rows = effects.with_columns(
-        pl.col("pos").cast(pl.String).fill_null("all").alias("position"),
+        (pl.col("role") if by_role else pl.col("pos").cast(pl.String).fill_null("all")).alias(
+            "position"
+        ),
         pl.col("head").cast(pl.String).fill_null("—").alias("head_label"),
         pl.col("node").fill_null(pl.format("L{}", pl.col("layer"))).alias("row_label"),
     ).to_dicts()
@@ -102,14 +108,17 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict
         x, y, x_title, y_title = "head:O", "layer:O", "head", "layer"
         n_x, y_sort = effects["head"].n_unique(), None
     elif has_head:
-        x, y, x_title, y_title = "pos:O", "row_label:O", "position", "layer.head"
+        x, y, x_title, y_title = "position:O", "row_label:O", "position", "layer.head"
         n_x = effects["pos"].n_unique()
         order = effects.select("layer", "head", "node").unique().sort("layer", "head")
         y_sort = order["node"].to_list()
     else:
         x, y, x_title, y_title = "position:O", "layer:O", "position", "layer"
         n_x, y_sort = effects["pos"].n_unique(), None
-    if x == "position:O":
+    if by_role:  # each prompt patched at its own position of the role: columns are roles
+        n_x = len(roles)
+        x_encoding = alt.X(x, title="role", sort=roles)
+    elif x == "position:O":
         positions = sorted({r["position"] for r in rows}, key=lambda p: (p == "all", int(p)
                            if p != "all" else 0))  # fmt: skip
         x_encoding = alt.X(x, title=x_title, sort=positions)

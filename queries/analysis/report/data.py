@@ -89,13 +89,26 @@ def patch_effects(store: Store, query_ids: list[int]) -> dict[int, pl.DataFrame]
     """Every effect row of the patching queries, with its importance, by query id."""
     df = store._trusted_query(
         """
-        SELECT p.query_id, p.layer, p.head, p.pos, p.node, p.metric, p.value, p.normalized,
-               p.importance
+        SELECT p.*
         FROM patch_effects p JOIN queries q USING (query_id)
         WHERE q.kind = 'patch' AND p.query_id IN (SELECT unnest(?))
         ORDER BY p.query_id, p.layer, p.head NULLS FIRST, p.pos NULLS FIRST
         """,
         [query_ids],
+    )
+    if "role" not in df.columns:  # a catalog from before roles, read as it is
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("role"))
+    df = df.select(
+        "query_id",
+        "layer",
+        "head",
+        "pos",
+        "role",
+        "node",
+        "metric",
+        "value",
+        "normalized",
+        "importance",
     ).with_columns(pl.col("value", "normalized", "importance").fill_nan(None))
     return {key[0]: part for key, part in df.partition_by("query_id", as_dict=True).items()}
 

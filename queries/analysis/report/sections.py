@@ -19,6 +19,7 @@ from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
 from queries.analysis.report import charts, data
+from queries.analysis.report.attention import attention_section
 from queries.analysis.report.page import Page, card, esc, table
 
 CONTENTS_SCHEMA = {
@@ -372,6 +373,7 @@ def report(
     circuits = data.circuits(store, chosen)
     runs_section(page, store, chosen)
     patching_section(page, store, chosen, contents)
+    attention_section(page, store, chosen)
     overlap_section(page, store, chosen, heads, edges, contents)
     faithfulness_section(page, store, chosen, circuits, contents)
     circuits_section(page, store, circuits, contents)

@@ -18,9 +18,9 @@ from actstore.core.store import Store
 from actstore.model.adapter import ModelAdapter
 from actstore.model.hooks import hook_name
 from actstore.model.metrics import AnswerSets, Targets
-from queries.attribution.model import EdgeModel
-from queries.core.model import model_for_run
+from queries.attribution.edge_model import EdgeModel
 from queries.core.reader import Reader, Span
+from queries.core.run_model import model_for_run
 
 
 @dataclass

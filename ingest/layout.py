@@ -21,8 +21,8 @@ from actstore.model.derivable import LOGITS
 from actstore.model.hooks import FINAL, PER_LAYER, final_hook, hook_name, layer_hooks
 
 # The residual is stored entering every RESID_EVERY-th layer by `lean`: 2 is the largest stride
-# whose derived layers each need one MLP on read, and the smallest that meets 2.2 MB per prompt
-# at GPT-2-small shape (benchmarks/ingestion.py).
+# whose derived layers each need one MLP on read, and the smallest that meets the bytes-per-prompt
+# target at GPT-2-small shape (measured by benchmarks/ingestion.py; README, Storage).
 RESID_EVERY = 2
 LEAN = (f"resid_pre/{RESID_EVERY}", "z", FINAL)
 # `default` is what an ingest without --hooks stores.

@@ -1,0 +1,5 @@
+"""Attention by role: where heads attend from one role's token to others' (`actstore attention`)."""
+
+from queries.attention.query import attention, attention_patterns
+
+__all__ = ["attention", "attention_patterns"]
