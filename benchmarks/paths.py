@@ -37,8 +37,8 @@ from patching import TEMPLATE, builtin_model, shaped_model  # noqa: E402
 from actstore.core.store import Store  # noqa: E402
 from queries.attribution import Graph  # noqa: E402
 from queries.attribution.edge_batches import edge_reader, read_batch  # noqa: E402
-from queries.attribution.exact import exact_scores  # noqa: E402
 from queries.attribution.edge_model import EdgeModel  # noqa: E402
+from queries.attribution.exact import exact_scores  # noqa: E402
 from queries.paths import check_path, compute_paths  # noqa: E402
 
 

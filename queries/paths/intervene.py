@@ -93,8 +93,8 @@ def compute_intervention(
     from actstore.model.hooks import final_hook, hook_name
     from actstore.model.metrics import from_resid
     from queries.core.engine import Engine
-    from queries.core.run_model import model_for_run
     from queries.core.reader import Reader
+    from queries.core.run_model import model_for_run
 
     info = store.run(run)
     e = Engine.from_adapter(model_for_run(info, device))
