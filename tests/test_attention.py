@@ -42,9 +42,9 @@ def test_attention_by_role_is_the_bridges_pattern_at_each_prompts_roles(ioi_copy
 
 
 def test_attention_cli_defaults_to_every_role(ioi_copy, toy_random, monkeypatch):
-    import queries.core.model
+    import queries.core.run_model
 
-    monkeypatch.setattr(queries.core.model, "load_model", lambda spec, device=None: toy_random)
+    monkeypatch.setattr(queries.core.run_model, "load_model", lambda spec, device=None: toy_random)
     result = CliRunner().invoke(
         main, ["attention", str(ioi_copy), "--run", "1", "--side", "corrupted", "--format", "csv"]
     )

@@ -92,7 +92,7 @@ def attention(
     params = check_params(store, run, source, to, side)
 
     def compute() -> dict[str, pl.DataFrame]:
-        from queries.core.model import model_for_run
+        from queries.core.run_model import model_for_run
 
         adapter = model_for_run(store.run(run), device, model)
         return {"attention": _compute(store, run, params, adapter, batch_size)}
