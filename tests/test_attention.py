@@ -90,3 +90,42 @@ def test_report_has_an_attention_section(ioi_copy, toy_random, tmp_path):
     top = rows.filter(rows["to_role"] == "IO").sort("value", descending=True).row(0, named=True)
     first = html.index("attention query")
     assert f"a{top['layer']}.h{top['head']}" in html[first:]
+
+
+def test_head_scores_equal_transformer_lens_detect_head(ioi_copy, toy_random):
+    """Previous-token, duplicate-token and induction scores per head equal TransformerLens 4.3's
+    `head_detector.detect_head` on the run's own prompts (its default "mul" measure, one prompt
+    at a time, mean over prompts) within 1e-5; recorded once."""
+    from transformer_lens.head_detector import detect_head
+
+    from queries.attention import head_scores
+
+    store = Store(ioi_copy)
+    ours = head_scores(store, 1, model=toy_random)
+    s = toy_random.shape
+    assert ours.height == s.n_layers * s.n_heads * 3
+    prompts = store.prompts(1)
+    texts = prompts["clean_text"].to_list()
+    bridge = toy_random.bridge
+    assert bridge.to_tokens(texts[0])[0].tolist() == prompts["clean_tokens"][0].to_list()
+    for ours_name, theirs in [("previous-token", "previous_token_head"),
+                              ("duplicate-token", "duplicate_token_head"),
+                              ("induction", "induction_head")]:  # fmt: skip
+        with torch.no_grad():
+            want = detect_head(bridge, texts, theirs).double().numpy()  # (layers, heads)
+        got = ours.filter(ours["class"] == ours_name).sort("layer", "head")["value"].to_numpy()
+        np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5, err_msg=ours_name)
+    prev = ours.filter(ours["class"] == "previous-token")["value"]
+    assert prev.max() > prev.min()  # the scores tell heads apart
+    assert head_scores(store, 1).equals(ours)
+    assert store.sql("SELECT count(*) FROM queries WHERE kind = 'head-scores'").item() == 1
+    # one statement joins attention, head classes (and patching, where the run has it)
+    from queries.attention import attention
+
+    attention(store, 1, "END", "IO", model=toy_random)
+    joined = store.sql(
+        "SELECT layer, head, attention, induction FROM attention_heads WHERE to_role = 'IO' "
+        "ORDER BY layer, head"
+    )
+    induction = ours.filter(ours["class"] == "induction").sort("layer", "head")["value"]
+    np.testing.assert_allclose(joined["induction"].to_numpy(), induction.to_numpy())

@@ -199,6 +199,7 @@ def _as_before_roles(path, version: int = 3) -> None:
         con.execute("ALTER TABLE effects DROP COLUMN role")
         con.execute("DROP TABLE path_effects")
         con.execute("DROP TABLE attention")
+        con.execute("DROP TABLE head_scores")
     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
     (params,) = con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0]
     old = json.loads(params)

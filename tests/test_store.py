@@ -179,6 +179,24 @@ def test_opening_an_older_store_to_read_writes_nothing(tmp_path):
     )
 
 
+def test_a_query_on_an_older_store_migrates_it_and_records(ioi_copy):
+    """The first uncached query on a store whose catalog an older actstore wrote migrates it
+    (under the writer, outside the query's reads) and records its result."""
+    import duckdb
+
+    con = duckdb.connect(str(ioi_copy / "catalog.duckdb"))
+    con.execute("DROP TABLE attention")  # what version 8 added
+    con.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    con.close()
+    store = actstore.open(ioi_copy)
+    effects = store.patch(1, component="head")
+    assert effects.height == 16 and effects["value"].is_finite().all()
+    assert store.sql("select value from meta where key = 'schema_version'").item() == str(
+        SCHEMA_VERSION
+    )
+    assert store.sql("select count(*) from queries").item() == 1
+
+
 def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
     store = actstore.open(ioi_store)
     row = store.sql(

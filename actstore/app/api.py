@@ -54,6 +54,13 @@ class ActStore(Store):
 
         return attention(self, run, **kwargs)
 
+    def heads(self, run: int, **kwargs: Any) -> pl.DataFrame:
+        """Per head, previous-token, duplicate-token and induction scores
+        (see `queries.attention.heads`)."""
+        from queries.attention import head_scores
+
+        return head_scores(self, run, **kwargs)
+
     def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
         """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
         from queries.reduction.reduce import reduce

@@ -454,6 +454,29 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
 @main.command()
 @click.argument("store")
 @RUN
+@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@RECOMPUTE
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@DEVICE
+@FORMAT
+def heads(store: str, run: int, fmt: str, **kwargs) -> None:
+    """Per head, its previous-token, duplicate-token and induction scores on the run's prompts.
+
+    TransformerLens' head_detector.detect_head ("mul"): the share of a head's attention where
+    the class's pattern is 1, per prompt, mean over prompts; rows land in head_scores and the
+    attention_heads view.
+
+    \b
+    Example:
+      actstore heads /tmp/s --run 1
+      actstore sql /tmp/s "select * from head_scores where class = 'induction' order by value desc"
+    """
+    write_rows(_open(store).heads(run, **kwargs), fmt)
+
+
+@main.command()
+@click.argument("store")
+@RUN
 @click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
 @click.option(
     "--op", type=click.Choice(choices.OPS), default="mean",

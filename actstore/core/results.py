@@ -31,12 +31,8 @@ def find_query(
     recompute: bool = False,
 ) -> int | None:
     """The id of an earlier query with the same kind, run and parameters, if any (never with
-    `recompute`).
-
-    None means the caller computes and records the result, so the store must be writable: a
-    read-only store, or an ingest holding the writer lock, fails here at once rather than after
-    the computation.
-    """
+    `recompute`). None means the caller computes and records the result: it checks first that
+    the store is writable (`Store.check_writable`)."""
     if not recompute:
         rows = store._trusted_query(
             "SELECT query_id FROM queries WHERE params_hash = ? ORDER BY query_id DESC LIMIT 1",
@@ -44,7 +40,6 @@ def find_query(
         )
         if rows.height:
             return int(rows.item())
-    store.check_writable()
     return None
 
 

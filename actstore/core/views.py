@@ -217,10 +217,21 @@ VIEWS: dict[str, str] = {
         SELECT a.query_id AS attention_id, q.run_id, r.task, a.layer, a.head,
                {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node,
                a.from_role, a.to_role, a.side, a.value AS attention,
-               t.query_id AS patch_id, t.component, t.metric, t.direction, t.importance, t.rank
+               t.query_id AS patch_id, t.component, t.metric, t.direction, t.importance, t.rank,
+               c.previous_token, c.duplicate_token, c.induction
         FROM attention a JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
              LEFT JOIN top_heads t
                   ON t.run_id = q.run_id AND t.layer = a.layer AND t.head = a.head
+             LEFT JOIN (
+                 SELECT q2.run_id, h.layer, h.head,
+                        max(h.value) FILTER (WHERE h.class = 'previous-token') AS previous_token,
+                        max(h.value) FILTER (WHERE h.class = 'duplicate-token')
+                            AS duplicate_token,
+                        max(h.value) FILTER (WHERE h.class = 'induction') AS induction
+                 FROM head_scores h JOIN queries q2 USING (query_id)
+                 WHERE h.side = 'clean'
+                 GROUP BY ALL
+             ) c ON c.run_id = q.run_id AND c.layer = a.layer AND c.head = a.head
         ORDER BY a.query_id, a.layer, a.head, t.query_id
         """,
 }

@@ -41,6 +41,7 @@ RESULT_ID = {
     "subspace_directions": "query_id",
     "reductions": "query_id",
     "attention": "query_id",
+    "head_scores": "query_id",
     "path_effects": "query_id",
     "interventions": "query_id",
 }

@@ -34,6 +34,9 @@ def recorded(
     found = find_query(store, kind, run, params, recompute)
     if found is not None:
         return read(found)
+    # A read-only store, or an ingest holding the writer lock, fails here at once rather than
+    # after the computation; an older catalog migrates here, outside the reads above.
+    store.check_writable()
     started = time.perf_counter()
     results = compute()
     query_id = record_query(store, kind, run, params, time.perf_counter() - started, results,
