@@ -84,6 +84,12 @@ BUILTINS = ("toy", "toy-llama")
 def shaped_model(name: str) -> ModelAdapter:
     """`name`'s shape with random weights and a word-level vocabulary of its real size (the IOI
     task's words plus made-up ones), so that it runs offline."""
+    hf, tok = shaped_hf(name)
+    return adapter_from_hf(f"{name}-shape", hf, tok, "cpu")
+
+
+def shaped_hf(name: str):
+    """(Hugging Face model, tokenizer) of `shaped_model`, e.g. to save as a directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from actstore.model.tokenizer import SPECIAL_TOKENS, read_vocab, word_level_tokenizer
@@ -95,8 +101,7 @@ def shaped_model(name: str) -> ModelAdapter:
     tok = word_level_tokenizer(words, name=f"{name}-shape")
     torch.manual_seed(0)
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    return adapter_from_hf(f"{name}-shape", hf, tok, "cpu")
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval(), tok
 
 
 def builtin_model(name: str) -> ModelAdapter:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from actstore.core import arrays as zarrays
 from actstore.core.choices import SIDES
@@ -105,6 +104,8 @@ def compute_batch(
     model: ModelAdapter, prep: Prepared, params: dict, lo: int, hi: int
 ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray]]:
     """Both sides' activations for prompts [lo, hi), and their per-prompt metrics."""
+    import torch
+
     hooks = set(params["hooks"]) - {LOGITS}
     act_dtype = np.float16 if params["dtype"] == "float16" else np.float32
     last = torch.as_tensor(prep.lengths[lo:hi] - 1, dtype=torch.long)

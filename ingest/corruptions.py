@@ -9,12 +9,14 @@ or re-batched ingest draws exactly the same corruption.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from actstore.core.errors import UsageError
 from actstore.model.adapter import ModelAdapter
 from ingest.tasks.base import span_tokens, word_starts
+
+if TYPE_CHECKING:
+    import torch
 
 CORRUPTIONS = ("str", "gaussian")
 NOISE_SIGMAS = 3.0
@@ -46,5 +48,7 @@ def subject_positions(model: ModelAdapter, text: str, words: Sequence[str]) -> l
 
 def gaussian_noise(seed: int, prompt_idx: int, shape: tuple[int, ...], std: float) -> torch.Tensor:
     """The noise of one prompt, drawn from its own generator."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + prompt_idx)
     return torch.randn(shape, generator=gen) * std

@@ -35,9 +35,9 @@ def check_ingest(
     hooks: str | None = None,
     restart: bool = False,
     again: bool = False,
-) -> None:
-    """Raise a one-line error for the first argument that cannot work; `model` None skips the
-    model check (an already loaded model)."""
+) -> str | None:
+    """Raise a one-line error for the first argument that cannot work; return where the model
+    loads from (check_model_spec), None for `model` None (an already loaded model)."""
     if restart and again:
         raise UsageError(
             "give --restart or --again, not both: --restart redoes an interrupted run, --again "
@@ -75,5 +75,4 @@ def check_ingest(
     check_location(path, create=True)
     if (path / CATALOG).exists() and shard is None:
         Store(path, create=True).check_writable()
-    if model is not None:
-        check_model_spec(model)
+    return None if model is None else check_model_spec(model)

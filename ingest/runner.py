@@ -32,6 +32,7 @@ from actstore.core.output import progress_bar
 from actstore.core.store import CATALOG, Store
 from actstore.core.writes import array_records
 from actstore.model.adapter import ModelAdapter, load_model, model_record
+from actstore.model.converted import save_converted
 from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
@@ -97,8 +98,9 @@ def ingest(
     or `scheduler` the batches run as tasks on dask.distributed (see ingest.distributed);
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
-    check_ingest(store_path, model if isinstance(model, str) else None, task, n, dataset, dtype,
-                 batch_size, device, seed, shard, hooks, restart, again)  # fmt: skip
+    spec = model if isinstance(model, str) else None
+    source = check_ingest(store_path, spec, task, n, dataset, dtype, batch_size, device, seed,
+                          shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
@@ -116,10 +118,11 @@ def ingest(
         if workers is not None or scheduler is not None:  # workers load the model meanwhile
             spec = model if isinstance(model, str) else model.spec
             pool = held.enter_context(cluster(workers, scheduler, spec, device))
-        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
+        adapter = model if isinstance(model, ModelAdapter) else load_model(model, device, source)
         if store is not None:
             _check_same_model(store, adapter)
         hook_names = resolve_hooks(adapter, hooks)
+        save_converted(adapter)  # queries of this run then load without the bridge
         if dataset is None:  # before generating maybe millions of prompts: a sample's length
             sample = get_task(task).generate(min(n or DEFAULT_N, 16), seed, adapter)
             seq = max(len(adapter.tokenize(p.clean)) for p in sample)

@@ -71,6 +71,15 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: item.path not in slow)  # stable: file order otherwise
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Converted models (actstore/model/converted.py) go to the test run's temporary directory,
+    never the user's cache; processes the tests start inherit it."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["ACTSTORE_MODEL_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def toy_random():
     """The toy architecture with seeded random weights."""
@@ -161,8 +170,8 @@ def session_ingest(monkeypatch, toy_random):
 
     real = ingest.runner.load_model
 
-    def load(spec, device=None):
-        return toy_random if spec == "toy-random" else real(spec, device)
+    def load(spec, device=None, source=None):
+        return toy_random if spec == "toy-random" else real(spec, device, source)
 
     monkeypatch.setattr(ingest.runner, "load_model", load)
 

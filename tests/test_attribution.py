@@ -22,6 +22,7 @@ from edge_reference import (
     logit_diff,
     sample_edges,
 )
+from tree_check import assert_tree_equals_dense
 
 from actstore.app.cli import main
 from actstore.core.store import Store
@@ -254,6 +255,53 @@ def test_cli_attribute_and_circuit(setup):
     assert bad.exit_code == 2 and "node level" in bad.output
     bad = runner.invoke(main, ["circuit", str(store.path), "--scores", sid])
     assert bad.exit_code == 2 and "exactly one" in bad.output
+
+
+def test_tree_patching_equals_dense_edge_forward(setup):
+    store, adapter, _ = setup
+    starts = assert_tree_equals_dense(store, store.run(1), EdgeModel(adapter))
+    assert max(starts) > 0  # the shared clean/corrupted prefix was computed once, not per circuit
+
+
+def test_curve_in_one_pass_equals_sizes_one_by_one(setup):
+    store, _, _ = setup
+    sid = int(attribute(store, 1, "eap")["score_id"][0])
+    n_edges = score_graph(store, sid)[1].n_edges
+    sizes = [0, 3, 10, 50, n_edges // 2, n_edges]
+    curve = circuit(store, sid, edges=[50, 0, 3, n_edges, 10, n_edges // 2])
+    assert curve["top_n"].to_list() == sizes and curve["circuit_id"].n_unique() == 1
+    cid = int(curve["circuit_id"][0])
+    recorded = store.query("SELECT top_n FROM circuits WHERE circuit_id = ?", [cid]).item()
+    assert recorded == n_edges  # the largest size is the recorded circuit
+    assert stored_curve(store, cid)["top_n"].to_list() == sizes
+    for row in curve.iter_rows(named=True):
+        alone = circuit(store, sid, edges=row["top_n"]).row(0, named=True)
+        assert alone["n_edges"] == row["n_edges"]
+        assert row["metric_value"] == pytest.approx(alone["metric_value"], abs=1e-5)
+        assert row["faithfulness"] == pytest.approx(alone["faithfulness"], abs=1e-5)
+    assert curve["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-5)
+    again = circuit(store, sid, edges=sizes)  # any order is the same question
+    assert again["circuit_id"].to_list() == [cid] * len(sizes)
+
+
+def test_cli_curve_and_bad_lists_refused_before_compute(setup):
+    store, _, _ = setup
+    sid = str(attribute(store, 1, "eap")["score_id"][0])
+    runner = CliRunner()
+    res = runner.invoke(main, ["circuit", str(store.path), "--scores", sid, "--edges", "0,5,20",
+                               "--format", "csv"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 4 and [line.split(",")[2] for line in lines[1:]] == ["0", "5", "20"]
+    before = store.query("SELECT count(*) FROM queries").item()
+    for edges, says in [("10,x", "comma-separated"), ("10,,20", "comma-separated"),
+                        ("-1,5", "0 or more"), ("5,3,5", "listed twice"),
+                        ("0,99999999", "the graph has")]:  # fmt: skip
+        bad = runner.invoke(main, ["circuit", str(store.path), "--scores", sid, "--edges", edges])
+        assert bad.exit_code == 2, (edges, bad.output)
+        assert says in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
+    assert store.query("SELECT count(*) FROM queries").item() == before
 
 
 def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):

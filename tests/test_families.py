@@ -28,6 +28,7 @@ from edge_reference import (
 )
 from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
+from tree_check import assert_tree_equals_dense
 
 import actstore
 from actstore.core.errors import UsageError
@@ -36,6 +37,7 @@ from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from actstore.model.architecture import Architecture
 from ingest.layout import resolve_hooks
 from queries.attribution import Graph, attribute, circuit, score_graph, top_edges
+from queries.attribution.edge_model import EdgeModel
 from queries.core.engine import Engine
 from queries.patching import compute_effects
 
@@ -257,6 +259,10 @@ def test_faithfulness_matches_masked_forward(fam):
     empty = circuit(fam.store, sid, edges=0).row(0, named=True)
     assert full["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     assert empty["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_tree_patching_equals_dense_edge_forward(fam):
+    assert_tree_equals_dense(fam.store, fam.store.run(1), EdgeModel(fam.model))
 
 
 def test_exact_edge_effects_match_hooked_forwards(fam):

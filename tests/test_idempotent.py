@@ -95,3 +95,33 @@ def test_every_query_verb_recomputes_on_request_and_the_newest_supersedes(store,
         assert new in current and old not in current, verb
     shown = set(s.sql("select distinct query_id from patch_effects")["query_id"])
     assert ids["patch"][1] in shown and ids["patch"][0] not in shown
+
+
+def test_an_ingest_validates_its_arguments_once(ioi_copy, monkeypatch):
+    """The CLI hands the arguments to ingest(), which checks them once: the argument checks,
+    the scale options (a scheduler's or an S3 server's probe) and the model spec (a hub probe)
+    each run one time, not once in the CLI and again in the runner and the loader."""
+    import actstore.model.adapter as adapter
+    import ingest.distributed as distributed
+    import ingest.preflight as preflight
+    import ingest.runner as runner
+
+    calls = {"check_ingest": 0, "check_scale_options": 0, "check_model_spec": 0}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    checks = [(preflight, "check_ingest"), (runner, "check_ingest"),
+              (distributed, "check_scale_options"), (runner, "check_scale_options"),
+              (preflight, "check_model_spec"), (adapter, "check_model_spec")]  # fmt: skip
+    for module, name in checks:
+        monkeypatch.setattr(module, name, counting(module, name))
+    res = ingest(ioi_copy)  # the model loads for real: its loader would check the spec again
+    assert res.exit_code == 0 and res.stdout.strip() == "1", res.output
+    assert calls == {"check_ingest": 1, "check_scale_options": 1, "check_model_spec": 1}

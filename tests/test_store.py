@@ -185,7 +185,8 @@ def test_a_query_on_an_older_store_migrates_it_and_records(ioi_copy):
     import duckdb
 
     con = duckdb.connect(str(ioi_copy / "catalog.duckdb"))
-    con.execute("DROP TABLE attention")  # what version 8 added
+    con.execute("DROP TABLE attention")  # what versions 8 and 9 added
+    con.execute("DROP TABLE head_scores")
     con.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     con.close()
     store = actstore.open(ioi_copy)

@@ -7,6 +7,7 @@ Every verb names its run `run`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -140,7 +141,7 @@ class ActStore(Store):
     def circuit(
         self,
         scores: int,
-        edges: int | None = None,
+        edges: int | Sequence[int] | None = None,
         faithfulness: float | None = None,
         prune: bool = True,
         device: str | None = None,
@@ -149,9 +150,9 @@ class ActStore(Store):
         metric: str | None = None,
         recompute: bool = False,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N or smallest reaching a faithfulness), its
-        faithfulness in the scores' metric or `metric`; with `workers` or `scheduler` its
-        faithfulness measurements run as Dask tasks."""
+        """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
+        smallest reaching a faithfulness), its faithfulness in the scores' metric or `metric`;
+        with `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,

@@ -194,16 +194,7 @@ def ingest(store: str, **kwargs) -> None:
       actstore ingest /tmp/s --model toy --task ioi --n 4096 --workers 2
       actstore ingest /tmp/s --model toy --task ioi --arrays-url s3://bucket/acts --workers 2
     """
-    from ingest.distributed import check_scale_options, start_forkserver
-    from ingest.preflight import check_ingest
-
-    checked = ("model", "task", "n", "dataset", "dtype", "batch_size", "device", "seed", "shard",
-               "hooks", "restart", "again")  # fmt: skip
-    check_ingest(store, **{k: kwargs[k] for k in checked})  # before torch is imported
-    scale = ("workers", "scheduler", "arrays_url", "shard")
-    check_scale_options(store, **{k: kwargs[k] for k in scale})
-    start_forkserver(kwargs["workers"], kwargs["scheduler"])  # importing torch takes a while
-    from ingest.runner import ingest as run_ingest
+    from ingest.runner import ingest as run_ingest  # torch-free: it checks before it loads
 
     if kwargs["shard"] is not None:
         part = run_ingest(store, **kwargs).to_dicts()[0]
@@ -721,7 +712,10 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 @main.command()
 @click.argument("store")
 @click.option("--scores", type=int, required=True, help="Edge score set id (actstore attribute).")
-@click.option("--edges", type=int, help="Take the top N edges by |score|.")
+@click.option(
+    "--edges", metavar="N[,N…]",
+    help="Take the top N edges by |score|; a list (0,10,50) measures every size in one pass.",
+)  # fmt: skip
 @click.option("--faithfulness", type=float, help="Smallest top-N circuit reaching this.")
 @click.option(
     "--prune/--no-prune", default=True, show_default=True,
@@ -740,16 +734,22 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     """Select a circuit from edge scores and measure its exact faithfulness.
 
     Faithfulness = (m(C) - m(corrupted)) / (m(model) - m(corrupted)), every edge outside C
-    carrying its corrupted value; one forward per circuit. The circuit's edges and the search's
-    faithfulness curve are in circuit_edges and faithfulness_curve.
+    carrying its corrupted value. A list of sizes prints one row per size, measured in one
+    pass; the largest is the recorded circuit. The circuit's edges and the measured sizes
+    (the list, or the search's) are in circuit_edges and faithfulness_curve.
 
     \b
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
+      actstore circuit /tmp/s --scores 1 --edges 0,10,50,100,500
       actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
       actstore circuit /tmp/s --scores 1 --edges 200 --metric accuracy
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
     """
+    from queries.attribution.circuits import parse_sizes
+
+    if kwargs["edges"] is not None:
+        kwargs["edges"] = parse_sizes(kwargs["edges"])
     write_rows(_open(store).circuit(**kwargs), fmt)
 
 

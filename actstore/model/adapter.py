@@ -477,9 +477,10 @@ def _silence_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def load_model(spec: str, device: str | None = None) -> ModelAdapter:
-    """Load a model by built-in name, local Hugging Face directory, or hub name."""
-    source = check_model_spec(spec)
+def load_model(spec: str, device: str | None = None, source: str | None = None) -> ModelAdapter:
+    """Load a model by built-in name, local Hugging Face directory, or hub name; `source` is
+    what check_model_spec said of `spec` when the caller checked it already."""
+    source = source or check_model_spec(spec)
     dev = resolve_device(device)
     _silence_transformers()
     from transformer_lens.model_bridge import TransformerBridge

@@ -3,8 +3,8 @@ faithfulness (`actstore circuit`).
 
 `graph` names the nodes and edges, `edge_model` runs the edge-patchable forward,
 `edge_batches` reads node outputs, `gradients` scores, `attribute` records score sets, `exact`
-patches every edge alone, `evaluate` measures a circuit's metric, `circuits` builds and records
-circuits.
+patches every edge alone, `tree` is the fast exact forward of circuits, `evaluate` measures
+circuits' metrics, `circuits` builds and records circuits.
 """
 
 from queries.attribution.attribute import attribute, resolve_params, stored_scores

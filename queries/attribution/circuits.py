@@ -19,6 +19,7 @@ bisection between the last two (assuming faithfulness grows with N; every point 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
@@ -83,10 +84,35 @@ def prune_dead(graph: Graph, mask: np.ndarray) -> np.ndarray:
     return mask & live_dst[None, :]
 
 
+def parse_sizes(text: str) -> int | list[int]:
+    """`--edges` as typed: 'N' is one circuit, 'N1,N2,…' a curve (checked by `check_sizes`)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise UsageError(
+            f"--edges {text!r}: give an edge count or comma-separated counts, e.g. 0,10,50"
+        ) from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def check_sizes(edges: int | Sequence[int]) -> int | list[int]:
+    """One size, or a list of distinct sizes (sorted): a curve measured in one pass."""
+    sizes = [edges] if isinstance(edges, int) else list(edges)
+    if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+        raise UsageError(f"--edges {edges!r}: give an edge count or a list of counts, e.g. 0,10,50")
+    if any(n < 0 for n in sizes):
+        raise UsageError(f"--edges {min(sizes)}: need 0 or more")
+    repeated = sorted({n for n in sizes if sizes.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--edges: {repeated[0]} is listed twice; give each size once")
+    return sizes[0] if len(sizes) == 1 else sorted(sizes)
+
+
 def circuit(
     store: Store,
     scores: int,
-    edges: int | None = None,
+    edges: int | Sequence[int] | None = None,
     faithfulness: float | None = None,
     prune: bool = True,
     device: str | None = None,
@@ -97,8 +123,11 @@ def circuit(
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
-    Faithfulness is measured in the score set's metric, or in `metric` (e.g. accuracy, which
-    attribution cannot score by, being without gradients).
+    `edges` may be a list of sizes: every size is measured in one pass over the run (one model,
+    each prompt batch read once), all of them land in `faithfulness_curve`, the largest is the
+    recorded circuit, and the frame has one row per size. Faithfulness is measured in the score
+    set's metric, or in `metric` (e.g. accuracy, which attribution cannot score by, being
+    without gradients).
 
     With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
     Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
@@ -106,16 +135,17 @@ def circuit(
     check_cluster(workers, scheduler)
     if (edges is None) == (faithfulness is None):
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
-    if edges is not None and edges < 0:
-        raise UsageError(f"--edges {edges}: need 0 or more")
+    if edges is not None:
+        edges = check_sizes(edges)
     if faithfulness is not None and not 0 < faithfulness <= 1:
         raise UsageError(
             f"--faithfulness {faithfulness}: give a fraction of the model's metric above 0 and at "
             "most 1 (e.g. 0.85)"
         )
     query, graph, values = score_graph(store, scores)
-    if edges is not None and edges > graph.n_edges:
-        raise UsageError(f"--edges {edges}: the graph has {graph.n_edges} edges")
+    sizes = [] if edges is None else [edges] if isinstance(edges, int) else edges
+    if sizes and sizes[-1] > graph.n_edges:
+        raise UsageError(f"--edges {sizes[-1]}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
     if metric is not None:
         check("--metric", metric, METRICS)
@@ -137,15 +167,19 @@ def circuit(
                 for n, mask, value in zip(todo, masks, ev.metric_of(masks), strict=True):
                     curve[n] = (mask, value)
 
-            if edges is not None:
-                measure([edges])
-                chosen = edges
+            if sizes:
+                measure(sizes)
+                chosen = sizes[-1]
             else:
                 chosen = _search(graph.n_edges, faithfulness, measure, curve, ev)
         return _result_frames(graph, values, scores, metric, params, curve, chosen, ev)
 
-    return recorded(store, "circuit", run, params, compute,
-                    lambda circuit_id: stored_circuit(store, circuit_id), recompute)  # fmt: skip
+    def read(circuit_id: int) -> pl.DataFrame:
+        if isinstance(edges, list):
+            return stored_sizes(store, circuit_id)
+        return stored_circuit(store, circuit_id)
+
+    return recorded(store, "circuit", run, params, compute, read, recompute)
 
 
 def _search(n_edges: int, target: float, measure, curve: dict, ev) -> int:
@@ -217,6 +251,16 @@ def stored_circuit(store: Store, circuit_id: int) -> pl.DataFrame:
     return store._trusted_query(
         "SELECT circuit_id, score_id, top_n, n_edges, faithfulness, metric, metric_value, "
         "clean_metric, corrupted_metric FROM circuits WHERE circuit_id = ?",
+        [circuit_id],
+    )
+
+
+def stored_sizes(store: Store, circuit_id: int) -> pl.DataFrame:
+    """A curve query's rows: the circuit's columns for every size on its curve."""
+    return store._trusted_query(
+        "SELECT c.circuit_id, c.score_id, f.top_n, f.n_edges, f.faithfulness, c.metric, "
+        "f.metric_value, c.clean_metric, c.corrupted_metric FROM faithfulness_curve f "
+        "JOIN circuits c USING (circuit_id) WHERE circuit_id = ? ORDER BY f.top_n",
         [circuit_id],
     )
 

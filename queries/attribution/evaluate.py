@@ -1,7 +1,9 @@
 """Exact faithfulness of circuits: the metric of a run with edges outside a circuit corrupted.
 
-One `EdgeModel` forward per circuit and prompt batch; the corrupted source outputs and the
-endpoints m(model), m(corrupted) (from the stored final logits) are read from the store. With a
+Each prompt batch is read once and every circuit asked for is tree-patched on it
+(queries/attribution/tree.py: the dense `EdgeModel` forward's numbers, computing only the nodes
+the circuit changes); the clean and corrupted node outputs and the endpoints m(model),
+m(corrupted) (from the stored final logits) are read from the store. With a
 Dask client each prompt batch is a task measuring every circuit asked for at once, and the
 batches' sums are added in batch order (queries/core/sweep.py).
 """
@@ -18,13 +20,15 @@ from actstore.core.store import Store
 from actstore.model.metrics import endpoints, from_logits, normalized
 from queries.attribution.edge_batches import check_run, edge_reader, open_run, read_batch
 from queries.attribution.edge_model import EdgeModel
+from queries.attribution.tree import TreePatcher
 from queries.core.reader import Reader, Span
 from queries.core.run_model import model_for_run
 from queries.core.sweep import in_order
 
 
 class Evaluator:
-    """Exact metric of circuits over a run: one forward per circuit and batch."""
+    """Exact metric of circuits over a run: each batch read once, one tree-patched forward per
+    circuit."""
 
     def __init__(
         self,
@@ -79,15 +83,18 @@ class Evaluator:
 def _span_metrics(
     model: EdgeModel, reader: Reader, span: Span, metric: str, masks: list[np.ndarray]
 ) -> list[float]:
-    """The metric summed over the span's prompts, per circuit mask."""
-    g, dev = model.graph, model.adapter.device
+    """The metric summed over the span's prompts, per circuit mask: the batch is read once and
+    every circuit is tree-patched on it (queries/attribution/tree.py)."""
     batch = read_batch(reader, span, model)
+    patcher = TreePatcher(model)
     sums = []
     with torch.no_grad():
+        tree = patcher.batch(batch.clean, batch.corrupted, batch.last)
+        targets = batch.targets
+        del batch
         for mask in masks:
-            dropped = torch.as_tensor(g.real & ~mask, dtype=torch.float32, device=dev)
-            run = model.run(batch.clean[:, :, 0], batch.last, batch.corrupted, dropped)
-            sums.append(float(from_logits(metric, run.logits, batch.targets).sum()))
+            logits = patcher.logits(tree, mask)
+            sums.append(float(from_logits(metric, logits, targets).sum()))
     return sums
 
 

@@ -181,7 +181,9 @@ class Engine:
         post = self.layers[layer].ln1_post
         return out if post is None else self.norm(out, post)
 
-    def head_outputs(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def head_outputs(
+        self, layer: int, z: torch.Tensor, heads: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each head's share of the attention's residual contribution, (…, heads, d_model), and
         the part no head owns, so that shares + rest = `attn_residual(attn_out(z))`.
 
@@ -189,9 +191,15 @@ class Engine:
         post-attention RMSNorm, out = w ⊙ o · rsqrt(mean(o²) + eps) with o = Σ_h o_h + b_O is
         linear in o for the layer's scale, so head h's share is w ⊙ (o_h + b_O/heads) times that
         scale: the shares still sum to the residual contribution, and nothing is left over.
+        `heads` (query head indices, z holding only theirs) is for families without a
+        post-norm, where a head's share does not depend on the other heads.
         """
         L = self.layers[layer]
         W_O = self.weights.layers[layer].W_O
+        if heads is not None:
+            if L.ln1_post is not None:
+                raise ValueError("under a post-attention norm every head's share needs all heads")
+            W_O = W_O[heads]
         per = torch.einsum("...hd,hdD->...hD", z, W_O)
         self.flops += 2.0 * z.numel() * W_O.shape[-1]
         if L.ln1_post is None:
@@ -346,27 +354,51 @@ class Engine:
         q = self.q(layer, normed, pos)
         return self.attend(layer, q[None], k[None], v[None], pos.expand(x.shape[0], -1), 0)[0]
 
-    def head_inputs_z(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def head_inputs_z(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        heads: torch.Tensor | None = None,
+        start: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """z (B, T, heads, d_head) when every query head reads its own q, k and v inputs
         x (B, T, 3·heads, D): query head h's key and value are its key/value head's weights
         applied to its own inputs, so heads that share a key/value head can be given different
-        key or value inputs (edge patching). With equal inputs this is `attention_z`."""
+        key or value inputs (edge patching). With equal inputs this is `attention_z`. `heads`
+        (query head indices) computes only those heads, x holding only their inputs; x may sit
+        at positions start.. after a prefix of keys and values (B, start, heads, d_head) per
+        query head (`query_head_kv`)."""
         w, L = self.weights.layers[layer], self.layers[layer]
-        H = self.n_heads
-        group = torch.arange(H, device=x.device) // self.arch.group_size
+        if heads is None:
+            heads = torch.arange(self.n_heads, device=x.device)
+        H = len(heads)
+        group = heads // self.arch.group_size
         normed = self.norm(x, L.ln1)
-        pos = torch.arange(x.shape[1], device=x.device)
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
 
         def project(part: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
             self.flops += 2.0 * part.numel() * weight.shape[-1]
             out = torch.einsum("bphd,hde->bphe", part, weight)
             return out if bias is None else out + bias
 
-        q = project(normed[:, :, :H], w.W_Q, w.b_Q)
-        k = project(normed[:, :, H : 2 * H], w.W_K[group], None if w.b_K is None else w.b_K[group])
-        v = project(normed[:, :, 2 * H :], w.W_V[group], None if w.b_V is None else w.b_V[group])
+        def of(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        q = project(normed[:, :, :H], w.W_Q[heads], of(w.b_Q, heads))
+        k = project(normed[:, :, H : 2 * H], w.W_K[group], of(w.b_K, group))
+        v = project(normed[:, :, 2 * H :], w.W_V[group], of(w.b_V, group))
         q, k = self.rotate(q, pos), self.rotate(k, pos)
-        return self.attend(layer, q[None], k[None], v[None], pos.expand(x.shape[0], -1), 0)[0]
+        q_pos = pos.expand(x.shape[0], -1)
+        return self.attend(layer, q[None], k[None], v[None], q_pos, start, prefix)[0]
+
+    def query_head_kv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values (B, T, heads, d_head), one copy per query head, of the
+        residual x (B, T, D) at positions 0..T-1: the prefix `head_inputs_z` attends to."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        k, v = self.kv(layer, self.ln1(layer, x), pos)
+        group = torch.arange(self.n_heads, device=x.device) // self.arch.group_size
+        return k[:, :, group], v[:, :, group]
 
     # ---- whole blocks ----------------------------------------------------------------------
 
