@@ -62,6 +62,7 @@ def test_every_query_verb_recomputes_on_request_and_the_newest_supersedes(store,
                      "--pos", "final"],
         "reduce": ["--run", "1", "--hook", hook],
         "path": ["--run", "1", "--senders", "a0.h1", "--receivers", "logits"],
+        "intervene": ["--run", "1", "--heads", "a1.h0", "--attend", "IO"],
     }  # fmt: skip
     ids = {}
     for verb, args in verbs.items():

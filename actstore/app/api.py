@@ -164,6 +164,13 @@ class ActStore(Store):
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
                        metric, recompute)  # fmt: skip
 
+    def intervene(self, run: int, heads: str, attend: str, **kwargs: Any) -> pl.DataFrame:
+        """Metric and accuracy before and after an attention intervention (see
+        `queries.paths.intervene`)."""
+        from queries.paths.intervene import intervene
+
+        return intervene(self, run, heads, attend, **kwargs)
+
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""
         from queries.patching import patch
