@@ -14,10 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The name of an edge as the overlap statistics and exports show it: src->dst, <q|k|v> if any.
-EDGE_NAME = "{src} || '->' || {dst} || coalesce('<' || {qkv} || '>', '')"
-# A head's node name, as in the edge graph: a{layer}.h{head}.
-HEAD_NODE = "'a' || {layer} || '.h' || {head}"
+from actstore.core.names import EDGE_NAME, HEAD_NODE
 
 
 def _param(column: str, key: str) -> str:

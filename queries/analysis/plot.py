@@ -19,6 +19,7 @@ import polars as pl
 
 from actstore.core.choices import PLOTS
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.names import head_node
 from actstore.core.output import refuse_inside_store, write_atomically
 from actstore.core.store import Store
 from queries.analysis import lookups
@@ -195,7 +196,7 @@ def plot_effects(
         cols, col_key = places, where
         row_key = [(r["layer"], r["head"]) for r in rows_dicts]
         row_label = "head"
-        row_names = [f"a{layer}.h{head}" for layer, head in rows]
+        row_names = [head_node(layer, head) for layer, head in rows]
         what = f"per-head, per-{col_label} patching effect"
     else:
         rows, cols = layers, places

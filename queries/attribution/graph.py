@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from actstore.core.names import INPUT, LOGITS, head_node, mlp_node
+
 QKV = ("q", "k", "v")
 
 
@@ -72,9 +74,9 @@ class Graph:
 
     @cached_property
     def forward_names(self) -> list[str]:
-        names = ["input"]
+        names = [INPUT]
         for layer in range(self.n_layers):
-            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + [f"m{layer}"]
+            names += [head_node(layer, h) for h in range(self.n_heads)] + [mlp_node(layer)]
         return names
 
     @cached_property
@@ -83,9 +85,9 @@ class Graph:
         names: list[tuple[str, str | None]] = []
         for layer in range(self.n_layers):
             for letter in QKV:
-                names += [(f"a{layer}.h{h}", letter) for h in range(self.n_heads)]
-            names.append((f"m{layer}", None))
-        names.append(("logits", None))
+                names += [(head_node(layer, h), letter) for h in range(self.n_heads)]
+            names.append((mlp_node(layer), None))
+        names.append((LOGITS, None))
         return names
 
     @cached_property

@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from actstore.core.errors import UsageError
+from actstore.core.names import EDGE_NAME
 from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
@@ -207,9 +208,9 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
     """A circuit's nodes (kind, layer, head) and edges (src, dst, qkv, name, score); an edge's
     score is the one its score set gave it."""
     edges = store._trusted_query(
-        """
+        f"""
         SELECT ce.src, ce.dst, ce.qkv,
-               ce.src || '->' || ce.dst || coalesce('<' || ce.qkv || '>', '') AS edge,
+               {EDGE_NAME.format(src="ce.src", dst="ce.dst", qkv="ce.qkv")} AS edge,
                coalesce(ce.score, s.score) AS score
         FROM circuit_edges ce JOIN circuits c USING (circuit_id)
              LEFT JOIN edge_scores s ON s.score_id = c.score_id AND s.src = ce.src
