@@ -22,7 +22,7 @@ DTYPES = ("float32", "float16")
 
 
 def check_ingest(
-    store: str | Path,
+    store: str | Path | Store,
     model: str | None,
     task: str | None,
     n: int | None,
@@ -71,8 +71,9 @@ def check_ingest(
         from ingest.shards import parse_shard
 
         parse_shard(shard)
-    path = local_dir(store)
+    given = store if isinstance(store, Store) else None  # a caller's store: its lock is shared
+    path = given.path if given is not None else local_dir(store)
     check_location(path, create=True)
     if (path / CATALOG).exists() and shard is None:
-        Store(path, create=True).check_writable()
+        (given or Store(path, create=True)).check_writable()
     return None if model is None else check_model_spec(model)

@@ -29,10 +29,11 @@ from actstore.model.adapter import load_model
 COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
 
-def repair(store_path: str | Path, run_id: int | None = None, device: str | None = None):
+def repair(store_path: str | Path | Store, run_id: int | None = None, device: str | None = None):
     """Rewrite every damaged or missing chunk that can be recomputed; one row per chunk, plus
-    rows for what was cleaned up, restored or invalidated on the way."""
-    store = Store(store_path)
+    rows for what was cleaned up, restored or invalidated on the way. Given a Store, its writer
+    lock is shared (a caller inside `with store.writer():`)."""
+    store = store_path if isinstance(store_path, Store) else Store(store_path)
     rows: list[dict[str, Any]] = []
     with store.writer():
         rows.extend(_restore_metadata(store, run_id))

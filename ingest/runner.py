@@ -67,7 +67,7 @@ from ingest.tasks import get_task
 
 
 def ingest(
-    store_path: str | Path,
+    store_path: str | Path | Store,
     model: str | ModelAdapter = "toy",
     task: str | None = None,
     n: int | None = None,
@@ -98,9 +98,12 @@ def ingest(
     or `scheduler` the batches run as tasks on dask.distributed (see ingest.distributed);
     `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
     """
+    given = store_path if isinstance(store_path, Store) else None  # its writer lock is shared
+    if given is not None:
+        store_path = given.location
     spec = model if isinstance(model, str) else None
-    source = check_ingest(store_path, spec, task, n, dataset, dtype, batch_size, device, seed,
-                          shard, hooks, restart, again)  # fmt: skip
+    source = check_ingest(given or store_path, spec, task, n, dataset, dtype, batch_size, device,
+                          seed, shard, hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
     check_scale_options(store_path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
@@ -109,7 +112,7 @@ def ingest(
     existing = (store_path / CATALOG).exists()
     # create=True finishes creating a store whose first ingest was killed early; a valid store
     # is opened as it is (nothing is written before the inputs are checked).
-    store = Store(store_path, create=True) if existing else None
+    store = given or (Store(store_path, create=True) if existing else None)
     with ExitStack() as held:
         if store is not None and part is None:
             held.enter_context(store.writer())

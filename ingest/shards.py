@@ -163,10 +163,14 @@ def ingest_shard(
 # ---- merge ---------------------------------------------------------------------------------
 
 
-def merge(location: str | Path) -> pl.DataFrame:
+def merge(location: str | Path | Store) -> pl.DataFrame:
     """Fold every shard manifest into the catalog; one row per sharded run with its status.
 
-    With nothing left to merge, the runs merged before are listed (a rerun is a no-op)."""
+    With nothing left to merge, the runs merged before are listed (a rerun is a no-op). Given a
+    Store, its writer lock is shared (a caller inside `with store.writer():`)."""
+    given = location if isinstance(location, Store) else None
+    if given is not None:
+        location = given.location
     store_dir = local_dir(location)
     groups = sorted((store_dir / MANIFESTS).glob("run-*")) if store_dir.is_dir() else []
     merged = sorted((store_dir / MANIFESTS / MERGED).glob("run*-*")) if store_dir.is_dir() else []
@@ -176,7 +180,7 @@ def merge(location: str | Path) -> pl.DataFrame:
             "first"
         )
     # the catalog is created here when only shards have written so far
-    store = Store(location, create=True)
+    store = given or Store(location, create=True)
     with store.writer("actstore merge"):
         if not groups:
             return pl.DataFrame([_merged_row(store, archive) for archive in merged])

@@ -19,7 +19,13 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from edge_reference import eap_scores, hooked_circuit_metric, hooked_edge_effects, sample_edges
+from edge_reference import (
+    eap_scores,
+    hooked_circuit_metric,
+    hooked_edge_effects,
+    logit_diff,
+    sample_edges,
+)
 from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
 from tree_check import assert_tree_equals_dense
@@ -30,7 +36,7 @@ from actstore.core.store import Store
 from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from actstore.model.architecture import Architecture
 from ingest.layout import resolve_hooks
-from queries.attribution import attribute, circuit, score_graph, top_edges
+from queries.attribution import Graph, attribute, circuit, score_graph, top_edges
 from queries.attribution.edge_model import EdgeModel
 from queries.core.engine import Engine
 from queries.patching import compute_effects
@@ -268,6 +274,44 @@ def test_exact_edge_effects_match_hooked_forwards(fam):
     want = np.array(list(expected.values()))
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose([values[c] for c in expected], want, atol=1e-4, rtol=0)
+
+
+def test_path_patching_matches_direct_path(fam):
+    """One receiver per row: equal to a hooked forward of the corrupted run adding the sender's
+    clean − corrupted output to that one input (the split-input reference: per query head under
+    grouped-query attention), and to TransformerLens' get_act_patch_direct_path for q wherever
+    it runs (it refuses post-norm and parallel blocks and k/v under grouped-query attention)."""
+    import transformer_lens.patching as tlp
+
+    from queries.paths import path
+
+    rows = path(fam.store, 1, "a0.h1", "a*.*:q,a2.*:k,a1.*:v,m1,logits")
+    swapped = dict(fam.data, clean=fam.data["corrupted"], corrupted=fam.data["clean"])
+    graph = Graph.of(fam.model.architecture)
+    cells = {(r["receiver"], r["qkv"]): graph.cell_of("a0.h1", r["receiver"], r["qkv"])
+             for r in rows.iter_rows(named=True)}  # fmt: skip
+    effects = hooked_edge_effects(fam.reference, swapped, list(cells.values()))
+    with torch.no_grad():
+        base = float(logit_diff(fam.reference.hooked_logits(fam.data["corrupted"]), fam.data))
+    got = {(r["receiver"], r["qkv"]): r["value"] for r in rows.iter_rows(named=True)}
+    for key, cell in cells.items():
+        assert got[key] == pytest.approx(base + effects[cell], abs=1e-4), key
+    assert max(abs(v) for v in effects.values()) > 1e-4
+    _, clean_cache = fam.model.run_with_cache(fam.data["clean"])
+    _, corrupted_cache = fam.model.run_with_cache(fam.data["corrupted"])
+    with torch.no_grad():
+        try:
+            tl = tlp.get_act_patch_direct_path(
+                fam.model.bridge, fam.data["corrupted"], clean_cache, corrupted_cache,
+                lambda logits: logit_diff(logits, fam.data), 0, 1, "q", verbose=False,
+            )  # fmt: skip
+        except (ValueError, NotImplementedError):
+            assert fam.name in ("gemma2", "gpt_neox", "gptj")  # post-norm, parallel blocks
+            return
+    for layer in range(1, graph.n_layers):
+        for head in range(graph.n_heads):
+            want = float(tl[layer, head])
+            assert got[(f"a{layer}.h{head}", "q")] == pytest.approx(want, abs=1e-4)
 
 
 # ---- subspace and reductions --------------------------------------------------------------

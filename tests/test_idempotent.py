@@ -62,6 +62,7 @@ def test_every_query_verb_recomputes_on_request_and_the_newest_supersedes(store,
                      "--pos", "final"],
         "reduce": ["--run", "1", "--hook", hook],
         "path": ["--run", "1", "--senders", "a0.h1", "--receivers", "logits"],
+        "intervene": ["--run", "1", "--heads", "a1.h0", "--attend", "IO"],
     }  # fmt: skip
     ids = {}
     for verb, args in verbs.items():
@@ -124,3 +125,18 @@ def test_an_ingest_validates_its_arguments_once(ioi_copy, monkeypatch):
     res = ingest(ioi_copy)  # the model loads for real: its loader would check the spec again
     assert res.exit_code == 0 and res.stdout.strip() == "1", res.output
     assert calls == {"check_ingest": 1, "check_scale_options": 1, "check_model_spec": 1}
+
+
+def test_ingest_repair_and_merge_work_inside_the_writer(ioi_copy, session_ingest):
+    """A script holding the writer lock (`with store.writer():`) can ingest, repair and merge
+    through the same store object: they share its lock instead of refusing it as another
+    writer's."""
+    from actstore.core.errors import UsageError
+
+    store = actstore.open(ioi_copy)
+    with store.writer("a script"):
+        row = store.ingest(model="toy-random", task="ioi", n=20, batch_size=8)
+        assert row.select("run_id", "outcome").rows() == [(1, "existing")]
+        assert store.repair(1).height == 0  # nothing damaged
+        with pytest.raises(UsageError, match="no shard manifests"):
+            store.merge()

@@ -185,3 +185,95 @@ def test_cli_prints_rows_and_repeats_from_the_store(run):
     assert len(lines) == 1 + 16
     again = CliRunner().invoke(main, args)
     assert again.stdout == res.stdout
+
+
+# ---- attention interventions ------------------------------------------------------------
+
+
+def hooked_intervention(adapter, data, heads, attend, at, weight) -> torch.Tensor:
+    """Final-position logits of the clean run with each chosen head's hook_pattern row at `at`
+    set to (1 − w)·own + w·one-hot(attend), by the bridge's own forward."""
+    rows = torch.arange(len(at))
+
+    def edit(heads_of):
+        def fn(pattern, hook):
+            pattern = pattern.clone()
+            for h in heads_of:
+                own = pattern[rows, h, at]
+                one_hot = torch.zeros_like(own)
+                one_hot[rows, attend] = 1.0
+                pattern[rows, h, at] = (1 - weight) * own + weight * one_hot
+            return pattern
+
+        return fn
+
+    layers = sorted({la for la, _ in heads})
+    hooks = [(f"blocks.{la}.attn.hook_pattern", edit([h for l2, h in heads if l2 == la]))
+             for la in layers]  # fmt: skip
+    with torch.no_grad():
+        logits = adapter.hooked_logits(data["clean"], hooks)
+    return logits[rows, data["last"]]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.4])
+def test_intervention_equals_a_hook_pattern_edit(run, weight):
+    from actstore.core.roles import positions
+    from queries.paths.intervene import intervene
+
+    store, adapter, data = run
+    rows = intervene(store, 1, "a1.h2,a3.h0,a3.h3", attend="IO", weight=weight)
+    assert rows.height == 1 + 8 and rows["prompt_idx"][0] is None
+    where = positions(store, 1, ["IO", "END"])
+    final = hooked_intervention(adapter, data, [(1, 2), (3, 0), (3, 3)],
+                                torch.as_tensor(where[:, 0]), torch.as_tensor(where[:, 1]),
+                                weight)  # fmt: skip
+    i = torch.arange(8)
+    diff = (final[i, data["answer"]] - final[i, data["wrong"]]).numpy()
+    per = rows.filter(rows["prompt_idx"].is_not_null()).sort("prompt_idx")
+    np.testing.assert_allclose(per["value_after"].to_numpy(), diff, atol=1e-4)
+    clean = store.prompts(1)["clean_logit_diff"].to_numpy()
+    np.testing.assert_allclose(per["value_before"].to_numpy(), clean, atol=1e-4)
+    assert np.abs(diff - clean).max() > 1e-3  # the edit changes the output
+    np.testing.assert_array_equal(per["accuracy_after"].to_numpy(), (diff > 0).astype(float))
+    np.testing.assert_array_equal(per["accuracy_before"].to_numpy(), (clean > 0).astype(float))
+    total = rows.row(0, named=True)
+    assert total["value_after"] == pytest.approx(float(diff.mean()), abs=1e-4)
+    assert total["accuracy_after"] == pytest.approx(float((diff > 0).mean()))
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--heads", "a1.h9", "--attend", "IO"], "no head 9"),
+        (["--heads", "a1.h0", "--attend", "NOPE"], "NOPE"),
+        (["--heads", "a1.h0", "--attend", "END", "--at", "IO"], "comes after --at IO"),
+        (["--heads", "a1.h0", "--attend", "IO", "--weight", "1.5"], "--weight 1.5"),
+    ],
+)
+def test_bad_interventions_are_refused_before_any_compute(run, args, expect):
+    store, _, _ = run
+    before = store.query("SELECT count(*) AS n FROM queries")["n"].item()
+    res = CliRunner().invoke(main, ["intervene", str(store.path), "--run", "1", *args])
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and len(res.output.strip().splitlines()) == 1
+    assert store.query("SELECT count(*) AS n FROM queries")["n"].item() == before
+
+
+def test_a_catalog_of_the_previous_schema_answers_a_new_query(run, tmp_path):
+    """An uncached query migrates an older catalog before it records (no write inside the
+    lookup's read)."""
+    import shutil
+
+    import duckdb
+
+    from actstore.core.catalog import SCHEMA_VERSION
+
+    store, _, _ = run
+    old = shutil.copytree(store.path, tmp_path / "old")
+    con = duckdb.connect(str(old / "catalog.duckdb"))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION - 1])
+    con.close()
+    rows = path(Store(old), 1, "m2", "logits", direction="noise")
+    assert rows.height == 1
+    version = Store(old).query("SELECT value FROM meta WHERE key = 'schema_version'").item()
+    assert version == str(SCHEMA_VERSION)

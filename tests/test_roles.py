@@ -398,3 +398,21 @@ def test_role_heatmap_axis_names_the_roles(ioi_copy, toy_random, tmp_path, monke
     assert seen["x"] == "role" and seen["ticks"] == ["IO", "S1", "S2", END]
     assert seen["title"] == "ioi: patching effect (role × layer)"
     assert (tmp_path / "roles.png").stat().st_size > 0
+
+
+def test_report_heatmap_of_a_role_query_has_role_columns(ioi_copy, toy_random, tmp_path):
+    import json as js
+    import re
+
+    from queries.analysis.report import report
+    from queries.patching import patch
+
+    store = Store(ioi_copy)
+    query = int(patch(store, 1, "resid", positions="S2,IO,END", model=toy_random)["query_id"][0])
+    contents = report(store, tmp_path / "r.html")
+    element = contents.filter(contents["source_id"] == query)["element_id"].item()
+    html = (tmp_path / "r.html").read_text()
+    specs = js.loads(re.search(r"const charts = (\{.*?\});\n", html, flags=re.S).group(1))
+    x = specs[element]["layer"][0]["encoding"]["x"] if "layer" in specs[element] else None
+    x = x or specs[element]["encoding"]["x"]
+    assert x["title"] == "role" and x["sort"] == ["S2", "IO", END]

@@ -145,3 +145,34 @@ def test_object_store_errors_are_one_line(tmp_path, s3_server, case, env, code, 
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
     assert message in res.stderr
     assert not store.exists()  # refused before the store was touched
+
+
+def test_a_query_reads_each_arrays_metadata_once(s3_store, toy_random, monkeypatch):
+    """The reader opens each (side, hook) array once per query, not once per span: counted at
+    the S3 client, the array's zarr.json is requested by one open however many spans are read,
+    then per chunk its existence and its bytes (each chunk still checked against the ledger)."""
+    import s3fs
+
+    from actstore.core.store import Store
+    from queries.core.engine import Engine
+    from queries.core.reader import Reader
+
+    requests: list[str] = []
+    for name in ("_cat_file", "_exists", "_info", "_cat_ranges", "_ls"):
+        real = getattr(s3fs.S3FileSystem, name)
+
+        async def counted(self, path, *args, _real=real, **kwargs):
+            requests.append(str(path))
+            return await _real(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, name, counted)
+    store = Store(s3_store)
+    reader = Reader(store, 1, "cpu", Engine.from_adapter(toy_random))
+    spans = list(reader.spans())
+    requests.clear()
+    for span in spans:
+        reader.tensor("clean", "blocks.0.attn.hook_z", span)
+    opened = [key for key in requests if key.endswith("hook_z/zarr.json")]
+    chunks = [key for key in requests if "hook_z/c/" in key]
+    assert len(spans) == 3 and len(opened) == 2, requests  # one open (its check and its read)
+    assert len(chunks) == 2 * len(spans), requests  # per chunk: exists, then its bytes

@@ -23,7 +23,13 @@ class ActStore(Store):
         """Ingest a task or dataset into this store (see `ingest.runner.ingest`)."""
         from ingest.runner import ingest
 
-        return ingest(self.path, **kwargs)
+        return ingest(self, **kwargs)
+
+    def merge(self) -> pl.DataFrame:
+        """Fold sharded ingests' manifests into the catalog (see `ingest.shards.merge`)."""
+        from ingest.shards import merge
+
+        return merge(self)
 
     def read(
         self,
@@ -113,7 +119,7 @@ class ActStore(Store):
         """Recompute damaged chunks from the run's recorded parameters (needs the model)."""
         from ingest.repair import repair
 
-        return repair(self.path, run, device)
+        return repair(self, run, device)
 
     # ---- attribution and circuits (queries/attribution) ------------------------------------
 
@@ -157,6 +163,13 @@ class ActStore(Store):
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
                        metric, recompute)  # fmt: skip
+
+    def intervene(self, run: int, heads: str, attend: str, **kwargs: Any) -> pl.DataFrame:
+        """Metric and accuracy before and after an attention intervention (see
+        `queries.paths.intervene`)."""
+        from queries.paths.intervene import intervene
+
+        return intervene(self, run, heads, attend, **kwargs)
 
     def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
         """Activation patching effects of a run (see `queries.patching.patch`)."""

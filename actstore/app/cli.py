@@ -852,5 +852,37 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
     write_rows(path_patching(_open(store), run, positions=roles, **kwargs), fmt)
 
 
+@main.command()
+@click.argument("store")
+@RUN
+@click.option("--heads", required=True, help="a{L}.h{H} or a{L}.*, comma-separated.")
+@click.option("--attend", required=True, help="The role the heads attend to (e.g. IO).")
+@click.option("--at", default="END", show_default=True,
+              help="The role whose attention is edited (the query position).")  # fmt: skip
+@click.option("--weight", type=float, default=1.0, show_default=True,
+              help="W: attention becomes (1-W)*own + W*one-hot(attend).")  # fmt: skip
+@click.option(
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
+    show_default=True,
+)  # fmt: skip
+@RECOMPUTE
+@DEVICE
+@FORMAT
+def intervene(store: str, run: int, fmt: str, **kwargs) -> None:
+    """Edit heads' attention and recompute downstream (Merullo et al.'s repair).
+
+    At each prompt's --at position the chosen heads' attention becomes (1-W) times their own
+    plus W on the --attend role. Prints interventions(query_id, prompt_idx, metric,
+    value_before, value_after, accuracy_before, accuracy_after): first the run (prompt_idx
+    empty: means, accuracy the share of prompts right), then each prompt.
+
+    \b
+    Example:
+      actstore intervene /tmp/s --run 1 --heads a2.h1,a3.h0 --attend IO
+      actstore intervene /tmp/s --run 1 --heads a3.* --attend S2 --weight 0.5 --format csv
+    """
+    write_rows(_open(store).intervene(run, **kwargs), fmt)
+
+
 if __name__ == "__main__":
     main()

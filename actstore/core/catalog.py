@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -144,6 +144,13 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE head_scores (
             query_id INTEGER, layer INTEGER, head INTEGER, class VARCHAR, side VARCHAR,
             value DOUBLE)""",
+    ],
+    # Version 10: attention interventions (queries/paths/intervene.py): per prompt and, with
+    # prompt_idx NULL, for the run: the metric and accuracy before and after.
+    [
+        """CREATE TABLE IF NOT EXISTS interventions (
+            query_id INTEGER, prompt_idx INTEGER, metric VARCHAR, value_before DOUBLE,
+            value_after DOUBLE, accuracy_before DOUBLE, accuracy_after DOUBLE)""",
     ],
 ]
 

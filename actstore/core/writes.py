@@ -43,6 +43,7 @@ RESULT_ID = {
     "attention": "query_id",
     "head_scores": "query_id",
     "path_effects": "query_id",
+    "interventions": "query_id",
 }
 # Every column by which a result table refers to a query (a curve names its circuit and scores).
 QUERY_ID_COLUMNS = ("query_id", "score_id", "circuit_id")

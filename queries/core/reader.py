@@ -22,6 +22,7 @@ import torch
 from actstore.core.choices import SIDES
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
+from actstore.core.verified import VerifiedArray
 from actstore.model.derivable import TOKENS
 from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
@@ -76,6 +77,9 @@ class Reader:
         self.sets = answer_arrays(self.prompts)
         self.derived = set(self.run["params"].get("derived", []))
         self._derivations: dict[tuple, Derivation] = {}
+        # Each (side, hook) array opened once per reader, i.e. per query: its metadata is read
+        # once, not per span; every chunk read through it is still checked against the ledger.
+        self._arrays: dict[tuple[str, str], VerifiedArray] = {}
 
     def require(self, hooks: Iterable[str], what: str) -> None:
         """Refuse before any work when a side lacks a hook that `what` reads."""
@@ -120,7 +124,10 @@ class Reader:
     def _stored(
         self, side: str, hook: str, span: Span, positions: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        data = self.store.read(self.run_id, side, hook, span.lo, span.hi)
+        array = self._arrays.get((side, hook))
+        if array is None:
+            array = self._arrays[(side, hook)] = self.store.array(self.run_id, side, hook)
+        data = array[span.lo : span.hi]
         if span.rows is not None:
             data = data[span.rows - span.lo]
         if positions is not None:

@@ -28,9 +28,10 @@ def recorded(
 ) -> pl.DataFrame:
     """`read(query_id)` of the query (kind, run, params): found in the catalog unless
     `recompute`, else `compute()`'s result tables recorded with its wall time."""
-    with store.reading():
-        latest = latest_query_id(store)  # before the look: whatever is recorded later is newer
-        found = find_query(store, kind, run, params, recompute)
+    # not inside one reading() block: an uncached query checks that it can write, which
+    # migrates a catalog of an older schema first, and a write cannot run inside a read
+    latest = latest_query_id(store)  # before the look: whatever is recorded later is newer
+    found = find_query(store, kind, run, params, recompute)
     if found is not None:
         return read(found)
     # A read-only store, or an ingest holding the writer lock, fails here at once rather than

@@ -21,10 +21,9 @@ from actstore.core.choices import DIRECTIONS, METRICS, check
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
 from actstore.core.store import Store
-from actstore.model.architecture import Architecture
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
-from queries.paths.spec import Shape, pairs, parse_receivers, parse_senders
+from queries.paths.spec import Shape, pairs, parse_receivers, parse_senders, run_shape
 
 KIND = "path"
 COLUMNS = ["query_id", "sender", "receiver", "qkv", "role", "metric", "value", "normalized"]
@@ -43,16 +42,7 @@ def check_path(
     a one-line UsageError otherwise."""
     check("--metric", metric, METRICS)
     check("--direction", direction, DIRECTIONS)
-    with store.reading():
-        info = store.run(run)
-        rows = store._trusted_query(
-            "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [info["model"]]
-        )
-    if not rows.height:
-        raise UsageError(f"run {run}: its model {info['model']!r} is not recorded in the store")
-    arch = rows["architecture"][0]
-    parallel = arch is not None and Architecture.from_json(arch).parallel
-    shape = Shape(int(rows["n_layers"][0]), int(rows["n_heads"][0]), parallel)
+    shape = run_shape(store, run)
     sent, explicit = parse_senders(senders, shape)
     chosen = pairs(sent, explicit, parse_receivers(receivers, shape), shape.parallel)
     if positions is not None:

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 
 from actstore.core.errors import UsageError
+from actstore.core.store import Store
+from actstore.model.architecture import Architecture
 
 QKV = ("q", "k", "v")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
@@ -96,6 +98,34 @@ def parse_senders(text: str, shape: Shape) -> tuple[list[Node], bool]:
         else:
             raise UsageError(f"--senders {item}: give a{{L}}.h{{H}}, a{{L}}.*, m{{L}} or all")
     return sorted(set(out), key=_order), explicit
+
+
+def parse_heads(text: str, shape: Shape) -> list[Node]:
+    """Heads named `a{L}.h{H}` or `a{L}.*`, comma-separated, in graph order."""
+    out: list[Node] = []
+    for item in _items(text, "--heads"):
+        if m := _HEAD.match(item):
+            out.append(_head(shape, int(m[1]), int(m[2]), item))
+        elif m := _LAYER_HEADS.match(item):
+            layer = _layer(shape, int(m[1]), item)
+            out += [Node("a", layer, h) for h in range(shape.n_heads)]
+        else:
+            raise UsageError(f"--heads {item}: give heads as a{{L}}.h{{H}} or a{{L}}.*")
+    return sorted(set(out), key=_order)
+
+
+def run_shape(store: Store, run: int) -> Shape:
+    """The shape of the run's model as the catalog records it (no model loaded)."""
+    with store.reading():
+        info = store.run(run)
+        rows = store._trusted_query(
+            "SELECT n_layers, n_heads, architecture FROM models WHERE model = ?", [info["model"]]
+        )
+    if not rows.height:
+        raise UsageError(f"run {run}: its model {info['model']!r} is not recorded in the store")
+    arch = rows["architecture"][0]
+    parallel = arch is not None and Architecture.from_json(arch).parallel
+    return Shape(int(rows["n_layers"][0]), int(rows["n_heads"][0]), parallel)
 
 
 def parse_receivers(text: str, shape: Shape) -> list[Receiver]:
