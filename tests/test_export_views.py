@@ -27,10 +27,23 @@ def read_back(path, fmt: str, schema: pl.Schema) -> pl.DataFrame:
     return READERS[fmt](path, schema=schema)
 
 
+@pytest.fixture(scope="module")
+def every_view_store(hand_store, tmp_path_factory):
+    """The hand store with rows for every view: path, attention, head-class and two score sets
+    of one run added to a copy."""
+    import shutil
+
+    import handbuilt
+
+    path = shutil.copytree(hand_store[0], tmp_path_factory.mktemp("views") / "store")
+    handbuilt.add_path_attention_and_exact(Store(path))
+    return path
+
+
 @pytest.mark.parametrize("fmt", FILE_FORMATS)
 @pytest.mark.parametrize("name", ["effects", "edge_scores", "queries", *VIEWS])
-def test_table_and_view_round_trip(hand_store, tmp_path, name, fmt):
-    store = Store(hand_store[0])
+def test_table_and_view_round_trip(every_view_store, tmp_path, name, fmt):
+    store = Store(every_view_store)
     out = tmp_path / f"{name}.{fmt}"
     df = store.export(table=name, fmt=fmt, out=str(out))
     assert df.height > 0

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from older import as_version
 from test_cli import snapshot
 from test_verify import chunk_path, session_model  # noqa: F401 (a fixture)
 
@@ -168,10 +168,7 @@ def test_root_metadata_lost_or_garbage_stops_reads_and_is_restored(store, how):
 
 def older_catalog(store) -> None:
     """Make the store's catalog a version-4 one: no metadata documents recorded."""
-    con = duckdb.connect(str(store / "catalog.duckdb"))
-    con.execute("ALTER TABLE arrays DROP COLUMN metadata")
-    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
-    con.close()
+    as_version(store, 4)
 
 
 def test_an_older_catalog_checks_metadata_and_records_it_on_its_next_write(store):

@@ -213,7 +213,7 @@ def test_cached_patch_answers_without_torch(ioi_copy, toy_random):
     args = ["patch", str(ioi_copy), "--run", "1", "--component", "mlp-out", "--format", "csv"]
     check = _without_torch(args)
     assert check.returncode == 0, check.stderr
-    header = "query_id,layer,head,pos,metric,value,normalized,importance"
+    header = "query_id,layer,head,pos,role,metric,value,normalized,importance"
     assert check.stdout.splitlines()[0] == header
     printed = io.StringIO()
     write_rows(frame, "csv", printed)
@@ -227,7 +227,7 @@ def test_cli_repeat_is_fast_without_torch(ioi_copy):
     assert first.returncode == 0, first.stderr
     assert "torch" in _imported(first)  # the first call computes
     header = first.stdout.splitlines()[0]
-    assert header == "query_id,layer,head,pos,metric,value,normalized,importance"
+    assert header == "query_id,layer,head,pos,role,metric,value,normalized,importance"
     again, cpu = _timed(*args)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert not {m for m in _imported(again) if m.split(".")[0] in ("torch", "transformer_lens")}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from edge_reference import logit_diff, node_outputs
+from older import as_version
 
 from actstore.app.cli import main
 from actstore.core.store import Store
@@ -264,15 +265,11 @@ def test_a_catalog_of_the_previous_schema_answers_a_new_query(run, tmp_path):
     lookup's read)."""
     import shutil
 
-    import duckdb
-
     from actstore.core.catalog import SCHEMA_VERSION
 
     store, _, _ = run
     old = shutil.copytree(store.path, tmp_path / "old")
-    con = duckdb.connect(str(old / "catalog.duckdb"))
-    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION - 1])
-    con.close()
+    as_version(old, SCHEMA_VERSION - 1)
     rows = path(Store(old), 1, "m2", "logits", direction="noise")
     assert rows.height == 1
     version = Store(old).query("SELECT value FROM meta WHERE key = 'schema_version'").item()

@@ -11,6 +11,7 @@ import shutil
 import duckdb
 import numpy as np
 import pytest
+from older import as_version
 from tokenizers_for_tests import bpe_view, toy_view
 
 from actstore.core.errors import UsageError
@@ -192,15 +193,13 @@ def test_ingested_roles_are_catalog_rows(ioi_store):
 def _as_before_roles(path, version: int = 3) -> None:
     """Make a store look as an actstore before roles wrote it: no prompt_roles table, no roles
     in the run's parameters, schema `version`."""
+    from actstore.core.catalog import SCHEMA_VERSION
+
+    as_version(path, min(version, SCHEMA_VERSION - 1))  # every table and column added since
     con = duckdb.connect(str(path / "catalog.duckdb"))
-    con.execute("DROP TABLE prompt_roles")
-    if version == 3:  # the columns and tables later versions added
-        con.execute("ALTER TABLE arrays DROP COLUMN metadata")
-        con.execute("ALTER TABLE effects DROP COLUMN role")
-        con.execute("DROP TABLE path_effects")
-        con.execute("DROP TABLE attention")
-        con.execute("DROP TABLE head_scores")
-    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+    if version == SCHEMA_VERSION:  # the current schema, without the roles table
+        con.execute("DROP TABLE IF EXISTS prompt_roles")
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
     (params,) = con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0]
     old = json.loads(params)
     del old["roles"]

@@ -182,13 +182,9 @@ def test_opening_an_older_store_to_read_writes_nothing(tmp_path):
 def test_a_query_on_an_older_store_migrates_it_and_records(ioi_copy):
     """The first uncached query on a store whose catalog an older actstore wrote migrates it
     (under the writer, outside the query's reads) and records its result."""
-    import duckdb
+    from older import as_version
 
-    con = duckdb.connect(str(ioi_copy / "catalog.duckdb"))
-    con.execute("DROP TABLE attention")  # what versions 8 and 9 added
-    con.execute("DROP TABLE head_scores")
-    con.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
-    con.close()
+    as_version(ioi_copy, 7)
     store = actstore.open(ioi_copy)
     effects = store.patch(1, component="head")
     assert effects.height == 16 and effects["value"].is_finite().all()

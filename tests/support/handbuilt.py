@@ -188,6 +188,52 @@ def build(path: Path) -> dict[str, int]:
     return ids
 
 
+def add_path_attention_and_exact(store: Store) -> dict[str, int]:
+    """Rows for the views of the later query families, on top of `build`'s: a path query and an
+    attention and head-class query of run 1, and two edge score sets of run 3 (EAP and exact
+    effects) on the same edges, for the views that compare score sets."""
+    path_rows = pl.DataFrame(
+        [("a0.h1", "a2.h3", "q", "END", "logit-diff", 1.4, 0.2),
+         ("m1", "a2.h3", "q", "END", "logit-diff", 1.1, -0.05),
+         ("a0.h1", "logits", None, "END", "logit-diff", 1.6, 0.3)],
+        schema={"sender": pl.String, "receiver": pl.String, "qkv": pl.String, "role": pl.String,
+                "metric": pl.String, "value": pl.Float64, "normalized": pl.Float64},
+        orient="row",
+    )  # fmt: skip
+    ids = {"path1": record_query(
+        store, "path", 1, {"senders": "all", "receivers": "a2.h3:q,logits", "direction": "denoise"},
+        0.1, {"path_effects": path_rows},
+    )}  # fmt: skip
+    attention = pl.DataFrame(
+        [(layer, head, "END", "IO", "clean", 0.1 * (layer * N_HEADS + head) / 12)
+         for layer in range(N_LAYERS) for head in range(N_HEADS)],
+        schema={"layer": pl.Int32, "head": pl.Int32, "from_role": pl.String,
+                "to_role": pl.String, "side": pl.String, "value": pl.Float64},
+        orient="row",
+    )  # fmt: skip
+    ids["attention1"] = record_query(store, "attention", 1, {"from": "END", "to": ["IO"]}, 0.1,
+                                     {"attention": attention})  # fmt: skip
+    classes = pl.DataFrame(
+        [(layer, head, name, "clean", 0.05 * (layer + head + i))
+         for layer in range(N_LAYERS) for head in range(N_HEADS)
+         for i, name in enumerate(["previous-token", "duplicate-token", "induction"])],
+        schema={"layer": pl.Int32, "head": pl.Int32, "class": pl.String, "side": pl.String,
+                "value": pl.Float64},
+        orient="row",
+    )  # fmt: skip
+    ids["heads1"] = record_query(store, "heads", 1, {}, 0.1, {"head_scores": classes})
+    for method, scale in [("eap", 1.0), ("exact", 0.8)]:
+        scores = edge_scores(1).with_columns(
+            pl.lit(3, dtype=pl.Int32).alias("run_id"), pl.lit(method).alias("method"),
+            pl.col("score") * scale + pl.Series([0.01 * i for i in range(len(EDGES))]),
+        )  # fmt: skip
+        ids[f"{method}3"] = record_query(
+            store, "attribute", 3, {"method": method, "level": "edge", "metric": "logit-diff"},
+            0.2, {"edge_scores": scores},
+        )  # fmt: skip
+    return ids
+
+
 def version_one_store(path: Path) -> Path:
     """A store whose catalog a version-1 actstore wrote (before answer sets, architectures and
     roles): one complete run of two prompts, no arrays."""
