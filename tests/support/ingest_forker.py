@@ -127,7 +127,7 @@ def main() -> None:
     model = load_model(KWARGS["model"])
     _ = model.fingerprint
 
-    def cached(spec: str, device: str | None = None):
+    def cached(spec: str, device: str | None = None, source: str | None = None):
         assert spec == KWARGS["model"], spec
         return model
 
