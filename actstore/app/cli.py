@@ -52,6 +52,15 @@ RECOMPUTE = click.option(
     "--recompute", is_flag=True,
     help="Compute again even if asked before; the new query supersedes the old.",
 )  # fmt: skip
+# One --metric for the verbs that measure one (patch, attribute, path, intervene), one --direction
+# for those that patch (patch, path).
+METRIC = click.option(
+    "--metric", type=click.Choice(choices.METRICS), default="logit-diff", show_default=True
+)
+DIRECTION = click.option(
+    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
+    help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
+)  # fmt: skip
 # One --top for the verbs that print ranked rows: the K most important, all of them stored.
 TOP = click.option(
     "--top", type=click.IntRange(min=0),
@@ -387,10 +396,7 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
 @click.option(
     "--level", type=click.Choice(choices.LEVELS), help="Default: node for atp, else edge."
 )
-@click.option(
-    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
-    show_default=True,
-)  # fmt: skip
+@METRIC
 @TOP
 @RECOMPUTE
 @DEVICE
@@ -762,14 +768,8 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     required=True,
     help="head: a head at all positions; head-pos, resid, attn-out, mlp-out: by position.",
 )
-@click.option(
-    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
-    show_default=True,
-)  # fmt: skip
-@click.option(
-    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
-    help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
-)  # fmt: skip
+@METRIC
+@DIRECTION
 @click.option(
     "--window", type=int, default=1, show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
@@ -820,14 +820,8 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
 )  # fmt: skip
 @click.option("--positions", help="Token roles (e.g. END, S2), comma-separated: the sender "
               "changes only there, one row per role. Default: every position.")  # fmt: skip
-@click.option(
-    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
-    show_default=True,
-)  # fmt: skip
-@click.option(
-    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
-    help="denoise: clean senders into the corrupted run; noise: corrupted into the clean run.",
-)  # fmt: skip
+@METRIC
+@DIRECTION
 @RECOMPUTE
 @DEVICE
 @FORMAT
@@ -861,10 +855,7 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
               help="The role whose attention is edited (the query position).")  # fmt: skip
 @click.option("--weight", type=float, default=1.0, show_default=True,
               help="W: attention becomes (1-W)*own + W*one-hot(attend).")  # fmt: skip
-@click.option(
-    "--metric", type=click.Choice(choices.METRICS), default="logit-diff",
-    show_default=True,
-)  # fmt: skip
+@METRIC
 @RECOMPUTE
 @DEVICE
 @FORMAT
