@@ -194,6 +194,19 @@ def test_a_query_on_an_older_store_migrates_it_and_records(ioi_copy):
     assert store.sql("select count(*) from queries").item() == 1
 
 
+def test_stored_bytes_leave_out_a_killed_writers_partial_files(ioi_copy):
+    """A chunk write killed part way leaves `*.partial` beside the chunk (zarr's temporary file
+    or ours); it is not the array's, so the bytes recorded after a retried write equal an
+    uninterrupted ingest's."""
+    name = zarrays.array_name(1, "clean", "blocks.1.attn.hook_z")
+    before = zarrays.stored_bytes(ioi_copy, name)
+    assert before > 0
+    chunk = next(p for p in (ioi_copy / "arrays.zarr" / name / "c").rglob("*") if p.is_file())
+    chunk.with_name(chunk.name + ".3f2a.partial").write_bytes(b"x" * 1000)
+    (chunk.parent / f"{chunk.name}.partial").write_bytes(b"y" * 500)
+    assert zarrays.stored_bytes(ioi_copy, name) == before
+
+
 def test_arrays_table_records_shapes_codec_and_bytes(ioi_store):
     store = actstore.open(ioi_store)
     row = store.sql(

@@ -347,8 +347,13 @@ def fsync_path(path: Path) -> None:
 
 
 def stored_bytes(where: Where, name: str) -> int:
-    """Bytes the array occupies on disk or in the object store, metadata included."""
+    """Bytes the array occupies on disk or in the object store, metadata included; a partial
+    file a killed writer left beside a chunk (zarr's or ours, `*.partial`) is not the array's."""
     root = as_root(where)
     if root.is_local:
-        return sum(p.stat().st_size for p in Path(root.key(name)).rglob("*") if p.is_file())
+        return sum(
+            p.stat().st_size
+            for p in Path(root.key(name)).rglob("*")
+            if p.is_file() and p.suffix != ".partial"
+        )
     return int(root.filesystem().du(root.key(name), total=True))
