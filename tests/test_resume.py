@@ -184,11 +184,11 @@ def test_restart_discards_the_partial_run_and_keeps_its_id(forker, tmp_path):
     assert_same(contents(store), contents(tmp_path / "reference"))  # which verifies both
 
 
-READERS_N = 48
+READERS_N = 192
 
 
 def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
-    """sql, info, export and array reads from another process while the ingest writes (24
+    """sql, info, export and array reads from another process while the ingest writes (96
     batches, so that a reader on a loaded machine sees several of them)."""
     store = tmp_path / "s"
     forker.start(store, n=READERS_N)
@@ -204,6 +204,8 @@ def test_readers_work_between_batches_of_a_running_ingest(forker, tmp_path):
         if runs.is_empty():
             continue
         n = s.sql("select count(*) from prompts").item()
+        if seen and seen[-1] == (runs["status"].item(), n):
+            continue  # nothing new: poll again soon rather than repeat the slower reads
         assert s.info().height == 1
         s.export("chunks", fmt="csv", out=str(tmp_path / "chunks.csv"))
         for row in s.sql("select * from chunks where hook = 'logits'").iter_rows(named=True):
