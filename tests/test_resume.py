@@ -91,11 +91,17 @@ def assert_consistent_after_kill(path: Path) -> tuple[int, bool]:
 
 def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
     rng = random.Random(SEED)
-    wall = forker.run(tmp_path / "reference")
+    # each kind of chain is timed on its own: one recording each batch on its own is slower, and
+    # kills timed by the faster run's wall would land mostly before its first batch
+    walls = {False: forker.run(tmp_path / "reference")}
     reference = contents(tmp_path / "reference")
     assert reference["runs"]["status"].to_list() == ["complete"]
+    walls[True] = forker.run(tmp_path / "reference-each", record_each=True)
+    assert_same(contents(tmp_path / "reference-each"), reference)
     kills, chains, batches_seen = 0, 0, set()
-    while kills < KILLS:
+    # at least KILLS kills, and more chains (up to a bound) until the kills have landed at three
+    # different stages: how far a run gets in a random delay depends on the machine's load
+    while kills < KILLS or (len(batches_seen) < 3 and kills < 4 * KILLS):
         store = tmp_path / f"chain{chains}"
         chains += 1
         # every other chain records each batch on its own (as a model slower than the toy's
@@ -104,7 +110,7 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(forker, tmp_path):
         for attempt in range(10):
             pid = forker.start(store, record_each=each)
             if attempt < 9:  # the tenth attempt of a chain runs to the end
-                time.sleep(rng.uniform(0.0, wall))
+                time.sleep(rng.uniform(0.0, walls[each]))
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
