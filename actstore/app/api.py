@@ -64,8 +64,9 @@ class ActStore(Store):
         from ingest.runner import ingest
 
         return ingest(self, model, task, n, corruption, hooks, dataset, dtype, batch_size,
-                      runtime.device, seed, runtime.progress, shard, restart, again,
-                      runtime.workers, runtime.scheduler, arrays_url)  # fmt: skip
+                      seed=seed, shard=shard, restart=restart, again=again, arrays_url=arrays_url,
+                      device=runtime.device, progress=runtime.progress, workers=runtime.workers,
+                      scheduler=runtime.scheduler)  # fmt: skip
 
     def merge(self) -> pl.DataFrame:
         """Fold sharded ingests' manifests into the catalog (see `ingest.shards.merge`)."""
