@@ -171,6 +171,12 @@ def pairs(
     return out
 
 
+def recorded_pairs(params: dict, shape: Shape) -> list[tuple[Node, Receiver]]:
+    """The pairs of a recorded query's checked senders and receivers: every one that reaches."""
+    sent, _ = parse_senders(",".join(params["senders"]), shape)
+    return pairs(sent, False, parse_receivers(",".join(params["receivers"]), shape), shape.parallel)
+
+
 def _items(text: str, option: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
