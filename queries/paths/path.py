@@ -26,7 +26,14 @@ from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
 from queries.core.runtime import Runtime
 from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
-from queries.paths.spec import Shape, pairs, parse_receivers, parse_senders, run_shape
+from queries.paths.spec import (
+    Shape,
+    pairs,
+    parse_receivers,
+    parse_senders,
+    recorded_pairs,
+    run_shape,
+)
 
 KIND = "path"
 COLUMNS = ["query_id", "sender", "receiver", "qkv", "role", "metric", "value", "normalized"]
@@ -104,13 +111,16 @@ def compute_paths(
     run: int,
     params: dict[str, Any],
     runtime: Runtime = Runtime(),
+    reuse_prefix: bool = True,
 ) -> pl.DataFrame:
     """path_effects rows (without query_id) of checked parameters, over the run's batches (as
-    Dask tasks with the runtime's workers or scheduler, partial sums added in batch order)."""
+    Dask tasks with the runtime's workers or scheduler, partial sums added in batch order);
+    `reuse_prefix=False` recomputes role-restricted variants at every position (the reference
+    the prefix reuse is tested and benchmarked against)."""
     from queries.core.run_model import model_for_run
 
     setup = _Setup(RunContext.of(store, run, model_for_run(store.run(run), runtime.device)),
-                   params)  # fmt: skip
+                   params, reuse_prefix)  # fmt: skip
     chosen, roles, metric = setup.chosen, params["positions"], params["metric"]
     spans = list(setup.reader.spans())
     sums = np.zeros((len(chosen), 1 if roles is None else len(roles)))
@@ -118,7 +128,7 @@ def compute_paths(
     bar = progress_bar(runtime.progress, total=len(spans), desc=f"path run {run}", unit="batch")
     with cluster(runtime) as client:
         parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, params,
-                         runtime.device, done=lambda: bar.update(1))  # fmt: skip
+                         reuse_prefix, runtime.device, done=lambda: bar.update(1))  # fmt: skip
         for part, c, k in parts:  # in batch order: a fixed order of sums
             sums += part
             clean, corrupted = clean + c, corrupted + k
@@ -142,14 +152,11 @@ class _Setup:
     """What every prompt batch of a path query shares: the run's context, the (sender,
     receiver) pairs and each prompt's positions of the roles."""
 
-    def __init__(self, context: RunContext, params: dict[str, Any]):
+    def __init__(self, context: RunContext, params: dict[str, Any], reuse_prefix: bool = True):
         self.engine, self.reader, self.params = context.engine, context.reader, params
+        self.reuse_prefix = reuse_prefix
         a = self.engine.arch
-        shape = Shape(a.n_layers, a.n_heads, a.parallel)
-        # the recorded senders and receivers were checked: every pair of them that reaches
-        sent, _ = parse_senders(",".join(params["senders"]), shape)
-        receivers = parse_receivers(",".join(params["receivers"]), shape)
-        self.chosen = pairs(sent, False, receivers, a.parallel)
+        self.chosen = recorded_pairs(params, Shape(a.n_layers, a.n_heads, a.parallel))
         self.at = None
         if params["positions"] is not None:
             from actstore.core.roles import positions
@@ -166,7 +173,7 @@ class _Setup:
 
         p, reader = self.params, self.reader
         sums = span_sums(self.engine, reader, span, self.chosen, self.at, p["metric"],
-                         p["direction"])  # fmt: skip
+                         p["direction"], self.reuse_prefix)  # fmt: skip
         with torch.no_grad():
             t = reader.targets(span)
             clean, corrupted = endpoints(p["metric"], t, reader.tensor("corrupted", "logits", span))
@@ -174,7 +181,8 @@ class _Setup:
 
 
 def _span_task(
-    span: Any, location: str, run: int, params: dict[str, Any], device: str | None
-) -> tuple[np.ndarray, float, float]:
+    span: Any, location: str, run: int, params: dict[str, Any], reuse_prefix: bool,
+    device: str | None,
+) -> tuple[np.ndarray, float, float]:  # fmt: skip
     """One prompt batch's partial sums, on a Dask worker (the run's context made once there)."""
-    return _Setup(run_context(location, run, device), params).span_sums(span)
+    return _Setup(run_context(location, run, device), params, reuse_prefix).span_sums(span)
