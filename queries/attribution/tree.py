@@ -54,6 +54,15 @@ class TreeBatch:
     corrupted_in: dict[int, torch.Tensor]  # n upstream -> corrupted run's input of such nodes
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys, values per head
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the batch holds (each tensor's storage once)."""
+        tensors = [self.last, self.delta_clean, self.corrupted, *self.corrupted_in.values()]
+        for keys, values in self.prefix or []:
+            tensors += [keys, values]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
 
 class TreePatcher:
     """Exact tree-patched logits of circuits over an `EdgeModel` (see the module docstring)."""
@@ -101,8 +110,8 @@ class TreePatcher:
             start=start,
             last=last - start,
             delta_clean=delta[:, :, start:].contiguous(),
-            corrupted=corr[:, :, start:],
-            corrupted_in={n: x[:, start:] for n, x in points.items()},
+            corrupted=corr[:, :, start:].contiguous(),  # not views: the prefix's rows go
+            corrupted_in={n: x[:, start:].contiguous() for n, x in points.items()},
             prefix=prefix,
         )
 
