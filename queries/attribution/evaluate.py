@@ -30,11 +30,14 @@ from queries.core.sweep import in_order
 # Bytes of prompt batches laid out for tree patching that an Evaluator keeps between
 # measurements; batches past it are read from the store again for each measurement.
 KEEP_BYTES = 2 << 30
+# Bytes that the circuits tree-patched side by side in one forward may take (each holds its
+# copy of the batch's Δ rows, about as much again in destination inputs).
+GROUP_BYTES = 1 << 30
 
 
 class Evaluator:
-    """Exact metric of circuits over a run: each batch read once, one tree-patched forward per
-    circuit."""
+    """Exact metric of circuits over a run: each batch read once, the circuits tree-patched on
+    it side by side in as few forwards as memory allows."""
 
     def __init__(
         self,
@@ -112,11 +115,15 @@ class Evaluator:
 def _tree_metrics(
     patcher: TreePatcher, tree: TreeBatch, targets: Targets, metric: str, masks: list[np.ndarray]
 ) -> list[float]:
-    """The metric summed over one batch's prompts, per circuit mask."""
+    """The metric summed over one batch's prompts, per circuit mask: the circuits side by side
+    along the batch axis, as many per forward as `GROUP_BYTES` allows."""
+    group = max(1, GROUP_BYTES // (2 * tree.delta_clean.nbytes))  # Δ rows and inputs per circuit
+    sums = []
     with torch.no_grad():
-        return [
-            float(from_logits(metric, patcher.logits(tree, mask), targets).sum()) for mask in masks
-        ]
+        for at in range(0, len(masks), group):
+            for logits in patcher.logits_many(tree, masks[at : at + group]):
+                sums.append(float(from_logits(metric, logits, targets).sum()))
+    return sums
 
 
 def _span_metrics(
