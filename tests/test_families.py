@@ -28,6 +28,7 @@ from edge_reference import (
 )
 from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
+from paths_check import assert_prefix_reuse_is_exact
 from tree_check import assert_tree_equals_dense
 
 import actstore
@@ -312,6 +313,14 @@ def test_path_patching_matches_direct_path(fam):
         for head in range(graph.n_heads):
             want = float(tl[layer, head])
             assert got[(f"a{layer}.h{head}", "q")] == pytest.approx(want, abs=1e-4)
+
+
+def test_path_prefix_reuse_equals_full_recompute(fam):
+    """Role-restricted senders: the tail recompute over the base run's prefix keys and values
+    (per query head where a receiver reads k or v under grouped-query attention) equals the
+    full-length one."""
+    assert_prefix_reuse_is_exact(fam.store, "a0.h1,m0,a1.*", "a*.*:q,a2.*:k,a1.*:v,m1,logits",
+                                 ["S2", "END"], "denoise")  # fmt: skip
 
 
 # ---- subspace and reductions --------------------------------------------------------------

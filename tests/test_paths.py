@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 from edge_reference import logit_diff, node_outputs
 from older import as_version
+from paths_check import assert_prefix_reuse_is_exact
 
 from actstore.app.cli import main
 from actstore.core.store import Store
@@ -274,3 +275,14 @@ def test_a_catalog_of_the_previous_schema_answers_a_new_query(run, tmp_path):
     assert rows.height == 1
     version = Store(old).query("SELECT value FROM meta WHERE key = 'schema_version'").item()
     assert version == str(SCHEMA_VERSION)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_position_restricted_paths_reuse_the_base_prefix_exactly(run, direction):
+    """Senders restricted to roles recompute only from each role's earliest position, attending
+    over the base run's keys and values before it: the same as recomputing every position."""
+    store, _, _ = run
+    assert_prefix_reuse_is_exact(
+        store, "a0.h1,m0,a1.*", "a*.*:q,a2.h1:k,a3.h0:v,m2,a2.h0:q+a3.h3:k,logits",
+        ["S2", "END", "IO"], direction,
+    )  # fmt: skip

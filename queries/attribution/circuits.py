@@ -27,6 +27,7 @@ import polars as pl
 
 from actstore.core.choices import METRICS, check
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.names import LOGITS
 from actstore.core.results import query_params
 from actstore.core.store import Store
 from actstore.model.architecture import Architecture
@@ -74,7 +75,7 @@ def top_edges(graph: Graph, scores: np.ndarray, n: int, prune: bool) -> np.ndarr
 def prune_dead(graph: Graph, mask: np.ndarray) -> np.ndarray:
     """Drop edges into nodes from which no circuit path leads to the logits."""
     dst_node = np.asarray(
-        [graph.forward_names.index(d) if d != "logits" else -1 for d, _ in graph.backward_names]
+        [graph.forward_names.index(d) if d != LOGITS else -1 for d, _ in graph.backward_names]
     )
     alive = np.zeros(graph.n_forward, dtype=bool)
     for s in range(graph.n_forward - 1, -1, -1):  # forward order is topological

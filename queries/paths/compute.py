@@ -18,6 +18,13 @@ receivers' pinned inputs aside:
 With one receiver this is one edge of the edge graph patched in the base run, which is what
 TransformerLens' `get_act_patch_direct_path` measures. Variants that start at the same layer run
 together, in chunks that bound memory; nothing before that layer is recomputed.
+
+A sender restricted to a role (`--positions`) changes nothing before the span's earliest
+position of that role: attention is causal, so there every layer holds the base run's values.
+Those variants recompute only the tail from that position on; each layer's queries there attend
+over the base run's keys and values of the prefix (ln1 of its stored residual, projected once per
+span and layer) and their own of the tail, at true positions, so the result is the same as a
+full-length recompute (`reuse_prefix=False`, kept to show it).
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ def span_sums(
     roles: np.ndarray | None,
     metric: str,
     direction: str,
+    reuse_prefix: bool = True,
 ) -> np.ndarray:
     """Σ over the span's prompts of the metric of every (pair, role) variant: (n_pairs, n_roles);
     `roles` (n_prompts, n_roles) holds each prompt's position of each role (None: one column,
-    every position)."""
+    every position). `reuse_prefix` recomputes a role's variants only from its earliest
+    position in the span (the module docstring)."""
     base, src = sides(direction)
     with torch.no_grad():
         t, last = reader.targets(span), reader.finals(span)
@@ -57,22 +66,26 @@ def span_sums(
         B, T, D = next(iter(delta.values())).shape
         if roles is None:
             masks = torch.ones(1, B, T, 1, device=last.device)
+            firsts = [0]
         else:
             at = torch.as_tensor(roles[span.index], device=last.device)  # (B, n_roles)
             grid = torch.arange(T, device=last.device)
             masks = (grid[None, None, :] == at.T[:, :, None]).float()[..., None]
+            firsts = at.min(0).values.tolist() if reuse_prefix else [0] * at.shape[1]
         variants = [(i, r) for i in range(len(pairs)) for r in range(masks.shape[0])]
-        starts: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         for i, r in variants:
-            starts[min(_layer(m, e.n_layers) for m in pairs[i][1].members)].append((i, r))
+            start = min(_layer(m, e.n_layers) for m in pairs[i][1].members)
+            groups[(start, firsts[r])].append((i, r))
         state = _BaseRun(e, reader, span, base, last)
         out = np.zeros((len(pairs), masks.shape[0]))
-        step = max(1, VARIANT_ELEMENTS // (B * T * D))
-        for start, chosen in sorted(starts.items()):
+        for (start, s0), chosen in sorted(groups.items()):
+            step = max(1, VARIANT_ELEMENTS // (B * (T - s0) * D))
             for lo in range(0, len(chosen), step):
                 part = chosen[lo : lo + step]
-                dl = torch.stack([delta[pairs[i][0]] * masks[r] for i, r in part])
-                values = _run(e, state, start, [pairs[i][1] for i, _ in part], dl, metric, t)
+                dl = torch.stack([delta[pairs[i][0]][:, s0:] * masks[r][:, s0:] for i, r in part])
+                receivers = [pairs[i][1] for i, _ in part]
+                values = _run(e, state, start, s0, receivers, dl, metric, t)
                 for (i, r), v in zip(part, values.sum(-1).tolist(), strict=True):
                     out[i, r] = v
     return out
@@ -84,6 +97,7 @@ class _BaseRun:
     def __init__(self, e: Engine, reader: Reader, span: Span, side: str, last: torch.Tensor):
         self.e, self.reader, self.span, self.side, self.last = e, reader, span, side, last
         self.cache: dict[str, torch.Tensor] = {}
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, short: str, layer: int) -> torch.Tensor:
         """resid_pre / resid_mid of a layer (layer = n_layers: the final residual)."""
@@ -96,6 +110,24 @@ class _BaseRun:
         """The base run's final residual at each prompt's last position (B, D)."""
         resid = self.get("resid_pre", self.e.n_layers)
         return resid[torch.arange(resid.shape[0], device=resid.device), self.last]
+
+    def prefix(
+        self, layer: int, s0: int, per_query_head: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The base run's keys and values (B, s0, heads, d_head) of a layer at positions < s0:
+        one copy per key/value head, or per query head (`per_query_head`); None when s0 = 0."""
+        if s0 == 0:
+            return None
+        key = f"kv.{layer}"
+        if key not in self.kv:
+            resid = self.get("resid_pre", layer)
+            pos = torch.arange(resid.shape[1], device=resid.device)
+            self.kv[key] = self.e.kv(layer, self.e.ln1(layer, resid), pos)
+        k, v = (x[:, :s0] for x in self.kv[key])
+        if not per_query_head:
+            return k, v
+        group = torch.arange(self.e.n_heads, device=k.device) // self.e.arch.group_size
+        return k[:, :, group], v[:, :, group]
 
 
 def _layer(node: Node, n_layers: int) -> int:
@@ -124,12 +156,14 @@ def _run(
     e: Engine,
     state: _BaseRun,
     start: int,
+    s0: int,
     receivers: list[Receiver],
     dl: torch.Tensor,
     metric: str,
     t,
 ) -> torch.Tensor:
-    """Per-variant, per-prompt metric (n, B) of variants whose first receiver is at `start`."""
+    """Per-variant, per-prompt metric (n, B) of variants whose first receiver is at `start`,
+    recomputed from position s0 on: `dl` (n, B, T − s0, D) is each variant's Δ there."""
     n, B, T, D = dl.shape
     H = e.n_heads
     dev = dl.device
@@ -145,46 +179,59 @@ def _run(
                 mlps.setdefault(m.layer, torch.zeros(n, dtype=torch.bool, device=dev))[v] = True
             else:
                 logits[v] = True
-    rows = torch.arange(B, device=dev)
+    rows, tail = torch.arange(B, device=dev), state.last - s0
     if start == e.n_layers:
         final = state.final().expand(n, B, D)
     else:
-        resid = state.get("resid_pre", start).expand(n, B, T, D)
+        resid = state.get("resid_pre", start)[:, s0:].expand(n, B, T, D)
         for layer in range(start, e.n_layers):
+            prefix = state.prefix(layer, s0, per_query_head=layer in heads)
             if layer in heads:
-                pinned = state.get("resid_pre", layer) + dl
-                z = _attention(e, layer, resid, pinned, heads[layer])
+                pinned = state.get("resid_pre", layer)[:, s0:] + dl
+                z = _attention(e, layer, resid, pinned, heads[layer], s0, prefix)
             else:
-                z = e.attention_z(layer, resid.reshape(n * B, T, D)).reshape(n, B, T, H, -1)
+                z = _attention(e, layer, resid, None, None, s0, prefix)
             mid = resid + e.attn_residual(layer, e.attn_out(layer, z))
             x = resid if e.arch.parallel else mid
             if layer in mlps:
-                pinned = state.get("resid_pre" if e.arch.parallel else "resid_mid", layer) + dl
+                before = "resid_pre" if e.arch.parallel else "resid_mid"
+                pinned = state.get(before, layer)[:, s0:] + dl
                 x = torch.where(mlps[layer][:, None, None, None], pinned, x)
             resid = mid + e.mlp(layer, x)
-        final = resid[:, rows, state.last]
+        final = resid[:, rows, tail]
     if bool(logits.any()):
-        direct = state.final() + dl[:, rows, state.last]
+        direct = state.final() + dl[:, rows, tail]
         final = torch.where(logits[:, None, None], direct, final)
     return from_resid(e, metric, final, t)
 
 
 def _attention(
-    e: Engine, layer: int, resid: torch.Tensor, pinned: torch.Tensor, masks: torch.Tensor
+    e: Engine,
+    layer: int,
+    resid: torch.Tensor,
+    pinned: torch.Tensor | None,
+    masks: torch.Tensor | None,
+    s0: int,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """z (n, B, T, H, dh) of a layer whose receiver heads read their q, k or v input from the
-    pinned residual (n, B, T, D), per `masks` (3, n, H); every other input reads `resid`."""
-    n, B, T, _ = resid.shape
-    pos = torch.arange(T, device=resid.device)
+    """z (n, B, T, H, dh) of a layer over the residual (n, B, T, D) at positions s0..s0+T-1,
+    attending also to the base run's `prefix` keys and values at 0..s0-1. Receiver heads read
+    their q, k or v input from the pinned residual (n, B, T, D), per `masks` (3, n, H), their
+    keys and values one copy per query head (as `prefix` then is); without receivers (pinned
+    None) keys and values stay per key/value head."""
+    B, T = resid.shape[1:3]
+    pos = torch.arange(s0, s0 + T, device=resid.device)
     group = torch.arange(e.n_heads, device=resid.device) // e.arch.group_size
 
     def inputs(x: torch.Tensor) -> list[torch.Tensor]:
         normed = e.ln1(layer, x)
         k, v = e.kv(layer, normed, pos)
+        if pinned is None:
+            return [e.q(layer, normed, pos), k, v]
         return [e.q(layer, normed, pos), k[..., group, :], v[..., group, :]]
 
-    free = inputs(resid)
-    fixed = inputs(pinned)
-    qkv = [torch.where(m[:, None, None, :, None], p, f)
-           for m, p, f in zip(masks, fixed, free, strict=True)]  # fmt: skip
-    return e.attend(layer, *qkv, pos.expand(B, -1), 0)
+    qkv = inputs(resid)
+    if pinned is not None and masks is not None:
+        qkv = [torch.where(m[:, None, None, :, None], p, f)
+               for m, p, f in zip(masks, inputs(pinned), qkv, strict=True)]  # fmt: skip
+    return e.attend(layer, *qkv, pos.expand(B, -1), s0, prefix)

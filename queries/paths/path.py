@@ -23,7 +23,14 @@ from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
-from queries.paths.spec import Shape, pairs, parse_receivers, parse_senders, run_shape
+from queries.paths.spec import (
+    Shape,
+    pairs,
+    parse_receivers,
+    parse_senders,
+    recorded_pairs,
+    run_shape,
+)
 
 KIND = "path"
 COLUMNS = ["query_id", "sender", "receiver", "qkv", "role", "metric", "value", "normalized"]
@@ -102,8 +109,11 @@ def compute_paths(
     params: dict[str, Any],
     device: str | None = None,
     progress: bool | None = None,
+    reuse_prefix: bool = True,
 ) -> pl.DataFrame:
-    """path_effects rows (without query_id) of checked parameters, over the run's batches."""
+    """path_effects rows (without query_id) of checked parameters, over the run's batches;
+    `reuse_prefix=False` recomputes role-restricted variants at every position (the reference
+    the prefix reuse is tested and benchmarked against)."""
     import torch
 
     from actstore.model.metrics import endpoints
@@ -117,9 +127,7 @@ def compute_paths(
     e = Engine.from_adapter(model)
     a = e.arch
     shape = Shape(a.n_layers, a.n_heads, a.parallel)
-    # the recorded senders and receivers were checked: every pair of them that reaches
-    sent, _ = parse_senders(",".join(params["senders"]), shape)
-    chosen = pairs(sent, False, parse_receivers(",".join(params["receivers"]), shape), a.parallel)
+    chosen = recorded_pairs(params, shape)
     roles = params["positions"]
     at = None
     if roles is not None:
@@ -132,7 +140,7 @@ def compute_paths(
     sums = np.zeros((len(chosen), 1 if roles is None else len(roles)))
     clean = corrupted = 0.0
     for span in progress_bar(progress, iterable=spans, desc=f"path run {run}", unit="batch"):
-        sums += span_sums(e, reader, span, chosen, at, metric, params["direction"])
+        sums += span_sums(e, reader, span, chosen, at, metric, params["direction"], reuse_prefix)
         with torch.no_grad():
             t = reader.targets(span)
             c, k = endpoints(metric, t, reader.tensor("corrupted", "logits", span))

@@ -122,18 +122,18 @@ def subspace(
             f"has none; use {', '.join(GRADIENT_METRICS)}, or --basis mean-diff"
         )
     learned = basis in SOURCES
-    # Recorded under the keys of earlier versions (mode: the patching direction, direction: the
-    # basis), so that their recorded queries are found.
+    # Earlier versions recorded `mode` for the direction and `direction` for the basis; their
+    # queries are still found (views.LEGACY_KEYS).
     params = {
-        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": direction,
-        "reader": reader, "direction": basis,
+        "hook": hook, "head": head, "pos": pos, "metric": metric, "direction": direction,
+        "reader": reader, "basis": basis,
     }  # fmt: skip
     if not learned:
         path = Path(basis)
         if not path.is_file():
             raise UsageError(f"--basis {basis}: no such file; give a .npy file, mean-diff or das")
-        params["direction"] = str(path.resolve())
-        params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        params["basis"] = str(path.resolve())
+        params["basis_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:
         _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
@@ -183,7 +183,7 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     site = parse_site(model, params["hook"], params["head"])
     w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
-    mode, metric, source = params["mode"], params["metric"], params["direction"]
+    mode, metric, source = params["direction"], params["metric"], params["basis"]
 
     roles = pos_roles(params["pos"])
     at = role_positions(store, run_id, roles) if roles else None
