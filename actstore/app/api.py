@@ -147,7 +147,7 @@ class ActStore(Store):
     def circuit(
         self,
         scores: int,
-        edges: int | Sequence[int] | None = None,
+        edges: int | str | Sequence[int | str] | None = None,
         faithfulness: float | None = None,
         prune: bool = True,
         device: str | None = None,
@@ -156,9 +156,10 @@ class ActStore(Store):
         metric: str | None = None,
         recompute: bool = False,
     ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
-        smallest reaching a faithfulness), its faithfulness in the scores' metric or `metric`;
-        with `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
+        """A circuit from an edge score set (top-N, "all", a curve of such sizes in one pass, or
+        the smallest reaching a faithfulness), its faithfulness in the scores' metric or
+        `metric`; with `workers` or `scheduler` its faithfulness measurements run as Dask
+        tasks."""
         from queries.attribution import circuit
 
         return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,

@@ -720,7 +720,8 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 @click.option("--scores", type=int, required=True, help="Edge score set id (actstore attribute).")
 @click.option(
     "--edges", metavar="N[,N…]",
-    help="Take the top N edges by |score|; a list (0,10,50) measures every size in one pass.",
+    help="Take the top N edges by |score| (all: every edge); a list (0,10,50,all) measures "
+    "every size in one pass.",
 )  # fmt: skip
 @click.option("--faithfulness", type=float, help="Smallest top-N circuit reaching this.")
 @click.option(
@@ -747,7 +748,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     \b
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
-      actstore circuit /tmp/s --scores 1 --edges 0,10,50,100,500
+      actstore circuit /tmp/s --scores 1 --edges 0,10,50,100,500,all
       actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
       actstore circuit /tmp/s --scores 1 --edges 200 --metric accuracy
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
