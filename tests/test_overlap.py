@@ -236,7 +236,7 @@ def test_a_sweep_over_some_layers_is_never_compared(mixed_store):
     with pytest.raises(UsageError) as exc:
         ov.overlap(store, None, ov.choose(top_k=3), queries=[some, ids["patch2"]])
     assert str(exc.value) == (
-        f"--queries: query {some} patched layers [2] only, and overlap compares head sets over "
+        f"--queries: query {some} patched layers 2 only, and overlap compares head sets over "
         "every layer; give a sweep over all layers"
     )
 

@@ -189,10 +189,8 @@ def test_heatmaps_share_one_signed_scale_per_metric_and_direction(hand_store, tm
     colour = {k: v["layer"][0]["encoding"]["color"] for k, v in specs.items()
               if k.startswith("patch-")}  # fmt: skip
     top = store.sql(
-        "select max(abs(normalized)) from patch_effects join queries using (query_id) "
-        "where queries.run_id in (1, 2, 3) "
-        "and json_extract_string(params, '$.direction') = 'denoise' "
-        "and json_extract_string(params, '$.metric') = 'logit-diff'"
+        "select max(abs(normalized)) from patch_effects join query_params q using (query_id) "
+        "where q.run_id in (1, 2, 3) and q.direction = 'denoise' and q.metric = 'logit-diff'"
     ).item()
     assert top == pytest.approx(0.95)
     for query in (1, 2, 3):
@@ -396,8 +394,8 @@ def test_demo_report_in_chromium(demo_run, demo_report, tmp_path):
         # strongest positive denoising effect blue, and hover shows the stored numbers
         noise = store.sql(
             "select query_id, layer, head, value, normalized, importance from patch_effects "
-            "where query_id = (select max(query_id) from queries where kind = 'patch' and "
-            "json_extract_string(params, '$.direction') = 'noise') order by normalized limit 1"
+            "where query_id = (select max(query_id) from query_params where kind = 'patch' and "
+            "direction = 'noise') order by normalized limit 1"
         ).row(0, named=True)
         assert noise["normalized"] - 1 < -0.1
         element = f"patch-{noise['query_id']}"

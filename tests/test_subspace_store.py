@@ -3,6 +3,10 @@ hooked full forward, DAS and mean-diff directions, the catalog rows, and input e
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import numpy as np
 import polars as pl
 import pytest
@@ -104,6 +108,68 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
     again = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
                            metric="prob", direction="noise")  # fmt: skip
     assert again["query_id"][0] == qid  # answered from the catalog
+
+
+def test_parameters_are_recorded_under_their_option_names(store, tmp_path):
+    """A subspace query records `basis` and `direction` (denoise|noise) as its options name
+    them, and query_params reads them as typed columns."""
+    np.save(tmp_path / "u.npy", np.random.default_rng(1).normal(size=64))
+    rows = store.subspace(1, "blocks.1.hook_resid_post", str(tmp_path / "u.npy"), pos="final",
+                          direction="noise", k=1)  # fmt: skip
+    qid = rows["query_id"][0]
+    recorded = json.loads(store.query("SELECT params FROM queries WHERE query_id = ?",
+                                      [qid])["params"][0])  # fmt: skip
+    assert "mode" not in recorded and "direction_sha256" not in recorded
+    assert recorded["direction"] == "noise"
+    assert recorded["basis"] == str((tmp_path / "u.npy").resolve())
+    assert recorded["basis_sha256"] == hashlib.sha256((tmp_path / "u.npy").read_bytes()).hexdigest(
+    )[:16]  # fmt: skip
+    typed = store.query("SELECT * FROM query_params WHERE query_id = ?", [qid]).row(0, named=True)
+    assert (typed["kind"], typed["direction"], typed["basis"], typed["hook"], typed["pos"]) == (
+        "subspace",
+        "noise",
+        recorded["basis"],
+        "blocks.1.hook_resid_post",
+        "final",
+    )
+    assert typed["basis_sha256"] == recorded["basis_sha256"] and typed["metric"] == "logit-diff"
+
+
+def test_queries_recorded_under_the_old_keys_still_read_and_answer(store, tmp_path):
+    """Earlier versions recorded a subspace query's direction as `mode` and its basis as
+    `direction`: such a row reads through query_params as a new one does, an equal query is
+    answered from it, and a recomputed one supersedes it."""
+    path = shutil.copytree(store.path, tmp_path / "old")
+    old_store = actstore.open(path)
+    np.save(tmp_path / "w.npy", np.random.default_rng(2).normal(size=64))
+    ask = dict(run=1, hook="blocks.2.hook_resid_pre", basis=str(tmp_path / "w.npy"),
+               pos="final", direction="noise", metric="prob")  # fmt: skip
+    qid = old_store.subspace(**ask)["query_id"][0]
+    new = json.loads(old_store.query("SELECT params FROM queries WHERE query_id = ?",
+                                     [qid])["params"][0])  # fmt: skip
+    old = {k: v for k, v in new.items() if k not in ("direction", "basis", "basis_sha256")}
+    old.update(mode=new["direction"], direction=new["basis"], direction_sha256=new["basis_sha256"])
+    # as the earlier version wrote the row: its JSON and its digest of kind, run and params
+    blob = json.dumps({"kind": "subspace", "run_id": 1, "params": old}, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    with old_store.writer(), old_store.catalog.write() as con:
+        con.execute("UPDATE queries SET params = ?, params_hash = ? WHERE query_id = ?",
+                    [json.dumps(old, sort_keys=True), digest, qid])  # fmt: skip
+    typed = old_store.query("SELECT direction, basis, basis_sha256, metric FROM query_params "
+                            "WHERE query_id = ?", [qid]).row(0, named=True)  # fmt: skip
+    assert typed == {"direction": "noise", "basis": new["basis"],
+                     "basis_sha256": new["basis_sha256"], "metric": "prob"}  # fmt: skip
+    old_store.report(str(tmp_path / "report.html"), runs=[1])
+    html = (tmp_path / "report.html").read_text()
+    assert f"basis {new['basis']}, reader" in html and f"subspace query {qid} " in html
+    n_queries = old_store.query("SELECT count(*) AS n FROM queries")["n"][0]
+    assert old_store.subspace(**ask)["query_id"][0] == qid  # answered from the old row
+    assert old_store.query("SELECT count(*) AS n FROM queries")["n"][0] == n_queries
+    again = old_store.subspace(**ask, recompute=True)["query_id"][0]
+    assert again > qid
+    current = old_store.query("SELECT query_id FROM current_queries WHERE kind = 'subspace' "
+                              "AND query_id IN (?, ?)", [qid, again])  # fmt: skip
+    assert current["query_id"].to_list() == [again]
 
 
 def _site_map(hook: str, reader: str | None) -> np.ndarray:

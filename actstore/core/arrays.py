@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actstore.core.files import replace_file
 from actstore.core.location import ARRAYS as ARRAYS  # where a store's local arrays are
 from actstore.core.location import ArraysRoot, as_root
 
@@ -211,11 +212,7 @@ def put(where: Where, key: str, data: bytes) -> None:
 def write_durably(path: Path, data: bytes) -> None:
     """Replace the file at `path` by `data` atomically and durably: a partial file beside it,
     flushed, renamed into place, the rename flushed. A crash leaves the old file or the new."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path)
+    replace_file(path, lambda tmp: tmp.write_bytes(data), sync=fsync_path)
 
 
 @lru_cache(maxsize=1)

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.files import replace_file
 
 CATALOG = "catalog.duckdb"
 ARRAYS = "arrays.zarr"
@@ -190,19 +191,10 @@ def record_arrays_url(store_dir: Path, url: str | None) -> None:
 
 
 def _write_record(store_dir: Path, record: dict[str, Any], exclusive: bool) -> None:
-    """Write the location record atomically; `exclusive`: only if there is none yet."""
-    tmp = store_dir / f"{RECORD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
-    try:
-        if exclusive:
-            try:
-                os.link(tmp, store_dir / RECORD)
-            except FileExistsError:
-                pass  # a concurrent shard recorded it first: its record stands
-        else:
-            os.replace(tmp, store_dir / RECORD)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the location record atomically; `exclusive`: only if there is none yet (a
+    concurrent shard that recorded it first keeps its record)."""
+    replace_file(store_dir / RECORD, lambda tmp: tmp.write_text(json.dumps(record)),
+                 exclusive=exclusive)  # fmt: skip
 
 
 def _marker(url: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from typing import IO, Any
 import polars as pl
 
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.files import replace_file
 from actstore.core.location import store_containing
 
 PRINT_FORMATS = ("table", "csv", "json", "jsonl")
@@ -127,12 +128,9 @@ def write_atomically(target: str | Path, write: Callable[[Path], None]) -> None:
     A target inside a store is refused here too, whoever forgot to check it first."""
     path = Path(target)
     refuse_inside_store(path, "output")
-    tmp = path.with_name(f".{path.name}.partial")
     try:
-        write(tmp)
-        tmp.replace(path)
+        replace_file(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
         raise ActstoreError(f"cannot write {target}: {reason}; choose a writable path") from None
 

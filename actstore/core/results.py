@@ -15,11 +15,16 @@ from typing import Any
 import polars as pl
 
 from actstore.core.store import Store
+from actstore.core.views import LEGACY_KEYS
 
 
 def params_hash(kind: str, run_id: int | None, params: dict[str, Any]) -> str:
-    """Stable digest of what determines a query's result."""
-    blob = json.dumps({"kind": kind, "run_id": run_id, "params": params}, sort_keys=True)
+    """Stable digest of what determines a query's result: a query's identity, taken under the
+    names its parameters had when the kind was first recorded (views.LEGACY_KEYS), so that a
+    renamed parameter leaves the store's earlier queries found and superseded."""
+    old = LEGACY_KEYS.get(kind, {})
+    named = {old.get(key, key): value for key, value in params.items()}
+    blob = json.dumps({"kind": kind, "run_id": run_id, "params": named}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

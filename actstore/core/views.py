@@ -12,13 +12,67 @@ is `WHERE frac_rank < f`, which keeps ceil(f·n) items (at least one), e.g. Meru
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from actstore.core.names import EDGE_NAME, HEAD_NODE
+from actstore.core.names import EDGE_NAME, HEAD_NODE, MLP_NODE, NODE_HEAD, NODE_LAYER
+
+# What each kind of query records in `queries.params` (JSON), by key and type: read once, by the
+# view query_params, whose typed columns every other view, overlap and the report use. Lists
+# (layers, positions, senders, …) come out as the options spell them, comma-separated.
+PARAM_TYPES: dict[str, str] = {
+    # patch (and metric, direction: path, intervene, subspace; metric: attribute, circuit)
+    "component": "VARCHAR", "metric": "VARCHAR", "direction": "VARCHAR", "window": "INTEGER",
+    "positions": "VARCHAR[]", "layers": "VARCHAR[]", "roles": "VARCHAR[]",
+    # attribute; circuit
+    "method": "VARCHAR", "steps": "INTEGER", "level": "VARCHAR",
+    "scores": "INTEGER", "edges": "INTEGER", "faithfulness": "DOUBLE", "prune": "BOOLEAN",
+    # subspace (and hook, side: reduce; side: attention, head classes)
+    "hook": "VARCHAR", "head": "INTEGER", "pos": "VARCHAR", "reader": "VARCHAR",
+    "basis": "VARCHAR", "basis_sha256": "VARCHAR", "k": "INTEGER", "group_by": "VARCHAR",
+    "train_frac": "DOUBLE", "seed": "INTEGER", "epochs": "INTEGER", "lr": "DOUBLE",
+    "side": "VARCHAR", "from": "VARCHAR", "to": "VARCHAR[]",
+    # path, intervene, reduce
+    "senders": "VARCHAR[]", "receivers": "VARCHAR[]", "heads": "VARCHAR[]", "attend": "VARCHAR",
+    "at": "VARCHAR", "weight": "DOUBLE", "op": "VARCHAR", "by": "VARCHAR",
+    # subspace queries recorded before the rename (LEGACY_KEYS)
+    "mode": "VARCHAR", "direction_sha256": "VARCHAR",
+}  # fmt: skip
+
+# Parameter keys that a kind of query once recorded under other names, new name -> old name.
+# Subspace queries said `mode` for the patching direction and `direction` for the basis. Their
+# identity (results.params_hash) is taken under the old names, so that a store's earlier queries
+# are found and superseded by equal new ones; query_params reads both spellings.
+LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "subspace": {"direction": "mode", "basis": "direction", "basis_sha256": "direction_sha256"},
+}
 
 
-def _param(column: str, key: str) -> str:
-    return f"json_extract_string({column}, '$.{key}')"
+def _text(field: str) -> str:
+    return f"array_to_string(p.{field}, ',')"
+
+
+# Renamed keys of LEGACY_KEYS: the old name where the query recorded it (its `mode` is there).
+_OLD_SUBSPACE = "q.kind = 'subspace' AND p.mode IS NOT NULL"
+QUERY_PARAMS = f"""
+    SELECT q.query_id, q.run_id, q.kind,
+           p.component, p.metric,
+           CASE WHEN {_OLD_SUBSPACE} THEN p.mode ELSE p.direction END AS direction,
+           p."window" AS window_size, {_text("positions")} AS positions,
+           {_text("layers")} AS layers, {_text("roles")} AS roles,
+           p.method, p.steps, p.level,
+           p.scores AS score_id, p.edges, p.faithfulness, p.prune,
+           p.hook, p.head, p.pos, p.reader,
+           CASE WHEN {_OLD_SUBSPACE} THEN p.direction ELSE p.basis END AS basis,
+           CASE WHEN {_OLD_SUBSPACE} THEN p.direction_sha256 ELSE p.basis_sha256 END
+               AS basis_sha256,
+           p.k, p.group_by, p.train_frac, p.seed, p.epochs, p.lr,
+           p.side, p."from" AS from_role, {_text("to")} AS to_roles,
+           {_text("senders")} AS senders, {_text("receivers")} AS receivers,
+           {_text("heads")} AS heads, p.attend, p."at", p.weight, p.op, p."by" AS reduce_by
+    FROM (SELECT *, json_transform(params, '{json.dumps(PARAM_TYPES)}') AS p FROM queries) q
+    ORDER BY q.query_id
+    """
 
 
 # How much a patch moved the metric away from the patched run's own unpatched value, as a share
@@ -31,15 +85,15 @@ def _param(column: str, key: str) -> str:
 IMPORTANCE = """CASE {direction} WHEN 'denoise' THEN abs({normalized})
                  WHEN 'noise' THEN abs(1 - {normalized}) END"""
 
-EFFECT_IMPORTANCE = IMPORTANCE.format(
-    direction=_param("q.params", "direction"), normalized="e.normalized"
-)
+EFFECT_IMPORTANCE = IMPORTANCE.format(direction="qp.direction", normalized="e.normalized")
 
 # The queries that a later query of the same setting supersedes (view current_queries).
 SUPERSEDED = "(SELECT query_id FROM queries EXCEPT SELECT query_id FROM current_queries)"
 
 # In creation order: a view comes after the views it reads.
 VIEWS: dict[str, str] = {
+    # One row per query: its parameters as typed columns (QUERY_PARAMS).
+    "query_params": QUERY_PARAMS,
     # The newest query of each setting (kind, run, parameters: `params_hash`): a query asked
     # again with --recompute supersedes the older one, whose rows stay in their tables.
     "current_queries": """
@@ -50,16 +104,15 @@ VIEWS: dict[str, str] = {
         """,
     "patch_effects": f"""
         SELECT e.query_id, q.run_id, r.model, r.task, r.corruption,
-               {_param("q.params", "component")} AS component, e.metric,
-               {_param("q.params", "direction")} AS direction,
-               TRY_CAST({_param("q.params", "window")} AS INTEGER) AS window_size,
+               qp.component, e.metric, qp.direction, qp.window_size,
                e.layer, e.head, e.pos, e.role,
                CASE WHEN e.head IS NOT NULL THEN {HEAD_NODE.format(layer="e.layer", head="e.head")}
-                    WHEN {_param("q.params", "component")} = 'mlp-out' THEN 'm' || e.layer
+                    WHEN qp.component = 'mlp-out' THEN {MLP_NODE.format(layer="e.layer")}
                END AS node,
                e.value, e.normalized,
                {EFFECT_IMPORTANCE} AS importance
         FROM effects e JOIN current_queries q USING (query_id)
+             JOIN query_params qp USING (query_id)
              LEFT JOIN runs r ON r.run_id = q.run_id
         WHERE q.kind = 'patch'
         ORDER BY e.query_id, e.layer, e.head NULLS FIRST, e.pos NULLS FIRST
@@ -94,12 +147,12 @@ VIEWS: dict[str, str] = {
     "path_effects_v": f"""
         WITH scored AS (
             SELECT p.query_id, q.run_id, r.model, r.task, r.corruption,
-                   {_param("q.params", "direction")} AS direction,
+                   qp.direction,
                    p.sender, p.receiver, p.qkv, p.role, p.metric, p.value, p.normalized,
-                   {
-        IMPORTANCE.format(direction=_param("q.params", "direction"), normalized="p.normalized")
-    } AS importance
+                   {IMPORTANCE.format(direction="qp.direction", normalized="p.normalized")}
+                       AS importance
             FROM path_effects p JOIN current_queries q USING (query_id)
+                 JOIN query_params qp USING (query_id)
                  LEFT JOIN runs r ON r.run_id = q.run_id
         )
         SELECT *, row_number() OVER (PARTITION BY query_id, receiver, qkv, role
@@ -184,28 +237,26 @@ VIEWS: dict[str, str] = {
         """,
     "circuit_heads": f"""
         SELECT DISTINCT n.circuit_id, c.score_id,
-               CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 1) AS INTEGER) AS layer,
-               CAST(regexp_extract(n.node, '^a(\\d+)\\.h(\\d+)$', 2) AS INTEGER) AS head,
-               n.node
+               {NODE_LAYER.format(node="n.node")} AS layer,
+               {NODE_HEAD.format(node="n.node")} AS head, n.node
         FROM (SELECT circuit_id, src AS node FROM circuit_edges
               UNION ALL SELECT circuit_id, dst AS node FROM circuit_edges) n
              LEFT JOIN circuits c USING (circuit_id)
-        WHERE regexp_full_match(n.node, 'a\\d+\\.h\\d+')
+        WHERE {NODE_HEAD.format(node="n.node")} IS NOT NULL
               AND n.circuit_id NOT IN {SUPERSEDED}
         ORDER BY n.circuit_id, layer, head
         """,
     "circuits_v": f"""
         SELECT c.circuit_id, c.score_id, a.run_id, r.model, r.task, r.corruption,
-               coalesce({_param("a.params", "method")},
-                        (SELECT any_value(s.method) FROM edge_scores s
-                         WHERE s.score_id = c.score_id)) AS method,
+               coalesce(a.method, (SELECT any_value(s.method) FROM edge_scores s
+                                   WHERE s.score_id = c.score_id)) AS method,
                c.n_edges,
                (SELECT count(*) FROM circuit_edges ce WHERE ce.circuit_id = c.circuit_id)
                    AS n_edges_stored,
                (SELECT count(*) FROM circuit_heads h WHERE h.circuit_id = c.circuit_id)
                    AS n_heads,
                c.faithfulness, c.params, c.created_at
-        FROM circuits c LEFT JOIN queries a ON a.query_id = c.score_id
+        FROM circuits c LEFT JOIN query_params a ON a.query_id = c.score_id
              LEFT JOIN runs r ON r.run_id = a.run_id
         WHERE c.circuit_id NOT IN {SUPERSEDED}
         ORDER BY c.circuit_id

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from actstore.core.files import replace_file
 from actstore.model.adapter import ModelShape, resolve_device
 from actstore.model.architecture import Architecture, LayerWeights, Norm, Weights
 
@@ -68,13 +69,10 @@ def save_converted(model: Any) -> Path | None:
             tensors[name] = value.detach().to("cpu", torch.float32).contiguous().clone()
     metadata = {"architecture": model.architecture.to_json(), "spec": model.spec,
                 "fingerprint": model.fingerprint}  # fmt: skip
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp, metadata)
-        os.replace(tmp, path)
+        replace_file(path, lambda tmp: save_file(tensors, tmp, metadata))
     except OSError:
-        tmp.unlink(missing_ok=True)
         return None
     return path
 

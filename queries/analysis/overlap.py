@@ -152,24 +152,18 @@ PLURAL = {"patch query": "patch queries", "score set": "score sets", "circuit": 
 SOURCES_SQL = {
     "patch query": """
         SELECT DISTINCT t.query_id AS source_id, t.run_id, t.corruption, t.component, t.metric,
-               t.direction, coalesce(t.window_size, 1) AS "window",
-               json_extract_string(q.params, '$.layers') AS layers
-        FROM top_heads t JOIN queries q USING (query_id)""",
+               t.direction, coalesce(t.window_size, 1) AS "window", q.layers
+        FROM top_heads t JOIN query_params q USING (query_id)""",
     "score set": """
-        SELECT q.query_id AS source_id, q.run_id, r.corruption,
-               json_extract_string(q.params, '$.method') AS method,
-               json_extract_string(q.params, '$.metric') AS metric,
-               TRY_CAST(json_extract_string(q.params, '$.steps') AS INTEGER) AS steps
-        FROM queries q JOIN runs r USING (run_id)
+        SELECT q.query_id AS source_id, q.run_id, r.corruption, q.method, q.metric, q.steps
+        FROM query_params q JOIN runs r USING (run_id)
         WHERE q.kind = 'attribute'
           AND q.query_id IN (SELECT score_id FROM edge_scores WHERE dst IS NOT NULL)""",
     "circuit": """
-        SELECT c.circuit_id AS source_id, c.run_id, c.corruption, c.method,
-               json_extract_string(a.params, '$.metric') AS metric,
-               TRY_CAST(json_extract_string(a.params, '$.steps') AS INTEGER) AS steps,
-               TRY_CAST(json_extract_string(c.params, '$.edges') AS INTEGER) AS edges,
-               TRY_CAST(json_extract_string(c.params, '$.faithfulness') AS DOUBLE) AS faithfulness
-        FROM circuits_v c JOIN queries a ON a.query_id = c.score_id""",
+        SELECT c.circuit_id AS source_id, c.run_id, c.corruption, c.method, a.metric, a.steps,
+               p.edges, p.faithfulness
+        FROM circuits_v c JOIN query_params a ON a.query_id = c.score_id
+             LEFT JOIN query_params p ON p.query_id = c.circuit_id""",
 }
 
 

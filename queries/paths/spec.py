@@ -20,13 +20,12 @@ import re
 from dataclasses import dataclass
 
 from actstore.core.errors import UsageError
+from actstore.core.names import HEAD_NAME, LOGITS, MLP_NAME, head_node, mlp_node
 from actstore.core.store import Store
 from actstore.model.architecture import Architecture
 
 QKV = ("q", "k", "v")
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
 _LAYER_HEADS = re.compile(r"^a(\d+)\.\*$")
-_MLP = re.compile(r"^m(\d+)$")
 _RECEIVER_HEAD = re.compile(r"^a(\d+|\*)\.(?:h(\d+)|\*):([qkv])$")
 
 
@@ -43,8 +42,8 @@ class Node:
     @property
     def name(self) -> str:
         if self.kind == "a":
-            return f"a{self.layer}.h{self.head}"
-        return f"m{self.layer}" if self.kind == "m" else "logits"
+            return head_node(self.layer, self.head)
+        return mlp_node(self.layer) if self.kind == "m" else LOGITS
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,13 @@ def parse_senders(text: str, shape: Shape) -> tuple[list[Node], bool]:
             explicit = False
             for layer in range(shape.n_layers):
                 out += [Node("a", layer, h) for h in range(shape.n_heads)] + [Node("m", layer)]
-        elif m := _HEAD.match(item):
+        elif m := HEAD_NAME.match(item):
             out.append(_head(shape, int(m[1]), int(m[2]), item))
         elif m := _LAYER_HEADS.match(item):
             explicit = False
             layer = _layer(shape, int(m[1]), item)
             out += [Node("a", layer, h) for h in range(shape.n_heads)]
-        elif m := _MLP.match(item):
+        elif m := MLP_NAME.match(item):
             out.append(Node("m", _layer(shape, int(m[1]), item)))
         else:
             raise UsageError(f"--senders {item}: give a{{L}}.h{{H}}, a{{L}}.*, m{{L}} or all")
@@ -104,7 +103,7 @@ def parse_heads(text: str, shape: Shape) -> list[Node]:
     """Heads named `a{L}.h{H}` or `a{L}.*`, comma-separated, in graph order."""
     out: list[Node] = []
     for item in _items(text, "--heads"):
-        if m := _HEAD.match(item):
+        if m := HEAD_NAME.match(item):
             out.append(_head(shape, int(m[1]), int(m[2]), item))
         elif m := _LAYER_HEADS.match(item):
             layer = _layer(shape, int(m[1]), item)
@@ -199,9 +198,9 @@ def _head(shape: Shape, layer: int, head: int, item: str) -> Node:
 
 
 def _one_receiver(item: str, shape: Shape) -> list[Node]:
-    if item == "logits":
+    if item == LOGITS:
         return [Node("logits")]
-    if m := _MLP.match(item):
+    if m := MLP_NAME.match(item):
         return [Node("m", _layer(shape, int(m[1]), item))]
     m = _RECEIVER_HEAD.match(item)
     if m is None:

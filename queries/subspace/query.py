@@ -26,6 +26,7 @@ from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 
 REPORT_COLUMNS = [
     "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",
@@ -98,14 +99,15 @@ def subspace(
     seed: int = 0,
     epochs: int = 20,
     lr: float = 0.05,
-    device: str | None = None,
     save_direction: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Patch the subspace `basis` (a .npy file, mean-diff or das) at a hook in `direction`
     (denoise or noise) and report the illusion diagnostics (see module doc)."""
     check("--metric", metric, METRICS)
     check("--direction", direction, DIRECTIONS)
+    runtime.in_process("subspace")
     if save_direction is not None:
         check_output_path(save_direction, "--save-direction")
     if k < 1:
@@ -122,18 +124,18 @@ def subspace(
             f"has none; use {', '.join(GRADIENT_METRICS)}, or --basis mean-diff"
         )
     learned = basis in SOURCES
-    # Recorded under the keys of earlier versions (mode: the patching direction, direction: the
-    # basis), so that their recorded queries are found.
+    # Earlier versions recorded `mode` for the direction and `direction` for the basis; their
+    # queries are still found (views.LEGACY_KEYS).
     params = {
-        "hook": hook, "head": head, "pos": pos, "metric": metric, "mode": direction,
-        "reader": reader, "direction": basis,
+        "hook": hook, "head": head, "pos": pos, "metric": metric, "direction": direction,
+        "reader": reader, "basis": basis,
     }  # fmt: skip
     if not learned:
         path = Path(basis)
         if not path.is_file():
             raise UsageError(f"--basis {basis}: no such file; give a .npy file, mean-diff or das")
-        params["direction"] = str(path.resolve())
-        params["direction_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        params["basis"] = str(path.resolve())
+        params["basis_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     else:
         _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
@@ -147,8 +149,9 @@ def subspace(
             np.save(save_direction, stored_basis(store, query_id).T)
         return stored_report(store, query_id)
 
-    return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
-                    read, recompute)  # fmt: skip
+    return recorded(store, "subspace", run, params,
+                    lambda: _compute(store, info, params, runtime.device), read,
+                    recompute)  # fmt: skip
 
 
 def _check_k(store: Store, run: dict, hook: str, head: int | None, k: int) -> None:
@@ -183,7 +186,7 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     site = parse_site(model, params["hook"], params["head"])
     w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
-    mode, metric, source = params["mode"], params["metric"], params["direction"]
+    mode, metric, source = params["direction"], params["metric"], params["basis"]
 
     roles = pos_roles(params["pos"])
     at = role_positions(store, run_id, roles) if roles else None

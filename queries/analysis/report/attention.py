@@ -3,10 +3,9 @@ attended to from one role (IOI: END → IO, S1, S2), beside each head's patching
 
 from __future__ import annotations
 
-import json
-
 import polars as pl
 
+from actstore.core.names import HEAD_NODE
 from actstore.core.store import Store
 from queries.analysis.report.page import Page, card, esc, table
 
@@ -21,9 +20,11 @@ def attention_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     if not tables["n"][0]:
         return pl.DataFrame()
     return store._trusted_query(
-        """
-        SELECT a.*, q.run_id, q.params, r.task, r.n_prompts
-        FROM attention a JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        f"""
+        SELECT a.*, {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node, q.run_id,
+               q.to_roles, r.task, r.n_prompts
+        FROM attention a JOIN query_params q USING (query_id)
+             LEFT JOIN runs r ON r.run_id = q.run_id
         WHERE q.kind = 'attention' AND q.run_id IN (SELECT unnest(?))
         ORDER BY a.query_id, a.layer, a.head
         """,
@@ -47,15 +48,13 @@ def attention_section(page: Page, store: Store, runs: list[int]) -> None:
     if rows.height:
         for (query_id,), part in rows.partition_by("query_id", as_dict=True).items():
             first = part.row(0, named=True)
-            to = json.loads(first["params"])["to"]
-            wide = part.pivot(on="to_role", index=["layer", "head"], values="value").sort(
-                "layer", "head"
-            )
+            to = first["to_roles"].split(",")
+            wide = part.pivot(on="to_role", index=["layer", "head", "node"], values="value")
+            wide = wide.sort("layer", "head")
             ranks = patch_ranks(store, first["run_id"]).cast({"layer": pl.Int32, "head": pl.Int32})
             wide = wide.cast({"layer": pl.Int32, "head": pl.Int32}).join(
                 ranks, on=["layer", "head"], how="left"
             )
-            wide = wide.with_columns(pl.format("a{}.h{}", "layer", "head").alias("node"))
             wide = wide.sort(pl.col(to[0]), descending=True)
             columns = {"node": "head", **{r: f"{first['from_role']} → {r}" for r in to},
                        "patch_rank": "head-patching rank"}  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from actstore.core.errors import UsageError
-from actstore.core.names import EDGE_NAME
+from actstore.core.names import EDGE_NAME, NODE_HEAD, NODE_KIND, NODE_LAYER
 from actstore.core.store import Store
 from queries.analysis import overlap as ov
 
@@ -69,13 +69,11 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     df = store._trusted_query(
         """
         SELECT q.query_id, q.run_id, r.model, r.task, r.corruption, r.n_prompts,
-               json_extract_string(q.params, '$.component') AS component,
-               json_extract_string(q.params, '$.metric') AS metric,
-               json_extract_string(q.params, '$.direction') AS direction,
-               json_extract_string(q.params, '$.window') AS window_size,
+               qp.component, qp.metric, qp.direction, qp.window_size,
                q.params, q.created_at, q.wall_s,
                (SELECT count(*) FROM effects e WHERE e.query_id = q.query_id) AS n_effects
-        FROM current_queries q LEFT JOIN runs r USING (run_id)
+        FROM current_queries q JOIN query_params qp USING (query_id)
+             LEFT JOIN runs r ON r.run_id = q.run_id
         WHERE q.kind = 'patch' AND q.run_id IN (SELECT unnest(?))
         ORDER BY q.query_id
         """,
@@ -196,12 +194,10 @@ def circuits(store: Store, runs: list[int]) -> pl.DataFrame:
 
 
 # A node name of the edge graph as (kind, layer, head): input, a{l}.h{h}, m{l}, logits.
-NODE_PARTS = """
-    CASE WHEN {node} = 'input' THEN 'input' WHEN {node} = 'logits' THEN 'logits'
-         WHEN {node} LIKE 'm%' THEN 'mlp' ELSE 'head' END AS kind,
-    TRY_CAST(regexp_extract({node}, '^[am](\\d+)', 1) AS INTEGER) AS layer,
-    TRY_CAST(regexp_extract({node}, '\\.h(\\d+)$', 1) AS INTEGER) AS head
-"""
+NODE_PARTS = ", ".join(
+    f"{form} AS {name}"
+    for form, name in ((NODE_KIND, "kind"), (NODE_LAYER, "layer"), (NODE_HEAD, "head"))
+)
 
 
 def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -236,11 +232,9 @@ def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every subspace query's report rows (v, row, null, full) with its source parameters."""
     return store._trusted_query(
         """
-        SELECT s.*, r.task, r.model, q.params,
-               json_extract_string(q.params, '$.direction') AS source,
-               json_extract_string(q.params, '$.reader') AS reader
-        FROM subspace_reports s JOIN current_queries q USING (query_id) LEFT JOIN runs r
-             ON r.run_id = s.run_id
+        SELECT s.*, r.task, r.model, q.params, qp.basis AS source, qp.reader
+        FROM subspace_reports s JOIN current_queries q USING (query_id)
+             JOIN query_params qp USING (query_id) LEFT JOIN runs r ON r.run_id = s.run_id
         WHERE s.run_id IN (SELECT unnest(?))
         ORDER BY s.query_id, list_position(['v', 'row', 'null', 'full'], s.component)
         """,
