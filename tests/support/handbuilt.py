@@ -256,3 +256,40 @@ def version_one_store(path: Path) -> Path:
     )
     con.close()
     return path
+
+
+# Two runs of two prompts each for position labels (no model, no arrays): run 1's prompts share
+# one length, run 2's differ; IO sits at 2 in every prompt, X at 1 in one and 3 in the other.
+WORDS = {0: "<bos>", 10: " When", 11: " Mary", 12: " and", 13: " to", 14: " John"}
+LABELLED = {
+    1: [([0, 10, 11, 12, 13], {"IO": 2, "X": 1}), ([0, 10, 14, 12, 13], {"IO": 2, "X": 3})],
+    2: [([0, 10, 11, 13], {"IO": 2, "X": 1}), ([0, 10, 14, 12, 13], {"IO": 2, "X": 3})],
+}
+
+
+def labelled(path: Path) -> Store:
+    """A store of the LABELLED runs: prompts with their token texts and roles (END the final
+    token), and on run 1 a residual patching query at positions 0..4."""
+    store = Store(path, create=True)
+    with store.writer(), store.catalog.write() as con:
+        con.execute(
+            "INSERT INTO models (model, n_layers, n_heads, d_model) VALUES ('hand', 3, 4, 16)"
+        )
+        for run, prompts in LABELLED.items():
+            params = json.dumps({"roles": {"names": ["IO", "X", "END"]}})
+            con.execute(
+                "INSERT INTO runs (run_id, model, task, corruption, n_prompts, status, params, "
+                "hooks) VALUES (?, 'hand', 'ioi', 'str', 2, 'complete', ?, '[]')",
+                [run, params],
+            )
+            for i, (tokens, roles) in enumerate(prompts):
+                con.execute(
+                    "INSERT INTO prompts (run_id, prompt_idx, seq_len, clean_tokens, "
+                    "clean_token_texts) VALUES (?, ?, ?, ?, ?)",
+                    [run, i, len(tokens), tokens, [WORDS[t] for t in tokens]],
+                )
+                for role, pos in {**roles, "END": len(tokens) - 1}.items():
+                    con.execute("INSERT INTO prompt_roles VALUES (?, ?, ?, ?)", [run, i, role, pos])
+    params = {"component": "resid", "metric": "logit-diff", "direction": "denoise"}
+    record_query(store, "patch", 1, params, 0.1, {"effects": resid_effects()})
+    return store
