@@ -14,22 +14,24 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import actstore  # noqa: E402
+from queries.core.runtime import Runtime  # noqa: E402
 
 store_path, model, dataset, batch, ks_arg, out = sys.argv[1:7]
 phases = {"import": time.perf_counter() - T0}
 shutil.rmtree(store_path, ignore_errors=True)
 t = time.perf_counter()
 s = actstore.open(store_path, create=True)
-run = s.ingest(model=model, dataset=dataset, batch_size=int(batch), device="cpu", progress=False)
+cpu = Runtime(device="cpu", progress=False)
+run = s.ingest(model=model, dataset=dataset, batch_size=int(batch), runtime=cpu)
 phases["ingest"] = time.perf_counter() - t
 run_id = int(run["run_id"][0])
 t = time.perf_counter()
-scores = s.attribute(run_id, "eap", device="cpu", progress=False)
+scores = s.attribute(run_id, "eap", runtime=cpu)
 phases["attribute_eap"] = time.perf_counter() - t
 score_id = int(scores["score_id"][0])
 t = time.perf_counter()
 sizes = [k if k == "all" else int(k) for k in ks_arg.split(",")]
-curve = s.circuit(score_id, edges=sizes, prune=False, device="cpu")
+curve = s.circuit(score_id, edges=sizes, prune=False, runtime=cpu)
 phases["circuits"] = time.perf_counter() - t
 phases["total"] = time.perf_counter() - T0
 rows = curve.to_dicts()

@@ -33,6 +33,7 @@ from actstore.core.store import Store
 from actstore.model.architecture import Architecture
 from queries.attribution.graph import Graph
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 
@@ -140,11 +141,9 @@ def circuit(
     edges: int | str | Sequence[int | str] | None = None,
     faithfulness: float | None = None,
     prune: bool = True,
-    device: str | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
     metric: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
@@ -155,10 +154,10 @@ def circuit(
     set's metric, or in `metric` (e.g. accuracy, which attribution cannot score by, being
     without gradients).
 
-    With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
-    Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
+    With the runtime's `workers` or `scheduler` every faithfulness measurement runs its prompt
+    batches as Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever
+    the cluster.
     """
-    check_cluster(workers, scheduler)
     if (edges is None) == (faithfulness is None):
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None:
@@ -179,12 +178,13 @@ def circuit(
             params["metric"] = metric
     metric = metric or query["params"]["metric"]
     run = query["run_id"]
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.evaluate import Evaluator
 
-        with cluster(workers, scheduler) as client:
-            ev = Evaluator(store, store.run(run), metric, device, client)
+        with cluster(runtime) as client:
+            ev = Evaluator(store, store.run(run), metric, runtime, client)
             curve: dict[int, tuple[np.ndarray, float]] = {}
 
             def measure(ns: list[int]) -> None:

@@ -25,6 +25,7 @@ from queries.attribution.edge_model import EdgeModel
 from queries.attribution.tree import TreeBatch, TreePatcher
 from queries.core.reader import Reader, Span
 from queries.core.run_model import model_for_run
+from queries.core.runtime import Runtime
 from queries.core.sweep import in_order
 
 # Bytes of prompt batches laid out for tree patching that an Evaluator keeps between
@@ -44,12 +45,12 @@ class Evaluator:
         store: Store,
         run: dict,
         metric: str,
-        device: str | None = None,
+        runtime: Runtime = Runtime(),
         client: Any = None,
     ):
         self.store, self.run, self.metric = store, run, metric
-        self.device, self.client = device, client
-        self.model = EdgeModel(model_for_run(run, device))
+        self.device, self.client = runtime.device, client
+        self.model = EdgeModel(model_for_run(run, runtime.device))
         check_run(store, run, self.model)
         self.reader = edge_reader(store, run, self.model)
         self.spans = list(self.reader.spans())
