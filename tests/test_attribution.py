@@ -365,6 +365,24 @@ def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):
     assert not values[~graph.real].any()
 
 
+def test_exact_scores_of_some_sources_equal_their_rows_of_all(setup):
+    """A sample of sources (what the benchmark times at large shapes) scores exactly their
+    edges, as the whole graph's pass does, and nothing else."""
+    from queries.attribution.edge_batches import edge_reader, read_batch
+    from queries.attribution.edge_model import EdgeModel
+    from queries.attribution.exact import exact_scores
+
+    store, adapter, _ = setup
+    model = EdgeModel(adapter)
+    reader = edge_reader(store, store.run(1), model)
+    batch = read_batch(reader, next(reader.spans()), model)
+    every = exact_scores(model, batch, "logit-diff", 16).numpy()
+    chosen = np.array([0, 7, 10])  # the input, a head and an MLP
+    some = exact_scores(model, batch, "logit-diff", 16, sources=chosen).numpy()
+    np.testing.assert_allclose(some[chosen], every[chosen], atol=1e-6, rtol=0)
+    assert not np.delete(some, chosen, axis=0).any() and np.abs(every[chosen]).max() > 1e-3
+
+
 def test_exact_scores_are_a_score_set_circuits_and_agreement_take(setup):
     store, _, _ = setup
     exact = attribute(store, 1, "exact")
