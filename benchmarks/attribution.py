@@ -17,6 +17,7 @@ from ioi_store import parser, temporary_ioi_store
 
 from actstore.core.store import Store
 from queries.attribution import attribute
+from queries.core.runtime import Runtime
 
 
 def forward_backward_seconds(store: Store, model_name: str, device: str | None) -> float:
@@ -43,7 +44,7 @@ def compute_seconds(store: Store, model_name: str, steps: int, device: str | Non
     model = EdgeModel(load_model(model_name, device))
     params = resolve_params("eap-ig", steps, None, "logit-diff")
     started = time.perf_counter()
-    compute_scores(model, store, store.run(1), params, progress=False)
+    compute_scores(model, store, store.run(1), params, Runtime(progress=False))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -56,7 +57,8 @@ def main() -> None:
     with temporary_ioi_store(args, batch_size=16) as store:
         base = forward_backward_seconds(store, args.model, args.device)
         started = time.perf_counter()
-        scores = attribute(store, 1, "eap-ig", steps=args.steps, device=args.device)
+        on = Runtime(device=args.device)
+        scores = attribute(store, 1, "eap-ig", steps=args.steps, runtime=on)
         end_to_end = time.perf_counter() - started
         eap_ig = compute_seconds(store, args.model, args.steps, args.device)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ioi_store import parser, temporary_ioi_store
 
 from queries.attribution import attribute, circuit, stored_curve
+from queries.core.runtime import Runtime
 
 
 def main() -> None:
@@ -23,9 +24,10 @@ def main() -> None:
         print(f"{args.model} IOI, {args.n} prompts: logit diff clean {run.item(0, 0):.3f}, "
               f"corrupted {run.item(0, 1):.3f}")  # fmt: skip
         for method in ("eap", "eap-ig"):
-            scores = attribute(store, 1, method, device=args.device)
+            scores = attribute(store, 1, method, runtime=Runtime(device=args.device))
             sid = int(scores["score_id"][0])
-            row = circuit(store, sid, faithfulness=args.target, device=args.device)
+            row = circuit(store, sid, faithfulness=args.target,
+                          runtime=Runtime(device=args.device))  # fmt: skip
             found = row.row(0, named=True)
             print(f"\n{method} ({scores.height} edges): faithfulness curve")
             curve = stored_curve(store, found["circuit_id"])

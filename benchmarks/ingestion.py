@@ -44,6 +44,7 @@ from actstore.core.store import Store  # noqa: E402
 from actstore.model.adapter import ModelAdapter  # noqa: E402
 from ingest.prompts import load_pairs, prepare  # noqa: E402
 from ingest.runner import ingest  # noqa: E402
+from queries.core.runtime import Runtime  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 LAYOUTS = {"lean": "default", "full": "full"}
@@ -109,7 +110,8 @@ def head_sweep(model: ModelAdapter, path: Path, batch: int) -> tuple[float, np.n
     store = Store(path)
     spec = check_spec(store, 1, "head", "logit-diff", "denoise", 1, None)
     started = time.perf_counter()
-    rows, _ = compute_effects(store, 1, spec, model, batch_size=batch, progress=False)
+    rows, _ = compute_effects(store, 1, spec, model, batch_size=batch,
+                              runtime=Runtime(progress=False))  # fmt: skip
     return time.perf_counter() - started, rows["value"].to_numpy()
 
 

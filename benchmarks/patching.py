@@ -49,6 +49,7 @@ from actstore.core.store import Store  # noqa: E402
 from actstore.model.adapter import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.core.reader import Reader, Span  # noqa: E402
+from queries.core.runtime import Runtime  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 TEMPLATE = 3  # "While A and B were working at the PLACE , C gave a OBJECT to": 16 tokens
@@ -204,7 +205,7 @@ def bench(
             VERIFY.seconds = 0.0
             started = time.perf_counter()
             ours, flops = compute_effects(store, 1, spec, model, batch_size=n_prompts,
-                                          progress=False)  # fmt: skip
+                                          runtime=Runtime(progress=False))  # fmt: skip
             t_ours = time.perf_counter() - started
             verify = VERIFY.seconds / t_ours
             t_tl, tl_values, n = tl_sweep(model, store, component, "denoise", positions, layers)

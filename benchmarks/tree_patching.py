@@ -7,9 +7,10 @@ ingests n IOI prompts, scores every edge with EAP, then for the pruned top-K cir
 10, 50, 100, 500, 1000, 5000, 10000 and all, on the same prompt batches (read once, model
 loaded), times side by side the dense forward (`EdgeModel.run` with `dropped`, what every
 circuit ran before) and tree patching (`TreePatcher.logits`), with the largest logit difference
-between them and how many nodes each circuit computes; then the whole curve through
-`circuit(edges=[...])`, one call. The load average is printed before and after: on a loaded
-machine only the ratio means something.
+between them and how many nodes each circuit computes; then the nine circuits side by side along
+the batch axis (`TreePatcher.logits_many`, in groups as `evaluate.GROUP_BYTES` allows) against
+one by one; then the whole curve through `circuit(edges=[...])`, one call. The load average is
+printed before and after: on a loaded machine only the ratio means something.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ingest.runner import ingest
 from queries.attribution import attribute, circuit, score_graph, top_edges
 from queries.attribution.edge_batches import edge_reader, read_batch
 from queries.attribution.edge_model import EdgeModel
+from queries.attribution.evaluate import GROUP_BYTES
 from queries.attribution.tree import COMPUTED, TreePatcher
 
 SIZES = (0, 10, 50, 100, 500, 1000, 5000, 10000)
@@ -61,10 +63,12 @@ def main() -> None:
         patcher = TreePatcher(model)
         dense_s = dict.fromkeys(sizes, 0.0)
         tree_s = dict.fromkeys(sizes, 0.0)
-        worst = 0.0
+        worst = together_worst = together_s = 0.0
+        groups = []
         reader = edge_reader(store, store.run(1), model)
         for batch in (read_batch(reader, span, model) for span in reader.spans()):
             tree = patcher.batch(batch.clean, batch.corrupted, batch.last)
+            tree_logits = {}
             for k, kept in masks.items():
                 dropped = torch.as_tensor(graph.real & ~kept, dtype=torch.float32)
                 started = time.perf_counter()
@@ -74,6 +78,16 @@ def main() -> None:
                 fast = patcher.logits(tree, kept)
                 tree_s[k] += time.perf_counter() - started
                 worst = max(worst, float((fast - dense.logits).abs().max()))
+                tree_logits[k] = fast
+            group = max(1, GROUP_BYTES // (2 * tree.delta_clean.nbytes))
+            groups.append(group)
+            started = time.perf_counter()
+            together = []
+            for at in range(0, len(sizes), group):
+                together += patcher.logits_many(tree, [masks[k] for k in sizes[at : at + group]])
+            together_s += time.perf_counter() - started
+            for k, logits in zip(sizes, together, strict=True):
+                together_worst = max(together_worst, float((logits - tree_logits[k]).abs().max()))
         print(f"{args.shape} shape, {graph.n_edges} edges, {args.n} IOI prompts in batches of "
               f"{args.batch_size}; each circuit's forwards over every batch:")  # fmt: skip
         print(f"{'top K':>7} {'computed nodes':>15} {'dense s':>9} {'tree s':>9} {'ratio':>7}")
@@ -85,6 +99,11 @@ def main() -> None:
         print(
             f"{'all':>7} {'':>15} {total_dense:>9.3f} {total_tree:>9.3f} "
             f"{total_dense / total_tree:>6.1f}x   largest logit difference {worst:.2e}"
+        )
+        print(
+            f"side by side along the batch axis ({groups} circuits per forward): "
+            f"{together_s:.3f} s vs one by one {total_tree:.3f} s: "
+            f"{total_tree / together_s:.2f}x; largest logit difference {together_worst:.2e}"
         )
         started = time.perf_counter()
         curve = circuit(store, sid, edges=sizes)

@@ -18,7 +18,6 @@ command resumes at the batches the ledger lacks (like any interrupted ingest).
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
+from actstore.core.cluster import CONNECT_TIMEOUT_S, check_scheduler
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.extras import check_engine
 from actstore.core.location import (
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
     from ingest.batches import Shapes
     from ingest.prompts import Prepared
 
-CONNECT_TIMEOUT_S = 10
 # What a LocalCluster's workers import beside actstore.core.cluster.PRELOAD before they fork.
 WORKER_MODULES = ["ingest.batches"]
 TASK_RETRIES = 1  # an exception (a transient object-store error) reruns a task once
@@ -84,28 +82,6 @@ def check_scale_options(
         check_claim(store_dir, url)
     if shard is None:
         check_no_lost_catalog(store_dir, ArraysRoot(normal_url(url)))
-
-
-def check_scheduler(address: str) -> None:
-    """A TCP scheduler address must be well formed and something must listen there."""
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if parsed.scheme != "tcp":
-        return  # tls://, ucx://, …: the Dask client checks these itself
-    try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        host = port = None
-    if not host or not port:
-        raise UsageError(f"--scheduler {address}: give HOST:PORT, e.g. tcp://10.0.0.5:8786")
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ActstoreError(
-            f"--scheduler {address}: no Dask scheduler answers there ({reason}); start one "
-            "(dask scheduler) or check the address"
-        ) from None
 
 
 @dataclass

@@ -38,6 +38,7 @@ class Prepared:
     wrong_sets: list[list[int]]
     subjects: list[list[int]]  # per prompt, positions Gaussian noising touches
     roles: list[dict[str, int]]  # per prompt, each role's input position (END included)
+    texts: list[list[str]]  # per prompt, each clean token's text decoded alone (labels)
 
 
 def load_pairs(
@@ -98,8 +99,10 @@ def prepare(model: ModelAdapter, pairs: list[PromptPair], corruption: str) -> Pr
         else [[] for _ in pairs]
     )
     roles = [role_positions(model, p, int(k)) for p, k in zip(pairs, lengths, strict=True)]
+    words = {t: model.tokenizer.decode([t]) for t in {t for ids in clean_ids for t in ids}}
+    texts = [[words[t] for t in ids] for ids in clean_ids]
     return Prepared(pairs, clean, corrupted, lengths, answers, wrong, answer_sets, wrong_sets,
-                    subjects, roles)  # fmt: skip
+                    subjects, roles, texts)  # fmt: skip
 
 
 def role_positions(model: Tokenizes, pair: PromptPair, length: int) -> dict[str, int]:
@@ -161,6 +164,7 @@ def prompt_records(prep: Prepared, lo: int, hi: int, metrics: dict) -> list[dict
                 "wrong_answer_token": int(prep.wrong[i]),
                 "seq_len": length,
                 "clean_tokens": prep.clean[i, :length].tolist(),
+                "clean_token_texts": prep.texts[i],
                 "corrupted_tokens": prep.corrupted[i, :length].tolist(),
                 "grp": pair.group,
                 "answers": list(pair.correct()),

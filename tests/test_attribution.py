@@ -30,6 +30,7 @@ from actstore.model.adapter import BUILTIN_DIR, load_model
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
 from queries.attribution.edge_batches import edge_reader, read_batch
 from queries.attribution.edge_model import EdgeModel
+from queries.core.reader import Reader
 
 
 def trained_or_random() -> list:
@@ -285,6 +286,41 @@ def test_curve_in_one_pass_equals_sizes_one_by_one(setup):
     assert again["circuit_id"].to_list() == [cid] * len(sizes)
 
 
+def counting_reads(monkeypatch) -> list[str]:
+    """Every array the queries read from the store, appended as it is read."""
+    reads: list[str] = []
+    tensor = Reader.tensor
+
+    def counted(self, side, hook, *args, **kwargs):
+        reads.append(f"{side}/{hook}")
+        return tensor(self, side, hook, *args, **kwargs)
+
+    monkeypatch.setattr(Reader, "tensor", counted)
+    return reads
+
+
+def test_faithfulness_search_reads_each_batch_once(setup, monkeypatch):
+    from queries.attribution import evaluate
+
+    store, _, _ = setup
+    sid = int(attribute(store, 1, "eap")["score_id"][0])
+    reads = counting_reads(monkeypatch)
+    circuit(store, sid, edges=10, recompute=True)
+    per_pass = len(reads)
+    assert per_pass > 0
+    reads.clear()
+    found = circuit(store, sid, faithfulness=0.85, recompute=True)
+    curve = stored_curve(store, int(found["circuit_id"][0]))
+    assert curve.height >= 5  # doubling then bisection: many measurements, one read each
+    assert len(reads) == per_pass
+    reads.clear()
+    monkeypatch.setattr(evaluate, "KEEP_BYTES", 0)  # nothing kept: every step reads again
+    again = circuit(store, sid, faithfulness=0.85, recompute=True)
+    assert len(reads) > 3 * per_pass
+    assert again["top_n"][0] == found["top_n"][0]
+    assert stored_curve(store, int(again["circuit_id"][0])).equals(curve)  # today's numbers
+
+
 def test_cli_curve_and_bad_lists_refused_before_compute(setup):
     store, _, _ = setup
     sid = str(attribute(store, 1, "eap")["score_id"][0])
@@ -294,9 +330,18 @@ def test_cli_curve_and_bad_lists_refused_before_compute(setup):
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 4 and [line.split(",")[2] for line in lines[1:]] == ["0", "5", "20"]
+    n_edges = score_graph(store, int(sid))[1].n_edges
+    res = runner.invoke(main, ["circuit", str(store.path), "--scores", sid, "--edges", "all,5",
+                               "--format", "csv"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = [line.split(",") for line in res.stdout.strip().splitlines()[1:]]
+    assert [row[2] for row in rows] == ["5", str(n_edges)]
+    same = circuit(store, int(sid), edges=[5, n_edges])  # "all" is the edge count's question
+    assert same["circuit_id"][0] == int(rows[0][0])
     before = store.query("SELECT count(*) FROM queries").item()
     for edges, says in [("10,x", "comma-separated"), ("10,,20", "comma-separated"),
                         ("-1,5", "0 or more"), ("5,3,5", "listed twice"),
+                        ("all,all", "listed twice"), (f"{n_edges},all", "same size"),
                         ("0,99999999", "the graph has")]:  # fmt: skip
         bad = runner.invoke(main, ["circuit", str(store.path), "--scores", sid, "--edges", edges])
         assert bad.exit_code == 2, (edges, bad.output)
@@ -318,6 +363,24 @@ def test_exact_edge_effects_equal_one_hooked_forward_per_edge(setup):
     assert scale > 1e-3  # edges that matter, so agreement means something
     np.testing.assert_allclose(got, want, atol=min(1e-4, 1e-3 * scale), rtol=0)
     assert not values[~graph.real].any()
+
+
+def test_exact_scores_of_some_sources_equal_their_rows_of_all(setup):
+    """A sample of sources (what the benchmark times at large shapes) scores exactly their
+    edges, as the whole graph's pass does, and nothing else."""
+    from queries.attribution.edge_batches import edge_reader, read_batch
+    from queries.attribution.edge_model import EdgeModel
+    from queries.attribution.exact import exact_scores
+
+    store, adapter, _ = setup
+    model = EdgeModel(adapter)
+    reader = edge_reader(store, store.run(1), model)
+    batch = read_batch(reader, next(reader.spans()), model)
+    every = exact_scores(model, batch, "logit-diff", 16).numpy()
+    chosen = np.array([0, 7, 10])  # the input, a head and an MLP
+    some = exact_scores(model, batch, "logit-diff", 16, sources=chosen).numpy()
+    np.testing.assert_allclose(some[chosen], every[chosen], atol=1e-6, rtol=0)
+    assert not np.delete(some, chosen, axis=0).any() and np.abs(every[chosen]).max() > 1e-3
 
 
 def test_exact_scores_are_a_score_set_circuits_and_agreement_take(setup):

@@ -66,9 +66,11 @@ def mismatched_distributed(tmp_path) -> Path:
         ["patch", "{store}", "--run", "1", "--component", "head", "--workers", "2"],
         ["attribute", "{store}", "--run", "1", "--method", "eap", "--workers", "2"],
         ["reduce", "{store}", "--run", "1", "--hook", "blocks.0.hook_resid_pre",
-         "--scheduler", "distributed", "--address", "tcp://127.0.0.1:1"],
+         "--scheduler", "tcp://127.0.0.1:1"],
+        ["path", "{store}", "--run", "1", "--senders", "all", "--receivers", "logits",
+         "--workers", "2"],
     ],
-    ids=["ingest-workers", "ingest-scheduler", "patch", "attribute", "reduce"],
+    ids=["ingest-workers", "ingest-scheduler", "patch", "attribute", "reduce", "path"],
 )  # fmt: skip
 def test_broken_distributed_is_one_line_and_the_store_is_unchanged(
     ioi_copy, old_distributed, command

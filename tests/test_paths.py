@@ -286,3 +286,37 @@ def test_position_restricted_paths_reuse_the_base_prefix_exactly(run, direction)
         store, "a0.h1,m0,a1.*", "a*.*:q,a2.h1:k,a3.h0:v,m2,a2.h0:q+a3.h3:k,logits",
         ["S2", "END", "IO"], direction,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bad_specs_are_refused_before_torch_is_imported(run):
+    """Unknown heads and layers, a receiver before its sender, unknown roles: refused from the
+    catalog alone, in a process that never imports torch (nor loads the model)."""
+    import json
+    import subprocess
+    import sys
+
+    store, _, _ = run
+    cases = [
+        ["path", "--senders", "a0.h7", "--receivers", "logits"],
+        ["path", "--senders", "a0.h0", "--receivers", "a1.h9:q"],
+        ["path", "--senders", "a0.h0", "--receivers", "a9.*:k"],
+        ["path", "--senders", "a2.h0", "--receivers", "a1.h0:v"],
+        ["path", "--senders", "a0.h0", "--receivers", "logits", "--positions", "NOPE"],
+        ["intervene", "--heads", "a1.h9", "--attend", "IO"],
+        ["intervene", "--heads", "a1.h0", "--attend", "END", "--at", "IO"],
+    ]
+    code = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from actstore.app.cli import main\n"
+        "out = []\n"
+        "for verb, *args in json.loads(sys.argv[1]):\n"
+        "    r = CliRunner().invoke(main, [verb, sys.argv[2], '--run', '1', *args])\n"
+        "    lines = len(r.output.strip().splitlines())\n"
+        "    out.append([r.exit_code, lines, 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(cases), str(store.path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert json.loads(res.stdout) == [[2, 1, False]] * len(cases), res.stderr

@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_blocks_are_generated_and_parse():
     text = README.read_text()
     blocks = parse(text)
-    assert [len(b) for b in blocks] == [16, 5, 5, 6]
+    assert [len(b) for b in blocks] == [16, 5, 5, 6, 3]
     assert text.count("[[[cog") == text.count("[[[end]]]") == len(blocks) + 1  # and the demo
     assert all(step.command.startswith("actstore ") for block in blocks for step in block)
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl
 import pytest
 from older import as_version
 from tokenizers_for_tests import bpe_view, toy_view
@@ -20,16 +23,20 @@ from actstore.core.store import Store
 from ingest.batches import params_hash
 from ingest.datasets import load_dataset
 from ingest.prompts import role_positions
-from ingest.tasks import get_task
+from ingest.tasks import TASKS, get_task
 
 VIEWS = {"toy": toy_view, "bpe": bpe_view}
-ROLES = {
-    "ioi": ["IO", "S1", "S1+1", "S2"],
-    "colored-objects": ["OBJECT", "COLOR", "OTHER1", "OTHER2", "QUERY"],
-    "greater-than": ["XX", "YY"],
-    "sva": ["SUBJECT", "ATTRACTOR"],
-    "capital-country": ["COUNTRY"],
+ROLES = {name: list(task.roles) for name, task in TASKS.items()}
+# The roles SPEC and issue 29 name, as the tasks call them (SVA's verb is predicted at END;
+# Colored Objects' other colours are OTHER1 and OTHER2).
+NAMED = {
+    "ioi": {"IO", "S1", "S1+1", "S2", END},
+    "colored-objects": {"OBJECT", "COLOR", "OTHER1", "OTHER2", END},
+    "greater-than": {"YY", END},
+    "sva": {"SUBJECT", END},
+    "capital-country": {"COUNTRY", END},
 }
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _input(view, text: str) -> list[int]:
@@ -50,7 +57,7 @@ def test_task_roles_are_the_tokens_they_name(name, view):
     for p in get_task(name).generate(40, seed=3, model=model):
         ids = _input(model, p.clean)
         at = role_positions(model, p, len(ids))
-        assert list(at) == [*ROLES[name], END]
+        assert list(at) == ROLES[name]
         assert at[END] == len(ids) - 1
         token = {r: ids[pos] for r, pos in at.items()}
         meta = p.meta
@@ -76,6 +83,18 @@ def test_task_roles_are_the_tokens_they_name(name, view):
             assert at["SUBJECT"] < at["ATTRACTOR"]
         else:
             assert token["COUNTRY"] == _last_token(model, meta["country"])
+
+
+def test_the_readme_table_is_every_tasks_roles():
+    """The README's table of roles is each built-in task's `roles`, in order, meanings
+    included; every task has the roles SPEC names, END last."""
+    rows = re.findall(r"^\| `([a-z-]+)` \| `([^`]+)` \| (.+?) \|$", README.read_text(), re.M)
+    table: dict[str, dict[str, str]] = {}
+    for task, role, meaning in rows:
+        table.setdefault(task, {})[role] = meaning
+    assert table == {name: task.roles for name, task in TASKS.items()}
+    for name, task in TASKS.items():
+        assert NAMED[name] <= set(task.roles) and list(task.roles)[-1] == END, name
 
 
 def test_a_multi_token_word_is_its_last_token():
@@ -394,7 +413,8 @@ def test_role_heatmap_axis_names_the_roles(ioi_copy, toy_random, tmp_path, monke
 
     monkeypatch.setattr(plots, "_save", save)
     plots.plot_effects(store, int(query["query_id"][0]), tmp_path / "roles.png")
-    assert seen["x"] == "role" and seen["ticks"] == ["IO", "S1", "S2", END]
+    # every prompt ends on "to"; the names differ from prompt to prompt
+    assert seen["x"] == "role" and seen["ticks"] == ["IO", "S1", "S2", "END:'to'"]
     assert seen["title"] == "ioi: patching effect (role × layer)"
     assert (tmp_path / "roles.png").stat().st_size > 0
 
@@ -414,4 +434,70 @@ def test_report_heatmap_of_a_role_query_has_role_columns(ioi_copy, toy_random, t
     specs = js.loads(re.search(r"const charts = (\{.*?\});\n", html, flags=re.S).group(1))
     x = specs[element]["layer"][0]["encoding"]["x"] if "layer" in specs[element] else None
     x = x or specs[element]["encoding"]["x"]
-    assert x["title"] == "role" and x["sort"] == ["S2", "IO", END]
+    assert x["title"] == "role" and x["sort"] == ["S2", "IO", "END:'to'"]
+
+
+def test_positions_are_labelled_by_the_role_and_token_every_prompt_has(tmp_path):
+    """A same-length run labels each position by the role every prompt has there and the token
+    every prompt has there; a mixed-length run only where a token is common to all; a role by
+    the token every prompt has at it. A store from before token texts labels by role only."""
+    from handbuilt import labelled
+
+    from actstore.core.roles import position_labels
+
+    store = labelled(tmp_path / "s")
+    assert position_labels(store, 1) == {
+        0: "0:'<bos>'", 1: "1:' When'", 2: "2 IO", 3: "3:' and'", 4: "4 END:' to'",
+        "IO": "IO", "X": "X", "END": "END:' to'",
+    }  # fmt: skip
+    assert position_labels(store, 2) == {
+        0: "0:'<bos>'", 1: "1:' When'", 2: "2 IO", 3: "3", 4: "4",
+        "IO": "IO", "X": "X", "END": "END:' to'",
+    }  # fmt: skip
+    rows = store.sql("SELECT * FROM position_labels WHERE run_id = 1 ORDER BY role, pos")
+    assert rows.columns == ["run_id", "pos", "role", "label"]  # what exports give
+    assert rows.filter(pl.col("role").is_not_null()).rows() == [
+        (1, 4, "END", "END:' to'"), (1, 2, "IO", "IO"), (1, None, "X", "X")
+    ]  # fmt: skip
+    old = shutil.copytree(store.path, tmp_path / "old")
+    as_version(old, 10)  # before token texts and the view (a reader leaves it so)
+    con = duckdb.connect(str(old / "catalog.duckdb"))
+    con.execute("DROP VIEW position_labels")
+    con.close()
+    assert position_labels(Store(old), 1) == {}
+    with Store(old).writer("migrate"):
+        pass
+    assert position_labels(Store(old), 1) == {0: "0", 1: "1", 2: "2 IO", 3: "3", 4: "4 END",
+                                              "IO": "IO", "X": "X", "END": "END"}  # fmt: skip
+
+
+def test_heatmap_and_report_label_positions_by_token(tmp_path, monkeypatch):
+    import json as js
+
+    from handbuilt import labelled
+
+    from queries.analysis import plot as plots
+    from queries.analysis.report import report
+
+    store = labelled(tmp_path / "s")
+    seen = {}
+    real = plots._save
+
+    def save(plt, fig, note, out):
+        seen["ticks"] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        real(plt, fig, note, out)
+
+    monkeypatch.setattr(plots, "_save", save)
+    query = store.sql("SELECT max(query_id) FROM queries").item()
+    plots.plot_effects(store, query, tmp_path / "p.png")
+    want = ["0:'<bos>'", "1:' When'", "2 IO", "3:' and'", "4 END:' to'"]
+    assert seen["ticks"] == want
+    contents = report(store, tmp_path / "r.html")
+    element = contents.filter(contents["source_id"] == query)["element_id"].item()
+    html = (tmp_path / "r.html").read_text()
+    specs = js.loads(re.search(r"const charts = (\{.*?\});\n", html, flags=re.S).group(1))
+    spec = specs[element]
+    x = (spec["layer"][0] if "layer" in spec else spec)["encoding"]["x"]
+    assert x["sort"] == want
+    values = spec.get("data", {}).get("values") or spec["layer"][0]["data"]["values"]
+    assert {v["position"] for v in values} == set(want)

@@ -21,6 +21,7 @@ import actstore
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError
 from ingest.shards import parse_shard
+from queries.core.runtime import Runtime
 from queries.reduction.reduce import as_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,11 +183,11 @@ def test_distributed_scheduler_matches_threads(ioi_copy):
     hook = "blocks.0.hook_resid_pre"  # derived (the embedding): the workers derive it
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster:  # fmt: skip
-        rows = store.reduce(1, hook, "class-mean", side="corrupted", scheduler="distributed",
-                            address=cluster.scheduler_address)  # fmt: skip
+        rows = store.reduce(1, hook, "class-mean", side="corrupted",
+                            runtime=Runtime(scheduler=cluster.scheduler_address))  # fmt: skip
     from queries.reduction.reduce import _compute
 
-    threads = _compute(store, 1, hook, "corrupted", "class-mean", "grp", "threads", None)
+    threads = _compute(store, 1, hook, "corrupted", "class-mean", "grp", Runtime())
     assert rows.drop("query_id").equals(threads.sort("grp", "pos", "idx"))
 
 

@@ -13,6 +13,7 @@ import pytest
 import actstore
 from actstore.app.cli import main
 from actstore.core.errors import UsageError
+from queries.core.runtime import Runtime
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
@@ -27,7 +28,8 @@ def copies(ioi_store, tmp_path_factory):
 
 def test_head_sweep_on_dask_equals_one_process(copies, toy_random, dask_cluster):
     single, dask = (actstore.open(p) for p in copies[:2])
-    ours = dask.patch(1, "head-pos", positions="S1,END", batch_size=4, scheduler=dask_cluster)
+    on_dask = Runtime(scheduler=dask_cluster)
+    ours = dask.patch(1, "head-pos", positions="S1,END", batch_size=4, runtime=on_dask)
     theirs = single.patch(1, "head-pos", positions="S1,END", batch_size=4, model=toy_random)
     assert ours.height == theirs.height == 4 * 4 * 2  # layers × heads × roles
     for column in ("value", "normalized"):
@@ -38,15 +40,13 @@ def test_head_sweep_on_dask_equals_one_process(copies, toy_random, dask_cluster)
     assert dask.patch(1, "head-pos", positions="S1,END", batch_size=4).equals(ours)
     # another batch count and scheduling: partial sums are added in batch order
     again = dask.patch(1, "head-pos", positions="S1,END", batch_size=4, recompute=True,
-                       scheduler=dask_cluster)  # fmt: skip
+                       runtime=on_dask)  # fmt: skip
     assert again.drop("query_id").equals(ours.drop("query_id"))
 
 
 def test_bad_worker_count():
     with pytest.raises(UsageError, match="--workers 0"):
-        from queries.core.sweep import check_cluster
-
-        check_cluster(0, None)
+        Runtime(workers=0)
 
 
 def by_edge(scores):
@@ -57,7 +57,7 @@ def by_edge(scores):
 def test_attribution_on_dask_equals_one_process(copies, dask_cluster, method):
     single, dask, again = (actstore.open(p) for p in copies)
     theirs = by_edge(single.attribute(1, method))
-    ours = by_edge(dask.attribute(1, method, scheduler=dask_cluster))
+    ours = by_edge(dask.attribute(1, method, runtime=Runtime(scheduler=dask_cluster)))
     assert ours.height == theirs.height == 479  # every edge of the toy graph
     assert ours.select("src", "dst", "qkv").equals(theirs.select("src", "dst", "qkv"))
     largest = float(theirs["score"].abs().max())
@@ -66,7 +66,7 @@ def test_attribution_on_dask_equals_one_process(copies, dask_cluster, method):
     # recorded like any query, whatever the cluster: asked again in one process, read back
     assert by_edge(dask.attribute(1, method)).equals(ours)
     # the same tasks on a cluster of the same size: the same sums, to the bit
-    repeat = by_edge(again.attribute(1, method, scheduler=dask_cluster))
+    repeat = by_edge(again.attribute(1, method, runtime=Runtime(scheduler=dask_cluster)))
     assert repeat.drop("score_id").equals(ours.drop("score_id"))
 
 
@@ -76,7 +76,7 @@ def test_faithfulness_on_local_cluster_equals_one_process(copies, tmp_path, dask
     # the same score set in fresh copies: only the faithfulness runs differ
     twins = [actstore.open(shutil.copytree(copies[0], tmp_path / n)) for n in ("two", "sched")]
     theirs = single.circuit(sid, faithfulness=0.8).row(0, named=True)
-    ours = twins[0].circuit(sid, faithfulness=0.8, workers=2).row(0, named=True)
+    ours = twins[0].circuit(sid, faithfulness=0.8, runtime=Runtime(workers=2)).row(0, named=True)
     assert ours["top_n"] == theirs["top_n"] and ours["n_edges"] == theirs["n_edges"]
     assert ours["faithfulness"] >= 0.8
     assert ours["faithfulness"] == pytest.approx(theirs["faithfulness"], abs=1e-5)
@@ -90,7 +90,8 @@ def test_faithfulness_on_local_cluster_equals_one_process(copies, tmp_path, dask
     # recorded like any query: asked again without workers, the same circuit
     assert twins[0].circuit(sid, faithfulness=0.8)["circuit_id"][0] == ours["circuit_id"]
     # two workers of another cluster: the same sums, to the bit
-    other = twins[1].circuit(sid, faithfulness=0.8, scheduler=dask_cluster).row(0, named=True)
+    on_dask = Runtime(scheduler=dask_cluster)
+    other = twins[1].circuit(sid, faithfulness=0.8, runtime=on_dask).row(0, named=True)
     assert other["metric_value"] == ours["metric_value"]
 
 
@@ -112,3 +113,60 @@ def test_cli_sweeps_take_a_scheduler(copies, dask_cluster):
                     ["circuit", store, "--scores", "1", "--edges", "3"]):  # fmt: skip
         bad = runner.invoke(main, [*command, "--workers", "0"])
         assert bad.exit_code == 2 and "--workers 0: need at least 1 worker" in bad.output
+
+
+def _contexts(client) -> dict[str, int]:
+    """Per worker, the identity of the run context it keeps (0: none)."""
+    from queries.core import sweep
+
+    def held() -> int:
+        return id(next(iter(sweep._contexts.values()))) if sweep._contexts else 0
+
+    return client.run(held)
+
+
+def test_path_and_intervene_on_dask_equal_one_process(copies, toy_random, dask_cluster):
+    """`path` and `intervene` run their prompt batches through the same sweep; every worker
+    makes the run's context (model, engine, reader) once and reuses it for the next tasks."""
+    from distributed import Client
+
+    single, dask = (actstore.open(p) for p in copies[:2])
+    on_dask = Runtime(scheduler=dask_cluster)
+    args = (1, "a0.h1,m1", "a2.h0:q,logits")
+    theirs = single.path_patch(*args, positions=["S2", "END"])
+    ours = dask.path_patch(*args, positions=["S2", "END"], runtime=on_dask)
+    assert ours.height == theirs.height == 2 * 2 * 2  # senders × receivers × roles
+    keys = ("sender", "receiver", "qkv", "role")
+    assert ours.select(keys).equals(theirs.select(keys))
+    for column in ("value", "normalized"):
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=0, atol=1e-6)
+    assert np.abs(theirs["value"].to_numpy()).max() > 0
+    with Client(dask_cluster) as client:
+        first = _contexts(client)
+        kept = {address: ident for address, ident in first.items() if ident}
+        assert kept  # the workers that ran tasks hold the run's context
+        edit = dict(heads="a1.h2,a3.h0", attend="IO", weight=0.5)
+        before = single.intervene(1, **edit)
+        after = dask.intervene(1, **edit, runtime=on_dask)
+        # the same context object served the second query's tasks: nothing was reloaded
+        assert {a: i for a, i in _contexts(client).items() if a in kept} == kept
+    assert after.height == before.height == 21  # the run, then its 20 prompts
+    assert after["prompt_idx"].equals(before["prompt_idx"])
+    for column in ("value_before", "value_after", "accuracy_before", "accuracy_after"):
+        np.testing.assert_allclose(after[column], before[column], rtol=0, atol=1e-6)
+
+
+def test_reduce_on_workers_equals_threads(copies):
+    """`reduce --workers 2` means what it means on every verb: a local cluster of 2."""
+    from click.testing import CliRunner
+
+    store = actstore.open(copies[2])
+    hook = "blocks.0.hook_resid_pre"
+    theirs = store.reduce(1, hook, "mean")
+    ours = store.reduce(1, hook, "mean", recompute=True, runtime=Runtime(workers=2))
+    assert ours.drop("query_id").equals(theirs.drop("query_id"))
+    command = ["reduce", str(copies[2]), "--run", "1", "--hook", hook, "--workers", "1",
+               "--recompute", "--format", "csv"]  # fmt: skip
+    res = CliRunner().invoke(main, command)
+    assert res.exit_code == 0, res.output
+    assert len(res.stdout.strip().splitlines()) == theirs.height + 1

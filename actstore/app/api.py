@@ -2,28 +2,71 @@
 
 Like `cli.py` and `demo.py`, this module composes the three packages (it is a composition root):
 the analysis verbs import `ingest` and `queries` lazily, so reading a store never imports torch.
-Every verb names its run `run`.
+Every verb names its run `run`; its parameters are the CLI's options (`--batch-size` is
+`batch_size`), and where it runs is one `Runtime` (device, progress, workers, scheduler:
+queries/core/runtime.py), given as `runtime=` like the CLI's shared options. A query verb is the
+query function itself bound to the store (`Verb`): its signature, defaults and docstring are
+written once, in the query's module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import importlib
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from actstore.core.store import Store
+from queries.core.runtime import Runtime
+
+if TYPE_CHECKING:
+    from actstore.model.adapter import ModelAdapter
+
+
+class Verb:
+    """A query function `module.name(store, ...)` as a method of the store: imported on first
+    use (so reading a store never imports torch) and bound to the store as its first argument,
+    with nothing in between: `help(store.patch)` shows the query's own signature."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __get__(self, store: Store | None, owner: type | None = None) -> Any:
+        function = getattr(importlib.import_module(self.module), self.name)
+        return function if store is None else types.MethodType(function, store)
 
 
 class ActStore(Store):
     """`actstore.open(path)`: read verbs from Store, plus ingest and the queries."""
 
-    def ingest(self, **kwargs: Any) -> pl.DataFrame:
-        """Ingest a task or dataset into this store (see `ingest.runner.ingest`)."""
+    def ingest(
+        self,
+        model: str | ModelAdapter = "toy",
+        task: str | None = None,
+        n: int | None = None,
+        corruption: str = "str",
+        hooks: str | None = None,
+        dataset: str | None = None,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        seed: int = 0,
+        shard: str | None = None,
+        restart: bool = False,
+        again: bool = False,
+        arrays_url: str | None = None,
+        runtime: Runtime = Runtime(),
+    ) -> pl.DataFrame:
+        """Ingest a task or dataset into this store (see `ingest.runner.ingest`); inside
+        `with store.writer():` it shares that writer."""
         from ingest.runner import ingest
 
-        return ingest(self, **kwargs)
+        return ingest(self, model, task, n, corruption, hooks, dataset, dtype, batch_size,
+                      seed=seed, shard=shard, restart=restart, again=again, arrays_url=arrays_url,
+                      device=runtime.device, progress=runtime.progress, workers=runtime.workers,
+                      scheduler=runtime.scheduler)  # fmt: skip
 
     def merge(self) -> pl.DataFrame:
         """Fold sharded ingests' manifests into the catalog (see `ingest.shards.merge`)."""
@@ -49,31 +92,6 @@ class ActStore(Store):
             return DerivedArray(self, run, side, hook)[start:stop]
         return super().read(run, side, hook, start, stop)
 
-    def subspace(self, run: int, hook: str, basis: str, **kwargs: Any) -> pl.DataFrame:
-        """Subspace patching with illusion diagnostics (see `queries.subspace.query`)."""
-        from queries.subspace import subspace
-
-        return subspace(self, run, hook, basis, **kwargs)
-
-    def attention(self, run: int, **kwargs: Any) -> pl.DataFrame:
-        """Per head, mean attention from one role to others (see `queries.attention.query`)."""
-        from queries.attention import attention
-
-        return attention(self, run, **kwargs)
-
-    def heads(self, run: int, **kwargs: Any) -> pl.DataFrame:
-        """Per head, previous-token, duplicate-token and induction scores
-        (see `queries.attention.heads`)."""
-        from queries.attention import head_scores
-
-        return head_scores(self, run, **kwargs)
-
-    def reduce(self, run: int, hook: str, op: str = "mean", **kwargs: Any) -> pl.DataFrame:
-        """Out-of-core mean / class-mean / head-norm over prompts (`queries.reduction.reduce`)."""
-        from queries.reduction.reduce import reduce
-
-        return reduce(self, run, hook, op, **kwargs)
-
     # ---- analysis: overlap and plots ---------------------------------------------------------
 
     def overlap(
@@ -84,30 +102,45 @@ class ActStore(Store):
         top_frac: float | None = None,
         circuits: bool = False,
         queries: list[int] | None = None,
-        **filters: Any,
+        metric: str | None = None,
+        component: str | None = None,
+        direction: str | None = None,
+        window: int | None = None,
+        method: str | None = None,
     ) -> pl.DataFrame:
         """Overlap statistics of the runs' head or edge sets, like with like: from the given
-        source ids (`queries`) or each run's source of the setting they share
-        (`queries.analysis.overlap`).
+        source ids (`queries`) or each run's source of the setting they share, narrowed by
+        metric, component, direction, window or method (`queries.analysis.overlap`).
         """
         from queries.analysis.overlap import choose, overlap
 
-        return overlap(self, runs, choose(by, top_k, top_frac, circuits), queries, **filters)
+        return overlap(self, runs, choose(by, top_k, top_frac, circuits), queries, metric=metric,
+                       component=component, direction=direction, window=window,
+                       method=method)  # fmt: skip
 
-    def plot(self, kind: str, ident: str, out: str, **options: Any) -> pl.DataFrame:
-        """Write a PNG: `effects` (patch query id), `overlap` (runs '1,2,…'), `faithfulness`
-        (score id); returns the plotted rows."""
+    def plot(
+        self,
+        kind: str,
+        ident: str,
+        out: str | Path,
+        by: str = "head",
+        top_k: int | None = None,
+        top_frac: float | None = None,
+        circuits: bool = False,
+        queries: list[int] | None = None,
+        metric: str | None = None,
+        component: str | None = None,
+        direction: str | None = None,
+        window: int | None = None,
+        method: str | None = None,
+    ) -> pl.DataFrame:
+        """Write a PNG: `effects` (patch query id), `overlap` (runs '1,2,…', the sets chosen as
+        in `overlap`), `faithfulness` (score id); returns the plotted rows."""
         from queries.analysis.plot import plot
 
-        return plot(self, kind, ident, out, **options)
-
-    def report(self, out: str, runs: list[int] | None = None, **options: Any) -> pl.DataFrame:
-        """Write one self-contained interactive HTML page about the store (or the runs); returns
-        one row per chart (see `queries.analysis.report`). Options: top_k, top_frac (head sets),
-        edge_top_k, edge_top_frac (edge sets) for the overlap matrices."""
-        from queries.analysis.report import report
-
-        return report(self, out, runs, **options)
+        return plot(self, kind, ident, out, by, top_k, top_frac, circuits, queries, metric=metric,
+                    component=component, direction=direction, window=window,
+                    method=method)  # fmt: skip
 
     def verify(self, run: int | None = None) -> pl.DataFrame:
         """Damaged or missing chunks and prompts, by run, side, hook and chunk (see verify.py)."""
@@ -115,64 +148,22 @@ class ActStore(Store):
 
         return verify(self, run)
 
-    def repair(self, run: int | None = None, device: str | None = None) -> pl.DataFrame:
-        """Recompute damaged chunks from the run's recorded parameters (needs the model)."""
+    def repair(self, run: int | None = None, runtime: Runtime = Runtime()) -> pl.DataFrame:
+        """Recompute damaged chunks from the run's recorded parameters (needs the model); inside
+        `with store.writer():` it shares that writer."""
         from ingest.repair import repair
 
-        return repair(self, run, device)
+        return repair(self, run, runtime.device)
 
-    # ---- attribution and circuits (queries/attribution) ------------------------------------
+    # ---- the queries: each the query function itself, bound to this store -----------------
 
-    def attribute(
-        self,
-        run: int,
-        method: str,
-        steps: int | None = None,
-        level: str | None = None,
-        metric: str = "logit-diff",
-        device: str | None = None,
-        progress: bool | None = None,
-        workers: int | None = None,
-        scheduler: str | None = None,
-        recompute: bool = False,
-    ) -> pl.DataFrame:
-        """AtP node scores or EAP / EAP-IG edge scores of a run, by |score| descending; with
-        `workers` (a local Dask cluster) or `scheduler` (a running one's address) the prompt
-        batches run as Dask tasks."""
-        from queries.attribution import attribute
-
-        return attribute(self, run, method, steps, level, metric, device, progress, workers,
-                         scheduler, recompute)  # fmt: skip
-
-    def circuit(
-        self,
-        scores: int,
-        edges: int | Sequence[int] | None = None,
-        faithfulness: float | None = None,
-        prune: bool = True,
-        device: str | None = None,
-        workers: int | None = None,
-        scheduler: str | None = None,
-        metric: str | None = None,
-        recompute: bool = False,
-    ) -> pl.DataFrame:
-        """A circuit from an edge score set (top-N, a curve of top-N sizes in one pass, or the
-        smallest reaching a faithfulness), its faithfulness in the scores' metric or `metric`;
-        with `workers` or `scheduler` its faithfulness measurements run as Dask tasks."""
-        from queries.attribution import circuit
-
-        return circuit(self, scores, edges, faithfulness, prune, device, workers, scheduler,
-                       metric, recompute)  # fmt: skip
-
-    def intervene(self, run: int, heads: str, attend: str, **kwargs: Any) -> pl.DataFrame:
-        """Metric and accuracy before and after an attention intervention (see
-        `queries.paths.intervene`)."""
-        from queries.paths.intervene import intervene
-
-        return intervene(self, run, heads, attend, **kwargs)
-
-    def patch(self, run: int, component: str, **kwargs: Any) -> pl.DataFrame:
-        """Activation patching effects of a run (see `queries.patching.patch`)."""
-        from queries.patching import patch
-
-        return patch(self, run, component, **kwargs)
+    patch = Verb("queries.patching", "patch")
+    subspace = Verb("queries.subspace", "subspace")
+    attention = Verb("queries.attention", "attention")
+    heads = Verb("queries.attention", "head_scores")
+    reduce = Verb("queries.reduction.reduce", "reduce")
+    attribute = Verb("queries.attribution", "attribute")
+    circuit = Verb("queries.attribution", "circuit")
+    path_patch = Verb("queries.paths", "path")  # Store.path is the store's directory
+    intervene = Verb("queries.paths.intervene", "intervene")
+    report = Verb("queries.analysis.report", "report")

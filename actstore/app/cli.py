@@ -39,13 +39,41 @@ def one_line(message: str) -> str:
 DEVICE = click.option("--device", help="cpu or cuda (default: cuda when available).")
 # One --run for every command that queries a run; the Python API names it `run` too.
 RUN = click.option("--run", type=int, required=True, help="Run id (see actstore info).")
-# The sums over prompts (patch, attribute, circuit) as Dask tasks: queries/core/sweep.py.
+# Where the prompt batches run, the same on every verb that takes them, ingest's included
+# (queries/core/runtime.py): here; a local Dask cluster of --workers N; or a running --scheduler
+# (once it has N workers, with --workers N).
 WORKERS = click.option(
-    "--workers", type=int, help="Run the prompt batches on a local Dask cluster of N workers."
-)
+    "--workers", type=int,
+    help="Run the prompt batches as Dask tasks on N workers: a local cluster of N processes, "
+    "or --scheduler's workers once it has N.",
+)  # fmt: skip
 SCHEDULER = click.option(
-    "--scheduler", metavar="ADDRESS", help="Run the prompt batches on this Dask scheduler."
-)
+    "--scheduler", metavar="ADDRESS",
+    help="A running Dask scheduler (tcp://HOST:8786) whose workers see STORE: the prompt batches "
+    "run on its workers.",
+)  # fmt: skip
+
+
+def runtime_options(distributed: bool):
+    """The options a query verb's Runtime is built from: --device, and --workers and
+    --scheduler where the verb's prompt batches can run as Dask tasks."""
+
+    def wrap(fn):
+        for option in reversed([DEVICE, WORKERS, SCHEDULER] if distributed else [DEVICE]):
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+def _runtime(options: dict):
+    """The one Runtime of a command, taken out of its options (checked as it is made)."""
+    from queries.core.runtime import Runtime
+
+    return Runtime(device=options.pop("device", None), workers=options.pop("workers", None),
+                   scheduler=options.pop("scheduler", None))  # fmt: skip
+
+
 # One --recompute for every query verb: asked again, the query is computed and recorded
 # afresh, and the views and the report show the newest per setting (view current_queries).
 RECOMPUTE = click.option(
@@ -180,8 +208,8 @@ def main() -> None:
     "--restart", is_flag=True, help="Discard an interrupted run with these arguments and redo it."
 )
 @click.option("--again", is_flag=True, help="A new run even if a complete one has these arguments.")
-@click.option("--workers", type=int, help="Run the batches on a local Dask cluster of N workers.")
-@click.option("--scheduler", metavar="ADDRESS", help="Run the batches on this Dask scheduler.")
+@WORKERS
+@SCHEDULER
 @click.option(
     "--arrays-url", metavar="URL", help="New store: keep its arrays at s3://bucket/prefix."
 )
@@ -358,7 +386,7 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
 @RECOMPUTE
-@DEVICE
+@runtime_options(distributed=False)
 @FORMAT
 def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) -> None:
     """Patch a subspace at a cached hook and check it for the interpretability illusion.
@@ -374,7 +402,7 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
     """
     if kwargs["save_direction"] is not None:
         check_output_path(kwargs["save_direction"], "--save-direction")
-    rows = _open(store).subspace(run, hook, basis, **kwargs)
+    rows = _open(store).subspace(run, hook, basis, runtime=_runtime(kwargs), **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()
     from queries.analysis.lookups import illusion_verdict
@@ -399,9 +427,7 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
 @METRIC
 @TOP
 @RECOMPUTE
-@DEVICE
-@WORKERS
-@SCHEDULER
+@runtime_options(distributed=True)
 @FORMAT
 def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Score every edge (or node) of a run by attribution; rows sorted by |score|.
@@ -418,7 +444,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
                            order by abs(score) desc limit 100"
       actstore sql /tmp/s "select method_a, method_b, spearman from score_agreement"
     """
-    df = _open(store).attribute(run, **kwargs)
+    df = _open(store).attribute(run, runtime=_runtime(kwargs), **kwargs)
     if df.height:
         click.echo(f"score set {df['score_id'][0]}: {df.height} rows", err=True)
     write_rows(df.head(top) if top is not None else df, fmt)
@@ -432,7 +458,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
-@DEVICE
+@runtime_options(distributed=False)
 @FORMAT
 def attention(store: str, run: int, fmt: str, **kwargs) -> None:
     """Per head, the mean attention probability from one role's token to others'.
@@ -445,7 +471,7 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore attention /tmp/s --run 1 --from END --to IO,S1,S2
       actstore attention /tmp/s --run 1 --to IO --side corrupted --format csv
     """
-    write_rows(_open(store).attention(run, **kwargs), fmt)
+    write_rows(_open(store).attention(run, runtime=_runtime(kwargs), **kwargs), fmt)
 
 
 @main.command()
@@ -454,7 +480,7 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
-@DEVICE
+@runtime_options(distributed=False)
 @FORMAT
 def heads(store: str, run: int, fmt: str, **kwargs) -> None:
     """Per head, its previous-token, duplicate-token and induction scores on the run's prompts.
@@ -468,7 +494,14 @@ def heads(store: str, run: int, fmt: str, **kwargs) -> None:
       actstore heads /tmp/s --run 1
       actstore sql /tmp/s "select * from head_scores where class = 'induction' order by value desc"
     """
-    write_rows(_open(store).heads(run, **kwargs), fmt)
+    write_rows(_open(store).heads(run, runtime=_runtime(kwargs), **kwargs), fmt)
+
+
+def _old_address(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """reduce's --address once named the scheduler of `--scheduler distributed`: point to the
+    one spelling every verb now takes."""
+    if value is not None:
+        raise UsageError(f"--address {value}: give the scheduler as --scheduler {value}")
 
 
 @main.command()
@@ -481,28 +514,26 @@ def heads(store: str, run: int, fmt: str, **kwargs) -> None:
 )  # fmt: skip
 @click.option("--by", help="Prompts column to group class-mean by (default grp).")
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
-@click.option(
-    "--scheduler", type=click.Choice(choices.SCHEDULERS), default="threads",
-    show_default=True, help="Dask's local threads, or a cluster at --address.",
-)  # fmt: skip
-@click.option("--address", help="Dask scheduler address for --scheduler distributed.")
+@click.option("--address", hidden=True, callback=_old_address, expose_value=False)
 @RECOMPUTE
+@runtime_options(distributed=True)
 @FORMAT
 def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
     """Reduce a hook over all prompts out of core (Dask over the Zarr chunks).
 
     A hook the run derives on read (resid_mid, mlp_out, … under the default hooks) is derived
     chunk by chunk with the run's model. Rows: query_id, hook, grp, pos, idx (flat feature, or
-    head), value, n (prompts).
+    head), value, n (prompts). The chunks are reduced on this process's threads, or on Dask
+    workers with --workers/--scheduler as on every verb.
     Recorded in the reductions table; asking again reads them back.
 
     \b
     Example:
       actstore reduce /tmp/s --run 1 --hook blocks.3.hook_resid_pre --op mean
       actstore reduce /tmp/s --run 1 --hook blocks.0.attn.hook_z --op head-norm \\
-          --scheduler distributed --address tcp://10.0.0.5:8786
+          --scheduler tcp://10.0.0.5:8786
     """
-    write_rows(_open(store).reduce(run, hook, **kwargs), fmt)
+    write_rows(_open(store).reduce(run, hook, runtime=_runtime(kwargs), **kwargs), fmt)
 
 
 # ---- analysis: overlap, plot, demo -------------------------------------------------------------
@@ -700,7 +731,9 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 
     s = _open(store)
     if repair:
-        repaired = s.repair(run=run, device=device)
+        from queries.core.runtime import Runtime
+
+        repaired = s.repair(run=run, runtime=Runtime(device=device))
         if repaired.height:
             write_rows(repaired, fmt)
     findings = s.verify(run=run)
@@ -720,7 +753,8 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 @click.option("--scores", type=int, required=True, help="Edge score set id (actstore attribute).")
 @click.option(
     "--edges", metavar="N[,N…]",
-    help="Take the top N edges by |score|; a list (0,10,50) measures every size in one pass.",
+    help="Take the top N edges by |score| (all: every edge); a list (0,10,50,all) measures "
+    "every size in one pass.",
 )  # fmt: skip
 @click.option("--faithfulness", type=float, help="Smallest top-N circuit reaching this.")
 @click.option(
@@ -732,9 +766,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
     help="Measure faithfulness in this metric (e.g. accuracy) [default: the scores' metric].",
 )  # fmt: skip
 @RECOMPUTE
-@DEVICE
-@WORKERS
-@SCHEDULER
+@runtime_options(distributed=True)
 @FORMAT
 def circuit(store: str, fmt: str, **kwargs) -> None:
     """Select a circuit from edge scores and measure its exact faithfulness.
@@ -747,7 +779,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     \b
     Example:
       actstore circuit /tmp/s --scores 1 --edges 200
-      actstore circuit /tmp/s --scores 1 --edges 0,10,50,100,500
+      actstore circuit /tmp/s --scores 1 --edges 0,10,50,100,500,all
       actstore circuit /tmp/s --scores 1 --faithfulness 0.85 --workers 2
       actstore circuit /tmp/s --scores 1 --edges 200 --metric accuracy
       actstore sql /tmp/s "select * from faithfulness_curve where circuit_id = 2"
@@ -756,7 +788,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 
     if kwargs["edges"] is not None:
         kwargs["edges"] = parse_sizes(kwargs["edges"])
-    write_rows(_open(store).circuit(**kwargs), fmt)
+    write_rows(_open(store).circuit(runtime=_runtime(kwargs), **kwargs), fmt)
 
 
 @main.command()
@@ -782,9 +814,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 @RECOMPUTE
 @TOP
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
-@DEVICE
-@WORKERS
-@SCHEDULER
+@runtime_options(distributed=True)
 @FORMAT
 def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
     """Exact activation patching from cached activations, recomputing only downstream.
@@ -802,7 +832,7 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
       actstore patch /tmp/s --run 1 --component head --top 5
       actstore patch /tmp/s --run 1 --component resid --positions IO,S1,S2,END
     """
-    rows = _open(store).patch(run, **kwargs)
+    rows = _open(store).patch(run, runtime=_runtime(kwargs), **kwargs)
     if top is not None:
         rows = rows.sort("importance", descending=True, nulls_last=True, maintain_order=True)
     write_rows(rows.head(top) if top is not None else rows, fmt)
@@ -823,7 +853,7 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
 @METRIC
 @DIRECTION
 @RECOMPUTE
-@DEVICE
+@runtime_options(distributed=True)
 @FORMAT
 def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> None:
     """Path patching: each sender's changed output reaches the receivers only by the direct
@@ -838,12 +868,12 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
       actstore path /tmp/s --run 1 --senders all --receivers logits --positions END
       actstore path /tmp/s --run 1 --senders a0.h1 --receivers 'a*.*:q'
       actstore path /tmp/s --run 1 --senders all --receivers a3.h0:q+a3.h2:q
+      actstore path /tmp/s --run 1 --senders all --receivers logits --workers 2
       actstore sql /tmp/s "select * from top_senders where rank <= 5"
     """
-    from queries.paths import path as path_patching  # Store.path is the store's directory
-
     roles = None if positions is None else positions.split(",")
-    write_rows(path_patching(_open(store), run, positions=roles, **kwargs), fmt)
+    runtime = _runtime(kwargs)
+    write_rows(_open(store).path_patch(run, positions=roles, runtime=runtime, **kwargs), fmt)
 
 
 @main.command()
@@ -857,7 +887,7 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
               help="W: attention becomes (1-W)*own + W*one-hot(attend).")  # fmt: skip
 @METRIC
 @RECOMPUTE
-@DEVICE
+@runtime_options(distributed=True)
 @FORMAT
 def intervene(store: str, run: int, fmt: str, **kwargs) -> None:
     """Edit heads' attention and recompute downstream (Merullo et al.'s repair).
@@ -871,8 +901,9 @@ def intervene(store: str, run: int, fmt: str, **kwargs) -> None:
     Example:
       actstore intervene /tmp/s --run 1 --heads a2.h1,a3.h0 --attend IO
       actstore intervene /tmp/s --run 1 --heads a3.* --attend S2 --weight 0.5 --format csv
+      actstore intervene /tmp/s --run 1 --heads a2.h1 --attend IO --workers 2
     """
-    write_rows(_open(store).intervene(run, **kwargs), fmt)
+    write_rows(_open(store).intervene(run, runtime=_runtime(kwargs), **kwargs), fmt)
 
 
 if __name__ == "__main__":

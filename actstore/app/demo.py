@@ -31,6 +31,7 @@ from queries.analysis import lookups, plot
 from queries.analysis import overlap as ov
 from queries.analysis.report import report
 from queries.attribution import attribute, circuit
+from queries.core.runtime import Runtime
 from queries.patching import patch
 
 DEFAULT_TASKS = ("ioi", "colored-objects")
@@ -77,7 +78,8 @@ def _ingest(store: Any, model: str, task: str, n: int, seed: int) -> int:
     ).item()
     if found is not None:
         return int(found)
-    row = store.ingest(model=model, task=task, n=n, seed=seed, batch_size=n, progress=False)
+    row = store.ingest(model=model, task=task, n=n, seed=seed, batch_size=n,
+                       runtime=Runtime(progress=False))  # fmt: skip
     return int(row["run_id"][0])
 
 

@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -152,6 +152,10 @@ MIGRATIONS: list[list[str]] = [
             query_id INTEGER, prompt_idx INTEGER, metric VARCHAR, value_before DOUBLE,
             value_after DOUBLE, accuracy_before DOUBLE, accuracy_after DOUBLE)""",
     ],
+    # Version 11: each clean token's text as the tokenizer decodes it alone (" Mary"), so that
+    # positions are labelled by token without the model (actstore.core.roles.position_labels);
+    # NULL for prompts recorded before.
+    ["ALTER TABLE prompts ADD COLUMN clean_token_texts VARCHAR[]"],
 ]
 
 

@@ -23,7 +23,6 @@ SOURCES = ("mean-diff", "das")  # subspace bases learned from the run (else a fi
 SETS = ("head", "edge")  # what an overlap compares
 PLOTS = ("effects", "overlap", "faithfulness")
 OPS = ("mean", "class-mean", "head-norm")
-SCHEDULERS = ("threads", "distributed")
 SIDES = ("clean", "corrupted")
 # What one user SQL statement may cost by default (actstore.core.sandbox; --timeout, --max-rows,
 # --max-mb). The timeout stays under the writer's wait for readers (catalog.WRITE_WAIT_S, 120 s),

@@ -94,11 +94,28 @@ def positions(store: Store, run_id: int, roles: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _has_table(store: Store) -> bool:
-    """False for a catalog from before roles (read, not migrated: readers never write)."""
+def position_labels(store: Store, run_id: int) -> dict[int | str, str]:
+    """Axis labels for a run's positions (int keys) and roles (str keys), as heatmaps and the
+    report show them, read from the `position_labels` view (which exports share; its docstring
+    in actstore.core.views says how they are made: `5 IO:' Mary'`, `3:' and'`, `7`,
+    `END:' to'`). A catalog from before the view, read as it is, labels nothing ({}): positions
+    stay numbers and roles names."""
+    with store.reading():
+        if not _has_table(store, "position_labels"):
+            return {}
+        rows = store._trusted_query(
+            "SELECT pos, role, label FROM position_labels WHERE run_id = ?", [run_id]
+        )
+    return {(int(pos) if role is None else role): label for pos, role, label in rows.iter_rows()}
+
+
+def _has_table(store: Store, name: str = "prompt_roles") -> bool:
+    """False for a catalog from before the table or view (read, not migrated: readers never
+    write)."""
     found = store._trusted_query(
-        "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'prompt_roles' "
-        "AND table_catalog = current_database()"
+        "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ? "
+        "AND table_catalog = current_database()",
+        [name],
     )
     return bool(found["n"][0])
 

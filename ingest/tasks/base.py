@@ -73,6 +73,7 @@ class Task(Protocol):
 
     name: str
     description: str
+    roles: dict[str, str]  # each role's name and what it is, in order, END last
 
     def generate(self, n: int, seed: int, model: Tokenizes) -> list[PromptPair]: ...
 

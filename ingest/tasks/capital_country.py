@@ -5,7 +5,7 @@ Corrupted: "The capital of Japan is"  -> " Tokyo", the wrong answer
 The corrupting country has the clean country's token length. Several context templates carry the
 same facts; the toy models learn the facts, so held-out prompts differ from training prompts in
 template (and pairing), never in the facts themselves.
-Roles: COUNTRY (its last token).
+Roles: `CapitalCountry.roles`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ NATURAL = [t.replace(" ,", ",") for t in TOY]
 class CapitalCountry:
     name = "capital-country"
     description = "capital city of a country (fact recall); corruption swaps the country"
+    roles = {
+        "COUNTRY": "the country's last token",
+        "END": "the final token, where the capital is predicted",
+    }
 
     def vocabulary(self) -> list[str]:
         return template_words(*TOY) + [w for fact in FACTS for w in fact]

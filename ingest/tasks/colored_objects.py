@@ -10,9 +10,7 @@ copy the word after it). A 4-layer toy stayed at chance in 7 minutes on the BIG-
     "On the table I see pen red , book blue and cup green . The book" -> "blue"
 STR corruption asks about another object of the same list ("... The cup" -> "green"), which is
 the wrong answer. Same list, one word swapped for another from the list: equal token length.
-Roles: OBJECT (the queried object in the list), COLOR (its colour), OTHER1 and OTHER2 (the other
-colours, in list order), QUERY (the object named by the question; the toy's final token, so
-QUERY = END there).
+Roles: `ColoredObjects.roles`.
 """
 
 from __future__ import annotations
@@ -46,6 +44,14 @@ N_ITEMS = 3
 class ColoredObjects:
     name = "colored-objects"
     description = "color of a named object among three (BIG-bench phrasing; toy: induction order)"
+    roles = {
+        "OBJECT": "the queried object in the list",
+        "COLOR": "the queried object's colour (the answer's token)",
+        "OTHER1": "the first of the other colours, in list order",
+        "OTHER2": "the second of the other colours",
+        "QUERY": "the object named by the question (toy phrasing: the final token, = END)",
+        "END": "the final token, where the colour is predicted",
+    }
 
     def vocabulary(self) -> list[str]:
         return template_words(TOY) + COLORS + OBJECTS + PLACES

@@ -9,7 +9,7 @@ Toy phrasing: the word-level tokenizer has two-digit tokens, so the years are wr
 words: "The war lasted from the year 17 32 to the year 17" -> "33".
 STR corruption, as in Hanna et al.: the start year becomes "01" ("1701"), after which every
 year is greater, so the logit difference of the clean answers falls to about 0.
-Roles: XX and YY, the start year's century and its two digits (GPT-2: the "32" of "1732").
+Roles: `GreaterThan.roles`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def two_digit_words() -> list[str]:
 class GreaterThan:
     name = "greater-than"
     description = "end year greater than the start year (Hanna et al. 2023), '01' corruption"
+    roles = {
+        "XX": 'the start year\'s century ("17")',
+        "YY": 'the start year\'s two digits ("32" of 1732)',
+        "END": "the final token (the end year's century), where its digits are predicted",
+    }
 
     def vocabulary(self) -> list[str]:
         return template_words(TOY) + NOUNS + CENTURIES + two_digit_words()

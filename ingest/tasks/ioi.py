@@ -3,8 +3,7 @@
 Clean:     "When Mary and John went to the store, John gave a drink to" -> " Mary" (IO), not " John"
 Corrupted: "When Alice and Bob went to the store, Carol gave a drink to" (three unrelated names)
 ABBA and BABA orders are both generated.
-Roles (Wang et al.): IO and S1, the first mentions of the indirect object and the subject, S1+1
-the token after S1, S2 the subject's second mention (END added by ingest).
+Roles (Wang et al.): `IOI.roles`.
 """
 
 from __future__ import annotations
@@ -37,6 +36,13 @@ NATURAL = [t.replace(" ,", ",").replace(" .", ".") for t in TEMPLATES]
 class IOI:
     name = "ioi"
     description = "indirect object identification, ABBA/BABA templates, ABC corruption"
+    roles = {
+        "IO": "the indirect object (the answer's token)",
+        "S1": "the subject's first mention",
+        "S1+1": "the token after S1",
+        "S2": "the subject's second mention",
+        "END": "the final token, where the indirect object is predicted",
+    }
 
     def vocabulary(self) -> list[str]:
         return template_words(*TEMPLATES) + NAMES + PLACES + OBJECTS

@@ -5,8 +5,8 @@ Corrupted: "The key near the cabinet"  -> " is" (the subject's number flipped, s
 The attractor noun has a number drawn independently of the subject's, so that a model must find
 the subject, not the nearest noun. The phrasing has no punctuation: toy and natural are the same
 words; only the answer's leading space differs.
-Roles: SUBJECT (the subject noun) and ATTRACTOR (the intervening noun); the verb is what the
-model predicts at END, the prompt's final token.
+Roles: `SVA.roles`. The prompt ends before the verb, so the verb's role is END: the position
+where the model predicts it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ VERBS = ("is", "are")
 class SVA:
     name = "sva"
     description = "subject-verb agreement across an attractor noun; corruption flips the number"
+    roles = {
+        "SUBJECT": "the subject noun",
+        "ATTRACTOR": "the noun between subject and verb",
+        "END": "the verb's position: the prompt ends before the verb, which is predicted here",
+    }
 
     def vocabulary(self) -> list[str]:
         return template_words(*TEMPLATES) + [w for pair in NOUNS for w in pair] + list(VERBS)

@@ -21,6 +21,7 @@ from actstore.core.choices import PLOTS
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.names import head_node
 from actstore.core.output import refuse_inside_store, write_atomically
+from actstore.core.roles import position_labels
 from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
@@ -215,7 +216,14 @@ def plot_effects(
     bounds = _bounds(grid, symmetric=signed)
     _heatmap(ax, fig, grid, "RdBu_r" if signed else "viridis", label, bounds)
     _annotate(ax, grid, bounds)
-    ax.set_xticks(range(len(cols)), ["all" if c is None else str(c) for c in cols])
+    if has_pos:  # positions and roles with the role and the token every prompt has there
+        named = position_labels(store, prov["run_id"])
+        ax.set_xticks(range(len(cols)), ["all" if c is None else named.get(c, str(c))
+                                         for c in cols])  # fmt: skip
+        if any(named.get(c, str(c)) != str(c) for c in cols if c is not None):
+            plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    else:
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), row_names)
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)

@@ -19,6 +19,7 @@ from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from queries.attention.query import attention_patterns
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
     import torch
@@ -56,22 +57,23 @@ def head_scores(
     run: int,
     side: str = "clean",
     batch_size: int = 8,
-    device: str | None = None,
     model: ModelAdapter | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Per layer and head, its previous-token, duplicate-token and induction scores on the
     run's prompts (`side`), recorded in `head_scores`; from the catalog when asked before."""
     check("--side", side, SIDES)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    runtime.in_process("heads")
     store.run(run)
     params = {"side": side}
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.core.run_model import model_for_run
 
-        adapter = model_for_run(store.run(run), device, model)
+        adapter = model_for_run(store.run(run), runtime.device, model)
         return {"head_scores": _compute(store, run, side, adapter, batch_size)}
 
     def read(query_id: int) -> pl.DataFrame:

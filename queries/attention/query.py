@@ -22,6 +22,7 @@ from actstore.core.roles import END, role_names
 from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
     import torch
@@ -79,22 +80,23 @@ def attention(
     to: str | Sequence[str] | None = None,
     side: str = "clean",
     batch_size: int = 8,
-    device: str | None = None,
     model: ModelAdapter | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Per layer and head, the attention probability from role `source` to each role of `to`
     (default: every role) on `side`, averaged over prompts; from the catalog when asked before.
     Columns: query_id, layer, head, from_role, to_role, side, value."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    runtime.in_process("attention")
     store.run(run)
     params = check_params(store, run, source, to, side)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.core.run_model import model_for_run
 
-        adapter = model_for_run(store.run(run), device, model)
+        adapter = model_for_run(store.run(run), runtime.device, model)
         return {"attention": _compute(store, run, params, adapter, batch_size)}
 
     return recorded(store, KIND, run, params, compute,

@@ -30,6 +30,7 @@ from actstore.core.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, ch
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5
@@ -78,19 +79,16 @@ def attribute(
     steps: int | None = None,
     level: str | None = None,
     metric: str = "logit-diff",
-    device: str | None = None,
-    progress: bool | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Score a run's edges (or nodes); recorded as an `attribute` query, rows by |score| desc.
 
-    With `workers` or `scheduler` the run's batches are Dask tasks (queries/core/sweep.py); the
-    query is recorded the same, whatever the cluster.
+    With the runtime's `workers` or `scheduler` the run's batches are Dask tasks
+    (queries/core/sweep.py); the query is recorded the same, whatever the cluster.
     """
     params = resolve_params(method, steps, level, metric)
-    check_cluster(workers, scheduler)
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.edge_batches import check_run
@@ -99,10 +97,10 @@ def attribute(
         from queries.core.run_model import model_for_run
 
         info = store.run(run)
-        model = EdgeModel(model_for_run(info, device))
+        model = EdgeModel(model_for_run(info, runtime.device))
         check_run(store, info, model)
-        with cluster(workers, scheduler) as client:
-            scores = compute_scores(model, store, info, params, progress, client, device)
+        with cluster(runtime) as client:
+            scores = compute_scores(model, store, info, params, runtime, client)
         g = model.graph
         if params["level"] == "node":
             frame = g.node_frame((scores * g.real).sum(1))

@@ -33,6 +33,7 @@ from actstore.core.store import Store
 from actstore.model.architecture import Architecture
 from queries.attribution.graph import Graph
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 
@@ -85,55 +86,78 @@ def prune_dead(graph: Graph, mask: np.ndarray) -> np.ndarray:
     return mask & live_dst[None, :]
 
 
-def parse_sizes(text: str) -> int | list[int]:
-    """`--edges` as typed: 'N' is one circuit, 'N1,N2,…' a curve (checked by `check_sizes`)."""
+ALL = "all"  # as an edge count: every edge of the graph
+
+
+def parse_sizes(text: str) -> int | str | list[int | str]:
+    """`--edges` as typed: 'N' is one circuit, 'N1,N2,…' a curve, 'all' every edge (checked by
+    `check_sizes`)."""
     parts = [part.strip() for part in text.split(",")]
     try:
-        sizes = [int(part) for part in parts]
+        sizes = [part if part == ALL else int(part) for part in parts]
     except ValueError:
         raise UsageError(
-            f"--edges {text!r}: give an edge count or comma-separated counts, e.g. 0,10,50"
+            f"--edges {text!r}: give an edge count, 'all' or comma-separated counts, e.g. "
+            "0,10,50,all"
         ) from None
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def check_sizes(edges: int | Sequence[int]) -> int | list[int]:
-    """One size, or a list of distinct sizes (sorted): a curve measured in one pass."""
-    sizes = [edges] if isinstance(edges, int) else list(edges)
-    if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
-        raise UsageError(f"--edges {edges!r}: give an edge count or a list of counts, e.g. 0,10,50")
-    if any(n < 0 for n in sizes):
-        raise UsageError(f"--edges {min(sizes)}: need 0 or more")
-    repeated = sorted({n for n in sizes if sizes.count(n) > 1})
+def check_sizes(edges: int | str | Sequence[int | str]) -> int | str | list[int | str]:
+    """One size, or a list of distinct sizes (sorted, 'all' last): a curve measured in one
+    pass."""
+    sizes = [edges] if isinstance(edges, int | str) else list(edges)
+    if not sizes or not all(
+        n == ALL or (isinstance(n, int) and not isinstance(n, bool)) for n in sizes
+    ):
+        raise UsageError(
+            f"--edges {edges!r}: give an edge count, 'all' or a list of them, e.g. 0,10,50,all"
+        )
+    counts = [n for n in sizes if n != ALL]
+    if any(n < 0 for n in counts):
+        raise UsageError(f"--edges {min(counts)}: need 0 or more")
+    repeated = sorted({str(n) for n in sizes if sizes.count(n) > 1})
     if repeated:
         raise UsageError(f"--edges: {repeated[0]} is listed twice; give each size once")
-    return sizes[0] if len(sizes) == 1 else sorted(sizes)
+    ordered = sorted(counts) + [ALL] * (ALL in sizes)
+    return ordered[0] if len(ordered) == 1 else ordered
+
+
+def resolve_sizes(edges: int | str | list[int | str], n_edges: int) -> int | list[int]:
+    """The checked sizes with 'all' as the graph's edge count, refused past it or repeated."""
+    sizes = [
+        n_edges if n == ALL else n for n in ([edges] if isinstance(edges, int | str) else edges)
+    ]
+    if sizes[-1] > n_edges:
+        raise UsageError(f"--edges {sizes[-1]}: the graph has {n_edges} edges")
+    if len(set(sizes)) < len(sizes):
+        raise UsageError(f"--edges: {n_edges} and all are the same size; give it once")
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def circuit(
     store: Store,
     scores: int,
-    edges: int | Sequence[int] | None = None,
+    edges: int | str | Sequence[int | str] | None = None,
     faithfulness: float | None = None,
     prune: bool = True,
-    device: str | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
     metric: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Build and evaluate a circuit from score set `scores`; returns its `circuits` row.
 
-    `edges` may be a list of sizes: every size is measured in one pass over the run (one model,
-    each prompt batch read once), all of them land in `faithfulness_curve`, the largest is the
-    recorded circuit, and the frame has one row per size. Faithfulness is measured in the score
+    `edges` is a count or "all" (every edge), or a list of them: every size is measured in one
+    pass over the run (one model, each prompt batch read once), all of them land in
+    `faithfulness_curve`, the largest is the recorded circuit, and the frame has one row per
+    size. Faithfulness is measured in the score
     set's metric, or in `metric` (e.g. accuracy, which attribution cannot score by, being
     without gradients).
 
-    With `workers` or `scheduler` every faithfulness measurement runs its prompt batches as
-    Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever the cluster.
+    With the runtime's `workers` or `scheduler` every faithfulness measurement runs its prompt
+    batches as Dask tasks (queries/core/sweep.py); the circuit is recorded the same, whatever
+    the cluster.
     """
-    check_cluster(workers, scheduler)
     if (edges is None) == (faithfulness is None):
         raise UsageError("give --edges N or --faithfulness F (exactly one)")
     if edges is not None:
@@ -144,9 +168,9 @@ def circuit(
             "most 1 (e.g. 0.85)"
         )
     query, graph, values = score_graph(store, scores)
+    if edges is not None:  # "all" is the edge count: `--edges all` asks what `--edges N` does
+        edges = resolve_sizes(edges, graph.n_edges)
     sizes = [] if edges is None else [edges] if isinstance(edges, int) else edges
-    if sizes and sizes[-1] > graph.n_edges:
-        raise UsageError(f"--edges {sizes[-1]}: the graph has {graph.n_edges} edges")
     params = {"scores": scores, "edges": edges, "faithfulness": faithfulness, "prune": prune}
     if metric is not None:
         check("--metric", metric, METRICS)
@@ -154,12 +178,13 @@ def circuit(
             params["metric"] = metric
     metric = metric or query["params"]["metric"]
     run = query["run_id"]
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.attribution.evaluate import Evaluator
 
-        with cluster(workers, scheduler) as client:
-            ev = Evaluator(store, store.run(run), metric, device, client)
+        with cluster(runtime) as client:
+            ev = Evaluator(store, store.run(run), metric, runtime, client)
             curve: dict[int, tuple[np.ndarray, float]] = {}
 
             def measure(ns: list[int]) -> None:

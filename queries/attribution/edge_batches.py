@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from actstore.core.store import Store
-from actstore.model.adapter import ModelAdapter
 from actstore.model.hooks import hook_name
 from actstore.model.metrics import AnswerSets, Targets
 from queries.attribution.edge_model import EdgeModel
 from queries.core.reader import Reader, Span
-from queries.core.run_model import model_for_run
+from queries.core.sweep import RunContext, run_context
 
 
 @dataclass
@@ -90,13 +89,12 @@ def read_batch(reader: Reader, span: Span, model: EdgeModel) -> EdgeBatch:
 
 
 def open_run(location: str, run_id: int, device: str | None) -> tuple[EdgeModel, Reader]:
-    """On a Dask worker: the run's edge model (built once per process) and reader."""
-    store = Store(location)
-    run = store.run(run_id)
-    model = _edge_model(model_for_run(run, device))
-    return model, edge_reader(store, run, model)
+    """On a Dask worker: the run's edge model and reader, made once per worker (on its run
+    context, queries/core/sweep.py) and reused by the tasks after."""
+    context = run_context(location, run_id, device)
+    return _edge_model(context), context.reader
 
 
 @functools.lru_cache(maxsize=1)
-def _edge_model(adapter: ModelAdapter) -> EdgeModel:
-    return EdgeModel(adapter)
+def _edge_model(context: RunContext) -> EdgeModel:
+    return EdgeModel(context.model, context.engine)

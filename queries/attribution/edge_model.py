@@ -53,10 +53,10 @@ class EdgeRun:
 class EdgeModel:
     """The engine of a model, and forwards over its edge graph (see the module docstring)."""
 
-    def __init__(self, adapter: ModelAdapter):
+    def __init__(self, adapter: ModelAdapter, engine: Engine | None = None):
         self.adapter = adapter
         self.shape = adapter.shape
-        self.engine = Engine.from_adapter(adapter)
+        self.engine = engine or Engine.from_adapter(adapter)
         self.graph = Graph.of(adapter.architecture)
 
     def head_outputs(self, z: torch.Tensor, layer: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from actstore.model.metrics import Targets, from_resid
@@ -35,9 +36,16 @@ from queries.core.engine import Engine
 VARIANT_ELEMENTS = 1 << 25
 
 
-def exact_scores(model: EdgeModel, batch: EdgeBatch, metric: str, n_total: int) -> torch.Tensor:
+def exact_scores(
+    model: EdgeModel,
+    batch: EdgeBatch,
+    metric: str,
+    n_total: int,
+    sources: np.ndarray | None = None,
+) -> torch.Tensor:
     """(n_forward, n_backward): Σ over the batch's prompts of m(edge patched) − m(clean),
-    divided by `n_total`, for every edge (zero off the edges)."""
+    divided by `n_total`, for every edge (zero off the edges); `sources` (forward node indices)
+    scores only their edges, e.g. a sample whose time stands for the whole graph's."""
     e, g = model.engine, model.graph
     H, L = e.n_heads, e.n_layers
     t = batch.targets
@@ -46,6 +54,7 @@ def exact_scores(model: EdgeModel, batch: EdgeBatch, metric: str, n_total: int) 
     rows = torch.arange(B, device=clean.device)
     pos = torch.arange(T, device=clean.device)
     out = torch.zeros(g.n_forward, g.n_backward, device=clean.device)
+    chosen = np.arange(g.n_forward) if sources is None else np.unique(sources)
     with torch.no_grad():
         resid = clean[:, :, 0]
         layers = []  # per layer: resid_pre, z, mid, the MLP's output
@@ -61,9 +70,11 @@ def exact_scores(model: EdgeModel, batch: EdgeBatch, metric: str, n_total: int) 
             return (values - base).sum(-1) / n_total
 
         for layer, (pre, z, mid, mlp) in enumerate(layers):
-            n_up = int(g.n_upstream[g.layer_start(layer)])
             start = g.layer_start(layer)
-            for letter, (src, z_new) in enumerate(_head_variants(e, layer, pre, delta, n_up, pos)):
+            up = chosen[chosen < int(g.n_upstream[start])]
+            if not len(up):
+                continue
+            for letter, (src, z_new) in enumerate(_head_variants(e, layer, pre, delta, up, pos)):
                 # z_new (n, B, T, H, dh): head h's z with its `letter` input patched from src
                 for h in range(H):
                     zs = z.expand(z_new.shape[0], -1, -1, -1, -1).clone()
@@ -71,27 +82,28 @@ def exact_scores(model: EdgeModel, batch: EdgeBatch, metric: str, n_total: int) 
                     after = _finish(e, layer, pre, zs, mlp, batch.last, metric, t)
                     out[src, start + letter * H + h] = score(after)
             mlp_col = start + 3 * H
-            n_mlp = int(g.n_upstream[mlp_col])
+            up = chosen[chosen < int(g.n_upstream[mlp_col])]
             x_in = pre if e.arch.parallel else mid
-            for src in _chunks(n_mlp, B * T * max(e.arch.d_mlp, e.arch.d_model)):
+            for src in _chunks(up, B * T * max(e.arch.d_mlp, e.arch.d_model)):
                 moved = e.mlp(layer, x_in + delta[:, :, src].movedim(2, 0)) - mlp
                 after = _downstream(e, layer + 1, mid + mlp + moved, batch.last)
                 out[src, mlp_col] = score(from_resid(e, metric, after, t))
-        final = resid[rows, batch.last] + delta[rows, batch.last].movedim(1, 0)
-        out[:, g.n_backward - 1] = score(from_resid(e, metric, final, t))
+        final = resid[rows, batch.last] + delta[rows, batch.last][:, chosen].movedim(1, 0)
+        out[chosen, g.n_backward - 1] = score(from_resid(e, metric, final, t))
     return out
 
 
-def _chunks(n: int, per_variant: int) -> Iterator[slice]:
-    """Slices of range(n) whose variants fit `VARIANT_ELEMENTS` (at least one each)."""
+def _chunks(ids: np.ndarray, per_variant: int) -> Iterator[torch.Tensor]:
+    """Runs of the source indices `ids` whose variants fit `VARIANT_ELEMENTS` (at least one
+    each)."""
     step = max(1, VARIANT_ELEMENTS // max(per_variant, 1))
-    for lo in range(0, n, step):
-        yield slice(lo, min(n, lo + step))
+    for lo in range(0, len(ids), step):
+        yield torch.as_tensor(ids[lo : lo + step])
 
 
 def _head_variants(
-    e: Engine, layer: int, pre: torch.Tensor, delta: torch.Tensor, n_up: int, pos: torch.Tensor
-) -> Iterator[tuple[slice, torch.Tensor]]:
+    e: Engine, layer: int, pre: torch.Tensor, delta: torch.Tensor, up: np.ndarray, pos: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each input letter (q, k, v, in order) and chunk of sources: every head's z when that
     input of the head alone reads resid_pre + Δ_src: per letter, (sources, z (n, B, T, H, dh))."""
     normed = e.ln1(layer, pre)
@@ -100,7 +112,7 @@ def _head_variants(
     q_pos = pos.expand(B, -1)
     for letter in range(3):
         parts = []
-        for src in _chunks(n_up, B * T * 3 * pre.shape[-1]):
+        for src in _chunks(up, B * T * 3 * pre.shape[-1]):
             moved = e.ln1(layer, pre + delta[:, :, src].movedim(2, 0))
             n = moved.shape[0]
             qs, ks, vs = (x.expand(n, *x.shape) for x in (q, k, v))
@@ -113,10 +125,9 @@ def _head_variants(
         yield _join(parts)
 
 
-def _join(parts: list[tuple[slice, torch.Tensor]]) -> tuple[slice, torch.Tensor]:
+def _join(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One (sources, z) from the chunks of one letter, in source order."""
-    src = slice(parts[0][0].start, parts[-1][0].stop)
-    return src, torch.cat([z for _, z in parts])
+    return torch.cat([src for src, _ in parts]), torch.cat([z for _, z in parts])
 
 
 def _finish(
@@ -135,7 +146,7 @@ def _finish(
     B, T = pre.shape[:2]
     width = max(e.arch.d_mlp, e.arch.d_model)
     values = []
-    for part in _chunks(z.shape[0], B * T * width):
+    for part in _chunks(np.arange(z.shape[0]), B * T * width):
         mid = pre + e.attn_residual(layer, e.attn_out(layer, z[part]))
         x = mid + (mlp if e.arch.parallel else e.mlp(layer, mid))
         values.append(from_resid(e, metric, _downstream(e, layer + 1, x, last), t))

@@ -19,6 +19,7 @@ from queries.attribution.edge_batches import EdgeBatch, edge_reader, open_run, r
 from queries.attribution.edge_model import EdgeModel
 from queries.attribution.exact import exact_scores
 from queries.core.reader import Reader, Span
+from queries.core.runtime import Runtime
 from queries.core.sweep import in_order
 
 
@@ -27,12 +28,11 @@ def compute_scores(
     store: Store,
     run: dict,
     params: dict,
-    progress: bool | None = None,
+    runtime: Runtime = Runtime(),
     client: Any = None,
-    device: str | None = None,
 ) -> np.ndarray:
     """(n_forward, n_backward) scores summed over the run's batches (zero off the edges), in
-    batch order; with a Dask `client` each batch is a task (queries/core/sweep.py)."""
+    batch order; with a Dask `client` (`sweep.cluster`) each batch is a task."""
     n = int(run["n_prompts"])
     g = model.graph
     total = np.zeros((g.n_forward, g.n_backward))
@@ -42,11 +42,13 @@ def compute_scores(
     def local(span: Span) -> np.ndarray:
         return _span_scores(model, reader, span, params, n)
 
+    bar = progress_bar(runtime.progress, total=len(spans), unit="batch",
+                       desc=f"{params['method']} run {run['run_id']}")  # fmt: skip
     parts = in_order(client, local, _span_task, spans, store.location, run["run_id"], params, n,
-                     device)  # fmt: skip
-    for part in progress_bar(progress, iterable=parts, total=len(spans), unit="batch",
-                             desc=f"{params['method']} run {run['run_id']}"):  # fmt: skip
+                     runtime.device, done=lambda: bar.update(1))  # fmt: skip
+    for part in parts:  # in batch order: a fixed order of sums
         total += part
+    bar.close()
     return total
 
 

@@ -54,6 +54,15 @@ class TreeBatch:
     corrupted_in: dict[int, torch.Tensor]  # n upstream -> corrupted run's input of such nodes
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys, values per head
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the batch holds (each tensor's storage once)."""
+        tensors = [self.last, self.delta_clean, self.corrupted, *self.corrupted_in.values()]
+        for keys, values in self.prefix or []:
+            tensors += [keys, values]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
 
 class TreePatcher:
     """Exact tree-patched logits of circuits over an `EdgeModel` (see the module docstring)."""
@@ -101,8 +110,8 @@ class TreePatcher:
             start=start,
             last=last - start,
             delta_clean=delta[:, :, start:].contiguous(),
-            corrupted=corr[:, :, start:],
-            corrupted_in={n: x[:, start:] for n, x in points.items()},
+            corrupted=corr[:, :, start:].contiguous(),  # not views: the prefix's rows go
+            corrupted_in={n: x[:, start:].contiguous() for n, x in points.items()},
             prefix=prefix,
         )
 
@@ -132,67 +141,102 @@ class TreePatcher:
 
     def logits(self, tb: TreeBatch, kept: np.ndarray) -> torch.Tensor:
         """Final-position logits (batch, vocab) of the circuit `kept` (n_forward, n_backward)."""
-        g, eng = self.graph, self.engine
-        H = g.n_heads
-        kept = kept & g.real
-        status = self.statuses(kept)
-        nonzero = status != CORRUPTED
-        delta = tb.delta_clean.clone()  # rows of computed nodes are overwritten as they come
-        flat = delta.view(g.n_forward, -1)
-        total = torch.zeros_like(tb.corrupted[0])
-        B, P, D = total.shape
-        dev = total.device
+        return self.logits_many(tb, [kept])[0]
 
-        def inputs(cols: list[int], positions: tuple | None = None) -> torch.Tensor:
-            """Inputs (…, len(cols), d_model) of destination columns, at all positions or at
-            `positions` (index tuple into (batch, pos))."""
+    def logits_many(self, tb: TreeBatch, masks: list[np.ndarray]) -> list[torch.Tensor]:
+        """Final-position logits (batch, vocab) of each circuit in `masks`, the circuits side by
+        side along the batch axis: a node that several circuits compute is one forward over
+        their rows (each circuit's numbers are those it gets alone)."""
+        g, eng = self.graph, self.engine
+        H, C = g.n_heads, len(masks)
+        kept = np.stack([mask & g.real for mask in masks])  # (C, n_forward, n_backward)
+        status = np.stack([self.statuses(k) for k in kept])  # (C, n_forward)
+        nonzero = status != CORRUPTED
+        # (C, n_forward, batch, pos, d_model); rows of computed nodes are overwritten as they come
+        delta = tb.delta_clean.unsqueeze(0).repeat(C, *[1] * tb.delta_clean.dim())
+        total = delta[:, 0].clone()  # T per circuit: the input node's Δ so far
+        B = tb.corrupted.shape[1]
+        dev = total.device
+        everyone = np.arange(C)
+
+        def inputs(cols: list[int], cs: np.ndarray, positions: tuple | None = None) -> torch.Tensor:
+            """Inputs (len(cs), …, len(cols), d_model) of destination columns in circuits `cs`,
+            at all positions or at `positions` (index tuple into (batch, pos))."""
             n_up = int(g.n_upstream[cols[0]])
-            k = kept[:n_up, cols]
-            nz = nonzero[:n_up, None]
-            n_kept = (k & nz).sum(0)
-            by_kept = n_kept * 2 <= nz.sum()  # mix from the kept side where it is smaller
-            coef = np.where(by_kept[None, :], -1.0 * (k & nz), 1.0 * (~k & nz))
-            base, tot = tb.corrupted_in[n_up], total
+            whole = len(cs) == C
+            k = kept[cs][:, :n_up, cols]
+            nz = nonzero[cs][:, :n_up, None]
+            n_kept = (k & nz).sum(1)
+            by_kept = n_kept * 2 <= nz.sum(1)  # mix from the kept side where it is smaller
+            coef = np.where(by_kept[:, None, :], -1.0 * (k & nz), 1.0 * (~k & nz))
+            base = tb.corrupted_in[n_up]
             if positions is not None:
-                base, tot = base[positions], tot[positions]
-            by_dropped = torch.as_tensor(~by_kept, dtype=base.dtype, device=base.device)
-            x = base.unsqueeze(-2) - by_dropped[:, None] * tot.unsqueeze(-2)
-            rows = np.nonzero(coef.any(1))[0]
-            if len(rows) == 0:
-                return x
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            src_rows, dst_cols = np.nonzero(coef)
-            if GATHER_COST * len(src_rows) < (hi - lo) * len(cols):  # few terms: just those
-                src = delta[torch.as_tensor(src_rows, device=dev)]
+                base = base[positions]
+            rows = np.nonzero(coef.any((0, 2)))[0]
+            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+            term_c, src_rows, dst_cols = np.nonzero(coef)
+            if GATHER_COST * len(src_rows) < len(cs) * (hi - lo) * len(cols):  # few terms
+                tot = total if whole else total[torch.as_tensor(cs, device=dev)]
+                if positions is not None:
+                    tot = tot[(slice(None), *positions)]
+                by_dropped = torch.as_tensor(~by_kept, dtype=base.dtype, device=dev)
+                shape = (len(cs), *[1] * (tot.dim() - 2), len(cols), 1)
+                x = base.unsqueeze(-2) - by_dropped.view(shape) * tot.unsqueeze(-2)
+                flat = delta.view(C * g.n_forward, *delta.shape[2:])
+                src = flat[torch.as_tensor(cs[term_c] * g.n_forward + src_rows, device=dev)]
                 if positions is not None:
                     src = src[(slice(None), *positions)]
-                sign = torch.as_tensor(coef[src_rows, dst_cols], dtype=src.dtype, device=dev)
+                sign = torch.as_tensor(
+                    coef[term_c, src_rows, dst_cols], dtype=src.dtype, device=dev
+                )
                 terms = src * sign.view(-1, *[1] * (src.dim() - 1))
-                mixed = src.new_zeros((len(cols), *src.shape[1:]))
-                mixed.index_add_(0, torch.as_tensor(dst_cols, device=dev), terms)
-                return x + mixed.movedim(0, -2)
-            src, c = delta[lo:hi], coef[lo:hi]
+                mixed = src.new_zeros((len(cs) * len(cols), *src.shape[1:]))
+                at = torch.as_tensor(term_c * len(cols) + dst_cols, device=dev)
+                mixed.index_add_(0, at, terms)
+                mixed = mixed.view(len(cs), len(cols), *src.shape[1:])
+                return x + mixed.movedim(1, -2)
+            # One product over a span of Δ rows costs the same whatever its coefficients: mix
+            # from the kept side alone, so that T and its broadcasts drop out.
+            coef = -1.0 * (k & nz)
+            rows = np.nonzero(coef.any((0, 2)))[0]
+            x = base.unsqueeze(-2)
+            if len(rows) == 0:
+                return x.expand(len(cs), *x.shape[:-2], len(cols), x.shape[-1])
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            src = delta[:, lo:hi] if whole else delta[torch.as_tensor(cs, device=dev), lo:hi]
             if positions is not None:
-                src = src[(slice(None), *positions)]
-            weights = torch.as_tensor(c.T, dtype=src.dtype, device=dev)
-            mixed = weights @ src.reshape(src.shape[0], -1)
-            return x + mixed.view(len(cols), *src.shape[1:]).movedim(0, -2)
+                src = src[(slice(None), slice(None), *positions)]
+            weights = torch.as_tensor(coef[:, lo:hi].transpose(0, 2, 1), dtype=src.dtype,
+                                      device=dev)  # fmt: skip
+            mixed = torch.bmm(weights, src.reshape(len(cs), hi - lo, -1))
+            return x + mixed.view(len(cs), len(cols), *src.shape[2:]).movedim(1, -2)
 
-        def settle(nodes: list[int], out: torch.Tensor | None) -> None:
-            """Record computed outputs (…, len(nodes), d_model) and add the nodes' Δ to T."""
-            nonlocal total
+        def settle(nodes: list[int], cs: np.ndarray, out: torch.Tensor | None) -> None:
+            """Record the outputs (len(cs), …, len(nodes), d_model) computed for circuits `cs`
+            where those circuits compute them, and add each circuit's Δ of `nodes` to its T."""
             if out is not None:
-                idx = torch.as_tensor(nodes, device=dev)
-                delta[idx] = tb.corrupted[idx] - out.movedim(-2, 0)
-            live = [n for n in nodes if nonzero[n]]
-            if live:
-                total = total + flat[live].sum(0).view(B, P, D)
+                out = out.movedim(-2, 1)  # (len(cs), len(nodes), …)
+                ci, ni = np.nonzero(status[cs][:, nodes] == COMPUTED)
+                a, b = nodes[0], nodes[-1] + 1
+                if len(ci) == len(cs) * len(nodes) and b - a == len(nodes) and len(cs) == C:
+                    torch.sub(tb.corrupted[a:b], out, out=delta[:, a:b])  # every row: no gather
+                else:
+                    idx = torch.as_tensor(np.asarray(nodes)[ni], device=dev)
+                    rows = torch.as_tensor(cs[ci], device=dev)
+                    delta[rows, idx] = tb.corrupted[idx] - out[ci, ni]
+            for c in range(C):
+                live = [n for n in nodes if nonzero[c, n]]
+                if live and live[-1] + 1 - live[0] == len(live):  # a range: summed in place
+                    total[c] += delta[c, live[0] : live[-1] + 1].sum(0)
+                elif live:
+                    total[c] += delta[c, live].sum(0)
 
-        total = total + delta[0]
         for layer in range(g.n_layers):
             heads = [g.head_index(layer, h) for h in range(H)]
             mlp = g.mlp_index(layer)
-            todo = [i for i, n in enumerate(heads) if status[n] == COMPUTED]
+            computing = status[:, heads] == COMPUTED  # (C, heads)
+            todo = [i for i in range(H) if computing[:, i].any()]
+            cs = np.nonzero(computing.any(1))[0]
             out = None
             if todo:
                 cols = [c for i in todo for c in self.columns[heads[i]]]
@@ -201,15 +245,26 @@ class TreePatcher:
                 prefix = None if tb.prefix is None else tb.prefix[layer]
                 if prefix is not None and subset is not None:
                     prefix = (prefix[0][:, :, subset], prefix[1][:, :, subset])
-                z = eng.head_inputs_z(layer, inputs(order), subset, tb.start, prefix)
+                if prefix is not None and len(cs) > 1:
+                    prefix = (
+                        prefix[0].repeat(len(cs), 1, 1, 1),
+                        prefix[1].repeat(len(cs), 1, 1, 1),
+                    )
+                x = inputs(order, cs)
+                z = eng.head_inputs_z(layer, x.flatten(0, 1), subset, tb.start, prefix)
                 out = eng.head_outputs(layer, z, subset)[0]
+                out = out.view(len(cs), B, *out.shape[1:])
+            mlp_cs = np.nonzero(status[:, mlp] == COMPUTED)[0]
             mlp_done = None
-            if g.parallel and status[mlp] == COMPUTED:
-                mlp_done = eng.mlp(layer, inputs(self.columns[mlp])[..., 0, :])
-            settle([heads[i] for i in todo], out)
-            settle([n for i, n in enumerate(heads) if i not in todo], None)
-            if not g.parallel and status[mlp] == COMPUTED:
-                mlp_done = eng.mlp(layer, inputs(self.columns[mlp])[..., 0, :])
-            settle([mlp], None if mlp_done is None else mlp_done.unsqueeze(-2))
+            if g.parallel and len(mlp_cs):
+                x = inputs(self.columns[mlp], mlp_cs)[..., 0, :]
+                mlp_done = eng.mlp(layer, x.flatten(0, 1)).view(x.shape)
+            settle([heads[i] for i in todo], cs, out)
+            settle([n for i, n in enumerate(heads) if i not in todo], everyone, None)
+            if not g.parallel and len(mlp_cs):
+                x = inputs(self.columns[mlp], mlp_cs)[..., 0, :]
+                mlp_done = eng.mlp(layer, x.flatten(0, 1)).view(x.shape)
+            settle([mlp], mlp_cs, None if mlp_done is None else mlp_done.unsqueeze(-2))
         rows = (torch.arange(B, device=dev), tb.last)
-        return eng.unembed(inputs([g.n_backward - 1], rows)[:, 0])
+        final = inputs([g.n_backward - 1], everyone, rows)[:, :, 0]  # (C, batch, d_model)
+        return list(eng.unembed(final.flatten(0, 1)).view(C, B, -1).unbind(0))

@@ -46,7 +46,8 @@ from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
-from queries.core.sweep import check_cluster, cluster, in_order
+from queries.core.runtime import Runtime
+from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
 
 if TYPE_CHECKING:
     from actstore.model.adapter import ModelAdapter
@@ -156,32 +157,28 @@ def patch(
     layers: list[int] | None = None,
     recompute: bool = False,
     batch_size: int = 8,
-    device: str | None = None,
     model: ModelAdapter | None = None,
-    progress: bool | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Patching effects of a run, from the catalog when asked before, else computed and recorded.
 
     Returns effects' columns (query_id, layer, head, pos, role, metric, value, normalized) and
     the direction-independent importance that rankings use. `positions`: role names or (on a
-    run of one prompt length) position numbers, as a list or comma-separated text. With
-    `workers` or `scheduler` the prompt batches run as Dask tasks (queries/core/sweep.py); the
-    result is recorded the same.
+    run of one prompt length) position numbers, as a list or comma-separated text. `runtime`:
+    device, progress and where the prompt batches run (queries/core/runtime.py); the result is
+    recorded the same.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: need at least 1")
-    check_cluster(workers, scheduler)
     spec = check_spec(store, run, component, metric, direction, window, positions, layers)
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
         from queries.core.run_model import model_for_run
 
-        adapter = model_for_run(store.run(run), device, model)
+        adapter = model_for_run(store.run(run), runtime.device, model)
         frame, _ = compute_effects(store, run, spec, adapter, batch_size=batch_size,
-                                   progress=progress, workers=workers, scheduler=scheduler,
-                                   device=device)  # fmt: skip
+                                   runtime=runtime)  # fmt: skip
         return {"effects": frame}
 
     return recorded(store, KIND, run, spec.params(), compute,
@@ -217,16 +214,16 @@ def _kinds(component: str, engine: str, parallel: bool) -> tuple[set[str], set[s
 
 
 class _Setup:
-    """What every prompt batch of a patching query shares: reader, engine, patch groups."""
+    """What every prompt batch of a patching query shares: the run's context (reader, engine),
+    the patch groups."""
 
-    def __init__(self, store: Store, run: int, spec: PatchSpec, model: ModelAdapter, engine: str):
-        from queries.core.engine import Engine
-        from queries.core.reader import Reader
+    def __init__(self, context: RunContext, spec: PatchSpec, engine: str):
         from queries.patching.batch import hooks_read
 
-        self.spec, self.model, self.mode = spec, model, engine
-        self.engine = e = Engine.from_adapter(model)
-        self.reader = Reader(store, run, model.device, e)
+        self.spec, self.model, self.mode = spec, context.model, engine
+        self.engine = e = context.engine
+        self.reader = context.reader
+        store, run = context.store, int(context.run["run_id"])
         seq = int(self.reader.run["seq_len"])
         self.groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
         self.kinds = _kinds(self.groups[0].component, engine, e.arch.parallel)
@@ -299,12 +296,8 @@ class _Setup:
 def _span_task(
     span: Any, location: str, run: int, spec: PatchSpec, engine: str, device: str | None
 ) -> tuple[list[np.ndarray], float, float]:
-    """One prompt batch's partial sums, on a Dask worker (model loaded once per process)."""
-    from queries.core.run_model import model_for_run
-
-    store = Store(location)
-    model = model_for_run(store.run(run), device)
-    return _Setup(store, run, spec, model, engine).span_sums(span)
+    """One prompt batch's partial sums, on a Dask worker (the run's context made once there)."""
+    return _Setup(run_context(location, run, device), spec, engine).span_sums(span)
 
 
 def compute_effects(
@@ -314,35 +307,32 @@ def compute_effects(
     model: ModelAdapter,
     engine: str = "downstream",
     batch_size: int = 8,
-    progress: bool | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
-    device: str | None = None,
+    runtime: Runtime = Runtime(),
 ) -> tuple[pl.DataFrame, float]:
     """Effects rows (layer, head, pos, metric, value, normalized) and the FLOPs it took.
 
     `engine`: downstream (cached keys/values before the patched position), downstream-no-kv
     (recompute every position downstream) or full-forward (queries.patching.reference); all three
-    give the same numbers, the first the fastest. With `workers` or `scheduler` each prompt
-    batch is a Dask task and the partial sums are added in batch order (queries/core/sweep.py).
+    give the same numbers, the first the fastest. With the runtime's `workers` or `scheduler`
+    each prompt batch is a Dask task and the partial sums are added in batch order
+    (queries/core/sweep.py).
     """
     check("engine", engine, ENGINES)
-    setup = _Setup(store, run, spec, model, engine)
+    setup = _Setup(RunContext.of(store, run, model), spec, engine)
     reader, e, groups = setup.reader, setup.engine, setup.groups
     n = reader.n
     sums = [np.zeros(len(g.variants)) for g in groups]
     baseline = {"clean": 0.0, "corrupted": 0.0}
     spans = list(reader.spans(batch_size))
-    bar = progress_bar(progress, total=len(spans), desc=f"patch run {run}", unit="batch")
-    with cluster(workers, scheduler) as client:
+    bar = progress_bar(runtime.progress, total=len(spans), desc=f"patch run {run}", unit="batch")
+    with cluster(runtime) as client:
         parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, spec,
-                         engine, device)  # fmt: skip
+                         engine, runtime.device, done=lambda: bar.update(1))  # fmt: skip
         for span_sums, clean, corrupted in parts:  # in batch order: a fixed order of sums
             baseline["clean"] += clean
             baseline["corrupted"] += corrupted
             for gi, values in enumerate(span_sums):
                 sums[gi] += values
-            bar.update(1)
     bar.close()
     m_clean, m_corrupted = baseline["clean"] / n, baseline["corrupted"] / n
     rows = []

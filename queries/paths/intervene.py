@@ -22,8 +22,11 @@ import polars as pl
 
 from actstore.core.choices import METRICS, check
 from actstore.core.errors import UsageError
+from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
+from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
 from queries.paths.spec import parse_heads, run_shape
 
 KIND = "intervene"
@@ -69,56 +72,40 @@ def intervene(
     at: str = "END",
     weight: float = 1.0,
     metric: str = "logit-diff",
-    device: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Metric and accuracy before and after an attention intervention, for the run (first row)
-    and each prompt; recorded as an `intervene` query."""
+    and each prompt; recorded as an `intervene` query. With the runtime's workers or scheduler
+    the prompt batches are Dask tasks (queries/core/sweep.py)."""
     params = check_intervention(store, run, heads, attend, at, weight, metric)
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
-        return {"interventions": compute_intervention(store, run, params, device)}
+        return {"interventions": compute_intervention(store, run, params, runtime)}
 
     return recorded(store, KIND, run, params, compute, lambda q: stored_interventions(store, q),
                     recompute)  # fmt: skip
 
 
 def compute_intervention(
-    store: Store, run: int, params: dict[str, Any], device: str | None = None
+    store: Store, run: int, params: dict[str, Any], runtime: Runtime = Runtime()
 ) -> pl.DataFrame:
-    """interventions rows (without query_id) of checked parameters."""
-    import torch
-
-    from actstore.core.roles import positions
-    from actstore.model.hooks import final_hook, hook_name
-    from actstore.model.metrics import from_resid
-    from queries.core.engine import Engine
-    from queries.core.reader import Reader
+    """interventions rows (without query_id) of checked parameters, over the run's batches (as
+    Dask tasks with the runtime's workers or scheduler, rows kept in batch order)."""
     from queries.core.run_model import model_for_run
 
-    info = store.run(run)
-    e = Engine.from_adapter(model_for_run(info, device))
-    heads = parse_heads(",".join(params["heads"]), run_shape(store, run))
-    where = positions(store, run, [params["attend"], params["at"]])
-    reader = Reader(store, info, e.weights.W_E.device, e)
-    first = min(h.layer for h in heads)
+    context = RunContext.of(store, run, model_for_run(store.run(run), runtime.device))
+    local = _Setup(context, params).span_rows
+    spans = list(context.reader.spans())
+    bar = progress_bar(runtime.progress, total=len(spans), desc=f"intervene run {run}",
+                       unit="batch")  # fmt: skip
     rows = []
-    with torch.no_grad():
-        for span in reader.spans():
-            t, last = reader.targets(span), reader.finals(span)
-            idx = torch.arange(span.size, device=last.device)
-            roles = torch.as_tensor(where[span.index], device=last.device)
-            x = reader.tensor("clean", hook_name("resid_pre", first), span)
-            for layer in range(first, e.n_layers):
-                chosen = [h.head for h in heads if h.layer == layer]
-                edit = _edit(e, layer, x, chosen, roles, params["weight"]) if chosen else None
-                x = e.block(layer, x, edit_z=edit)
-            after = x[idx, last]
-            before = reader.tensor("clean", final_hook(e.n_layers), span)[idx, last]
-            values = [from_resid(e, m, r, t).double().cpu().numpy()
-                      for m in (params["metric"], "accuracy") for r in (before, after)]  # fmt: skip
-            rows += [(int(p), params["metric"], *map(float, v))
-                     for p, *v in zip(span.index, *values, strict=True)]  # fmt: skip
+    with cluster(runtime) as client:
+        for part in in_order(client, local, _span_task, spans, store.location, run, params,
+                             runtime.device, done=lambda: bar.update(1)):  # fmt: skip
+            rows += part
+    bar.close()
     frame = pl.DataFrame(
         rows,
         schema={"prompt_idx": pl.Int32, "metric": pl.String, "value_before": pl.Float64,
@@ -129,6 +116,51 @@ def compute_intervention(
     total = frame.select(pl.lit(None, dtype=pl.Int32).alias("prompt_idx"), pl.first("metric"),
                          pl.exclude("prompt_idx", "metric").mean())  # fmt: skip
     return pl.concat([total, frame])
+
+
+class _Setup:
+    """What every prompt batch of an intervention shares: the run's context, the heads and each
+    prompt's positions of the two roles."""
+
+    def __init__(self, context: RunContext, params: dict[str, Any]):
+        from actstore.core.roles import positions
+
+        self.engine, self.reader, self.params = context.engine, context.reader, params
+        run = int(context.run["run_id"])
+        self.heads = parse_heads(",".join(params["heads"]), run_shape(context.store, run))
+        self.where = positions(context.store, run, [params["attend"], params["at"]])
+
+    def span_rows(self, span: Any) -> list[tuple]:
+        """One prompt batch's rows (prompt_idx, metric, value and accuracy before, after)."""
+        import torch
+
+        from actstore.model.hooks import final_hook, hook_name
+        from actstore.model.metrics import from_resid
+
+        e, reader, params, heads = self.engine, self.reader, self.params, self.heads
+        first = min(h.layer for h in heads)
+        with torch.no_grad():
+            t, last = reader.targets(span), reader.finals(span)
+            idx = torch.arange(span.size, device=last.device)
+            roles = torch.as_tensor(self.where[span.index], device=last.device)
+            x = reader.tensor("clean", hook_name("resid_pre", first), span)
+            for layer in range(first, e.n_layers):
+                chosen = [h.head for h in heads if h.layer == layer]
+                edit = _edit(e, layer, x, chosen, roles, params["weight"]) if chosen else None
+                x = e.block(layer, x, edit_z=edit)
+            after = x[idx, last]
+            before = reader.tensor("clean", final_hook(e.n_layers), span)[idx, last]
+            values = [from_resid(e, m, r, t).double().cpu().numpy()
+                      for m in (params["metric"], "accuracy") for r in (before, after)]  # fmt: skip
+        return [(int(p), params["metric"], *map(float, v))
+                for p, *v in zip(span.index, *values, strict=True)]  # fmt: skip
+
+
+def _span_task(
+    span: Any, location: str, run: int, params: dict[str, Any], device: str | None
+) -> list[tuple]:
+    """One prompt batch's rows, on a Dask worker (the run's context made once there)."""
+    return _Setup(run_context(location, run, device), params).span_rows(span)
 
 
 def _edit(e, layer: int, x, chosen: list[int], roles, weight: float):

@@ -7,7 +7,8 @@ mean over prompts (what TransformerLens' `get_act_patch_direct_path` returns per
 Directions as `patch`: denoise patches the clean sender output into the corrupted run, noise the
 corrupted one into the clean run. `positions` (token roles, e.g. END) restrict the sender's
 change to that role's position in each prompt, one row per role; without it the change is at
-every position and `role` is NULL. The computation is queries/paths/compute.py.
+every position and `role` is NULL. The computation is queries/paths/compute.py, per prompt batch,
+in this process or as Dask tasks (a Runtime's `workers` or `scheduler`, queries/core/sweep.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from actstore.core.output import progress_bar
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
+from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
 from queries.paths.spec import (
     Shape,
     pairs,
@@ -89,16 +92,16 @@ def path(
     positions: list[str] | None = None,
     metric: str = "logit-diff",
     direction: str = "denoise",
-    device: str | None = None,
-    progress: bool | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Path patching of a run's senders into its receivers, recorded as a `path` query; rows
     ranked by importance within each receiver and role."""
     params = check_path(store, run, senders, receivers, positions, metric, direction)
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
-        return {"path_effects": compute_paths(store, run, params, device, progress)}
+        return {"path_effects": compute_paths(store, run, params, runtime)}
 
     return recorded(store, KIND, run, params, compute, lambda q: stored_paths(store, q), recompute)
 
@@ -107,45 +110,30 @@ def compute_paths(
     store: Store,
     run: int,
     params: dict[str, Any],
-    device: str | None = None,
-    progress: bool | None = None,
+    runtime: Runtime = Runtime(),
     reuse_prefix: bool = True,
 ) -> pl.DataFrame:
-    """path_effects rows (without query_id) of checked parameters, over the run's batches;
+    """path_effects rows (without query_id) of checked parameters, over the run's batches (as
+    Dask tasks with the runtime's workers or scheduler, partial sums added in batch order);
     `reuse_prefix=False` recomputes role-restricted variants at every position (the reference
     the prefix reuse is tested and benchmarked against)."""
-    import torch
-
-    from actstore.model.metrics import endpoints
-    from queries.core.engine import Engine
-    from queries.core.reader import Reader
     from queries.core.run_model import model_for_run
-    from queries.paths.compute import span_sums
 
-    info = store.run(run)
-    model = model_for_run(info, device)
-    e = Engine.from_adapter(model)
-    a = e.arch
-    shape = Shape(a.n_layers, a.n_heads, a.parallel)
-    chosen = recorded_pairs(params, shape)
-    roles = params["positions"]
-    at = None
-    if roles is not None:
-        from actstore.core.roles import positions
-
-        at = positions(store, run, roles)
-    reader = Reader(store, info, model.device, e)
-    spans = list(reader.spans())
-    metric = params["metric"]
+    setup = _Setup(RunContext.of(store, run, model_for_run(store.run(run), runtime.device)),
+                   params, reuse_prefix)  # fmt: skip
+    chosen, roles, metric = setup.chosen, params["positions"], params["metric"]
+    spans = list(setup.reader.spans())
     sums = np.zeros((len(chosen), 1 if roles is None else len(roles)))
     clean = corrupted = 0.0
-    for span in progress_bar(progress, iterable=spans, desc=f"path run {run}", unit="batch"):
-        sums += span_sums(e, reader, span, chosen, at, metric, params["direction"], reuse_prefix)
-        with torch.no_grad():
-            t = reader.targets(span)
-            c, k = endpoints(metric, t, reader.tensor("corrupted", "logits", span))
-        clean, corrupted = clean + c, corrupted + k
-    n = reader.n
+    bar = progress_bar(runtime.progress, total=len(spans), desc=f"path run {run}", unit="batch")
+    with cluster(runtime) as client:
+        parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, params,
+                         reuse_prefix, runtime.device, done=lambda: bar.update(1))  # fmt: skip
+        for part, c, k in parts:  # in batch order: a fixed order of sums
+            sums += part
+            clean, corrupted = clean + c, corrupted + k
+    bar.close()
+    n = setup.reader.n
     rows = []
     for (s, r), values in zip(chosen, sums, strict=True):
         for ri, total in enumerate(values):
@@ -158,3 +146,43 @@ def compute_paths(
                 "metric": pl.String, "value": pl.Float64, "normalized": pl.Float64},
         orient="row",
     )  # fmt: skip
+
+
+class _Setup:
+    """What every prompt batch of a path query shares: the run's context, the (sender,
+    receiver) pairs and each prompt's positions of the roles."""
+
+    def __init__(self, context: RunContext, params: dict[str, Any], reuse_prefix: bool = True):
+        self.engine, self.reader, self.params = context.engine, context.reader, params
+        self.reuse_prefix = reuse_prefix
+        a = self.engine.arch
+        self.chosen = recorded_pairs(params, Shape(a.n_layers, a.n_heads, a.parallel))
+        self.at = None
+        if params["positions"] is not None:
+            from actstore.core.roles import positions
+
+            self.at = positions(context.store, int(context.run["run_id"]), params["positions"])
+
+    def span_sums(self, span: Any) -> tuple[np.ndarray, float, float]:
+        """Per pair and role, the metric summed over the span's prompts; and the clean and
+        corrupted endpoints summed over the span."""
+        import torch
+
+        from actstore.model.metrics import endpoints
+        from queries.paths.compute import span_sums
+
+        p, reader = self.params, self.reader
+        sums = span_sums(self.engine, reader, span, self.chosen, self.at, p["metric"],
+                         p["direction"], self.reuse_prefix)  # fmt: skip
+        with torch.no_grad():
+            t = reader.targets(span)
+            clean, corrupted = endpoints(p["metric"], t, reader.tensor("corrupted", "logits", span))
+        return sums, clean, corrupted
+
+
+def _span_task(
+    span: Any, location: str, run: int, params: dict[str, Any], reuse_prefix: bool,
+    device: str | None,
+) -> tuple[np.ndarray, float, float]:  # fmt: skip
+    """One prompt batch's partial sums, on a Dask worker (the run's context made once there)."""
+    return _Setup(run_context(location, run, device), params, reuse_prefix).span_sums(span)

@@ -5,8 +5,10 @@ a prompts column (class means for subspace directions), `head-norm` the mean L2 
 head's activation per position. Padding positions (at or beyond a prompt's `seq_len`) are left
 out of every mean. Dask reads one chunk of prompts per task (through the store's verified
 array, so each chunk is checked against the ledger) and sums in float64, so memory is bounded
-by a few chunks whatever the number of prompts; `scheduler="distributed"` hands the same graph
-to a Dask cluster whose workers see the store directory at the same path.
+by a few chunks whatever the number of prompts. The graph runs on this process's threads, or,
+with a Runtime's `workers` or `scheduler` (queries/core/runtime.py, the same meaning as on every
+verb), on a local Dask cluster or on a running one whose workers see the store at the same
+location.
 
 A hook the run derives on read rather than stores (the default layout: actstore.model.derivable) is
 reduced the same way, each chunk of prompts derived by the queries' one reader with the run's
@@ -25,11 +27,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from actstore.core.choices import OPS, SCHEDULERS, check
+from actstore.core.choices import OPS, check
 from actstore.core.errors import UsageError
-from actstore.core.extras import check_engine
 from actstore.core.store import Store
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
+from queries.core.sweep import check_cluster, cluster
 
 KIND = "reduce"
 
@@ -41,17 +44,11 @@ def reduce(
     op: str = "mean",
     by: str | None = None,
     side: str = "clean",
-    scheduler: str = "threads",
-    address: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Reduce a stored hook over the run's prompts; cached by parameters like every query."""
     check("--op", op, OPS)
-    check("--scheduler", scheduler, SCHEDULERS)
-    if scheduler == "distributed" and not address:
-        raise UsageError("--scheduler distributed needs --address tcp://HOST:8786 (a scheduler)")
-    if scheduler == "distributed":
-        check_engine("distributed")
     if op == "class-mean":
         by = by or "grp"
     elif by is not None:
@@ -64,9 +61,10 @@ def reduce(
             f"--op head-norm needs a per-head hook (z, q, k, v, pattern); {hook} is {held}"
         )
     params = {"hook": hook, "op": op, "by": by, "side": side}
+    check_cluster(runtime)
 
     def compute() -> dict[str, pl.DataFrame]:
-        return {"reductions": _compute(store, run, hook, side, op, by, scheduler, address)}
+        return {"reductions": _compute(store, run, hook, side, op, by, runtime)}
 
     return recorded(
         store, KIND, run, params, compute, lambda query_id: _rows(store, query_id), recompute
@@ -79,14 +77,14 @@ def _rows(store: Store, query_id: int) -> pl.DataFrame:
     )
 
 
-def _source(store: Store, run_id: int, side: str, hook: str) -> Any:
+def _source(store: Store, run_id: int, side: str, hook: str, device: str | None) -> Any:
     """What Dask reads: the stored array, every chunk checked against the ledger, or the
     derived values (reading the stored chunks they come from checked the same way)."""
     if not store.derives(run_id, side, hook):
         return store.array(run_id, side, hook)
     from queries.core.reader import DerivedArray
 
-    return DerivedArray(store, run_id, side, hook)
+    return DerivedArray(store, run_id, side, hook, device)
 
 
 def _groups(store: Store, run_id: int, by: str | None) -> tuple[np.ndarray, np.ndarray, list]:
@@ -111,14 +109,13 @@ def _compute(
     side: str,
     op: str,
     by: str | None,
-    scheduler: str,
-    address: str | None,
+    runtime: Runtime,
 ) -> pl.DataFrame:
     import dask
     import dask.array as da
 
     lengths, codes, labels = _groups(store, run_id, by)
-    arr = _source(store, run_id, side, hook)
+    arr = _source(store, run_id, side, hook, runtime.device)
     x = da.from_array(arr, chunks=(arr.chunks[0], *arr.shape[1:]), asarray=False, lock=False)
     n, seq = x.shape[:2]
     prompt_chunks = (x.chunks[0],)
@@ -132,13 +129,8 @@ def _compute(
     onehot = (codes_da[:, None] == da.arange(len(labels))[None, :]).astype("float64")
     sums = da.einsum("ng,np,npf->gpf", onehot, mask, values)
     counts = da.einsum("ng,np->gp", onehot, mask)
-    if scheduler == "distributed":
-        from distributed import Client
-
-        with Client(address) as client:
-            sums_np, counts_np = dask.compute(sums, counts, scheduler=client)
-    else:
-        sums_np, counts_np = dask.compute(sums, counts, scheduler="threads")
+    with cluster(runtime) as client:
+        sums_np, counts_np = dask.compute(sums, counts, scheduler=client or "threads")
     return _frame(hook, labels, sums_np, counts_np)
 
 

@@ -26,6 +26,7 @@ from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
+from queries.core.runtime import Runtime
 
 REPORT_COLUMNS = [
     "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",
@@ -98,14 +99,15 @@ def subspace(
     seed: int = 0,
     epochs: int = 20,
     lr: float = 0.05,
-    device: str | None = None,
     save_direction: str | None = None,
     recompute: bool = False,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Patch the subspace `basis` (a .npy file, mean-diff or das) at a hook in `direction`
     (denoise or noise) and report the illusion diagnostics (see module doc)."""
     check("--metric", metric, METRICS)
     check("--direction", direction, DIRECTIONS)
+    runtime.in_process("subspace")
     if save_direction is not None:
         check_output_path(save_direction, "--save-direction")
     if k < 1:
@@ -147,8 +149,9 @@ def subspace(
             np.save(save_direction, stored_basis(store, query_id).T)
         return stored_report(store, query_id)
 
-    return recorded(store, "subspace", run, params, lambda: _compute(store, info, params, device),
-                    read, recompute)  # fmt: skip
+    return recorded(store, "subspace", run, params,
+                    lambda: _compute(store, info, params, runtime.device), read,
+                    recompute)  # fmt: skip
 
 
 def _check_k(store: Store, run: dict, hook: str, head: int | None, k: int) -> None:

@@ -191,7 +191,8 @@ def build(path: Path) -> dict[str, int]:
 def add_path_attention_and_exact(store: Store) -> dict[str, int]:
     """Rows for the views of the later query families, on top of `build`'s: a path query and an
     attention and head-class query of run 1, and two edge score sets of run 3 (EAP and exact
-    effects) on the same edges, for the views that compare score sets."""
+    effects) on the same edges, for the views that compare score sets; run 1's prompts and
+    roles (LABELLED's run 1), for position_labels."""
     path_rows = pl.DataFrame(
         [("a0.h1", "a2.h3", "q", "END", "logit-diff", 1.4, 0.2),
          ("m1", "a2.h3", "q", "END", "logit-diff", 1.1, -0.05),
@@ -231,6 +232,8 @@ def add_path_attention_and_exact(store: Store) -> dict[str, int]:
             store, "attribute", 3, {"method": method, "level": "edge", "metric": "logit-diff"},
             0.2, {"edge_scores": scores},
         )  # fmt: skip
+    with store.writer(), store.catalog.write() as con:  # prompts and roles: position_labels
+        insert_prompts(con, 1, LABELLED[1])
     return ids
 
 
@@ -256,3 +259,46 @@ def version_one_store(path: Path) -> Path:
     )
     con.close()
     return path
+
+
+# Two runs of two prompts each for position labels (no model, no arrays): run 1's prompts share
+# one length, run 2's differ; IO sits at 2 in every prompt, X at 1 in one and 3 in the other.
+WORDS = {0: "<bos>", 10: " When", 11: " Mary", 12: " and", 13: " to", 14: " John"}
+LABELLED = {
+    1: [([0, 10, 11, 12, 13], {"IO": 2, "X": 1}), ([0, 10, 14, 12, 13], {"IO": 2, "X": 3})],
+    2: [([0, 10, 11, 13], {"IO": 2, "X": 1}), ([0, 10, 14, 12, 13], {"IO": 2, "X": 3})],
+}
+
+
+def labelled(path: Path) -> Store:
+    """A store of the LABELLED runs: prompts with their token texts and roles (END the final
+    token), and on run 1 a residual patching query at positions 0..4."""
+    store = Store(path, create=True)
+    with store.writer(), store.catalog.write() as con:
+        con.execute(
+            "INSERT INTO models (model, n_layers, n_heads, d_model) VALUES ('hand', 3, 4, 16)"
+        )
+        for run, prompts in LABELLED.items():
+            params = json.dumps({"roles": {"names": ["IO", "X", "END"]}})
+            con.execute(
+                "INSERT INTO runs (run_id, model, task, corruption, n_prompts, status, params, "
+                "hooks) VALUES (?, 'hand', 'ioi', 'str', 2, 'complete', ?, '[]')",
+                [run, params],
+            )
+            insert_prompts(con, run, prompts)
+    params = {"component": "resid", "metric": "logit-diff", "direction": "denoise"}
+    record_query(store, "patch", 1, params, 0.1, {"effects": resid_effects()})
+    return store
+
+
+def insert_prompts(con, run: int, prompts: list[tuple[list[int], dict[str, int]]]) -> None:
+    """`prompts` and `prompt_roles` rows of a run: each prompt's tokens (texts from WORDS) and
+    roles, END its final token."""
+    for i, (tokens, roles) in enumerate(prompts):
+        con.execute(
+            "INSERT INTO prompts (run_id, prompt_idx, seq_len, clean_tokens, clean_token_texts) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [run, i, len(tokens), tokens, [WORDS[t] for t in tokens]],
+        )
+        for role, pos in {**roles, "END": len(tokens) - 1}.items():
+            con.execute("INSERT INTO prompt_roles VALUES (?, ?, ?, ?)", [run, i, role, pos])

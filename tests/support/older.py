@@ -22,6 +22,7 @@ UNDO: dict[int, list[str]] = {
     8: ["DROP TABLE attention"],
     9: ["DROP TABLE head_scores"],
     10: ["DROP TABLE interventions"],
+    11: ["ALTER TABLE prompts DROP COLUMN clean_token_texts"],
 }  # fmt: skip
 
 

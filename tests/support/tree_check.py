@@ -41,7 +41,8 @@ def masks_of_every_kind(model: EdgeModel, seed: int = 0) -> dict[str, np.ndarray
 
 def assert_tree_equals_dense(store, run: dict, model: EdgeModel, tol: float = 1e-5) -> list[int]:
     """Every mask's tree-patched logits equal the dense forward's within `tol` on every batch of
-    the run, with every node status seen; returns each batch's first computed position."""
+    the run, alone and with all the masks side by side in one forward, with every node status
+    seen; returns each batch's first computed position."""
     patcher = TreePatcher(model)
     g = model.graph
     seen: set[int] = set()
@@ -51,6 +52,7 @@ def assert_tree_equals_dense(store, run: dict, model: EdgeModel, tol: float = 1e
     for batch in (read_batch(reader, span, model) for span in reader.spans()):
         tb = patcher.batch(batch.clean, batch.corrupted, batch.last)
         starts.append(tb.start)
+        alone = {}
         for name, kept in masks.items():
             seen |= set(patcher.statuses(kept).tolist())
             dropped = torch.as_tensor(g.real & ~kept, dtype=torch.float32)
@@ -61,5 +63,12 @@ def assert_tree_equals_dense(store, run: dict, model: EdgeModel, tol: float = 1e
                     fast = patcher.logits(tb, kept)
                 diff = float((fast - dense.logits).abs().max())
                 assert diff <= tol, f"{name}, gather cost {cost}: {diff} from the dense forward"
+            alone[name] = fast
+        for cost in (tree.GATHER_COST, 0, 10**9):  # every circuit side by side in one forward
+            with patch.object(tree, "GATHER_COST", cost), torch.no_grad():
+                together = patcher.logits_many(tb, list(masks.values()))
+            for name, logits in zip(masks, together, strict=True):
+                diff = float((logits - alone[name]).abs().max())
+                assert diff <= tol, f"{name} among all, gather cost {cost}: {diff} from alone"
     assert seen == {CORRUPTED, CLEAN, COMPUTED}
     return starts

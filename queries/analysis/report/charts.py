@@ -77,11 +77,18 @@ def signed_extent(effects: list[pl.DataFrame], direction: str | None) -> float:
     return max((t for t in tops if t is not None), default=0.0) or 1.0
 
 
-def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict[str, Any]:
+def heatmap(
+    query: dict[str, Any],
+    effects: pl.DataFrame,
+    extent: float,
+    labels: dict[int | str, str] | None = None,
+) -> dict[str, Any]:
     """One patching query as a grid coloured by the signed effect on a diverging scale
     centred at 0 and spanning ±extent (shared by every chart of the metric and direction):
     layer × head for `head`, (layer, head) × position for `head-pos`, layer × position
-    otherwise. Importance, the ranking, is on hover."""
+    otherwise. Positions and roles are named by `labels` (actstore.core.roles.position_labels:
+    the role and token every prompt has there). Importance, the ranking, is on hover."""
+    labels = labels or {}
     direction = query["direction"]
     effects = effects.with_columns(signed_effect(direction).alias("signed"))
     has_head = effects["head"].null_count() < effects.height
@@ -89,10 +96,11 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict
     has_pos = by_role or effects["pos"].null_count() < effects.height
     asked = json.loads(query.get("params") or "{}").get("roles") or []
     roles = [r for r in asked if r in set(effects["role"])] if by_role else []
+    names = {str(k): v for k, v in labels.items()}
     rows = effects.with_columns(
-        (pl.col("role") if by_role else pl.col("pos").cast(pl.String).fill_null("all")).alias(
-            "position"
-        ),
+        (pl.col("role") if by_role else pl.col("pos").cast(pl.String).fill_null("all"))
+        .replace(names)
+        .alias("position"),
         pl.col("head").cast(pl.String).fill_null("—").alias("head_label"),
         pl.col("node").fill_null(pl.format("L{}", pl.col("layer"))).alias("row_label"),
     ).to_dicts()
@@ -117,10 +125,11 @@ def heatmap(query: dict[str, Any], effects: pl.DataFrame, extent: float) -> dict
         n_x, y_sort = effects["pos"].n_unique(), None
     if by_role:  # each prompt patched at its own position of the role: columns are roles
         n_x = len(roles)
-        x_encoding = alt.X(x, title="role", sort=roles)
+        x_encoding = alt.X(x, title="role", sort=[labels.get(r, r) for r in roles])
     elif x == "position:O":
-        positions = sorted({r["position"] for r in rows}, key=lambda p: (p == "all", int(p)
-                           if p != "all" else 0))  # fmt: skip
+        numbers = sorted({r["pos"] for r in rows if r["pos"] is not None})
+        positions = [labels.get(p, str(p)) for p in numbers]
+        positions += ["all"] if any(r["pos"] is None for r in rows) else []
         x_encoding = alt.X(x, title=x_title, sort=positions)
     else:
         x_encoding = alt.X(x, title=x_title)

@@ -15,6 +15,7 @@ import polars as pl
 
 from actstore.core.errors import ActstoreError
 from actstore.core.output import refuse_inside_store, write_atomically
+from actstore.core.roles import position_labels
 from actstore.core.store import Store
 from queries.analysis import lookups
 from queries.analysis import overlap as ov
@@ -102,7 +103,7 @@ def patching_section(page: Page, store: Store, runs: list[int], contents: list[d
             continue
         element = f"patch-{query['query_id']}"
         extent = extents[(query["metric"], query["direction"])]
-        spec = charts.heatmap(query, rows, extent)
+        spec = charts.heatmap(query, rows, extent, position_labels(store, query["run_id"]))
         chart = page.chart(element, spec, "heatmap", query["query_id"])
         what, sign = charts.signed_meaning(query["direction"])
         legend = (
