@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl
 import pytest
 from older import as_version
 from tokenizers_for_tests import bpe_view, toy_view
@@ -453,8 +454,19 @@ def test_positions_are_labelled_by_the_role_and_token_every_prompt_has(tmp_path)
         0: "0:'<bos>'", 1: "1:' When'", 2: "2 IO", 3: "3", 4: "4",
         "IO": "IO", "X": "X", "END": "END:' to'",
     }  # fmt: skip
+    rows = store.sql("SELECT * FROM position_labels WHERE run_id = 1 ORDER BY role, pos")
+    assert rows.columns == ["run_id", "pos", "role", "label"]  # what exports give
+    assert rows.filter(pl.col("role").is_not_null()).rows() == [
+        (1, 4, "END", "END:' to'"), (1, 2, "IO", "IO"), (1, None, "X", "X")
+    ]  # fmt: skip
     old = shutil.copytree(store.path, tmp_path / "old")
-    as_version(old, 10)
+    as_version(old, 10)  # before token texts and the view (a reader leaves it so)
+    con = duckdb.connect(str(old / "catalog.duckdb"))
+    con.execute("DROP VIEW position_labels")
+    con.close()
+    assert position_labels(Store(old), 1) == {}
+    with Store(old).writer("migrate"):
+        pass
     assert position_labels(Store(old), 1) == {0: "0", 1: "1", 2: "2 IO", 3: "3", 4: "4 END",
                                               "IO": "IO", "X": "X", "END": "END"}  # fmt: skip
 

@@ -95,72 +95,27 @@ def positions(store: Store, run_id: int, roles: Sequence[str]) -> np.ndarray:
 
 
 def position_labels(store: Store, run_id: int) -> dict[int | str, str]:
-    """Axis labels for a run's positions (int keys) and roles (str keys), as heatmaps, the
-    report and exports show them: a position with the role(s) every prompt has there and the
-    token every prompt has there (`5 IO:' Mary'`, `3:' and'`, `7`); a role with the token every
-    prompt has at it (`END:' to'`, or `IO` where the names differ). A token label needs every
-    prompt to hold that token at that place, so a mixed-length run's positions are numbers and
-    its roles are names unless a token is common to all; stores from before token texts were
-    recorded (`prompts.clean_token_texts`) label by position and role only."""
+    """Axis labels for a run's positions (int keys) and roles (str keys), as heatmaps and the
+    report show them, read from the `position_labels` view (which exports share; its docstring
+    in actstore.core.views says how they are made: `5 IO:' Mary'`, `3:' and'`, `7`,
+    `END:' to'`). A catalog from before the view, read as it is, labels nothing ({}): positions
+    stay numbers and roles names."""
     with store.reading():
-        texts = _has_column(store, "prompts", "clean_token_texts")
-        prompts = store._trusted_query(
-            "SELECT prompt_idx, seq_len, clean_tokens"
-            + (", clean_token_texts" if texts else ", NULL AS clean_token_texts")
-            + " FROM prompts WHERE run_id = ? ORDER BY prompt_idx",
-            [run_id],
+        if not _has_table(store, "position_labels"):
+            return {}
+        rows = store._trusted_query(
+            "SELECT pos, role, label FROM position_labels WHERE run_id = ?", [run_id]
         )
-        roles = run_roles(store, run_id)
-    if prompts.is_empty():
-        return {}
-    n = prompts.height
-    tokens = prompts["clean_tokens"].to_list()
-    words = prompts["clean_token_texts"].to_list()
-    shortest = int(prompts["seq_len"].min())
-
-    def common_token(places: list[int]) -> str | None:
-        """The token every prompt holds at its place (one place per prompt), if one is."""
-        ids = {toks[p] if toks is not None and p < len(toks) else None
-               for toks, p in zip(tokens, places, strict=True)}  # fmt: skip
-        if len(ids) != 1 or None in ids or any(w is None for w in words):
-            return None
-        found = {w[p] for w, p in zip(words, places, strict=True)}
-        return found.pop() if len(found) == 1 else None
-
-    labels: dict[int | str, str] = {}
-    at_fixed: dict[int, list[str]] = {}
-    for role, rows in roles.group_by("role", maintain_order=True):
-        places = rows.sort("prompt_idx")["pos"].to_list()
-        name = str(role[0])
-        if len(places) != n:
-            labels[name] = name
-            continue
-        word = common_token(places)
-        labels[name] = name if word is None else f"{name}:{word!r}"
-        if len(set(places)) == 1:
-            at_fixed.setdefault(places[0], []).append(name)
-    for pos in range(int(prompts["seq_len"].max())):
-        word = common_token([pos] * n) if pos < shortest else None
-        names = "/".join(at_fixed.get(pos, []))
-        labels[pos] = f"{pos}{' ' + names if names else ''}{'' if word is None else f':{word!r}'}"
-    return labels
+    return {(int(pos) if role is None else role): label for pos, role, label in rows.iter_rows()}
 
 
-def _has_table(store: Store) -> bool:
-    """False for a catalog from before roles (read, not migrated: readers never write)."""
+def _has_table(store: Store, name: str = "prompt_roles") -> bool:
+    """False for a catalog from before the table or view (read, not migrated: readers never
+    write)."""
     found = store._trusted_query(
-        "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'prompt_roles' "
-        "AND table_catalog = current_database()"
-    )
-    return bool(found["n"][0])
-
-
-def _has_column(store: Store, table: str, column: str) -> bool:
-    """False for a catalog from before the column (read, not migrated)."""
-    found = store._trusted_query(
-        "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = ? "
-        "AND column_name = ? AND table_catalog = current_database()",
-        [table, column],
+        "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ? "
+        "AND table_catalog = current_database()",
+        [name],
     )
     return bool(found["n"][0])
 

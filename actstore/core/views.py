@@ -261,6 +261,52 @@ VIEWS: dict[str, str] = {
         WHERE c.circuit_id NOT IN {SUPERSEDED}
         ORDER BY c.circuit_id
         """,
+    # Labels of a run's positions (role NULL) and roles (pos: the role's one position where
+    # every prompt has it there): a position with the roles every prompt has there and the
+    # token every prompt holds there, `4 END:' to'`, `2 IO`, `3:' and'`, `7`; a role with the
+    # token every prompt holds at it, `END:' to'`, else its name. A token needs every prompt to
+    # hold it at that place, so a mixed-length run's later positions are numbers; prompts
+    # recorded before token texts (`prompts.clean_token_texts` NULL) label by role only.
+    "position_labels": """
+        WITH p AS (
+            SELECT run_id, prompt_idx, seq_len, clean_tokens AS tokens, clean_token_texts AS texts
+            FROM prompts
+        ), n AS (
+            SELECT run_id, count(*) AS n, max(seq_len) AS longest,
+                   bool_and(texts IS NOT NULL) AS has_texts
+            FROM p GROUP BY run_id
+        ), places AS (
+            SELECT run_id, prompt_idx, role, pos FROM prompt_roles WHERE role <> 'END'
+            UNION ALL SELECT run_id, prompt_idx, 'END', seq_len - 1 FROM prompts
+        ), common AS (
+            SELECT l.run_id, NULL::INTEGER AS at, l.role, count(*) AS k,
+                   count(DISTINCT l.pos) AS n_pos, min(l.pos) AS pos,
+                   count(DISTINCT p.tokens[l.pos + 1]) AS n_tok,
+                   count(DISTINCT p.texts[l.pos + 1]) AS n_text, min(p.texts[l.pos + 1]) AS text
+            FROM places l JOIN p USING (run_id, prompt_idx) GROUP BY l.run_id, l.role
+            UNION ALL
+            SELECT q.run_id, q.at, NULL, count(p.tokens[q.at + 1]), 1, q.at,
+                   count(DISTINCT p.tokens[q.at + 1]), count(DISTINCT p.texts[q.at + 1]),
+                   min(p.texts[q.at + 1])
+            FROM (SELECT run_id, unnest(range(longest)) AS at FROM n) q JOIN p USING (run_id)
+            GROUP BY q.run_id, q.at
+        ), labelled AS (
+            SELECT c.run_id, c.at, c.role, c.pos, c.k = n.n AND c.n_pos = 1 AS fixed,
+                   CASE WHEN c.k = n.n AND c.n_tok = 1 AND c.n_text = 1 AND n.has_texts
+                        THEN ':''' || replace(c.text, chr(10), '\n') || '''' ELSE '' END AS token
+            FROM common c JOIN n USING (run_id)
+        )
+        SELECT t.run_id, t.at AS pos, NULL::VARCHAR AS role,
+               t.at || coalesce(' ' || (
+                   SELECT string_agg(r.role, '/' ORDER BY r.role) FROM labelled r
+                   WHERE r.run_id = t.run_id AND r.role IS NOT NULL AND r.fixed AND r.pos = t.at
+               ), '') || t.token AS label
+        FROM labelled t WHERE t.role IS NULL
+        UNION ALL
+        SELECT run_id, CASE WHEN fixed THEN pos END, role, role || token
+        FROM labelled WHERE role IS NOT NULL
+        ORDER BY run_id, role NULLS FIRST, pos
+        """,
     "attention_heads": f"""
         SELECT a.query_id AS attention_id, q.run_id, r.task, a.layer, a.head,
                {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node,

@@ -275,7 +275,7 @@ res["max_abs_faithfulness_gap_own_rankings"] = max(
 )
 json.dump(res, open(work / "results.json", "w"), indent=1, default=str)
 
-# ---- summary: the issue's table, then the agreement and the details ----
+# ---- summary: the phases' table (the README's), then the agreement and the details ----
 L: list[str] = []
 p = L.append
 cli, acp = res["actstore"]["phases_s"], ac["phases_s"]

@@ -170,18 +170,18 @@ class TreePatcher:
             by_kept = n_kept * 2 <= nz.sum(1)  # mix from the kept side where it is smaller
             coef = np.where(by_kept[:, None, :], -1.0 * (k & nz), 1.0 * (~k & nz))
             base = tb.corrupted_in[n_up]
-            tot = total if whole else total[torch.as_tensor(cs, device=dev)]
             if positions is not None:
-                base, tot = base[positions], tot[(slice(None), *positions)]
-            by_dropped = torch.as_tensor(~by_kept, dtype=base.dtype, device=dev)
-            shape = (len(cs), *[1] * (tot.dim() - 2), len(cols), 1)
-            x = base.unsqueeze(-2) - by_dropped.view(shape) * tot.unsqueeze(-2)
+                base = base[positions]
             rows = np.nonzero(coef.any((0, 2)))[0]
-            if len(rows) == 0:
-                return x
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
             term_c, src_rows, dst_cols = np.nonzero(coef)
             if GATHER_COST * len(src_rows) < len(cs) * (hi - lo) * len(cols):  # few terms
+                tot = total if whole else total[torch.as_tensor(cs, device=dev)]
+                if positions is not None:
+                    tot = tot[(slice(None), *positions)]
+                by_dropped = torch.as_tensor(~by_kept, dtype=base.dtype, device=dev)
+                shape = (len(cs), *[1] * (tot.dim() - 2), len(cols), 1)
+                x = base.unsqueeze(-2) - by_dropped.view(shape) * tot.unsqueeze(-2)
                 flat = delta.view(C * g.n_forward, *delta.shape[2:])
                 src = flat[torch.as_tensor(cs[term_c] * g.n_forward + src_rows, device=dev)]
                 if positions is not None:
@@ -195,6 +195,14 @@ class TreePatcher:
                 mixed.index_add_(0, at, terms)
                 mixed = mixed.view(len(cs), len(cols), *src.shape[1:])
                 return x + mixed.movedim(1, -2)
+            # One product over a span of Δ rows costs the same whatever its coefficients: mix
+            # from the kept side alone, so that T and its broadcasts drop out.
+            coef = -1.0 * (k & nz)
+            rows = np.nonzero(coef.any((0, 2)))[0]
+            x = base.unsqueeze(-2)
+            if len(rows) == 0:
+                return x.expand(len(cs), *x.shape[:-2], len(cols), x.shape[-1])
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
             src = delta[:, lo:hi] if whole else delta[torch.as_tensor(cs, device=dev), lo:hi]
             if positions is not None:
                 src = src[(slice(None), slice(None), *positions)]
@@ -209,11 +217,18 @@ class TreePatcher:
             if out is not None:
                 out = out.movedim(-2, 1)  # (len(cs), len(nodes), …)
                 ci, ni = np.nonzero(status[cs][:, nodes] == COMPUTED)
-                idx = torch.as_tensor(np.asarray(nodes)[ni], device=dev)
-                delta[torch.as_tensor(cs[ci], device=dev), idx] = tb.corrupted[idx] - out[ci, ni]
+                a, b = nodes[0], nodes[-1] + 1
+                if len(ci) == len(cs) * len(nodes) and b - a == len(nodes) and len(cs) == C:
+                    torch.sub(tb.corrupted[a:b], out, out=delta[:, a:b])  # every row: no gather
+                else:
+                    idx = torch.as_tensor(np.asarray(nodes)[ni], device=dev)
+                    rows = torch.as_tensor(cs[ci], device=dev)
+                    delta[rows, idx] = tb.corrupted[idx] - out[ci, ni]
             for c in range(C):
                 live = [n for n in nodes if nonzero[c, n]]
-                if live:
+                if live and live[-1] + 1 - live[0] == len(live):  # a range: summed in place
+                    total[c] += delta[c, live[0] : live[-1] + 1].sum(0)
+                elif live:
                     total[c] += delta[c, live].sum(0)
 
         for layer in range(g.n_layers):

@@ -191,7 +191,8 @@ def build(path: Path) -> dict[str, int]:
 def add_path_attention_and_exact(store: Store) -> dict[str, int]:
     """Rows for the views of the later query families, on top of `build`'s: a path query and an
     attention and head-class query of run 1, and two edge score sets of run 3 (EAP and exact
-    effects) on the same edges, for the views that compare score sets."""
+    effects) on the same edges, for the views that compare score sets; run 1's prompts and
+    roles (LABELLED's run 1), for position_labels."""
     path_rows = pl.DataFrame(
         [("a0.h1", "a2.h3", "q", "END", "logit-diff", 1.4, 0.2),
          ("m1", "a2.h3", "q", "END", "logit-diff", 1.1, -0.05),
@@ -231,6 +232,8 @@ def add_path_attention_and_exact(store: Store) -> dict[str, int]:
             store, "attribute", 3, {"method": method, "level": "edge", "metric": "logit-diff"},
             0.2, {"edge_scores": scores},
         )  # fmt: skip
+    with store.writer(), store.catalog.write() as con:  # prompts and roles: position_labels
+        insert_prompts(con, 1, LABELLED[1])
     return ids
 
 
@@ -282,14 +285,20 @@ def labelled(path: Path) -> Store:
                 "hooks) VALUES (?, 'hand', 'ioi', 'str', 2, 'complete', ?, '[]')",
                 [run, params],
             )
-            for i, (tokens, roles) in enumerate(prompts):
-                con.execute(
-                    "INSERT INTO prompts (run_id, prompt_idx, seq_len, clean_tokens, "
-                    "clean_token_texts) VALUES (?, ?, ?, ?, ?)",
-                    [run, i, len(tokens), tokens, [WORDS[t] for t in tokens]],
-                )
-                for role, pos in {**roles, "END": len(tokens) - 1}.items():
-                    con.execute("INSERT INTO prompt_roles VALUES (?, ?, ?, ?)", [run, i, role, pos])
+            insert_prompts(con, run, prompts)
     params = {"component": "resid", "metric": "logit-diff", "direction": "denoise"}
     record_query(store, "patch", 1, params, 0.1, {"effects": resid_effects()})
     return store
+
+
+def insert_prompts(con, run: int, prompts: list[tuple[list[int], dict[str, int]]]) -> None:
+    """`prompts` and `prompt_roles` rows of a run: each prompt's tokens (texts from WORDS) and
+    roles, END its final token."""
+    for i, (tokens, roles) in enumerate(prompts):
+        con.execute(
+            "INSERT INTO prompts (run_id, prompt_idx, seq_len, clean_tokens, clean_token_texts) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [run, i, len(tokens), tokens, [WORDS[t] for t in tokens]],
+        )
+        for role, pos in {**roles, "END": len(tokens) - 1}.items():
+            con.execute("INSERT INTO prompt_roles VALUES (?, ?, ?, ?)", [run, i, role, pos])
