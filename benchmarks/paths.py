@@ -1,6 +1,6 @@
 """Path patching and exact edge effects against TransformerLens, side by side in one process.
 
-    PYTHONPATH=$PWD python benchmarks/paths.py                    # every shape, ~10 min idle
+    PYTHONPATH=$PWD python benchmarks/paths.py      # every shape: sized for ~10 min on 2 idle cores
     PYTHONPATH=$PWD python benchmarks/paths.py --shape toy,gpt2-small --quick
 
 Shapes (`--shape`, comma-separated): the built-in `toy`, and random-weight models of real shapes
