@@ -95,11 +95,6 @@ def write_chunks(
         return list(pool.map(one, arrays.items()))
 
 
-def batch_bounds(b: int, batch: int, n: int) -> tuple[int, int]:
-    """Prompts [lo, hi) of batch `b`: a batch is a chunk of every array, the last one short."""
-    return b * batch, min(n, (b + 1) * batch)
-
-
 def compute_batch(
     model: ModelAdapter, prep: Prepared, params: dict, lo: int, hi: int
 ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray]]:

@@ -256,7 +256,7 @@ def _warm(spec: str, device: str | None) -> None:
 def _write_batch(spec: tuple, prep: Prepared, b: int) -> Manifest:
     """Compute batch `b` of a run, write its chunks, return its prompt and ledger rows."""
     from actstore.core import arrays as zarrays
-    from ingest.batches import batch_bounds, compute_batch, create_arrays, write_chunks
+    from ingest.batches import compute_batch, create_arrays, write_chunks
     from ingest.prompts import prompt_records
 
     root, group, shapes, model_spec, device, fingerprint, params = spec
@@ -272,7 +272,7 @@ def _write_batch(spec: tuple, prep: Prepared, b: int) -> Manifest:
         zroot = zarrays.open_root(root, mode="a")
         _ARRAYS[opened] = create_arrays(zroot, group, shapes, batch, replace=False)
     arrays = _ARRAYS[opened]
-    lo, hi = batch_bounds(b, batch, n)
+    lo, hi = zarrays.batch_bounds(b, batch, n)
     values, metrics = compute_batch(model, prep, params, lo, hi)
     ledger = write_chunks(root, arrays, values, b, lo, hi)
     return prompt_records(prep, lo, hi, metrics), ledger

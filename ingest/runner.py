@@ -37,7 +37,6 @@ from actstore.model.derivable import derivable
 from ingest.background import BatchWriter
 from ingest.batches import (
     array_shapes,
-    batch_bounds,
     compute_batch,
     create_arrays,
     params_hash,
@@ -261,7 +260,7 @@ def _run(
     else:
         zarrays.remove_partial_files(store.arrays_root, zarrays.run_group(run_id))
     batch = params["batch_size"]
-    n_batches = (n + batch - 1) // batch
+    n_batches = zarrays.batch_count(n, batch)
     todo = [b for b in range(n_batches) if any((sd, hk, b) not in done for sd, hk in shapes)]
     stored = [n_batches - len(todo)]  # batches recorded so far (the writer thread counts too)
     bar = progress_bar(progress, total=n_batches, initial=stored[0], desc=f"ingest run {run_id}",
@@ -281,7 +280,7 @@ def _run(
         if pool is None:  # write and record each batch on a thread while the next computes
             writer = BatchWriter(lambda job: _write_batch(store, arrays, prep, job), record)
             for b in todo:
-                lo, hi = batch_bounds(b, batch, n)
+                lo, hi = zarrays.batch_bounds(b, batch, n)
                 values, metrics = compute_batch(model, prep, params, lo, hi)
                 writer.submit((b, lo, hi, values, metrics))
             writer.close()

@@ -102,7 +102,6 @@ def ingest_shard(
     # torch, needed only here: parse_shard and merge stay light
     from ingest.batches import (
         array_shapes,
-        batch_bounds,
         compute_batch,
         create_arrays,
         params_hash,
@@ -114,7 +113,7 @@ def ingest_shard(
     phash = params_hash(params)
     n, seq = prep.clean.shape
     batch = params["batch_size"]
-    n_chunks = (n + batch - 1) // batch
+    n_chunks = zarrays.batch_count(n, batch)
     first, stop = shard.chunk_range(n_chunks)
     store_dir = local_dir(location)
     mdir = manifest_dir(store_dir, phash)
@@ -128,7 +127,7 @@ def ingest_shard(
     ledger: list[dict[str, Any]] = []
     for b in progress_bar(progress, iterable=range(first, stop), unit="batch",
                           desc=f"ingest {shard.label}"):  # fmt: skip
-        lo, hi = batch_bounds(b, batch, n)
+        lo, hi = zarrays.batch_bounds(b, batch, n)
         values, metrics = compute_batch(model, prep, params, lo, hi)
         ledger.extend(write_chunks(root, arrays, values, b, lo, hi))
         prompts.extend(prompt_records(prep, lo, hi, metrics))

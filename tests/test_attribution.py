@@ -312,7 +312,7 @@ def test_faithfulness_search_reads_each_batch_once(setup, monkeypatch):
     found = circuit(store, sid, faithfulness=0.85, recompute=True)
     curve = stored_curve(store, int(found["circuit_id"][0]))
     assert curve.height >= 5  # doubling then bisection: many measurements, one read each
-    assert len(reads) == per_pass
+    assert 0 < len(reads) <= per_pass  # no more than one --edges pass (endpoints included)
     reads.clear()
     monkeypatch.setattr(evaluate, "KEEP_BYTES", 0)  # nothing kept: every step reads again
     again = circuit(store, sid, faithfulness=0.85, recompute=True)

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import run_cli
 from same_store import assert_same_store, single_process_store
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"task": "ioi", "n": 16, "batch_size": 4, "progress": False}
 LONG = {"task": "ioi", "n": 40, "batch_size": 2, "hooks": "resid_pre", "progress": False}
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +124,8 @@ def test_killed_coordinator_resumes(single_long, tmp_path, dask_cluster, forker)
 def test_bad_cluster_options_are_one_line(tmp_path, options, code, message):
     store = tmp_path / "store"
     started = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, "-m", "actstore.app.cli", "ingest", str(store), "--model", "toy-random",
-         "--task", "ioi", "--n", "4", *options],
-        env=ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    res = run_cli("ingest", store, "--model", "toy-random", "--task", "ioi", "--n", "4", *options,
+                  timeout=120)  # fmt: skip
     assert res.returncode == code, res.stderr
     assert res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not store.exists()

@@ -14,6 +14,7 @@ import time
 
 import polars as pl
 import pytest
+from cli_process import start_cli
 from click.testing import CliRunner
 
 from actstore.app.cli import main
@@ -64,11 +65,9 @@ def test_a_runaway_statement_stops_at_the_timeout_and_frees_the_catalog(empty_st
 def test_the_timeout_covers_a_statement_that_holds_the_catalog_from_another_process(empty_store):
     """A writer in this process waits (up to its 120 s) for a runaway reader in another process,
     which the default limits stop long before: here --timeout 2 in a real `actstore sql`."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "actstore.app.cli", "sql", str(empty_store),
-         "select count(*) from range(1e13::BIGINT)", "--timeout", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_cli(
+        "sql", empty_store, "select count(*) from range(1e13::BIGINT)", "--timeout", "2"
+    )
     time.sleep(1.0)
     started = time.monotonic()
     with Store(empty_store).transaction() as w:

@@ -3,14 +3,13 @@ by DuckDB's sandbox, write no file, read no file, and leave a store that verifie
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import start_cli
 from click.testing import CliRunner
 from test_cli import snapshot
 
@@ -157,11 +156,59 @@ def test_the_sandbox_has_a_private_temp_directory_outside_the_store(empty_store)
     for text in [f"SELECT * FROM glob('{named}/*')", f"SELECT * FROM read_text('{named}/x')"]:
         with pytest.raises(UsageError, match="reads only the catalog"):
             store.sql(text)
-    # A statement's own (private) directory is reachable while it runs; a missing file there is
-    # the statement's error, never damage of the catalog.
-    with pytest.raises(UsageError, match="SQL error: IO Error: No files found") as refused:
+    # Not even a statement's own (private) directory is read by name; the refusal is the
+    # statement's, never damage of the catalog.
+    with pytest.raises(UsageError, match="not files: read_csv\\(\\) is refused") as refused:
         store.sql("SELECT * FROM read_csv(current_setting('temp_directory') || '/nope.csv')")
     assert "damaged" not in str(refused.value)
+
+
+# What DuckDB's sandbox still lets a connection read: its own database file and WAL.
+NOT_FILES = "reads only the catalog's tables and views, not files"
+CATALOG_READS = [
+    "SELECT size FROM read_blob('{catalog}')",
+    "SELECT * FROM read_text('{catalog}')",
+    "SELECT * FROM read_csv('{catalog}')",
+    "SELECT * FROM read_duckdb('{catalog}')",
+    "SELECT * FROM '{catalog}'",
+    "SELECT size FROM read_blob('{catalog}.wal')",
+    "SELECT * FROM runs WHERE run_id IN (SELECT size FROM read_blob('{catalog}'))",
+    "WITH b AS (SELECT content FROM read_blob('{catalog}')) SELECT length(content) FROM b",
+    "SELECT (SELECT size FROM read_blob('{catalog}')) AS s",
+    "SELECT * FROM query('SELECT size FROM read_blob(''{catalog}'')')",
+    "EXPLAIN ANALYZE SELECT size FROM read_blob('{catalog}')",
+]
+
+
+@pytest.mark.parametrize("how", ["sql", "export", "query"])
+def test_the_catalog_file_is_read_only_through_its_tables(ioi_copy, tmp_path, how):
+    """The catalog file and its WAL are the paths DuckDB's sandbox must leave open: reading
+    their bytes by name (read_blob, read_text, any file reader, a path as a table, nested or
+    through query()) is refused in one line before the statement runs; the tables, views and
+    DuckDB's own listings still answer."""
+    import actstore
+    from actstore.core.errors import UsageError
+
+    catalog = ioi_copy / "catalog.duckdb"
+    before = snapshot(ioi_copy)
+    for template in CATALOG_READS:
+        text = template.format(catalog=catalog)
+        if how == "query":
+            with pytest.raises(UsageError, match=NOT_FILES + ": .* is refused; SHOW TABLES"):
+                actstore.open(str(ioi_copy)).query(text)
+            continue
+        args = ["sql", str(ioi_copy), text]
+        if how == "export":
+            args = ["export", str(ioi_copy), "--sql", text, "-o", str(tmp_path / "x.csv")]
+        line = _one_line_refusal(CliRunner().invoke(main, args))
+        assert NOT_FILES in line, (text, line)
+    assert snapshot(ioi_copy) == before and not (tmp_path / "x.csv").exists()
+    store = actstore.open(str(ioi_copy))
+    assert store.query("SELECT count(*) AS n FROM prompts")["n"].item() == 20
+    assert "query_params" in store.query("SHOW TABLES")["name"].to_list()
+    assert store.query("DESCRIBE runs").height > 5
+    assert store.query("SELECT sum(range) AS s FROM range(4)")["s"].item() == 6
+    assert store.query("SELECT count(*) AS n FROM duckdb_tables()")["n"].item() > 5
 
 
 def test_a_temp_directory_inside_the_store_is_refused(empty_store, monkeypatch):
@@ -181,11 +228,9 @@ def test_a_temp_directory_inside_the_store_is_refused(empty_store, monkeypatch):
 
 def _spilling(store: Path, tmpdir: Path) -> subprocess.Popen:
     """`actstore sql` running a GROUP BY too large for 32 MB, so DuckDB spills to disk."""
-    env = {**os.environ, "TMPDIR": str(tmpdir)}
     big = ("select count(*) from (select md5(i::varchar) m, count(*) from range(30000000) t(i) "
            "group by m)")  # fmt: skip
-    args = [sys.executable, "-m", "actstore.app.cli", "sql", str(store), big, "--max-mb", "32"]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return start_cli("sql", store, big, "--max-mb", "32", env={"TMPDIR": str(tmpdir)})
 
 
 @pytest.mark.slow

@@ -36,6 +36,16 @@ CODEC_NAME = "blosc-lz4-5-bitshuffle"
 WRITE_CONFIG = {"write_empty_chunks": True}
 
 
+def batch_count(n: int, batch: int) -> int:
+    """How many batches `n` prompts fill: chunks along the prompt axis, the last one short."""
+    return -(-n // batch)
+
+
+def batch_bounds(b: int, batch: int, n: int) -> tuple[int, int]:
+    """Prompts [lo, hi) of batch `b`: a batch is a chunk of every array, the last one short."""
+    return b * batch, min(n, (b + 1) * batch)
+
+
 def run_group(run_id: int) -> str:
     """The group holding every array of a run."""
     return f"run{run_id}"

@@ -9,9 +9,11 @@ and turns what DuckDB returns into a polars frame every output format can write.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,10 @@ TOO_HUGE = "to DECIMAL(38,0)"
 TEMPORAL = {"date", "time", "timestamp", "timestamp_ms", "timestamp_ns", "timestamp with time zone"}
 NESTED = {"list", "array", "struct"}
 INFINITE = {pl.Date: 2**31 - 1, pl.Datetime: 2**63 - 1}  # DuckDB's ±infinity, as stored by Arrow
+# Table functions that read files by name, besides every `read_*`, `parquet_*`, `sniff_*` and
+# `*_scan`; `query` and its kin run SQL text, which would hide the reader from the check.
+FILE_READERS = {"glob", "query", "query_table", "json_execute_serialized_sql"}
+FILE_READER_PREFIXES = ("read_", "parquet_", "sniff_")
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
 
 
@@ -84,11 +90,11 @@ def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise UsageError(f"SQL error: {first_line(exc)}") from None
     if len(statements) != 1:
         raise UsageError(f"give exactly one SQL statement (got {len(statements)})")
-    kind = statements[0].type.name
+    kind, text = statements[0].type.name, statements[0].query
     if kind == "EXPLAIN":
-        inner = EXPLAIN_PREFIX.sub("", statements[0].query, count=1)
+        text = EXPLAIN_PREFIX.sub("", text, count=1)
         try:
-            kind = con.extract_statements(inner)[0].type.name
+            kind = con.extract_statements(text)[0].type.name
         except (duckdb.Error, IndexError):
             kind = "EXPLAIN"  # not ours to parse: DuckDB's sandbox decides
     if kind not in READ_ONLY_STATEMENTS:
@@ -96,6 +102,50 @@ def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             f"actstore sql is read-only: {kind} statements are refused; "
             "use SELECT (write results with actstore export)"
         )
+    if kind == "SELECT":
+        _check_sources(con, text)
+
+
+def reads_files(function: str) -> bool:
+    """A table function that reads files by name (or runs SQL text, which could)."""
+    return function.startswith(FILE_READER_PREFIXES) or function.endswith("_scan") or (
+        function in FILE_READERS)  # fmt: skip
+
+
+def _check_sources(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse a read of a file by name: DuckDB's sandbox must let the connection read its own
+    catalog file (and WAL), so `read_blob` or `FROM 'STORE/catalog.duckdb'` would read the
+    catalog's bytes past its tables. Every source of the statement, nested ones included, is
+    named in DuckDB's own parse of it."""
+    found = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
+    tree = json.loads(found)
+    if tree.get("error"):
+        raise UsageError(
+            f"SQL error: {tree.get('error_message') or 'the statement does not parse'}"
+        )
+    for kind, name in _sources(tree):
+        if (kind == "TABLE_FUNCTION" and reads_files(name)) or (
+            kind == "BASE_TABLE" and any(c in name for c in "./\\")
+        ):
+            what = f"{name}()" if kind == "TABLE_FUNCTION" else f"'{name}'"
+            raise UsageError(
+                f"actstore sql reads only the catalog's tables and views, not files: {what} is "
+                "refused; SHOW TABLES lists what there is"
+            )
+
+
+def _sources(node: Any) -> Iterator[tuple[str, str]]:
+    """(kind, name) of every table function and named table in a serialized statement."""
+    if isinstance(node, dict):
+        if node.get("type") == "TABLE_FUNCTION":
+            yield "TABLE_FUNCTION", str(node.get("function", {}).get("function_name", ""))
+        elif node.get("type") == "BASE_TABLE":
+            yield "BASE_TABLE", str(node.get("table_name", ""))
+        for value in node.values():
+            yield from _sources(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _sources(value)
 
 
 def run(

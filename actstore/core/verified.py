@@ -167,8 +167,8 @@ class VerifiedArray:
         out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
         if stop <= start:
             return out
-        for idx in range(start // size, -(-stop // size)):
-            lo, hi = idx * size, min(n, (idx + 1) * size)
+        for idx in range(start // size, zarrays.batch_count(stop, size)):
+            lo, hi = zarrays.batch_bounds(idx, size, n)
             a, b = max(lo, start), min(hi, stop)
             out[a - start : b - start] = self._verified(idx, lo, hi)[a - lo : b - lo]
         return out

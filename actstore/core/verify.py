@@ -72,7 +72,7 @@ def verify(store: Store, run_id: int | None = None) -> pl.DataFrame:
         if run["status"] == "complete":
             findings.extend(_check_complete(store, run, ledger))
         else:
-            n_batches = -(-int(run["n_prompts"]) // int(run["batch_size"]))
+            n_batches = zarrays.batch_count(int(run["n_prompts"]), int(run["batch_size"]))
             done = ledger.group_by("chunk_idx").len().height if ledger.height else 0
             findings.append(
                 {"run_id": rid, "side": None, "hook": None, "chunk_idx": None,
@@ -140,15 +140,16 @@ def _check_complete(store: Store, run: dict[str, Any], ledger: pl.DataFrame) -> 
     """A complete run has every chunk of every array in its ledger, and every prompt row."""
     rid, n = int(run["run_id"]), int(run["n_prompts"])
     batch = int(run["batch_size"])
-    n_batches = -(-n // batch)
+    n_batches = zarrays.batch_count(n, batch)
     out: list[dict[str, Any]] = []
     recorded = {(r["side"], r["hook"], r["chunk_idx"]) for r in ledger.iter_rows(named=True)}
     for arr in store.arrays(rid).iter_rows(named=True):
         for b in range(n_batches):
             if (arr["side"], arr["hook"], b) not in recorded:
+                start, stop = zarrays.batch_bounds(b, batch, n)
                 out.append(
                     {"run_id": rid, "side": arr["side"], "hook": arr["hook"], "chunk_idx": b,
-                     "prompt_start": b * batch, "prompt_stop": min(n, (b + 1) * batch),
+                     "prompt_start": start, "prompt_stop": stop,
                      "problem": "unrecorded", "detail": "the chunk ledger lacks this chunk"}
                 )  # fmt: skip
     have = set(

@@ -184,7 +184,7 @@ def circuit(
         from queries.attribution.evaluate import Evaluator
 
         with cluster(runtime) as client:
-            ev = Evaluator(store, store.run(run), metric, runtime, client)
+            ev = Evaluator(store, store.run(run), metric, runtime, client, keep=not sizes)
             curve: dict[int, tuple[np.ndarray, float]] = {}
 
             def measure(ns: list[int]) -> None:

@@ -3,9 +3,9 @@
 Each prompt batch is read once and every circuit asked for is tree-patched on it
 (queries/attribution/tree.py: the dense `EdgeModel` forward's numbers, computing only the nodes
 the circuit changes); the clean and corrupted node outputs and the endpoints m(model),
-m(corrupted) (from the stored final logits) are read from the store. In one process the batches
-laid out for tree patching stay in memory up to `KEEP_BYTES`, so a `--faithfulness` search,
-which measures a dozen sizes one after another, reads each of those batches once. With a Dask
+m(corrupted) (from the stored final logits) are read from the store. For a `--faithfulness`
+search, which measures a dozen sizes one after another, the batches laid out for tree patching
+stay in memory (in one process, up to `KEEP_BYTES`), so it reads each of them once. With a Dask
 client each prompt batch is a task measuring every circuit asked for at once, and the batches'
 sums are added in batch order (queries/core/sweep.py).
 """
@@ -47,9 +47,13 @@ class Evaluator:
         metric: str,
         runtime: Runtime = Runtime(),
         client: Any = None,
+        keep: bool = False,
     ):
+        """`keep`: measurements will follow one another (a search), so keep the batches read
+        (in this process, up to `KEEP_BYTES`) instead of reading them again for each."""
         self.store, self.run, self.metric = store, run, metric
         self.device, self.client = runtime.device, client
+        self.keep = keep and client is None
         self.model = EdgeModel(model_for_run(run, runtime.device))
         check_run(store, run, self.model)
         self.reader = edge_reader(store, run, self.model)
@@ -68,7 +72,7 @@ class Evaluator:
         with torch.no_grad():
             tree = self.patcher.batch(batch.clean, batch.corrupted, batch.last)
         prepared = (tree, batch.targets, batch.corrupted_logits)
-        if self.kept_bytes + tree.nbytes <= KEEP_BYTES:
+        if self.keep and self.kept_bytes + tree.nbytes <= KEEP_BYTES:
             self.kept[index] = prepared
             self.kept_bytes += tree.nbytes
         return prepared
@@ -77,7 +81,7 @@ class Evaluator:
         clean = corrupted = 0.0
         with torch.no_grad():
             for index, span in enumerate(self.spans):
-                if self.client is None:  # the batches the circuits will read, kept for them
+                if self.keep:  # the batches the circuits will read, kept for them
                     _, t, logits = self._prepared(index)
                 else:  # the stored (or derived) final logits only
                     t = self.reader.targets(span)

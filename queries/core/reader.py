@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.core.arrays import batch_bounds, batch_count
 from actstore.core.choices import SIDES
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
@@ -96,8 +97,8 @@ class Reader:
         `chosen`, only those prompts, each span keeping the ones in its range."""
         step = int(self.run["batch_size"]) if size is None else size
         picked = None if chosen is None else np.sort(np.asarray(chosen))
-        for lo in range(0, self.n, step):
-            hi = min(self.n, lo + step)
+        for b in range(batch_count(self.n, step)):
+            lo, hi = batch_bounds(b, step, self.n)
             if picked is None:
                 yield Span(lo, hi)
                 continue

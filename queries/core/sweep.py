@@ -21,8 +21,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from actstore.core.cluster import CONNECT_TIMEOUT_S, check_scheduler
 from actstore.core.errors import ActstoreError
@@ -148,13 +150,25 @@ def _one_thread(task: Callable[..., Any], item: Any, *args: Any) -> Any:
 @dataclass(frozen=True, eq=False)
 class RunContext:
     """What every task of one run shares on a worker: the store, the run's row, its model, the
-    engine and the reader (which has read the run's prompt columns once)."""
+    engine and the reader (which has read the run's prompt columns once), and the prompts'
+    role positions asked so far (each set read once, not per task)."""
 
     store: Store
     run: dict
     model: ModelAdapter
     engine: Engine
     reader: Reader
+    _positions: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def positions(self, roles: Sequence[str]) -> np.ndarray:
+        """Each prompt's position of each role (n_prompts, n_roles): actstore.core.roles's
+        `positions`, read on the first ask."""
+        key = tuple(roles)
+        if key not in self._positions:
+            from actstore.core.roles import positions
+
+            self._positions[key] = positions(self.store, int(self.run["run_id"]), key)
+        return self._positions[key]
 
     @classmethod
     def of(cls, store: Store, run: int | dict, model: ModelAdapter) -> RunContext:

@@ -42,7 +42,6 @@ from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, chec
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
 from actstore.core.roles import choose
-from actstore.core.roles import positions as role_positions
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
@@ -223,13 +222,12 @@ class _Setup:
         self.spec, self.model, self.mode = spec, context.model, engine
         self.engine = e = context.engine
         self.reader = context.reader
-        store, run = context.store, int(context.run["run_id"])
         seq = int(self.reader.run["seq_len"])
         self.groups = _groups(spec, e.n_layers, e.n_heads, seq, engine)
         self.kinds = _kinds(self.groups[0].component, engine, e.arch.parallel)
         self.reader.require(hooks_read(self.kinds[0] | self.kinds[1], e.n_layers), "patching")
         # each prompt's position of each role (n_prompts, n_roles)
-        self.at = None if spec.roles is None else role_positions(store, run, spec.roles)
+        self.at = None if spec.roles is None else context.positions(spec.roles)
 
     def role_pos(self) -> list[int | None]:
         """Per group, its role's one position when every prompt has it there, else None."""

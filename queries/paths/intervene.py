@@ -123,12 +123,10 @@ class _Setup:
     prompt's positions of the two roles."""
 
     def __init__(self, context: RunContext, params: dict[str, Any]):
-        from actstore.core.roles import positions
-
         self.engine, self.reader, self.params = context.engine, context.reader, params
         run = int(context.run["run_id"])
         self.heads = parse_heads(",".join(params["heads"]), run_shape(context.store, run))
-        self.where = positions(context.store, run, [params["attend"], params["at"]])
+        self.where = context.positions([params["attend"], params["at"]])
 
     def span_rows(self, span: Any) -> list[tuple]:
         """One prompt batch's rows (prompt_idx, metric, value and accuracy before, after)."""

@@ -157,11 +157,8 @@ class _Setup:
         self.reuse_prefix = reuse_prefix
         a = self.engine.arch
         self.chosen = recorded_pairs(params, Shape(a.n_layers, a.n_heads, a.parallel))
-        self.at = None
-        if params["positions"] is not None:
-            from actstore.core.roles import positions
-
-            self.at = positions(context.store, int(context.run["run_id"]), params["positions"])
+        roles = params["positions"]
+        self.at = None if roles is None else context.positions(roles)
 
     def span_sums(self, span: Any) -> tuple[np.ndarray, float, float]:
         """Per pair and role, the metric summed over the span's prompts; and the clean and
