@@ -82,7 +82,7 @@ class Setting:
 
 SETTINGS = {
     "toy": Setting(exact=True, tl_edges=96),
-    "gpt2-small": Setting(tl_logits=24, exact=True, tl_edges=24, exact_sources=2),
+    "gpt2-small": Setting(tl_logits=24, exact=True, tl_edges=24, exact_sources=1),
     "pythia-160m": Setting(tl_logits=24),
     "llama-3.2-1b": Setting(q_layers=(8,), tl_q=8, tl_logits=8),
 }

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from actstore.app.api import ActStore
 from actstore.app.cli import main
+from queries.core.runtime import Runtime
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)
@@ -41,6 +42,8 @@ RENAMED = {
     ("report", "output"): "out",
     ("attention", "from"): "source",  # `from` is a keyword
 }
+# Options that are a Runtime's fields (--device, --workers, --scheduler): one `runtime` argument.
+RUNTIME = {f.name for f in dataclasses.fields(Runtime)}
 # Options of the command line only: how many rows to print, and in what format.
 CLI_ONLY = {("attribute", "top"), ("patch", "top")} | {
     (c, "format") for c in COMMANDS if c != "export"
@@ -100,10 +103,11 @@ def arguments(fn: Callable[..., Any]) -> set[str]:
 
 
 def options(command: str) -> list[str]:
-    """The command's long option names as Python names (--top-k: top_k)."""
+    """The command's long option names as Python names (--top-k: top_k); hidden ones (an old
+    spelling kept only to point to the new) left out."""
     found = []
     for param in main.commands[command].params:
-        if isinstance(param, click.Option):
+        if isinstance(param, click.Option) and not param.hidden:
             long = [o for o in param.opts if o.startswith("--")]
             found.append(long[0][2:].replace("-", "_"))
     return found
@@ -122,6 +126,8 @@ def test_option_names_are_python_argument_names():
     for command in COMMANDS:
         accepted = set().union(*map(arguments, behind(command)))
         accepted |= set(EXTRA_METHODS.get(command, []))
+        if "runtime" in accepted:
+            accepted |= RUNTIME
         for name in options(command):
             if (command, name) in CLI_ONLY:
                 continue

@@ -17,15 +17,6 @@ from actstore.core.errors import UsageError
 from queries.core.runtime import Runtime
 from queries.core.sweep import in_order
 
-# CLI command -> API verb, for the commands that are one verb each
-VERBS = {"patch": "patch", "attribute": "attribute", "circuit": "circuit",
-         "path": "path_patch", "intervene": "intervene", "subspace": "subspace",
-         "attention": "attention", "heads": "heads", "reduce": "reduce", "overlap": "overlap",
-         "report": "report"}  # fmt: skip
-# What each command takes besides the verb's parameters: where it prints, what it prints, and
-# the options its Runtime is built from.
-PRINTING = {"store", "fmt", "top", "output"}
-RUNTIME = {"device", "workers", "scheduler"}
 # The verbs whose prompt batches run as Dask tasks, and enough of each to reach the model.
 SWEEPS = {
     "patch": ["--component", "head"],
@@ -43,19 +34,6 @@ def test_api_verbs_have_explicit_signatures(name):
         return
     kinds = {p.kind for p in inspect.signature(member).parameters.values()}
     assert inspect.Parameter.VAR_KEYWORD not in kinds, f"ActStore.{name} forwards **kwargs"
-
-
-@pytest.mark.parametrize("command", sorted(VERBS))
-def test_api_parameters_are_named_as_the_cli_options(command):
-    """Each command's options are its API verb's parameters (the four runtime settings as one
-    `runtime`), so a CLI line reads as the Python call."""
-    params = main.commands[command].params
-    options = {p.name for p in params if not getattr(p, "hidden", False)}
-    api = set(inspect.signature(getattr(ActStore, VERBS[command])).parameters) - {"self"}
-    missing = options - PRINTING - RUNTIME - api
-    assert not missing, f"{command}: {sorted(missing)} not parameters of the API verb"
-    if options & RUNTIME:
-        assert "runtime" in api
 
 
 def test_runtime_refuses_bad_values_when_made():
