@@ -79,7 +79,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE faithfulness_curve (
             circuit_id INTEGER, score_id INTEGER, n_edges INTEGER, faithfulness DOUBLE,
             top_n INTEGER, metric_value DOUBLE)""",
-        # Subspace patching (queries/subspace/query.py): one report row per component
+        # Subspace patching (queries/subspace/subspace.py): one report row per component
         # (v, row, null, full) and the patched basis, one vector per row.
         """CREATE TABLE subspace_reports (
             query_id INTEGER, run_id INTEGER, hook VARCHAR, layer INTEGER, head INTEGER,

@@ -77,8 +77,14 @@ def save_converted(model: Any) -> Path | None:
     return path
 
 
-def load_converted(fingerprint: str, device: str | None = None) -> ConvertedModel | None:
-    """The converted model of this fingerprint, or None if there is none (or it cannot be read)."""
+def load_converted(
+    fingerprint: str, device: str | None = None, spec: str | None = None
+) -> ConvertedModel | None:
+    """The converted model of this fingerprint (and, given `spec`, converted from that model),
+    or None if there is none (or it cannot be read). The fingerprint samples the weights, not
+    the architecture: two models with equal weights and another attention (a tiny random Llama
+    and Mistral of one seed differ only in Mistral's sliding window) share it, so a file
+    converted from another model is not used."""
     path = converted_path(fingerprint)
     if not path.is_file():
         return None
@@ -92,6 +98,8 @@ def load_converted(fingerprint: str, device: str | None = None) -> ConvertedMode
     except (OSError, ValueError, RuntimeError):
         return None
     if meta.get("fingerprint") != fingerprint or "architecture" not in meta:
+        return None
+    if spec is not None and meta.get("spec") != spec:
         return None
     if dev != "cpu":
         tensors = {name: t.to(dev) for name, t in tensors.items()}

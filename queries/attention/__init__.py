@@ -1,6 +1,6 @@
 """Attention by role: where heads attend from one role's token to others' (`actstore attention`)."""
 
+from queries.attention.attend import attention, attention_patterns
 from queries.attention.heads import head_scores
-from queries.attention.query import attention, attention_patterns
 
 __all__ = ["attention", "attention_patterns", "head_scores"]

@@ -4,7 +4,7 @@ Each is TransformerLens' `head_detector.detect_head` with its default "mul" meas
 the share of a head's attention (over every query position of the prompt's real tokens) that
 falls where the class's detection pattern is 1 (the previous token; an earlier occurrence of
 the same token; the token after an earlier occurrence), averaged over prompts. The patterns are
-the engine's (queries/attention/query.py), so a lean run's heads are scored like a full one's.
+the engine's (queries/attention/attend.py), so a lean run's heads are scored like a full one's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import polars as pl
 from actstore.core.choices import SIDES, check
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
-from queries.attention.query import attention_patterns
+from queries.attention.attend import attention_patterns
 from queries.core.recorded import recorded
 from queries.core.runtime import Runtime
 

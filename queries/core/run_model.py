@@ -19,7 +19,7 @@ def _load(spec: str, device: str | None, fingerprint: str | None) -> ModelAdapte
     converted before (actstore/model/converted.py) loads from its file without TransformerLens
     or transformers; any other loads through the bridge and is converted for next time."""
     if fingerprint:
-        converted = load_converted(fingerprint, device)
+        converted = load_converted(fingerprint, device, spec)
         if converted is not None:
             return converted  # type: ignore[return-value]  # what queries use of an adapter
     model = load_model(spec, device)

@@ -4,6 +4,6 @@
 and `das` find directions, `diagnostics` patches along them and flags illusions.
 """
 
-from queries.subspace.query import split_indices, stored_basis, stored_report, subspace
+from queries.subspace.subspace import split_indices, stored_basis, stored_report, subspace
 
 __all__ = ["split_indices", "stored_basis", "stored_report", "subspace"]
