@@ -27,8 +27,8 @@ from ingest.tasks import TASKS, get_task
 
 VIEWS = {"toy": toy_view, "bpe": bpe_view}
 ROLES = {name: list(task.roles) for name, task in TASKS.items()}
-# The roles SPEC and issue 29 name, as the tasks call them (SVA's verb is predicted at END;
-# Colored Objects' other colours are OTHER1 and OTHER2).
+# The roles each task must have, the ones the seed papers describe it by, as the tasks call them
+# (SVA's verb is predicted at END; Colored Objects' other colours are OTHER1 and OTHER2).
 NAMED = {
     "ioi": {"IO", "S1", "S1+1", "S2", END},
     "colored-objects": {"OBJECT", "COLOR", "OTHER1", "OTHER2", END},
@@ -87,7 +87,7 @@ def test_task_roles_are_the_tokens_they_name(name, view):
 
 def test_the_readme_table_is_every_tasks_roles():
     """The README's table of roles is each built-in task's `roles`, in order, meanings
-    included; every task has the roles SPEC names, END last."""
+    included; every task has the roles NAMED lists, END last."""
     rows = re.findall(r"^\| `([a-z-]+)` \| `([^`]+)` \| (.+?) \|$", README.read_text(), re.M)
     table: dict[str, dict[str, str]] = {}
     for task, role, meaning in rows:
