@@ -3,6 +3,7 @@ script's first steps run for either architecture."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -26,9 +27,13 @@ BUILTINS = {"toy": "gpt2", "toy-llama": "llama"}
 @pytest.fixture(scope="module", params=list(BUILTINS))
 def toy(request):
     load_model(request.param)  # warm the imports; the timing below is of loading alone
-    t0 = time.process_time()  # this process's CPU: other tests running beside it do not count
-    model = load_model(request.param)
-    return model, time.process_time() - t0
+    gc.collect()  # not a collection of the objects earlier tests in this worker left behind
+    seconds = []
+    for _ in range(3):  # the fastest of three: one load's time can include a stray pause
+        t0 = time.process_time()  # this process's CPU: other tests beside it do not count
+        model = load_model(request.param)
+        seconds.append(time.process_time() - t0)
+    return model, min(seconds)
 
 
 def test_toy_loads_offline_fast(toy):
