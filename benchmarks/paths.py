@@ -49,7 +49,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "support")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from edge_reference import input_hooks, logit_diff, node_outputs  # noqa: E402
+from edge_reference import data_of, input_hooks, logit_diff, node_outputs  # noqa: E402
 from patching import SHAPES, TEMPLATE, builtin_model, shaped_model  # noqa: E402
 
 from actstore.core.roles import positions  # noqa: E402
@@ -100,19 +100,6 @@ HEADER = (f"{'sweep':<46}{'items':>7}{'TL s':>9}{'ours s':>9}{'speed-up':>10}{'F
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def data_of(store: Store) -> dict:
-    prompts = store.prompts(1)
-
-    def ids(column: str) -> torch.Tensor:
-        return torch.as_tensor(prompts[column].to_numpy().copy(), dtype=torch.long)
-
-    data = {side: torch.as_tensor(store.read(1, side, "tokens"), dtype=torch.long)
-            for side in ("clean", "corrupted")}  # fmt: skip
-    data.update(last=ids("seq_len") - 1, answer=ids("answer_token"),
-                wrong=ids("wrong_answer_token"))  # fmt: skip
-    return data
 
 
 def ours(

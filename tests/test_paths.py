@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from edge_reference import logit_diff, node_outputs
+from edge_reference import data_of, logit_diff, node_outputs
 from older import as_version
 from paths_check import assert_prefix_reuse_is_exact
 
@@ -28,15 +28,7 @@ def run(request, tmp_path_factory):
     where = tmp_path_factory.mktemp("paths") / "store"
     ingest(where, model=request.param, task="ioi", n=8, batch_size=4, progress=False)
     store = Store(where)
-    prompts = store.prompts(1)
-
-    def ids(column: str) -> torch.Tensor:
-        return torch.as_tensor(prompts[column].to_numpy().copy(), dtype=torch.long)
-
-    data = {side: torch.as_tensor(store.read(1, side, "tokens"), dtype=torch.long)
-            for side in ("clean", "corrupted")}  # fmt: skip
-    data.update(last=ids("seq_len") - 1, answer=ids("answer_token"),
-                wrong=ids("wrong_answer_token"))  # fmt: skip
+    data = data_of(store)
     return store, load_model(request.param), data
 
 

@@ -15,6 +15,21 @@ import torch
 from queries.attribution import Graph
 
 
+def data_of(store, run: int = 1) -> dict:
+    """A run's clean and corrupted token ids and each prompt's final position, answer and wrong
+    answer (the `data` the functions here take), read from its store."""
+    prompts = store.prompts(run)
+
+    def ids(column: str) -> torch.Tensor:
+        return torch.as_tensor(prompts[column].to_numpy().copy(), dtype=torch.long)
+
+    data = {side: torch.as_tensor(store.read(run, side, "tokens"), dtype=torch.long)
+            for side in ("clean", "corrupted")}  # fmt: skip
+    data.update(last=ids("seq_len") - 1, answer=ids("answer_token"),
+                wrong=ids("wrong_answer_token"))  # fmt: skip
+    return data
+
+
 def logit_diff(logits: torch.Tensor, data: dict) -> torch.Tensor:
     """Mean logit difference at each prompt's final position (full-sequence logits)."""
     rows = torch.arange(logits.shape[0])
