@@ -15,9 +15,9 @@ import time
 import torch
 from ioi_store import parser, temporary_ioi_store
 
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.attribution import attribute
-from queries.core.runtime import Runtime
 
 
 def forward_backward_seconds(store: Store, model_name: str, device: str | None) -> float:

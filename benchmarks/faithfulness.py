@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ioi_store import parser, temporary_ioi_store
 
+from actstore.core.runtime import Runtime
 from queries.attribution import attribute, circuit, stored_curve
-from queries.core.runtime import Runtime
 
 
 def main() -> None:

@@ -40,11 +40,11 @@ sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from actstore.core.runtime import Runtime  # noqa: E402
 from actstore.core.store import Store  # noqa: E402
 from actstore.model.adapter import ModelAdapter  # noqa: E402
 from ingest.prompts import load_pairs, prepare  # noqa: E402
 from ingest.runner import ingest  # noqa: E402
-from queries.core.runtime import Runtime  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 LAYOUTS = {"lean": "default", "full": "full"}
@@ -95,8 +95,16 @@ def run(model: ModelAdapter, path: Path, hooks: str, n: int, batch: int, dtype: 
     started = time.perf_counter()
     if prof is not None:
         prof.enable()
-    ingest(path, model=model, task="ioi", n=n, hooks=hooks, batch_size=batch, dtype=dtype,
-           progress=False)  # fmt: skip
+    ingest(
+        path,
+        model=model,
+        task="ioi",
+        n=n,
+        hooks=hooks,
+        batch_size=batch,
+        dtype=dtype,
+        runtime=Runtime(progress=False),
+    )
     seconds = time.perf_counter() - started
     if prof is not None:
         prof.disable()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from ingest.runner import ingest
 
@@ -26,6 +27,12 @@ def temporary_ioi_store(args: argparse.Namespace, batch_size: int) -> Iterator[S
     """A store holding run 1: IOI on args.model with args.n prompts; removed afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
-        ingest(path, model=args.model, task="ioi", n=args.n, batch_size=batch_size,
-               device=args.device, progress=False)  # fmt: skip
+        ingest(
+            path,
+            model=args.model,
+            task="ioi",
+            n=args.n,
+            batch_size=batch_size,
+            runtime=Runtime(device=args.device, progress=False),
+        )
         yield Store(path)

@@ -45,11 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from patching_helpers import hooked_patching, logits_metric_fn  # noqa: E402
 
+from actstore.core.runtime import Runtime  # noqa: E402
 from actstore.core.store import Store  # noqa: E402
 from actstore.model.adapter import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.core.reader import Reader, Span  # noqa: E402
-from queries.core.runtime import Runtime  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402
 
 TEMPLATE = 3  # "While A and B were working at the PLACE , C gave a OBJECT to": 16 tokens

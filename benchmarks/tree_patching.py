@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from patching import shaped_hf
 
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.adapter import load_model
 from ingest.runner import ingest
@@ -53,7 +54,7 @@ def main() -> None:
         tok.save_pretrained(directory)
         del hf
         ingest(Path(tmp) / "store", model=str(directory), task="ioi", n=args.n,
-               batch_size=args.batch_size, progress=False)  # fmt: skip
+               batch_size=args.batch_size, runtime=Runtime(progress=False))  # fmt: skip
         store = Store(Path(tmp) / "store")
         sid = int(attribute(store, 1, "eap")["score_id"][0])
         _, graph, values = score_graph(store, sid)

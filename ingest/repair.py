@@ -22,6 +22,7 @@ import polars as pl
 from actstore.core import arrays as zarrays
 from actstore.core.arrays import open_array
 from actstore.core.errors import ActstoreError
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.core.verify import PIECE, REPAIRABLE, verify
 from actstore.model.adapter import load_model
@@ -29,15 +30,18 @@ from actstore.model.adapter import load_model
 COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
 
-def repair(store_path: str | Path | Store, run_id: int | None = None, device: str | None = None):
-    """Rewrite every damaged or missing chunk that can be recomputed; one row per chunk, plus
-    rows for what was cleaned up, restored or invalidated on the way. Given a Store, its writer
-    lock is shared (a caller inside `with store.writer():`)."""
+def repair(
+    store_path: str | Path | Store, run: int | None = None, runtime: Runtime = Runtime()
+) -> pl.DataFrame:
+    """Rewrite every damaged or missing chunk that can be recomputed (on the runtime's device);
+    one row per chunk, plus rows for what was cleaned up, restored or invalidated on the way.
+    Given a Store, its writer lock is shared (a caller inside `with store.writer():`)."""
+    device = runtime.in_process("repair").device
     store = store_path if isinstance(store_path, Store) else Store(store_path)
     rows: list[dict[str, Any]] = []
     with store.writer():
-        rows.extend(_restore_metadata(store, run_id))
-        findings = verify(store, run_id).filter(pl.col("problem").is_in(REPAIRABLE))
+        rows.extend(_restore_metadata(store, run))
+        findings = verify(store, run).filter(pl.col("problem").is_in(REPAIRABLE))
         damaged_runs = findings["run_id"].drop_nulls().unique().sort().to_list()
         with store.transaction() as tx:
             forgotten = {rid: tx.forget_queries([rid]) for rid in damaged_runs}

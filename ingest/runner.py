@@ -29,6 +29,7 @@ from actstore.core.location import (
     record_arrays_url,
 )
 from actstore.core.output import progress_bar
+from actstore.core.runtime import Runtime
 from actstore.core.store import CATALOG, Store
 from actstore.core.writes import array_records
 from actstore.model.adapter import ModelAdapter, load_model, model_record
@@ -75,15 +76,12 @@ def ingest(
     dataset: str | None = None,
     dtype: str = "float32",
     batch_size: int = 32,
-    device: str | None = None,
     seed: int = 0,
-    progress: bool | None = None,
     shard: str | None = None,
     restart: bool = False,
     again: bool = False,
-    workers: int | None = None,
-    scheduler: str | None = None,
     arrays_url: str | None = None,
+    runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
     """Ingest a task (or a dataset file) into a store; returns the run's `runs` row, with an
     `outcome` column: new, resumed, restarted, or existing.
@@ -93,10 +91,13 @@ def ingest(
     under the same run id. With `shard="i/N"` only shard i's chunks are written and a manifest
     replaces the catalog writes (see ingest.shards); returns the shard's row.
 
-    `model` is a model spec for `load_model`, or an already loaded ModelAdapter. With `workers`
-    or `scheduler` the batches run as tasks on dask.distributed (see ingest.distributed);
-    `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays in object storage.
+    `model` is a model spec for `load_model`, or an already loaded ModelAdapter. With the
+    runtime's `workers` or `scheduler` the batches run as tasks on dask.distributed (see
+    ingest.distributed); `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays
+    in object storage. Given a Store, its writer lock is shared (inside `with store.writer():`).
     """
+    device, progress = runtime.device, runtime.progress
+    workers, scheduler = runtime.workers, runtime.scheduler
     given = store_path if isinstance(store_path, Store) else None  # its writer lock is shared
     if given is not None:
         store_path = given.location

@@ -113,7 +113,7 @@ def ioi_store(tmp_path_factory):
     from ingest.runner import ingest
 
     def build(path: Path) -> None:
-        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8, progress=False)
+        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8)
 
     return built_once(tmp_path_factory, "ioi", build)
 

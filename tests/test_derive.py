@@ -156,7 +156,7 @@ def _ingest(path, toy_random, hooks: str | None, dtype: str):
     from ingest.runner import ingest
 
     ingest(path, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
-           corruption="gaussian", dtype=dtype, progress=False)  # fmt: skip
+           corruption="gaussian", dtype=dtype)  # fmt: skip
     return Store(path)
 
 

@@ -15,11 +15,13 @@ import pytest
 from cli_process import run_cli
 from same_store import assert_same_store, single_process_store
 
+from actstore.core.runtime import Runtime
+
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
 
-PARAMS = {"task": "ioi", "n": 16, "batch_size": 4, "progress": False}
-LONG = {"task": "ioi", "n": 40, "batch_size": 2, "hooks": "resid_pre", "progress": False}
+PARAMS = {"task": "ioi", "n": 16, "batch_size": 4}
+LONG = {"task": "ioi", "n": 40, "batch_size": 2, "hooks": "resid_pre"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def single_long(tmp_path_factory, toy_random) -> Path:
 def test_local_cluster_of_two_workers_is_bit_identical(single, tmp_path, toy_random):
     from ingest.runner import ingest
 
-    row = ingest(tmp_path / "store", model=toy_random, workers=2, **PARAMS)
+    row = ingest(tmp_path / "store", model=toy_random, runtime=Runtime(workers=2), **PARAMS)
     assert row.select("run_id", "status", "outcome").row(0) == (1, "complete", "new")
     assert_same_store(tmp_path / "store", single)
 
@@ -44,10 +46,10 @@ def test_existing_cluster_is_bit_identical_and_resumes(single, tmp_path, toy_ran
     from ingest.runner import ingest
 
     path = tmp_path / "store"
-    row = ingest(path, model=toy_random, scheduler=dask_cluster, **PARAMS)
+    row = ingest(path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
     assert row["outcome"].item() == "new"
     assert_same_store(path, single)
-    again = ingest(path, model=toy_random, scheduler=dask_cluster, **PARAMS)
+    again = ingest(path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
     assert again["outcome"].item() == "existing"
 
 
@@ -66,7 +68,9 @@ def test_killed_worker_is_retried(single_long, tmp_path, toy_random, dask_cluste
 
     def run() -> None:
         try:
-            result["row"] = ingest(path, model=toy_random, scheduler=dask_cluster, **LONG)
+            result["row"] = ingest(
+                path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **LONG
+            )
         except BaseException as exc:  # surfaced by the assertion below
             result["error"] = exc
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from actstore.app.api import ActStore
 from actstore.app.cli import main
-from queries.core.runtime import Runtime
+from actstore.core.runtime import Runtime
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(main.commands)

@@ -66,7 +66,7 @@ def fam(request, tmp_path_factory) -> Family:
     root = tmp_path_factory.mktemp(request.param)
     directory = save(request.param, root / "model")
     ingest(root / "store", model=str(directory), task="ioi", n=N_PROMPTS, batch_size=4,
-           hooks="default,k,mlp_post", progress=False)  # fmt: skip
+           hooks="default,k,mlp_post")  # fmt: skip
     model = load_model(str(directory))
     hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
     twin = split_input_twin(hf, request.param)

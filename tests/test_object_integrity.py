@@ -15,7 +15,7 @@ from test_metadata import one_line
 from actstore.app.cli import main
 from actstore.core.errors import ActstoreError, UsageError
 
-PARAMS = {"task": "ioi", "n": 8, "batch_size": 4, "progress": False}
+PARAMS = {"task": "ioi", "n": 8, "batch_size": 4}
 INGEST = ["--model", "toy-random", "--task", "ioi", "--n", "4"]
 
 

@@ -1,6 +1,7 @@
-"""One calling convention: every query verb takes a Store and one Runtime (device, progress,
-workers, scheduler), the API's verbs have explicit signatures named as the CLI's options, and
-`--workers`/`--scheduler` are checked the same way on every verb, before any model loads."""
+"""One calling convention: every verb that computes (ingest, repair, the queries) takes one
+Runtime (device, progress, workers, scheduler), the API's verbs have explicit signatures named as
+the CLI's options, and `--workers`/`--scheduler` are checked the same way on every verb, before
+any model loads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import actstore
 from actstore.app.api import ActStore
 from actstore.app.cli import main
 from actstore.core.errors import UsageError
-from queries.core.runtime import Runtime
+from actstore.core.runtime import Runtime
 from queries.core.sweep import in_order
 
 # The verbs whose prompt batches run as Dask tasks, and enough of each to reach the model.
@@ -54,6 +55,17 @@ def test_in_process_verbs_refuse_workers(ioi_copy):
         store.attention(1, runtime=Runtime(workers=2))
     with pytest.raises(UsageError, match="heads runs in this process"):
         store.heads(1, runtime=Runtime(scheduler="127.0.0.1:1"))
+    with pytest.raises(UsageError, match="repair runs in this process"):
+        store.repair(runtime=Runtime(workers=2))
+
+
+def test_ingest_and_repair_are_the_ingest_stages_own_functions():
+    """One signature and one set of defaults: the API binds them, as it binds the queries."""
+    from ingest.repair import repair
+    from ingest.runner import ingest
+    from ingest.shards import merge
+
+    assert (ActStore.ingest, ActStore.repair, ActStore.merge) == (ingest, repair, merge)
 
 
 def test_local_sweep_reports_each_batch_as_it_finishes():

@@ -15,12 +15,13 @@ from same_store import assert_same_store, single_process_store
 import actstore
 from actstore.core.errors import DamagedError
 from actstore.core.location import RECORD
+from actstore.core.runtime import Runtime
 
 # An S3 server and Dask workers: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = {"task": "ioi", "n": 12, "batch_size": 4, "progress": False}
+PARAMS = {"task": "ioi", "n": 12, "batch_size": 4}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_workers_and_shards_into_object_storage(tmp_path, toy_random, local_stor
 
     workers = tmp_path / "workers"
     row = ingest(workers, model=toy_random, arrays_url="s3://acts/workers",
-                 scheduler=dask_cluster, **PARAMS)  # fmt: skip
+                 runtime=Runtime(scheduler=dask_cluster), **PARAMS)  # fmt: skip
     assert row["status"].item() == "complete"
     assert_same_store(workers, local_store)
 

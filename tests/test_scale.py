@@ -20,8 +20,8 @@ from same_store import assert_same_store, single_process_store, tables
 import actstore
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.runtime import Runtime
 from ingest.shards import parse_shard
-from queries.core.runtime import Runtime
 from queries.reduction.reduce import as_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, toy_random) -> Path:
     return single_process_store(tmp_path_factory, toy_random, "single", task="ioi", n=22,
-                                batch_size=4, hooks="resid_pre", progress=False)  # fmt: skip
+                                batch_size=4, hooks="resid_pre")  # fmt: skip
 
 
 def _verify_ledger(path: Path) -> int:
@@ -199,9 +199,8 @@ def test_mean_reduction_under_a_memory_limit(tmp_path, toy_random):
     from ingest.runner import ingest
 
     path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
-    ingest(path, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook, progress=False)
-    ingest(path, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook,
-           progress=False)  # fmt: skip
+    ingest(path, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook)
+    ingest(path, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook)  # fmt: skip
     store = actstore.open(path)
     nbytes = store.array(2, "clean", hook).nbytes
     assert nbytes > budget * 1.3

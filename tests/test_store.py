@@ -96,7 +96,7 @@ def test_float16_storage_halves_bytes_and_keeps_precision(tmp_path, toy_random):
     from ingest.runner import ingest
 
     ingest(tmp_path / "s", model="toy-random", task="ioi", n=8, batch_size=8, dtype="float16",
-           hooks="resid_pre", progress=False)  # fmt: skip
+           hooks="resid_pre")  # fmt: skip
     store = actstore.open(tmp_path / "s")
     arr = store.array(1, "clean", "blocks.1.hook_resid_pre")
     assert str(arr.dtype) == "float16"
@@ -119,12 +119,11 @@ def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
     from ingest.runner import ingest
 
     path = tmp_path / "s"
-    ingest(path, model="toy-random", task="ioi", n=8, batch_size=4, hooks="z", progress=False)
+    ingest(path, model="toy-random", task="ioi", n=8, batch_size=4, hooks="z")
     store = actstore.open(path)
     before = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
     first = store.read(1, "clean", "blocks.0.attn.hook_z")
-    out = ingest(path, model="toy-random", task="ioi", n=6, batch_size=4, seed=1, hooks="z",
-                 progress=False)  # fmt: skip
+    out = ingest(path, model="toy-random", task="ioi", n=6, batch_size=4, seed=1, hooks="z")
     assert out["run_id"].item() == 2
     assert store.sql("select list(run_id order by run_id) from runs").item().to_list() == [1, 2]
     after = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")

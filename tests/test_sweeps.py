@@ -13,7 +13,7 @@ import pytest
 import actstore
 from actstore.app.cli import main
 from actstore.core.errors import UsageError
-from queries.core.runtime import Runtime
+from actstore.core.runtime import Runtime
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ Like `cli.py` and `demo.py`, this module composes the three packages (it is a co
 the analysis verbs import `ingest` and `queries` lazily, so reading a store never imports torch.
 Every verb names its run `run`; its parameters are the CLI's options (`--batch-size` is
 `batch_size`), and where it runs is one `Runtime` (device, progress, workers, scheduler:
-queries/core/runtime.py), given as `runtime=` like the CLI's shared options. A query verb is the
-query function itself bound to the store (`Verb`): its signature, defaults and docstring are
-written once, in the query's module.
+actstore/core/runtime.py), given as `runtime=` like the CLI's shared options. A verb that
+computes (ingest, repair, the queries) is the function itself bound to the store (`Verb`): its
+signature, defaults and docstring are written once, in its own module.
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ import numpy as np
 import polars as pl
 
 from actstore.core.store import Store
-from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
-    from actstore.model.adapter import ModelAdapter
+    pass
 
 
 class Verb:
-    """A query function `module.name(store, ...)` as a method of the store: imported on first
-    use (so reading a store never imports torch) and bound to the store as its first argument,
-    with nothing in between: `help(store.patch)` shows the query's own signature."""
+    """A function `module.name(store, ...)` as a method of the store: imported on first use (so
+    reading a store never imports torch) and bound to the store as its first argument, with
+    nothing in between: `help(store.patch)` shows the query's own signature."""
 
     def __init__(self, module: str, name: str):
         self.module, self.name = module, name
@@ -42,37 +41,12 @@ class Verb:
 class ActStore(Store):
     """`actstore.open(path)`: read verbs from Store, plus ingest and the queries."""
 
-    def ingest(
-        self,
-        model: str | ModelAdapter = "toy",
-        task: str | None = None,
-        n: int | None = None,
-        corruption: str = "str",
-        hooks: str | None = None,
-        dataset: str | None = None,
-        dtype: str = "float32",
-        batch_size: int = 32,
-        seed: int = 0,
-        shard: str | None = None,
-        restart: bool = False,
-        again: bool = False,
-        arrays_url: str | None = None,
-        runtime: Runtime = Runtime(),
-    ) -> pl.DataFrame:
-        """Ingest a task or dataset into this store (see `ingest.runner.ingest`); inside
-        `with store.writer():` it shares that writer."""
-        from ingest.runner import ingest
+    # ---- ingest: the ingest stage's own functions, bound to this store (a Store shares its
+    # writer lock, so they work inside `with store.writer():`) ---------------------------------
 
-        return ingest(self, model, task, n, corruption, hooks, dataset, dtype, batch_size,
-                      seed=seed, shard=shard, restart=restart, again=again, arrays_url=arrays_url,
-                      device=runtime.device, progress=runtime.progress, workers=runtime.workers,
-                      scheduler=runtime.scheduler)  # fmt: skip
-
-    def merge(self) -> pl.DataFrame:
-        """Fold sharded ingests' manifests into the catalog (see `ingest.shards.merge`)."""
-        from ingest.shards import merge
-
-        return merge(self)
+    ingest = Verb("ingest.runner", "ingest")
+    merge = Verb("ingest.shards", "merge")
+    repair = Verb("ingest.repair", "repair")
 
     def read(
         self,
@@ -147,13 +121,6 @@ class ActStore(Store):
         from actstore.core.verify import verify
 
         return verify(self, run)
-
-    def repair(self, run: int | None = None, runtime: Runtime = Runtime()) -> pl.DataFrame:
-        """Recompute damaged chunks from the run's recorded parameters (needs the model); inside
-        `with store.writer():` it shares that writer."""
-        from ingest.repair import repair
-
-        return repair(self, run, runtime.device)
 
     # ---- the queries: each the query function itself, bound to this store -----------------
 

@@ -40,7 +40,7 @@ DEVICE = click.option("--device", help="cpu or cuda (default: cuda when availabl
 # One --run for every command that queries a run; the Python API names it `run` too.
 RUN = click.option("--run", type=int, required=True, help="Run id (see actstore info).")
 # Where the prompt batches run, the same on every verb that takes them, ingest's included
-# (queries/core/runtime.py): here; a local Dask cluster of --workers N; or a running --scheduler
+# (actstore/core/runtime.py): here; a local Dask cluster of --workers N; or a running --scheduler
 # (once it has N workers, with --workers N).
 WORKERS = click.option(
     "--workers", type=int,
@@ -68,7 +68,7 @@ def runtime_options(distributed: bool):
 
 def _runtime(options: dict):
     """The one Runtime of a command, taken out of its options (checked as it is made)."""
-    from queries.core.runtime import Runtime
+    from actstore.core.runtime import Runtime
 
     return Runtime(device=options.pop("device", None), workers=options.pop("workers", None),
                    scheduler=options.pop("scheduler", None))  # fmt: skip
@@ -233,6 +233,7 @@ def ingest(store: str, **kwargs) -> None:
     """
     from ingest.runner import ingest as run_ingest  # torch-free: it checks before it loads
 
+    kwargs["runtime"] = _runtime(kwargs)
     if kwargs["shard"] is not None:
         part = run_ingest(store, **kwargs).to_dicts()[0]
         click.echo(
@@ -731,7 +732,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 
     s = _open(store)
     if repair:
-        from queries.core.runtime import Runtime
+        from actstore.core.runtime import Runtime
 
         repaired = s.repair(run=run, runtime=Runtime(device=device))
         if repaired.height:

@@ -25,13 +25,13 @@ import polars as pl
 import actstore
 from actstore.core.errors import UsageError
 from actstore.core.output import refuse_inside_store, render_table
+from actstore.core.runtime import Runtime
 from actstore.core.store import CATALOG
 from actstore.model.adapter import BUILTIN_DIR
 from queries.analysis import lookups, plot
 from queries.analysis import overlap as ov
 from queries.analysis.report import report
 from queries.attribution import attribute, circuit
-from queries.core.runtime import Runtime
 from queries.patching import patch
 
 DEFAULT_TASKS = ("ioi", "colored-objects")

@@ -14,7 +14,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import actstore  # noqa: E402
-from queries.core.runtime import Runtime  # noqa: E402
+from actstore.core.runtime import Runtime  # noqa: E402
 
 store_path, model, dataset, batch, ks_arg, out = sys.argv[1:7]
 phases = {"import": time.perf_counter() - T0}

@@ -20,9 +20,9 @@ from actstore.core.choices import SIDES, check
 from actstore.core.errors import UsageError
 from actstore.core.roles import END, role_names
 from actstore.core.roles import positions as role_positions
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
     import torch

@@ -16,10 +16,10 @@ import polars as pl
 
 from actstore.core.choices import SIDES, check
 from actstore.core.errors import UsageError
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.attention.attend import attention_patterns
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
     import torch

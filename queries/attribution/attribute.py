@@ -28,9 +28,9 @@ import polars as pl
 
 from actstore.core.choices import GRADIENT_METRICS, LEVELS, METHODS, METRICS, check
 from actstore.core.errors import UsageError
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 DEFAULT_STEPS = 5

@@ -29,11 +29,11 @@ from actstore.core.choices import METRICS, check
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.names import LOGITS
 from actstore.core.results import query_params
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.architecture import Architecture
 from queries.attribution.graph import Graph
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 

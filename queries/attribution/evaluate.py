@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from actstore.core.errors import ActstoreError
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.metrics import Targets, endpoints, from_logits, normalized
 from queries.attribution.edge_batches import check_run, edge_reader, open_run, read_batch
@@ -25,7 +26,6 @@ from queries.attribution.edge_model import EdgeModel
 from queries.attribution.tree import TreeBatch, TreePatcher
 from queries.core.reader import Reader, Span
 from queries.core.run_model import model_for_run
-from queries.core.runtime import Runtime
 from queries.core.sweep import in_order
 
 # Bytes of prompt batches laid out for tree patching that an Evaluator keeps between

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from actstore.core.output import progress_bar
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.metrics import from_logits
 from queries.attribution.edge_batches import EdgeBatch, edge_reader, open_run, read_batch
 from queries.attribution.edge_model import EdgeModel
 from queries.attribution.exact import exact_scores
 from queries.core.reader import Reader, Span
-from queries.core.runtime import Runtime
 from queries.core.sweep import in_order
 
 

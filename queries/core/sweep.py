@@ -1,7 +1,7 @@
 """Sums over a run's prompt batches, in this process or as tasks on dask.distributed.
 
 Patching effects, attribution scores, a circuit's faithfulness and path effects are sums over
-prompts. With a Runtime's `workers` or `scheduler` (queries/core/runtime.py: a LocalCluster of
+prompts. With a Runtime's `workers` or `scheduler` (actstore/core/runtime.py: a LocalCluster of
 single-threaded processes, actstore/core/cluster.py, or a running cluster whose workers see the
 store at the same location) each batch of prompts becomes a Dask task, run on one torch thread,
 returning its partial sums. Each worker keeps one run context (store, model, engine, reader) for
@@ -29,8 +29,8 @@ import numpy as np
 from actstore.core.cluster import CONNECT_TIMEOUT_S, check_scheduler
 from actstore.core.errors import ActstoreError
 from actstore.core.extras import check_engine
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
-from queries.core.runtime import Runtime
 
 if TYPE_CHECKING:
     from actstore.model.adapter import ModelAdapter

@@ -42,10 +42,10 @@ from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, chec
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
 from actstore.core.roles import choose
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def patch(
     Returns effects' columns (query_id, layer, head, pos, role, metric, value, normalized) and
     the direction-independent importance that rankings use. `positions`: role names or (on a
     run of one prompt length) position numbers, as a list or comma-separated text. `runtime`:
-    device, progress and where the prompt batches run (queries/core/runtime.py); the result is
+    device, progress and where the prompt batches run (actstore/core/runtime.py); the result is
     recorded the same.
     """
     if batch_size < 1:

@@ -21,10 +21,10 @@ import polars as pl
 from actstore.core.choices import DIRECTIONS, METRICS, check
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.metrics import normalized
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 from queries.core.sweep import RunContext, check_cluster, cluster, in_order, run_context
 from queries.paths.spec import (
     Shape,

@@ -6,7 +6,7 @@ head's activation per position. Padding positions (at or beyond a prompt's `seq_
 out of every mean. Dask reads one chunk of prompts per task (through the store's verified
 array, so each chunk is checked against the ledger) and sums in float64, so memory is bounded
 by a few chunks whatever the number of prompts. The graph runs on this process's threads, or,
-with a Runtime's `workers` or `scheduler` (queries/core/runtime.py, the same meaning as on every
+with a Runtime's `workers` or `scheduler` (actstore/core/runtime.py, the same meaning as on every
 verb), on a local Dask cluster or on a running one whose workers see the store at the same
 location.
 
@@ -29,9 +29,9 @@ import polars as pl
 
 from actstore.core.choices import OPS, check
 from actstore.core.errors import UsageError
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 from queries.core.sweep import check_cluster, cluster
 
 KIND = "reduce"

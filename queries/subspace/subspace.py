@@ -23,10 +23,10 @@ from actstore.core.errors import UsageError
 from actstore.core.output import check_output_path
 from actstore.core.roles import choose
 from actstore.core.roles import positions as role_positions
+from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
-from queries.core.runtime import Runtime
 
 REPORT_COLUMNS = [
     "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",

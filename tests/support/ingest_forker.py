@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 KWARGS = {"model": "toy-random", "task": "ioi", "n": 16, "batch_size": 2,
-          "hooks": "z", "progress": False}  # fmt: skip
+          "hooks": "z"}  # fmt: skip
 
 
 def die() -> None:

@@ -67,7 +67,7 @@ def ingest_pairs_task(path: Path, model, task, n: int, batch_size: int, **kwargs
 
     TASKS[task.name] = task
     try:
-        ingest(path, model=model, task=task.name, n=n, batch_size=batch_size, progress=False,
+        ingest(path, model=model, task=task.name, n=n, batch_size=batch_size,
                **kwargs)  # fmt: skip
     finally:
         del TASKS[task.name]
