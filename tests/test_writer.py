@@ -170,7 +170,7 @@ def test_a_failed_background_write_keeps_the_batches_before_it(tmp_path, monkeyp
             raise OSError("simulated I/O error")
         return real(store_dir, arrays, values, chunk_idx, lo, hi)
 
-    kwargs = dict(model=toy_random, task="ioi", n=20, batch_size=4, hooks="lean", progress=False)
+    kwargs = dict(model=toy_random, task="ioi", n=20, batch_size=4, hooks="lean")
     monkeypatch.setattr(runner, "write_chunks", failing)
     with pytest.raises(ActstoreError, match="keeps 2 stored batches and is marked failed"):
         runner.ingest(tmp_path / "s", **kwargs)
