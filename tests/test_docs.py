@@ -210,3 +210,20 @@ def test_the_docs_name_only_places_that_exist():
                     if "NAME" not in f and not (root / f).exists()]  # fmt: skip
         missing += [f"{path.name}: {n}" for n in NAMED_OBJECT.findall(text) if not _resolves(n)]
     assert not missing, missing
+
+
+def test_the_layout_names_every_module():
+    """README's Layout section names every module of the shipped packages (the tasks by the
+    task names they register), so that a reader finds each place in one guess."""
+    root = README.parent
+    text = README.read_text()
+    layout = text[text.index("\n## Layout") :]
+    words = set(re.findall(r"[\w-]+", layout))
+    unnamed = [
+        str(path.relative_to(root))
+        for package in ("actstore", "ingest", "queries", "tools")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "__init__.py" and path.parent.name != "tasks"
+        and path.stem not in words
+    ]  # fmt: skip
+    assert not unnamed, unnamed
