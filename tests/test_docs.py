@@ -227,3 +227,46 @@ def test_the_layout_names_every_module():
         and path.stem not in words
     ]  # fmt: skip
     assert not unnamed, unnamed
+
+
+def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each argument `fn` accepts (following **kwargs as `arguments` does; an
+    argument without one maps to None)."""
+    found: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.VAR_KEYWORD:
+            for callee in _imported_in(fn):
+                found |= defaults(callee)
+            if not _imported_in(fn):
+                found |= {f.name: f.default for f in dataclasses.fields(_filters(fn))}
+        elif p.kind != p.VAR_POSITIONAL:
+            found[p.name] = None if p.default is p.empty else p.default
+    return found
+
+
+# Options whose default the command line spells otherwise than the Python argument, each the
+# same value: the demo's tasks as one comma-separated option, ingest's hook preset by its name.
+SPELLED = {("demo", "tasks"): ("ioi,colored-objects", ("ioi", "colored-objects")),
+           ("ingest", "hooks"): ("default", None)}  # fmt: skip
+
+
+def test_an_options_default_is_its_python_arguments():
+    """The command line shows each option's default in --help, so it writes it beside the
+    function's (which it cannot import without torch): they must be the same value."""
+    differ = {}
+    for command in COMMANDS:
+        accepted = {}
+        for fn in behind(command):
+            accepted |= defaults(fn)
+        for param in main.commands[command].params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            name = [o for o in param.opts if o.startswith("--")][0][2:].replace("-", "_")
+            python = RENAMED.get((command, name), name)
+            if (command, name) in CLI_ONLY or python in RUNTIME or python not in accepted:
+                continue
+            cli = param.default if param.default not in (None, click.core.UNSET) else None
+            cli = False if param.is_flag and cli is None else cli
+            if (cli, accepted[python]) != SPELLED.get((command, name), (cli, cli)):
+                differ[f"{command} --{name}"] = (cli, accepted[python])
+    assert not differ, differ
