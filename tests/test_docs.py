@@ -229,6 +229,18 @@ def test_the_layout_names_every_module():
     assert not unnamed, unnamed
 
 
+def test_no_two_modules_share_a_base_name():
+    """One name, one place: `from … import reader` or a traceback's file name is never
+    ambiguous across the packages, tools, tests and benchmarks."""
+    root = README.parent
+    found: dict[str, list[str]] = {}
+    for package in ("actstore", "ingest", "queries", "tools", "tests", "benchmarks"):
+        for path in (root / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                found.setdefault(path.name, []).append(str(path.relative_to(root)))
+    assert {k: v for k, v in found.items() if len(v) > 1} == {}
+
+
 def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
     """The default of each argument `fn` accepts (following **kwargs as `arguments` does; an
     argument without one maps to None)."""
