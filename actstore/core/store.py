@@ -199,26 +199,23 @@ class Store:
         """A run's prompts in prompt order: every column, or only `columns`; every prompt, or only
         prompts [lo, hi). A query reads the columns it needs one span at a time, so its memory
         does not grow with the run (the texts stay in the catalog)."""
-        names = "*"
-        if columns is not None:
-            names = ", ".join(f'"{c}"' for c in self.check_prompt_columns(columns))
         where, params = "run_id = ?", [run]
         if lo is not None:
             where, params = f"{where} AND prompt_idx >= ?", [*params, int(lo)]
         if hi is not None:
             where, params = f"{where} AND prompt_idx < ?", [*params, int(hi)]
-        return self._trusted_query(
-            f"SELECT {names} FROM prompts WHERE {where} ORDER BY prompt_idx", params
-        )
+        with self.reading():  # the column check and the read: one catalog connection
+            names = "*"
+            if columns is not None:
+                names = ", ".join(f'"{c}"' for c in self.check_prompt_columns(columns))
+            return self._trusted_query(
+                f"SELECT {names} FROM prompts WHERE {where} ORDER BY prompt_idx", params
+            )
 
     def prompt_columns(self) -> list[str]:
         """The prompts table's columns as the catalog lists them (a task's own, e.g. `grp`,
         included): the only names `prompts(columns=…)` puts into SQL."""
-        return self._trusted_query(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'prompts' "
-            "AND table_schema = 'main' AND table_catalog = current_database() "
-            "ORDER BY ordinal_position"
-        )["column_name"].to_list()
+        return self._trusted_query("SELECT * FROM prompts LIMIT 0").columns
 
     def check_prompt_columns(
         self, columns: Sequence[str], option: str | None = None, others: Sequence[str] = ()
