@@ -170,3 +170,103 @@ def test_no_notes_point_outside_the_repository():
         if OUTSIDE.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+# A file of the repository (actstore/core/writes.py) or a dotted name in it
+# (actstore.core.names.EDGE_NAME), as the README and docs name them.
+NAMED_FILE = re.compile(
+    r"(?<![\w./-])((?:actstore|ingest|queries|tools|benchmarks|tests)/[\w/]+\.py)"
+)
+NAMED_OBJECT = re.compile(r"(?<![\w./-])((?:actstore|ingest|queries)(?:\.[A-Za-z_]\w*)+)")
+# `queries.params`: a column of the catalog's queries table, not the package.
+QUERIES_COLUMNS = {"query_id", "kind", "run_id", "params", "params_hash", "created_at", "wall_s"}
+
+
+def _resolves(name: str) -> bool:
+    parts = name.split(".")
+    if parts[0] == "queries" and len(parts) == 2 and parts[1] in QUERIES_COLUMNS:
+        return True
+    for i in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(found, attr):
+                return False
+            found = getattr(found, attr)
+        return True
+    return False
+
+
+def test_the_docs_name_only_places_that_exist():
+    """Every module path and dotted name the README and the docs give is there: a reader who
+    follows one to the engine, the reader, the writer or the runtime finds it."""
+    root = README.parent
+    missing = []
+    for path in [README, *sorted(root.glob("docs/**/*.md"))]:
+        text = path.read_text()
+        missing += [f"{path.name}: {f}" for f in NAMED_FILE.findall(text)
+                    if "NAME" not in f and not (root / f).exists()]  # fmt: skip
+        missing += [f"{path.name}: {n}" for n in NAMED_OBJECT.findall(text) if not _resolves(n)]
+    assert not missing, missing
+
+
+def test_the_layout_names_every_module():
+    """README's Layout section names every module of the shipped packages (the tasks by the
+    task names they register), so that a reader finds each place in one guess."""
+    root = README.parent
+    text = README.read_text()
+    layout = text[text.index("\n## Layout") :]
+    words = set(re.findall(r"[\w-]+", layout))
+    unnamed = [
+        str(path.relative_to(root))
+        for package in ("actstore", "ingest", "queries", "tools")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "__init__.py" and path.parent.name != "tasks"
+        and path.stem not in words
+    ]  # fmt: skip
+    assert not unnamed, unnamed
+
+
+def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each argument `fn` accepts (following **kwargs as `arguments` does; an
+    argument without one maps to None)."""
+    found: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.VAR_KEYWORD:
+            for callee in _imported_in(fn):
+                found |= defaults(callee)
+            if not _imported_in(fn):
+                found |= {f.name: f.default for f in dataclasses.fields(_filters(fn))}
+        elif p.kind != p.VAR_POSITIONAL:
+            found[p.name] = None if p.default is p.empty else p.default
+    return found
+
+
+# Options whose default the command line spells otherwise than the Python argument, each the
+# same value: the demo's tasks as one comma-separated option, ingest's hook preset by its name.
+SPELLED = {("demo", "tasks"): ("ioi,colored-objects", ("ioi", "colored-objects")),
+           ("ingest", "hooks"): ("default", None)}  # fmt: skip
+
+
+def test_an_options_default_is_its_python_arguments():
+    """The command line shows each option's default in --help, so it writes it beside the
+    function's (which it cannot import without torch): they must be the same value."""
+    differ = {}
+    for command in COMMANDS:
+        accepted = {}
+        for fn in behind(command):
+            accepted |= defaults(fn)
+        for param in main.commands[command].params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            name = [o for o in param.opts if o.startswith("--")][0][2:].replace("-", "_")
+            python = RENAMED.get((command, name), name)
+            if (command, name) in CLI_ONLY or python in RUNTIME or python not in accepted:
+                continue
+            cli = param.default if param.default not in (None, click.core.UNSET) else None
+            cli = False if param.is_flag and cli is None else cli
+            if (cli, accepted[python]) != SPELLED.get((command, name), (cli, cli)):
+                differ[f"{command} --{name}"] = (cli, accepted[python])
+    assert not differ, differ
