@@ -229,6 +229,34 @@ def test_the_layout_names_every_module():
     assert not unnamed, unnamed
 
 
+def test_no_two_modules_share_a_base_name():
+    """One name, one place: `from … import reader` or a traceback's file name is never
+    ambiguous across the packages, tools, tests and benchmarks."""
+    root = README.parent
+    found: dict[str, list[str]] = {}
+    for package in ("actstore", "ingest", "queries", "tools", "tests", "benchmarks"):
+        for path in (root / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                found.setdefault(path.name, []).append(str(path.relative_to(root)))
+    assert {k: v for k, v in found.items() if len(v) > 1} == {}
+
+
+def test_the_import_contracts_are_the_layers_and_ignore_nothing():
+    """pyproject.toml's contracts, which lint-imports checks: the layers app > ingest | queries >
+    model > core, torch kept out of the core and the analysis even indirectly, and no contract
+    that ignores an import (an exception would hide a layer broken)."""
+    import tomllib
+
+    config = tomllib.loads((README.parent / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contracts = config["contracts"]
+    assert not [c["name"] for c in contracts if c.get("ignore_imports")]
+    layers = [c["layers"] for c in contracts if c["type"] == "layers"]
+    assert layers == [["actstore.app", "ingest | queries", "actstore.model", "actstore.core"]]
+    torch_free = [c for c in contracts if "torch" in c.get("forbidden_modules", [])]
+    assert len(torch_free) == 1 and not torch_free[0].get("allow_indirect_imports")
+    assert set(torch_free[0]["source_modules"]) == {"actstore.core", "queries.analysis"}
+
+
 def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
     """The default of each argument `fn` accepts (following **kwargs as `arguments` does; an
     argument without one maps to None)."""
