@@ -80,8 +80,8 @@ RECOMPUTE = click.option(
     "--recompute", is_flag=True,
     help="Compute again even if asked before; the new query supersedes the old.",
 )  # fmt: skip
-# One --metric for the verbs that measure one (patch, attribute, path, intervene), one --direction
-# for those that patch (patch, path).
+# One --metric for the verbs that measure one (patch, attribute, path, intervene, subspace), one
+# --direction for those that patch (patch, path; subspace's also points its old use to --basis).
 METRIC = click.option(
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff", show_default=True
 )
@@ -362,12 +362,7 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="all (real positions), final, roles (IO,S2: each prompt's own positions), or N "
     "where every prompt has one length.",
 )  # fmt: skip
-@click.option(
-    "--metric",
-    type=click.Choice(choices.METRICS),
-    default="logit-diff",
-    show_default=True,
-)
+@METRIC
 @click.option(
     "--direction", default="denoise", show_default=True, callback=_patch_direction,
     help="denoise: clean into corrupted; noise: corrupted into clean.",
