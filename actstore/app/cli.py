@@ -89,6 +89,10 @@ DIRECTION = click.option(
     "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
     help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
 )  # fmt: skip
+# One --batch-size for the queries that take it (patch, attention, heads): prompts per forward.
+BATCH_SIZE = click.option(
+    "--batch-size", type=int, default=8, show_default=True, help="Prompts per batch."
+)
 # One --top for the verbs that print ranked rows: the K most important, all of them stored.
 TOP = click.option(
     "--top", type=click.IntRange(min=0),
@@ -453,7 +457,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=False)
 @FORMAT
 def attention(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -475,7 +479,7 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
 @RUN
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=False)
 @FORMAT
 def heads(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -809,7 +813,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 )
 @RECOMPUTE
 @TOP
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=True)
 @FORMAT
 def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
