@@ -1,9 +1,11 @@
 """The reader reads a run's prompts per span: what it holds and what it asks the catalog for do
-not grow with the number of prompts (hand-built stores: no model, no arrays)."""
+not grow with the number of prompts (hand-built stores: no model, no arrays); and it reads each
+stored chunk once per query (counted on an ingested store)."""
 
 from __future__ import annotations
 
 import tracemalloc
+from collections import Counter
 from itertools import islice
 
 import numpy as np
@@ -88,3 +90,47 @@ def test_group_by_is_checked_against_the_catalog_before_the_model_loads(tmp_path
     store = actstore.open(tmp_path / "s")  # model `hand` has no weights: nothing may load it
     with pytest.raises(UsageError, match=r"^--group-by nope: not a prompts column; use one of si"):
         store.subspace(1, "blocks.0.hook_resid_pre", "mean-diff", group_by="nope")
+
+
+@pytest.fixture
+def chunk_reads(monkeypatch) -> Counter:
+    """Every verified chunk read from here on, by (array, first prompt of the chunk)."""
+    import actstore.core.verified as verified
+
+    reads: Counter = Counter()
+    real = verified.read_checked
+
+    def counted(arr, root, name, entry):
+        reads[(name, entry.start)] += 1
+        return real(arr, root, name, entry)
+
+    monkeypatch.setattr(verified, "read_checked", counted)
+    return reads
+
+
+# Each query on run 1 of `ioi_store` (20 prompts in spans of 8), and how often it reads each chunk:
+# subspace passes over the prompts twice (fitting the basis on its split, then patching).
+QUERIES = {
+    "patch denoise": (lambda s, m: s.patch(1, "head", direction="denoise", model=m), 1),
+    "patch noise": (lambda s, m: s.patch(1, "head", direction="noise", model=m), 1),
+    "patch resid": (lambda s, m: s.patch(1, "resid", direction="denoise", model=m), 1),
+    "attribute": (lambda s, m: s.attribute(1, "eap"), 1),
+    "path": (lambda s, m: s.path_patch(1, "a0.h0", "logits"), 1),
+    "subspace": (lambda s, m: s.subspace(1, "blocks.1.hook_resid_pre", "mean-diff"), 2),
+}
+
+
+@pytest.mark.parametrize("query", list(QUERIES))
+def test_a_query_reads_each_chunk_once_per_pass(ioi_copy, toy_random, chunk_reads, query):
+    """A chunk that a derivation reads (the corrupted logits from the final residual, a residual
+    from z) is not fetched and verified again when the query reads the same hook of the span:
+    each (side, hook) chunk is read once per pass over the prompts, on both sides."""
+    import actstore
+
+    run, passes = QUERIES[query]
+    run(actstore.open(ioi_copy), toy_random)
+    assert chunk_reads, "the query read no chunk"
+    sides = {name.split("/")[1] for name, _ in chunk_reads}
+    assert sides == {"clean", "corrupted"}, chunk_reads
+    assert {start for _, start in chunk_reads} == {0, 8, 16}, chunk_reads
+    assert set(chunk_reads.values()) == {passes}, chunk_reads

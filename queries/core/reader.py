@@ -5,7 +5,9 @@ run's prompts in spans (the run's ingest batches by default, so memory is bounde
 and `tensor` is the single place where a stored array becomes a tensor. A hook the run stores is
 read as stored; one it does not store (a lean run: actstore.model.derivable) is derived from the
 stored ones with the query's engine (queries/core/derive.py), each intermediate once per span and
-side. What a query needs beyond the arrays (final positions, answers and answer sets; the clean
+side. Each (side, hook) chunk of a span is read (and verified) once per query, whoever asks for
+it first (a derivation or the query): the current span's arrays are kept until the next span. What
+a query needs beyond the arrays (final positions, answers and answer sets; the clean
 logits a metric compares with are an array) comes from the run's prompts table, read per span:
 only the columns a query uses (`COLUMNS`, never the texts) of the span's prompts, and only the
 current span's kept, so a reader's memory does not grow with the number of prompts.
@@ -85,6 +87,9 @@ class Reader:
         # Each (side, hook) array opened once per reader, i.e. per query: its metadata is read
         # once, not per span; every chunk read through it is still checked against the ledger.
         self._arrays: dict[tuple[str, str], VerifiedArray] = {}
+        # The current span's stored arrays as read, keyed by (side, hook): a chunk that a
+        # derivation read is not read again for the query (memory: one span's).
+        self._span_arrays: tuple[tuple[int, int], dict[tuple[str, str], np.ndarray]] = ((0, 0), {})
 
     def require(self, hooks: Iterable[str], what: str) -> None:
         """Refuse before any work when a side lacks a hook that `what` reads."""
@@ -129,15 +134,20 @@ class Reader:
     def _stored(
         self, side: str, hook: str, span: Span, positions: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        array = self._arrays.get((side, hook))
-        if array is None:
-            array = self._arrays[(side, hook)] = self.store.array(self.run_id, side, hook)
-        data = array[span.lo : span.hi]
+        if self._span_arrays[0] != (span.lo, span.hi):
+            self._span_arrays = ((span.lo, span.hi), {})
+        data = self._span_arrays[1].get((side, hook))
+        if data is None:
+            array = self._arrays.get((side, hook))
+            if array is None:
+                array = self._arrays[(side, hook)] = self.store.array(self.run_id, side, hook)
+            data = self._span_arrays[1][(side, hook)] = array[span.lo : span.hi]
         if span.rows is not None:
             data = data[span.rows - span.lo]
         if positions is not None:
-            data = np.asarray(data)[:, list(positions)]
-        return torch.as_tensor(np.asarray(data), device=self.device)
+            data = data[:, list(positions)]
+        # A copy: a caller that writes into its tensor leaves the span's values as read.
+        return torch.tensor(data, device=self.device)
 
     def _derivation(
         self, side: str, span: Span, hook: str, positions: tuple[int, ...] | None
