@@ -309,12 +309,20 @@ def test_a_store_path_that_is_a_file_is_refused(tmp_path, command):
     assert path.read_text() == "not a store"
 
 
-def test_save_direction_into_a_missing_directory_is_refused_before_computing(store, tmp_path):
+def test_save_basis_into_a_missing_directory_is_refused_before_computing(store, tmp_path):
     before = snapshot(store)
     res = invoke("subspace", store, "--run", "1", "--hook", "blocks.1.hook_resid_pre",
-                 "--basis", "das", "--save-direction", tmp_path / "nope" / "v.npy")  # fmt: skip
-    assert_refused(res, 2, f"--save-direction {tmp_path / 'nope' / 'v.npy'}: directory")
+                 "--basis", "das", "--save-basis", tmp_path / "nope" / "v.npy")  # fmt: skip
+    assert_refused(res, 2, f"--save-basis {tmp_path / 'nope' / 'v.npy'}: directory")
     assert snapshot(store) == before
+
+
+def test_the_old_save_direction_spelling_points_to_save_basis(store, tmp_path):
+    before = snapshot(store)
+    res = invoke("subspace", store, "--run", "1", "--hook", "blocks.1.hook_resid_pre",
+                 "--basis", "das", "--save-direction", tmp_path / "v.npy")  # fmt: skip
+    assert_refused(res, 2, "--save-direction is now --save-basis FILE.npy")
+    assert snapshot(store) == before and not (tmp_path / "v.npy").exists()
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,8 @@ def _commands(store, target):
         "export --sql": ["export", s, "--sql", "select 1 as x", "--format", "parquet", "-o", t],
         "report": ["report", s, "-o", t],
         "plot": ["plot", s, "effects", "1", "-o", t],
-        "subspace --save-direction": ["subspace", s, "--run", "1", "--hook", HOOK, "--basis",
-                                      "mean-diff", "--save-direction", t],
+        "subspace --save-basis": ["subspace", s, "--run", "1", "--hook", HOOK, "--basis",
+                                  "mean-diff", "--save-basis", t],
         "demo": ["demo", t],
     }  # fmt: skip
 

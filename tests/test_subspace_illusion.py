@@ -175,6 +175,6 @@ def test_cli_prints_the_report_and_errors_in_one_line(ioi_copy, tmp_path):
     )
     noise = CliRunner().invoke(main, [*args, "--direction", "noise"])
     assert noise.exit_code == 0, noise.output
-    assert noise.stdout.splitlines()[1].split(",")[6] == "noise"  # the report's mode column
+    assert noise.stdout.splitlines()[1].split(",")[6] == "noise"  # the report's direction column
     bad = CliRunner().invoke(main, args[:5] + ["blocks.3.hook_q", "--basis", "das"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "error: --hook" in bad.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -101,7 +102,7 @@ def test_report_and_effect_are_in_the_catalog(store, tmp_path):
     assert eff["value"][0] == pytest.approx(rows["value"][0])
     kind = store.query("SELECT kind, params FROM queries WHERE query_id = ?", [qid])
     assert kind["kind"][0] == "subspace" and "noise" in kind["params"][0]
-    basis = np.array(store.query("SELECT vector FROM subspace_directions WHERE query_id = ?",
+    basis = np.array(store.query("SELECT vector FROM subspace_bases WHERE query_id = ?",
                                  [qid])["vector"].to_list()[0])  # fmt: skip
     assert np.allclose(basis, v / np.linalg.norm(v))
     again = store.subspace(1, "blocks.2.mlp.hook_post", str(tmp_path / "v.npy"), pos="final",
@@ -222,7 +223,7 @@ def test_direction_wholly_in_one_part_reports_the_other_absent(store, tmp_path, 
 def test_das_and_mean_diff_fit_on_train_and_report_held_out(store, tmp_path, capsys):
     hook = "blocks.3.hook_resid_mid"
     das = store.subspace(1, hook, "das", pos="final", epochs=10, seed=0,
-                         save_direction=str(tmp_path / "das.npy"))  # fmt: skip
+                         save_basis=str(tmp_path / "das.npy"))  # fmt: skip
     first, last = map(float, capsys.readouterr().err.split("DAS loss ")[1].split(" -> "))
     assert last < first  # the training objective improved (random weights: no held-out claim)
     assert das["split"][0] == "held-out" and das["n_prompts"][0] == 6
@@ -295,3 +296,70 @@ def test_bad_inputs_are_one_line_usage_errors(store, tmp_path):
     for kwargs, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
             store.subspace(1, **kwargs)
+
+
+def test_an_older_catalog_keeps_its_subspace_rows_under_the_new_names(store, tmp_path):
+    """Schema 12 named the report's denoise/noise column `direction` (once `mode`) and the table
+    of patched vectors `subspace_bases` (once `subspace_directions`): a store recorded before
+    answers its query read-only as it is, and once migrated under the new names, rows kept."""
+    import duckdb
+    from older import as_version
+
+    path = shutil.copytree(store.path, tmp_path / "old")
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=64))
+    ask = dict(run=1, hook="blocks.1.hook_resid_post", basis=str(tmp_path / "x.npy"),
+               pos="final", direction="noise")  # fmt: skip
+    first = actstore.open(path).subspace(**ask, save_basis=str(tmp_path / "new.npy"))
+    as_version(path, 11)
+    con = duckdb.connect(str(path / "catalog.duckdb"), read_only=True)
+    qid = int(first["query_id"][0])
+    mine = "WHERE query_id = ?"
+    assert con.execute(f"SELECT mode FROM subspace_reports {mine}", [qid]).fetchall() == [
+        ("noise",)
+    ] * len(first)
+    assert con.execute(f"SELECT count(*) FROM subspace_directions {mine}", [qid]).fetchall() == [
+        (1,)
+    ]
+    con.close()
+    path.chmod(0o555)
+    (path / "catalog.duckdb").chmod(0o444)
+    try:  # read-only: the cached query reads the older names
+        cached = actstore.open(path).subspace(**ask, save_basis=str(tmp_path / "old.npy"))
+    finally:
+        path.chmod(0o755)
+        (path / "catalog.duckdb").chmod(0o644)
+    assert cached.equals(first) and cached["direction"].to_list() == ["noise"] * len(first)
+    assert np.array_equal(np.load(tmp_path / "old.npy"), np.load(tmp_path / "new.npy"))
+    old = actstore.open(path)
+    with old.writer():  # migrates
+        pass
+    reports = old.query(f"SELECT direction FROM subspace_reports {mine}", [qid])
+    assert reports["direction"].to_list() == ["noise"] * len(first)
+    assert old.query(f"SELECT count(*) AS n FROM subspace_bases {mine}", [qid])["n"].item() == 1
+    assert old.subspace(**ask).equals(first)
+
+
+def test_save_basis_replaces_the_file_whole(store, tmp_path, monkeypatch):
+    """--save-basis writes as every output does: a write that fails part way leaves the file
+    that was there, whole, and no partial file beside it."""
+    from actstore.core.errors import ActstoreError
+
+    np.save(tmp_path / "y.npy", np.random.default_rng(4).normal(size=64))
+    ask = dict(run=1, hook="blocks.1.hook_resid_post", basis=str(tmp_path / "y.npy"),
+               pos="final")  # fmt: skip
+    out = tmp_path / "basis.npy"
+    store.subspace(**ask, save_basis=str(out))
+    before = out.read_bytes()
+    assert np.load(out).shape == (1, 64)
+
+    def disk_full(file, values, *args, **kwargs):
+        handle = open(file, "wb") if isinstance(file, (str, Path)) else file  # noqa: SIM115
+        handle.write(before[:20])
+        handle.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(ActstoreError, match=r"^cannot write .*basis\.npy: No space left on device"):
+        store.subspace(**ask, save_basis=str(out))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis.npy", "y.npy"]

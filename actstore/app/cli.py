@@ -8,6 +8,8 @@ inside the commands that need a model, so `info`, `sql` and `export` start fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -347,6 +349,16 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
     return value
 
 
+def _renamed(now: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """A renamed option's old spelling, refused with a pointer to its name now."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            raise click.BadParameter(f"{param.opts[0]} is now {now}")
+
+    return refuse
+
+
 @main.command()
 @click.argument("store")
 @RUN
@@ -384,7 +396,10 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
     "--epochs", type=int, default=20, show_default=True, help="DAS passes over the split."
 )
 @click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
-@click.option("--save-direction", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@click.option("--save-basis", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
+@click.option(
+    "--save-direction", hidden=True, expose_value=False, callback=_renamed("--save-basis FILE.npy")
+)
 @RECOMPUTE
 @runtime_options(distributed=False)
 @FORMAT
@@ -400,8 +415,8 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
       actstore subspace /tmp/s --run 1 --hook blocks.3.hook_resid_mid --basis das --pos final
       actstore subspace /tmp/s --run 1 --hook blocks.2.mlp.hook_post --basis v.npy
     """
-    if kwargs["save_direction"] is not None:
-        check_output_path(kwargs["save_direction"], "--save-direction")
+    if kwargs["save_basis"] is not None:
+        check_output_path(kwargs["save_basis"], "--save-basis")
     rows = _open(store).subspace(run, hook, basis, runtime=_runtime(kwargs), **kwargs)
     write_rows(rows, fmt)
     sys.stdout.flush()

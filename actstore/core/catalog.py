@@ -26,7 +26,7 @@ from actstore.core.errors import ActstoreError, first_line
 from actstore.core.location import store_containing
 from actstore.core.views import create_views, views_hash
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # Each entry migrates a catalog from version i to i + 1; MIGRATIONS[0] creates version 1.
 MIGRATIONS: list[list[str]] = [
@@ -156,6 +156,13 @@ MIGRATIONS: list[list[str]] = [
     # positions are labelled by token without the model (actstore.core.roles.position_labels);
     # NULL for prompts recorded before.
     ["ALTER TABLE prompts ADD COLUMN clean_token_texts VARCHAR[]"],
+    # Version 12: subspace tables say what they hold as every other table does: the report's
+    # patching direction (denoise or noise) is `direction`, once `mode`; the patched vectors are
+    # a basis, `subspace_bases`, once `subspace_directions`. Renaming keeps every row.
+    [
+        "ALTER TABLE subspace_reports RENAME COLUMN mode TO direction",
+        "ALTER TABLE subspace_directions RENAME TO subspace_bases",
+    ],
 ]
 
 

@@ -38,7 +38,7 @@ RESULT_ID = {
     "circuit_edges": "circuit_id",
     "faithfulness_curve": "circuit_id",
     "subspace_reports": "query_id",
-    "subspace_directions": "query_id",
+    "subspace_bases": "query_id",
     "reductions": "query_id",
     "attention": "query_id",
     "head_scores": "query_id",

@@ -26,7 +26,7 @@ def train_das(
     dim: int,
     k: int,
     metric: str,
-    mode: str,
+    direction: str,
     seed: int = 0,
     epochs: int = 20,
     lr: float = 0.05,
@@ -43,8 +43,8 @@ def train_das(
             if opt is None:
                 param = param.to(batch.base.device).requires_grad_(True)
                 opt = torch.optim.Adam([param], lr=lr)
-            target = batch.clean_logits if mode == "denoise" else batch.corrupted_logits
-            base = batch.corrupted_logits if mode == "denoise" else batch.clean_logits
+            target = batch.clean_logits if direction == "denoise" else batch.corrupted_logits
+            base = batch.corrupted_logits if direction == "denoise" else batch.clean_logits
             with torch.no_grad():
                 toward = torch.sign(
                     from_logits(metric, target, batch.targets).mean()

@@ -204,17 +204,19 @@ def is_illusion(effect_v: float, effect_row: float, var_v: float, var_row: float
 COMPONENTS = ("v", "row", "null", "full")
 
 
-def report(ev: Evaluation, mode: str, dims: dict[str, int], null_sq: float | None) -> pl.DataFrame:
+def report(
+    ev: Evaluation, direction: str, dims: dict[str, int], null_sq: float | None
+) -> pl.DataFrame:
     """One row per component: dim, ‖·‖² share of v, variance, patched metric, effect, flag.
 
     `effect` is the normalised metric minus that of the unpatched run (0 when denoising, 1 when
-    noising), so it measures how far the patch moved the output in either mode. A part of v
+    noising), so it measures how far the patch moved the output in either direction. A part of v
     that is absent (dim 0: v lies wholly in the other part) was not patched: its row says so
     with norm 0, variance 0 and the unpatched run's metric, effect 0.
     """
     clean, corrupted = ev.clean / ev.n, ev.corrupted / ev.n
-    base = 0.0 if mode == "denoise" else 1.0
-    unpatched = corrupted if mode == "denoise" else clean
+    base = 0.0 if direction == "denoise" else 1.0
+    unpatched = corrupted if direction == "denoise" else clean
     share = {"v": 1.0, "row": None, "null": None, "full": None}
     if null_sq is not None:
         share.update(row=1.0 - null_sq, null=null_sq)

@@ -160,13 +160,13 @@ def site_batches(
     engine: Engine,
     site: Site,
     indices: np.ndarray,
-    mode: str,
+    direction: str,
     pos: str,
     at: np.ndarray | None = None,
 ) -> Iterator[PatchBatch]:
     """PatchBatches for the chosen prompts, one store chunk at a time (bounded memory); `at`:
     every prompt's positions of the roles --pos names."""
-    base_side, src_side = sides(mode)
+    base_side, src_side = sides(direction)
     act_hook = _stored_activation(reader, site, model)
     for span in reader.spans(chosen=indices):
         base, source = (

@@ -1,11 +1,11 @@
-"""`actstore subspace`: patch a direction at a cached hook, diagnose it, record the report.
+"""`actstore subspace`: patch a subspace at a cached hook, diagnose it, record the report.
 
-A query fits its direction (mean-diff, DAS) on a seeded training split of the run's prompts and
-reports every effect on the held-out rest; a direction from a file is evaluated on all prompts.
+A query fits its basis (mean-diff, DAS) on a seeded training split of the run's prompts and
+reports every effect on the held-out rest; a basis from a file is evaluated on all prompts.
 The report has one row per component: v itself, its rowspace and nullspace parts under the
 hook's reading map (when one is known), and the whole activation (full patching) for scale.
 The effect of v goes to the shared `effects` table; the report to `subspace_reports`; the
-basis to `subspace_directions`.
+basis to `subspace_bases`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import polars as pl
 
 from actstore.core.choices import DIRECTIONS, GRADIENT_METRICS, METRICS, SOURCES, check
 from actstore.core.errors import UsageError
-from actstore.core.output import check_output_path
+from actstore.core.output import check_output_path, write_atomically
 from actstore.core.roles import choose
 from actstore.core.roles import positions as role_positions
 from actstore.core.runtime import Runtime
@@ -29,10 +29,20 @@ from actstore.model.hooks import parse_hook
 from queries.core.recorded import recorded
 
 REPORT_COLUMNS = [
-    "query_id", "run_id", "hook", "layer", "head", "pos", "mode", "metric", "split",
+    "query_id", "run_id", "hook", "layer", "head", "pos", "direction", "metric", "split",
     "n_prompts", "component", "dim", "norm_sq", "variance", "value", "normalized", "effect",
     "illusion",
 ]  # fmt: skip
+
+
+def save_npy(target: str, values: np.ndarray) -> None:
+    """Write `values` to `target` as .npy whole (a reader never sees half), as every output."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            np.save(out, values)
+
+    write_atomically(target, write)
 
 
 def split_indices(n: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,17 +78,20 @@ def pos_roles(pos: str) -> list[str]:
 
 
 def stored_report(store: Store, query_id: int) -> pl.DataFrame:
+    # A catalog before schema 12, read as it is (read-only), says `mode` for the direction.
+    old = {"direction": "mode AS direction"} if store.outdated else {}
     return store._trusted_query(
-        f"SELECT {', '.join(REPORT_COLUMNS)} FROM subspace_reports WHERE query_id = ? "
-        "ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
+        f"SELECT {', '.join(old.get(c, c) for c in REPORT_COLUMNS)} FROM subspace_reports "
+        "WHERE query_id = ? ORDER BY list_position(['v', 'row', 'null', 'full'], component)",
         [query_id],
     )
 
 
 def stored_basis(store: Store, query_id: int) -> np.ndarray:
-    """The (d, k) basis a query patched along."""
+    """The (d, k) basis a query patched along (`subspace_directions` before schema 12)."""
+    table = "subspace_directions" if store.outdated else "subspace_bases"
     rows = store._trusted_query(
-        "SELECT vector FROM subspace_directions WHERE query_id = ? ORDER BY idx", [query_id]
+        f"SELECT vector FROM {table} WHERE query_id = ? ORDER BY idx", [query_id]
     )
     return np.array(rows["vector"].to_list(), dtype=np.float64).T
 
@@ -99,7 +112,7 @@ def subspace(
     seed: int = 0,
     epochs: int = 20,
     lr: float = 0.05,
-    save_direction: str | None = None,
+    save_basis: str | None = None,
     recompute: bool = False,
     runtime: Runtime = Runtime(),
 ) -> pl.DataFrame:
@@ -108,8 +121,8 @@ def subspace(
     check("--metric", metric, METRICS)
     check("--direction", direction, DIRECTIONS)
     runtime.in_process("subspace")
-    if save_direction is not None:
-        check_output_path(save_direction, "--save-direction")
+    if save_basis is not None:
+        check_output_path(save_basis, "--save-basis")
     if k < 1:
         raise UsageError(f"--k {k}: need at least one dimension")
     if not (math.isfinite(lr) and lr > 0):
@@ -146,8 +159,8 @@ def subspace(
             params.update(epochs=epochs, lr=lr)
 
     def read(query_id: int) -> pl.DataFrame:
-        if save_direction is not None:
-            np.save(save_direction, stored_basis(store, query_id).T)
+        if save_basis is not None:
+            save_npy(save_basis, stored_basis(store, query_id).T)
         return stored_report(store, query_id)
 
     return recorded(store, "subspace", run, params,
@@ -187,13 +200,13 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     site = parse_site(model, params["hook"], params["head"])
     w = reading_map(engine, site, params["reader"])
     n = int(run["n_prompts"])
-    mode, metric, source = params["direction"], params["metric"], params["basis"]
+    direction, metric, source = params["direction"], params["metric"], params["basis"]
 
     roles = pos_roles(params["pos"])
     at = role_positions(store, run_id, roles) if roles else None
 
-    def batches(indices: np.ndarray, patch_mode: str = mode):
-        return site_batches(reader, model, engine, site, indices, patch_mode, params["pos"], at)
+    def batches(indices: np.ndarray, patched: str = direction):
+        return site_batches(reader, model, engine, site, indices, patched, params["pos"], at)
 
     if source in SOURCES:
         train, held_out = split_indices(n, params["train_frac"], params["seed"])
@@ -207,7 +220,7 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
             from queries.subspace.das import train_das
 
             basis, history = train_das(
-                lambda: batches(train), site.dim, params["k"], metric, mode,
+                lambda: batches(train), site.dim, params["k"], metric, direction,
                 seed=params["seed"], epochs=params["epochs"], lr=params["lr"],
             )  # fmt: skip
             print(f"DAS loss {history[0]:.4g} -> {history[-1]:.4g}", file=sys.stderr)
@@ -217,11 +230,11 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
     comps, dims, null_sq = components_of(basis, w)
     with torch.no_grad():
         ev = evaluate(batches(held_out), comps, metric)
-    rows = report(ev, mode, dims, null_sq)
+    rows = report(ev, direction, dims, null_sq)
     rows = rows.with_columns(
         pl.lit(run_id).alias("run_id"), pl.lit(site.hook).alias("hook"),
         pl.lit(site.layer).alias("layer"), pl.lit(site.head, dtype=pl.Int64).alias("head"),
-        pl.lit(params["pos"]).alias("pos"), pl.lit(mode).alias("mode"),
+        pl.lit(params["pos"]).alias("pos"), pl.lit(direction).alias("direction"),
         pl.lit(metric).alias("metric"), pl.lit(split).alias("split"),
         pl.lit(ev.n).alias("n_prompts"), pl.lit(0).alias("query_id"),
     ).select(REPORT_COLUMNS)  # fmt: skip
@@ -242,4 +255,4 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
          "vector": [basis[:, j].tolist() for j in range(basis.shape[1])]},
         schema={"query_id": pl.Int64, "idx": pl.Int64, "vector": pl.List(pl.Float64)},
     )  # fmt: skip
-    return {"effects": effects, "subspace_reports": rows, "subspace_directions": vectors}
+    return {"effects": effects, "subspace_reports": rows, "subspace_bases": vectors}

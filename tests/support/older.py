@@ -23,6 +23,8 @@ UNDO: dict[int, list[str]] = {
     9: ["DROP TABLE head_scores"],
     10: ["DROP TABLE interventions"],
     11: ["ALTER TABLE prompts DROP COLUMN clean_token_texts"],
+    12: ["ALTER TABLE subspace_reports RENAME COLUMN direction TO mode",
+         "ALTER TABLE subspace_bases RENAME TO subspace_directions"],
 }  # fmt: skip
 
 

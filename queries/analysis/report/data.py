@@ -230,7 +230,7 @@ def circuit_graph(store: Store, circuit_id: int) -> tuple[pl.DataFrame, pl.DataF
 
 def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
     """Every subspace query's report rows (v, row, null, full) with its source parameters."""
-    return store._trusted_query(
+    frame = store._trusted_query(
         """
         SELECT s.*, r.task, r.model, q.params, qp.basis AS source, qp.reader
         FROM subspace_reports s JOIN current_queries q USING (query_id)
@@ -239,4 +239,5 @@ def subspace_reports(store: Store, runs: list[int]) -> pl.DataFrame:
         ORDER BY s.query_id, list_position(['v', 'row', 'null', 'full'], s.component)
         """,
         [runs],
-    ).with_columns(pl.col("variance", "value", "normalized", "effect").fill_nan(None))
+    ).rename({"mode": "direction"}, strict=False)  # a catalog before schema 12 says `mode`
+    return frame.with_columns(pl.col("variance", "value", "normalized", "effect").fill_nan(None))

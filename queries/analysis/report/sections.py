@@ -302,7 +302,7 @@ def subspace_section(page: Page, store: Store, runs: list[int], contents: list[d
         heading = f"subspace query {query_id} · run {first['run_id']} {first['task']} · {where}"
         meta = esc(
             f"basis {first['source']}, reader {first['reader'] or 'the hook’s own map'}, "
-            f"positions {first['pos']}, {first['mode']}, {first['metric']}, "
+            f"positions {first['pos']}, {first['direction']}, {first['metric']}, "
             f"{first['n_prompts']} {first['split']} prompts; parameters: "
             f"{data.params_text(first['params'])}"
         )
