@@ -26,7 +26,7 @@ def run(request, tmp_path_factory):
     from ingest.runner import ingest
 
     where = tmp_path_factory.mktemp("paths") / "store"
-    ingest(where, model=request.param, task="ioi", n=8, batch_size=4)
+    ingest(Store(where, create=True), model=request.param, task="ioi", n=8, batch_size=4)
     store = Store(where)
     data = data_of(store)
     return store, load_model(request.param), data
