@@ -97,6 +97,34 @@ def test_prompt_figures_are_the_metric_the_queries_use(gt):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_the_prompt_figures_are_the_patch_querys_endpoints(gt, direction):
+    """On Greater-Than the patch query's clean and corrupted ends are the means of the prompts'
+    `clean_logit_diff` and `corrupted_logit_diff`: its normalized effects are measured between
+    them (an end taken from the two representative answers would differ)."""
+    store, model, data = gt
+    spec = check_spec(store, 1, "head", "logit-diff", direction, 1, None)
+    ours, _ = compute_effects(store, 1, spec, model)
+    prompts = store.prompts(1)
+    m_clean, m_corrupted = (
+        prompts["clean_logit_diff"].mean(),
+        prompts["corrupted_logit_diff"].mean(),
+    )
+    expected = (ours["value"].to_numpy() - m_corrupted) / (m_clean - m_corrupted)
+    np.testing.assert_allclose(ours["normalized"].to_numpy(), expected, atol=1e-4, rtol=0)
+    rows = torch.arange(N)
+    pairs = {}
+    for side in ("clean", "corrupted"):
+        final = model.hooked_logits(data[side])[rows, data["last"]].float()
+        pairs[side] = float(
+            (final[rows, data["answer"]] - final[rows, data["wrong"]]).mean().detach()
+        )
+    by_pair = (ours["value"].to_numpy() - pairs["corrupted"]) / (
+        pairs["clean"] - pairs["corrupted"]
+    )
+    assert np.abs(by_pair - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("metric", ["prob-diff", "logit-diff"])
 def test_patching_over_sets_matches_transformer_lens_with_a_direct_metric(gt, metric, direction):
     import pandas as pd

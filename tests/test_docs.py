@@ -170,3 +170,43 @@ def test_no_notes_point_outside_the_repository():
         if OUTSIDE.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+# A file of the repository (actstore/core/writes.py) or a dotted name in it
+# (actstore.core.names.EDGE_NAME), as the README and docs name them.
+NAMED_FILE = re.compile(
+    r"(?<![\w./-])((?:actstore|ingest|queries|tools|benchmarks|tests)/[\w/]+\.py)"
+)
+NAMED_OBJECT = re.compile(r"(?<![\w./-])((?:actstore|ingest|queries)(?:\.[A-Za-z_]\w*)+)")
+# `queries.params`: a column of the catalog's queries table, not the package.
+QUERIES_COLUMNS = {"query_id", "kind", "run_id", "params", "params_hash", "created_at", "wall_s"}
+
+
+def _resolves(name: str) -> bool:
+    parts = name.split(".")
+    if parts[0] == "queries" and len(parts) == 2 and parts[1] in QUERIES_COLUMNS:
+        return True
+    for i in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(found, attr):
+                return False
+            found = getattr(found, attr)
+        return True
+    return False
+
+
+def test_the_docs_name_only_places_that_exist():
+    """Every module path and dotted name the README and the docs give is there: a reader who
+    follows one to the engine, the reader, the writer or the runtime finds it."""
+    root = README.parent
+    missing = []
+    for path in [README, *sorted(root.glob("docs/**/*.md"))]:
+        text = path.read_text()
+        missing += [f"{path.name}: {f}" for f in NAMED_FILE.findall(text)
+                    if "NAME" not in f and not (root / f).exists()]  # fmt: skip
+        missing += [f"{path.name}: {n}" for n in NAMED_OBJECT.findall(text) if not _resolves(n)]
+    assert not missing, missing

@@ -7,7 +7,6 @@ model.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import polars as pl
@@ -27,36 +26,47 @@ def illusion_verdict(flag: bool | None) -> str:
     return ILLUSION_VERDICTS[flag]
 
 
+# What a caption names of a query's setting: query_params' typed columns, by the option names.
+CAPTIONED = {"component": "component", "metric": "metric", "direction": "direction",
+             "window": "window_size", "method": "method", "steps": "steps"}  # fmt: skip
+
+
 def provenance(store: Store, query_id: int) -> dict[str, Any]:
-    """A query's row joined with its run and model: where a number came from."""
+    """A query's row joined with its run and model, and its parameters as the typed columns of
+    the view query_params (actstore/core/views.py): where a number came from."""
     rows = store._trusted_query(
         """
-        SELECT q.query_id, q.kind, q.run_id, q.params, q.created_at, r.model, r.task,
-               r.corruption, r.n_prompts, m.n_layers, m.n_heads
-        FROM queries q LEFT JOIN runs r USING (run_id) LEFT JOIN models m ON m.model = r.model
+        SELECT q.query_id, q.kind, q.run_id, q.created_at, r.model, r.task,
+               r.corruption, r.n_prompts, m.n_layers, m.n_heads,
+               qp.component, qp.metric, qp.direction, qp.window_size, qp.method, qp.steps,
+               qp.level, qp.score_id, qp.roles
+        FROM queries q JOIN query_params qp USING (query_id)
+             LEFT JOIN runs r ON r.run_id = q.run_id LEFT JOIN models m ON m.model = r.model
         WHERE q.query_id = ?
         """,
         [query_id],
     ).to_dicts()
     if not rows:
         raise UsageError(f"query {query_id} is not in {store.path}; see: select * from queries")
-    row = rows[0]
-    row["params"] = json.loads(row["params"]) if row["params"] else {}
-    return row
+    return rows[0]
+
+
+def asked_roles(prov: dict[str, Any]) -> list[str]:
+    """The roles a patching query was asked for, in the order asked (none: by position)."""
+    return prov["roles"].split(",") if prov.get("roles") else []
 
 
 def caption(prov: dict[str, Any]) -> str:
     """One line naming a query's model, task, corruption, method or metric, and ids."""
-    params = prov["params"]
     parts = [
         f"model {prov['model']}",
         f"task {prov['task']}",
         f"corruption {prov['corruption']}",
         f"{prov['n_prompts']} prompts",
     ]
-    for key in ("component", "metric", "direction", "window", "method", "steps"):
-        if params.get(key) is not None:
-            parts.append(f"{key} {params[key]}")
+    for name, column in CAPTIONED.items():
+        if prov.get(column) is not None:
+            parts.append(f"{name} {prov[column]}")
     parts.append(f"run {prov['run_id']}, {prov['kind']} query {prov['query_id']}")
     return " · ".join(parts)
 

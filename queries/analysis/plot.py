@@ -150,10 +150,9 @@ def effects_frame(store: Store, query_id: int) -> tuple[pl.DataFrame, dict[str, 
     df = df.select("layer", "head", "pos", "role", "metric", "value", "normalized", "importance")
     if df.is_empty():
         raise ActstoreError(f"patch query {query_id} has no effect rows; rerun actstore patch")
-    params = prov["params"]
     if df["normalized"].null_count() == df.height:
         column = "value"
-    elif params.get("direction") == "noise" or params.get("metric") == "kl":
+    elif prov["direction"] == "noise" or prov["metric"] == "kl":
         column = "importance"
     else:
         column = "normalized"
@@ -180,7 +179,7 @@ def plot_effects(
     # a role query's columns are its roles, in the order asked (positions differ by prompt)
     where = df["role"].to_list() if by_role else df["pos"].to_list()
     if by_role:
-        asked = prov["params"].get("roles") or []
+        asked = lookups.asked_roles(prov)
         places = [r for r in asked if r in set(where)] + sorted(set(where) - set(asked))
         col_label = "role"
     else:
@@ -210,7 +209,7 @@ def plot_effects(
     for r, c, v in zip(row_key, col_key, df["plotted"].to_list(), strict=True):
         grid[row_index[r], col_index[c]] = np.nan if v is None else v
     plt, fig, ax = _figure(size)
-    rule = "|1 − normalized|" if prov["params"].get("direction") == "noise" else "|normalized|"
+    rule = "|1 − normalized|" if prov["direction"] == "noise" else "|normalized|"
     label = PLOTTED_LABELS[prov["plotted"]].format(metric=df["metric"][0], rule=rule)
     signed = prov["plotted"] == "normalized"
     bounds = _bounds(grid, symmetric=signed)
@@ -374,12 +373,12 @@ def _check_faithfulness_id(store: Store, prov: dict[str, Any]) -> None:
     command that works for it."""
     query_id, kind = prov["query_id"], prov["kind"]
     if kind == "circuit":
-        scores = prov["params"].get("scores")
+        scores = prov["score_id"]
         raise UsageError(
             f"query {query_id} is a circuit; its curve is its score set's: actstore plot "
             f"{store.path} faithfulness {scores} -o faithfulness.png"
         )
-    if kind != "attribute" or prov["params"].get("level") == "node":
+    if kind != "attribute" or prov["level"] == "node":
         what = "a node-level score set" if kind == "attribute" else f"a {kind!r} query"
         raise UsageError(
             f"query {query_id} is {what}; faithfulness curves belong to edge score sets: "

@@ -8,12 +8,13 @@ exactly what the catalog holds to that precision, in every browser locale.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import altair as alt
 import polars as pl
+
+from queries.analysis.lookups import asked_roles
 
 MISSING = "n/a"
 INVALID_COLOUR = "#d9d9d9"
@@ -94,7 +95,7 @@ def heatmap(
     has_head = effects["head"].null_count() < effects.height
     by_role = "role" in effects.columns and effects["role"].null_count() < effects.height
     has_pos = by_role or effects["pos"].null_count() < effects.height
-    asked = json.loads(query.get("params") or "{}").get("roles") or []
+    asked = asked_roles(query)
     roles = [r for r in asked if r in set(effects["role"])] if by_role else []
     names = {str(k): v for k, v in labels.items()}
     rows = effects.with_columns(

@@ -69,7 +69,7 @@ def patch_queries(store: Store, runs: list[int]) -> pl.DataFrame:
     df = store._trusted_query(
         """
         SELECT q.query_id, q.run_id, r.model, r.task, r.corruption, r.n_prompts,
-               qp.component, qp.metric, qp.direction, qp.window_size,
+               qp.component, qp.metric, qp.direction, qp.window_size, qp.roles,
                q.params, q.created_at, q.wall_s,
                (SELECT count(*) FROM effects e WHERE e.query_id = q.query_id) AS n_effects
         FROM current_queries q JOIN query_params qp USING (query_id)
