@@ -392,9 +392,7 @@ def check_store(store: object, verb: str, create: bool = True) -> None:
     made by the verb's first write, after its inputs are checked)."""
     if isinstance(store, Store):
         return
-    how = (
-        "actstore.open(path, create=True) or Store(path, create=True)"
-        if create
-        else ("actstore.open(path) or Store(path)")
-    )
+    how = "actstore.open(path, create=True) or Store(path, create=True)"
+    if not create:
+        how = "actstore.open(path) or Store(path)"
     raise UsageError(f"{verb} takes a Store, not {store!r}: pass {how}")
