@@ -129,3 +129,25 @@ def test_head_scores_equal_transformer_lens_detect_head(ioi_copy, toy_random):
     )
     induction = ours.filter(ours["class"] == "induction").sort("layer", "head")["value"]
     np.testing.assert_allclose(joined["induction"].to_numpy(), induction.to_numpy())
+
+
+def test_a_recomputed_attention_query_supersedes_the_old_one(ioi_copy, toy_random, tmp_path):
+    """`attention` and `heads` asked again with recompute record new queries: the view
+    attention_heads and the report's attention section show the newest, not both."""
+    from queries.analysis.report import report
+    from queries.attention import attention, head_scores
+
+    store = Store(ioi_copy)
+    ids = []
+    for recompute in (False, True):
+        rows = attention(store, 1, "END", "IO", model=toy_random, recompute=recompute)
+        head_scores(store, 1, model=toy_random, recompute=recompute)
+        ids.append(int(rows["query_id"][0]))
+    old, new = ids
+    assert old != new
+    shown = store.sql("SELECT attention_id, count(*) AS n FROM attention_heads GROUP BY 1")
+    n_heads = toy_random.shape.n_layers * toy_random.shape.n_heads
+    assert shown.rows() == [(new, n_heads)]  # one row per head: one head_scores query each
+    report(store, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert f"attention query {new} " in html and f"attention query {old} " not in html

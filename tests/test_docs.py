@@ -210,3 +210,91 @@ def test_the_docs_name_only_places_that_exist():
                     if "NAME" not in f and not (root / f).exists()]  # fmt: skip
         missing += [f"{path.name}: {n}" for n in NAMED_OBJECT.findall(text) if not _resolves(n)]
     assert not missing, missing
+
+
+def test_the_layout_names_every_module():
+    """README's Layout section names every module of the shipped packages (the tasks by the
+    task names they register), so that a reader finds each place in one guess."""
+    root = README.parent
+    text = README.read_text()
+    layout = text[text.index("\n## Layout") :]
+    words = set(re.findall(r"[\w-]+", layout))
+    unnamed = [
+        str(path.relative_to(root))
+        for package in ("actstore", "ingest", "queries", "tools")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "__init__.py" and path.parent.name != "tasks"
+        and path.stem not in words
+    ]  # fmt: skip
+    assert not unnamed, unnamed
+
+
+def test_no_two_modules_share_a_base_name():
+    """One name, one place: `from … import reader` or a traceback's file name is never
+    ambiguous across the packages, tools, tests and benchmarks."""
+    root = README.parent
+    found: dict[str, list[str]] = {}
+    for package in ("actstore", "ingest", "queries", "tools", "tests", "benchmarks"):
+        for path in (root / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                found.setdefault(path.name, []).append(str(path.relative_to(root)))
+    assert {k: v for k, v in found.items() if len(v) > 1} == {}
+
+
+def test_the_import_contracts_are_the_layers_and_ignore_nothing():
+    """pyproject.toml's contracts, which lint-imports checks: the layers app > ingest | queries >
+    model > core, torch kept out of the core and the analysis even indirectly, and no contract
+    that ignores an import (an exception would hide a layer broken)."""
+    import tomllib
+
+    config = tomllib.loads((README.parent / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contracts = config["contracts"]
+    assert not [c["name"] for c in contracts if c.get("ignore_imports")]
+    layers = [c["layers"] for c in contracts if c["type"] == "layers"]
+    assert layers == [["actstore.app", "ingest | queries", "actstore.model", "actstore.core"]]
+    torch_free = [c for c in contracts if "torch" in c.get("forbidden_modules", [])]
+    assert len(torch_free) == 1 and not torch_free[0].get("allow_indirect_imports")
+    assert set(torch_free[0]["source_modules"]) == {"actstore.core", "queries.analysis"}
+
+
+def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each argument `fn` accepts (following **kwargs as `arguments` does; an
+    argument without one maps to None)."""
+    found: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.VAR_KEYWORD:
+            for callee in _imported_in(fn):
+                found |= defaults(callee)
+            if not _imported_in(fn):
+                found |= {f.name: f.default for f in dataclasses.fields(_filters(fn))}
+        elif p.kind != p.VAR_POSITIONAL:
+            found[p.name] = None if p.default is p.empty else p.default
+    return found
+
+
+# Options whose default the command line spells otherwise than the Python argument, each the
+# same value: the demo's tasks as one comma-separated option, ingest's hook preset by its name.
+SPELLED = {("demo", "tasks"): ("ioi,colored-objects", ("ioi", "colored-objects")),
+           ("ingest", "hooks"): ("default", None)}  # fmt: skip
+
+
+def test_an_options_default_is_its_python_arguments():
+    """The command line shows each option's default in --help, so it writes it beside the
+    function's (which it cannot import without torch): they must be the same value."""
+    differ = {}
+    for command in COMMANDS:
+        accepted = {}
+        for fn in behind(command):
+            accepted |= defaults(fn)
+        for param in main.commands[command].params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            name = [o for o in param.opts if o.startswith("--")][0][2:].replace("-", "_")
+            python = RENAMED.get((command, name), name)
+            if (command, name) in CLI_ONLY or python in RUNTIME or python not in accepted:
+                continue
+            cli = param.default if param.default not in (None, click.core.UNSET) else None
+            cli = False if param.is_flag and cli is None else cli
+            if (cli, accepted[python]) != SPELLED.get((command, name), (cli, cli)):
+                differ[f"{command} --{name}"] = (cli, accepted[python])
+    assert not differ, differ

@@ -151,15 +151,10 @@ def test_object_store_errors_are_one_line(tmp_path, s3_server, case, env, code, 
     assert not store.exists()  # refused before the store was touched
 
 
-def test_a_query_reads_each_arrays_metadata_once(s3_store, toy_random, monkeypatch):
-    """The reader opens each (side, hook) array once per query, not once per span: counted at
-    the S3 client, the array's zarr.json is requested by one open however many spans are read,
-    then per chunk its existence and its bytes (each chunk still checked against the ledger)."""
+@pytest.fixture
+def s3_requests(monkeypatch) -> list[str]:
+    """The key of every request the S3 client makes from here on (metadata, existence, bytes)."""
     import s3fs
-
-    from actstore.core.store import Store
-    from queries.core.engine import Engine
-    from queries.core.reader import Reader
 
     requests: list[str] = []
     for name in ("_cat_file", "_exists", "_info", "_cat_ranges", "_ls"):
@@ -170,13 +165,42 @@ def test_a_query_reads_each_arrays_metadata_once(s3_store, toy_random, monkeypat
             return await _real(self, path, *args, **kwargs)
 
         monkeypatch.setattr(s3fs.S3FileSystem, name, counted)
+    return requests
+
+
+def test_a_query_reads_each_arrays_metadata_once(s3_store, toy_random, s3_requests):
+    """The reader opens each (side, hook) array once per query, not once per span: counted at
+    the S3 client, the array's zarr.json is requested by one open however many spans are read,
+    then per chunk its existence and its bytes (each chunk still checked against the ledger)."""
+    from actstore.core.store import Store
+    from queries.core.engine import Engine
+    from queries.core.reader import Reader
+
     store = Store(s3_store)
     reader = Reader(store, 1, "cpu", Engine.from_adapter(toy_random))
     spans = list(reader.spans())
-    requests.clear()
+    s3_requests.clear()
     for span in spans:
         reader.tensor("clean", "blocks.0.attn.hook_z", span)
-    opened = [key for key in requests if key.endswith("hook_z/zarr.json")]
-    chunks = [key for key in requests if "hook_z/c/" in key]
-    assert len(spans) == 3 and len(opened) == 2, requests  # one open (its check and its read)
-    assert len(chunks) == 2 * len(spans), requests  # per chunk: exists, then its bytes
+    opened = [key for key in s3_requests if key.endswith("hook_z/zarr.json")]
+    chunks = [key for key in s3_requests if "hook_z/c/" in key]
+    assert len(spans) == 3 and len(opened) == 2, s3_requests  # one open (its check and its read)
+    assert len(chunks) == 2 * len(spans), s3_requests  # per chunk: exists, then its bytes
+
+
+def test_a_patch_query_opens_each_array_once(s3_store, toy_random, s3_requests, tmp_path):
+    """A whole `patch` query over three prompt batches, counted at the S3 client: every (side,
+    hook) array it reads has its zarr.json requested by one open (its check and its read), not
+    once per batch, while its chunks are read batch by batch."""
+    import shutil
+    from collections import Counter
+
+    copy = shutil.copytree(s3_store, tmp_path / "store")  # its catalog; the arrays stay in S3
+    s3_requests.clear()
+    actstore.open(copy).patch(1, "head", batch_size=4, model=toy_random)
+    opens = Counter(key.rsplit("/", 1)[0] for key in s3_requests if key.endswith("/zarr.json"))
+    chunks = Counter(key.split("/c/")[0] for key in s3_requests if "/c/" in key)
+    arrays = [a for a in opens if a.rsplit("/", 1)[1] not in ("run1", "clean", "corrupted")]
+    assert arrays and set(chunks) <= set(opens), (opens, chunks)
+    assert all(opens[a] <= 2 for a in arrays), opens
+    assert max(chunks.values()) >= 2 * 3, chunks  # read across the 3 batches

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -23,7 +24,6 @@ from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from ingest.shards import parse_shard
-from queries.reduction.reduce import as_array
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "toy-random", "--task", "ioi", "--n", "22", "--batch-size", "4",
@@ -145,6 +145,16 @@ def _numpy_reduction(store, run_id, hook, by=None, norm=False):
         count = mask[sel].sum(0)[:, None]
         with np.errstate(invalid="ignore"):
             out[label] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return out
+
+
+def as_array(rows: pl.DataFrame) -> dict[Any, np.ndarray]:
+    """Reduction rows back to one (pos, idx) array per group, NaN where no prompt contributed."""
+    out: dict[Any, np.ndarray] = {}
+    for (label,), part in rows.group_by(["grp"], maintain_order=True):
+        grid = np.full((part["pos"].max() + 1, part["idx"].max() + 1), np.nan)
+        grid[part["pos"].to_numpy(), part["idx"].to_numpy()] = part["value"].to_numpy()
+        out[label] = grid
     return out
 
 

@@ -14,6 +14,7 @@ from test_cli import snapshot
 import actstore
 from actstore.app.cli import main
 from actstore.core import arrays as zarrays
+from actstore.core.location import as_root
 
 HOOK = "blocks.1.attn.hook_z"
 FINAL = "blocks.3.hook_resid_post"  # the toy's final residual, stored by every run
@@ -33,7 +34,8 @@ def session_model(monkeypatch, toy_random):
 
 def chunk_path(store, side: str, hook: str, idx: int):
     ndim = actstore.open(store).array(1, side, hook).ndim
-    return zarrays.chunk_file(store, zarrays.array_name(1, side, hook), idx, ndim)
+    name = zarrays.array_name(1, side, hook)
+    return as_root(store).local / zarrays.chunk_key(name, idx, ndim)
 
 
 def flip_byte(path, at: float = 0.5) -> None:

@@ -326,11 +326,6 @@ def chunk_key(name: str, chunk_idx: int, ndim: int) -> str:
     return "/".join([name, "c", str(chunk_idx)] + ["0"] * (ndim - 1))
 
 
-def chunk_file(store_dir: Path, name: str, chunk_idx: int, ndim: int) -> Path:
-    """The file of a chunk in a store with local arrays."""
-    return as_root(store_dir).local / chunk_key(name, chunk_idx, ndim)
-
-
 def make_durable(root: ArraysRoot, name: str, chunk_idx: int, ndim: int) -> None:
     """Flush a written chunk to disk (local arrays); an object store's PUT is durable already."""
     if root.is_local:

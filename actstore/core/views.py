@@ -313,7 +313,8 @@ VIEWS: dict[str, str] = {
                a.from_role, a.to_role, a.side, a.value AS attention,
                t.query_id AS patch_id, t.component, t.metric, t.direction, t.importance, t.rank,
                c.previous_token, c.duplicate_token, c.induction
-        FROM attention a JOIN queries q USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
+        FROM attention a JOIN current_queries q USING (query_id)
+             LEFT JOIN runs r ON r.run_id = q.run_id
              LEFT JOIN top_heads t
                   ON t.run_id = q.run_id AND t.layer = a.layer AND t.head = a.head
              LEFT JOIN (
@@ -322,7 +323,7 @@ VIEWS: dict[str, str] = {
                         max(h.value) FILTER (WHERE h.class = 'duplicate-token')
                             AS duplicate_token,
                         max(h.value) FILTER (WHERE h.class = 'induction') AS induction
-                 FROM head_scores h JOIN queries q2 USING (query_id)
+                 FROM head_scores h JOIN current_queries q2 USING (query_id)
                  WHERE h.side = 'clean'
                  GROUP BY ALL
              ) c ON c.run_id = q.run_id AND c.layer = a.layer AND c.head = a.head

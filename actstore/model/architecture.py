@@ -38,7 +38,6 @@ FAMILIES = {
     "qwen2": "Qwen2",
     "gemma2": "Gemma 2",
 }
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma2")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
 ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -152,13 +152,3 @@ def _frame(hook: str, labels: list, sums: np.ndarray, counts: np.ndarray) -> pl.
             "n": n.ravel()[keep].astype(np.int32),
         }
     )
-
-
-def as_array(rows: pl.DataFrame) -> dict[Any, np.ndarray]:
-    """Reduction rows back to one (pos, idx) array per group, NaN where no prompt contributed."""
-    out: dict[Any, np.ndarray] = {}
-    for (label,), part in rows.group_by(["grp"], maintain_order=True):
-        grid = np.full((part["pos"].max() + 1, part["idx"].max() + 1), np.nan)
-        grid[part["pos"].to_numpy(), part["idx"].to_numpy()] = part["value"].to_numpy()
-        out[label] = grid
-    return out

@@ -11,8 +11,8 @@ from queries.analysis.report.page import Page, card, esc, table
 
 
 def attention_queries(store: Store, runs: list[int]) -> pl.DataFrame:
-    """Every attention row of the runs' attention queries, with its run and task; empty for a
-    catalog from before attention."""
+    """Every attention row of the runs' current attention queries (a recomputed one supersedes
+    the old), with its run and task; empty for a catalog from before attention."""
     tables = store._trusted_query(
         "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'attention' "
         "AND table_catalog = current_database()"
@@ -24,7 +24,7 @@ def attention_queries(store: Store, runs: list[int]) -> pl.DataFrame:
         SELECT a.*, {HEAD_NODE.format(layer="a.layer", head="a.head")} AS node, q.run_id,
                q.to_roles, r.task, r.n_prompts
         FROM attention a JOIN query_params q USING (query_id)
-             LEFT JOIN runs r ON r.run_id = q.run_id
+             JOIN current_queries c USING (query_id) LEFT JOIN runs r ON r.run_id = q.run_id
         WHERE q.kind = 'attention' AND q.run_id IN (SELECT unnest(?))
         ORDER BY a.query_id, a.layer, a.head
         """,
