@@ -21,7 +21,8 @@ share of that bound reached and the largest |difference| of the metric:
 - **logits**: `--senders all --receivers logits` against one TL forward per sender adding its
   clean − corrupted output to `ln_final.hook_in`.
 - **prefix reuse**: the q sweep with the sender restricted to END (`--positions END`), our
-  recompute from END only over the base run's cached prefix against our full-length recompute.
+  recompute from END only over the base run's cached prefix against our plain full-length
+  recompute (`fast=False`).
 - **exact edges**: `attribute --method exact`'s every edge against TL's one hooked forward
   per edge; at GPT-2-small shape (32,491 edges, hours for either side) the edges of a few
   evenly spaced source nodes, in seconds per 1,000 edges.
@@ -103,7 +104,7 @@ def peak_mib() -> float:
 
 
 def ours(
-    store: Store, model: ModelAdapter, senders: str, receivers: str, roles=None, reuse=True
+    store: Store, model: ModelAdapter, senders: str, receivers: str, roles=None, fast=True
 ) -> tuple[list[tuple[str, str]], np.ndarray, float, float]:
     """(sender, receiver) names, their values (the first role's), seconds and FLOPs of our
     path patching over the stored run (what `compute_paths` runs, on the loaded model)."""
@@ -114,7 +115,7 @@ def ours(
     at = None if roles is None else positions(store, 1, roles)
     e = Engine.from_adapter(model)
     reader = Reader(store, 1, model.device, e)
-    sums = sum(span_sums(e, reader, span, chosen, at, "logit-diff", "denoise", reuse)
+    sums = sum(span_sums(e, reader, span, chosen, at, "logit-diff", "denoise", fast)
                for span in reader.spans())  # fmt: skip
     names = [(s.name, r.name) for s, r in chosen]
     return names, sums[:, 0] / reader.n, time.perf_counter() - started, e.flops
@@ -218,10 +219,10 @@ def bench(name: str, model: ModelAdapter, setting: Setting, n_prompts: int) -> N
         line(f"all -> logits (TL hooks{timed})", len(names), tl_s, ours_s,
              len(names) * forward / flops, float(np.abs(values[pick] - want).max()))  # fmt: skip
 
-        # the q sweep restricted to END: the cached prefix reused against a full recompute
+        # the q sweep restricted to END: the cached prefix reused against the plain recompute
         _, full, full_s, full_flops = ours(store, model, "a0.h0", receivers, ["END"], False)
         _, tail, tail_s, tail_flops = ours(store, model, "a0.h0", receivers, ["END"], True)
-        line("  --positions END: tail only (TL: ours, full)", len(full), full_s, tail_s,
+        line("  --positions END: tail only (TL: ours, plain)", len(full), full_s, tail_s,
              full_flops / tail_flops, float(np.abs(full - tail).max()))  # fmt: skip
 
         if setting.exact:

@@ -28,7 +28,7 @@ from edge_reference import (
 )
 from families import FAMILIES, random_model, save, split_input_twin
 from patching_helpers import absolute_spec, assert_matches_transformer_lens, hooked_full_patch
-from paths_check import assert_prefix_reuse_is_exact
+from paths_check import assert_fast_is_exact
 from tree_check import assert_tree_equals_dense
 
 import actstore
@@ -315,12 +315,15 @@ def test_path_patching_matches_direct_path(fam):
             assert got[(f"a{layer}.h{head}", "q")] == pytest.approx(want, abs=1e-4)
 
 
-def test_path_prefix_reuse_equals_full_recompute(fam):
-    """Role-restricted senders: the tail recompute over the base run's prefix keys and values
-    (per query head where a receiver reads k or v under grouped-query attention) equals the
-    full-length one."""
-    assert_prefix_reuse_is_exact(fam.store, "a0.h1,m0,a1.*", "a*.*:q,a2.*:k,a1.*:v,m1,logits",
-                                 ["S2", "END"], "denoise")  # fmt: skip
+@pytest.mark.parametrize("roles", [["S2", "END"], None], ids=["roles", "every-position"])
+def test_path_fast_recompute_equals_plain_recompute(fam, roles):
+    """The fast recompute (the tail from each role's earliest position, or from the first
+    position where the clean and corrupted tokens differ, over the base run's prefix keys and
+    values, per query head where a receiver reads k or v under grouped-query attention; the
+    first receivers' layer computed once for the base run; the last layer at the final
+    positions) equals the plain full-length one."""
+    assert_fast_is_exact(fam.store, "a0.h1,m0,a1.*", "a*.*:q,a2.*:k,a1.*:v,m1,logits", roles,
+                         "denoise")  # fmt: skip
 
 
 # ---- subspace and reductions --------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from edge_reference import data_of, logit_diff, node_outputs
 from older import as_version
-from paths_check import assert_prefix_reuse_is_exact
+from paths_check import assert_fast_is_exact
 
 from actstore.app.cli import main
 from actstore.core.store import Store
@@ -269,15 +269,44 @@ def test_a_catalog_of_the_previous_schema_answers_a_new_query(run, tmp_path):
     assert version == str(SCHEMA_VERSION)
 
 
+@pytest.mark.parametrize("roles", [["S2", "END", "IO"], None], ids=["roles", "every-position"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_position_restricted_paths_reuse_the_base_prefix_exactly(run, direction):
-    """Senders restricted to roles recompute only from each role's earliest position, attending
-    over the base run's keys and values before it: the same as recomputing every position."""
+def test_fast_recompute_equals_the_plain_one(run, direction, roles):
+    """Senders restricted to roles recompute only from each role's earliest position, and
+    unrestricted ones from the first position where the clean and corrupted tokens differ,
+    attending over the base run's keys and values before it; the first receivers' layer is
+    computed once for the base run and the last layer at the final positions only: the same as
+    recomputing every variant at every position."""
     store, _, _ = run
-    assert_prefix_reuse_is_exact(
-        store, "a0.h1,m0,a1.*", "a*.*:q,a2.h1:k,a3.h0:v,m2,a2.h0:q+a3.h3:k,logits",
-        ["S2", "END", "IO"], direction,
+    assert_fast_is_exact(
+        store, "a0.h1,m0,a1.*", "a*.*:q,a2.h1:k,a3.h0:v,m2,a2.h0:q+a3.h3:k,logits", roles,
+        direction,
     )  # fmt: skip
+
+
+def test_unrestricted_senders_start_where_the_inputs_first_differ(run, tmp_path):
+    """The tail starts at the first position where some prompt's clean and corrupted tokens
+    differ (IOI's ABC names); under gaussian noising, where the tokens are equal, at the first
+    noised subject token, read from the stored noised embeddings. Both runs' fast paths equal
+    their plain recompute."""
+    from ingest.runner import ingest
+    from queries.core.engine import Engine
+    from queries.core.reader import Reader
+    from queries.paths.compute import _first_change
+
+    store, adapter, data = run
+    ingest(tmp_path / "noised", model=adapter, task="ioi", n=8, batch_size=4,
+           corruption="gaussian")  # fmt: skip
+    noised = Store(tmp_path / "noised")
+    for s, differs in ((store, data["clean"] != data["corrupted"]), (noised, None)):
+        e = Engine.from_adapter(adapter)
+        reader = Reader(s, 1, adapter.device, e)
+        firsts = [_first_change(e, reader, span) for span in reader.spans()]
+        if differs is not None:
+            want = [int(differs[sp.lo : sp.hi].any(0).nonzero()[0]) for sp in reader.spans()]
+            assert firsts == want
+        assert min(firsts) > 0
+        assert_fast_is_exact(s, "a0.h1,m0", "a*.*:q,a3.h0:v,m2,logits", None, "denoise")
 
 
 @pytest.mark.slow

@@ -117,3 +117,26 @@ def test_reduce_refuses_its_old_scheduler_spelling(ioi_copy):
     assert address.exit_code == 2
     assert "give the scheduler as --scheduler h:8786" in address.output
     assert "--scheduler ADDRESS" in runner.invoke(main, ["reduce", "--help"]).output
+
+
+def test_a_worker_keeps_one_run_context_per_location_run_and_device(ioi_store, monkeypatch):
+    """A sweep's tasks on one worker share its run context: the model loads and the run opens
+    on the first task of a (location, run, device), and a task of another key replaces it (one
+    model in memory)."""
+    from queries.core import run_model, sweep
+
+    loads = []
+    real = run_model.model_for_run
+
+    def counted(run, device, *args, **kwargs):
+        loads.append(device)
+        return real(run, device, *args, **kwargs)
+
+    monkeypatch.setattr(run_model, "model_for_run", counted)
+    monkeypatch.setattr(sweep, "_contexts", {})
+    first = sweep.run_context(str(ioi_store), 1, "cpu")
+    assert sweep.run_context(str(ioi_store), 1, "cpu") is first and loads == ["cpu"]
+    assert first.reader.store is first.store and first.engine is first.reader.engine
+    other = sweep.run_context(str(ioi_store), 1, None)
+    assert other is not first and loads == ["cpu", None]
+    assert list(sweep._contexts) == [(str(ioi_store), 1, None)]

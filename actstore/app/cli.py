@@ -80,8 +80,8 @@ RECOMPUTE = click.option(
     "--recompute", is_flag=True,
     help="Compute again even if asked before; the new query supersedes the old.",
 )  # fmt: skip
-# One --metric for the verbs that measure one (patch, attribute, path, intervene), one --direction
-# for those that patch (patch, path).
+# One --metric for the verbs that measure one (patch, attribute, path, intervene, subspace), one
+# --direction for those that patch (patch, path; subspace's also points its old use to --basis).
 METRIC = click.option(
     "--metric", type=click.Choice(choices.METRICS), default="logit-diff", show_default=True
 )
@@ -89,6 +89,10 @@ DIRECTION = click.option(
     "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
     help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
 )  # fmt: skip
+# One --batch-size for the queries that take it (patch, attention, heads): prompts per forward.
+BATCH_SIZE = click.option(
+    "--batch-size", type=int, default=8, show_default=True, help="Prompts per batch."
+)
 # One --top for the verbs that print ranked rows: the K most important, all of them stored.
 TOP = click.option(
     "--top", type=click.IntRange(min=0),
@@ -360,12 +364,7 @@ def _patch_direction(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="all (real positions), final, roles (IO,S2: each prompt's own positions), or N "
     "where every prompt has one length.",
 )  # fmt: skip
-@click.option(
-    "--metric",
-    type=click.Choice(choices.METRICS),
-    default="logit-diff",
-    show_default=True,
-)
+@METRIC
 @click.option(
     "--direction", default="denoise", show_default=True, callback=_patch_direction,
     help="denoise: clean into corrupted; noise: corrupted into clean.",
@@ -456,7 +455,7 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=False)
 @FORMAT
 def attention(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -478,7 +477,7 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
 @RUN
 @click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
 @RECOMPUTE
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=False)
 @FORMAT
 def heads(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -812,7 +811,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 )
 @RECOMPUTE
 @TOP
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
+@BATCH_SIZE
 @runtime_options(distributed=True)
 @FORMAT
 def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:

@@ -10,6 +10,9 @@ import re
 
 INPUT = "input"
 LOGITS = "logits"
+# A node's kind, from input to logits: the input and the logits are their own kinds.
+HEAD, MLP = "head", "mlp"
+NODE_KINDS = (INPUT, HEAD, MLP, LOGITS)
 
 # A head's and an MLP's name, as regular expressions (Python's and DuckDB's alike) whose groups
 # are the layer and the head.
@@ -32,7 +35,7 @@ NODE_LAYER = (
 NODE_HEAD = f"TRY_CAST(regexp_extract({{node}}, '^{HEAD_PATTERN}$', 2) AS INTEGER)"
 NODE_KIND = (
     f"CASE WHEN {{node}} IN ('{INPUT}', '{LOGITS}') THEN {{node}} "
-    f"WHEN regexp_full_match({{node}}, '{MLP_PATTERN}') THEN 'mlp' ELSE 'head' END"
+    f"WHEN regexp_full_match({{node}}, '{MLP_PATTERN}') THEN '{MLP}' ELSE '{HEAD}' END"
 )
 
 

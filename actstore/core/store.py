@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,10 +215,47 @@ class Store:
             )
         return row
 
-    def prompts(self, run: int) -> pl.DataFrame:
-        return self._trusted_query(
-            "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_idx", [run]
-        )
+    def prompts(
+        self,
+        run: int,
+        columns: Sequence[str] | None = None,
+        lo: int | None = None,
+        hi: int | None = None,
+    ) -> pl.DataFrame:
+        """A run's prompts in prompt order: every column, or only `columns`; every prompt, or only
+        prompts [lo, hi). A query reads the columns it needs one span at a time, so its memory
+        does not grow with the run (the texts stay in the catalog)."""
+        where, params = "run_id = ?", [run]
+        if lo is not None:
+            where, params = f"{where} AND prompt_idx >= ?", [*params, int(lo)]
+        if hi is not None:
+            where, params = f"{where} AND prompt_idx < ?", [*params, int(hi)]
+        with self.reading():  # the column check and the read: one catalog connection
+            names = "*"
+            if columns is not None:
+                names = ", ".join(f'"{c}"' for c in self.check_prompt_columns(columns))
+            return self._trusted_query(
+                f"SELECT {names} FROM prompts WHERE {where} ORDER BY prompt_idx", params
+            )
+
+    def prompt_columns(self) -> list[str]:
+        """The prompts table's columns as the catalog lists them (a task's own, e.g. `grp`,
+        included): the only names `prompts(columns=…)` puts into SQL."""
+        return self._trusted_query("SELECT * FROM prompts LIMIT 0").columns
+
+    def check_prompt_columns(
+        self, columns: Sequence[str], option: str | None = None, others: Sequence[str] = ()
+    ) -> list[str]:
+        """`columns` if each is a prompts column (or one of `others`, names the caller accepts
+        besides), else a one-line usage error naming the first that is not, after the `option`
+        it came from, and what to use instead."""
+        known = self.prompt_columns()
+        for c in columns:
+            if c not in known and c not in others:
+                label = f"{option} {c}" if option else repr(c)
+                choices = ", ".join([*others, *(k for k in known if k != "run_id")])
+                raise UsageError(f"{label}: not a prompts column; use one of {choices}")
+        return list(columns)
 
     def arrays(self, run: int | None = None) -> pl.DataFrame:
         where = "" if run is None else f"WHERE run_id = {int(run)}"

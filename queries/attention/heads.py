@@ -94,7 +94,7 @@ def _compute(
     n_layers, n_heads = model.shape.n_layers, model.shape.n_heads
     sums = np.zeros((len(CLASSES), n_layers, n_heads))
     n = 0
-    lengths = store.prompts(run)["seq_len"].to_numpy()
+    lengths = store.prompts(run, ["seq_len"])["seq_len"].to_numpy()
     for span, patterns in attention_patterns(store, run, side, model, batch_size):
         tokens = torch.as_tensor(store.read(run, side, "tokens", span.lo, span.hi)).long()
         for i, b in enumerate(span.index):

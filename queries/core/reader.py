@@ -5,8 +5,10 @@ run's prompts in spans (the run's ingest batches by default, so memory is bounde
 and `tensor` is the single place where a stored array becomes a tensor. A hook the run stores is
 read as stored; one it does not store (a lean run: actstore.model.derivable) is derived from the
 stored ones with the query's engine (queries/core/derive.py), each intermediate once per span and
-side. What a query needs beyond the arrays (final positions, answers, the clean logits a metric
-compares with) comes from the run's prompts table, read once.
+side. What a query needs beyond the arrays (final positions, answers and answer sets; the clean
+logits a metric compares with are an array) comes from the run's prompts table, read per span:
+only the columns a query uses (`COLUMNS`, never the texts) of the span's prompts, and only the
+current span's kept, so a reader's memory does not grow with the number of prompts.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
 from actstore.core.arrays import batch_bounds, batch_count
 from actstore.core.choices import SIDES
-from actstore.core.errors import UsageError
+from actstore.core.errors import DamagedError, UsageError
 from actstore.core.store import Store
 from actstore.core.verified import VerifiedArray
 from actstore.model.derivable import TOKENS
@@ -29,6 +32,9 @@ from actstore.model.metrics import AnswerSets, Targets, answer_arrays
 from queries.core.derive import Derivation
 from queries.core.engine import Engine
 from queries.core.run_model import model_for_run
+
+# The prompts columns every query reads, per span: final positions, answers and answer sets.
+COLUMNS = ("seq_len", "answer_token", "wrong_answer_token", "answer_tokens", "wrong_answer_tokens")
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,10 @@ class Reader:
         with store.reading():
             self.run = store.run(run) if isinstance(run, int) else run
             self.run_id = int(self.run["run_id"])
-            self.prompts = store.prompts(self.run_id)
             self.stored = {side: set(store.hooks(self.run_id, side)) for side in SIDES}
-        self.n = self.prompts.height
-        cols = ("seq_len", "answer_token", "wrong_answer_token")
-        self.columns = {c: np.asarray(self.prompts[c].to_numpy(), dtype=np.int64) for c in cols}
-        self.sets = answer_arrays(self.prompts)
+        self.n = int(self.run["n_prompts"])
+        # The current span's COLUMNS, keyed by its range (memory: one span's).
+        self._span: tuple[tuple[int, int], pl.DataFrame] | None = None
         self.derived = set(self.run["params"].get("derived", []))
         self._derivations: dict[tuple, Derivation] = {}
         # Each (side, hook) array opened once per reader, i.e. per query: its metadata is read
@@ -160,22 +164,53 @@ class Reader:
             self._derivations[key] = Derivation(self.engine, read, self.finals(span), at)
         return self._derivations[key]
 
+    def prompts(self, span: Span) -> pl.DataFrame:
+        """The span's prompts' `COLUMNS`, in prompt order: read from the catalog on the span's
+        first ask; only the current span's range is kept."""
+        current = self._span
+        if current is None or current[0] != (span.lo, span.hi):
+            current = self._span = ((span.lo, span.hi), self._read(COLUMNS, span.lo, span.hi))
+        frame = current[1]
+        return frame if span.rows is None else frame[span.rows - span.lo]
+
+    def values(self, name: str, index: np.ndarray) -> list[Any]:
+        """One prompts column (checked against the catalog's) of the prompts `index` (sorted,
+        within one span, as a batch's `prompt_idx`), read from the catalog for them alone."""
+        lo = int(index[0]) if len(index) else 0
+        hi = int(index[-1]) + 1 if len(index) else 0
+        values = self._read([name], lo, hi)[name].to_list()
+        return [values[int(i) - lo] for i in index]
+
+    def _read(self, columns: Iterable[str], lo: int, hi: int) -> pl.DataFrame:
+        """Prompts [lo, hi)'s `columns`; a prompt without its row is damage, never a shift."""
+        frame = self.store.prompts(self.run_id, list(columns), lo, hi)
+        if frame.height != hi - lo:
+            raise DamagedError(
+                f"run {self.run_id} prompts {lo}..{hi - 1}: the prompts table holds "
+                f"{frame.height} of their {hi - lo} rows; run actstore verify"
+            )
+        return frame
+
     def column(self, name: str, span: Span) -> torch.Tensor:
         """A prompts column ("seq_len", "answer_token", "wrong_answer_token") as token ids."""
-        return torch.as_tensor(self.columns[name][span.index], dtype=torch.long, device=self.device)
+        values = self.prompts(span)[name].to_numpy()
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
 
     def finals(self, span: Span) -> torch.Tensor:
         """Each prompt's final position."""
         return self.column("seq_len", span) - 1
 
+    def answer_sets(self, span: Span) -> AnswerSets:
+        """The span's answer sets, padded to the widest set among the span's prompts."""
+        return AnswerSets.from_arrays(answer_arrays(self.prompts(span)), 0, span.size, self.device)
+
     def targets(self, span: Span) -> Targets:
         """What the metrics compare against: answers, answer sets and the stored clean logits."""
-        sets = {k: v[span.index] for k, v in self.sets.items()}
         return Targets(
             self.column("answer_token", span),
             self.column("wrong_answer_token", span),
             self.tensor("clean", "logits", span),
-            AnswerSets.from_arrays(sets, 0, span.size, self.device),
+            self.answer_sets(span),
         )
 
 

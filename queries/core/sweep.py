@@ -150,8 +150,8 @@ def _one_thread(task: Callable[..., Any], item: Any, *args: Any) -> Any:
 @dataclass(frozen=True, eq=False)
 class RunContext:
     """What every task of one run shares on a worker: the store, the run's row, its model, the
-    engine and the reader (which has read the run's prompt columns once), and the prompts'
-    role positions asked so far (each set read once, not per task)."""
+    engine and the reader (which reads each task's prompt columns for its span alone), and the
+    prompts' role positions asked so far (each set read once, not per task)."""
 
     store: Store
     run: dict

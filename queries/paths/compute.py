@@ -19,12 +19,22 @@ With one receiver this is one edge of the edge graph patched in the base run, wh
 TransformerLens' `get_act_patch_direct_path` measures. Variants that start at the same layer run
 together, in chunks that bound memory; nothing before that layer is recomputed.
 
-A sender restricted to a role (`--positions`) changes nothing before the span's earliest
-position of that role: attention is causal, so there every layer holds the base run's values.
-Those variants recompute only the tail from that position on; each layer's queries there attend
-over the base run's keys and values of the prefix (ln1 of its stored residual, projected once per
-span and layer) and their own of the tail, at true positions, so the result is the same as a
-full-length recompute (`reuse_prefix=False`, kept to show it).
+The fast recompute (`fast=False` is the plain one: every variant at every position of every
+layer from its first receiver's, kept as the reference the shortcuts are tested against) skips
+what cannot change, all of it exact:
+- Positions before the first one where the span's clean and corrupted inputs differ (their
+  tokens; under gaussian noising the noised embeddings the run stores): both runs compute the
+  same values there at every layer, attention being causal, so every sender's Δ is zero. A
+  sender restricted to a role (`--positions`) changes nothing before the span's earliest
+  position of that role either. Variants recompute only the tail from there on; each layer's
+  queries attend over the base run's keys and values of the prefix (ln1 of its stored residual,
+  projected once per span and layer) and their own of the tail, at true positions. Positions
+  after every prompt's final one are not computed at all.
+- On the first receivers' layer every variant's residual is the base run's: its attention and
+  MLP are computed once, and per variant only what the receivers change (their heads' pinned q,
+  k or v, those heads' attention, and the MLP where it is a receiver).
+- On the last layer only each prompt's final position is read by the metric: keys and values at
+  every position, queries, attention output and MLP at the final one.
 """
 
 from __future__ import annotations
@@ -34,7 +44,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from actstore.core.choices import SIDES
+from actstore.model.derivable import INPUT_EMBEDS, TOKENS
 from actstore.model.hooks import final_hook, hook_name
 from actstore.model.metrics import from_resid
 from queries.core.engine import Engine
@@ -53,17 +66,17 @@ def span_sums(
     roles: np.ndarray | None,
     metric: str,
     direction: str,
-    reuse_prefix: bool = True,
+    fast: bool = True,
 ) -> np.ndarray:
     """Σ over the span's prompts of the metric of every (pair, role) variant: (n_pairs, n_roles);
     `roles` (n_prompts, n_roles) holds each prompt's position of each role (None: one column,
-    every position). `reuse_prefix` recomputes a role's variants only from its earliest
-    position in the span (the module docstring)."""
+    every position). `fast=False` is the plain recompute (the module docstring)."""
     base, src = sides(direction)
     with torch.no_grad():
         t, last = reader.targets(span), reader.finals(span)
         delta = _deltas(e, reader, span, {s for s, _ in pairs}, base, src)
         B, T, D = next(iter(delta.values())).shape
+        stop = int(last.max()) + 1 if fast else T
         if roles is None:
             masks = torch.ones(1, B, T, 1, device=last.device)
             firsts = [0]
@@ -71,33 +84,59 @@ def span_sums(
             at = torch.as_tensor(roles[span.index], device=last.device)  # (B, n_roles)
             grid = torch.arange(T, device=last.device)
             masks = (grid[None, None, :] == at.T[:, :, None]).float()[..., None]
-            firsts = at.min(0).values.tolist() if reuse_prefix else [0] * at.shape[1]
+            firsts = at.min(0).values.tolist()
+        if fast:  # every prompt's final position stays in the recomputed tail
+            changed, lowest = _first_change(e, reader, span), int(last.min())
+            firsts = [min(max(f, changed), lowest) for f in firsts]
+        else:
+            firsts = [0] * len(firsts)
         variants = [(i, r) for i in range(len(pairs)) for r in range(masks.shape[0])]
         groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         for i, r in variants:
             start = min(_layer(m, e.n_layers) for m in pairs[i][1].members)
             groups[(start, firsts[r])].append((i, r))
-        state = _BaseRun(e, reader, span, base, last)
+        state = _BaseRun(e, reader, span, base, last, stop)
         out = np.zeros((len(pairs), masks.shape[0]))
         for (start, s0), chosen in sorted(groups.items()):
-            step = max(1, VARIANT_ELEMENTS // (B * (T - s0) * D))
+            step = max(1, VARIANT_ELEMENTS // (B * (stop - s0) * D))
             for lo in range(0, len(chosen), step):
                 part = chosen[lo : lo + step]
-                dl = torch.stack([delta[pairs[i][0]][:, s0:] * masks[r][:, s0:] for i, r in part])
+                dl = torch.stack([delta[pairs[i][0]][:, s0:stop] * masks[r][:, s0:stop]
+                                  for i, r in part])  # fmt: skip
                 receivers = [pairs[i][1] for i, _ in part]
-                values = _run(e, state, start, s0, receivers, dl, metric, t)
+                values = _run(e, state, start, s0, receivers, dl, metric, t, fast)
                 for (i, r), v in zip(part, values.sum(-1).tolist(), strict=True):
                     out[i, r] = v
     return out
 
 
-class _BaseRun:
-    """The base run's residual stream where receivers pin their inputs, read once per span."""
+def _first_change(e: Engine, reader: Reader, span: Span) -> int:
+    """The first position where some prompt's clean and corrupted inputs differ (the span's
+    length where none do), decided from the inputs: the tokens, and under gaussian noising
+    the noised embeddings of layer 0 the run stores against the clean tokens' embeddings. 0
+    where the run stores neither, or noises its inputs without storing them."""
+    noised = INPUT_EMBEDS in reader.stored["corrupted"]
+    token_level = reader.run["params"].get("corruption", "str") == "str"
+    if any(TOKENS not in reader.stored[side] for side in SIDES) or not (noised or token_level):
+        return 0
+    clean, corrupted = (reader.tensor(side, TOKENS, span, torch.long) for side in SIDES)
+    differs = clean != corrupted
+    if noised:
+        differs |= (reader.tensor("corrupted", INPUT_EMBEDS, span) != e.embed(clean)).any(-1)
+    at = differs.any(0).nonzero()
+    return int(at[0]) if len(at) else differs.shape[1]
 
-    def __init__(self, e: Engine, reader: Reader, span: Span, side: str, last: torch.Tensor):
+
+class _BaseRun:
+    """The base run's residual stream where receivers pin their inputs, read once per span, and
+    its queries, keys and values at positions < `stop`, projected once per layer."""
+
+    def __init__(
+        self, e: Engine, reader: Reader, span: Span, side: str, last: torch.Tensor, stop: int
+    ):
         self.e, self.reader, self.span, self.side, self.last = e, reader, span, side, last
+        self.stop = stop
         self.cache: dict[str, torch.Tensor] = {}
-        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, short: str, layer: int) -> torch.Tensor:
         """resid_pre / resid_mid of a layer (layer = n_layers: the final residual)."""
@@ -111,6 +150,20 @@ class _BaseRun:
         resid = self.get("resid_pre", self.e.n_layers)
         return resid[torch.arange(resid.shape[0], device=resid.device), self.last]
 
+    def projected(self, what: str, layer: int) -> torch.Tensor:
+        """The base run's queries ("q", (B, stop, heads, d_head)), or keys or values ("k", "v",
+        per key/value head) of a layer."""
+        key = f"{what}.{layer}"
+        if key not in self.cache:
+            resid = self.get("resid_pre", layer)[:, : self.stop]
+            pos = torch.arange(self.stop, device=resid.device)
+            normed = self.e.ln1(layer, resid)
+            if what == "q":
+                self.cache[key] = self.e.q(layer, normed, pos)
+            else:
+                self.cache[f"k.{layer}"], self.cache[f"v.{layer}"] = self.e.kv(layer, normed, pos)
+        return self.cache[key]
+
     def prefix(
         self, layer: int, s0: int, per_query_head: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -118,12 +171,7 @@ class _BaseRun:
         one copy per key/value head, or per query head (`per_query_head`); None when s0 = 0."""
         if s0 == 0:
             return None
-        key = f"kv.{layer}"
-        if key not in self.kv:
-            resid = self.get("resid_pre", layer)
-            pos = torch.arange(resid.shape[1], device=resid.device)
-            self.kv[key] = self.e.kv(layer, self.e.ln1(layer, resid), pos)
-        k, v = (x[:, :s0] for x in self.kv[key])
+        k, v = (self.projected(x, layer)[:, :s0] for x in "kv")
         if not per_query_head:
             return k, v
         group = torch.arange(self.e.n_heads, device=k.device) // self.e.arch.group_size
@@ -161,6 +209,7 @@ def _run(
     dl: torch.Tensor,
     metric: str,
     t,
+    fast: bool,
 ) -> torch.Tensor:
     """Per-variant, per-prompt metric (n, B) of variants whose first receiver is at `start`,
     recomputed from position s0 on: `dl` (n, B, T − s0, D) is each variant's Δ there."""
@@ -180,29 +229,112 @@ def _run(
             else:
                 logits[v] = True
     rows, tail = torch.arange(B, device=dev), state.last - s0
+    before = "resid_pre" if e.arch.parallel else "resid_mid"
     if start == e.n_layers:
         final = state.final().expand(n, B, D)
     else:
-        resid = state.get("resid_pre", start)[:, s0:].expand(n, B, T, D)
+        resid = None  # every variant's residual is the base run's up to the first receivers
         for layer in range(start, e.n_layers):
+            # on the last layer only the final positions' queries onwards, where fast
+            at = tail if fast and layer == e.n_layers - 1 else None
+            if resid is None and fast:
+                resid = _first_layer(e, state, layer, s0, dl, heads.get(layer), mlps.get(layer),
+                                     at)  # fmt: skip
+                continue
+            if resid is None:
+                resid = state.get("resid_pre", layer)[:, s0 : s0 + T].expand(n, B, T, D)
             prefix = state.prefix(layer, s0, per_query_head=layer in heads)
             if layer in heads:
-                pinned = state.get("resid_pre", layer)[:, s0:] + dl
-                z = _attention(e, layer, resid, pinned, heads[layer], s0, prefix)
+                pinned = state.get("resid_pre", layer)[:, s0 : s0 + T] + dl
+                z = _attention(e, layer, resid, pinned, heads[layer], s0, prefix, at)
             else:
-                z = _attention(e, layer, resid, None, None, s0, prefix)
-            mid = resid + e.attn_residual(layer, e.attn_out(layer, z))
-            x = resid if e.arch.parallel else mid
+                z = _attention(e, layer, resid, None, None, s0, prefix, at)
+            here = resid if at is None else resid[:, rows, at][:, :, None]
+            mid = here + e.attn_residual(layer, e.attn_out(layer, z))
+            x = here if e.arch.parallel else mid
             if layer in mlps:
-                before = "resid_pre" if e.arch.parallel else "resid_mid"
-                pinned = state.get(before, layer)[:, s0:] + dl
+                pinned = _at(state.get(before, layer)[:, s0 : s0 + T] + dl, at)
                 x = torch.where(mlps[layer][:, None, None, None], pinned, x)
             resid = mid + e.mlp(layer, x)
-        final = resid[:, rows, tail]
+        final = resid[:, :, 0] if fast else resid[:, rows, tail]
     if bool(logits.any()):
         direct = state.final() + dl[:, rows, tail]
         final = torch.where(logits[:, None, None], direct, final)
     return from_resid(e, metric, final, t)
+
+
+def _at(x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    """x (…, B, T, D) at each prompt's position `at` (B,) as (…, B, 1, D); all of x for None."""
+    if at is None:
+        return x
+    return x[..., torch.arange(x.shape[-3], device=x.device), at, :][..., None, :]
+
+
+def _first_layer(
+    e: Engine,
+    state: _BaseRun,
+    layer: int,
+    s0: int,
+    dl: torch.Tensor,
+    heads: torch.Tensor | None,
+    mlps: torch.Tensor | None,
+    at: torch.Tensor | None,
+) -> torch.Tensor:
+    """The residual (n, B, Tq, D) leaving the first receivers' layer, where every variant enters
+    with the base run's residual: the base run's attention (and, in parallel blocks, MLP) once,
+    and per variant what its receivers change: their heads' attention from the pinned q, k or v
+    input (`heads` (3, n, H)), and the MLP from the pinned input (`mlps` (n,)). Tq is the tail's
+    length, or 1 (the final positions) for `at`."""
+    n, B, T, D = dl.shape
+    stop = s0 + T
+    pos = torch.arange(s0, stop, device=dl.device)
+    q_pos = pos.expand(B, -1) if at is None else (at + s0)[:, None]
+    here = _at(state.get("resid_pre", layer)[:, s0:stop], at)  # (B, Tq, D)
+    q, k, v = (state.projected(x, layer) for x in "qkv")
+    q_here = _at(q[:, s0:].flatten(-2), at).unflatten(-1, q.shape[-2:])
+    z = e.attend(layer, q_here[None], k[None], v[None], q_pos, 0)[0]  # (B, Tq, H, dh)
+    mid = here + e.attn_residual(layer, e.attn_out(layer, z))
+    if heads is not None:
+        changed = heads.any(0)  # (n, H)
+        width = int(changed.sum(-1).max())
+        order = changed.int().sort(dim=-1, descending=True, stable=True).indices[:, :width]
+        valid = changed.gather(1, order)[:, None, None, :, None]  # padding slots: False
+        pick = heads.gather(2, order.expand(3, -1, -1))[:, :, None, None, :, None]
+        group = order // e.arch.group_size
+        w = e.weights.layers[layer]
+
+        def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids):
+            """Each variant's chosen heads' projection (n, B, T, width, d_head) of x."""
+            e.flops += 2.0 * x.numel() * width * e.d_head
+            out = torch.einsum("nbtd,nmde->nbtme", x, weight[ids])
+            return out if bias is None else out + bias[ids][:, None, None]
+
+        def per_variant(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            """x (B, T, heads, d_head) at each variant's chosen heads: (n, B, T, width, d_head)."""
+            return x[:, :, ids].permute(2, 0, 1, 3, 4)
+
+        normed = e.ln1(layer, state.get("resid_pre", layer)[:, s0:stop] + dl)
+        qs = torch.where(pick[0], e.rotate(project(_at(normed, at), w.W_Q, w.b_Q, order), q_pos),
+                         per_variant(q_here, order))  # fmt: skip
+        ks, vs = per_variant(k, group), per_variant(v, group)
+        k_new = e.rotate(project(normed, w.W_K, w.b_K, group), pos)
+        ks = torch.cat([ks[:, :, :s0], torch.where(pick[1], k_new, ks[:, :, s0:])], 2)
+        v_new = project(normed, w.W_V, w.b_V, group)
+        vs = torch.cat([vs[:, :, :s0], torch.where(pick[2], v_new, vs[:, :, s0:])], 2)
+        dz = (e.attend(layer, qs, ks, vs, q_pos, 0) - per_variant(z, order)) * valid
+        if e.layers[layer].ln1_post is None:  # the attention output is linear in each head's z
+            e.flops += 2.0 * dz.numel() * D
+            mid = mid + torch.einsum("nbtmd,nmdD->nbtD", dz, w.W_O[order])
+        else:
+            spread = F.one_hot(order, e.n_heads).to(dz.dtype)  # (n, width, H)
+            z = z + torch.einsum("nmh,nbtmd->nbthd", spread, dz)
+            mid = here + e.attn_residual(layer, e.attn_out(layer, z))
+    x = here if e.arch.parallel else mid
+    if mlps is not None:
+        before = "resid_pre" if e.arch.parallel else "resid_mid"
+        pinned = _at(state.get(before, layer)[:, s0:stop] + dl, at)
+        x = torch.where(mlps[:, None, None, None], pinned, x)
+    return (mid + e.mlp(layer, x)).expand(n, B, -1, D)
 
 
 def _attention(
@@ -213,25 +345,29 @@ def _attention(
     masks: torch.Tensor | None,
     s0: int,
     prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z (n, B, T, H, dh) of a layer over the residual (n, B, T, D) at positions s0..s0+T-1,
-    attending also to the base run's `prefix` keys and values at 0..s0-1. Receiver heads read
-    their q, k or v input from the pinned residual (n, B, T, D), per `masks` (3, n, H), their
-    keys and values one copy per query head (as `prefix` then is); without receivers (pinned
-    None) keys and values stay per key/value head."""
+    """z (n, B, Tq, H, dh) of a layer over the residual (n, B, T, D) at positions s0..s0+T-1,
+    attending also to the base run's `prefix` keys and values at 0..s0-1: for queries at every
+    position (Tq = T), or at each prompt's position s0 + `at` (B,) only (Tq = 1). Receiver heads
+    read their q, k or v input from the pinned residual (n, B, T, D), per `masks` (3, n, H),
+    their keys and values one copy per query head (as `prefix` then is); without receivers
+    (pinned None) keys and values stay per key/value head."""
     B, T = resid.shape[1:3]
     pos = torch.arange(s0, s0 + T, device=resid.device)
+    q_pos = pos.expand(B, -1) if at is None else (at + s0)[:, None]
     group = torch.arange(e.n_heads, device=resid.device) // e.arch.group_size
 
     def inputs(x: torch.Tensor) -> list[torch.Tensor]:
         normed = e.ln1(layer, x)
         k, v = e.kv(layer, normed, pos)
+        q = e.q(layer, _at(normed, at), q_pos)
         if pinned is None:
-            return [e.q(layer, normed, pos), k, v]
-        return [e.q(layer, normed, pos), k[..., group, :], v[..., group, :]]
+            return [q, k, v]
+        return [q, k[..., group, :], v[..., group, :]]
 
     qkv = inputs(resid)
     if pinned is not None and masks is not None:
         qkv = [torch.where(m[:, None, None, :, None], p, f)
                for m, p, f in zip(masks, inputs(pinned), qkv, strict=True)]  # fmt: skip
-    return e.attend(layer, *qkv, pos.expand(B, -1), s0, prefix)
+    return e.attend(layer, *qkv, q_pos, s0, prefix)

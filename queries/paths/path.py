@@ -111,16 +111,16 @@ def compute_paths(
     run: int,
     params: dict[str, Any],
     runtime: Runtime = Runtime(),
-    reuse_prefix: bool = True,
+    fast: bool = True,
 ) -> pl.DataFrame:
     """path_effects rows (without query_id) of checked parameters, over the run's batches (as
     Dask tasks with the runtime's workers or scheduler, partial sums added in batch order);
-    `reuse_prefix=False` recomputes role-restricted variants at every position (the reference
-    the prefix reuse is tested and benchmarked against)."""
+    `fast=False` recomputes every variant at every position of every layer from its first
+    receiver's (the reference the shortcuts are tested and benchmarked against)."""
     from queries.core.run_model import model_for_run
 
     setup = _Setup(RunContext.of(store, run, model_for_run(store.run(run), runtime.device)),
-                   params, reuse_prefix)  # fmt: skip
+                   params, fast)  # fmt: skip
     chosen, roles, metric = setup.chosen, params["positions"], params["metric"]
     spans = list(setup.reader.spans())
     sums = np.zeros((len(chosen), 1 if roles is None else len(roles)))
@@ -128,7 +128,7 @@ def compute_paths(
     bar = progress_bar(runtime.progress, total=len(spans), desc=f"path run {run}", unit="batch")
     with cluster(runtime) as client:
         parts = in_order(client, setup.span_sums, _span_task, spans, store.location, run, params,
-                         reuse_prefix, runtime.device, done=lambda: bar.update(1))  # fmt: skip
+                         fast, runtime.device, done=lambda: bar.update(1))  # fmt: skip
         for part, c, k in parts:  # in batch order: a fixed order of sums
             sums += part
             clean, corrupted = clean + c, corrupted + k
@@ -152,9 +152,9 @@ class _Setup:
     """What every prompt batch of a path query shares: the run's context, the (sender,
     receiver) pairs and each prompt's positions of the roles."""
 
-    def __init__(self, context: RunContext, params: dict[str, Any], reuse_prefix: bool = True):
+    def __init__(self, context: RunContext, params: dict[str, Any], fast: bool = True):
         self.engine, self.reader, self.params = context.engine, context.reader, params
-        self.reuse_prefix = reuse_prefix
+        self.fast = fast
         a = self.engine.arch
         self.chosen = recorded_pairs(params, Shape(a.n_layers, a.n_heads, a.parallel))
         roles = params["positions"]
@@ -170,7 +170,7 @@ class _Setup:
 
         p, reader = self.params, self.reader
         sums = span_sums(self.engine, reader, span, self.chosen, self.at, p["metric"],
-                         p["direction"], self.reuse_prefix)  # fmt: skip
+                         p["direction"], self.fast)  # fmt: skip
         with torch.no_grad():
             t = reader.targets(span)
             clean, corrupted = endpoints(p["metric"], t, reader.tensor("corrupted", "logits", span))
@@ -178,8 +178,8 @@ class _Setup:
 
 
 def _span_task(
-    span: Any, location: str, run: int, params: dict[str, Any], reuse_prefix: bool,
+    span: Any, location: str, run: int, params: dict[str, Any], fast: bool,
     device: str | None,
 ) -> tuple[np.ndarray, float, float]:  # fmt: skip
     """One prompt batch's partial sums, on a Dask worker (the run's context made once there)."""
-    return _Setup(run_context(location, run, device), params, reuse_prefix).span_sums(span)
+    return _Setup(run_context(location, run, device), params, fast).span_sums(span)

@@ -89,9 +89,8 @@ def _source(store: Store, run_id: int, side: str, hook: str, device: str | None)
 
 def _groups(store: Store, run_id: int, by: str | None) -> tuple[np.ndarray, np.ndarray, list]:
     """Each prompt's real length and group code, and the group labels (in code order)."""
-    columns = store.prompts(run_id).columns if by is not None else []
-    if by is not None and by not in columns:
-        raise UsageError(f"--by {by}: not a prompts column; choose one of {', '.join(columns)}")
+    if by is not None:
+        store.check_prompt_columns([by], "--by")
     key = f'CAST("{by}" AS VARCHAR)' if by is not None else "'all'"
     df = store._trusted_query(
         f"SELECT seq_len, {key} AS grp FROM prompts WHERE run_id = ? ORDER BY prompt_idx",

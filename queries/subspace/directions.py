@@ -10,11 +10,11 @@ mean. Column values of the form CLASS:subgroup (IOI's grp is "ABBA:t2") are grou
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 
 from actstore.core.errors import UsageError
@@ -45,9 +45,15 @@ def _masked_mean(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def mean_diff(
-    batches: Iterable[PatchBatch], prompts: pl.DataFrame, group_by: str, k: int, clean_first: bool
+    batches: Iterable[PatchBatch],
+    group_by: str,
+    labels: Callable[[np.ndarray], Sequence[Any]],
+    k: int,
+    clean_first: bool,
 ) -> torch.Tensor:
-    """A (d, k) basis from class means; `clean_first` says which side of a batch is clean."""
+    """A (d, k) basis from class means; `clean_first` says which side of a batch is clean.
+    `labels` gives a batch's prompts' `group_by` values (a prompts column the caller has
+    checked), read batch by batch as the activations are."""
     if group_by == "side":
         total, count = None, 0
         for b in batches:
@@ -58,22 +64,13 @@ def mean_diff(
         if k != 1:
             raise UsageError("--group-by side gives one direction; use --k 1 or --basis das")
         return orthonormal_basis(total / max(count, 1), what="mean-diff (clean − corrupted)")
-    if group_by not in prompts.columns:
-        raise UsageError(
-            f"--group-by {group_by}: not a prompts column; use side or one of "
-            f"{', '.join(c for c in prompts.columns if c not in ('run_id',))}"
-        )
-    labels = {
-        int(i): str(v).split(":", 1)[0]
-        for i, v in zip(prompts["prompt_idx"], prompts[group_by], strict=True)
-    }
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for b in batches:
         clean = b.source if clean_first else b.base
         means = _masked_mean(clean, b.mask)
-        for row, idx in enumerate(b.prompt_idx):
-            key = labels[int(idx)]
+        for row, value in enumerate(labels(b.prompt_idx)):
+            key = str(value).split(":", 1)[0]
             sums[key] = sums.get(key, 0) + means[row]
             counts[key] = counts.get(key, 0) + 1
     classes = sorted(sums)

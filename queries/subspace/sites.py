@@ -175,7 +175,7 @@ def site_batches(
         )
         if site.kind == "z":
             base, source = _z_view(base, site), _z_view(source, site)
-        lengths = reader.columns["seq_len"][span.index]
+        lengths = reader.prompts(span)["seq_len"].to_numpy()
         start = reader.tensor(base_side, hook_name("resid_pre", site.layer), span) if site.kind in (
             "z", "mlp_post") else None  # fmt: skip
         t = reader.targets(span)

@@ -140,6 +140,7 @@ def subspace(
         _check_k(store, info, hook, head, k)
         params.update(k=k, train_frac=train_frac, seed=seed)
         if basis == "mean-diff":
+            store.check_prompt_columns([group_by], "--group-by", others=("side",))
             params["group_by"] = group_by
         else:
             params.update(epochs=epochs, lr=lr)
@@ -198,8 +199,10 @@ def _compute(store: Store, run: dict, params: dict, device: str | None) -> dict[
         train, held_out = split_indices(n, params["train_frac"], params["seed"])
         split = "held-out"
         if source == "mean-diff":
-            basis = mean_diff(batches(train, "denoise"), reader.prompts, params["group_by"],
-                              params["k"], clean_first=True)  # fmt: skip
+            group_by = params["group_by"]
+            basis = mean_diff(batches(train, "denoise"), group_by,
+                              lambda index: reader.values(group_by, index), params["k"],
+                              clean_first=True)  # fmt: skip
         else:
             from queries.subspace.das import train_das
 

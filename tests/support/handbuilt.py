@@ -138,22 +138,35 @@ def circuit(score_id: int, edges: list[tuple[str, str, str | None]], faith: floa
     }
 
 
+def insert_models(con, rows: list[tuple]) -> None:
+    """`models` rows (model, n_layers, n_heads, d_model[, d_head, d_mlp]): the widths queries
+    check options against."""
+    for row in rows:
+        values = (*row, None, None)[:6]
+        con.execute(
+            "INSERT INTO models (model, n_layers, n_heads, d_model, d_head, d_mlp) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            list(values),
+        )
+
+
+def insert_run(con, run: int, model: str, task: str, n: int, batch_size: int | None = None) -> None:
+    """A complete run's row: `n` prompts, no parameters, no hooks."""
+    con.execute(
+        "INSERT INTO runs (run_id, model, task, corruption, n_prompts, status, params, hooks, "
+        "batch_size) VALUES (?, ?, ?, 'str', ?, 'complete', '{}', '[]', ?)",
+        [run, model, task, n, batch_size],
+    )
+
+
 def build(path: Path) -> dict[str, int]:
     """Create the store; returns the ids of what it holds by name."""
     store = Store(path, create=True)
     with store.writer(), store.catalog.write() as con:
-        con.execute(
-            "INSERT INTO models (model, n_layers, n_heads, d_model) VALUES ('hand', ?, ?, 16), "
-            "('other', 2, 2, 8)",
-            [N_LAYERS, N_HEADS],
-        )
+        insert_models(con, [("hand", N_LAYERS, N_HEADS, 16), ("other", 2, 2, 8)])
         for run, task, model in [(1, "ioi", "hand"), (2, "colored-objects", "hand"),
                                  (3, "ioi", "hand"), (4, "ioi", "other")]:  # fmt: skip
-            con.execute(
-                "INSERT INTO runs (run_id, model, task, corruption, n_prompts, status, params, "
-                "hooks) VALUES (?, ?, ?, 'str', 20, 'complete', '{}', '[]')",
-                [run, model, task],
-            )
+            insert_run(con, run, model, task, 20)
     ids: dict[str, int] = {}
     for run in (1, 2):
         params = {"component": "head", "metric": "logit-diff", "direction": "denoise"}
@@ -302,3 +315,30 @@ def insert_prompts(con, run: int, prompts: list[tuple[list[int], dict[str, int]]
         )
         for role, pos in {**roles, "END": len(tokens) - 1}.items():
             con.execute("INSERT INTO prompt_roles VALUES (?, ?, ?, ?)", [run, i, role, pos])
+
+
+def long_prompts(path: Path, n: int, batch_size: int = 8, text_chars: int = 2000) -> Store:
+    """A store of one complete run of `n` prompts (model `hand`, no arrays) with long texts, as
+    real runs have beside the few numbers a query reads: prompt i has seq_len 4 + i % 3, answer
+    token i, wrong answer token i + 1, answer set [i, i + 2], wrong set [i + 1], grp "g{i % 3}"."""
+    store = Store(path, create=True)
+    with store.writer(), store.catalog.write() as con:
+        insert_models(con, [("hand", N_LAYERS, N_HEADS, 16, 4, 64)])
+        insert_run(con, 1, "hand", "ioi", n, batch_size)
+    idx = list(range(n))
+    words = [f" word{w}" for w in range(text_chars // 8)]
+    prompts = pl.DataFrame(
+        {"run_id": [1] * n, "prompt_idx": idx,
+         "clean_text": [f"{i}:" + "c" * text_chars for i in idx],
+         "corrupted_text": [f"{i}:" + "x" * text_chars for i in idx],
+         "clean_token_texts": [words] * n, "seq_len": [4 + i % 3 for i in idx],
+         "answer_token": idx, "wrong_answer_token": [i + 1 for i in idx],
+         "answer_tokens": [[i, i + 2] for i in idx], "wrong_answer_tokens": [[i + 1] for i in idx],
+         "grp": [f"g{i % 3}" for i in idx]},
+        schema_overrides={"run_id": pl.Int32, "prompt_idx": pl.Int32, "seq_len": pl.Int32,
+                          "answer_token": pl.Int32, "wrong_answer_token": pl.Int32,
+                          "answer_tokens": pl.List(pl.Int32),
+                          "wrong_answer_tokens": pl.List(pl.Int32)},
+    )  # fmt: skip
+    insert_by_name(store, "prompts", prompts)
+    return store

@@ -14,6 +14,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
+from actstore.core.names import HEAD, INPUT, LOGITS, MLP, NODE_KINDS
 from queries.analysis.lookups import asked_roles
 
 MISSING = "n/a"
@@ -272,12 +273,12 @@ def node_positions(nodes: pl.DataFrame, n_layers: int, n_heads: int) -> pl.DataF
     on a row of their own below them, input and logits level with the heads' middle."""
     middle = (n_heads - 1) / 2
     return nodes.with_columns(
-        pl.when(pl.col("kind") == "input").then(0)
-        .when(pl.col("kind") == "head").then(2 * pl.col("layer") + 1)
-        .when(pl.col("kind") == "mlp").then(2 * pl.col("layer") + 2)
+        pl.when(pl.col("kind") == INPUT).then(0)
+        .when(pl.col("kind") == HEAD).then(2 * pl.col("layer") + 1)
+        .when(pl.col("kind") == MLP).then(2 * pl.col("layer") + 2)
         .otherwise(2 * n_layers + 1).alias("x"),
-        pl.when(pl.col("kind") == "head").then(pl.col("head").cast(pl.Float64))
-        .when(pl.col("kind") == "mlp").then(float(n_heads))
+        pl.when(pl.col("kind") == HEAD).then(pl.col("head").cast(pl.Float64))
+        .when(pl.col("kind") == MLP).then(float(n_heads))
         .otherwise(middle).alias("y"),
     )  # fmt: skip
 
@@ -352,8 +353,8 @@ def circuit_graph(
                 "role": roles[sign][0],
             })  # fmt: skip
     shown = [r for r in colour if any(p["role"] == r for p in points)]
-    columns = ["input"] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", "mlp")]
-    columns.append("logits")
+    columns = [INPUT] + [f"{k} {layer}" for layer in range(n_layers) for k in ("attn", MLP)]
+    columns.append(LOGITS)
     label_expr = f"{columns!r}[datum.value]"
     x = alt.X(
         "x:Q", title=None, scale=alt.Scale(domain=[-0.5, len(columns) - 0.5], nice=False),
@@ -395,7 +396,7 @@ def circuit_graph(
     ).encode(
         x, y,
         shape=alt.Shape("kind:N", title="node",
-                        scale=alt.Scale(domain=["input", "head", "mlp", "logits"],
+                        scale=alt.Scale(domain=list(NODE_KINDS),
                                         range=["triangle-right", "circle", "square", "diamond"])),
         fill=alt.value("#444"),
         tooltip=_tooltips({"node:N": None}),
