@@ -96,7 +96,7 @@ def run(model: ModelAdapter, path: Path, hooks: str, n: int, batch: int, dtype: 
     if prof is not None:
         prof.enable()
     ingest(
-        path,
+        Store(path, create=True),
         model=model,
         task="ioi",
         n=n,

@@ -26,13 +26,13 @@ def parser(doc: str, model: str, n: int) -> argparse.ArgumentParser:
 def temporary_ioi_store(args: argparse.Namespace, batch_size: int) -> Iterator[Store]:
     """A store holding run 1: IOI on args.model with args.n prompts; removed afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "store"
+        store = Store(Path(tmp) / "store", create=True)
         ingest(
-            path,
+            store,
             model=args.model,
             task="ioi",
             n=args.n,
             batch_size=batch_size,
             runtime=Runtime(device=args.device, progress=False),
         )
-        yield Store(path)
+        yield store

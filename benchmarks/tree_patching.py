@@ -53,9 +53,9 @@ def main() -> None:
         hf.save_pretrained(directory)
         tok.save_pretrained(directory)
         del hf
-        ingest(Path(tmp) / "store", model=str(directory), task="ioi", n=args.n,
-               batch_size=args.batch_size, runtime=Runtime(progress=False))  # fmt: skip
-        store = Store(Path(tmp) / "store")
+        store = Store(Path(tmp) / "store", create=True)
+        ingest(store, model=str(directory), task="ioi", n=args.n, batch_size=args.batch_size,
+               runtime=Runtime(progress=False))  # fmt: skip
         sid = int(attribute(store, 1, "eap")["score_id"][0])
         _, graph, values = score_graph(store, sid)
         sizes = [k for k in SIZES if k < graph.n_edges] + [graph.n_edges]

@@ -9,11 +9,8 @@ that cannot be a store, a store that is read-only or held by another writer.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from actstore.core.errors import UsageError
-from actstore.core.location import local_dir
-from actstore.core.store import CATALOG, Store, check_location
+from actstore.core.store import Store, check_location
 from actstore.model.adapter import check_device_name, check_model_spec
 from ingest.layout import check_hooks
 
@@ -22,7 +19,7 @@ DTYPES = ("float32", "float16")
 
 
 def check_ingest(
-    store: str | Path | Store,
+    store: Store,
     model: str | None,
     task: str | None,
     n: int | None,
@@ -71,9 +68,7 @@ def check_ingest(
         from ingest.shards import parse_shard
 
         parse_shard(shard)
-    given = store if isinstance(store, Store) else None  # a caller's store: its lock is shared
-    path = given.path if given is not None else local_dir(store)
-    check_location(path, create=True)
-    if (path / CATALOG).exists() and shard is None:
-        (given or Store(path, create=True)).check_writable()
+    check_location(store.path, create=True)  # a Store opened to read may be ingested into
+    if shard is None:
+        store.check_writable()
     return None if model is None else check_model_spec(model)

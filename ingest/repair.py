@@ -14,7 +14,6 @@ transaction, so that no result computed before the repair is served after it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -23,21 +22,20 @@ from actstore.core import arrays as zarrays
 from actstore.core.arrays import open_array
 from actstore.core.errors import ActstoreError
 from actstore.core.runtime import Runtime
-from actstore.core.store import Store
+from actstore.core.store import Store, check_store
 from actstore.core.verify import PIECE, REPAIRABLE, verify
 from actstore.model.adapter import load_model
 
 COLUMNS = {**PIECE, "result": pl.String, "detail": pl.String}
 
 
-def repair(
-    store_path: str | Path | Store, run: int | None = None, runtime: Runtime = Runtime()
-) -> pl.DataFrame:
+def repair(store: Store, run: int | None = None, runtime: Runtime = Runtime()) -> pl.DataFrame:
     """Rewrite every damaged or missing chunk that can be recomputed (on the runtime's device);
     one row per chunk, plus rows for what was cleaned up, restored or invalidated on the way.
-    Given a Store, its writer lock is shared (a caller inside `with store.writer():`)."""
+    The store's writer lock is shared (a caller inside `with store.writer():`)."""
+    check_store(store, "repair", create=False)
+    store.check_exists()  # a store not made yet has nothing to repair, and is not made here
     device = runtime.in_process("repair").device
-    store = store_path if isinstance(store_path, Store) else Store(store_path)
     rows: list[dict[str, Any]] = []
     with store.writer():
         rows.extend(_restore_metadata(store, run))

@@ -14,23 +14,15 @@ import math
 import shutil
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError, first_line
-from actstore.core.location import (
-    ArraysRoot,
-    arrays_root,
-    local_dir,
-    normal_url,
-    record_arrays_url,
-)
 from actstore.core.output import progress_bar
 from actstore.core.runtime import Runtime
-from actstore.core.store import CATALOG, Store
+from actstore.core.store import Store, check_store
 from actstore.core.writes import array_records
 from actstore.model.adapter import ModelAdapter, load_model, model_record
 from actstore.model.converted import save_converted
@@ -67,7 +59,7 @@ from ingest.tasks import get_task
 
 
 def ingest(
-    store_path: str | Path | Store,
+    store: Store,
     model: str | ModelAdapter = "toy",
     task: str | None = None,
     n: int | None = None,
@@ -91,38 +83,32 @@ def ingest(
     under the same run id. With `shard="i/N"` only shard i's chunks are written and a manifest
     replaces the catalog writes (see ingest.shards); returns the shard's row.
 
-    `model` is a model spec for `load_model`, or an already loaded ModelAdapter. With the
-    runtime's `workers` or `scheduler` the batches run as tasks on dask.distributed (see
-    ingest.distributed); `arrays_url` (`s3://bucket/prefix`, a new store only) keeps the arrays
-    in object storage. Given a Store, its writer lock is shared (inside `with store.writer():`).
+    `store` is a Store; a new one (`Store(path, create=True)`) is made by this ingest's first
+    write, after every input is checked, so a refused ingest leaves nothing behind. Its writer
+    lock is shared (inside `with store.writer():`). `model` is a model spec for `load_model`, or
+    an already loaded ModelAdapter. With the runtime's `workers` or `scheduler` the batches run
+    as tasks on dask.distributed (see ingest.distributed); `arrays_url` (`s3://bucket/prefix`, a
+    new store only) keeps the arrays in object storage.
     """
+    check_store(store, "ingest")
     device, progress = runtime.device, runtime.progress
     workers, scheduler = runtime.workers, runtime.scheduler
-    given = store_path if isinstance(store_path, Store) else None  # its writer lock is shared
-    if given is not None:
-        store_path = given.location
     spec = model if isinstance(model, str) else None
-    source = check_ingest(given or store_path, spec, task, n, dataset, dtype, batch_size, device,
-                          seed, shard, hooks, restart, again)  # fmt: skip
+    source = check_ingest(store, spec, task, n, dataset, dtype, batch_size, device, seed, shard,
+                          hooks, restart, again)  # fmt: skip
     check_corruption(corruption)
-    check_scale_options(store_path, workers, scheduler, arrays_url, shard)
+    check_scale_options(store.path, workers, scheduler, arrays_url, shard)
     start_forkserver(workers, scheduler)
-    location, store_path = store_path, local_dir(store_path)
     part = parse_shard(shard) if shard is not None else None
-    existing = (store_path / CATALOG).exists()
-    # create=True finishes creating a store whose first ingest was killed early; a valid store
-    # is opened as it is (nothing is written before the inputs are checked).
-    store = given or (Store(store_path, create=True) if existing else None)
     with ExitStack() as held:
-        if store is not None and part is None:
+        if store.exists and part is None:  # a new store is made only once the inputs are good
             held.enter_context(store.writer())
-        root = ArraysRoot(normal_url(arrays_url)) if arrays_url else arrays_root(store_path)
-        local_arrays, pool = root.is_local, None
+        local_arrays, pool = arrays_url is None and store.arrays_root.is_local, None
         if workers is not None or scheduler is not None:  # workers load the model meanwhile
             spec = model if isinstance(model, str) else model.spec
             pool = held.enter_context(cluster(workers, scheduler, spec, device))
         adapter = model if isinstance(model, ModelAdapter) else load_model(model, device, source)
-        if store is not None:
+        if store.exists:
             _check_same_model(store, adapter)
         hook_names = resolve_hooks(adapter, hooks)
         save_converted(adapter)  # queries of this run then load without the bridge
@@ -131,15 +117,14 @@ def ingest(
             seq = max(len(adapter.tokenize(p.clean)) for p in sample)
             if local_arrays:
                 n_guess = n or DEFAULT_N
-                _check_space(store_path, store, adapter, hook_names, dtype, corruption, n_guess,
-                             seq)  # fmt: skip
+                _check_space(store, adapter, hook_names, dtype, corruption, n_guess, seq)
         task_name, pairs, source = load_pairs(adapter, task, dataset, n, seed)
         if not pairs:
             raise UsageError("the dataset holds no prompt pairs")
         prepared = prepare(adapter, pairs, corruption)
         n_pairs, seq = prepared.clean.shape
         if local_arrays:  # object storage is not this disk
-            _check_space(store_path, store, adapter, hook_names, dtype, corruption, n_pairs, seq)
+            _check_space(store, adapter, hook_names, dtype, corruption, n_pairs, seq)
         params = {
             "model": adapter.spec,
             "fingerprint": adapter.fingerprint,
@@ -157,18 +142,15 @@ def ingest(
         }
         if corruption == "gaussian":
             params["noise_std"] = NOISE_SIGMAS * embedding_sigma(adapter)
-        record_arrays_url(store_path, arrays_url)
+        store.keep_arrays_at(arrays_url)
         if part is not None:
-            return ingest_shard(location, part, adapter, prepared, params, progress)
-        if store is None:
-            store = Store(store_path, create=True)
-            held.enter_context(store.writer())
+            return ingest_shard(store, part, adapter, prepared, params, progress)
+        held.enter_context(store.writer())  # makes a new store (shared when held already)
         return _run(store, adapter, prepared, params, progress, restart, again, pool)
 
 
 def _check_space(
-    store_path: Path,
-    store: Store | None,
+    store: Store,
     model: ModelAdapter,
     hooks: list[str],
     dtype: str,
@@ -181,7 +163,7 @@ def _check_space(
     params = {"hooks": hooks, "derived": [], "dtype": dtype, "corruption": corruption}
     shapes = array_shapes(model, params, n, seq)
     need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in shapes.values())
-    where = next(p for p in [store_path, *store_path.absolute().parents] if p.exists())
+    where = next(p for p in [store.path, *store.path.absolute().parents] if p.exists())
     free = shutil.disk_usage(where).free + _resumable_bytes(store)
     if need > 2 * free:
         raise ActstoreError(
@@ -191,9 +173,9 @@ def _check_space(
         )
 
 
-def _resumable_bytes(store: Store | None) -> int:
+def _resumable_bytes(store: Store) -> int:
     """Bytes held by the arrays of interrupted runs (a resume reuses them)."""
-    if store is None:
+    if not store.exists:
         return 0
     runs = store._trusted_query("SELECT run_id FROM runs WHERE status <> 'complete'")
     return sum(

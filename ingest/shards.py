@@ -27,9 +27,9 @@ import polars as pl
 
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError
-from actstore.core.location import ArraysRoot, arrays_root, local_dir
+from actstore.core.location import ArraysRoot
 from actstore.core.output import progress_bar
-from actstore.core.store import MANIFESTS, Store
+from actstore.core.store import MANIFESTS, Store, check_store
 from actstore.core.writes import array_records
 from actstore.model.adapter import model_record
 
@@ -91,7 +91,7 @@ def _creation_lock(directory: Path) -> Iterator[None]:
 
 
 def ingest_shard(
-    location: str | Path,
+    store: Store,
     shard: Shard,
     model: ModelAdapter,
     prep: Prepared,
@@ -115,10 +115,9 @@ def ingest_shard(
     batch = params["batch_size"]
     n_chunks = zarrays.batch_count(n, batch)
     first, stop = shard.chunk_range(n_chunks)
-    store_dir = local_dir(location)
-    mdir = manifest_dir(store_dir, phash)
+    mdir = manifest_dir(store.path, phash)
     mdir.mkdir(parents=True, exist_ok=True)
-    root = arrays_root(location)
+    root = store.arrays_root
     shapes = array_shapes(model, params, n, seq)
     with _creation_lock(mdir):
         group = zarrays.open_root(root, mode="a")
@@ -162,28 +161,24 @@ def ingest_shard(
 # ---- merge ---------------------------------------------------------------------------------
 
 
-def merge(location: str | Path | Store) -> pl.DataFrame:
+def merge(store: Store) -> pl.DataFrame:
     """Fold every shard manifest into the catalog; one row per sharded run with its status.
 
-    With nothing left to merge, the runs merged before are listed (a rerun is a no-op). Given a
-    Store, its writer lock is shared (a caller inside `with store.writer():`)."""
-    given = location if isinstance(location, Store) else None
-    if given is not None:
-        location = given.location
-    store_dir = local_dir(location)
-    groups = sorted((store_dir / MANIFESTS).glob("run-*")) if store_dir.is_dir() else []
-    merged = sorted((store_dir / MANIFESTS / MERGED).glob("run*-*")) if store_dir.is_dir() else []
+    With nothing left to merge, the runs merged before are listed (a rerun is a no-op). The
+    catalog of a store that only shards have written so far (`Store(path, create=True)`) is
+    made here. The store's writer lock is shared (a caller inside `with store.writer():`)."""
+    check_store(store, "merge")
+    manifests = store.path / MANIFESTS
+    groups = sorted(manifests.glob("run-*")) if manifests.is_dir() else []
+    merged = sorted((manifests / MERGED).glob("run*-*")) if manifests.is_dir() else []
     if not groups and not merged:
         raise UsageError(
-            f"no shard manifests under {store_dir / MANIFESTS}; run actstore ingest … --shard i/N "
-            "first"
+            f"no shard manifests under {manifests}; run actstore ingest … --shard i/N first"
         )
-    # the catalog is created here when only shards have written so far
-    store = given or Store(location, create=True)
     with store.writer("actstore merge"):
         if not groups:
             return pl.DataFrame([_merged_row(store, archive) for archive in merged])
-        return pl.DataFrame([_merge_run(store, location, group) for group in groups])
+        return pl.DataFrame([_merge_run(store, group) for group in groups])
 
 
 def _merged_row(store: Store, archive: Path) -> dict[str, Any]:
@@ -214,7 +209,7 @@ def _load_manifests(mdir: Path) -> list[dict]:
     return manifests
 
 
-def _merge_run(store: Store, location: str | Path, mdir: Path) -> dict[str, Any]:
+def _merge_run(store: Store, mdir: Path) -> dict[str, Any]:
     phash = mdir.name.removeprefix("run-")
     manifests = _load_manifests(mdir)
     if not manifests:

@@ -110,10 +110,11 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def ioi_store(tmp_path_factory):
     """A store with one complete IOI run (run 1) on toy-random: 20 prompts, batches of 8."""
+    from actstore.core.store import Store
     from ingest.runner import ingest
 
     def build(path: Path) -> None:
-        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8)
+        ingest(Store(path, create=True), model="toy-random", task="ioi", n=20, batch_size=8)
 
     return built_once(tmp_path_factory, "ioi", build)
 
@@ -150,7 +151,10 @@ def empty_store(tmp_path):
     model (well under a second)."""
     from actstore.core.store import Store
 
-    return Store(tmp_path / "s", create=True).path
+    store = Store(tmp_path / "s", create=True)
+    with store.writer():  # its first writer makes it
+        pass
+    return store.path
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def gt(tmp_path_factory):
     from ingest.runner import ingest
 
     path = tmp_path_factory.mktemp("gt") / "store"
-    ingest(path, model="toy-random", task="greater-than", n=N, batch_size=4)
+    ingest(Store(path, create=True), model="toy-random", task="greater-than", n=N, batch_size=4)
     store = Store(path)
     return store, load_model("toy-random"), run_tensors(store)
 

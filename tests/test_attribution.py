@@ -48,7 +48,7 @@ def setup(request, tmp_path_factory):
     from ingest.runner import ingest
 
     path = tmp_path_factory.mktemp("attr") / "store"
-    ingest(path, model=request.param, task="ioi", n=16, batch_size=8)
+    ingest(Store(path, create=True), model=request.param, task="ioi", n=16, batch_size=8)
     store = Store(path)
     return store, load_model(request.param), run_tensors(store)
 

@@ -299,6 +299,29 @@ def test_the_hook_check_before_the_model_accepts_every_hook_a_model_has(toy_rand
     check_hooks(None)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((*TOY, "--seed", "-1"), "--seed -1: choose a seed from 0"),  # before the model loads
+        (("--model", "toy-random", "--task", "bad", "--n", "4"), "pair 1: clean and corrupted"),
+        (("--model", "toy-random", "--task", "bad", "--n", "4", "--shard", "0/2"), "pair 1: "),
+    ],
+)  # fmt: skip
+def test_a_refused_ingest_into_a_new_path_leaves_no_directory(tmp_path, monkeypatch, args,
+                                                              message):  # fmt: skip
+    """The store (and its missing parents) is made by the ingest's first write, after the
+    checks: refused on its flags, or on its prompts after the model loaded, nothing is left."""
+    from ingest import tasks
+
+    monkeypatch.setitem(tasks.TASKS, "bad", BadPairs("length"))
+    res = invoke("ingest", tmp_path / "parent" / "store", *args)
+    assert_refused(res, 2, message)
+    assert list(tmp_path.iterdir()) == []
+    res = invoke("merge", tmp_path / "parent" / "store")
+    assert_refused(res, 2, "no shard manifests under")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["ingest", "demo"])
 def test_a_store_path_that_is_a_file_is_refused(tmp_path, command):
     path = tmp_path / "afile"

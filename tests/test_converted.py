@@ -52,7 +52,7 @@ def test_uncached_queries_on_a_converted_store_import_no_bridge(tmp_path):
     from ingest.runner import ingest
 
     path = tmp_path / "store"
-    ingest(path, model="toy-random", task="ioi", n=8, batch_size=8)
+    ingest(Store(path, create=True), model="toy-random", task="ioi", n=8, batch_size=8)
     store = Store(path)
     assert converted_path(store.run(1)["params"]["fingerprint"]).exists()  # ingest converted it
     sid = int(attribute(store, 1, "eap")["score_id"][0])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from families import FAMILIES, random_model
 
+from actstore.core.store import Store
 from actstore.model import derivable as names
 from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model
 from queries.core.derive import Derivation
@@ -152,10 +153,9 @@ def test_default_hooks_are_the_lean_set_and_full_stores_everything(toy_random):
 def _ingest(path, toy_random, hooks: str | None, dtype: str):
     """The module's Gaussian-noise IOI prompts (the same in every call) ingested with `hooks`
     in `dtype`; returns the Store."""
-    from actstore.core.store import Store
     from ingest.runner import ingest
 
-    ingest(path, model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
+    ingest(Store(path, create=True), model=toy_random, task="ioi", n=6, batch_size=4, hooks=hooks,
            corruption="gaussian", dtype=dtype)  # fmt: skip
     return Store(path)
 

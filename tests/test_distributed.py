@@ -16,6 +16,7 @@ from cli_process import run_cli
 from same_store import assert_same_store, single_process_store
 
 from actstore.core.runtime import Runtime
+from actstore.core.store import Store
 
 # Dask worker processes: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
@@ -37,7 +38,8 @@ def single_long(tmp_path_factory, toy_random) -> Path:
 def test_local_cluster_of_two_workers_is_bit_identical(single, tmp_path, toy_random):
     from ingest.runner import ingest
 
-    row = ingest(tmp_path / "store", model=toy_random, runtime=Runtime(workers=2), **PARAMS)
+    store = Store(tmp_path / "store", create=True)
+    row = ingest(store, model=toy_random, runtime=Runtime(workers=2), **PARAMS)
     assert row.select("run_id", "status", "outcome").row(0) == (1, "complete", "new")
     assert_same_store(tmp_path / "store", single)
 
@@ -46,10 +48,11 @@ def test_existing_cluster_is_bit_identical_and_resumes(single, tmp_path, toy_ran
     from ingest.runner import ingest
 
     path = tmp_path / "store"
-    row = ingest(path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
+    store = Store(path, create=True)
+    row = ingest(store, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
     assert row["outcome"].item() == "new"
     assert_same_store(path, single)
-    again = ingest(path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
+    again = ingest(store, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **PARAMS)
     assert again["outcome"].item() == "existing"
 
 
@@ -69,7 +72,10 @@ def test_killed_worker_is_retried(single_long, tmp_path, toy_random, dask_cluste
     def run() -> None:
         try:
             result["row"] = ingest(
-                path, model=toy_random, runtime=Runtime(scheduler=dask_cluster), **LONG
+                Store(path, create=True),
+                model=toy_random,
+                runtime=Runtime(scheduler=dask_cluster),
+                **LONG,
             )
         except BaseException as exc:  # surfaced by the assertion below
             result["error"] = exc

@@ -65,8 +65,8 @@ def fam(request, tmp_path_factory) -> Family:
 
     root = tmp_path_factory.mktemp(request.param)
     directory = save(request.param, root / "model")
-    ingest(root / "store", model=str(directory), task="ioi", n=N_PROMPTS, batch_size=4,
-           hooks="default,k,mlp_post")  # fmt: skip
+    ingest(Store(root / "store", create=True), model=str(directory), task="ioi", n=N_PROMPTS,
+           batch_size=4, hooks="default,k,mlp_post")  # fmt: skip
     model = load_model(str(directory))
     hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
     twin = split_input_twin(hf, request.param)

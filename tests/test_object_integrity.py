@@ -14,6 +14,7 @@ from test_metadata import one_line
 
 from actstore.app.cli import main
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.store import Store
 
 PARAMS = {"task": "ioi", "n": 8, "batch_size": 4}
 INGEST = ["--model", "toy-random", "--task", "ioi", "--n", "4"]
@@ -99,17 +100,19 @@ def test_two_stores_never_share_an_arrays_prefix(tmp_path, toy_random, s3_server
     from ingest.runner import ingest
 
     first, second = tmp_path / "first", tmp_path / "second"
-    ingest(first, model=toy_random, arrays_url="s3://acts/shared", **PARAMS)
+    store = Store(first, create=True)
+    ingest(store, model=toy_random, arrays_url="s3://acts/shared", **PARAMS)
     with pytest.raises(UsageError, match=f"holds the arrays of another store .{first} on "):
-        ingest(second, model=toy_random, arrays_url="s3://acts/shared/", **PARAMS)
+        ingest(Store(second, create=True), model=toy_random, arrays_url="s3://acts/shared/",
+               **PARAMS)  # fmt: skip
     assert not second.exists()
     assert actstore.open(first).verify().is_empty()
-    again = ingest(first, model=toy_random, arrays_url="s3://acts/shared", **PARAMS)
+    again = ingest(store, model=toy_random, arrays_url="s3://acts/shared", **PARAMS)
     assert again["outcome"].item() == "existing"  # the owner itself is let in
 
     (first / "catalog.duckdb").unlink()
     with pytest.raises(ActstoreError, match="s3://acts/shared holds the arrays of run1"):
-        ingest(first, model=toy_random, **PARAMS)
+        ingest(Store(first, create=True), model=toy_random, **PARAMS)
 
 
 def free_port() -> int:
@@ -156,7 +159,8 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
     monkeypatch.setattr(ingest.runner, "write_chunks", stopping)
     store = tmp_path / "store"
     with pytest.raises(Exception) as failed:  # the CLI words it with object_store_error
-        run_ingest(store, model=toy_random, arrays_url=f"s3://acts/restarted-{data}", **params)
+        run_ingest(Store(store, create=True), model=toy_random,
+                   arrays_url=f"s3://acts/restarted-{data}", **params)  # fmt: skip
     assert "cannot reach the object store" in str(object_store_error(failed.value))
     monkeypatch.setattr(ingest.runner, "write_chunks", real)
     kept = actstore.open(store).runs().to_dicts()[0]
@@ -168,7 +172,7 @@ def test_an_s3_server_restarted_mid_ingest_leaves_a_run_a_rerun_completes(
             s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").rm(
                 f"acts/restarted-{data}", recursive=True
             )
-        row = run_ingest(store, model=toy_random, restart=data == "lost", **params)
+        row = run_ingest(Store(store), model=toy_random, restart=data == "lost", **params)
         outcome = "restarted" if data == "lost" else "resumed"
         assert row["outcome"].item() == outcome and row["status"].item() == "complete"
         if data == "lost-repair":

@@ -26,7 +26,7 @@ def run(request, tmp_path_factory):
     from ingest.runner import ingest
 
     where = tmp_path_factory.mktemp("paths") / "store"
-    ingest(where, model=request.param, task="ioi", n=8, batch_size=4)
+    ingest(Store(where, create=True), model=request.param, task="ioi", n=8, batch_size=4)
     store = Store(where)
     data = data_of(store)
     return store, load_model(request.param), data
@@ -295,9 +295,8 @@ def test_unrestricted_senders_start_where_the_inputs_first_differ(run, tmp_path)
     from queries.paths.compute import _first_change
 
     store, adapter, data = run
-    ingest(tmp_path / "noised", model=adapter, task="ioi", n=8, batch_size=4,
-           corruption="gaussian")  # fmt: skip
-    noised = Store(tmp_path / "noised")
+    noised = Store(tmp_path / "noised", create=True)
+    ingest(noised, model=adapter, task="ioi", n=8, batch_size=4, corruption="gaussian")
     for s, differs in ((store, data["clean"] != data["corrupted"]), (noised, None)):
         e = Engine.from_adapter(adapter)
         reader = Reader(s, 1, adapter.device, e)

@@ -246,8 +246,8 @@ def runs_html(html: str) -> str:
     return html.split('<section id="runs">')[1].split("</table>")[0]
 
 
-def test_report_of_empty_store_says_what_to_run(tmp_path):
-    store = actstore.open(str(tmp_path / "s"), create=True)
+def test_report_of_empty_store_says_what_to_run(empty_store, tmp_path):
+    store = actstore.open(empty_store)
     contents = store.report(str(tmp_path / "empty.html"))
     assert contents.is_empty()
     html = (tmp_path / "empty.html").read_text()

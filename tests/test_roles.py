@@ -265,7 +265,7 @@ def test_roles_are_part_of_the_run_parameters(ioi_store, tmp_path, session_inges
 
     path = shutil.copytree(ioi_store, tmp_path / "old")
     _as_before_roles(path)
-    row = ingest(path, model="toy-random", task="ioi", n=20, batch_size=8)
+    row = ingest(Store(path, create=True), model="toy-random", task="ioi", n=20, batch_size=8)
     assert row["outcome"].to_list() == ["new"] and row["run_id"].to_list() == [2]
     store = Store(path)
     assert role_names(store, 1) == [END]
@@ -282,9 +282,9 @@ def test_sharded_ingest_records_the_same_roles(ioi_store, tmp_path, session_inge
 
     path = tmp_path / "sharded"
     for i in range(2):
-        ingest(path, model="toy-random", task="ioi", n=20, batch_size=8,
+        ingest(Store(path, create=True), model="toy-random", task="ioi", n=20, batch_size=8,
                shard=f"{i}/2")  # fmt: skip
-    merge(path)
+    merge(Store(path, create=True))
     assert run_roles(Store(path), 1).equals(run_roles(Store(ioi_store), 1))
 
 

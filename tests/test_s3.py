@@ -16,6 +16,7 @@ import actstore
 from actstore.core.errors import DamagedError
 from actstore.core.location import RECORD
 from actstore.core.runtime import Runtime
+from actstore.core.store import Store
 
 # An S3 server and Dask workers: the whole suite runs these, `make check` does not.
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def s3_store(tmp_path_factory, toy_random, s3_server) -> Path:
     from ingest.runner import ingest
 
     path = tmp_path_factory.mktemp("s3") / "store"
-    row = ingest(path, model=toy_random, arrays_url="s3://acts/main/", **PARAMS)
+    row = ingest(Store(path, create=True), model=toy_random, arrays_url="s3://acts/main/", **PARAMS)
     assert row["outcome"].item() == "new"
     return path
 
@@ -59,10 +60,11 @@ def test_ingest_to_object_storage_equals_the_local_store(s3_store, local_store, 
     from actstore.core.errors import UsageError
     from ingest.runner import ingest
 
-    again = ingest(s3_store, model=toy_random, arrays_url="s3://acts/main", **PARAMS)
+    store = Store(s3_store)
+    again = ingest(store, model=toy_random, arrays_url="s3://acts/main", **PARAMS)
     assert again["outcome"].item() == "existing"
     with pytest.raises(UsageError, match="keeps its arrays at s3://acts/main"):
-        ingest(s3_store, model=toy_random, arrays_url="s3://acts/other", **PARAMS)
+        ingest(store, model=toy_random, arrays_url="s3://acts/other", **PARAMS)
 
 
 def test_workers_and_shards_into_object_storage(tmp_path, toy_random, local_store, dask_cluster):
@@ -70,17 +72,18 @@ def test_workers_and_shards_into_object_storage(tmp_path, toy_random, local_stor
     from ingest.shards import merge
 
     workers = tmp_path / "workers"
-    row = ingest(workers, model=toy_random, arrays_url="s3://acts/workers",
+    row = ingest(Store(workers, create=True), model=toy_random, arrays_url="s3://acts/workers",
                  runtime=Runtime(scheduler=dask_cluster), **PARAMS)  # fmt: skip
     assert row["status"].item() == "complete"
     assert_same_store(workers, local_store)
 
     sharded = tmp_path / "sharded"
     for i in range(2):
-        ingest(sharded, model=toy_random, arrays_url="s3://acts/shards", shard=f"{i}/2", **PARAMS)
+        ingest(Store(sharded, create=True), model=toy_random, arrays_url="s3://acts/shards",
+               shard=f"{i}/2", **PARAMS)  # fmt: skip
     staged = f"acts/shards/staged/{actstore.open(workers).runs()['params_hash'].item()}/"
     assert any(k.startswith(staged) for k in _objects("acts/shards"))
-    assert merge(sharded)["status"].to_list() == ["complete"]
+    assert merge(Store(sharded, create=True))["status"].to_list() == ["complete"]
     assert not any(k.startswith(staged) for k in _objects("acts/shards"))
     assert_same_store(sharded, local_store)
 

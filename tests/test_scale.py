@@ -22,6 +22,7 @@ import actstore
 from actstore.core import arrays as zarrays
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.runtime import Runtime
+from actstore.core.store import Store
 from ingest.shards import parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,8 +210,9 @@ def test_mean_reduction_under_a_memory_limit(tmp_path, toy_random):
     from ingest.runner import ingest
 
     path, hook, budget = tmp_path / "big", "blocks.0.mlp.hook_post", 64 * 2**20
-    ingest(path, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook)
-    ingest(path, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook)  # fmt: skip
+    store = Store(path, create=True)
+    ingest(store, model=toy_random, task="ioi", n=8, batch_size=8, hooks=hook)
+    ingest(store, model=toy_random, task="ioi", n=4800, batch_size=96, hooks=hook)
     store = actstore.open(path)
     nbytes = store.array(2, "clean", hook).nbytes
     assert nbytes > budget * 1.3

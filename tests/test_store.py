@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import actstore
 from actstore.core import arrays as zarrays
 from actstore.core.catalog import SCHEMA_VERSION
 from actstore.core.errors import ActstoreError, UsageError
+from actstore.core.store import Store
 
 FIXED_COLUMNS = {
     "runs": [
@@ -95,8 +97,8 @@ def test_arrays_equal_run_with_cache(ioi_store, toy_random):
 def test_float16_storage_halves_bytes_and_keeps_precision(tmp_path, toy_random):
     from ingest.runner import ingest
 
-    ingest(tmp_path / "s", model="toy-random", task="ioi", n=8, batch_size=8, dtype="float16",
-           hooks="resid_pre")  # fmt: skip
+    ingest(Store(tmp_path / "s", create=True), model="toy-random", task="ioi", n=8, batch_size=8,
+           dtype="float16", hooks="resid_pre")  # fmt: skip
     store = actstore.open(tmp_path / "s")
     arr = store.array(1, "clean", "blocks.1.hook_resid_pre")
     assert str(arr.dtype) == "float16"
@@ -119,11 +121,11 @@ def test_second_ingest_adds_a_run_without_touching_the_first(tmp_path):
     from ingest.runner import ingest
 
     path = tmp_path / "s"
-    ingest(path, model="toy-random", task="ioi", n=8, batch_size=4, hooks="z")
-    store = actstore.open(path)
+    store = actstore.open(path, create=True)
+    ingest(store, model="toy-random", task="ioi", n=8, batch_size=4, hooks="z")
     before = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
     first = store.read(1, "clean", "blocks.0.attn.hook_z")
-    out = ingest(path, model="toy-random", task="ioi", n=6, batch_size=4, seed=1, hooks="z")
+    out = ingest(store, model="toy-random", task="ioi", n=6, batch_size=4, seed=1, hooks="z")
     assert out["run_id"].item() == 2
     assert store.sql("select list(run_id order by run_id) from runs").item().to_list() == [1, 2]
     after = store.sql("select * from chunks where run_id = 1 order by side, hook, chunk_idx")
@@ -246,3 +248,38 @@ def test_reads_in_a_reading_block_share_one_connection(ioi_copy, monkeypatch):
             pass
     code = f"import duckdb; duckdb.connect({str(store.catalog.path)!r}).close()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_new_store_is_made_by_its_first_writer(tmp_path):
+    """`create=True` checks the location and writes nothing; reading it before it is written
+    fails as reading a missing store does; the first writer makes directory, catalog and
+    arrays root; a store another process made meanwhile is read."""
+    path = tmp_path / "parent" / "s"
+    store = actstore.open(path, create=True)
+    assert not store.exists and list(tmp_path.iterdir()) == []
+    missing = f"{path} does not exist (no catalog.duckdb); create one with actstore ingest"
+    for read in (store.runs, lambda: store.sql("select 1"), store.verify, store.repair):
+        with pytest.raises(ActstoreError, match=re.escape(missing)):
+            read()
+    assert list(tmp_path.iterdir()) == []
+    other = Store(path, create=True)
+    with other.writer():
+        assert sorted(p.name for p in path.iterdir()) == ["arrays.zarr", "catalog.duckdb",
+                                                          "writer.lock"]  # fmt: skip
+    assert other.exists and other.runs().is_empty()
+    assert store.runs().is_empty() and store.exists  # made by the other Store
+
+
+def test_the_ingest_stage_functions_take_a_store_not_a_path(tmp_path):
+    from ingest.repair import repair
+    from ingest.runner import ingest
+    from ingest.shards import merge
+
+    path = str(tmp_path / "s")
+    create = "actstore.open(path, create=True) or Store(path, create=True)"
+    for function, how in [(ingest, create), (merge, create),
+                          (repair, "actstore.open(path) or Store(path)")]:  # fmt: skip
+        with pytest.raises(UsageError) as refused:
+            function(path)
+        assert str(refused.value) == f"{function.__name__} takes a Store, not {path!r}: pass {how}"
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from reading import read_hook
 
 import actstore
 from actstore.core.errors import UsageError
+from actstore.core.store import Store
 from actstore.model.adapter import builtin_names, load_model
 
 
@@ -24,7 +25,8 @@ def store(tmp_path_factory):
     from ingest.runner import ingest
 
     path = tmp_path_factory.mktemp("subspace") / "store"
-    ingest(path, model="toy-random", task="ioi", n=12, batch_size=8, hooks="default,mlp_post")
+    store = Store(path, create=True)
+    ingest(store, model="toy-random", task="ioi", n=12, batch_size=8, hooks="default,mlp_post")
     return actstore.open(path)
 
 
@@ -266,7 +268,8 @@ def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
     from ingest.runner import ingest
 
     flipped_ioi(tmp_path / "ioi.json", load_model(name), 64)
-    ingest(tmp_path / "s", model=name, dataset=str(tmp_path / "ioi.json"), batch_size=16)
+    store = Store(tmp_path / "s", create=True)
+    ingest(store, model=name, dataset=str(tmp_path / "ioi.json"), batch_size=16)
     s = actstore.open(tmp_path / "s")
     rows = s.subspace(1, "blocks.1.hook_resid_post", "das", pos="final", epochs=40, seed=0, k=4)
     eff = dict(zip(rows["component"], rows["effect"], strict=True))

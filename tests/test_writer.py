@@ -173,14 +173,14 @@ def test_a_failed_background_write_keeps_the_batches_before_it(tmp_path, monkeyp
     kwargs = dict(model=toy_random, task="ioi", n=20, batch_size=4, hooks="lean")
     monkeypatch.setattr(runner, "write_chunks", failing)
     with pytest.raises(ActstoreError, match="keeps 2 stored batches and is marked failed"):
-        runner.ingest(tmp_path / "s", **kwargs)
+        runner.ingest(Store(tmp_path / "s", create=True), **kwargs)
     store = Store(tmp_path / "s")
     assert store.run(1, complete=False)["status"] == "failed"
     assert store.query("SELECT DISTINCT chunk_idx FROM chunks ORDER BY 1")[
         "chunk_idx"
     ].to_list() == [0, 1]
     monkeypatch.setattr(runner, "write_chunks", real)
-    assert runner.ingest(tmp_path / "s", **kwargs)["outcome"][0] == "resumed"
-    runner.ingest(tmp_path / "clean", **kwargs)
+    assert runner.ingest(Store(tmp_path / "s", create=True), **kwargs)["outcome"][0] == "resumed"
+    runner.ingest(Store(tmp_path / "clean", create=True), **kwargs)
     ledger = "SELECT side, hook, chunk_idx, checksum FROM chunks ORDER BY ALL"
     assert Store(tmp_path / "s").query(ledger).equals(Store(tmp_path / "clean").query(ledger))

@@ -158,10 +158,11 @@ class Group(click.Group):
             sys.exit(130)
 
 
-def _open(path: str):
+def _open(path: str, create: bool = False):
+    """The store at `path`; with `create`, one that its first write makes (ingest, merge)."""
     import actstore
 
-    return actstore.open(path)
+    return actstore.open(path, create=create)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,11 +238,10 @@ def ingest(store: str, **kwargs) -> None:
       actstore ingest /tmp/s --model toy --task ioi --n 4096 --workers 2
       actstore ingest /tmp/s --model toy --task ioi --arrays-url s3://bucket/acts --workers 2
     """
-    from ingest.runner import ingest as run_ingest  # torch-free: it checks before it loads
-
     kwargs["runtime"] = _runtime(kwargs)
+    target = _open(store, create=True)  # made by the ingest's first write, once inputs are good
     if kwargs["shard"] is not None:
-        part = run_ingest(store, **kwargs).to_dicts()[0]
+        part = target.ingest(**kwargs).to_dicts()[0]
         click.echo(
             f"shard {part['shard']}/{part['n_shards']}: prompts {part['prompt_start']}.."
             f"{part['prompt_stop']}; run actstore merge {store} when every shard is done",
@@ -249,7 +249,7 @@ def ingest(store: str, **kwargs) -> None:
         )
         click.echo(part["manifest"])
         return
-    row = run_ingest(store, **kwargs).to_dicts()[0]
+    row = target.ingest(**kwargs).to_dicts()[0]
     done = {"existing": "already complete with these arguments (--again for a new run)",
             "resumed": "resumed, complete", "restarted": "restarted, complete"}  # fmt: skip
     click.echo(
@@ -273,9 +273,7 @@ def merge(store: str, fmt: str) -> None:
     Example:
       actstore merge /tmp/s
     """
-    from ingest.shards import merge as merge_shards
-
-    rows = merge_shards(store)
+    rows = _open(store, create=True).merge()  # a store only shards wrote is made here
     write_rows(rows, fmt)
     incomplete = rows.filter(rows["status"] != "complete")
     if incomplete.height:

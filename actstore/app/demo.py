@@ -70,14 +70,16 @@ def _directory(directory: str | Path | None) -> Path:
 
 
 def _ingest(store: Any, model: str, task: str, n: int, seed: int) -> int:
-    """The run of (model, task, n, seed) already in the store, else a new ingest."""
-    found = store._trusted_query(
-        "SELECT max(run_id) FROM runs WHERE model = ? AND task = ? AND n_prompts = ? "
-        "AND seed = ? AND corruption = 'str' AND status = 'complete'",
-        [model, task, n, seed],
-    ).item()
-    if found is not None:
-        return int(found)
+    """The run of (model, task, n, seed) already in the store, else a new ingest (the first
+    one makes the store)."""
+    if store.exists:
+        found = store._trusted_query(
+            "SELECT max(run_id) FROM runs WHERE model = ? AND task = ? AND n_prompts = ? "
+            "AND seed = ? AND corruption = 'str' AND status = 'complete'",
+            [model, task, n, seed],
+        ).item()
+        if found is not None:
+            return int(found)
     row = store.ingest(model=model, task=task, n=n, seed=seed, batch_size=n,
                        runtime=Runtime(progress=False))  # fmt: skip
     return int(row["run_id"][0])

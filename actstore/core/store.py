@@ -25,7 +25,7 @@ from actstore.core import sandbox
 from actstore.core.arrays import ARRAYS
 from actstore.core.catalog import SCHEMA_VERSION, Catalog
 from actstore.core.errors import ActstoreError, DamagedError, UsageError, first_line
-from actstore.core.location import CATALOG, RECORD, arrays_root, local_dir
+from actstore.core.location import CATALOG, RECORD, arrays_root, local_dir, record_arrays_url
 from actstore.core.lock import WriterLock, describe_holder
 from actstore.core.verified import FIX, Ledger, LedgerEntry, VerifiedArray
 from actstore.core.writes import Writes
@@ -42,8 +42,12 @@ class Store:
     """A store directory; every read verb returns a polars DataFrame."""
 
     def __init__(self, path: str | Path, create: bool = False):
+        """Open the store at `path`. With `create`, a store that is not there yet is only
+        checked for (the location can become one): its directory and catalog are made by its
+        first writer (`writer()`), so that a command refused on its inputs leaves nothing."""
         self.location = str(path)
         self.path = local_dir(path)
+        check_location(self.path, create)
         self.arrays_root = arrays_root(self.path)  # STORE/arrays.zarr or an object-store URL
         self.lock = WriterLock(self.path)
         self.catalog = Catalog(self.path / CATALOG, holder=self._holder)
@@ -51,27 +55,36 @@ class Store:
         self._metadata: dict[int, dict[tuple[str, str], str | None]] = {}
         # An older catalog is read as it is and migrated by the first writer (`writer()`).
         self.outdated = False
-        check_location(self.path, create)
-        if create and not (self.path / CATALOG).exists():
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ActstoreError(f"cannot create store {self.path}: {exc.strerror}") from None
-            self._create()
-        elif create and self.catalog.is_empty():
-            self._create()  # finish a creation that was interrupted
-        elif not (self.path / CATALOG).exists():
-            what = "does not exist" if not self.path.exists() else "is not an actstore store"
-            raise ActstoreError(
-                f"{self.path} {what} (no {CATALOG}); create one with actstore ingest"
-            )
-        else:
+        # False until the store is made: a new path, or a creation that was killed early.
+        self.exists = (self.path / CATALOG).exists() and not (create and self.catalog.is_empty())
+        if not self.exists and not create:
+            raise self._missing()
+        if self.exists:
             self.outdated = self.catalog.check_version() < SCHEMA_VERSION
 
-    def _create(self) -> None:
-        with self.writer("create store"):
-            self.catalog.migrate()
-            zarrays.open_root(self.arrays_root, mode="a")
+    def _missing(self) -> ActstoreError:
+        what = "does not exist" if not self.path.exists() else "is not an actstore store"
+        return ActstoreError(f"{self.path} {what} (no {CATALOG}); create one with actstore ingest")
+
+    def check_exists(self) -> None:
+        """Refuse to read a store that is not made yet (opened with `create`, not written
+        since), as opening a missing one is refused; one that another process made since is
+        read."""
+        if self.exists:
+            return
+        if not (self.path / CATALOG).exists():
+            raise self._missing()
+        # an empty catalog (a creation killed early) is refused here, naming the fix
+        self.outdated = self.catalog.check_version() < SCHEMA_VERSION
+        self.exists = True
+
+    def keep_arrays_at(self, url: str | None) -> None:
+        """Record where a new store's arrays go (an object-store URL, checked beforehand by
+        `location.check_arrays_url`) and claim that prefix: the first write of an ingest that
+        asked for `--arrays-url`, made once its inputs are checked. None keeps them where they
+        are (STORE/arrays.zarr, or the URL recorded before)."""
+        record_arrays_url(self.path, url)
+        self.arrays_root = arrays_root(self.path)
 
     def _holder(self) -> str:
         return describe_holder(self.lock.path)
@@ -82,19 +95,29 @@ class Store:
     @contextmanager
     def writer(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[Store]:
         """Hold the writer lock for a writing command, from before its first check to its end:
-        the one way any command takes it. Nested uses share the outermost one. An older catalog
-        migrates here, so that the command reads the current schema; otherwise nothing is
-        written here, and the command's first transaction brings the views up to date.
+        the one way any command takes it. Nested uses share the outermost one. A store opened
+        with `create` is made here (directory, catalog, arrays root), an older catalog migrates
+        here, so that the command reads the current schema; otherwise nothing is written here,
+        and the command's first transaction brings the views up to date.
         `wait_s`: how long to wait for another process's writer first."""
         if self.lock.held:
             yield self
             return
+        if not self.exists:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ActstoreError(f"cannot create store {self.path}: {exc.strerror}") from None
         self.lock.acquire(command, wait_s)
         self.catalog.writing, self.catalog.current = True, False
         try:
-            if self.outdated:
-                self.catalog.migrate()
+            if self.outdated or not self.exists:
+                self.catalog.migrate()  # a new store's catalog is made here
                 self.outdated = False
+            if not self.exists:  # its arrays go where its first ingest recorded
+                self.arrays_root = arrays_root(self.path)
+                zarrays.open_root(self.arrays_root, mode="a")
+                self.exists = True
             yield self
         finally:
             self.catalog.writing = self.catalog.current = False
@@ -111,8 +134,8 @@ class Store:
     def check_writable(self) -> None:
         """Fail now, not after a long computation, if results could not be recorded: the store
         is read-only or another process (an ingest) holds the writer lock."""
-        if self.lock.held:
-            return
+        if self.lock.held or not (self.path / CATALOG).exists():
+            return  # a store not made yet: its location was checked when it was opened
         self.lock.acquire("check writable")
         self.lock.release()
         self.catalog.check_intact()
@@ -130,6 +153,7 @@ class Store:
     def reading(self) -> AbstractContextManager[None]:
         """The reads inside the block share one catalog connection (`Catalog.reading`): for a
         burst of small reads, never around a computation or a write."""
+        self.check_exists()
         return self.catalog.reading()
 
     def query(
@@ -147,6 +171,7 @@ class Store:
         The sandbox (`Catalog.sandbox`) is what keeps the store and other files safe; the
         statement-type check only gives writes a clearer message."""
         limits = sandbox.Limits(timeout, max_rows, max_mb)
+        self.check_exists()
         with self.catalog.sandbox(limits.max_mb) as con:
             return sandbox.run(con, self.catalog.path, sql, params, limits)
 
@@ -163,6 +188,7 @@ class Store:
     def _trusted_query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
         """actstore's own SQL against the catalog, outside the sandbox and without limits:
         never pass it text a user wrote (that goes through `query`)."""
+        self.check_exists()
         with self.catalog.read() as con:
             rel = con.sql(sql, params=params or None)
             return rel.pl() if rel is not None else pl.DataFrame()
@@ -396,3 +422,14 @@ def table_names(store: Store) -> list[str]:
         "ORDER BY table_name"
     )
     return df["table_name"].to_list()
+
+
+def check_store(store: object, verb: str, create: bool = True) -> None:
+    """Refuse a path where a verb takes a Store: the caller opens the store (with `create`,
+    made by the verb's first write, after its inputs are checked)."""
+    if isinstance(store, Store):
+        return
+    how = "actstore.open(path, create=True) or Store(path, create=True)"
+    if not create:
+        how = "actstore.open(path) or Store(path)"
+    raise UsageError(f"{verb} takes a Store, not {store!r}: pass {how}")

@@ -2,7 +2,7 @@
 real ingest process per request, so that each killed ingest costs milliseconds, not an import.
 
 Protocol on stdin/stdout, one JSON object per line:
-  -> {"store": PATH, "restart": false}      fork a child that runs ingest(PATH, **KWARGS)
+  -> {"store": PATH, "restart": false}      fork a child that runs ingest(Store(PATH), …)
      optional keys: "n" (prompts instead of KWARGS' n); "cli": true with "stdout": FILE runs
      `actstore ingest` through the CLI, its stdout in FILE; "kill": [WHEN, K] makes the child
      SIGKILL itself at a catalog transaction boundary: WHEN "before-commit",
@@ -97,7 +97,10 @@ def run(request: dict, runner) -> int:
 
         ingest.background.RECORD_EVERY_S = 0.0
     if not request.get("cli"):
-        runner.ingest(request["store"], restart=request.get("restart", False), **kwargs)
+        from actstore.core.store import Store
+
+        store = Store(request["store"], create=True)
+        runner.ingest(store, restart=request.get("restart", False), **kwargs)
         return 0
     from actstore.app.cli import main
 

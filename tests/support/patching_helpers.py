@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from reading import read_hook
 
+from actstore.core.store import Store
 from ingest.tasks import TASKS
 from ingest.tasks.base import PromptPair
 from ingest.tasks.ioi import IOI
@@ -67,7 +68,7 @@ def ingest_pairs_task(path: Path, model, task, n: int, batch_size: int, **kwargs
 
     TASKS[task.name] = task
     try:
-        ingest(path, model=model, task=task.name, n=n, batch_size=batch_size,
+        ingest(Store(path, create=True), model=model, task=task.name, n=n, batch_size=batch_size,
                **kwargs)  # fmt: skip
     finally:
         del TASKS[task.name]

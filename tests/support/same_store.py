@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 import actstore
+from actstore.core.store import Store
 
 
 def tables(path: Path) -> dict[str, pl.DataFrame]:
@@ -49,5 +50,5 @@ def single_process_store(factory: Any, model: Any, name: str, **params: Any) -> 
     from ingest.runner import ingest
 
     path = factory.mktemp(name) / "store"
-    ingest(path, model=model, **params)
+    ingest(Store(path, create=True), model=model, **params)
     return path
