@@ -47,7 +47,8 @@ from patching_helpers import hooked_patching, logits_metric_fn  # noqa: E402
 
 from actstore.core.runtime import Runtime  # noqa: E402
 from actstore.core.store import Store  # noqa: E402
-from actstore.model.adapter import BUILTIN_DIR, ModelAdapter, adapter_from_hf, load_model  # noqa: E402
+from actstore.model.adapter import ModelAdapter, adapter_from_hf, load_model  # noqa: E402
+from actstore.model.model_spec import BUILTIN_DIR  # noqa: E402
 from queries.core.engine import Engine  # noqa: E402
 from queries.core.reader import Reader, Span  # noqa: E402
 from queries.patching import check_spec, compute_effects  # noqa: E402

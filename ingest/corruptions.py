@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from actstore.core.choices import CORRUPTIONS, check
 from actstore.core.errors import UsageError
 from actstore.model.adapter import ModelAdapter
 from ingest.tasks.base import span_tokens, word_starts
@@ -18,13 +19,11 @@ from ingest.tasks.base import span_tokens, word_starts
 if TYPE_CHECKING:
     import torch
 
-CORRUPTIONS = ("str", "gaussian")
 NOISE_SIGMAS = 3.0
 
 
 def check_corruption(name: str) -> str:
-    if name not in CORRUPTIONS:
-        raise UsageError(f"unknown corruption {name!r}; choose one of: {', '.join(CORRUPTIONS)}")
+    check("--corruption", name, CORRUPTIONS)
     return name
 
 

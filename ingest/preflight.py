@@ -9,13 +9,14 @@ that cannot be a store, a store that is read-only or held by another writer.
 
 from __future__ import annotations
 
+from actstore.core.choices import DTYPES, check
 from actstore.core.errors import UsageError
 from actstore.core.store import Store, check_location
-from actstore.model.adapter import check_device_name, check_model_spec
+from actstore.model.adapter import check_device_name
+from actstore.model.model_spec import check_model_spec
 from ingest.layout import check_hooks
 
 INT32_MAX = 2**31 - 1  # the catalog stores counts and seeds as INTEGER
-DTYPES = ("float32", "float16")
 
 
 def check_ingest(
@@ -46,8 +47,7 @@ def check_ingest(
         raise UsageError(f"--batch-size {batch_size}: need at least 1 (and at most {INT32_MAX})")
     if not 0 <= seed <= INT32_MAX:
         raise UsageError(f"--seed {seed}: choose a seed from 0 to {INT32_MAX}")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check("--dtype", dtype, DTYPES)
     check_device_name(device)
     if task is not None and dataset is not None:
         raise UsageError(

@@ -26,7 +26,8 @@ from tree_check import assert_tree_equals_dense
 
 from actstore.app.cli import main
 from actstore.core.store import Store
-from actstore.model.adapter import BUILTIN_DIR, load_model
+from actstore.model.adapter import load_model
+from actstore.model.model_spec import BUILTIN_DIR
 from queries.attribution import Graph, attribute, circuit, score_graph, stored_curve, top_edges
 from queries.attribution.edge_batches import edge_reader, read_batch
 from queries.attribution.edge_model import EdgeModel

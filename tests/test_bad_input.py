@@ -436,3 +436,21 @@ def test_disk_full_with_the_catalog_full_too_says_the_run_stays_ingesting(store,
     res = invoke("ingest", store, *INGEST_2)
     assert res.exit_code == 0 and res.stdout.strip() == "2", res.output
     assert failures(s.verify()).is_empty()
+
+
+@pytest.mark.parametrize(("option", "value"), [("corruption", "nope"), ("dtype", "float64")])
+def test_ingest_options_take_one_vocabulary(store, option, value):
+    """--corruption and --dtype take the values of actstore.core.choices: the CLI offers them
+    and ingest() from Python refuses anything else naming the option, the store untouched."""
+    from actstore.core import choices
+    from actstore.core.errors import UsageError
+
+    vocabulary = {"corruption": choices.CORRUPTIONS, "dtype": choices.DTYPES}[option]
+    res = invoke("ingest", "--help")
+    assert f"[{'|'.join(vocabulary)}]" in " ".join(res.stdout.split()), res.stdout
+    before = snapshot(store)
+    with pytest.raises(
+        UsageError, match=rf"^--{option} {value}: choose one of {', '.join(vocabulary)}$"
+    ):
+        actstore.open(store).ingest(model="toy-random", task="ioi", n=4, **{option: value})
+    assert snapshot(store) == before

@@ -23,7 +23,8 @@ from patching_helpers import (
 
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
-from actstore.model.adapter import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names, load_model
+from actstore.model.adapter import load_model
+from actstore.model.model_spec import BUILTIN_DIR, RANDOM_SUFFIX, builtin_names
 from queries.patching import check_spec, compute_effects, patch
 
 N_PROMPTS = 5

@@ -89,7 +89,7 @@ def test_ingest_options_out_of_range_are_refused_before_torch(tmp_path, model_di
 
 
 def test_a_sound_model_directory_passes_the_weight_check(model_dirs):
-    from actstore.model.adapter import check_model_spec
+    from actstore.model.model_spec import check_model_spec
 
     assert check_model_spec(str(model_dirs["good"])) == "path"
 

@@ -17,7 +17,8 @@ from reading import read_hook
 import actstore
 from actstore.core.errors import UsageError
 from actstore.core.store import Store
-from actstore.model.adapter import builtin_names, load_model
+from actstore.model.adapter import load_model
+from actstore.model.model_spec import builtin_names
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +262,7 @@ def test_das_recovers_half_of_full_patching_on_trained_toy(tmp_path, name):
     final-position residual stream entering layer 2, which the toy's name movers read to choose
     the name to copy, moves the held-out logit difference by at least half of what patching the
     full activation does. (A 1-d direction recovers 0.14-0.21 of it on this model.)"""
-    from actstore.model.adapter import BUILTIN_DIR
+    from actstore.model.model_spec import BUILTIN_DIR
 
     if not (BUILTIN_DIR / name / "model.safetensors").exists():
         pytest.skip(f"{name}: trained weights are not in this checkout (they land from 'tasks')")

@@ -188,7 +188,7 @@ def main() -> None:
     "--n", type=int, help="Number of prompt pairs (default 64 for a task; all of a file)."
 )
 @click.option(
-    "--corruption", type=click.Choice(["str", "gaussian"]), default="str", show_default=True
+    "--corruption", type=click.Choice(choices.CORRUPTIONS), default="str", show_default=True
 )
 @click.option(
     "--hooks",
@@ -200,9 +200,7 @@ def main() -> None:
     "mlp_post, logits, …",
 )
 @click.option("--dataset", type=click.Path(), help="EAP-IG .csv or AutoCircuit .json file.")
-@click.option(
-    "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
-)
+@click.option("--dtype", type=click.Choice(choices.DTYPES), default="float32", show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per chunk.")
 @DEVICE
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -713,7 +711,7 @@ def demo(directory: str | None, tasks: str, n: int, top_k: int, model: str | Non
       actstore demo demo-mine --model ./my-model
     """
     if model:
-        from actstore.model.adapter import check_model_spec
+        from actstore.model.model_spec import check_model_spec
 
         check_model_spec(model)  # before the demo directory is made
     from actstore.app.demo import demo as run_demo

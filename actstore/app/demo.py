@@ -27,7 +27,7 @@ from actstore.core.errors import UsageError
 from actstore.core.output import refuse_inside_store, render_table
 from actstore.core.runtime import Runtime
 from actstore.core.store import CATALOG
-from actstore.model.adapter import BUILTIN_DIR
+from actstore.model.model_spec import BUILTIN_DIR
 from queries.analysis import lookups, plot
 from queries.analysis import overlap as ov
 from queries.analysis.report import report

@@ -1,5 +1,5 @@
-"""The values each query option takes, in one place: the command line offers them as its
-choices and the queries validate against them. Importing this module imports no torch."""
+"""The values each option takes, in one place: the command line offers them as its choices and
+the queries and ingest validate against them. Importing this module imports no torch."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ SETS = ("head", "edge")  # what an overlap compares
 PLOTS = ("effects", "overlap", "faithfulness")
 OPS = ("mean", "class-mean", "head-norm")
 SIDES = ("clean", "corrupted")
+# How ingest makes a run's corrupted side: the task's other prompt, or Gaussian noise on the
+# subject's token embeddings; and the dtype its activations are stored in.
+CORRUPTIONS = ("str", "gaussian")
+DTYPES = ("float32", "float16")
 # What one user SQL statement may cost by default (actstore.core.sandbox; --timeout, --max-rows,
 # --max-mb). The timeout stays under the writer's wait for readers (catalog.WRITE_WAIT_S, 120 s),
 # so that a statement left running never makes a concurrent ingest fail.

@@ -24,15 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actstore.core.errors import ActstoreError, UsageError, first_line
-from actstore.model import hub
 from actstore.model.architecture import Weights, check_family, from_hf_config
+from actstore.model.model_spec import (
+    BUILTIN_DIR,
+    RANDOM_SUFFIX,
+    builtin_names,
+    check_model_spec,
+    read_json,
+)
 from actstore.model.weights import extract_weights
 
 if TYPE_CHECKING:
     import torch
-
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-RANDOM_SUFFIX = "-random"
 
 Hook = tuple[str, Callable[..., Any]]
 
@@ -51,12 +54,6 @@ class ModelShape:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-def builtin_names() -> list[str]:
-    """Names of the built-in models: every shipped directory, plus its `-random` twin."""
-    names = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists())
-    return names + [n + RANDOM_SUFFIX for n in names]
 
 
 DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
@@ -86,110 +83,6 @@ def resolve_device(device: str | None) -> str:
     if device == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available here; use --device cpu")
     return device
-
-
-def check_model_spec(spec: str) -> str:
-    """Where `spec` loads from ("builtin", "path" or "hub"), refusing without importing torch
-    what cannot load: an unknown built-in, a directory without config.json, a missing path, a
-    hub name while the hub cannot be reached and the Hugging Face cache lacks it."""
-    base = spec[: -len(RANDOM_SUFFIX)] if spec.endswith(RANDOM_SUFFIX) else spec
-    if (BUILTIN_DIR / base / "config.json").exists() and "/" not in spec:
-        return "builtin"
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UsageError(
-                f"--model {spec}: directory has no config.json; give a Hugging Face model "
-                "directory as save_pretrained writes it"
-            )
-        check_weight_files(path, spec)
-        return "path"
-    if spec.startswith("toy"):
-        raise UsageError(
-            f"unknown built-in model {spec!r}; built-in models: {', '.join(builtin_names())}"
-        )
-    if spec.startswith((".", "/", "~")) or path.exists():
-        raise UsageError(f"--model {spec}: no such model directory")
-    hub.check_reachable(spec)
-    return "hub"
-
-
-# Bytes per element of the safetensors dtypes a causal LM's weights use.
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-EMBEDDINGS = ("wte.weight", "embed_tokens.weight", "embed_in.weight", "word_embeddings.weight")
-LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
-
-
-def check_weight_files(path: Path, spec: str) -> None:
-    """Refuse, without torch, a model directory whose safetensors files are cut short or do not
-    fit its config.json (embedding shape, number of layers): transformers would fail later with
-    a traceback, or quietly start layers it finds no weights for from random values."""
-    files = sorted(path.glob("*.safetensors"))
-    header: dict[str, Any] = {}
-    for file in files:
-        header.update(_safetensors_header(file, spec))
-    if not header:
-        return  # PyTorch .bin weights: transformers checks those as it loads them
-    config = _json(path / "config.json")
-    hidden = next((config[k] for k in ("n_embd", "hidden_size", "d_model") if k in config), None)
-    vocab = config.get("vocab_size")
-    n_layers = config.get("n_layer", config.get("num_hidden_layers"))
-    embedding = next((v for k, v in header.items() if k.endswith(EMBEDDINGS)), None)
-    if embedding is not None and hidden is not None and vocab is not None:
-        if list(embedding["shape"]) != [vocab, hidden]:
-            raise UsageError(
-                f"--model {spec}: config.json says vocab_size {vocab} and width {hidden}, but the "
-                f"weights' token embedding is {embedding['shape']}; the config and the weights "
-                "are from different models (save both with save_pretrained)"
-            )
-    layers = {int(m.group(1)) for k in header if (m := LAYER_INDEX.search(k))}
-    if layers and n_layers is not None and max(layers) + 1 != n_layers:
-        raise UsageError(
-            f"--model {spec}: config.json says {n_layers} layers, the weights hold "
-            f"{max(layers) + 1}; the config and the weights are from different models (save "
-            "both with save_pretrained)"
-        )
-
-
-def _safetensors_header(file: Path, spec: str) -> dict[str, Any]:
-    """The tensors a safetensors file declares (name -> dtype, shape, offsets), each checked to
-    lie whole inside the file."""
-    size = file.stat().st_size
-
-    def cut(detail: str) -> UsageError:
-        return UsageError(
-            f"--model {spec}: {file.name} is damaged or cut short ({detail}); copy the model "
-            "directory again"
-        )
-
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise cut(f"{size} bytes")
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            raise cut(f"its header needs {length} bytes, the file has {size}")
-        try:
-            header = json.loads(fh.read(length))
-        except (ValueError, UnicodeDecodeError):
-            raise cut("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise cut("its header is not a table of tensors")
-    header.pop("__metadata__", None)
-    data = size - 8 - length
-    for name, info in header.items():
-        try:
-            start, stop = info["data_offsets"]
-            count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
-            width = SAFETENSORS_BYTES.get(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise cut(f"tensor {name} is described wrongly") from None
-        if stop > data or start > stop or (width is not None and stop - start != count * width):
-            raise cut(f"tensor {name} needs bytes {start}..{stop}, the data holds {data}")
-    return header
 
 
 class ModelAdapter:
@@ -368,7 +261,7 @@ def load_model(spec: str, device: str | None = None, source: str | None = None) 
         return adapter_from_hf(spec, hf, tokenizer, dev, source="builtin")
     elif source == "path":
         path = Path(spec).expanduser().resolve()
-        check_family(_json(path / "config.json").get("model_type"), spec)
+        check_family(read_json(path / "config.json").get("model_type"), spec)
         from transformers import AutoModelForCausalLM
 
         try:
@@ -409,13 +302,6 @@ def _adapter(spec: str, bridge: Any, tokenizer: Any, device: str, source: str) -
     return ModelAdapter(spec, bridge, tokenizer, device, source)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ActstoreError(f"{path}: not a readable JSON file ({exc})") from None
-
-
 def _directory_tokenizer(path: Path) -> Any:
     """The directory's tokenizer. A generic fast tokenizer (what a tokenizer built in code saves
     as) loads as itself: AutoTokenizer would swap in the family's own class for some families
@@ -423,7 +309,7 @@ def _directory_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     config = path / "tokenizer_config.json"
-    declared = _json(config).get("tokenizer_class") if config.exists() else None
+    declared = read_json(config).get("tokenizer_class") if config.exists() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))

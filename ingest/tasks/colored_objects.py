@@ -5,8 +5,8 @@ Natural phrasing (real tokenizers), as in BIG-bench and Merullo et al.:
     -> " blue"
 Toy phrasing (the built-in word-level models): each color right after its object, the prompt
 ending on the asked object, so that a plain induction lookup solves it (find the earlier "book",
-copy the word after it). A 4-layer toy stayed at chance in 7 minutes on the BIG-bench order, and
-(d_model 64, 3000 steps) on "... the book is blue ... . The book is", a two-token match:
+copy the word after it). A small toy stayed at chance on the BIG-bench order, and on "... the
+book is blue ... . The book is", a two-token match:
     "On the table I see pen red , book blue and cup green . The book" -> "blue"
 STR corruption asks about another object of the same list ("... The cup" -> "green"), which is
 the wrong answer. Same list, one word swapped for another from the list: equal token length.
