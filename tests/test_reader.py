@@ -4,6 +4,7 @@ stored chunk once per query (counted on an ingested store)."""
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections import Counter
 from itertools import islice
@@ -34,6 +35,7 @@ def _first_span(path, n: int, monkeypatch) -> dict:
         return frame
 
     monkeypatch.setattr(Store, "_trusted_query", counted)
+    gc.collect()
     tracemalloc.start()
     try:
         reader = Reader(Store(path), 1, "cpu")
@@ -56,7 +58,9 @@ def test_reader_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
         assert got["sets"].incorrect.tolist() == [[i + 1] for i in range(8, 16)]
     # Reading the whole table (texts included) returns 50 times the bytes; per span, the same.
     assert large["bytes"] == small["bytes"] < 20_000
-    assert large["peak"] < 1.5 * small["peak"], (small["peak"], large["peak"])
+    # Peak traced memory, in a process that other tests share, moves by tens of KB; reading the
+    # whole table of the larger run adds about 600 KB, which this bound refuses.
+    assert large["peak"] - small["peak"] < 200_000, (small["peak"], large["peak"])
 
 
 def test_reader_reads_chosen_prompts_and_named_columns(tmp_path):
