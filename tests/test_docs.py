@@ -278,23 +278,67 @@ SPELLED = {("demo", "tasks"): ("ioi,colored-objects", ("ioi", "colored-objects")
            ("ingest", "hooks"): ("default", None)}  # fmt: skip
 
 
-def test_an_options_default_is_its_python_arguments():
-    """The command line shows each option's default in --help, so it writes it beside the
-    function's (which it cannot import without torch): they must be the same value."""
-    differ = {}
+def option_defaults() -> list[tuple[str, str, str, click.Option, dict[str, Any]]]:
+    """(command, long option name as a Python name, its Python argument, the option, the
+    defaults of the functions behind the command) for every visible option of every command."""
+    found = []
     for command in COMMANDS:
-        accepted = {}
+        accepted: dict[str, Any] = {}
         for fn in behind(command):
             accepted |= defaults(fn)
         for param in main.commands[command].params:
-            if not isinstance(param, click.Option) or param.hidden:
-                continue
-            name = [o for o in param.opts if o.startswith("--")][0][2:].replace("-", "_")
-            python = RENAMED.get((command, name), name)
-            if (command, name) in CLI_ONLY or python in RUNTIME or python not in accepted:
-                continue
-            cli = param.default if param.default not in (None, click.core.UNSET) else None
-            cli = False if param.is_flag and cli is None else cli
-            if (cli, accepted[python]) != SPELLED.get((command, name), (cli, cli)):
-                differ[f"{command} --{name}"] = (cli, accepted[python])
+            if isinstance(param, click.Option) and not param.hidden:
+                name = [o for o in param.opts if o.startswith("--")][0][2:].replace("-", "_")
+                python = RENAMED.get((command, name), name)
+                found.append((command, name, python, param, accepted))
+    return found
+
+
+def test_an_options_default_is_its_python_arguments():
+    """The command line shows each option's default in --help, read from the function's
+    source (importing it would import torch): it is the value Python gives the function, for
+    every command an option is shared by too."""
+    differ = {}
+    for command, name, python, param, accepted in option_defaults():
+        if (command, name) in CLI_ONLY or python in RUNTIME or python not in accepted:
+            continue
+        cli = param.default if param.default not in (None, click.core.UNSET) else None
+        cli = False if param.is_flag and cli is None else cli
+        if (cli, accepted[python]) != SPELLED.get((command, name), (cli, cli)):
+            differ[f"{command} --{name}"] = (cli, accepted[python])
     assert not differ, differ
+
+
+def written_defaults() -> list[tuple[str, Any]]:
+    """(long option name, value) of each `click.option` in cli.py whose default is written there
+    as a literal, not read from the function behind the command."""
+    import actstore.app.cli as cli
+
+    found = []
+    for node in ast.walk(ast.parse(Path(cli.__file__).read_text())):
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "click.option"):
+            continue
+        names = [a.value for a in node.args if isinstance(a, ast.Constant)]
+        long = [n for n in names if isinstance(n, str) and n.startswith("--")][0]
+        for keyword in node.keywords:
+            if keyword.arg == "default":
+                try:
+                    found.append((long.split("/")[0], ast.literal_eval(keyword.value)))
+                except ValueError:
+                    pass
+    return found
+
+
+def test_no_option_writes_a_default_its_function_has():
+    """Each option's default is written once, in the function behind its command, and read from
+    there (actstore/app/defaults.py): a literal default in cli.py is the command line's own
+    (--format table) or one it spells otherwise (SPELLED), never a second copy."""
+    written = written_defaults()
+    assert ("--format", "table") in written and ("--hooks", "default") in written
+    twice = {
+        f"{command} {long}": param.default
+        for command, name, python, param, accepted in option_defaults()
+        if (long := f"--{name.replace('_', '-')}", param.default) in written
+        and accepted.get(python) is not None
+    }
+    assert not twice, f"defaults written in cli.py beside the function's: {twice}"

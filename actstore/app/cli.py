@@ -8,11 +8,12 @@ inside the commands that need a model, so `info`, `sql` and `export` start fast.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 
+from actstore.app.defaults import defaults
 from actstore.core import choices
 from actstore.core.errors import ActstoreError, UsageError
 from actstore.core.output import FILE_FORMATS, PRINT_FORMATS, check_output_path, write_rows
@@ -26,6 +27,23 @@ FORMAT = click.option(
     help="How rows are printed.",
 )
 
+
+# The function behind each command (the one the API binds, api.py): its signature holds the
+# options' defaults, read from its source (actstore/app/defaults.py), since importing it would
+# import torch. `--help` shows them; a default the command line spells otherwise is written here.
+INGEST = defaults("ingest.runner", "ingest")
+EXPORT = defaults("actstore.core.store", "Store.export")
+PATCH = defaults("queries.patching", "patch")
+PATH = defaults("queries.paths", "path")
+INTERVENE = defaults("queries.paths.intervene", "intervene")
+SUBSPACE = defaults("queries.subspace", "subspace")
+ATTRIBUTE = defaults("queries.attribution", "attribute")
+CIRCUIT = defaults("queries.attribution", "circuit")
+ATTENTION = defaults("queries.attention", "attention")
+HEADS = defaults("queries.attention", "head_scores")
+REDUCE = defaults("queries.reduction.reduce", "reduce")
+OVERLAP = defaults("actstore.app.api", "ActStore.overlap")
+DEMO = defaults("actstore.app.demo", "demo")
 
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 MAX_MESSAGE = 400  # characters of an error line: quoted input never floods the terminal
@@ -82,19 +100,36 @@ RECOMPUTE = click.option(
     "--recompute", is_flag=True,
     help="Compute again even if asked before; the new query supersedes the old.",
 )  # fmt: skip
-# One --metric for the verbs that measure one (patch, attribute, path, intervene, subspace), one
-# --direction for those that patch (patch, path; subspace's also points its old use to --basis).
-METRIC = click.option(
-    "--metric", type=click.Choice(choices.METRICS), default="logit-diff", show_default=True
-)
-DIRECTION = click.option(
-    "--direction", type=click.Choice(choices.DIRECTIONS), default="denoise", show_default=True,
-    help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
-)  # fmt: skip
-# One --batch-size for the queries that take it (patch, attention, heads): prompts per forward.
-BATCH_SIZE = click.option(
-    "--batch-size", type=int, default=8, show_default=True, help="Prompts per batch."
-)
+
+
+def metric_option(python: Mapping[str, Any]):
+    """One --metric for the verbs that measure one (patch, attribute, path, intervene,
+    subspace), defaulting to the verb's own."""
+    return click.option(
+        "--metric", type=click.Choice(choices.METRICS), default=python["metric"],
+        show_default=True,
+    )  # fmt: skip
+
+
+def direction_option(python: Mapping[str, Any]):
+    """One --direction for the verbs that patch (patch, path; subspace's also points its old
+    use to --basis), defaulting to the verb's own."""
+    return click.option(
+        "--direction", type=click.Choice(choices.DIRECTIONS), default=python["direction"],
+        show_default=True,
+        help="denoise: clean into the corrupted run; noise: corrupted into the clean run.",
+    )  # fmt: skip
+
+
+def batch_size_option(python: Mapping[str, Any]):
+    """One --batch-size for the queries that take it (patch, attention, heads): prompts per
+    forward, defaulting to the query's own."""
+    return click.option(
+        "--batch-size", type=int, default=python["batch_size"], show_default=True,
+        help="Prompts per batch.",
+    )  # fmt: skip
+
+
 # One --top for the verbs that print ranked rows: the K most important, all of them stored.
 TOP = click.option(
     "--top", type=click.IntRange(min=0),
@@ -181,18 +216,19 @@ def main() -> None:
 @main.command()
 @click.argument("store")
 @click.option(
-    "--model", default="toy", show_default=True, help="Built-in name, HF dir or hub name."
+    "--model", default=INGEST["model"], show_default=True, help="Built-in name, HF dir or hub name."
 )
 @click.option("--task", help="Task name: ioi, colored-objects, greater-than, sva, capital-country.")
 @click.option(
     "--n", type=int, help="Number of prompt pairs (default 64 for a task; all of a file)."
 )
 @click.option(
-    "--corruption", type=click.Choice(choices.CORRUPTIONS), default="str", show_default=True
-)
+    "--corruption", type=click.Choice(choices.CORRUPTIONS), default=INGEST["corruption"],
+    show_default=True,
+)  # fmt: skip
 @click.option(
     "--hooks",
-    default="default",
+    default="default",  # the preset by name; ingest's None means the same preset
     show_default=True,
     help="Comma-separated: default (= lean: z of every layer, every 2nd residual and the final "
     "one; the queries derive the rest on read), full (every layer's resid_pre, resid_mid, z "
@@ -200,10 +236,15 @@ def main() -> None:
     "mlp_post, logits, …",
 )
 @click.option("--dataset", type=click.Path(), help="EAP-IG .csv or AutoCircuit .json file.")
-@click.option("--dtype", type=click.Choice(choices.DTYPES), default="float32", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per chunk.")
+@click.option(
+    "--dtype", type=click.Choice(choices.DTYPES), default=INGEST["dtype"], show_default=True
+)
+@click.option(
+    "--batch-size", type=int, default=INGEST["batch_size"], show_default=True,
+    help="Prompts per chunk.",
+)  # fmt: skip
 @DEVICE
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=INGEST["seed"], show_default=True)
 @click.option(
     "--shard",
     metavar="i/N",
@@ -316,8 +357,12 @@ def sql(store: str, query: str, fmt: str, **limits) -> None:
 @click.argument("store")
 @click.argument("table", required=False)
 @click.option("--sql", "query", help="A read-only query instead of a table or view.")
-@click.option("--format", "fmt", type=click.Choice(FILE_FORMATS), default="csv", show_default=True)
-@click.option("-o", "--output", default="-", show_default=True, help="File, or - for stdout.")
+@click.option(
+    "--format", "fmt", type=click.Choice(FILE_FORMATS), default=EXPORT["fmt"], show_default=True
+)
+@click.option(
+    "-o", "--output", default=EXPORT["out"], show_default=True, help="File, or - for stdout."
+)
 @sql_limits
 def export(
     store: str, table: str | None, query: str | None, fmt: str, output: str, **limits
@@ -370,28 +415,35 @@ def _renamed(now: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     "--head", type=int, help="Head of an attn.hook_z site (default: all heads' z concatenated)."
 )
 @click.option(
-    "--pos", default="all", show_default=True,
+    "--pos", default=SUBSPACE["pos"], show_default=True,
     help="all (real positions), final, roles (IO,S2: each prompt's own positions), or N "
     "where every prompt has one length.",
 )  # fmt: skip
-@METRIC
+@metric_option(SUBSPACE)
 @click.option(
-    "--direction", default="denoise", show_default=True, callback=_patch_direction,
+    "--direction", default=SUBSPACE["direction"], show_default=True, callback=_patch_direction,
     help="denoise: clean into corrupted; noise: corrupted into clean.",
 )  # fmt: skip
 @click.option("--reader", help="Residual hooks: the map to split by, L.H.q|k|v, L.mlp or unembed.")
-@click.option("--k", type=int, default=1, show_default=True, help="Dimensions (mean-diff, das).")
 @click.option(
-    "--group-by", default="side", show_default=True, help="mean-diff: side or a prompts column."
+    "--k", type=int, default=SUBSPACE["k"], show_default=True, help="Dimensions (mean-diff, das)."
 )
 @click.option(
-    "--train-frac", type=float, default=0.5, show_default=True, help="mean-diff/das fit split."
-)
-@click.option("--seed", type=int, default=0, show_default=True)
+    "--group-by", default=SUBSPACE["group_by"], show_default=True,
+    help="mean-diff: side or a prompts column.",
+)  # fmt: skip
 @click.option(
-    "--epochs", type=int, default=20, show_default=True, help="DAS passes over the split."
+    "--train-frac", type=float, default=SUBSPACE["train_frac"], show_default=True,
+    help="mean-diff/das fit split.",
+)  # fmt: skip
+@click.option("--seed", type=int, default=SUBSPACE["seed"], show_default=True)
+@click.option(
+    "--epochs", type=int, default=SUBSPACE["epochs"], show_default=True,
+    help="DAS passes over the split.",
+)  # fmt: skip
+@click.option(
+    "--lr", type=float, default=SUBSPACE["lr"], show_default=True, help="DAS Adam learning rate."
 )
-@click.option("--lr", type=float, default=0.05, show_default=True, help="DAS Adam learning rate.")
 @click.option("--save-basis", type=click.Path(), help="Write the patched basis (k, d) to .npy.")
 @click.option(
     "--save-direction", hidden=True, expose_value=False, callback=_renamed("--save-basis FILE.npy")
@@ -435,7 +487,7 @@ def subspace(store: str, run: int, hook: str, basis: str, fmt: str, **kwargs) ->
 @click.option(
     "--level", type=click.Choice(choices.LEVELS), help="Default: node for atp, else edge."
 )
-@METRIC
+@metric_option(ATTRIBUTE)
 @TOP
 @RECOMPUTE
 @runtime_options(distributed=True)
@@ -464,11 +516,16 @@ def attribute(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None
 @main.command()
 @click.argument("store")
 @RUN
-@click.option("--from", "source", default="END", show_default=True, help="The role attended from.")
+@click.option(
+    "--from", "source", default=ATTENTION["source"], show_default=True,
+    help="The role attended from.",
+)  # fmt: skip
 @click.option("--to", help="Roles attended to, e.g. IO,S1,S2 [default: every role].")
-@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@click.option(
+    "--side", type=click.Choice(choices.SIDES), default=ATTENTION["side"], show_default=True
+)
 @RECOMPUTE
-@BATCH_SIZE
+@batch_size_option(ATTENTION)
 @runtime_options(distributed=False)
 @FORMAT
 def attention(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -488,9 +545,9 @@ def attention(store: str, run: int, fmt: str, **kwargs) -> None:
 @main.command()
 @click.argument("store")
 @RUN
-@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@click.option("--side", type=click.Choice(choices.SIDES), default=HEADS["side"], show_default=True)
 @RECOMPUTE
-@BATCH_SIZE
+@batch_size_option(HEADS)
 @runtime_options(distributed=False)
 @FORMAT
 def heads(store: str, run: int, fmt: str, **kwargs) -> None:
@@ -520,11 +577,11 @@ def _old_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 @RUN
 @click.option("--hook", required=True, help="A stored hook, e.g. blocks.0.hook_resid_pre.")
 @click.option(
-    "--op", type=click.Choice(choices.OPS), default="mean",
+    "--op", type=click.Choice(choices.OPS), default=REDUCE["op"],
     show_default=True, help="Mean activation, mean per --by group, or mean per-head norm.",
 )  # fmt: skip
 @click.option("--by", help="Prompts column to group class-mean by (default grp).")
-@click.option("--side", type=click.Choice(choices.SIDES), default="clean", show_default=True)
+@click.option("--side", type=click.Choice(choices.SIDES), default=REDUCE["side"], show_default=True)
 @click.option("--address", hidden=True, callback=_old_address, expose_value=False)
 @RECOMPUTE
 @runtime_options(distributed=True)
@@ -550,7 +607,7 @@ def reduce(store: str, run: int, hook: str, fmt: str, **kwargs) -> None:
 # ---- analysis: overlap, plot, demo -------------------------------------------------------------
 
 SET_OPTIONS = [
-    click.option("--by", type=click.Choice(choices.SETS), default="head", show_default=True,
+    click.option("--by", type=click.Choice(choices.SETS), default=OVERLAP["by"], show_default=True,
                  help="Compare head sets (patching) or edge sets (attribution)."),
     click.option("--top-frac", type=float,
                  help="Top fraction by importance (default 0.02, at least 4 heads or 20 edges)."),
@@ -685,12 +742,14 @@ def report(store: str, output: str, runs: str | None, fmt: str, **options) -> No
 @click.argument("directory", required=False)
 @click.option(
     "--tasks",
-    default="ioi,colored-objects",
+    default=",".join(DEMO["tasks"]),
     show_default=True,
     help="Comma-separated tasks to ingest and compare.",
 )
-@click.option("--n", type=int, default=32, show_default=True, help="Prompt pairs per task.")
-@click.option("--top-k", type=int, default=4, show_default=True, help="Heads per task compared.")
+@click.option("--n", type=int, default=DEMO["n"], show_default=True, help="Prompt pairs per task.")
+@click.option(
+    "--top-k", type=int, default=DEMO["top_k"], show_default=True, help="Heads per task compared."
+)
 @click.option(
     "--model",
     help="Model to run on: toy (default), toy-llama, a directory or a hub name.",
@@ -769,7 +828,7 @@ def verify(store: str, run: int | None, repair: bool, device: str | None, fmt: s
 )  # fmt: skip
 @click.option("--faithfulness", type=float, help="Smallest top-N circuit reaching this.")
 @click.option(
-    "--prune/--no-prune", default=True, show_default=True,
+    "--prune/--no-prune", default=CIRCUIT["prune"], show_default=True,
     help="Drop edges with no circuit path to the logits (never changes faithfulness).",
 )  # fmt: skip
 @click.option(
@@ -811,10 +870,10 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
     required=True,
     help="head: a head at all positions; head-pos, resid, attn-out, mlp-out: by position.",
 )
-@METRIC
-@DIRECTION
+@metric_option(PATCH)
+@direction_option(PATCH)
 @click.option(
-    "--window", type=int, default=1, show_default=True,
+    "--window", type=int, default=PATCH["window"], show_default=True,
     help="Patch layers [l, l+K) together; the row reports l.",
 )  # fmt: skip
 @click.option(
@@ -824,7 +883,7 @@ def circuit(store: str, fmt: str, **kwargs) -> None:
 )
 @RECOMPUTE
 @TOP
-@BATCH_SIZE
+@batch_size_option(PATCH)
 @runtime_options(distributed=True)
 @FORMAT
 def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
@@ -861,8 +920,8 @@ def patch(store: str, run: int, top: int | None, fmt: str, **kwargs) -> None:
 )  # fmt: skip
 @click.option("--positions", help="Token roles (e.g. END, S2), comma-separated: the sender "
               "changes only there, one row per role. Default: every position.")  # fmt: skip
-@METRIC
-@DIRECTION
+@metric_option(PATH)
+@direction_option(PATH)
 @RECOMPUTE
 @runtime_options(distributed=True)
 @FORMAT
@@ -892,11 +951,11 @@ def path(store: str, run: int, positions: str | None, fmt: str, **kwargs) -> Non
 @RUN
 @click.option("--heads", required=True, help="a{L}.h{H} or a{L}.*, comma-separated.")
 @click.option("--attend", required=True, help="The role the heads attend to (e.g. IO).")
-@click.option("--at", default="END", show_default=True,
+@click.option("--at", default=INTERVENE["at"], show_default=True,
               help="The role whose attention is edited (the query position).")  # fmt: skip
-@click.option("--weight", type=float, default=1.0, show_default=True,
+@click.option("--weight", type=float, default=INTERVENE["weight"], show_default=True,
               help="W: attention becomes (1-W)*own + W*one-hot(attend).")  # fmt: skip
-@METRIC
+@metric_option(INTERVENE)
 @RECOMPUTE
 @runtime_options(distributed=True)
 @FORMAT
