@@ -40,3 +40,9 @@ def check(option: str, value: str, choices: Sequence[str]) -> None:
     """Refuse a value outside `choices`, naming the option and what it takes."""
     if value not in choices:
         raise UsageError(f"{option} {value}: choose one of {', '.join(choices)}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a query's --batch-size below 1 (prompts per forward)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: need at least 1")

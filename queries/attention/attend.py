@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from actstore.core.choices import SIDES, check
+from actstore.core.choices import SIDES, check, check_batch_size
 from actstore.core.errors import UsageError
 from actstore.core.roles import END, role_names
 from actstore.core.roles import positions as role_positions
@@ -87,8 +87,7 @@ def attention(
     """Per layer and head, the attention probability from role `source` to each role of `to`
     (default: every role) on `side`, averaged over prompts; from the catalog when asked before.
     Columns: query_id, layer, head, from_role, to_role, side, value."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    check_batch_size(batch_size)
     runtime.in_process("attention")
     store.run(run)
     params = check_params(store, run, source, to, side)

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from actstore.core.choices import SIDES, check
-from actstore.core.errors import UsageError
+from actstore.core.choices import SIDES, check, check_batch_size
 from actstore.core.runtime import Runtime
 from actstore.core.store import Store
 from queries.attention.attend import attention_patterns
@@ -64,8 +63,7 @@ def head_scores(
     """Per layer and head, its previous-token, duplicate-token and induction scores on the
     run's prompts (`side`), recorded in `head_scores`; from the catalog when asked before."""
     check("--side", side, SIDES)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    check_batch_size(batch_size)
     runtime.in_process("heads")
     store.run(run)
     params = {"side": side}

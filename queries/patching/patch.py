@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from actstore.core.choices import COMPONENTS, DIRECTIONS, ENGINES, METRICS, check
+from actstore.core.choices import (
+    COMPONENTS,
+    DIRECTIONS,
+    ENGINES,
+    METRICS,
+    check,
+    check_batch_size,
+)
 from actstore.core.errors import UsageError
 from actstore.core.output import progress_bar
 from actstore.core.roles import choose
@@ -167,8 +174,7 @@ def patch(
     device, progress and where the prompt batches run (actstore/core/runtime.py); the result is
     recorded the same.
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: need at least 1")
+    check_batch_size(batch_size)
     spec = check_spec(store, run, component, metric, direction, window, positions, layers)
     check_cluster(runtime)
 
