@@ -150,6 +150,12 @@ class _BaseRun:
         resid = self.get("resid_pre", self.e.n_layers)
         return resid[torch.arange(resid.shape[0], device=resid.device), self.last]
 
+    def pinned(self, layer: int, s0: int, dl: torch.Tensor, mlp: bool = False) -> torch.Tensor:
+        """Receivers' pinned input at positions s0.. (n, B, T, D): the base run's input to the
+        layer's heads (resid_pre) or MLP (resid_mid; resid_pre in parallel blocks) + Δ `dl`."""
+        short = "resid_mid" if mlp and not self.e.arch.parallel else "resid_pre"
+        return self.get(short, layer)[:, s0 : s0 + dl.shape[2]] + dl
+
     def projected(self, what: str, layer: int) -> torch.Tensor:
         """The base run's queries ("q", (B, stop, heads, d_head)), or keys or values ("k", "v",
         per key/value head) of a layer."""
@@ -229,7 +235,6 @@ def _run(
             else:
                 logits[v] = True
     rows, tail = torch.arange(B, device=dev), state.last - s0
-    before = "resid_pre" if e.arch.parallel else "resid_mid"
     if start == e.n_layers:
         final = state.final().expand(n, B, D)
     else:
@@ -245,7 +250,7 @@ def _run(
                 resid = state.get("resid_pre", layer)[:, s0 : s0 + T].expand(n, B, T, D)
             prefix = state.prefix(layer, s0, per_query_head=layer in heads)
             if layer in heads:
-                pinned = state.get("resid_pre", layer)[:, s0 : s0 + T] + dl
+                pinned = state.pinned(layer, s0, dl)
                 z = _attention(e, layer, resid, pinned, heads[layer], s0, prefix, at)
             else:
                 z = _attention(e, layer, resid, None, None, s0, prefix, at)
@@ -253,7 +258,7 @@ def _run(
             mid = here + e.attn_residual(layer, e.attn_out(layer, z))
             x = here if e.arch.parallel else mid
             if layer in mlps:
-                pinned = _at(state.get(before, layer)[:, s0 : s0 + T] + dl, at)
+                pinned = _at(state.pinned(layer, s0, dl, mlp=True), at)
                 x = torch.where(mlps[layer][:, None, None, None], pinned, x)
             resid = mid + e.mlp(layer, x)
         final = resid[:, :, 0] if fast else resid[:, rows, tail]
@@ -313,7 +318,7 @@ def _first_layer(
             """x (B, T, heads, d_head) at each variant's chosen heads: (n, B, T, width, d_head)."""
             return x[:, :, ids].permute(2, 0, 1, 3, 4)
 
-        normed = e.ln1(layer, state.get("resid_pre", layer)[:, s0:stop] + dl)
+        normed = e.ln1(layer, state.pinned(layer, s0, dl))
         qs = torch.where(pick[0], e.rotate(project(_at(normed, at), w.W_Q, w.b_Q, order), q_pos),
                          per_variant(q_here, order))  # fmt: skip
         ks, vs = per_variant(k, group), per_variant(v, group)
@@ -331,8 +336,7 @@ def _first_layer(
             mid = here + e.attn_residual(layer, e.attn_out(layer, z))
     x = here if e.arch.parallel else mid
     if mlps is not None:
-        before = "resid_pre" if e.arch.parallel else "resid_mid"
-        pinned = _at(state.get(before, layer)[:, s0:stop] + dl, at)
+        pinned = _at(state.pinned(layer, s0, dl, mlp=True), at)
         x = torch.where(mlps[:, None, None, None], pinned, x)
     return (mid + e.mlp(layer, x)).expand(n, B, -1, D)
 
