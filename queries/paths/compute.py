@@ -138,12 +138,17 @@ class _BaseRun:
         self.stop = stop
         self.cache: dict[str, torch.Tensor] = {}
 
-    def get(self, short: str, layer: int) -> torch.Tensor:
-        """resid_pre / resid_mid of a layer (layer = n_layers: the final residual)."""
+    def get(self, short: str, layer: int, upto: int | None = None) -> torch.Tensor:
+        """resid_pre / resid_mid of a layer (layer = n_layers: the final residual), at
+        positions < `upto` alone where given (a derived residual then costs only those)."""
         name = final_hook(self.e.n_layers) if layer == self.e.n_layers else hook_name(short, layer)
-        if name not in self.cache:
-            self.cache[name] = self.reader.tensor(self.side, name, self.span)
-        return self.cache[name]
+        if name in self.cache:
+            return self.cache[name] if upto is None else self.cache[name][:, :upto]
+        key = name if upto is None else f"{name}[:{upto}]"
+        if key not in self.cache:
+            at = None if upto is None else tuple(range(upto))
+            self.cache[key] = self.reader.tensor(self.side, name, self.span, positions=at)
+        return self.cache[key]
 
     def final(self) -> torch.Tensor:
         """The base run's final residual at each prompt's last position (B, D)."""
@@ -156,18 +161,24 @@ class _BaseRun:
         short = "resid_mid" if mlp and not self.e.arch.parallel else "resid_pre"
         return self.get(short, layer)[:, s0 : s0 + dl.shape[2]] + dl
 
-    def projected(self, what: str, layer: int) -> torch.Tensor:
+    def projected(self, what: str, layer: int, upto: int | None = None) -> torch.Tensor:
         """The base run's queries ("q", (B, stop, heads, d_head)), or keys or values ("k", "v",
-        per key/value head) of a layer."""
-        key = f"{what}.{layer}"
+        per key/value head) of a layer; at positions < `upto` only where given (a prefix: the
+        layers after the first receivers' read no more of the base run)."""
+        full = f"{what}.{layer}.{self.stop}"
+        if full in self.cache:
+            return self.cache[full][:, :upto]
+        upto = self.stop if upto is None else upto
+        key = f"{what}.{layer}.{upto}"
         if key not in self.cache:
-            resid = self.get("resid_pre", layer)[:, : self.stop]
-            pos = torch.arange(self.stop, device=resid.device)
+            resid = self.get("resid_pre", layer, None if upto == self.stop else upto)[:, :upto]
+            pos = torch.arange(upto, device=resid.device)
             normed = self.e.ln1(layer, resid)
             if what == "q":
                 self.cache[key] = self.e.q(layer, normed, pos)
             else:
-                self.cache[f"k.{layer}"], self.cache[f"v.{layer}"] = self.e.kv(layer, normed, pos)
+                k, v = self.e.kv(layer, normed, pos)
+                self.cache[f"k.{layer}.{upto}"], self.cache[f"v.{layer}.{upto}"] = k, v
         return self.cache[key]
 
     def prefix(
@@ -177,7 +188,7 @@ class _BaseRun:
         one copy per key/value head, or per query head (`per_query_head`); None when s0 = 0."""
         if s0 == 0:
             return None
-        k, v = (self.projected(x, layer)[:, :s0] for x in "kv")
+        k, v = (self.projected(x, layer, s0) for x in "kv")
         if not per_query_head:
             return k, v
         group = torch.arange(self.e.n_heads, device=k.device) // self.e.arch.group_size
