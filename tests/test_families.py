@@ -139,6 +139,30 @@ def test_engine_forward_equals_hugging_face(family):
     assert tuple(w.layers[0].W_K.shape) == (arch.n_kv_heads, arch.d_model, arch.d_head)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_of_heads_equals_the_mlp(family):
+    """The MLP of inputs that differ from a shared one by some heads' z (path patching's first
+    receivers' layer) equals the MLP of those inputs, under every family's norm and MLP; refused
+    under a post-attention norm (Gemma 2), where the input is not linear in z."""
+    hf, tok = random_model(family)
+    engine = Engine.from_adapter(adapter_from_hf(family, hf, tok))
+    a, layer = engine.arch, 1
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, a.d_model)
+    heads = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    dz = torch.randn(3, 2, 5, 2, a.d_head)
+    x = base + torch.einsum("nbtmd,nmdD->nbtD", dz, engine.weights.layers[layer].W_O[heads])
+    with torch.no_grad():
+        if engine.layers[layer].ln1_post is not None:
+            with pytest.raises(ValueError, match="post-attention norm"):
+                engine.mlp_of_heads(layer, x, base, dz, heads)
+            return
+        want = engine.mlp(layer, x)
+        got = engine.mlp_of_heads(layer, x, base, dz, heads)
+    assert want.abs().max() > 1e-2
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_unsupported_family_is_refused_before_any_work(tmp_path):
     model = tmp_path / "opt"
     model.mkdir()

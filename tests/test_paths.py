@@ -284,6 +284,26 @@ def test_fast_recompute_equals_the_plain_one(run, direction, roles):
     )  # fmt: skip
 
 
+def test_first_receivers_mlp_from_their_heads_is_exact(run, monkeypatch):
+    """Where the first receivers' layer changes heads' q, k or v only, each variant's MLP input
+    projections come from those heads' z (`Engine.mlp_of_heads`): used, and equal to the plain
+    recompute, in both directions."""
+    from queries.core.engine import Engine
+
+    calls = []
+    real = Engine.mlp_of_heads
+
+    def counted(self, *args):
+        calls.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(Engine, "mlp_of_heads", counted)
+    store, _, _ = run
+    for direction in ("denoise", "noise"):
+        assert_fast_is_exact(store, "a0.h1,a1.h2", "a*.*:q,a3.h0:v,a2.h1:k", None, direction)
+    assert {1, 2} <= set(calls)  # the last layer (final positions only) may not pay
+
+
 def test_unrestricted_senders_start_where_the_inputs_first_differ(run, tmp_path):
     """The tail starts at the first position where some prompt's clean and corrupted tokens
     differ (IOI's ABC names); under gaussian noising, where the tokens are equal, at the first

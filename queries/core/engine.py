@@ -225,7 +225,8 @@ class Engine:
         h = self.linear(normed, L.W_in, L.b_in)
         if L.W_gate is None:
             return self.act(h)
-        return self.act(self.linear(normed, L.W_gate, L.b_gate)) * h
+        gate = self.act(self.linear(normed, L.W_gate, L.b_gate))
+        return gate * h if torch.is_grad_enabled() else gate.mul_(h)  # no third d_mlp-wide copy
 
     def mlp_out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """What the MLP adds to the residual stream from its hidden activation."""
@@ -236,6 +237,57 @@ class Engine:
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MLP's residual contribution for its input residual x (not added to it)."""
         return self.mlp_out(layer, self.mlp_hidden(layer, x))
+
+    def mlp_of_heads(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        base: torch.Tensor,
+        dz: torch.Tensor,
+        heads: torch.Tensor,
+    ) -> torch.Tensor:
+        """`mlp(layer, x)` (n, B, T, D) for inputs that differ from a shared one by heads' z:
+        x = base + Σ_m dz_m·W_O[heads_m] (base (B, T, D), dz (n, B, T, m, d_head), heads (n, m)).
+
+        ln2 scales each row (RMSNorm; LayerNorm after centring, which is linear too), so the MLP's
+        input projections of x are the row's scale times the projection of base, made once, plus
+        each head's dz through W_O[h]·ln2·W (d_head × d_mlp, once per head): d_head instead of
+        d_model columns per variant. Families without a post-attention norm only (there x is
+        not linear in the heads' z); no autograd (it writes its intermediates in place)."""
+        L = self.layers[layer]
+        if L.ln1_post is not None:
+            raise ValueError("under a post-attention norm the MLP input is not linear in z")
+        w, b = L.ln2
+
+        def centred(t: torch.Tensor) -> torch.Tensor:
+            return t - t.mean(-1, keepdim=True) if self.arch.norm == "layer" else t
+
+        scale = torch.rsqrt(centred(x).pow(2).mean(-1, keepdim=True) + self.arch.norm_eps)
+        ids, where = heads.unique(return_inverse=True)
+        W_O = centred(self.weights.layers[layer].W_O[ids]) * w  # (heads, d_head, D)
+        shared = centred(base) * w
+
+        n, B, T, m, dh = dz.shape
+        changes = dz.reshape(n, B * T, m * dh)
+
+        def project(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            per_head = self.linear(W_O, weight, None)[where].flatten(1, 2)  # (n, m·d_head, out)
+            self.flops += 2.0 * dz.numel() * weight.shape[1]
+            once = self.linear(shared, weight, None).reshape(1, B * T, -1)
+            out = torch.baddbmm(once.expand(n, -1, -1), changes, per_head)
+            out.mul_(scale.view(n, -1, 1))
+            if b is not None:
+                out += b @ weight
+            if bias is not None:
+                out += bias
+            return out.view(n, B, T, -1)
+
+        h = project(L.W_in, L.b_in)
+        if L.W_gate is None:
+            hidden = self.act(h)
+        else:
+            hidden = self.act(project(L.W_gate, L.b_gate)).mul_(h)
+        return self.mlp_out(layer, hidden)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream entering block 0: scaled token embeddings (+ learned positions)

@@ -32,7 +32,10 @@ what cannot change, all of it exact:
   after every prompt's final one are not computed at all.
 - On the first receivers' layer every variant's residual is the base run's: its attention and
   MLP are computed once, and per variant only what the receivers change (their heads' pinned q,
-  k or v, those heads' attention, and the MLP where it is a receiver).
+  k or v, those heads' attention, and the MLP where it is a receiver). Where only heads changed
+  (no post-attention norm, no MLP receiver), the MLP's input projections of each variant are the
+  base's plus its heads' z through W_O·ln2·W_in (`Engine.mlp_of_heads`) where that multiplies
+  less.
 - On the last layer only each prompt's final position is read by the metric: keys and values at
   every position, queries, attention output and MLP at the final one.
 """
@@ -306,6 +309,7 @@ def _first_layer(
     pos = torch.arange(s0, stop, device=dl.device)
     q_pos = pos.expand(B, -1) if at is None else (at + s0)[:, None]
     here = _at(state.get("resid_pre", layer)[:, s0:stop], at)  # (B, Tq, D)
+    by_heads = None  # (base MLP input, dz, heads) where variants' inputs differ by heads' z alone
     q, k, v = (state.projected(x, layer) for x in "qkv")
     q_here = _at(q[:, s0:].flatten(-2), at).unflatten(-1, q.shape[-2:])
     z = e.attend(layer, q_here[None], k[None], v[None], q_pos, 0)[0]  # (B, Tq, H, dh)
@@ -340,6 +344,7 @@ def _first_layer(
         dz = (e.attend(layer, qs, ks, vs, q_pos, 0) - per_variant(z, order)) * valid
         if e.layers[layer].ln1_post is None:  # the attention output is linear in each head's z
             e.flops += 2.0 * dz.numel() * D
+            by_heads = (mid, dz, order)
             mid = mid + torch.einsum("nbtmd,nmdD->nbtD", dz, w.W_O[order])
         else:
             spread = F.one_hot(order, e.n_heads).to(dz.dtype)  # (n, width, H)
@@ -349,7 +354,18 @@ def _first_layer(
     if mlps is not None:
         pinned = _at(state.pinned(layer, s0, dl, mlp=True), at)
         x = torch.where(mlps[:, None, None, None], pinned, x)
+    elif by_heads is not None and not e.arch.parallel and _heads_pay(e, *by_heads):
+        return mid + e.mlp_of_heads(layer, mid, *by_heads)
     return (mid + e.mlp(layer, x)).expand(n, B, -1, D)
+
+
+def _heads_pay(e: Engine, base: torch.Tensor, dz: torch.Tensor, heads: torch.Tensor) -> bool:
+    """Whether `Engine.mlp_of_heads` multiplies less than the MLP of every variant: its input
+    projections take (distinct heads + 1 + variants × heads each) × d_head-or-d_model rows
+    against variants × d_model (per position, per output column)."""
+    n, rows, m = heads.shape[0], base[..., 0].numel(), heads.shape[1]
+    D, distinct = e.arch.d_model, int(heads.unique().numel())
+    return distinct * e.d_head * D + rows * D + n * rows * m * e.d_head < n * rows * D
 
 
 def _attention(
