@@ -98,7 +98,9 @@ def span_sums(
         for i, r in variants:
             start = min(_layer(m, e.n_layers) for m in pairs[i][1].members)
             groups[(start, firsts[r])].append((i, r))
-        state = _BaseRun(e, reader, span, base, last, stop)
+        whole = {start for start, _ in groups}
+        whole |= {_layer(m, e.n_layers) for _, r in pairs for m in r.members}
+        state = _BaseRun(e, reader, span, base, last, stop, whole)
         out = np.zeros((len(pairs), masks.shape[0]))
         for (start, s0), chosen in sorted(groups.items()):
             step = max(1, VARIANT_ELEMENTS // (B * (stop - s0) * D))
@@ -132,24 +134,36 @@ def _first_change(e: Engine, reader: Reader, span: Span) -> int:
 
 class _BaseRun:
     """The base run's residual stream where receivers pin their inputs, read once per span, and
-    its queries, keys and values at positions < `stop`, projected once per layer."""
+    its queries, keys and values at positions < `stop`, projected once per layer. `whole`: the
+    layers whose residual some variant reads at every position (the first receivers' layers,
+    receivers' layers); of the others only prefixes are read."""
 
     def __init__(
-        self, e: Engine, reader: Reader, span: Span, side: str, last: torch.Tensor, stop: int
+        self,
+        e: Engine,
+        reader: Reader,
+        span: Span,
+        side: str,
+        last: torch.Tensor,
+        stop: int,
+        whole: set[int],
     ):
         self.e, self.reader, self.span, self.side, self.last = e, reader, span, side, last
-        self.stop = stop
+        self.stop, self.whole = stop, whole
         self.cache: dict[str, torch.Tensor] = {}
 
     def get(self, short: str, layer: int, upto: int | None = None) -> torch.Tensor:
         """resid_pre / resid_mid of a layer (layer = n_layers: the final residual), at
-        positions < `upto` alone where given (a derived residual then costs only those)."""
+        positions < `upto` alone where given and the layer is not read whole (a derived
+        residual then costs only those)."""
         name = final_hook(self.e.n_layers) if layer == self.e.n_layers else hook_name(short, layer)
-        if name in self.cache:
-            return self.cache[name] if upto is None else self.cache[name][:, :upto]
-        key = name if upto is None else f"{name}[:{upto}]"
+        if upto is None or layer in self.whole or name in self.cache:
+            if name not in self.cache:
+                self.cache[name] = self.reader.tensor(self.side, name, self.span)
+            return self.cache[name][:, :upto]
+        key = f"{name}[:{upto}]"
         if key not in self.cache:
-            at = None if upto is None else tuple(range(upto))
+            at = tuple(range(upto))
             self.cache[key] = self.reader.tensor(self.side, name, self.span, positions=at)
         return self.cache[key]
 
@@ -167,22 +181,20 @@ class _BaseRun:
     def projected(self, what: str, layer: int, upto: int | None = None) -> torch.Tensor:
         """The base run's queries ("q", (B, stop, heads, d_head)), or keys or values ("k", "v",
         per key/value head) of a layer; at positions < `upto` only where given (a prefix: the
-        layers after the first receivers' read no more of the base run)."""
-        full = f"{what}.{layer}.{self.stop}"
-        if full in self.cache:
-            return self.cache[full][:, :upto]
-        upto = self.stop if upto is None else upto
-        key = f"{what}.{layer}.{upto}"
+        layers after the first receivers' read no more of the base run), all of them projected
+        once on a layer read whole."""
+        length = self.stop if upto is None or layer in self.whole else upto
+        key = f"{what}.{layer}.{length}"
         if key not in self.cache:
-            resid = self.get("resid_pre", layer, None if upto == self.stop else upto)[:, :upto]
-            pos = torch.arange(upto, device=resid.device)
+            resid = self.get("resid_pre", layer, length)[:, :length]
+            pos = torch.arange(length, device=resid.device)
             normed = self.e.ln1(layer, resid)
             if what == "q":
                 self.cache[key] = self.e.q(layer, normed, pos)
             else:
                 k, v = self.e.kv(layer, normed, pos)
-                self.cache[f"k.{layer}.{upto}"], self.cache[f"v.{layer}.{upto}"] = k, v
-        return self.cache[key]
+                self.cache[f"k.{layer}.{length}"], self.cache[f"v.{layer}.{length}"] = k, v
+        return self.cache[key][:, :upto]
 
     def prefix(
         self, layer: int, s0: int, per_query_head: bool
