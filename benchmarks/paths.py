@@ -13,11 +13,11 @@ our recompute performs: the speed-up that skipping work alone gives at equal FLO
 share of that bound reached and the largest |difference| of the metric:
 
 - **q sweep**: one sender (a0.h0) into every later head's q (at Llama-3.2-1B shape the 32 heads
-  of the middle layer, 8: TL's every later layer would take half an hour), against TL 4.3's `patching.get_act_patch_direct_path`
-  (one full forward per receiver). Where a sweep over some layers only is wanted (or TL
-  refuses the model), TL's side is the same forward by hand: one forward per receiver with the
-  sender's clean − corrupted output added to that head's `hook_q_input` under TL's split q/k/v
-  inputs (what the function does inside).
+  of the middle layer, 8: TL's every later layer would take half an hour), against TL 4.3's
+  `patching.get_act_patch_direct_path` (one full forward per receiver). Where a sweep over
+  some layers only is wanted (or TL refuses the model), TL's side is the same forward by hand:
+  one forward per receiver with the sender's clean − corrupted output added to that head's
+  `hook_q_input` under TL's split q/k/v inputs (what the function does inside).
 - **logits**: `--senders all --receivers logits` against one TL forward per sender adding its
   clean − corrupted output to `ln_final.hook_in`.
 - **prefix reuse**: the q sweep with the sender restricted to END (`--positions END`), our
