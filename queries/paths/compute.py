@@ -186,7 +186,8 @@ class _BaseRun:
         length = self.stop if upto is None or layer in self.whole else upto
         key = f"{what}.{layer}.{length}"
         if key not in self.cache:
-            resid = self.get("resid_pre", layer, length)[:, :length]
+            resid = self.get("resid_pre", layer, None if length == self.stop else length)
+            resid = resid[:, :length]
             pos = torch.arange(length, device=resid.device)
             normed = self.e.ln1(layer, resid)
             if what == "q":
@@ -372,9 +373,10 @@ def _first_layer(
 
 
 def _heads_pay(e: Engine, base: torch.Tensor, dz: torch.Tensor, heads: torch.Tensor) -> bool:
-    """Whether `Engine.mlp_of_heads` multiplies less than the MLP of every variant: its input
-    projections take (distinct heads + 1 + variants × heads each) × d_head-or-d_model rows
-    against variants × d_model (per position, per output column)."""
+    """Whether `Engine.mlp_of_heads` multiplies less than the MLP of every variant. Per output
+    column of the input projections it multiplies distinct heads × d_head rows (W_O·ln2·W) and
+    the positions (base) by d_model, and variants × positions × heads each by d_head; the plain
+    MLP multiplies variants × positions by d_model."""
     n, rows, m = heads.shape[0], base[..., 0].numel(), heads.shape[1]
     D, distinct = e.arch.d_model, int(heads.unique().numel())
     return distinct * e.d_head * D + rows * D + n * rows * m * e.d_head < n * rows * D
