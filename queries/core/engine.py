@@ -133,7 +133,11 @@ class Engine:
         w, b = params
         if self.arch.norm == "layer":
             return F.layer_norm(x, (x.shape[-1],), w, b, self.arch.norm_eps)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.arch.norm_eps) * w
+        return x * self.inverse_rms(x) * w
+
+    def inverse_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(mean(x²) + eps) over the last axis (kept): RMSNorm's scale of each row."""
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.arch.norm_eps)
 
     def ln1(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         return self.norm(resid, self.layers[layer].ln1)
@@ -208,7 +212,7 @@ class Engine:
             per = per + L.b_O / self.n_heads
         w, _ = L.ln1_post
         total = per.sum(-2, keepdim=True)
-        scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + self.arch.norm_eps)
+        scale = self.inverse_rms(total)
         return per * scale * w, None
 
     def head_rest(self, layer: int) -> torch.Tensor | None:
@@ -262,7 +266,7 @@ class Engine:
         def centred(t: torch.Tensor) -> torch.Tensor:
             return t - t.mean(-1, keepdim=True) if self.arch.norm == "layer" else t
 
-        scale = torch.rsqrt(centred(x).pow(2).mean(-1, keepdim=True) + self.arch.norm_eps)
+        scale = self.inverse_rms(centred(x))
         ids, where = heads.unique(return_inverse=True)
         W_O = centred(self.weights.layers[layer].W_O[ids]) * w  # (heads, d_head, D)
         shared = centred(base) * w
